@@ -1,0 +1,98 @@
+"""The small interface every CLIP backbone exposes to the rest of prolip."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ProjectionSite:
+    """Where the last visual projector lives in the model, and its pretrained value.
+
+    ``weight`` is always in right layout [D_pre, D] (``z @ W + b``). ``native_layout`` says how the model
+    stores it: "right" (open_clip ViT ``visual.proj``) or "linear" (nn.Linear weight [D, D_pre]: ResNet
+    ``attnpool.c_proj``, HF ``visual_projection``). ``bias`` is frozen (ResNet c_proj only).
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    param_name: str
+    native_layout: Literal["right", "linear"]
+    bias_name: str | None = None
+
+    def to_native(self, W: Tensor) -> Tensor:
+        return W if self.native_layout == "right" else W.t().contiguous()
+
+    @staticmethod
+    def from_native(weight: Tensor, layout: str) -> Tensor:
+        return weight if layout == "right" else weight.t().contiguous()
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the image transforms need to know about a backbone (also part of feature-cache keys)."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+
+@dataclass
+class BackboneInfo:
+    """Provenance of a loaded backbone: printed in reports, written in manifests, hashed into cache keys."""
+
+    family: str  # "open_clip" | "hf"
+    arch: str  # e.g. "ViT-B-16", "RN50", hub id or directory for HF
+    weights: str  # pretrained tag, file path, or "none"
+    random_weights: bool
+    fingerprint: str  # content hash of the weights + architecture
+    extra: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        w = "RANDOM INIT (not pretrained)" if self.random_weights else self.weights
+        return f"{self.family}:{self.arch} [{w}]"
+
+
+class Backbone(ABC):
+    """A frozen CLIP model seen through the pieces ProLIP needs."""
+
+    info: BackboneInfo
+    preprocessing: Preprocessing
+    device: torch.device
+
+    @abstractmethod
+    def encode_pre(self, images: Tensor) -> Tensor:
+        """Pre-projection image features z [B, D_pre] (float32) for preprocessed images [B, 3, H, W]."""
+
+    @abstractmethod
+    def projection(self) -> ProjectionSite:
+        """The pretrained projector W0 (right layout) and its frozen bias."""
+
+    @property
+    @abstractmethod
+    def logit_scale(self) -> float:
+        """exp(logit_scale) of the model (100 for OpenAI CLIP)."""
+
+    @abstractmethod
+    def encode_text_templates(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
+        """Per-template text embeddings [C, n_templates, D] (not normalised): template.format(classname)."""
+
+    def encode_text(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
+        """Text classifier T [C, D] as in SPEC §1 (underscores → spaces, template ensemble, normalised)."""
+        from prolip.functional import ensemble_classifier
+
+        names = [c.replace("_", " ") for c in classnames]
+        return ensemble_classifier(self.encode_text_templates(names, templates))
+
+    @property
+    def dim_pre(self) -> int:
+        return self.projection().weight.shape[0]
+
+    @property
+    def dim_embed(self) -> int:
+        return self.projection().weight.shape[1]

@@ -1,0 +1,46 @@
+"""Plain data types shared by readers, samplers, the feature cache and the CLI."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One labelled image on disk. ``label`` indexes the owning dataset's ``classnames``."""
+
+    path: Path
+    label: int
+
+
+@dataclass
+class LabeledImages:
+    """A list of labelled images with the class names and prompt templates that describe them."""
+
+    items: list[ImageItem]
+    classnames: list[str]
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    name: str = "custom"
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def labels(self) -> list[int]:
+        return [it.label for it in self.items]
+
+    def subset(self, indices: Sequence[int]) -> "LabeledImages":
+        return LabeledImages([self.items[i] for i in indices], self.classnames, self.templates, self.name)
+
+
+@dataclass
+class DatasetSplits:
+    """A benchmark's train/val/test splits sharing one class list and template set."""
+
+    name: str
+    classnames: list[str]
+    templates: list[str]
+    train: LabeledImages | None = None
+    val: LabeledImages | None = None
+    test: LabeledImages | None = None
