@@ -10,3 +10,10 @@ from prolip import __version__
 @click.version_option(__version__, prog_name="prolip")
 def main() -> None:
     """Few-shot CLIP adaptation by fine-tuning the last visual projection (ProLIP)."""
+
+
+from prolip.cli.commands import eval_cmd, export_cmd, extract_cmd, fit_cmd, methods_cmd, predict_cmd  # noqa: E402
+from prolip.cli.demo import demo_cmd  # noqa: E402
+
+for _cmd in (fit_cmd, eval_cmd, predict_cmd, export_cmd, extract_cmd, methods_cmd, demo_cmd):
+    main.add_command(_cmd)
