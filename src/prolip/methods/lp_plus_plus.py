@@ -1,0 +1,98 @@
+"""LP++ (Huang et al., CVPR 2024): logits = f·Wᵀ + b + α_c·(f·t_c), a linear probe blended class-wise with the
+zero-shot text scores, f the L2-normalised embeddings.
+
+Follows the authors' code: W initialised at the class centroids of f, b as nn.Linear's default (seeded);
+α initialised at 250·mean of the class-centroids of f·Tᵀ; full-batch SGD (momentum 0.9) on (W, b) with step
+4N/λ_max(FᵀF) from the data's Lipschitz bound; α updated by plain gradient descent every 10 epochs with step
+N / (4·max_c Σ_n (f_n·t_c)²) — using, like the original, α's gradient accumulated since the start (it is never
+zeroed there). 300 epochs. Features: one augmented view (view 0), as the original extracts one augmented pass.
+With a validation set the epoch with the best validation accuracy is kept (ties → later, as the original's
+``>=``); without one, the last epoch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from prolip.methods import register
+from prolip.methods._common import embed, no_classifier_swap, require_fitted, val_accuracy
+from prolip.methods.base import Method, Support, Task, Validation
+
+
+def class_centroids(x: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    counts = torch.zeros(num_classes).index_add_(0, labels, torch.ones(len(labels)))
+    return torch.zeros(num_classes, x.shape[1]).index_add_(0, labels, x) / counts.clamp(min=1)[:, None]
+
+
+def lpp_step_sizes(f: Tensor, text_scores: Tensor) -> tuple[float, float]:
+    """(step for W, step for α) from the Lipschitz bounds the LP++ code uses."""
+    n = f.shape[0]
+    lr_w = 4 * n / torch.linalg.eigvalsh(f.double().T @ f.double()).max().item()
+    lr_alpha = n / (4 * text_scores.pow(2).sum(0).max().item())
+    return lr_w, lr_alpha
+
+
+@register
+class LPPlusPlus(Method):
+    name = "lp++"
+
+    def __init__(self, epochs: int = 300, alpha_every: int = 10, init_scale: float = 250.0):
+        super().__init__(epochs=epochs, alpha_every=alpha_every, init_scale=init_scale)
+        self.epochs, self.alpha_every, self.init_scale = epochs, alpha_every, init_scale
+        self.task = self.weight = None
+
+    def _logits(self, f: Tensor, weight: Tensor, bias: Tensor, alpha: Tensor) -> Tensor:
+        return f @ weight.T + bias + alpha * (f @ self.task.classifier.T)
+
+    def fit(self, task: Task, support: Support, val: Validation | None = None, seed: int = 0) -> "LPPlusPlus":
+        self.task = task
+        f = F.normalize(embed(task, support.views.view(0)), dim=-1)
+        y, C = support.labels, task.num_classes
+        text_scores = f @ task.classifier.T
+        weight = class_centroids(f, y, C).requires_grad_(True)
+        bound = 1 / math.sqrt(f.shape[1])
+        bias = (torch.rand(C, generator=torch.Generator().manual_seed(seed)) * 2 - 1).mul_(bound)
+        bias.requires_grad_(True)
+        alpha = torch.full((C,), self.init_scale * class_centroids(text_scores, y, C).mean().item(),
+                           requires_grad=True)
+        lr_w, lr_alpha = lpp_step_sizes(f, text_scores)
+        opt = torch.optim.SGD([weight, bias], lr=lr_w, momentum=0.9)
+        f_val = None if val is None else F.normalize(embed(task, val.features), dim=-1)
+        best = (-1.0, None, -1)
+        for epoch in range(self.epochs):
+            loss = F.cross_entropy(self._logits(f, weight, bias, alpha), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if (epoch + 1) % self.alpha_every == 0:
+                with torch.no_grad():
+                    alpha -= lr_alpha * alpha.grad
+            if f_val is not None:
+                with torch.no_grad():
+                    acc = val_accuracy(self._logits(f_val, weight, bias, alpha), val)
+                if acc >= best[0]:
+                    best = (acc, [t.detach().clone() for t in (weight, bias, alpha)], epoch)
+        if f_val is None:
+            self.weight, self.bias, self.alpha = (t.detach() for t in (weight, bias, alpha))
+            self.selected_ = {"epoch": self.epochs - 1, "how": "rule", "lr_w": lr_w, "lr_alpha": lr_alpha}
+        else:
+            self.weight, self.bias, self.alpha = best[1]
+            self.selected_ = {"epoch": best[2], "how": "validation", "val_accuracy": best[0], "lr_w": lr_w,
+                              "lr_alpha": lr_alpha}
+        return self
+
+    def logits(self, z: Tensor, classifier: Tensor | None = None) -> Tensor:
+        no_classifier_swap(self.name, classifier)
+        require_fitted(self, "weight")
+        return self._logits(F.normalize(embed(self.task, z), dim=-1), self.weight, self.bias, self.alpha)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"weight": self.weight, "bias": self.bias, "alpha": self.alpha}
+
+    def load_state_dict(self, task: Task, state: dict[str, Tensor]) -> "LPPlusPlus":
+        self.task = task
+        self.weight, self.bias, self.alpha = state["weight"], state["bias"], state["alpha"]
+        return self
