@@ -1,0 +1,110 @@
+"""Reading weights safely and telling, within seconds, whether the Hugging Face Hub can serve them."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import Tensor
+
+HOW_TO_PASS_LOCAL = ("pass a local file instead, e.g. `--pretrained /path/to/weights.safetensors` "
+                     "(Python: load_backbone(model, pretrained='/path/to/weights.safetensors')), "
+                     "or for Hugging Face models a local save_pretrained directory (`--model hf:/path/to/dir`)")
+
+# Keys OpenAI's original checkpoints carry next to the weights; open_clip models have no such parameters.
+_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+class BackboneLoadError(RuntimeError):
+    """A backbone could not be built: unknown architecture, unreachable or unreadable weights, bad tokenizer."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a local checkpoint: .safetensors, or a .pt/.bin/.pth state dict read with weights_only=True.
+
+    Accepts ``{"state_dict": ...}`` wrappers and strips DataParallel's ``module.`` prefixes. A pickle that
+    would run code on load is refused, never executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneLoadError(f"checkpoint {path} does not exist (or is not a file)")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            checkpoint = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise BackboneLoadError(f"cannot read safetensors checkpoint {path}: {e}") from None
+    else:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise BackboneLoadError(
+                f"refusing to load {path}: it is not a plain tensor state dict (unpickling it would run code or "
+                f"build arbitrary Python objects; torch said: {str(e).splitlines()[0]}). Convert it to "
+                f".safetensors in a trusted environment, or save only model.state_dict()") from None
+        except (RuntimeError, OSError, EOFError, ValueError) as e:
+            raise BackboneLoadError(f"cannot read checkpoint {path}: {e}") from None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, Tensor) for v in checkpoint.values()):
+        raise BackboneLoadError(f"checkpoint {path} does not hold a state dict of tensors "
+                                f"(got {type(checkpoint).__name__})")
+    state = {k.removeprefix("module."): v for k, v in checkpoint.items() if k not in _NON_WEIGHT_KEYS}
+    if not state:
+        raise BackboneLoadError(f"checkpoint {path} holds no tensors")
+    return state
+
+
+def load_into(model: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """``model.load_state_dict(state, strict=True)`` with a message that names the source and the keys at fault."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                   if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        raise BackboneLoadError(
+            f"weights in {source} do not match the architecture: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong_shape)} with the wrong shape "
+            f"(e.g. {wrong_shape[:3]}); check that --model names the architecture the checkpoint was trained with")
+    model.load_state_dict(state, strict=True)
+
+
+def fingerprint(config: dict, state: dict[str, Tensor]) -> str:
+    """Stable content hash of an architecture config and its weights (names, dtypes, shapes and bytes)."""
+    h = hashlib.blake2b(digest_size=32)
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def hub_offline() -> bool:
+    """True when the user asked for offline mode (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return constants.HF_HUB_OFFLINE or any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub endpoint opens within ``timeout`` (a download would hang otherwise)."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_available() -> bool:
+    return not hub_offline() and hub_reachable()

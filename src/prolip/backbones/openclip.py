@@ -1,0 +1,166 @@
+"""open_clip (and OpenAI-format) CLIP models: ViT and ModifiedResNet image towers, the standard text tower."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.transformer import VisionTransformer
+from torch import Tensor
+
+from prolip.backbones.base import Backbone, BackboneInfo, Preprocessing, ProjectionSite
+from prolip.backbones.loading import BackboneLoadError
+
+TEXT_BATCH = 256
+
+
+class OpenClipBackbone(Backbone):
+    """A frozen ``open_clip.model.CLIP``; subclasses say where the visual projector sits."""
+
+    def __init__(self, model: open_clip.model.CLIP, info: BackboneInfo, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.info = info
+        self.tokenizer = open_clip.get_tokenizer(info.arch)
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        size = cfg.get("size", model.visual.image_size)
+        size = size if isinstance(size, int) else size[0]
+        self.preprocessing = Preprocessing(
+            image_size=int(size), mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+            std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+            interpolation=cfg.get("interpolation", "bicubic"))
+
+    @staticmethod
+    def for_model(model: torch.nn.Module, info: BackboneInfo, device: torch.device | str = "cpu") -> "OpenClipBackbone":
+        """The backbone class matching the model's image tower, or a clear error for unsupported ones."""
+        if type(model) is not open_clip.model.CLIP:
+            raise BackboneLoadError(
+                f"{info.arch} builds a {type(model).__name__}; prolip supports OpenAI-style open_clip CLIP models "
+                f"(ViT-*, RN*) and Hugging Face CLIPModel (hf:<id>)")
+        if isinstance(model.visual, VisionTransformer) and model.visual.proj is not None:
+            return OpenClipViT(model, info, device)
+        if isinstance(model.visual, ModifiedResNet):
+            return OpenClipResNet(model, info, device)
+        raise BackboneLoadError(f"{info.arch}: image tower {type(model.visual).__name__} has no supported "
+                                f"last projection (need a ViT with visual.proj or a ModifiedResNet)")
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp())
+
+    # --- text side -------------------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def _eot_index(self, tokens: Tensor) -> Tensor:
+        pool = self.model.text_pool_type
+        if pool == "argmax":  # the EOT token has the largest id
+            return tokens.argmax(dim=-1)
+        if pool == "eos":
+            return (tokens == self.model.text_eos_id).int().argmax(dim=-1)
+        if pool in ("first", "last"):
+            return torch.full((tokens.shape[0],), 0 if pool == "first" else tokens.shape[1] - 1, device=tokens.device)
+        raise BackboneLoadError(f"{self.info.arch}: unsupported text pooling {pool!r}")
+
+    def prompt_embeddings(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Token embeddings [C, L, W] of the tokenised texts (no positional embedding) and EOT indices [C]."""
+        tokens = self.tokenize(texts)
+        return self.model.token_embedding(tokens).detach(), self._eot_index(tokens)
+
+    def _text_pre_from_embeddings(self, token_embeds: Tensor, eot_idx: Tensor) -> Tensor:
+        m = self.model
+        x = token_embeds + m.positional_embedding.to(token_embeds.dtype)
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+        return x[torch.arange(x.shape[0], device=x.device), eot_idx]
+
+    def text_projection(self) -> Tensor:
+        """The text projection in right layout [D_text_pre, D]."""
+        proj = self.model.text_projection
+        return proj.weight.t() if isinstance(proj, torch.nn.Linear) else proj
+
+    def encode_text_embeddings(self, token_embeds: Tensor, eot_idx: Tensor) -> Tensor:
+        """Text embeddings [C, D] (unnormalised) from token embeddings [C, L, W]; differentiable in token_embeds."""
+        x = self._text_pre_from_embeddings(token_embeds, eot_idx) @ self.text_projection()
+        proj = self.model.text_projection
+        return x + proj.bias if isinstance(proj, torch.nn.Linear) and proj.bias is not None else x
+
+    @torch.no_grad()
+    def _text_pre(self, texts: list[str]) -> Tensor:
+        out = []
+        for i in range(0, len(texts), TEXT_BATCH):
+            embeds, eot = self.prompt_embeddings(texts[i:i + TEXT_BATCH])
+            out.append(self._text_pre_from_embeddings(embeds, eot).float())
+        return torch.cat(out)
+
+    def text_side(self, classnames: Sequence[str], templates: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Pre-projection text features [C, n_templates, D_text_pre] (EOT token after ln_final) and the text
+        projection [D_text_pre, D] in right layout. Underscores in class names become spaces."""
+        if isinstance(self.model.text_projection, torch.nn.Linear) and self.model.text_projection.bias is not None:
+            raise NotImplementedError(f"{self.info.arch}: text projection with a bias is not supported by text_side")
+        names = [c.replace("_", " ") for c in classnames]
+        texts = [t.format(n) for n in names for t in templates]
+        pre = self._text_pre(texts).reshape(len(names), len(templates), -1)
+        return pre.cpu(), self.text_projection().detach().float().cpu()
+
+    @torch.no_grad()
+    def encode_text_templates(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
+        texts = [t.format(c) for c in classnames for t in templates]
+        out = [self.encode_text_embeddings(*self.prompt_embeddings(texts[i:i + TEXT_BATCH])).float()
+               for i in range(0, len(texts), TEXT_BATCH)]
+        return torch.cat(out).reshape(len(classnames), len(templates), -1).cpu()
+
+
+class OpenClipViT(OpenClipBackbone):
+    """z = ln_post of the pooled (CLS) token; W = ``visual.proj`` stored in right layout."""
+
+    @torch.no_grad()
+    def encode_pre(self, images: Tensor) -> Tensor:
+        v = self.model.visual
+        x = v.transformer(v._embeds(images.to(self.device, torch.float32)))
+        pooled, _ = v._pool(x)
+        return pooled.float()
+
+    def projection(self) -> ProjectionSite:
+        return ProjectionSite(weight=self.model.visual.proj.detach(), bias=None, param_name="visual.proj",
+                              native_layout="right")
+
+
+class OpenClipResNet(OpenClipBackbone):
+    """z = attention-pool output before ``attnpool.c_proj``; W = c_proj.weight (nn.Linear layout), bias frozen."""
+
+    @torch.no_grad()
+    def encode_pre(self, images: Tensor) -> Tensor:
+        v = self.model.visual
+        x = images.to(self.device, torch.float32)
+        x = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(x)))))
+        return attention_pool_pre_projection(v.attnpool, x).float()
+
+    def projection(self) -> ProjectionSite:
+        c_proj = self.model.visual.attnpool.c_proj
+        return ProjectionSite(weight=c_proj.weight.detach().t(), bias=c_proj.bias.detach(),
+                              param_name="visual.attnpool.c_proj.weight", native_layout="linear",
+                              bias_name="visual.attnpool.c_proj.bias")
+
+
+def attention_pool_pre_projection(pool: torch.nn.Module, x: Tensor) -> Tensor:
+    """open_clip's AttentionPool2d with the fused output projection replaced by identity and zero bias.
+
+    open_clip applies c_proj inside ``F.multi_head_attention_forward``; running the same call with
+    out_proj = (I, 0) yields the feature c_proj acts on, so ``z @ c_proj.weight.T + c_proj.bias`` is the output.
+    """
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(2, 0, 1)  # NCHW -> (HW)NC
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)  # the mean token is the query that gets pooled
+    x = x + pool.positional_embedding[:, None, :].to(x.dtype)
+    dim = x.shape[-1]
+    x, _ = F.multi_head_attention_forward(
+        query=x, key=x, value=x, embed_dim_to_check=dim, num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+        out_proj_weight=torch.eye(dim, dtype=x.dtype, device=x.device),
+        out_proj_bias=torch.zeros(dim, dtype=x.dtype, device=x.device),
+        use_separate_proj_weight=True, training=False, need_weights=False)
+    return x[0]
