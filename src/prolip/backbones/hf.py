@@ -138,8 +138,8 @@ def _config_for_hash(config) -> dict:
 def _preprocessing(config, image_processor) -> Preprocessing:
     if image_processor is None:
         return Preprocessing(image_size=config.vision_config.image_size, mean=OPENAI_MEAN, std=OPENAI_STD)
-    crop = image_processor.crop_size
-    size = crop["height"] if isinstance(crop, dict) else int(crop)
+    crop = image_processor.crop_size  # a dict, a SizeDict or an int depending on the transformers version
+    size = crop if isinstance(crop, int) else (crop["height"] if isinstance(crop, dict) else crop.height)
     return Preprocessing(image_size=int(size), mean=tuple(image_processor.image_mean),
                          std=tuple(image_processor.image_std))
 
