@@ -73,7 +73,9 @@ def load_backbone(model: str = "ViT-B-16", pretrained: str = "openai", *, device
               f"its features and accuracies mean nothing", file=sys.stderr)
     else:
         load_into(clip, read_state_dict(path), str(path))
-        weights, random_weights = pretrained, False
+        # a tag stays a tag; a file is recorded absolute so saved runs reload it from any directory
+        is_tag = bool(open_clip.get_pretrained_cfg(model, pretrained)) and not Path(pretrained).exists()
+        weights, random_weights = (pretrained if is_tag else str(path.resolve())), False
     cfg = {"arch": model, "config": open_clip.get_model_config(model)}
     info = BackboneInfo(family="open_clip", arch=model, weights=weights, random_weights=random_weights,
                         fingerprint=fingerprint(cfg, clip.state_dict()))
