@@ -89,8 +89,8 @@ def _checkpoint_path(model: str, pretrained: str) -> Path:
     cfg = open_clip.get_pretrained_cfg(model, pretrained)
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(model)
-        raise BackboneLoadError(f"unknown pretrained tag {pretrained!r} for {model}: known tags {tags or 'none'}, "
-                                f"'none' for random weights, or a local checkpoint file path")
+        raise BackboneLoadError(f"unknown pretrained tag {pretrained!r} for {model} ({'known tags: ' + ', '.join(tags) if tags else 'it has no pretrained tags'}); "
+                                f"use 'none' for random weights, or {HOW_TO_PASS_LOCAL}")
     cached = _cached_hub_file(cfg.get("hf_hub", ""))
     if cached is not None:
         return cached
