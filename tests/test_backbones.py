@@ -158,3 +158,15 @@ def test_encode_pre_is_batch_independent_and_float32(tiny_vit):
     alone = torch.cat([tiny_vit.encode_pre(images[i:i + 1]) for i in range(3)])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     assert not together.requires_grad
+
+
+def test_tiny_image_folder_fixture_has_class_dependent_colours(tiny_image_folder):
+    import numpy as np
+    from PIL import Image
+
+    classes = sorted(p.name for p in tiny_image_folder.iterdir())
+    assert classes == sorted(["red", "green", "blue", "yellow"])
+    means = {c: np.mean([np.asarray(Image.open(f).convert("RGB"), dtype=float).mean(axis=(0, 1))
+                         for f in sorted((tiny_image_folder / c).glob("*.jpg"))], axis=0) for c in classes}
+    assert all(len(list((tiny_image_folder / c).glob("*.jpg"))) == 6 for c in classes)
+    assert means["red"].argmax() == 0 and means["green"].argmax() == 1 and means["blue"].argmax() == 2

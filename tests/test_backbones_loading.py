@@ -116,3 +116,8 @@ def test_available_models_lists_supported_architectures():
     models = available_models()
     assert {"ViT-B-16", "RN50", "test-vit-tiny", "test-rn-tiny"} <= set(models)
     assert not any(m.startswith(("coca_", "EVA", "ViT-B-16-SigLIP")) for m in models)
+
+
+def test_unsupported_architecture_is_refused_before_building():
+    with pytest.raises(BackboneLoadError, match="ViT-B-16-SigLIP is not an OpenAI-style CLIP"):
+        load_backbone("ViT-B-16-SigLIP", "none")

@@ -28,18 +28,19 @@ if str(MODEL_CONFIG_DIR) not in map(str, open_clip.factory._MODEL_CONFIG_PATHS):
 RANDOM_INIT_SEED = 0
 
 
+def _supported(cfg: dict) -> bool:
+    vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    return not (cfg.get("custom_text") or "multimodal_cfg" in cfg or "timm_model_name" in vision
+                or "hf_model_name" in text or "hf_tokenizer_name" in text or vision.get("attentional_pool")
+                or vision.get("no_ln_pre") or text.get("embed_cls"))
+
+
 def available_models() -> list[str]:
     """open_clip architectures prolip can adapt (OpenAI-style CLIP with a ViT or ModifiedResNet image tower).
 
     Hugging Face CLIPModel checkpoints are also accepted as ``hf:<hub id or local dir>``.
     """
-    def supported(cfg: dict) -> bool:
-        vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
-        return not (cfg.get("custom_text") or "multimodal_cfg" in cfg or "timm_model_name" in vision
-                    or "hf_model_name" in text or "hf_tokenizer_name" in text or vision.get("attentional_pool")
-                    or vision.get("no_ln_pre") or text.get("embed_cls"))
-
-    return [m for m in open_clip.list_models() if supported(open_clip.get_model_config(m) or {})]
+    return [m for m in open_clip.list_models() if _supported(open_clip.get_model_config(m) or {})]
 
 
 def load_backbone(model: str = "ViT-B-16", pretrained: str = "openai", *, device: str | torch.device = "cpu"
@@ -58,6 +59,9 @@ def load_backbone(model: str = "ViT-B-16", pretrained: str = "openai", *, device
     if open_clip.get_model_config(model) is None:
         raise BackboneLoadError(f"unknown model {model!r}: use one of available_models() (e.g. ViT-B-16, RN50, "
                                 f"test-vit-tiny) or hf:<hub id or local dir> for a Hugging Face CLIPModel")
+    if not _supported(open_clip.get_model_config(model)):
+        raise BackboneLoadError(f"{model} is not an OpenAI-style CLIP architecture (it uses a timm/HF tower, "
+                                f"attentional pooling or a multimodal decoder); use one of available_models()")
     path = None if pretrained.lower() == "none" else _checkpoint_path(model, pretrained)
     with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG untouched
         torch.manual_seed(RANDOM_INIT_SEED)
