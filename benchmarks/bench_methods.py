@@ -54,6 +54,15 @@ def main() -> None:
                 f"{m.selected_['prolip']['how']}+{m.selected_['head'].get('how', '-')}"
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if args.methods is None or "prolip" in args.methods:  # ProLIP's few-shot validation mode: the 49-point grid
+        start = time.perf_counter()
+        m = create("prolip", grid=True).fit(p.task, p.support, p.val, seed=args.seed)
+        row = {"method": "prolip grid=True", "fit_s_no_val": "-", "acc_no_val": "-", "how_no_val": "-",
+               "fit_s_val": round(time.perf_counter() - start, 2),
+               "acc_val": round(accuracy(m.logits(p.test.features), p.test.labels), 1),
+               "how_val": f"validation (lr {m.selected_['lr']:g}, λ {m.selected_['lam']:g})"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     if args.markdown:
         print(f"\n| method | fit s (no val) | acc % (no val) | fit s (val) | acc % (val) | val used |")
         print("|---|---|---|---|---|---|")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from prolip.functional import accuracy, clip_logits
 from prolip.methods import create
-from prolip.methods.base import Support, TensorViews, Validation
+from prolip.methods.base import Validation
 from prolip.methods.prolip import (GRID_LAMS, GRID_LRS, adam_step, cosine_lr, prolip_loss_and_grad,
                                    resolve_lambda, select_config, train_projection)
 from prolip.methods.synthetic import make_problem

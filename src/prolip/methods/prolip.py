@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prolip.functional import accuracy, clip_logits, proximal_penalty
+from prolip.functional import clip_logits, project
 from prolip.methods import register
 from prolip.methods.base import Method, Support, Task, Validation, ViewSource
 
@@ -86,11 +86,6 @@ def packed_loss_and_grad(z: Tensor, Wp: Tensor, bias: Tensor | None, classifier:
     diff = Wp - W0[:, None, :]
     grad = (z.T @ de.view(N, G * D)).view(D_pre, G, D) + (2 * lam)[:, None] * diff
     return ce + lam * diff.pow(2).sum(dim=(0, 2)), grad
-
-
-def project(z: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
-    out = z @ W
-    return out if bias is None else out + bias
 
 
 def adam_step(W: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: Tensor,
@@ -266,6 +261,3 @@ class ProLIP(Method):
         self.task, self.W = task, state["W"].float()
         return self
 
-    def regularizer(self) -> float:
-        """λ-free distance Σ(W−W0)² of the fitted projector from the pretrained one."""
-        return proximal_penalty(self.W, self.task.W0).item()
