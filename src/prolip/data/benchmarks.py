@@ -1,0 +1,182 @@
+"""Readers for the 11 few-shot benchmarks and the ImageNet variants in CoOp's layout (SPEC §3)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from prolip.data.folder import DataError, is_image_file
+from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
+
+WHERE = "see CoOp's DATASETS.md (github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md) for how to obtain it"
+
+IMAGENET_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                      "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str  # canonical name, e.g. "DescribableTextures"
+    folder: str  # dataset folder under the root
+    image_dir: str  # images folder inside it ("" = paths relative to the dataset folder)
+    split_file: str | None  # split_zhou_*.json, None for folder-scanned datasets
+    templates: tuple[str, ...]
+
+
+def _b(name, folder, image_dir, split, template):
+    templates = (template,) if isinstance(template, str) else tuple(template)
+    return Benchmark(name, folder, image_dir, split, templates)
+
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
+    _b("Caltech101", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", "a photo of a {}."),
+    _b("OxfordPets", "oxford_pets", "images", "split_zhou_OxfordPets.json", "a photo of a {}, a type of pet."),
+    _b("StanfordCars", "stanford_cars", "", "split_zhou_StanfordCars.json", "a photo of a {}."),
+    _b("OxfordFlowers", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", "a photo of a {}, a type of flower."),
+    _b("Food101", "food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food."),
+    _b("FGVCAircraft", "fgvc_aircraft", "images", None, "a photo of a {}, a type of aircraft."),
+    _b("SUN397", "sun397", "SUN397", "split_zhou_SUN397.json", "a photo of a {}."),
+    _b("DescribableTextures", "dtd", "images", "split_zhou_DescribableTextures.json", "{} texture."),
+    _b("EuroSAT", "eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}."),
+    _b("UCF101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {}."),
+    _b("ImageNet", "imagenet", "images", None, IMAGENET_TEMPLATES),
+    _b("ImageNetV2", "imagenetv2", "", None, IMAGENET_TEMPLATES),
+    _b("ImageNetSketch", "imagenet-sketch", "images", None, IMAGENET_TEMPLATES),
+    _b("ImageNetA", "imagenet-adversarial", "imagenet-a", None, IMAGENET_TEMPLATES),
+    _b("ImageNetR", "imagenet-rendition", "imagenet-r", None, IMAGENET_TEMPLATES),
+]}
+
+ALIASES = {"caltech101": "Caltech101", "caltech-101": "Caltech101", "oxford_pets": "OxfordPets", "pets": "OxfordPets",
+           "oxfordpets": "OxfordPets", "stanford_cars": "StanfordCars", "cars": "StanfordCars",
+           "stanfordcars": "StanfordCars", "oxford_flowers": "OxfordFlowers", "flowers": "OxfordFlowers",
+           "flowers102": "OxfordFlowers", "oxfordflowers": "OxfordFlowers", "food101": "Food101",
+           "food-101": "Food101", "fgvc_aircraft": "FGVCAircraft", "aircraft": "FGVCAircraft",
+           "fgvcaircraft": "FGVCAircraft", "sun397": "SUN397", "dtd": "DescribableTextures",
+           "describabletextures": "DescribableTextures", "eurosat": "EuroSAT", "ucf101": "UCF101",
+           "imagenet": "ImageNet", "imagenetv2": "ImageNetV2", "imagenet-v2": "ImageNetV2",
+           "imagenet-sketch": "ImageNetSketch", "imagenetsketch": "ImageNetSketch", "imagenet-a": "ImageNetA",
+           "imageneta": "ImageNetA", "imagenet-r": "ImageNetR", "imagenetr": "ImageNetR"}
+
+TEMPLATES: dict[str, list[str]] = {name: list(b.templates) for name, b in BENCHMARKS.items()}
+
+
+def canonical_name(name: str) -> str:
+    if name in BENCHMARKS:
+        return name
+    key = name.lower()
+    if key not in ALIASES:
+        raise DataError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    return ALIASES[key]
+
+
+def _require(path: Path, what: str, bench: str) -> Path:
+    if not path.exists():
+        raise DataError(f"{bench}: {what} {path} is missing; {WHERE}")
+    return path
+
+
+def _from_split_json(b: Benchmark, ds_root: Path) -> DatasetSplits:
+    split_path = _require(ds_root / b.split_file, "split file", b.name)
+    split = json.loads(split_path.read_text())
+    image_root = ds_root / b.image_dir if b.image_dir else ds_root
+    names: dict[int, str] = {}
+    out = {}
+    for part in ("train", "val", "test"):
+        items = []
+        for i, (rel, label, classname) in enumerate(split.get(part, [])):
+            path = (image_root / rel).resolve()
+            if not path.is_relative_to(image_root.resolve()):
+                raise DataError(f"{split_path}: {part} entry {i} path {rel!r} escapes {image_root}")
+            items.append(ImageItem(path, int(label)))
+            names.setdefault(int(label), classname)
+        out[part] = items
+    classnames = [names[i] for i in range(len(names))]
+    mk = lambda items: LabeledImages(items, classnames, list(b.templates), b.name) if items else None
+    return DatasetSplits(b.name, classnames, list(b.templates), mk(out["train"]), mk(out["val"]), mk(out["test"]))
+
+
+def _aircraft(b: Benchmark, ds_root: Path) -> DatasetSplits:
+    variants = [l.strip() for l in _require(ds_root / "variants.txt", "file", b.name).read_text().splitlines()
+                if l.strip()]
+    index = {v: i for i, v in enumerate(variants)}
+    parts = {}
+    for part in ("train", "val", "test"):
+        f = _require(ds_root / f"images_variant_{part}.txt", "file", b.name)
+        items = []
+        for line in f.read_text().splitlines():
+            if not line.strip():
+                continue
+            image_id, variant = line.strip().split(" ", 1)
+            items.append(ImageItem(ds_root / b.image_dir / f"{image_id}.jpg", index[variant]))
+        parts[part] = LabeledImages(items, variants, list(b.templates), b.name)
+    return DatasetSplits(b.name, variants, list(b.templates), parts["train"], parts["val"], parts["test"])
+
+
+def _imagenet_classnames(root: Path, bench: str) -> tuple[list[str], list[str]]:
+    f = _require(root / "imagenet" / "classnames.txt", "ImageNet class names file", bench)
+    wnids, names = [], []
+    for line in f.read_text().splitlines():
+        if line.strip():
+            wnid, name = line.strip().split(" ", 1)
+            wnids.append(wnid)
+            names.append(name)
+    return wnids, names
+
+
+def _scan(folder: Path, classes: list[str], bench: str) -> list[ImageItem]:
+    items = []
+    for label, sub in enumerate(classes):
+        d = _require(folder / sub, "class folder", bench)
+        items.extend(ImageItem(p, label) for p in sorted(d.rglob("*")) if p.is_file() and is_image_file(p))
+    return items
+
+
+def _imagenet_family(b: Benchmark, root: Path) -> DatasetSplits:
+    wnids, names = _imagenet_classnames(root, b.name)
+    ds_root = _require(root / b.folder, "dataset folder", b.name)
+    image_root = ds_root / b.image_dir if b.image_dir else ds_root
+    t = list(b.templates)
+    if b.name == "ImageNet":
+        train = _scan(_require(image_root / "train", "folder", b.name), wnids, b.name)
+        test = _scan(_require(image_root / "val", "folder", b.name), wnids, b.name)
+        return DatasetSplits(b.name, names, t, LabeledImages(train, names, t, b.name), None,
+                             LabeledImages(test, names, t, b.name))
+    if b.name == "ImageNetV2":
+        # The matched-frequency release unpacks to a single folder holding 0..999.
+        subdirs = [p for p in image_root.iterdir() if p.is_dir()]
+        folder = image_root if (image_root / "0").is_dir() else (subdirs[0] if len(subdirs) == 1 else image_root)
+        test = _scan(folder, [str(i) for i in range(1000)] if len(wnids) == 1000 else
+                     [str(i) for i in range(len(wnids))], b.name)
+        return DatasetSplits(b.name, names, t, test=LabeledImages(test, names, t, b.name))
+    if b.name == "ImageNetSketch":
+        test = _scan(image_root, wnids, b.name)
+        return DatasetSplits(b.name, names, t, test=LabeledImages(test, names, t, b.name))
+    # ImageNet-A / -R: 200-class subsets; classes in ImageNet order, with the map back to ImageNet labels.
+    present = {p.name for p in _require(image_root, "folder", b.name).iterdir() if p.is_dir()}
+    subset = [i for i, w in enumerate(wnids) if w in present]
+    sub_names = [names[i] for i in subset]
+    test = _scan(image_root, [wnids[i] for i in subset], b.name)
+    splits = DatasetSplits(b.name, sub_names, t, test=LabeledImages(test, sub_names, t, b.name))
+    splits.imagenet_indices = subset  # type: ignore[attr-defined]
+    return splits
+
+
+def load_benchmark(name: str, root: Path | str) -> DatasetSplits:
+    """Load benchmark ``name`` from ``root`` (the folder holding one sub-folder per dataset)."""
+    b = BENCHMARKS[canonical_name(name)]
+    root = Path(root)
+    if b.name.startswith("ImageNet"):
+        return _imagenet_family(b, root)
+    ds_root = _require(root / b.folder, "dataset folder", b.name)
+    return _aircraft(b, ds_root) if b.name == "FGVCAircraft" else _from_split_json(b, ds_root)
+
+
+def load_benchmark_folder(ds_root: Path | str) -> DatasetSplits:
+    """Load a single CoOp dataset folder given directly (e.g. ``…/dtd``), recognised by its split file."""
+    ds_root = Path(ds_root)
+    for b in BENCHMARKS.values():
+        if b.split_file and (ds_root / b.split_file).is_file():
+            return _from_split_json(b, ds_root)
+    if (ds_root / "variants.txt").is_file():
+        return _aircraft(BENCHMARKS["FGVCAircraft"], ds_root)
+    raise DataError(f"{ds_root} is not a CoOp dataset folder (no split_zhou_*.json)")
