@@ -1,0 +1,132 @@
+"""End to end through the `prolip` command: fit → predict → eval → export on a generated folder, tiny model."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from prolip.cli import main
+
+TINY = ["--model", "test-vit-tiny", "--pretrained", "none"]
+
+
+def make_folder(root: Path, classes=("cat", "dog", "fox"), per_class=6, seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = np.zeros((40, 40, 3)) + 60 * c
+            img = (base + rng.integers(0, 80, (40, 40, 3))).clip(0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / name / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    return make_folder(tmp_path / "imgs")
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def fit_args(folder, cache, out, *extra):
+    return ["fit", "--data", folder, "--shots", 2, "--views", 3, "--steps", 30, "--lr", 1e-3, "--cache-dir", cache,
+            "--out", out, *TINY, *extra]
+
+
+def test_fit_predict_eval_export(folder, tmp_path):
+    cache = tmp_path / "cache"
+    r = invoke(*fit_args(folder, cache, tmp_path / "run", "--json"))
+    assert r.exit_code == 0, r.output
+    metrics = json.loads(r.stdout)
+    assert metrics["eval_images"] == 3 * (6 - 2)  # held-out images only
+    assert 0 <= metrics["accuracy"] <= 100
+
+    r = invoke("predict", tmp_path / "run", folder / "dog" / "0.jpg", folder / "cat" / "1.jpg", "--json", "-k", 2)
+    assert r.exit_code == 0, r.output
+    preds = json.loads(r.stdout)
+    assert [p["image"] for p in preds] == [str(folder / "dog" / "0.jpg"), str(folder / "cat" / "1.jpg")]
+    assert all(len(p["predictions"]) == 2 for p in preds)
+    assert all(q["class"] in {"cat", "dog", "fox"} for p in preds for q in p["predictions"])
+
+    r = invoke("eval", tmp_path / "run", "--data", folder, "--cache-dir", cache, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["eval_images"] == 18
+
+    r = invoke("export", tmp_path / "run", "--out", tmp_path / "exported")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "exported" / "open_clip_model.safetensors").is_file()
+    r = invoke("export", tmp_path / "run", "--out", tmp_path / "exported")
+    assert r.exit_code != 0 and "--force" in r.output
+
+
+def test_same_seed_same_numbers_and_cache_reuse(folder, tmp_path):
+    from prolip import pipeline
+    from prolip.backbones import load_backbone
+    from prolip.data import resolve_data
+    from prolip.features import FeatureCache
+
+    backbone = load_backbone("test-vit-tiny", "none")
+    splits = resolve_data(str(folder))
+    cfg = pipeline.FitConfig(shots=2, views=3, hyperparameters={"steps": 30, "lr": 1e-3})
+    first_cache = FeatureCache(tmp_path / "cache", backbone, progress=False)
+    a = pipeline.fit(backbone, splits, first_cache, cfg)
+    assert first_cache.stats.forward_passes > 0
+    second_cache = FeatureCache(tmp_path / "cache", backbone, progress=False)
+    b = pipeline.fit(backbone, splits, second_cache, cfg)
+    assert second_cache.stats.forward_passes == 0  # everything came from the cache
+    assert torch.equal(a.run.method_state["W"], b.run.method_state["W"])
+    assert a.metrics["accuracy"] == b.metrics["accuracy"]
+    c = pipeline.fit(backbone, splits, second_cache, pipeline.FitConfig(shots=2, views=3, seed=2,
+                                                                       hyperparameters={"steps": 30, "lr": 1e-3}))
+    assert c.run.manifest["data"]["support"] != a.run.manifest["data"]["support"]
+
+
+def test_zero_steps_is_zero_shot(folder, tmp_path):
+    r = invoke(*fit_args(folder, tmp_path / "cache", tmp_path / "run", "--json"), "--steps", 0)
+    # --steps given twice: click keeps the last
+    assert r.exit_code == 0, r.output
+    metrics = json.loads(r.stdout)
+    assert metrics["accuracy"] == metrics["zero_shot_accuracy"]
+
+
+@pytest.mark.parametrize("case", ["missing", "too_many_shots", "zero_shots", "empty_class", "corrupt"])
+def test_bad_input_names_the_culprit(folder, tmp_path, case):
+    data, extra, expect = folder, [], None
+    if case == "missing":
+        data, expect = tmp_path / "nope", "nope"
+    elif case == "too_many_shots":
+        extra, expect = ["--shots", 50], "--allow-fewer"
+    elif case == "zero_shots":
+        extra, expect = ["--shots", 0], "--shots"
+    elif case == "empty_class":
+        (folder / "empty").mkdir()
+        expect = "empty"
+    elif case == "corrupt":
+        for i in range(6):
+            (folder / "fox" / f"{i}.jpg").write_bytes(b"not a jpeg at all")
+        expect = "fox"
+    r = invoke(*fit_args(data, tmp_path / "cache", tmp_path / "run"), *extra)
+    assert r.exit_code != 0
+    assert expect in r.output, r.output
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_out_needs_force(folder, tmp_path):
+    (tmp_path / "run").mkdir()
+    r = invoke(*fit_args(folder, tmp_path / "cache", tmp_path / "run"))
+    assert r.exit_code != 0 and "--force" in r.output
+
+
+def test_unknown_pretrained_tag_fails_fast(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = invoke("fit", "--data", folder, "--model", "test-vit-tiny", "--pretrained", "openai", "--out", tmp_path / "r",
+               "--cache-dir", tmp_path / "c")
+    assert r.exit_code != 0
+    assert "--pretrained" in r.output and "Traceback" not in r.output
