@@ -213,7 +213,8 @@ class FeatureCache:
         self.stats.images_reused += reused
         bad: set[str] = set()
         mine = todo[rank::world]
-        bar = tqdm(total=sum(len(u) for u in mine) * num_views, desc=f"extracting {kind} features",
+        missing_count = sum(1 for u in mine for k in u if k not in index or index[k].views < num_views)
+        bar = tqdm(total=missing_count * num_views, desc=f"extracting {kind} features",
                    unit="view", disable=not self.progress or not mine)
         for unit in mine:
             missing = [k for k in unit if k not in index or index[k].views < num_views]
