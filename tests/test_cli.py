@@ -130,3 +130,63 @@ def test_unknown_pretrained_tag_fails_fast(folder, tmp_path, monkeypatch):
                "--cache-dir", tmp_path / "c")
     assert r.exit_code != 0
     assert "--pretrained" in r.output and "Traceback" not in r.output
+
+
+def test_hf_backbone_fit_predict_export(folder, tmp_path, tiny_hf_dir):
+    from transformers import CLIPModel
+
+    from prolip.backbones import load_backbone
+    from prolip.features import encode_images
+    from prolip.functional import clip_logits
+    from prolip.run import Run
+
+    r = invoke("fit", "--data", folder, "--shots", 2, "--views", 2, "--steps", 20, "--lr", 1e-3, "--cache-dir",
+               tmp_path / "cache", "--out", tmp_path / "run", "--model", f"hf:{tiny_hf_dir}")
+    assert r.exit_code == 0, r.output
+    r = invoke("predict", tmp_path / "run", folder / "fox" / "0.jpg", "--json")
+    assert r.exit_code == 0, r.output
+    r = invoke("export", tmp_path / "run", "--out", tmp_path / "hf_export")
+    assert r.exit_code == 0, r.output
+    run = Run.load(tmp_path / "run")
+    exported = CLIPModel.from_pretrained(tmp_path / "hf_export").eval()
+    W = run.method_state["W"]
+    assert torch.allclose(exported.visual_projection.weight.detach().t(), W)
+    backbone = load_backbone(f"hf:{tiny_hf_dir}", "none")
+    z = encode_images(backbone, [folder / "fox" / "0.jpg", folder / "dog" / "1.jpg"])
+    ours = clip_logits(z, W, None, run.classifier, float(run.manifest["logit_scale"]))
+    assert torch.equal(ours.argmax(-1), run_method_logits(backbone, run, z).argmax(-1))
+
+
+def run_method_logits(backbone, run, z):
+    from prolip import pipeline
+
+    return pipeline.method_from_run(backbone, run).logits(z)
+
+
+def test_predict_names_a_non_image_file(folder, tmp_path):
+    assert invoke(*fit_args(folder, tmp_path / "cache", tmp_path / "run")).exit_code == 0
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    r = invoke("predict", tmp_path / "run", notes)
+    assert r.exit_code != 0 and "notes.txt" in r.output and "Traceback" not in r.output
+
+
+def test_val_folder_is_used_for_evaluation(folder, tmp_path):
+    val = make_folder(tmp_path / "val", per_class=2, seed=5)
+    r = invoke(*fit_args(folder, tmp_path / "cache", tmp_path / "run", "--json"), "--val", val)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["eval_images"] == 6
+
+
+def test_validate_grid_and_reference_precision(folder, tmp_path):
+    from prolip.run import Run
+
+    make_folder(folder, per_class=8)  # 2 support + 2 validation + 4 held out per class
+    r = invoke(*fit_args(folder, tmp_path / "cache", tmp_path / "grid", "--json"), "--validate")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["eval_images"] == 3 * 4  # validation images are not evaluated on
+    selected = Run.load(tmp_path / "grid").manifest["method"]["selected"]
+    assert selected and "lr" in json.dumps(selected)
+    r = invoke(*fit_args(folder, tmp_path / "cache", tmp_path / "ref"), "--precision", "reference")
+    assert r.exit_code == 0, r.output
+    assert Run.load(tmp_path / "ref").manifest["method"]["hyperparameters"]["precision"] == "reference"
