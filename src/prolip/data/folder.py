@@ -122,21 +122,23 @@ def read_image_list(path: Path | str, root: Path | str | None = None, classnames
         raise DataError(f"{path}: unsupported image list format (use .csv or .json)")
     if classnames is None:
         by_label = {l: c for _, l, c in rows if l is not None and c is not None}
-        if by_label:
-            classnames = [by_label.get(i, str(i)) for i in range(max(by_label) + 1)]
+        numeric = [int(l) for _, l, _ in rows if l is not None]
+        if by_label or (numeric and not any(c for _, _, c in rows)):
+            top = max(list(by_label) + numeric)
+            classnames = [by_label.get(i, str(i)) for i in range(top + 1)]
         else:
             classnames = sorted({c for _, _, c in rows if c is not None})
     index = {c: i for i, c in enumerate(classnames)}
     items = []
     for i, (rel, label, classname) in enumerate(rows, 1):
         where = f"{path}, row {i}"
+        p = _inside(root, rel, where)
         if label is None:
             if classname not in index:
                 raise DataError(f"{where}: unknown class {classname!r}")
             label = index[classname]
         if not 0 <= int(label) < len(classnames):
             raise DataError(f"{where}: label {label} is outside 0..{len(classnames) - 1}")
-        p = _inside(root, rel, where)
         if not p.is_file():
             raise DataError(f"{where}: image {p} does not exist")
         items.append(ImageItem(p, int(label)))
