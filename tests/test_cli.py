@@ -190,3 +190,15 @@ def test_validate_grid_and_reference_precision(folder, tmp_path):
     r = invoke(*fit_args(folder, tmp_path / "cache", tmp_path / "ref"), "--precision", "reference")
     assert r.exit_code == 0, r.output
     assert Run.load(tmp_path / "ref").manifest["method"]["hyperparameters"]["precision"] == "reference"
+
+
+def test_eval_and_predict_with_tta(folder, tmp_path):
+    assert invoke(*fit_args(folder, tmp_path / "cache", tmp_path / "run")).exit_code == 0
+    plain = invoke("eval", tmp_path / "run", "--data", folder, "--cache-dir", tmp_path / "cache", "--json")
+    r = invoke("eval", tmp_path / "run", "--data", folder, "--tta", "--tta-views", 10, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["tta"] is True and out["eval_images"] == json.loads(plain.stdout)["eval_images"] == 18
+    r = invoke("predict", tmp_path / "run", folder / "cat" / "0.jpg", "--tta", "--tta-views", 10, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)[0]["predictions"][0]["class"] in {"cat", "dog", "fox"}

@@ -160,11 +160,12 @@ def _report_metrics(metrics, backbone, as_json, out=None):
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
               help="which split of a benchmark to evaluate (an image folder is used whole)")
 @click.option("--tta", is_flag=True, help="test-time ProLIP on each image (64 views, one step)")
+@click.option("--tta-views", default=64, show_default=True, help="views per image for --tta")
 @click.option("--json", "as_json", is_flag=True)
 @data_options
 @cache_options
 @click.option("--device", default="cpu", show_default=True)
-def eval_cmd(run_dir, data, split, tta, as_json, data_root, classnames_file, templates_file, cache_dir, batch_size,
+def eval_cmd(run_dir, data, split, tta, tta_views, as_json, data_root, classnames_file, templates_file, cache_dir, batch_size,
              workers, on_bad_image, device):
     """Evaluate a saved run on a dataset."""
     from prolip import pipeline
@@ -185,7 +186,7 @@ def eval_cmd(run_dir, data, split, tta, as_json, data_root, classnames_file, tem
     backbone = _backbone_for_run(run, device)
     method = pipeline.method_from_run(backbone, run)
     if tta:
-        logits, labels = _tta_logits(backbone, method, run, images)
+        logits, labels = _tta_logits(backbone, method, run, images, tta_views)
     else:
         cache = _cache(backbone, cache_dir, batch_size, workers, on_bad_image)
         z, labels = pipeline.center_features(cache, images)
@@ -218,16 +219,14 @@ def _adapted_W(method, run):
     return run.method_state["W"]
 
 
-def _tta_logits(backbone, method, run, images):
+def _tta_logits(backbone, method, run, images, views):
     import torch
 
     from prolip import tta
 
-    task = method.task if hasattr(method, "task") else None
     W = _adapted_W(method, run)
-    site = backbone.projection()
-    logits = tta.tta_logits(backbone, W, site.bias, run.classifier, float(run.manifest["logit_scale"]),
-                            [it.path for it in images.items])
+    logits = tta.tta_logits(backbone, W, backbone.projection().bias, run.classifier,
+                            float(run.manifest["logit_scale"]), [it.path for it in images.items], views=views)
     return logits, torch.tensor(images.labels)
 
 
@@ -236,9 +235,10 @@ def _tta_logits(backbone, method, run, images):
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", "-k", default=5, show_default=True)
 @click.option("--tta", is_flag=True, help="test-time ProLIP on each image")
+@click.option("--tta-views", default=64, show_default=True, help="views per image for --tta")
 @click.option("--json", "as_json", is_flag=True, help="print predictions as JSON")
 @click.option("--device", default="cpu", show_default=True)
-def predict_cmd(run_dir, images, top_k, tta, as_json, device):
+def predict_cmd(run_dir, images, top_k, tta, tta_views, as_json, device):
     """Classify image files with a saved run: top-k class names and probabilities."""
     import torch
 
@@ -259,7 +259,8 @@ def predict_cmd(run_dir, images, top_k, tta, as_json, device):
             from prolip import tta as tta_mod
 
             logits = tta_mod.tta_logits(backbone, _adapted_W(method, run), backbone.projection().bias,
-                                        run.classifier, float(run.manifest["logit_scale"]), paths)
+                                        run.classifier, float(run.manifest["logit_scale"]), paths,
+                                        views=tta_views)
         else:
             logits = method.logits(encode_images(backbone, paths))
     except BadImageError as e:

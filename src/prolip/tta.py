@@ -1,0 +1,160 @@
+"""Test-time adaptation (SPEC §2): test-time ProLIP, batched across images, TPT as the baseline, and the
+no-update view ensemble as an ablation.
+
+Per test image: V views (view 0 = the original, center-cropped; views 1..V−1 = random-resized-crop + flip); keep the
+``ratio`` lowest-entropy views (judged at the starting W); minimise the entropy of their mean prediction with
+``steps`` AdamW steps on W; predict view 0 with the adapted W; reset. B images adapt B independent copies of W in one
+batched computation (W as [B, D_pre, D]); the per-image result is the same as adapting one image at a time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from prolip.functional import cosine_logits, entropy, project
+
+
+@dataclass(frozen=True)
+class TTAConfig:
+    views: int = 64
+    ratio: float = 0.1
+    steps: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01  # torch.optim.AdamW's default
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    seed: int = 0
+
+
+# -- pure maths --------------------------------------------------------------------------------------------------
+def select_confident(logits: Tensor, ratio: float) -> Tensor:
+    """Indices [B, k] of the k = max(1, int(V·ratio)) lowest-entropy views of each image (logits [B, V, C])."""
+    k = max(1, int(logits.shape[1] * ratio))
+    return entropy(logits).argsort(dim=1)[:, :k]
+
+
+def marginal_entropy(logits: Tensor) -> Tensor:
+    """Entropy of the mean prediction over views, per image: logits [B, k, C] → [B] (TPT's avg_entropy)."""
+    logp = logits.log_softmax(dim=-1)
+    mean_logp = logp.logsumexp(dim=1) - math.log(logits.shape[1])
+    mean_logp = mean_logp.clamp(min=torch.finfo(mean_logp.dtype).min)
+    return -(mean_logp.exp() * mean_logp).sum(dim=-1)
+
+
+def batched_logits(z: Tensor, W: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float) -> Tensor:
+    """z [B, V, D_pre] with per-image W [B, D_pre, D] → logits [B, V, C]."""
+    return cosine_logits(project(z, W, bias), classifier, logit_scale)
+
+
+def adamw_step(W: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, cfg: TTAConfig) -> None:
+    """One torch.optim.AdamW step (in place), elementwise so it applies to a batch of independent W's."""
+    beta1, beta2 = cfg.betas
+    W.mul_(1 - cfg.lr * cfg.weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(cfg.eps)
+    W.addcdiv_(exp_avg, denom, value=-cfg.lr / (1 - beta1**step))
+
+
+def adapt_projection(z_views: Tensor, W_start: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float,
+                     cfg: TTAConfig = TTAConfig()) -> tuple[Tensor, Tensor]:
+    """Test-time ProLIP for B images at once: returns (logits of view 0 [B, C], adapted W [B, D_pre, D])."""
+    B = z_views.shape[0]
+    W = W_start.detach().float().expand(B, *W_start.shape).clone()
+    with torch.no_grad():
+        chosen = select_confident(batched_logits(z_views, W, bias, classifier, logit_scale), cfg.ratio)
+    z_sel = torch.gather(z_views, 1, chosen[..., None].expand(-1, -1, z_views.shape[-1]))
+    exp_avg, exp_avg_sq = torch.zeros_like(W), torch.zeros_like(W)
+    for step in range(1, cfg.steps + 1):
+        W.requires_grad_(True)
+        # Each image's loss depends only on its own W, so the gradient of the sum is the per-image gradient.
+        loss = marginal_entropy(batched_logits(z_sel, W, bias, classifier, logit_scale)).sum()
+        (grad,) = torch.autograd.grad(loss, W)
+        W = W.detach()
+        adamw_step(W, grad, exp_avg, exp_avg_sq, step, cfg)
+    with torch.no_grad():
+        logits = batched_logits(z_views[:, :1], W, bias, classifier, logit_scale)[:, 0]
+    return logits, W
+
+
+def view_ensemble_logits(z_views: Tensor, W: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float,
+                         ratio: float = 0.1) -> Tensor:
+    """Ablation without any update: log of the mean probability over the confident views ([B, C])."""
+    W = W.expand(z_views.shape[0], *W.shape)
+    logits = batched_logits(z_views, W, bias, classifier, logit_scale)
+    chosen = select_confident(logits, ratio)
+    sel = torch.gather(logits, 1, chosen[..., None].expand(-1, -1, logits.shape[-1]))
+    return sel.log_softmax(-1).logsumexp(1) - math.log(sel.shape[1])
+
+
+# -- images → views (I/O edge) ------------------------------------------------------------------------------------
+def view_features(backbone, paths: Sequence[Path | str], views: int, seed: int = 0) -> Tensor:
+    """Pre-projection features [B, V, D_pre]: view 0 center-cropped, the rest seeded augmented views."""
+    from prolip.data.images import load_image
+    from prolip.features.cache import image_key
+    from prolip.transforms import augment_transform, augmented_view, center_transform, view_seed
+
+    prep = backbone.preprocessing
+    center, augment = center_transform(prep), augment_transform(prep)
+    out = []
+    for p in paths:
+        image, key = load_image(p), image_key(p)
+        batch = [center(image)] + [augmented_view(image, prep, view_seed(seed, key, t), augment)
+                                   for t in range(1, views)]
+        with torch.inference_mode():
+            out.append(backbone.encode_pre(torch.stack(batch).to(backbone.device)).float().cpu())
+    return torch.stack(out)
+
+
+def tta_logits(backbone, W: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float,
+               paths: Sequence[Path | str], *, batch_size: int = 16, **options) -> Tensor:
+    """Test-time ProLIP logits [N, C] for image files, starting from W (W0 or a few-shot ProLIP W)."""
+    cfg = TTAConfig(**options)
+    bias = None if bias is None else bias.detach().float().cpu()
+    out = []
+    for i in range(0, len(paths), batch_size):
+        z = view_features(backbone, paths[i:i + batch_size], cfg.views, cfg.seed)
+        out.append(adapt_projection(z, W.float().cpu(), bias, classifier.float().cpu(), logit_scale, cfg)[0])
+    return torch.cat(out)
+
+
+# -- TPT baseline --------------------------------------------------------------------------------------------------
+def tpt_logits(backbone, z_views: Tensor, W: Tensor, bias: Tensor | None, classnames: Sequence[str],
+               logit_scale: float, *, ctx_init: str = "a photo of a", lr: float = 5e-3, ratio: float = 0.1,
+               steps: int = 1) -> Tensor:
+    """TPT (Shu et al. 2022): tune the context token embeddings of ``ctx_init`` per image through the text encoder,
+    same view selection and entropy objective, one image at a time; returns logits of view 0 [B, C]."""
+    prompts = [f"{ctx_init} {c.replace('_', ' ')}." for c in classnames]
+    embeds, eot = backbone.prompt_embeddings(prompts)
+    n_ctx = len(backbone.tokenize([ctx_init])[0].nonzero()) - 2  # minus start and end tokens
+    ctx_slice = slice(1, 1 + n_ctx)
+    ctx0 = embeds[0, ctx_slice].detach().clone()
+    W = W.detach().float()
+    results = []
+    for b in range(z_views.shape[0]):
+        image_emb = F.normalize(project(z_views[b], W, bias), dim=-1)  # [V, D], fixed
+        ctx = ctx0.clone().requires_grad_(True)
+        opt = torch.optim.AdamW([ctx], lr=lr)
+
+        def classifier_for(ctx):
+            e = embeds.clone()
+            e[:, ctx_slice] = ctx.to(e.dtype)
+            return F.normalize(backbone.encode_text_embeddings(e, eot).float(), dim=-1)
+
+        with torch.no_grad():
+            chosen = select_confident((logit_scale * image_emb @ classifier_for(ctx).T)[None], ratio)[0]
+        for _ in range(steps):
+            logits = logit_scale * image_emb[chosen] @ classifier_for(ctx).T
+            loss = marginal_entropy(logits[None]).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            results.append(logit_scale * image_emb[0] @ classifier_for(ctx).T)
+    return torch.stack(results)
