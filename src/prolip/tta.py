@@ -113,9 +113,15 @@ def view_features(backbone, paths: Sequence[Path | str], views: int, seed: int =
 
 
 def tta_logits(backbone, W: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float,
-               paths: Sequence[Path | str], *, batch_size: int = 16, **options) -> Tensor:
-    """Test-time ProLIP logits [N, C] for image files, starting from W (W0 or a few-shot ProLIP W)."""
+               paths: Sequence[Path | str], *, batch_size: int | None = None, **options) -> Tensor:
+    """Test-time ProLIP logits [N, C] for image files, starting from W (W0 or a few-shot ProLIP W).
+
+    ``batch_size`` images adapt together; the default is 1 on CPU, where B copies of W fall out of cache and
+    batching measured 4-6x slower (benchmarks/bench_tta.py), and 32 on GPU. Results do not depend on it.
+    """
     cfg = TTAConfig(**options)
+    if batch_size is None:
+        batch_size = 1 if torch.device(backbone.device).type == "cpu" else 32
     bias = None if bias is None else bias.detach().float().cpu()
     out = []
     for i in range(0, len(paths), batch_size):
