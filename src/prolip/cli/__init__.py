@@ -17,3 +17,8 @@ from prolip.cli.demo import demo_cmd  # noqa: E402
 
 for _cmd in (fit_cmd, eval_cmd, predict_cmd, export_cmd, extract_cmd, methods_cmd, demo_cmd):
     main.add_command(_cmd)
+
+from prolip.cli.bench import bench_cmd, report_cmd  # noqa: E402
+
+main.add_command(bench_cmd)
+main.add_command(report_cmd)

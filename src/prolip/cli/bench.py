@@ -1,0 +1,53 @@
+"""`prolip bench EXPERIMENT.yaml` and `prolip report RECORDS`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import yaml
+
+
+def _overrides(pairs: tuple[str, ...]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"{pair!r}: expected key=value", param_hint="--set")
+        key, value = pair.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+@click.command("bench")
+@click.argument("experiment", type=click.Path(path_type=Path))
+@click.option("--set", "sets", multiple=True, help="override a key of the experiment file, e.g. --set shots=[1,4]")
+@click.option("--out", default=None, help="results directory (records.jsonl is appended there)")
+def bench_cmd(experiment, sets, out):
+    """Run a paper protocol over datasets × shots × seeds × methods; finished cells are skipped on re-runs."""
+    from prolip.bench.experiment import ExperimentError, load_experiment
+    from prolip.bench.protocols import run_experiment
+
+    overrides = _overrides(sets)
+    if out is not None:
+        overrides["out"] = out
+    try:
+        exp = load_experiment(experiment, overrides)
+        run_experiment(exp, echo=click.echo)
+    except (ExperimentError, ValueError) as e:
+        raise click.ClickException(str(e))
+
+
+@click.command("report")
+@click.argument("records", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="folder for tables and plots")
+def report_cmd(records, out):
+    """Aggregate bench records: mean ± std over seeds, per dataset and averaged; markdown, CSV, JSON, PNG."""
+    from prolip.bench.records import read_records
+    from prolip.bench.report import write_report
+
+    rows = read_records(records)
+    if not rows:
+        raise click.ClickException(f"no records found in {records}")
+    out = out or (records if records.is_dir() else records.parent) / "report"
+    paths = write_report(rows, out)
+    click.echo(paths["markdown"].read_text())
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
