@@ -78,3 +78,33 @@ def test_bench_and_report_on_dtd10(tmp_path, shared_data):
 def test_truncated_last_record_is_ignored(tmp_path):
     (tmp_path / "records.jsonl").write_text('{"cell": "a", "accuracy": 1}\n{"cell": "b", "acc')
     assert [r["cell"] for r in read_records(tmp_path)] == ["a"]
+
+
+@pytest.mark.slow
+def test_every_method_side_by_side_on_dtd10_vit_b16(tmp_path, shared_data, vit_b16_file):
+    """All registered methods at 1 and 4 shots through `prolip bench`, real ViT-B-16 architecture (random init),
+    on a miniature of dtd10 (its CoOp split with 2 test images per class) so CPU extraction stays short."""
+    from prolip.methods import available
+
+    src = shared_data / "dtd10" / "dtd"
+    split = json.loads((src / "split_zhou_DescribableTextures.json").read_text())
+    per_class = {}
+    split["test"] = [row for row in split["test"] if per_class.setdefault(row[1], []).append(row) or
+                     len(per_class[row[1]]) <= 2]
+    mini = tmp_path / "dtd"
+    mini.mkdir()
+    (mini / "images").symlink_to(src / "images")
+    (mini / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
+    methods = available()
+    exp = {"model": "ViT-B-16", "pretrained": str(vit_b16_file), "datasets": [str(mini)], "shots": [1, 4],
+           "seeds": [1], "views": 2, "cache_dir": str(tmp_path / "cache"), "methods": methods}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    runner = CliRunner()
+    r = runner.invoke(main, ["bench", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "res")],
+                      catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    records = read_records(tmp_path / "res")
+    assert {(r["method"], r["shots"]) for r in records} == {(m, s) for m in methods for s in (1, 4)}
+    r = runner.invoke(main, ["report", str(tmp_path / "res")], catch_exceptions=False)
+    table = (tmp_path / "res" / "report" / "results.md").read_text()
+    assert all(f"| {m} |" in table for m in methods)
