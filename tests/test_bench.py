@@ -30,7 +30,7 @@ def test_split_classes_relabels(shared_data):
 def test_experiment_validation():
     with pytest.raises(ExperimentError, match="unknown key.*'shot'"):
         parse_experiment({"datasets": ["dtd"], "methods": ["prolip"], "shot": [1]})
-    with pytest.raises(ExperimentError, match="'views' must be a int"):
+    with pytest.raises(ExperimentError, match="'views' must be an integer"):
         parse_experiment({"datasets": ["dtd"], "methods": ["prolip"], "views": "many"})
     with pytest.raises(ExperimentError, match="unknown method 'prolipp'"):
         parse_experiment({"datasets": ["dtd"], "methods": ["prolipp"]})

@@ -7,11 +7,13 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-CELL_FIELDS = ("protocol", "dataset", "model", "fingerprint", "sampler", "seed", "shots", "views", "label", "method",
-               "hyperparameters", "validation")
+# What defines a cell: the same values mean the same numbers (same seed, same numbers), so a re-run skips it.
+CELL_FIELDS = ("protocol", "dataset", "source", "model", "fingerprint", "sampler", "seed", "shots", "views", "aug_seed",
+               "label", "method", "hyperparameters", "validation", "templates", "setting")
 
 
 def cell_id(record: dict[str, Any]) -> str:
+    """Hash of the fields that define a cell (missing fields count as null)."""
     key = json.dumps({k: record.get(k) for k in CELL_FIELDS}, sort_keys=True, default=str)
     return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
 
@@ -32,13 +34,19 @@ def read_records(path: Path | str) -> list[dict[str, Any]]:
     return out
 
 
-def append_record(path: Path, record: dict[str, Any]) -> None:
-    # One write of a whole line, then fsync: a crash loses at most this line, never corrupts earlier ones.
-    line = json.dumps(record, default=str) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+def append_record(path: Path | str, record: dict[str, Any]) -> None:
+    # One write() of a whole line with O_APPEND, then fsync: a crash loses at most this line, never an earlier one.
+    # A line cut short by an earlier crash is closed first, so it cannot swallow this record.
+    data = (json.dumps(record, default=str) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def done_cells(records: Iterable[dict[str, Any]]) -> set[str]:
