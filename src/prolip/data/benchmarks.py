@@ -77,7 +77,10 @@ def _require(path: Path, what: str, bench: str) -> Path:
 
 def _from_split_json(b: Benchmark, ds_root: Path) -> DatasetSplits:
     split_path = _require(ds_root / b.split_file, "split file", b.name)
-    split = json.loads(split_path.read_text())
+    try:
+        split = json.loads(split_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{split_path}: not valid JSON ({e}); re-download it ({WHERE})") from None
     image_root = ds_root / b.image_dir if b.image_dir else ds_root
     names: dict[int, str] = {}
     out = {}
@@ -90,6 +93,9 @@ def _from_split_json(b: Benchmark, ds_root: Path) -> DatasetSplits:
             items.append(ImageItem(path, int(label)))
             names.setdefault(int(label), classname)
         out[part] = items
+    missing = sorted(set(range(max(names, default=-1) + 1)) - set(names))
+    if missing or not names:
+        raise DataError(f"{split_path}: labels must cover 0..C-1; no entries for label(s) {missing[:5]}")
     classnames = [names[i] for i in range(len(names))]
     mk = lambda items: LabeledImages(items, classnames, list(b.templates), b.name) if items else None
     return DatasetSplits(b.name, classnames, list(b.templates), mk(out["train"]), mk(out["val"]), mk(out["test"]))
@@ -103,10 +109,12 @@ def _aircraft(b: Benchmark, ds_root: Path) -> DatasetSplits:
     for part in ("train", "val", "test"):
         f = _require(ds_root / f"images_variant_{part}.txt", "file", b.name)
         items = []
-        for line in f.read_text().splitlines():
+        for n, line in enumerate(f.read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            image_id, variant = line.strip().split(" ", 1)
+            image_id, _, variant = line.strip().partition(" ")
+            if variant not in index:
+                raise DataError(f"{f}, line {n}: variant {variant!r} is not listed in {ds_root / 'variants.txt'}")
             items.append(ImageItem(ds_root / b.image_dir / f"{image_id}.jpg", index[variant]))
         parts[part] = LabeledImages(items, variants, list(b.templates), b.name)
     return DatasetSplits(b.name, variants, list(b.templates), parts["train"], parts["val"], parts["test"])

@@ -66,19 +66,24 @@ def read_image_folder(root: Path | str, classnames_file: Path | str | None = Non
     if not folders:
         raise DataError(f"{root} has no class folders (expected {root}/<class>/<image>)")
     items: list[ImageItem] = []
+    ignored: list[Path] = []
     for label, folder in enumerate(folders):
         found = []
         # followlinks=False: a symlink loop inside a class folder cannot recurse forever.
         for dirpath, dirnames, filenames in os.walk(root / folder, followlinks=False):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(Path(f)))
+            for f in sorted(filenames):
+                if is_image_file(Path(f)):
+                    found.append(Path(dirpath) / f)
+                elif not f.startswith("."):
+                    ignored.append(Path(dirpath) / f)
         if not found:
             raise DataError(f"class folder {root / folder} has no images (supported: "
                             f"{', '.join(sorted(IMAGE_EXTENSIONS))}); remove it or add images")
         items.extend(ImageItem(p, label) for p in found)
     classnames = read_classnames(classnames_file, folders) if classnames_file else folders
     templates = read_templates(templates_file) if templates_file else list(DEFAULT_TEMPLATES)
-    return LabeledImages(items, classnames, templates, root.name)
+    return LabeledImages(items, classnames, templates, root.name, ignored)
 
 
 def _inside(root: Path, rel: str, where: str) -> Path:
@@ -86,6 +91,22 @@ def _inside(root: Path, rel: str, where: str) -> Path:
     if not path.is_relative_to(root.resolve()):
         raise DataError(f"{where}: path {rel!r} escapes the dataset root {root}")
     return path
+
+
+def _row(path: Path, i: int, rel, label, classname) -> tuple[str, int | None, str | None]:
+    where = f"{path}, row {i}"
+    if not isinstance(rel, str) or not rel:
+        raise DataError(f"{where}: missing image path")
+    if label in (None, "") and classname in (None, ""):
+        raise DataError(f"{where}: needs a 'label' or a 'classname'")
+    if label not in (None, ""):
+        try:
+            label = int(label)
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: label {label!r} is not an integer class index") from None
+    else:
+        label = None
+    return rel, label, (str(classname) if classname not in (None, "") else None)
 
 
 def read_image_list(path: Path | str, root: Path | str | None = None, classnames: list[str] | None = None,
@@ -107,17 +128,26 @@ def read_image_list(path: Path | str, root: Path | str | None = None, classnames
             if "path" not in cols or not ({"label", "classname"} & cols):
                 raise DataError(f"{path}: needs a header with a 'path' column and a 'label' or 'classname' column, "
                                 f"found {sorted(cols)}")
-            for row in reader:
-                label = row.get("label")
-                rows.append((row["path"], int(label) if label not in (None, "") else None, row.get("classname")))
+            for i, row in enumerate(reader, 1):
+                rows.append(_row(path, i, row.get("path"), row.get("label"), row.get("classname")))
     elif path.suffix.lower() == ".json":
-        for i, row in enumerate(json.loads(path.read_text(encoding="utf-8"))):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        if isinstance(data, dict) and {"train", "val", "test"} & set(data):
+            raise DataError(f"{path} is a CoOp split file, not an image list: pass the dataset folder holding it "
+                            f"(or the benchmark name with --data-root)")
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of images, got a {type(data).__name__}")
+        for i, row in enumerate(data, 1):
             if isinstance(row, dict):
-                if "path" not in row or not ({"label", "classname"} & set(row)):
-                    raise DataError(f"{path}, entry {i}: needs 'path' and 'label' or 'classname'")
-                rows.append((row["path"], row.get("label"), row.get("classname")))
+                rows.append(_row(path, i, row.get("path"), row.get("label"), row.get("classname")))
+            elif isinstance(row, list) and 2 <= len(row) <= 3:
+                rows.append(_row(path, i, row[0], row[1], row[2] if len(row) > 2 else None))
             else:
-                rows.append((row[0], int(row[1]) if len(row) > 1 else None, row[2] if len(row) > 2 else None))
+                raise DataError(f"{path}, row {i}: expected {{'path', 'label'|'classname'}} or "
+                                f"[path, label, classname], got {str(row)[:80]}")
     else:
         raise DataError(f"{path}: unsupported image list format (use .csv or .json)")
     if classnames is None:
@@ -139,6 +169,9 @@ def read_image_list(path: Path | str, root: Path | str | None = None, classnames
             label = index[classname]
         if not 0 <= int(label) < len(classnames):
             raise DataError(f"{where}: label {label} is outside 0..{len(classnames) - 1}")
+        if classname is not None and classnames[label] != classname:
+            raise DataError(f"{where}: label {label} is class {classnames[label]!r} elsewhere, "
+                            f"but this row names it {classname!r}")
         if not p.is_file():
             raise DataError(f"{where}: image {p} does not exist")
         items.append(ImageItem(p, int(label)))

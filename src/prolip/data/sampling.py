@@ -45,10 +45,12 @@ class FewShotSplit:
 
 
 def _by_class(labels: Sequence[int]) -> dict[int, list[int]]:
+    # Classes in order of first appearance, as CoOp's (Dassl's) defaultdict tracker visits them: the same
+    # random stream then draws the same images as CoOp / LP++ do on a split file whose classes are not sorted.
     groups: dict[int, list[int]] = {}
     for i, y in enumerate(labels):
         groups.setdefault(int(y), []).append(i)
-    return dict(sorted(groups.items()))
+    return groups
 
 
 def _check(groups: dict[int, list[int]], need: int, allow_fewer: bool, classnames, what: str) -> None:

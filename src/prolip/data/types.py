@@ -22,6 +22,8 @@ class LabeledImages:
     classnames: list[str]
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     name: str = "custom"
+    # Files a reader skipped on purpose (non-image extensions), so callers can report them.
+    ignored_files: list[Path] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.items)
