@@ -56,7 +56,7 @@ def test_bench_and_report_on_dtd10(tmp_path, shared_data):
     zs = [r["accuracy"] for r in records if r["method"] == "zeroshot"]
     assert zs[0] == zs[1]  # zero-shot does not depend on shots
     r = runner.invoke(main, ["bench", str(path), "--out", str(tmp_path / "res")], catch_exceptions=False)
-    assert r.exit_code == 0 and "0 cells run, 8 already done" in r.output and "0 forward passes" in r.output
+    assert r.exit_code == 0 and "0 cells run, 8 already done" in r.output and "cache: 0 forward passes" in r.output
     assert len(read_records(tmp_path / "res")) == 8
 
     r = runner.invoke(main, ["bench", str(path), "--out", str(tmp_path / "res"), "--set", "protocol=base2new",

@@ -49,6 +49,7 @@ class TTA:
     max_images: int | None = None
     tpt: bool = False
     ensemble: bool = False
+    train_on: str | None = None  # where a prolip start W is fitted (e.g. imagenet for its variants); default: itself
 
 
 @dataclass
@@ -103,7 +104,7 @@ _TOP = {
 _SENSITIVITY = {"lrs": ("list[num]", "a list of numbers"), "lams": ("list[num]", "a list of numbers")}
 _TTA = {"views": (int, "an integer"), "ratio": (_NUM, "a number"), "steps": (int, "an integer"),
         "lr": (_NUM, "a number"), "seed": (int, "an integer"), "max_images": (int, "an integer"),
-        "tpt": (bool, "true or false"), "ensemble": (bool, "true or false")}
+        "tpt": (bool, "true or false"), "ensemble": (bool, "true or false"), "train_on": (str, "a dataset name")}
 
 
 def _type_ok(value: Any, kind: Any) -> bool:

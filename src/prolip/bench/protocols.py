@@ -417,11 +417,10 @@ def run_tta(b: Bench) -> None:
         starts = {}
         for kind, m, shots, seed, rec in todo:
             if kind == "tta" and m.name == "prolip":
-                sets = few_shot_sets(splits, shots, seed, exp.sampler, exp.allow_fewer)
-                task = b.task(splits.classnames, templates[1], shots, [])
-                method, _ = _fit(m, rec["hyperparameters"], task, b.support(sets.support), None, seed)
+                method = _fitted_start(b, m, rec["hyperparameters"], t.train_on or dataset, shots, seed)
                 starts[rec["cell"]] = method.W
                 rec["selected"] = method.selected_
+                rec["source"] = b.splits(t.train_on).name if t.train_on else None
             else:
                 starts[rec["cell"]] = task0.W0
         fit_seconds = time.perf_counter() - started_fit
@@ -452,6 +451,19 @@ def run_tta(b: Bench) -> None:
             rec.update(accuracy=100.0 * correct[rec["cell"]] / n, start_accuracy=100.0 * before[rec["cell"]] / n,
                        eval_images=n)
             b.write(rec, seconds + fit_seconds / len(todo))
+
+
+def _fitted_start(b: Bench, m: MethodSpec, hp: dict, train_on: str, shots: int, seed: int):
+    """A few-shot ProLIP fitted on ``train_on`` (memoised: the same W starts TTA on every dataset)."""
+    memo = b.__dict__.setdefault("_tta_starts", {})
+    key = (m.label, train_on, shots, seed)
+    if key not in memo:
+        splits = b.splits(train_on)
+        templates = b.templates(splits)
+        sets = few_shot_sets(splits, shots, seed, b.exp.sampler, b.exp.allow_fewer)
+        task = b.task(splits.classnames, templates[1], shots, [])
+        memo[key] = _fit(m, hp, task, b.support(sets.support), None, seed)[0]
+    return memo[key]
 
 
 PROTOCOL_RUNNERS = {"fewshot": run_fewshot, "fewshot-val": run_fewshot, "sensitivity": run_sensitivity,

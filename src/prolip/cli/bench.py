@@ -21,8 +21,14 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
 @click.argument("experiment", type=click.Path(path_type=Path))
 @click.option("--set", "sets", multiple=True, help="override a key of the experiment file, e.g. --set shots=[1,4]")
 @click.option("--out", default=None, help="results directory (records.jsonl is appended there)")
-def bench_cmd(experiment, sets, out):
-    """Run a paper protocol over datasets × shots × seeds × methods; finished cells are skipped on re-runs."""
+@click.option("--report/--no-report", default=False, help="also write the report to OUT/report when done")
+def bench_cmd(experiment, sets, out, report):
+    """Run a paper protocol over datasets × shots × seeds × methods; finished cells are skipped on re-runs.
+
+    Protocols: fewshot, fewshot-val, sensitivity, base2new, cross-dataset, domain-generalisation, tta (see the
+    files in experiments/). --set takes YAML values; a dotted key sets a section key, e.g. --set tta.views=8.
+    """
+    from prolip.backbones import BackboneLoadError
     from prolip.bench.experiment import ExperimentError, load_experiment
     from prolip.bench.protocols import run_experiment
 
@@ -31,9 +37,15 @@ def bench_cmd(experiment, sets, out):
         overrides["out"] = out
     try:
         exp = load_experiment(experiment, overrides)
-        run_experiment(exp, echo=click.echo)
-    except (ExperimentError, ValueError) as e:
+        records = run_experiment(exp, echo=click.echo)
+    except (ExperimentError, BackboneLoadError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
+    if report:
+        from prolip.bench.records import read_records
+        from prolip.bench.report import write_report
+
+        paths = write_report(read_records(records), records.parent / "report")
+        click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 @click.command("report")

@@ -1,0 +1,234 @@
+"""Bench protocols on dtd10 with the tiny random ViT: validation isolation, sensitivity sweep, base-to-new,
+cross-dataset transfer, TTA, re-runs; and strict experiment validation."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from prolip.bench.experiment import ExperimentError, load_experiment, parse_experiment
+from prolip.bench.protocols import balanced_subset, few_shot_sets, harmonic_mean, run_experiment
+from prolip.bench.records import append_record, read_records
+from prolip.data.types import ImageItem, LabeledImages
+from prolip.functional import accuracy, clip_logits
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _exp(tmp_path, shared_data, **kw):
+    raw = {"model": "test-vit-tiny", "pretrained": "none", "data_root": str(shared_data / "dtd10"),
+           "datasets": ["dtd"], "shots": [1], "seeds": [1], "views": 2, "cache_dir": str(tmp_path / "cache"),
+           "out": str(tmp_path / "res"), "methods": ["zeroshot"]}
+    raw.update(kw)
+    return parse_experiment(raw, "test.yaml")
+
+
+def _run(exp, backbone):
+    lines = []
+    path = run_experiment(exp, echo=lines.append, backbone=backbone)
+    return read_records(path), lines
+
+
+# ------------------------------------------------------------------------------------------ experiment files
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_experiment_validates(path):
+    exp = load_experiment(path)
+    assert exp.datasets and exp.methods
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"tta": {"veiws": 3}}, r"test.yaml: tta: unknown key\(s\) \['veiws'\]"),
+    ({"sensitivity": {"lrs": "1e-3"}}, r"test.yaml: sensitivity: 'lrs' must be a list of numbers"),
+    ({"shots": [1, "4"]}, r"test.yaml: 'shots' must be a list of positive integers"),
+    ({"seeds": True}, r"'seeds' must be a list of integers"),
+    ({"protocol": "few-shot"}, r"'protocol' must be one of fewshot, fewshot-val"),
+    ({"templates": ["no placeholder"]}, r"'templates' must be 'dataset', 'single' or a list"),
+    ({"methods": [{"name": "prolip", "lrr": 1}]}, r"methods\[0\] \(prolip\): bad hyperparameters.*lrr"),
+    ({"methods": ["prolip", {"name": "prolip", "lam": "1/N2"}]}, r"label\(s\) \['prolip'\] appear twice"),
+    ({"methods": [{"nme": "prolip"}]}, r"methods\[0\]: each method is a name or a mapping with 'name'"),
+    ({"protocol": "cross-dataset"}, r"cross-dataset needs 'targets'"),
+    ({"protocol": "tta", "methods": ["linear-probe"]}, r"tta protocol starts from zeroshot .* not 'linear-probe'"),
+    ({"protocol": "sensitivity", "methods": [{"name": "prolip", "lr": 1e-3}]}, r"sensitivity protocol sweeps"),
+    ({"views": 0}, r"'views' must be positive"),
+])
+def test_experiment_errors_name_the_file_and_key(raw, message):
+    base = {"datasets": ["dtd"], "methods": ["zeroshot"]}
+    with pytest.raises(ExperimentError, match=message):
+        parse_experiment({**base, **raw}, "test.yaml")
+
+
+def test_overrides_reach_sections_and_are_validated():
+    base = {"datasets": ["dtd"], "methods": ["zeroshot"], "protocol": "tta"}
+    exp = parse_experiment(base, "t.yaml", {"tta.views": 8, "shots": [2]})
+    assert exp.tta.views == 8 and exp.tta.ratio == 0.1 and exp.shots == [2]
+    with pytest.raises(ExperimentError, match="t.yaml: tta: 'views' must be an integer"):
+        parse_experiment(base, "t.yaml", {"tta.views": "many"})
+    with pytest.raises(ExperimentError, match="only the 'sensitivity' and 'tta' sections"):
+        parse_experiment(base, "t.yaml", {"model.name": "x"})
+
+
+def test_load_experiment_reports_bad_yaml(tmp_path):
+    (tmp_path / "bad.yaml").write_text("datasets: [dtd\n")
+    with pytest.raises(ExperimentError, match="bad.yaml: not valid YAML"):
+        load_experiment(tmp_path / "bad.yaml")
+    with pytest.raises(ExperimentError, match="does not exist"):
+        load_experiment(tmp_path / "missing.yaml")
+
+
+# ------------------------------------------------------------------------------------------ pure pieces
+
+def test_few_shot_sets_keep_validation_away_from_test(shared_data):
+    from prolip.data import resolve_data
+
+    splits = resolve_data("dtd", root=shared_data / "dtd10")
+    sets = few_shot_sets(splits, 4, 1, "lpp")
+    test = {it.path for it in splits.test.items}
+    val_split = {it.path for it in splits.val.items}
+    assert len(sets.support) == 40 and len(sets.val) == 40 and sets.eval is splits.test
+    assert {it.path for it in sets.val.items} <= val_split and not {it.path for it in sets.val.items} & test
+    assert not {it.path for it in sets.support.items} & test
+
+
+def test_balanced_subset_takes_classes_in_turn():
+    items = [ImageItem(Path(f"{c}{i}.jpg"), c) for c in range(3) for i in range(5)]
+    images = LabeledImages(items, ["a", "b", "c"])
+    sub = balanced_subset(images, 7)
+    assert len(sub) == 7 and sorted(sub.labels) == [0, 0, 0, 1, 1, 2, 2]
+    assert balanced_subset(images, None) is images and balanced_subset(images, 99) is images
+
+
+def test_append_after_a_truncated_line_keeps_the_new_record(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"cell": "a"}\n{"cell": "b", "acc')
+    append_record(path, {"cell": "c", "accuracy": 1.0})
+    assert [r["cell"] for r in read_records(path)] == ["a", "c"]
+
+
+# ------------------------------------------------------------------------------------------ protocols
+
+def test_validation_grid_sees_only_validation_images(tmp_path, shared_data, tiny_vit, monkeypatch):
+    import prolip.bench.protocols as protocols
+
+    seen = []
+    real_fit = protocols._fit
+
+    def spy(m, hp, task, support, val, seed):
+        method, seconds = real_fit(m, hp, task, support, val, seed)
+        seen.append((m.name, hp, val, method))
+        return method, seconds
+
+    monkeypatch.setattr(protocols, "_fit", spy)
+    exp = _exp(tmp_path, shared_data, protocol="fewshot-val", methods=[{"name": "prolip", "steps": 3}])
+    records, _ = _run(exp, tiny_vit)
+    (name, hp, val, method), = seen
+    assert hp["grid"] is True and records[0]["validation"] is True
+    assert len(method.selected_["grid"]) == 49 and method.selected_["how"] == "validation"
+
+    from prolip.data import resolve_data
+    from prolip.features import FeatureCache
+
+    splits = resolve_data("dtd", root=shared_data / "dtd10")
+    sets = few_shot_sets(splits, 1, 1, "lpp")
+    cache = FeatureCache(tmp_path / "cache", tiny_vit, progress=False)
+    assert torch.equal(val.features, cache.center([it.path for it in sets.val.items]))
+    assert val.labels.tolist() == sets.val.labels
+    # The selection is the best validation accuracy, recomputed here from validation data alone.
+    best = max(g["val_accuracy"] for g in method.selected_["grid"])
+    assert method.selected_["val_accuracy"] == best
+    assert accuracy(method.logits(val.features), val.labels) == pytest.approx(best, abs=1e-4)
+    z_test = cache.center([it.path for it in splits.test.items])
+    assert records[0]["accuracy"] == pytest.approx(accuracy(method.logits(z_test), torch.tensor(splits.test.labels)))
+
+
+def test_sensitivity_sweep_matches_single_runs(tmp_path, shared_data, tiny_vit):
+    from prolip.methods import create
+
+    exp = _exp(tmp_path, shared_data, protocol="sensitivity", methods=[{"name": "prolip", "steps": 4}],
+               sensitivity={"lrs": [1e-4, 1e-1], "lams": [0.0, 1.0]})
+    records, _ = _run(exp, tiny_vit)
+    assert sorted((r["hyperparameters"]["lr"], r["hyperparameters"]["lam"]) for r in records) == \
+        [(1e-4, 0.0), (1e-4, 1.0), (1e-1, 0.0), (1e-1, 1.0)]
+    assert len({r["cell"] for r in records}) == 4
+
+    # The batched point (lr 1e-1, λ 0) equals a ProLIP trained alone with that lr and λ.
+    from prolip.bench.protocols import Bench
+
+    b = Bench(exp, echo=lambda s: None, backbone=tiny_vit)
+    splits = b.splits("dtd")
+    sets = few_shot_sets(splits, 1, 1, "lpp")
+    task = b.task(splits.classnames, splits.templates, 1, [])
+    alone = create("prolip", lr=1e-1, lam=0.0, steps=4).fit(task, b.support(sets.support))
+    z, y = b.features(splits.test)
+    point = next(r for r in records if r["hyperparameters"]["lr"] == 1e-1 and r["hyperparameters"]["lam"] == 0.0)
+    assert point["accuracy"] == pytest.approx(accuracy(alone.logits(z), y))
+    assert b.cache.stats.forward_passes == 0  # everything above came from the shared cache
+
+
+def test_base2new_uses_each_side_its_own_classifier(tmp_path, shared_data, tiny_vit):
+    exp = _exp(tmp_path, shared_data, protocol="base2new", shots=[2],
+               methods=["zeroshot", {"name": "prolip", "steps": 5, "lr": 1e-2}, "linear-probe"])
+    records, _ = _run(exp, tiny_vit)
+    by = {r["method"]: r for r in records}
+    from prolip.bench.protocols import Bench, split_classes
+
+    b = Bench(exp, echo=lambda s: None, backbone=tiny_vit)
+    splits = b.splits("dtd")
+    base, new = split_classes(splits, list(range(5))), split_classes(splits, list(range(5, 10)))
+    task = b.task(base.classnames, splits.templates, 2, [])
+    for part, key in ((base, "base"), (new, "new")):
+        z, y = b.features(part.test)
+        T = b.classifier(part.classnames, splits.templates)
+        assert set(y.tolist()) == set(range(5)) and T.shape[0] == 5
+        assert by["zeroshot"][key] == pytest.approx(accuracy(clip_logits(z, task.W0, task.bias, T, task.logit_scale), y))
+    assert by["prolip"]["hm"] == pytest.approx(harmonic_mean(by["prolip"]["base"], by["prolip"]["new"]))
+    assert by["prolip"]["accuracy"] == by["prolip"]["hm"]
+    assert by["linear-probe"]["new"] is None and "cannot score" in by["linear-probe"]["note"]
+    assert by["linear-probe"]["base"] is not None
+
+
+def test_cross_dataset_evaluates_targets_with_their_classifiers(tmp_path, shared_data, tiny_vit):
+    target = str(shared_data / "cifar10-sample")
+    exp = _exp(tmp_path, shared_data, protocol="cross-dataset", targets=[target],
+               methods=["zeroshot", {"name": "prolip", "steps": 3}, "tip-adapter"])
+    records, _ = _run(exp, tiny_vit)
+    assert len(records) == 6 and {r["source"] for r in records} == {"DescribableTextures"}
+    cifar = {r["method"]: r for r in records if r["dataset"] != "DescribableTextures"}
+    assert cifar["tip-adapter"]["accuracy"] is None and cifar["zeroshot"]["num_classes"] == 10
+    assert cifar["zeroshot"]["eval_images"] == 1000
+
+    from prolip.bench.protocols import Bench
+
+    b = Bench(exp, echo=lambda s: None, backbone=tiny_vit)
+    splits = b.splits(target)
+    z, y = b.features(splits.train)
+    task = b.task(splits.classnames, splits.templates, 1, [])
+    assert cifar["zeroshot"]["accuracy"] == pytest.approx(
+        accuracy(clip_logits(z, task.W0, task.bias, task.classifier, task.logit_scale), y))
+
+
+def test_tta_protocol_and_rerun_skips_everything(tmp_path, shared_data, tiny_vit):
+    exp = _exp(tmp_path, shared_data, protocol="tta", methods=["zeroshot", {"name": "prolip", "steps": 3}],
+               tta={"views": 3, "max_images": 6, "ensemble": True})
+    records, _ = _run(exp, tiny_vit)
+    labels = sorted(r["label"] for r in records)
+    assert labels == ["ensemble", "tta+prolip", "tta+zeroshot"]
+    assert all(r["eval_images"] == 6 and 0 <= r["accuracy"] <= 100 for r in records)
+    zs = next(r for r in records if r["label"] == "tta+zeroshot")
+    assert zs["shots"] == 0 and zs["setting"]["tta"]["views"] == 3
+    again, lines = _run(exp, tiny_vit)
+    assert len(again) == 3 and lines[-1].startswith("0 cells run, 3 already done")
+
+
+def test_fewshot_rerun_does_no_forward_passes_and_new_cells_reuse_features(tmp_path, shared_data, tiny_vit):
+    exp = _exp(tmp_path, shared_data, methods=["zeroshot", {"name": "prolip", "steps": 3}])
+    records, lines = _run(exp, tiny_vit)
+    assert len(records) == 2 and not re.search(r"\b0 forward passes", lines[-1])
+    records, lines = _run(exp, tiny_vit)
+    assert len(records) == 2 and "0 cells run, 2 already done" in lines[-1]
+    assert re.search(r"cache: 0 forward passes", lines[-1])
+    # A new method on the same support set: trained and recorded, with every feature read back from the cache.
+    exp2 = _exp(tmp_path, shared_data, methods=["zeroshot", {"name": "prolip", "steps": 3}, "lp++"])
+    records, lines = _run(exp2, tiny_vit)
+    assert len(records) == 3 and "1 cells run, 2 already done" in lines[-1]
+    assert re.search(r"cache: 0 forward passes", lines[-1])
