@@ -73,7 +73,7 @@ def read_image_folder(root: Path | str, classnames_file: Path | str | None = Non
         for dirpath, dirnames, filenames in os.walk(root / folder, followlinks=False):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for f in sorted(filenames):
-                if is_image_file(Path(f)):
+                if is_image_file(Path(f)) and (Path(dirpath) / f).exists():  # exists(): no dangling symlinks
                     found.append(Path(dirpath) / f)
                 elif not f.startswith("."):
                     ignored.append(Path(dirpath) / f)

@@ -1,0 +1,273 @@
+"""Every kind of bad input the data layer meets: each gives a clear error naming the culprit, or a correct decode."""
+import io
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from prolip.data import (DataError, NotEnoughImagesError, load_benchmark, read_image_folder, read_image_list,
+                         read_templates, resolve_data, sample_few_shot)
+from prolip.data.images import BadImageError, load_image
+
+
+def save(path: Path, im: Image.Image, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, **kw)
+    return path
+
+
+def rgb(w=16, h=16, value=(200, 30, 30)):
+    return Image.new("RGB", (w, h), value)
+
+
+def encoded(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+# ---- decoding ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,content", [
+    ("truncated.jpg", encoded("JPEG")[:400]),
+    ("truncated.png", encoded("PNG")[:300]),
+    ("corrupt.jpg", encoded("JPEG")[:20] + b"\x00" * 500),
+    ("corrupt.png", encoded("PNG")[:33] + b"garbage" * 50),
+    ("zero.jpg", b""),
+    ("text.jpg", b"<html>not an image</html>\n"),
+])
+def test_undecodable_files_raise_bad_image_error_naming_the_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(BadImageError, match=name) as e:
+        load_image(path)
+    assert e.value.path == path
+    if name == "zero.jpg":
+        assert "0 bytes" in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(BadImageError, match="nope.jpg: file not found"):
+        load_image(tmp_path / "nope.jpg")
+
+
+def test_cmyk_and_grayscale_decode_to_rgb(tmp_path):
+    cmyk = load_image(save(tmp_path / "cmyk.jpg", rgb().convert("CMYK"), quality=95))
+    assert cmyk.mode == "RGB" and np.allclose(np.asarray(cmyk)[8, 8], (200, 30, 30), atol=12)
+    gray = load_image(save(tmp_path / "gray.png", Image.new("L", (5, 5), 77)))
+    assert gray.mode == "RGB" and (np.asarray(gray) == 77).all()
+
+
+def test_16_bit_is_rescaled_not_clipped(tmp_path):
+    a = np.full((6, 6), 32768, dtype=np.uint16)
+    a[0, 0] = 65535
+    path = save(tmp_path / "deep.png", Image.fromarray(a))
+    assert Image.open(path).mode.startswith("I")
+    out = np.asarray(load_image(path))
+    assert out.shape == (6, 6, 3)
+    assert abs(int(out[3, 3, 0]) - 128) <= 1 and (out[0, 0] == 255).all()
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
+    out = np.asarray(load_image(save(tmp_path / "rgba.png", rgba)))
+    assert (out[1, 1] == 255).all() and tuple(out[0, 0]) == (0, 0, 255)
+    la = np.asarray(load_image(save(tmp_path / "la.png", Image.new("LA", (3, 3), (0, 0)))))
+    assert (la == 255).all()
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 10] + [0] * 762)
+    pal.putpixel((0, 0), 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "palette with transparency" warning either
+        out = np.asarray(load_image(save(tmp_path / "pal.png", pal, transparency=0)))
+    assert (out[0, 0] == 255).all() and tuple(out[2, 2]) == (10, 200, 10)
+    plain_pal = np.asarray(load_image(save(tmp_path / "pal.gif", pal)))
+    assert tuple(plain_pal[0, 0]) == (0, 0, 0)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    im = Image.new("RGB", (4, 2), (0, 0, 0))
+    im.putpixel((0, 0), (255, 255, 255))  # top-left marker
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: display rotated 90° clockwise
+    path = save(tmp_path / "rot.png", im, exif=exif)
+    out = load_image(path)
+    assert out.size == (2, 4)
+    a = np.asarray(out)
+    assert a[0, 1].min() > 200 and a[0, 0].max() < 50  # the marker moved to the top-right corner
+
+
+def test_animated_gif_gives_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
+    assert Image.open(path).n_frames == 2
+    out = np.asarray(load_image(path))
+    assert out[4, 4, 0] > 200 and out[4, 4, 2] < 50
+
+
+@pytest.mark.parametrize("side", [12, 20])  # 144 px: over the limit (PIL only warns); 400 px: over 2x (PIL errors)
+def test_decompression_bomb_is_a_bad_image_not_a_warning(tmp_path, monkeypatch, side):
+    path = save(tmp_path / "bomb.png", rgb(side, side))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(BadImageError, match="bomb.png.*MAX_IMAGE_PIXELS"):
+            load_image(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    assert load_image(path).size == (side, side)
+
+
+# ---- image folders --------------------------------------------------------------------------------------------
+
+def folder(root: Path, classes=("a", "b"), n=2) -> Path:
+    for c in classes:
+        for i in range(n):
+            save(root / c / f"{i}.jpg", rgb(4, 4))
+    return root
+
+
+def test_hidden_and_stray_files_are_ignored_and_reported(tmp_path):
+    root = folder(tmp_path / "d")
+    (root / "a" / ".hidden.jpg").write_bytes(b"junk")
+    (root / "a" / "labels.csv").write_text("x")
+    (root / ".cache").mkdir()
+    save(root / ".cache" / "x.jpg", rgb(4, 4))
+    (root / "b" / ".ipynb_checkpoints").mkdir()
+    save(root / "b" / ".ipynb_checkpoints" / "y.jpg", rgb(4, 4))
+    (root / "README.md").write_text("top-level stray file")
+    images = read_image_folder(root)
+    assert images.classnames == ["a", "b"] and len(images) == 4
+    assert images.ignored_files == [root / "a" / "labels.csv"]
+
+
+def test_empty_class_folder_is_an_error_naming_it(tmp_path):
+    root = folder(tmp_path / "d")
+    (root / "c_empty").mkdir()
+    (root / "c_empty" / "notes.txt").write_text("no images")
+    with pytest.raises(DataError, match=r"class folder .*c_empty has no images"):
+        read_image_folder(root)
+
+
+def test_no_class_folders_and_missing_root(tmp_path):
+    (tmp_path / "flat").mkdir()
+    save(tmp_path / "flat" / "x.jpg", rgb(4, 4))
+    with pytest.raises(DataError, match="no class folders"):
+        read_image_folder(tmp_path / "flat")
+    with pytest.raises(DataError, match="missing_dir does not exist"):
+        read_image_folder(tmp_path / "missing_dir")
+
+
+def test_symlink_loop_terminates(tmp_path):
+    root = folder(tmp_path / "d")
+    (root / "a" / "loop").symlink_to(root / "a", target_is_directory=True)
+    (root / "b" / "up").symlink_to(root, target_is_directory=True)
+    (root / "b" / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    images = read_image_folder(root)
+    assert [(it.path.parent.name, it.path.name, it.label) for it in images.items] == [
+        ("a", "0.jpg", 0), ("a", "1.jpg", 0), ("b", "0.jpg", 1), ("b", "1.jpg", 1)]
+    assert images.ignored_files == [root / "b" / "dangling.jpg"]
+
+
+def test_unicode_and_spaces(tmp_path):
+    root = folder(tmp_path / "my data", classes=("crème brûlée", "北京 烤鸭"))
+    save(root / "crème brûlée" / "photo 1 ü.jpg", rgb(4, 4))
+    images = read_image_folder(root)
+    assert images.classnames == ["crème brûlée", "北京 烤鸭"] and len(images) == 5
+    assert load_image(root / "crème brûlée" / "photo 1 ü.jpg").size == (4, 4)
+    (tmp_path / "names.json").write_text(json.dumps({"crème brûlée": "creme brulee", "北京 烤鸭": "peking duck"}),
+                                         encoding="utf-8")
+    assert read_image_folder(root, tmp_path / "names.json").classnames == ["creme brulee", "peking duck"]
+
+
+def test_classnames_file_mismatch(tmp_path):
+    root = folder(tmp_path / "d", classes=("a", "b", "c"), n=1)
+    (tmp_path / "two.txt").write_text("x\ny\n")
+    with pytest.raises(DataError, match=r"two.txt lists 2 names but the data has 3 classes"):
+        read_image_folder(root, tmp_path / "two.txt")
+    (tmp_path / "four.json").write_text(json.dumps(["w", "x", "y", "z"]))
+    with pytest.raises(DataError, match=r"four.json lists 4 names but the data has 3 classes"):
+        read_image_folder(root, tmp_path / "four.json")
+    (tmp_path / "map.json").write_text(json.dumps({"a": "A", "b": "B"}))
+    with pytest.raises(DataError, match=r"map.json has no entry for class folder\(s\) \['c'\]"):
+        read_image_folder(root, tmp_path / "map.json")
+    with pytest.raises(DataError, match="nofile.txt does not exist"):
+        read_image_folder(root, tmp_path / "nofile.txt")
+
+
+def test_templates_without_placeholder(tmp_path):
+    (tmp_path / "t.txt").write_text("a photo of a {}.\n\nart of a thing.\n")
+    with pytest.raises(DataError, match=r"t.txt, line 2: 'art of a thing.' has no '\{\}'"):
+        read_templates(tmp_path / "t.txt")
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(DataError, match="empty.txt is empty"):
+        read_templates(tmp_path / "empty.txt")
+
+
+# ---- image lists and split files ------------------------------------------------------------------------------
+
+@pytest.fixture
+def list_root(tmp_path):
+    for n in ("a.jpg", "b.jpg"):
+        save(tmp_path / "img" / n, rgb(4, 4))
+    return tmp_path
+
+
+@pytest.mark.parametrize("name,content,error", [
+    ("unknown.csv", "path,classname\nimg/a.jpg,cat\nimg/b.jpg,dog\n", r"unknown.csv, row 2: unknown class 'dog'"),
+    ("nocols.csv", "file,label\nimg/a.jpg,0\n", r"nocols.csv: needs a header with a 'path' column"),
+    ("nolabel.csv", "path,comment\nimg/a.jpg,x\n", r"nolabel.csv: needs a header.*'label' or 'classname'"),
+    ("badlabel.csv", "path,label\nimg/a.jpg,0\nimg/b.jpg,cat\n", r"badlabel.csv, row 2: label 'cat' is not an integer"),
+    ("blank.csv", "path,label,classname\nimg/a.jpg,,\n", r"blank.csv, row 1: needs a 'label' or a 'classname'"),
+    ("dotdot.csv", "path,label\nimg/../../outside.jpg,0\n", r"dotdot.csv, row 1: path .* escapes the dataset root"),
+    ("abs.csv", "path,label\n/etc/hostname,0\n", r"abs.csv, row 1: path '/etc/hostname' escapes"),
+    ("missing.csv", "path,label\nimg/a.jpg,0\nimg/zzz.jpg,0\n", r"missing.csv, row 2: image .*zzz.jpg does not exist"),
+    ("conflict.csv", "path,label,classname\nimg/a.jpg,0,cat\nimg/b.jpg,0,dog\n", r"conflict.csv, row \d: label 0"),
+    ("unknown.json", [{"path": "img/a.jpg", "classname": "cat"}, {"path": "img/b.jpg", "classname": "emu"}],
+     r"unknown.json, row 2: unknown class 'emu'"),
+    ("nocols.json", [{"path": "img/a.jpg", "label": 0}, {"file": "img/b.jpg"}], r"nocols.json, row 2: missing image path"),
+    ("shape.json", [["img/a.jpg", 0, "cat"], "img/b.jpg"], r"shape.json, row 2: expected"),
+    ("escape.json", [["../x.jpg", 0, "cat"]], r"escape.json, row 1: path '../x.jpg' escapes"),
+    ("split.json", {"train": [], "val": [], "test": []}, r"split.json is a CoOp split file"),
+    ("broken.json", "{[", r"broken.json: not valid JSON"),
+    ("list.txt", "img/a.jpg 0\n", r"list.txt: unsupported image list format"),
+])
+def test_bad_image_lists(list_root, name, content, error):
+    path = list_root / name
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(DataError, match=error):
+        read_image_list(path, classnames=["cat"] if name.startswith("unknown") else None)
+
+
+def test_split_file_paths_escaping_the_image_root(tmp_path):
+    (tmp_path / "dtd").mkdir()
+    split = {"train": [["banded/x.jpg", 0, "banded"], ["../../../etc/passwd", 0, "banded"]], "val": [], "test": []}
+    (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
+    with pytest.raises(DataError, match=r"split_zhou_DescribableTextures.json: train entry 1 path .* escapes"):
+        load_benchmark("dtd", tmp_path)
+    split["train"] = [["banded/x.jpg", 1, "banded"]]
+    (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
+    with pytest.raises(DataError, match=r"labels must cover 0..C-1.*\[0\]"):
+        load_benchmark("dtd", tmp_path)
+
+
+def test_resolve_data_bad_specs(tmp_path):
+    with pytest.raises(DataError, match=r"--data .*nowhere: no such file or folder, and not a benchmark name"):
+        resolve_data(str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="pass --data-root"):
+        resolve_data("eurosat")
+
+
+# ---- shot counts ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("convention", ["lpp", "coop"])
+def test_shots_out_of_range(convention):
+    labels = [0] * 8 + [1] * 2
+    with pytest.raises(ValueError, match="--shots must be a positive number"):
+        sample_few_shot(labels, 0, 0, convention)
+    with pytest.raises(NotEnoughImagesError, match=r"class 'rare' has 2 training images but 3 are needed.*--allow-fewer"):
+        sample_few_shot(labels, 3, 0, convention, classnames=["common", "rare"])
