@@ -188,3 +188,18 @@ def test_dtd10_as_is(shared_data):
     for part in (splits.train, splits.val, splits.test):
         assert sorted(set(part.labels)) == list(range(10))
         assert all(it.path.is_file() for it in part.items)
+
+
+def test_resolve_data_kinds(tmp_path):
+    b = BENCHMARKS["EuroSAT"]
+    write_split(tmp_path / b.folder, b, tmp_path / b.folder / b.image_dir, ["Forest", "River"], sizes=(2, 1, 1))
+    (tmp_path / "t.txt").write_text("satellite view of {}.\n")
+    by_name = resolve_data("eurosat", root=tmp_path, templates_file=tmp_path / "t.txt")
+    assert by_name.templates == by_name.test.templates == ["satellite view of {}."]
+    assert len(by_name.train) == 4
+    image_folder = resolve_data(str(tmp_path / b.folder / b.image_dir))
+    assert image_folder.classnames == ["Forest", "River"] and image_folder.val is None
+    assert len(image_folder.train) == 8  # every image in the folders, the split ignored
+    (tmp_path / "l.csv").write_text("path,label,classname\neurosat/2750/Forest/train_0.jpg,0,Forest\n")
+    as_list = resolve_data(str(tmp_path / "l.csv"))
+    assert as_list.classnames == ["Forest"] and len(as_list.train) == 1
