@@ -232,3 +232,14 @@ def test_fewshot_rerun_does_no_forward_passes_and_new_cells_reuse_features(tmp_p
     records, lines = _run(exp2, tiny_vit)
     assert len(records) == 3 and "1 cells run, 2 already done" in lines[-1]
     assert re.search(r"cache: 0 forward passes", lines[-1])
+
+
+def test_same_seed_same_numbers_in_a_fresh_results_folder(tmp_path, shared_data, tiny_vit):
+    methods = [{"name": "prolip", "steps": 3, "lr": 1e-2}, "linear-probe", "tip-adapter-f"]
+    first, _ = _run(_exp(tmp_path, shared_data, methods=methods, seeds=[1, 2]), tiny_vit)
+    second, _ = _run(_exp(tmp_path, shared_data, methods=methods, seeds=[1, 2], out=str(tmp_path / "again")),
+                     tiny_vit)
+    key = lambda r: (r["label"], r["seed"])
+    assert [(key(r), r["cell"], r["accuracy"]) for r in sorted(first, key=key)] == \
+        [(key(r), r["cell"], r["accuracy"]) for r in sorted(second, key=key)]
+    assert len({r["cell"] for r in first}) == 6

@@ -226,6 +226,9 @@ def plot_shots(rows: list[dict[str, Any]], path: Path, protocol: str = "fewshot"
             ax.plot(*zip(*sorted(paper[name])), "o--", mfc="none", color=line[0].get_color(), alpha=0.6,
                     label=f"{name.split(' (')[0]} (paper)")
     ax.set_xscale("log", base=2)
+    shots = sorted({p[0] for pts in curves.values() for p in pts})
+    ax.set_xticks(shots, [str(s) for s in shots])
+    ax.minorticks_off()
     ax.set_xlabel("shots per class")
     ax.set_ylabel("top-1 accuracy (%), mean over datasets")
     ax.set_title(f"{protocol}" + (" — RANDOM weights, not CLIP" if random else ""), fontsize=9)
