@@ -236,12 +236,20 @@ def test_torchrun_two_processes_make_the_same_cache_as_one(tmp_path):
     script = tmp_path / "dist.py"
     script.write_text(DIST)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(29500 + os.getpid() % 1000), str(script), str(tmp_path / "img"), str(tmp_path / "two")],
+                        str(free_port()), str(script), str(tmp_path / "img"), str(tmp_path / "two")],
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     per_rank = sorted(int((tmp_path / f"two.rank{r}").read_text()) for r in range(2))
     assert len(per_rank) == 2 and all(n > 0 for n in per_rank) and sum(per_rank) == 80 * 2
     assert unit_contents(tmp_path / "one") == unit_contents(tmp_path / "two")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def unit_contents(root):
