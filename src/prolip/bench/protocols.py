@@ -116,6 +116,7 @@ class Bench:
         self._splits: dict[str, DatasetSplits] = {}
         self._classifiers: dict[tuple, torch.Tensor] = {}
         self._features: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tta_starts: dict[tuple, Any] = {}
 
     # -- data and features ----------------------------------------------------------------------------------
     def splits(self, dataset: str) -> DatasetSplits:
@@ -203,7 +204,8 @@ class Bench:
         self.ran += 1
         acc = rec.get("accuracy")
         where = rec["dataset"] if rec.get("source") is None else f"{rec['source']}→{rec['dataset']}"
-        self.echo(f"{where} {rec['shots']}-shot seed {rec['seed']} {rec['label']}: "
+        seed = "" if rec["seed"] is None else f" seed {rec['seed']}"
+        self.echo(f"{where} {rec['shots']}-shot{seed} {rec['label']}: "
                   f"{'-' if acc is None else format(acc, '.2f')}")
 
 
@@ -455,7 +457,7 @@ def run_tta(b: Bench) -> None:
 
 def _fitted_start(b: Bench, m: MethodSpec, hp: dict, train_on: str, shots: int, seed: int):
     """A few-shot ProLIP fitted on ``train_on`` (memoised: the same W starts TTA on every dataset)."""
-    memo = b.__dict__.setdefault("_tta_starts", {})
+    memo = b._tta_starts
     key = (m.label, train_on, shots, seed)
     if key not in memo:
         splits = b.splits(train_on)
