@@ -243,3 +243,20 @@ def test_same_seed_same_numbers_in_a_fresh_results_folder(tmp_path, shared_data,
     assert [(key(r), r["cell"], r["accuracy"]) for r in sorted(first, key=key)] == \
         [(key(r), r["cell"], r["accuracy"]) for r in sorted(second, key=key)]
     assert len({r["cell"] for r in first}) == 6
+
+
+def test_bench_cli_errors_are_one_clear_line(tmp_path):
+    from click.testing import CliRunner
+
+    from prolip.cli import main
+
+    bad = tmp_path / "exp.yaml"
+    bad.write_text("datasets: [dtd]\nmethods: [zeroshot]\nseed: [1]\n")
+    r = CliRunner().invoke(main, ["bench", str(bad)])
+    assert r.exit_code == 1 and f"{bad}: unknown key(s) ['seed']" in r.output and "Traceback" not in r.output
+    bad.write_text("datasets: [dtd]\nmethods: [zeroshot]\nmodel: test-vit-tiny\n")
+    r = CliRunner().invoke(main, ["bench", str(bad), "--set", f"pretrained={tmp_path / 'missing.safetensors'}",
+                                  "--out", str(tmp_path / "res")])
+    assert r.exit_code == 1 and "missing.safetensors" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["bench", str(bad), "--set", "shots"])
+    assert r.exit_code == 2 and "expected key=value" in r.output
