@@ -227,7 +227,10 @@ class FeatureCache:
         reused = sum(1 for k in wanted if k in index and index[k].views >= num_views)
         self.stats.images_reused += reused
         bad: set[str] = set()
-        mine = todo[rank::world]
+        # Ranks split the full unit list, not the still-missing one: what is missing depends on when each rank
+        # looked, and a rank that looked later would otherwise skip a unit nobody else takes.
+        pending = {id(u) for u in todo}
+        mine = [u for i, u in enumerate(units) if i % world == rank and id(u) in pending]
         missing_count = sum(1 for u in mine for k in u if k not in index or index[k].views < num_views)
         bar = tqdm(total=missing_count * num_views, desc=f"extracting {kind} features",
                    unit="view", disable=not self.progress or not mine)
