@@ -72,6 +72,31 @@ def test_view_ensemble_is_a_distribution():
     assert torch.allclose(logp.exp().sum(-1), torch.ones(z.shape[0]), atol=1e-5)
 
 
+def test_view_ensemble_over_all_views_is_the_mean_probability():
+    z, W0, T = problem()
+    probs = clip_logits(z, W0, None, T, 30.0).softmax(-1).mean(1)
+    assert torch.allclose(view_ensemble_logits(z, W0, None, T, 30.0, ratio=1.0).exp(), probs, atol=1e-6)
+    # the confident subset is a different average
+    assert not torch.allclose(view_ensemble_logits(z, W0, None, T, 30.0, ratio=0.1).exp(), probs, atol=1e-3)
+
+
+def test_view_features_are_seeded_per_image_and_view_zero_is_the_center_crop(tiny_vit, tiny_image_folder):
+    from PIL import Image
+
+    from prolip.transforms import center_transform
+
+    paths = sorted(tiny_image_folder.glob("*/*.jpg"))[:3]
+    z = view_features(tiny_vit, paths, views=5, seed=1)
+    assert z.shape == (3, 5, tiny_vit.dim_pre)
+    assert torch.equal(view_features(tiny_vit, paths[2:], views=5, seed=1)[0], z[2])  # batch does not matter
+    center = center_transform(tiny_vit.preprocessing)(Image.open(paths[0]).convert("RGB"))
+    with torch.no_grad():
+        assert torch.allclose(tiny_vit.encode_pre(center[None]).float()[0], z[0, 0], atol=1e-5)
+    other = view_features(tiny_vit, paths[:1], views=5, seed=2)[0]
+    assert torch.equal(other[0], z[0, 0]) and not torch.allclose(other[1:], z[0, 1:])
+    assert len({tuple(v[:4].tolist()) for v in z[0]}) == 5  # every view differs
+
+
 def test_tpt_lr_zero_is_zero_shot_and_lr_changes_it(tiny_vit):
     names = ["red", "green", "blue"]
     z = torch.randn(2, 8, tiny_vit.dim_pre, generator=torch.Generator().manual_seed(0))
@@ -97,3 +122,15 @@ def test_end_to_end_on_dtd10(tiny_vit, shared_data):
     assert logits.shape == (len(paths), 10)
     same = tta_logits(tiny_vit, W0, None, T, tiny_vit.logit_scale, paths, views=8, ratio=0.25, batch_size=3)
     assert torch.allclose(logits, same, atol=1e-5)  # batching does not change results
+
+
+def test_tpt_on_a_hugging_face_backbone(tiny_hf):
+    """HF pads with the end token, so the context length must come from the EOT index, not non-zero ids."""
+    names = ["cat", "dog"]
+    z = torch.randn(1, 8, tiny_hf.dim_pre, generator=torch.Generator().manual_seed(1))
+    W0 = tiny_hf.projection().weight
+    T = tiny_hf.encode_text(names, ["a photo of a {}."])
+    zero = tpt_logits(tiny_hf, z, W0, None, names, tiny_hf.logit_scale, lr=0.0)
+    assert torch.allclose(zero, clip_logits(z[:, 0], W0, None, T, tiny_hf.logit_scale), atol=1e-4)
+    moved = tpt_logits(tiny_hf, z, W0, None, names, tiny_hf.logit_scale, lr=1.0, ratio=0.5)
+    assert not torch.allclose(moved, zero, atol=1e-4)

@@ -1,7 +1,8 @@
 """Test-time adaptation (SPEC §2): test-time ProLIP, batched across images, TPT as the baseline, and the
 no-update view ensemble as an ablation.
 
-Per test image: V views (view 0 = the original, center-cropped; views 1..V−1 = random-resized-crop + flip); keep the
+Per test image: V views (view 0 = the original, center-cropped; views 1..V−1 = random-resized-crop + flip as in the
+reference's test-time code, TPT's torchvision defaults: scale 0.08–1, bilinear); keep the
 ``ratio`` lowest-entropy views (judged at the starting W); minimise the entropy of their mean prediction with
 ``steps`` AdamW steps on W; predict view 0 with the adapted W; reset. B images adapt B independent copies of W in one
 batched computation (W as [B, D_pre, D]); the per-image result is the same as adapting one image at a time.
@@ -16,6 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision import transforms as T
 
 from prolip.functional import cosine_logits, entropy, project
 
@@ -30,6 +32,7 @@ class TTAConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     seed: int = 0
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # TPT's RandomResizedCrop(224) default, used by the reference
 
 
 # -- pure maths --------------------------------------------------------------------------------------------------
@@ -66,9 +69,10 @@ def adapt_projection(z_views: Tensor, W_start: Tensor, bias: Tensor | None, clas
                      cfg: TTAConfig = TTAConfig()) -> tuple[Tensor, Tensor]:
     """Test-time ProLIP for B images at once: returns (logits of view 0 [B, C], adapted W [B, D_pre, D])."""
     B = z_views.shape[0]
-    W = W_start.detach().float().expand(B, *W_start.shape).clone()
-    with torch.no_grad():
-        chosen = select_confident(batched_logits(z_views, W, bias, classifier, logit_scale), cfg.ratio)
+    W_start = W_start.detach().float()
+    with torch.no_grad():  # every image starts from the same W: one plain matmul, no per-image copies yet
+        chosen = select_confident(batched_logits(z_views, W_start, bias, classifier, logit_scale), cfg.ratio)
+    W = W_start.expand(B, *W_start.shape).clone()
     z_sel = torch.gather(z_views, 1, chosen[..., None].expand(-1, -1, z_views.shape[-1]))
     exp_avg, exp_avg_sq = torch.zeros_like(W), torch.zeros_like(W)
     for step in range(1, cfg.steps + 1):
@@ -85,8 +89,8 @@ def adapt_projection(z_views: Tensor, W_start: Tensor, bias: Tensor | None, clas
 
 def view_ensemble_logits(z_views: Tensor, W: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float,
                          ratio: float = 0.1) -> Tensor:
-    """Ablation without any update: log of the mean probability over the confident views ([B, C])."""
-    W = W.expand(z_views.shape[0], *W.shape)
+    """Ablation without any update: log of the mean probability over the ``ratio`` lowest-entropy views ([B, C]);
+    ``ratio=1`` averages all views."""
     logits = batched_logits(z_views, W, bias, classifier, logit_scale)
     chosen = select_confident(logits, ratio)
     sel = torch.gather(logits, 1, chosen[..., None].expand(-1, -1, logits.shape[-1]))
@@ -94,14 +98,22 @@ def view_ensemble_logits(z_views: Tensor, W: Tensor, bias: Tensor | None, classi
 
 
 # -- images → views (I/O edge) ------------------------------------------------------------------------------------
-def view_features(backbone, paths: Sequence[Path | str], views: int, seed: int = 0) -> Tensor:
-    """Pre-projection features [B, V, D_pre]: view 0 center-cropped, the rest seeded augmented views."""
+def tta_view_transform(prep, scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:
+    """The test-time views: RandomResizedCrop (bilinear, as torchvision's default in TPT and the reference) + flip."""
+    return T.Compose([T.RandomResizedCrop(prep.image_size, scale=scale), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(prep.mean, prep.std)])
+
+
+def view_features(backbone, paths: Sequence[Path | str], views: int, seed: int = 0,
+                  crop_scale: tuple[float, float] = (0.08, 1.0)) -> Tensor:
+    """Pre-projection features [B, V, D_pre]: view 0 center-cropped, the rest augmented views seeded per
+    (seed, image, view), so an image gets the same views whatever batch it is in."""
     from prolip.data.images import load_image
     from prolip.features.cache import image_key
-    from prolip.transforms import augment_transform, augmented_view, center_transform, view_seed
+    from prolip.transforms import augmented_view, center_transform, view_seed
 
     prep = backbone.preprocessing
-    center, augment = center_transform(prep), augment_transform(prep)
+    center, augment = center_transform(prep), tta_view_transform(prep, crop_scale)
     out = []
     for p in paths:
         image, key = load_image(p), image_key(p)
@@ -125,7 +137,7 @@ def tta_logits(backbone, W: Tensor, bias: Tensor | None, classifier: Tensor, log
     bias = None if bias is None else bias.detach().float().cpu()
     out = []
     for i in range(0, len(paths), batch_size):
-        z = view_features(backbone, paths[i:i + batch_size], cfg.views, cfg.seed)
+        z = view_features(backbone, paths[i:i + batch_size], cfg.views, cfg.seed, cfg.crop_scale)
         out.append(adapt_projection(z, W.float().cpu(), bias, classifier.float().cpu(), logit_scale, cfg)[0])
     return torch.cat(out)
 
@@ -138,7 +150,7 @@ def tpt_logits(backbone, z_views: Tensor, W: Tensor, bias: Tensor | None, classn
     same view selection and entropy objective, one image at a time; returns logits of view 0 [B, C]."""
     prompts = [f"{ctx_init} {c.replace('_', ' ')}." for c in classnames]
     embeds, eot = backbone.prompt_embeddings(prompts)
-    n_ctx = len(backbone.tokenize([ctx_init])[0].nonzero()) - 2  # minus start and end tokens
+    n_ctx = int(backbone.prompt_embeddings([ctx_init])[1][0]) - 1  # tokens between start and end
     ctx_slice = slice(1, 1 + n_ctx)
     ctx0 = embeds[0, ctx_slice].detach().clone()
     W = W.detach().float()
