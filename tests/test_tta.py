@@ -1,4 +1,5 @@
 """Test-time ProLIP: batched = one at a time = torch.optim.AdamW per image; reset; selection; lr 0; TPT; end to end."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -15,37 +16,41 @@ def problem(B=5, V=20, D_pre=24, D=12, C=6, seed=0):
     return z, W0, T
 
 
-def reference_one_image(z, W0, T, scale, cfg):
+def reference_one_image(z, W0, T, scale, cfg, bias=None):
     """The plain way: torch.optim.AdamW on one image's own copy of W."""
     W = W0.clone().requires_grad_(True)
     opt = torch.optim.AdamW([W], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
     with torch.no_grad():
-        ent = entropy(clip_logits(z, W, None, T, scale))
+        ent = entropy(clip_logits(z, W, bias, T, scale))
     keep = ent.argsort()[: max(1, int(len(z) * cfg.ratio))]
     for _ in range(cfg.steps):
-        loss = marginal_entropy(clip_logits(z[keep], W, None, T, scale)[None]).sum()
+        loss = marginal_entropy(clip_logits(z[keep], W, bias, T, scale)[None]).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return clip_logits(z[:1], W.detach(), None, T, scale)[0], W.detach()
+    return clip_logits(z[:1], W.detach(), bias, T, scale)[0], W.detach()
 
 
-def test_batched_equals_sequential_and_torch_adamw():
+@pytest.mark.parametrize("with_bias", [False, True])  # RN50's attention-pool projection has a (frozen) bias
+def test_batched_equals_sequential_and_torch_adamw(with_bias):
     z, W0, T = problem()
+    bias = torch.randn(W0.shape[1], generator=torch.Generator().manual_seed(9)) * 0.1 if with_bias else None
     cfg = TTAConfig(views=20, ratio=0.25, steps=3, lr=1e-2)
-    logits, W = adapt_projection(z, W0, None, T, 30.0, cfg)
+    logits, W = adapt_projection(z, W0, bias, T, 30.0, cfg)
     for b in range(z.shape[0]):
-        one_logits, one_W = adapt_projection(z[b:b + 1], W0, None, T, 30.0, cfg)
+        one_logits, one_W = adapt_projection(z[b:b + 1], W0, bias, T, 30.0, cfg)
         assert torch.allclose(one_W[0], W[b], atol=1e-6) and torch.allclose(one_logits[0], logits[b], atol=1e-5)
-        ref_logits, ref_W = reference_one_image(z[b], W0, T, 30.0, cfg)
+        ref_logits, ref_W = reference_one_image(z[b], W0, T, 30.0, cfg, bias)
         assert torch.allclose(ref_W, W[b], atol=1e-6) and torch.allclose(ref_logits, logits[b], atol=1e-4)
     assert not torch.allclose(W[0], W0)  # it did adapt
 
 
 def test_reset_prediction_does_not_depend_on_other_images():
     z, W0, T = problem(B=6)
+    W0_before = W0.clone()
     cfg = TTAConfig(ratio=0.2, lr=1e-2)
     a, _ = adapt_projection(z, W0, None, T, 30.0, cfg)
+    assert torch.equal(W0, W0_before)  # the starting W is never written: every image starts from it
     perm = torch.tensor([3, 0, 5, 1, 4, 2])
     b, _ = adapt_projection(z[perm], W0, None, T, 30.0, cfg)
     assert torch.allclose(a[perm], b, atol=1e-5)
