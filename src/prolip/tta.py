@@ -125,14 +125,20 @@ def view_features(backbone, paths: Sequence[Path | str], views: int, seed: int =
 
 
 def tta_logits(backbone, W: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float,
-               paths: Sequence[Path | str], *, batch_size: int | None = None, **options) -> Tensor:
+               paths: Sequence[Path | str], *, views: int = 64, ratio: float = 0.1, steps: int = 1,
+               lr: float = 1e-4, seed: int = 0, batch_size: int | None = None, **options) -> Tensor:
     """Test-time ProLIP logits [N, C] for image files, starting from W (W0 or a few-shot ProLIP W).
 
-    ``batch_size`` images adapt together, on the backbone's device; the default is 1 on CPU, where B copies of W
-    fall out of cache and batching measured ~0.55x as fast (benchmarks/bench_tta.py), and 32 on GPU, where one
-    batched step amortises kernel launches. Results do not depend on it.
+    ``views`` per image (view 0 the center crop), the ``ratio`` lowest-entropy of them kept, ``steps`` AdamW steps
+    at ``lr``, augmentations seeded by ``seed``; ``options`` are the other TTAConfig fields (weight_decay, betas,
+    eps, crop_scale). ``batch_size`` images adapt together, on the backbone's device; the default is 1 on CPU,
+    where B copies of W fall out of cache and batching measured ~0.55x as fast (benchmarks/bench_tta.py), and 32
+    on GPU, where one batched step amortises kernel launches. Results do not depend on it.
     """
-    cfg = TTAConfig(**options)
+    if views < 1 or not 0 < ratio <= 1 or steps < 0 or lr < 0:
+        raise ValueError(f"test-time adaptation: need views >= 1, ratio in (0, 1], steps >= 0 and lr >= 0 "
+                         f"(got views={views}, ratio={ratio}, steps={steps}, lr={lr})")
+    cfg = TTAConfig(views=views, ratio=ratio, steps=steps, lr=lr, seed=seed, **options)
     device = torch.device(backbone.device)
     if batch_size is None:
         batch_size = 1 if device.type == "cpu" else 32
