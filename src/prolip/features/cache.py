@@ -16,8 +16,11 @@ import errno
 import hashlib
 import json
 import os
+import threading
 import time
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +33,7 @@ from tqdm.auto import tqdm
 from prolip.data.images import BadImageError, load_image
 from prolip.transforms import augment_transform, augmented_view, center_transform, view_seed
 
+COMPUTE_DTYPES = ("fp32", "bf16")  # what the backbone computes in while extracting (cached features are float16)
 AUGMENT_VERSION = "augment:v1"  # bump when the augmentation changes, so stale views are never reused
 
 
@@ -128,13 +132,26 @@ class CachedViews:
 
 
 class FeatureCache:
-    def __init__(self, cache_dir: Path | str | None, backbone, *, batch_size: int = 64, num_workers: int = 0,
-                 on_bad_image: str = "error", progress: bool = True, unit_images: int = 32):
+    def __init__(self, cache_dir: Path | str | None, backbone, *, batch_size: int = 64, num_workers: int | None = None,
+                 on_bad_image: str = "error", progress: bool = True, unit_images: int = 32,
+                 compute_dtype: str = "auto"):
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"--on-bad-image must be 'error' or 'skip', got {on_bad_image!r}")
+        if batch_size <= 0:
+            raise ValueError(f"--batch-size must be positive, got {batch_size}")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"--workers must be ≥ 0, got {num_workers}")
+        on_gpu = torch.device(backbone.device).type == "cuda"
+        if compute_dtype == "auto":
+            compute_dtype = "bf16" if on_gpu else "fp32"
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"--extract-dtype must be one of auto, {', '.join(COMPUTE_DTYPES)}; got {compute_dtype!r}")
         self.root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.backbone = backbone
-        self.batch_size, self.num_workers = batch_size, num_workers
+        # Decoding threads: on a GPU they are the bottleneck, on a CPU they would only steal the GEMMs' cores.
+        self.batch_size = batch_size
+        self.num_workers = num_workers if num_workers is not None else (min(16, os.cpu_count() or 1) if on_gpu else 0)
+        self.compute_dtype = compute_dtype
         self.on_bad_image, self.progress, self.unit_images = on_bad_image, progress, unit_images
         self.stats = CacheStats()
         self.skipped: list[tuple[Path, str]] = []
@@ -165,6 +182,8 @@ class FeatureCache:
                             list(prep.std), prep.interpolation],
                             "kind": AUGMENT_VERSION if kind == "augment" else "center:v1",
                             "aug_seed": aug_seed if kind == "augment" else None}, sort_keys=True)
+        if self.compute_dtype != "fp32":  # other numerics, other features; fp32 namespaces keep their old names
+            ident += f"|compute:{self.compute_dtype}"
         return self.root / hashlib.blake2b(ident.encode(), digest_size=12).hexdigest()
 
     def _index(self, ns: Path) -> dict[str, _Entry]:
@@ -285,55 +304,111 @@ class FeatureCache:
                 return False
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, str(os.getpid()).encode())
-                os.close(fd)
-                return not target.exists() or (lock.unlink() and False)
             except FileExistsError:
-                try:
-                    pid = int(lock.read_text() or "0")
-                    os.kill(pid, 0)
-                except (ValueError, ProcessLookupError, FileNotFoundError):
-                    lock.unlink(missing_ok=True)  # stale: its owner died
+                if self._lock_is_stale(lock):
+                    lock.unlink(missing_ok=True)
                     continue
-                except PermissionError:
-                    pass
                 time.sleep(0.2)
+                continue
             except OSError as e:
-                raise CacheError(f"cannot write to feature cache directory {lock.parent}: {e.strerror}") from None
+                raise _write_error(lock.parent, e) from None
+            try:
+                os.write(fd, str(os.getpid()).encode())
+            except OSError as e:
+                # A lock we could not fill would look "held by nobody we can check" to everyone else: remove it.
+                lock.unlink(missing_ok=True)
+                raise _write_error(lock.parent, e) from None
+            finally:
+                os.close(fd)
+            # Units left half-written by a holder killed mid-write can only be ours to clean now we hold the lock.
+            for leftover in lock.parent.glob(f".{target.name}.*.tmp"):
+                leftover.unlink(missing_ok=True)
+            return not target.exists() or (lock.unlink() and False)
+
+    @staticmethod
+    def _lock_is_stale(lock: Path) -> bool:
+        try:
+            text = lock.read_text()
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        try:
+            pid = int(text)
+        except ValueError:
+            pid = 0
+        if pid <= 0:
+            # Empty: its owner was killed between creating and filling it (a live owner fills it at once).
+            return age > 2.0
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True  # its owner died
+        except PermissionError:
+            pass
+        return False
 
     def _encode(self, keys, key_to_path, kind, num_views, aug_seed, bar):
         prep = self.backbone.preprocessing
         transform = augment_transform(prep) if kind == "augment" else center_transform(prep)
+        decoded = threading.local()  # one decode per image per worker, however many view chunks it serves
+
+        def decode(k):
+            if getattr(decoded, "key", None) != k:
+                try:
+                    decoded.key, decoded.image = k, load_image(key_to_path[k])
+                except BadImageError as e:
+                    decoded.key, decoded.image = k, e
+            return decoded.image
+
+        def make_views(job):
+            k, views = job
+            image = decode(k)
+            if isinstance(image, BadImageError):
+                return k, image
+            if kind == "center":
+                return k, [transform(image)]
+            return k, [augmented_view(image, prep, view_seed(aug_seed, k, t), transform) for t in views]
+
+        # Jobs of at most one batch of views each: workers then prepare the next batches while the backbone runs.
+        chunk = max(1, self.batch_size)
+        jobs = [(k, range(t, min(t + chunk, num_views))) for k in keys for t in range(0, num_views, chunk)]
         good, bad, batch, out = [], set(), [], []
-
-        def flush():
-            if batch:
-                images = torch.stack(batch).to(self.backbone.device)
-                with torch.inference_mode():
-                    out.append(self.backbone.encode_pre(images).float().cpu())
-                self.stats.forward_passes += len(batch)
-                bar.update(len(batch))
-                batch.clear()
-
-        for k in keys:
-            try:
-                image = load_image(key_to_path[k])
-            except BadImageError as e:
-                self._bad(e)
+        for k, views in ordered_map(make_views, jobs, self.num_workers):
+            if k in bad:
+                continue
+            if isinstance(views, BadImageError):
+                self._bad(views)
                 bad.add(k)
                 continue
-            good.append(k)
-            for t in range(num_views):
-                batch.append(augmented_view(image, prep, view_seed(aug_seed, k, t), transform)
-                             if kind == "augment" else transform(image))
-                if len(batch) == self.batch_size:
-                    flush()
-        flush()
+            if not good or good[-1] != k:
+                good.append(k)
+            for view in views:
+                batch.append(view)
+                if len(batch) == self.batch_size:  # fixed batches: a resumed unit is computed exactly as before
+                    out.append(self._forward(batch))
+                    bar.update(len(batch))
+                    batch.clear()
+        if batch:
+            out.append(self._forward(batch))
+            bar.update(len(batch))
         self.stats.images_extracted += len(good)
         if not good:
             return None, good, bad
-        z = torch.cat(out).reshape(len(good), num_views, -1).transpose(0, 1)  # [V, n, D]
+        z = torch.cat(out).float().cpu().reshape(len(good), num_views, -1).transpose(0, 1)  # [V, n, D]
         return z.to(torch.float16).contiguous(), good, bad
+
+    def _forward(self, batch: list[torch.Tensor]) -> torch.Tensor:
+        """Pre-projection features of one batch, left on the backbone's device (one copy back per unit)."""
+        device = torch.device(self.backbone.device)
+        images = torch.stack(batch)
+        if device.type == "cuda":
+            # Pinned host memory lets the copy overlap compute; channels_last is the layout cuDNN's convs prefer.
+            images = images.pin_memory().to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                    enabled=self.compute_dtype == "bf16"):
+            z = self.backbone.encode_pre(images)
+        self.stats.forward_passes += len(batch)
+        return z
 
     def _write(self, target: Path, feats: torch.Tensor, keys: list[str], num_views: int) -> None:
         meta = {"keys": json.dumps(keys), "views": str(num_views), "checksum": _checksum(feats.numpy().tobytes())}
@@ -347,9 +422,35 @@ class FeatureCache:
             os.replace(tmp, target)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            what = "is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"is not writable ({e.strerror})"
-            raise CacheError(f"feature cache directory {target.parent} {what}; free space or pass another "
-                             f"--cache-dir") from None
+            raise _write_error(target.parent, e) from None
+
+
+def ordered_map(fn, items, workers: int):
+    """``map(fn, items)`` in order, computed ``workers`` at a time in threads (inline when workers is 0).
+
+    Threads, not processes: PIL decoding and resampling release the GIL, and nothing has to be pickled. At most
+    2·workers results wait at once, so memory stays bounded by a few batches of images.
+    """
+    if workers <= 0:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="prolip-decode") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _write_error(directory: Path, e: OSError) -> CacheError:
+    # EFBIG: a file-size limit (ulimit -f, RLIMIT_FSIZE) is a full disk as far as the user is concerned.
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return CacheError(f"feature cache directory {directory} is full ({e.strerror}); free space or pass "
+                          f"another --cache-dir")
+    return CacheError(f"feature cache directory {directory} is not writable ({e.strerror}); pass a writable "
+                      f"--cache-dir")
 
 
 def encode_images(backbone, paths: Sequence[Path | str], batch_size: int = 32) -> torch.Tensor:
@@ -364,12 +465,13 @@ def encode_images(backbone, paths: Sequence[Path | str], batch_size: int = 32) -
 
 
 def extract_dataset(backbone, paths, *, num_views: int, cache_dir=None, aug_seed: int = 0, batch_size: int = 64,
-                    num_workers: int = 0, on_bad_image: str = "error") -> CacheStats:
+                    num_workers: int | None = None, on_bad_image: str = "error",
+                    compute_dtype: str = "auto") -> CacheStats:
     """Fill the cache for ``paths``; under torch.distributed each rank takes every world-th unit."""
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
     cache = FeatureCache(cache_dir, backbone, batch_size=batch_size, num_workers=num_workers,
-                         on_bad_image=on_bad_image, progress=rank == 0)
+                         on_bad_image=on_bad_image, progress=rank == 0, compute_dtype=compute_dtype)
     if num_views > 0:
         cache.views(paths, num_views, aug_seed, rank=rank, world=world)
     else:
