@@ -1,6 +1,7 @@
 """Pieces the baselines share: post-projection embeddings of the cached views, a mini-batch trainer, checks."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import torch
@@ -40,36 +41,65 @@ def require_fitted(method, *attrs: str) -> None:
         raise RuntimeError(f"{method.name}: call fit() or load_state_dict() before logits()")
 
 
-def train_minibatch(params: Iterable[Tensor], loss_fn: Callable[[Tensor, Tensor], Tensor], data: Tensor,
-                    labels: Tensor, *, epochs: int, batch_size: int, optimizer: str, lr: float, seed: int,
-                    schedule: str = "epoch", on_epoch_end: Callable[[int], None] | None = None,
-                    **optimizer_kwargs) -> None:
-    """Shuffled mini-batch training; epoch e draws its samples from ``data[e % V]`` (data: [V, N, D]), so each
-    epoch sees a fresh augmented view as the originals do when they re-augment images every epoch.
+def fresh_view_per_epoch(task: Task, support: Support,
+                         num_views: int | None = None) -> Callable[[int], tuple[Tensor, Tensor]]:
+    """Epoch e trains on view e mod V of every support image (V = all cached views, or ``num_views``): the
+    cached stand-in for a data loader that re-augments each image every epoch. Embedded lazily, one view per
+    epoch, so memory stays at one view whatever the cache holds."""
+    count = support.views.num_views if num_views is None else max(1, min(num_views, support.views.num_views))
+    return lambda e: (embed(task, support.views.view(e % count)), support.labels)
 
-    Cosine schedule to 0, stepped per epoch (Dassl/CoOp trainers) or per iteration (Tip-Adapter-F).
+
+def dassl_batches_per_epoch(num_samples: int, batch_size: int) -> int:
+    """Optimiser steps per epoch of a Dassl training loader (CoOp, CLIP-Adapter, TaskRes, CLAP): it drops the
+    last partial batch when there is at least one full batch (``drop_last = len(data) >= batch_size``)."""
+    return num_samples // batch_size if num_samples >= batch_size else 1
+
+
+def dassl_lr(base_lr: float, epoch: int, epochs: int, warmup_epochs: int = 1, warmup_lr: float = 1e-5) -> float:
+    """Learning rate of epoch ``epoch`` under Dassl's ``cosine`` scheduler with a constant warm-up, as every
+    Dassl config of these baselines sets it (WARMUP_EPOCH 1, WARMUP_CONS_LR 1e-5): warm-up epochs at
+    ``warmup_lr``, then the cosine over ``epochs`` restarted at the base lr (so the last epoch never reaches 0)."""
+    if epoch < warmup_epochs:
+        return warmup_lr
+    return base_lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs)) / 2
+
+
+def train_minibatch(params: Iterable[Tensor], loss_fn: Callable[[Tensor, Tensor], Tensor],
+                    epoch_data: Callable[[int], tuple[Tensor, Tensor]], *, epochs: int, batch_size: int,
+                    optimizer: str, lr: float, seed: int, schedule: str = "dassl", drop_last: bool = False,
+                    batches_per_epoch: int | None = None, on_epoch_end: Callable[[int], None] | None = None,
+                    **optimizer_kwargs) -> None:
+    """Shuffled mini-batch training. ``epoch_data(e)`` gives the (samples, labels) epoch e draws from.
+
+    Per epoch: ``batches_per_epoch`` batches if given (CLAP draws a loader's worth of batches from a larger
+    pool), else all of them, the last partial one dropped when ``drop_last`` and one full batch exists (Dassl).
+    ``schedule``: "dassl" (per-epoch lr from :func:`dassl_lr`) or "iteration" (cosine to 0 over all
+    iterations, stepped per batch, as Tip-Adapter-F).
     """
     params = list(params)
     opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
     opt = opt_cls(params, lr=lr, **optimizer_kwargs)
-    n = labels.shape[0]
-    per_epoch = -(-n // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * (per_epoch if schedule ==
-                                                                                    "iteration" else 1)))
     g = torch.Generator().manual_seed(seed)
+    sched = None
     for e in range(epochs):
-        x = data[e % data.shape[0]]
+        x, y = epoch_data(e)
+        n = y.shape[0]
+        count = batches_per_epoch or (dassl_batches_per_epoch(n, batch_size) if drop_last else -(-n // batch_size))
+        if schedule == "dassl":
+            for group in opt.param_groups:
+                group["lr"] = dassl_lr(lr, e, epochs)
+        elif sched is None:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * count))
         order = torch.randperm(n, generator=g)
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            loss = loss_fn(x[idx], labels[idx])
+        for b in range(count):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            loss = loss_fn(x[idx], y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if schedule == "iteration":
+            if sched is not None:
                 sched.step()
-        if schedule == "epoch":
-            sched.step()
         if on_epoch_end is not None:
             on_epoch_end(e)
 

@@ -1,14 +1,26 @@
 """Adapters trained after the frozen projection: CLIP-Adapter, TaskRes and the regularised linear adapter.
 
-- "clip-adapter" (Gao et al., IJCV 2023): f' = r·MLP(f) + (1 − r)·f, MLP = D→D/4→D, no bias, ReLU after both
-  layers, r = 0.2; CoOp-style training: SGD lr 2e-3, momentum 0.9, weight decay 5e-4, batch 32, 200 epochs
-  (one augmented view each, 20 views cycled), cosine per epoch. The MLP is seeded-random, so it does not start
-  at zero-shot.
-- "taskres" (Yu et al., CVPR 2023): classifier T + α·R with a learnable residual R initialised at 0 (so it
-  starts at zero-shot), α = 0.5; Adam lr 2e-3, batch 256, 100 epochs (20 views cycled), cosine per epoch.
+- "clip-adapter" (Gao et al., IJCV 2023; github.com/gaopengcuhk/CLIP-Adapter, ``clip_adapter.py``):
+  f' = r·MLP(f) + (1 − r)·f, MLP = D→D/4→D without biases, ReLU after both layers, r = 0.2, only the MLP
+  trained, nn.Linear's default (seeded) init, so it does not start at zero-shot. The released trainer builds its
+  optimiser and schedule from the Dassl/CoOp config it is run with (the repo ships none; its README says to run
+  CoOp's commands), so the training defaults are CoOp's ``configs/trainers/CoOp/rn50.yaml``: SGD lr 2e-3,
+  momentum 0.9, weight decay 5e-4 (Dassl's default), batch 32, 200 epochs, cosine per epoch after one warm-up
+  epoch at 1e-5, last partial batch dropped (Dassl loader). Not verifiable here: the paper's own lr/epochs.
+- "taskres" (Yu et al., CVPR 2023; github.com/geekyutao/TaskRes, ``trainers/taskres.py``,
+  ``configs/trainers/TaskRes/adam_lr2e-3_B256_ep{100,200}.yaml``, ``train_regular.sh``): classifier t + α·x with
+  a learnable residual x initialised at 0 (so it starts at zero-shot), α = 0.5 (1.0 for Flowers); Adam lr 2e-3
+  (2e-4 for ImageNet), weight decay 5e-4 (Dassl's default, the configs do not override it), batch 256,
+  100 epochs for 1/2/4 shots and 200 for 8/16, same Dassl warm-up + cosine.
 - "linear-adapter" (ProLIP paper's complement): an identity-initialised D×D matrix A after the projection,
   logits s·normalize((zW0+b)A)·Tᵀ, loss CE + λ‖A − I‖²_F with λ = 1/N; trained exactly like ProLIP (Adam
   eps 1e-4, cosine, full batch, step t on view t), lr 1e-3 by default since A's entries are O(1).
+
+CLIP-Adapter and TaskRes re-augment every image every epoch in the originals; here epoch e uses cached view
+e mod V (V = every cached view, 300 with the default cache, so each of the ≤ 300 epochs sees a fresh view).
+TaskRes's base classifier in the original is the *unnormalised* mean text embedding, and Adam's steps are
+absolute, so the residual's relative effect depends on that norm; ``text_norm`` scales the task's unit-norm
+classifier to it (None = 1, since the cache holds only the normalised classifier).
 All three are validation-free: ``selected_`` records ``how: "rule"``.
 """
 from __future__ import annotations
@@ -19,8 +31,8 @@ from torch import Tensor, nn
 
 from prolip.functional import cosine_logits
 from prolip.methods import register
-from prolip.methods._common import cosine_head_logits, embed, no_classifier_swap, require_fitted, \
-    train_minibatch, view_embeddings
+from prolip.methods._common import cosine_head_logits, embed, fresh_view_per_epoch, no_classifier_swap, \
+    require_fitted, train_minibatch
 from prolip.methods.base import Method, Support, Task, Validation
 from prolip.methods.prolip import ADAM_BETAS, ADAM_EPS, resolve_lambda
 
@@ -34,12 +46,18 @@ def residual_mlp(dim: int, reduction: int = 4) -> nn.Sequential:
 class CLIPAdapter(Method):
     name = "clip-adapter"
 
-    def __init__(self, ratio: float = 0.2, lr: float = 2e-3, epochs: int = 200, batch_size: int = 32,
-                 views: int = 20, weight_decay: float = 5e-4):
-        super().__init__(ratio=ratio, lr=lr, epochs=epochs, batch_size=batch_size, views=views,
-                         weight_decay=weight_decay)
-        self.ratio, self.lr, self.epochs, self.batch_size = ratio, lr, epochs, batch_size
-        self.views, self.weight_decay = views, weight_decay
+    def __init__(self, ratio: float = 0.2,  # clip_adapter.py: ``ratio = 0.2`` in CustomCLIP.forward
+                 reduction: int = 4,  # clip_adapter.py: ``Adapter(1024, 4)``
+                 lr: float = 2e-3,  # CoOp rn50.yaml OPTIM.LR (the config the released Dassl trainer reads)
+                 epochs: int = 200,  # CoOp rn50.yaml OPTIM.MAX_EPOCH
+                 batch_size: int = 32,  # CoOp rn50.yaml DATALOADER.TRAIN_X.BATCH_SIZE
+                 weight_decay: float = 5e-4,  # Dassl defaults.py OPTIM.WEIGHT_DECAY (not overridden)
+                 momentum: float = 0.9,  # Dassl defaults.py OPTIM.MOMENTUM
+                 views: int | None = None):
+        super().__init__(ratio=ratio, reduction=reduction, lr=lr, epochs=epochs, batch_size=batch_size,
+                         weight_decay=weight_decay, momentum=momentum, views=views)
+        self.ratio, self.reduction, self.lr, self.epochs, self.batch_size = ratio, reduction, lr, epochs, batch_size
+        self.weight_decay, self.momentum, self.views = weight_decay, momentum, views
         self.task = self.mlp = None
 
     def _adapt(self, e: Tensor) -> Tensor:
@@ -48,12 +66,11 @@ class CLIPAdapter(Method):
     def fit(self, task: Task, support: Support, val: Validation | None = None, seed: int = 0) -> "CLIPAdapter":
         self.task = task
         torch.manual_seed(seed)  # the MLP's init, as nn.Linear draws it
-        self.mlp = residual_mlp(task.classifier.shape[1])
-        data = view_embeddings(task, support, self.views)
+        self.mlp = residual_mlp(task.classifier.shape[1], self.reduction)
         loss_fn = lambda x, y: F.cross_entropy(cosine_logits(self._adapt(x), task.classifier, task.logit_scale), y)
-        train_minibatch(self.mlp.parameters(), loss_fn, data, support.labels, epochs=self.epochs,
-                        batch_size=self.batch_size, optimizer="sgd", lr=self.lr, seed=seed, momentum=0.9,
-                        weight_decay=self.weight_decay)
+        train_minibatch(self.mlp.parameters(), loss_fn, fresh_view_per_epoch(task, support, self.views),
+                        epochs=self.epochs, batch_size=self.batch_size, optimizer="sgd", lr=self.lr, seed=seed,
+                        drop_last=True, momentum=self.momentum, weight_decay=self.weight_decay)
         self.mlp.requires_grad_(False)
         self.selected_ = {"how": "rule"}
         return self
@@ -67,38 +84,54 @@ class CLIPAdapter(Method):
         return {f"mlp.{k}": v for k, v in self.mlp.state_dict().items()}
 
     def load_state_dict(self, task: Task, state: dict[str, Tensor]) -> "CLIPAdapter":
-        self.task, self.mlp = task, residual_mlp(task.classifier.shape[1])
+        self.task, self.mlp = task, residual_mlp(task.classifier.shape[1], self.reduction)
         self.mlp.load_state_dict({k.removeprefix("mlp."): v for k, v in state.items()})
         self.mlp.requires_grad_(False)
         return self
+
+
+def taskres_epochs(shots: int) -> int:
+    """TaskRes's train_regular.sh: the ep100 config for 1/2/4 shots, ep200 for 8/16."""
+    return 100 if shots <= 4 else 200
 
 
 @register
 class TaskRes(Method):
     name = "taskres"
 
-    def __init__(self, alpha: float = 0.5, lr: float = 2e-3, epochs: int = 100, batch_size: int = 256,
-                 views: int = 20):
-        super().__init__(alpha=alpha, lr=lr, epochs=epochs, batch_size=batch_size, views=views)
-        self.alpha, self.lr, self.epochs, self.batch_size, self.views = alpha, lr, epochs, batch_size, views
+    def __init__(self, alpha: float = 0.5,  # train_regular.sh RESIDUAL_SCALE (1.0 only for Flowers)
+                 lr: float = 2e-3,  # adam_lr2e-3_B256_ep*.yaml OPTIM.LR (ImageNet: adam_lr2e-4)
+                 epochs: int | None = None,  # None = taskres_epochs(shots): 100 for ≤ 4 shots, else 200
+                 batch_size: int = 256,  # DATALOADER.TRAIN_X.BATCH_SIZE
+                 weight_decay: float = 5e-4,  # Dassl defaults.py OPTIM.WEIGHT_DECAY, passed to Adam
+                 text_norm: float | None = None, views: int | None = None):
+        super().__init__(alpha=alpha, lr=lr, epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
+                         text_norm=text_norm, views=views)
+        self.alpha, self.lr, self.epochs, self.batch_size = alpha, lr, epochs, batch_size
+        self.weight_decay, self.text_norm, self.views = weight_decay, text_norm, views
         self.task = self.residual = None
+
+    def _base(self) -> Tensor:
+        return self.task.classifier * (1.0 if self.text_norm is None else self.text_norm)
 
     def fit(self, task: Task, support: Support, val: Validation | None = None, seed: int = 0) -> "TaskRes":
         self.task = task
-        residual = torch.zeros_like(task.classifier, requires_grad=True)
-        data = view_embeddings(task, support, self.views)
-        loss_fn = lambda x, y: F.cross_entropy(
-            cosine_head_logits(x, task.classifier + self.alpha * residual, task.logit_scale), y)
-        train_minibatch([residual], loss_fn, data, support.labels, epochs=self.epochs, batch_size=self.batch_size,
-                        optimizer="adam", lr=self.lr, seed=seed)
+        base = self._base()
+        residual = torch.zeros_like(base, requires_grad=True)
+        epochs = self.epochs if self.epochs is not None else taskres_epochs(task.shots)
+        loss_fn = lambda x, y: F.cross_entropy(cosine_head_logits(x, base + self.alpha * residual,
+                                                                  task.logit_scale), y)
+        train_minibatch([residual], loss_fn, fresh_view_per_epoch(task, support, self.views), epochs=epochs,
+                        batch_size=self.batch_size, optimizer="adam", lr=self.lr, seed=seed, drop_last=True,
+                        weight_decay=self.weight_decay)
         self.residual = residual.detach()
-        self.selected_ = {"how": "rule"}
+        self.selected_ = {"epochs": epochs, "how": "rule"}
         return self
 
     def logits(self, z: Tensor, classifier: Tensor | None = None) -> Tensor:
         no_classifier_swap(self.name, classifier)
         require_fitted(self, "residual")
-        return cosine_head_logits(embed(self.task, z), self.task.classifier + self.alpha * self.residual,
+        return cosine_head_logits(embed(self.task, z), self._base() + self.alpha * self.residual,
                                   self.task.logit_scale)
 
     def state_dict(self) -> dict[str, Tensor]:

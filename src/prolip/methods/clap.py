@@ -1,14 +1,24 @@
-"""ZS-LP and CLAP (Silva-Rodríguez et al., CVPR 2024): a cosine linear head over the embeddings, initialised
-with the zero-shot prototypes; CLAP adds a class-wise penalty Σ_c α_c‖w_c − t_c‖² (mean over classes) pulling
-each prototype toward its text embedding, with α_c initialised from the zero-shot model's support performance
-(mean softmax probability of the true class) and optionally updated per epoch as augmented-Lagrangian
-multipliers (PHR; the original's "adaptative" variant).
+"""ZS-LP and CLAP (Silva-Rodríguez et al., CVPR 2024; github.com/jusiro/CLAP, ``trainers/adapters.py``): a cosine
+linear head over the embeddings, initialised with the zero-shot prototypes; CLAP adds a class-wise penalty
+mean_c α_c‖w_c − t_c‖² pulling each prototype toward its text embedding, with α_c initialised from the zero-shot
+model's support performance (per class, mean softmax probability of the true class over the augmented support
+features: ``init_lagrangian_multipliers``). The multipliers stay fixed: the paper's runs use constraint "l2"
+(``experiments/experiment_CLAP.txt``); ``adaptive=True`` gives the repo's "adaptative" variant, one PHR
+augmented-Lagrangian outer step per epoch (``outer_step``: α ← max(0, α + ρ·h)'s gradient branch, ρ ← h).
 
-Defaults follow the original (SGD lr 0.1, momentum 0.9, batch 256, 300 epochs, cosine per epoch, 20 augmented
-views of the support). One difference, for speed on cached features: an epoch here is one pass over one view
-(N samples, view e mod 20) instead of over all 20 views at once, so 20× fewer optimiser steps. The prototypes
-start at the task's L2-normalised classifier (the original uses the unnormalised template mean), so the
-penalty's scale is that of unit vectors. Validation-free by design: ``selected_`` records ``how: "rule"``.
+Training, verified against ``configs/trainers/SGD_lr1e-1_B256_ep300.yaml`` and ``TrainerXCostume.run_epoch``:
+SGD lr 0.1, momentum 0.9, weight decay 0, batch 256, 300 epochs, Dassl cosine per epoch after one warm-up epoch
+at 1e-5. The support set is featurised once with 20 augmented passes (``epochs_aumentation = 20``), pooled
+(20·N samples), and every epoch shuffles the pool and takes as many batches of 256 as the Dassl loader of the N
+support images has (N // 256, at least 1): so an epoch mixes views and, below 256 images, draws 256 samples
+from the pool. All of this is reproduced on the cached views (the first ``views`` = 20 of them).
+
+One difference, forced by the shared cache: the original's prototypes start at the *unnormalised* mean text
+embedding (one template, or the ImageNet ensemble), the cache keeps only the unit-norm classifier. The head is
+scale-invariant, but SGD and the penalty are not: with all norms r, training at r is exactly training at unit
+norm with lr/r² and penalty α·r². ``text_norm`` sets r (None = 1, i.e. an r²-times larger effective step than
+the original; pass the CLIP text-embedding norm to reproduce it). Validation-free by design: ``selected_``
+records ``how: "rule"``.
 """
 from __future__ import annotations
 
@@ -17,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prolip.methods import register
-from prolip.methods._common import cosine_head_logits, embed, no_classifier_swap, require_fitted, \
-    train_minibatch, view_embeddings
+from prolip.methods._common import cosine_head_logits, dassl_batches_per_epoch, embed, no_classifier_swap, \
+    require_fitted, train_minibatch, view_embeddings
 from prolip.methods.base import Method, Support, Task, Validation
 
 
@@ -42,24 +52,31 @@ class ZSLP(Method):
     name = "zs-lp"
     constrained = False
 
-    def __init__(self, lr: float = 0.1, epochs: int = 300, batch_size: int = 256, views: int = 20,
-                 momentum: float = 0.9, adaptive: bool = False):
+    def __init__(self, lr: float = 0.1,  # SGD_lr1e-1_B256_ep300.yaml OPTIM.LR
+                 epochs: int = 300,  # OPTIM.MAX_EPOCH
+                 batch_size: int = 256,  # DATALOADER.TRAIN_X.BATCH_SIZE
+                 views: int = 20,  # adapters.py AdapterMethod.epochs_aumentation
+                 momentum: float = 0.9,  # Dassl defaults.py OPTIM.MOMENTUM
+                 weight_decay: float = 0.0,  # OPTIM.WEIGHT_DECAY: 0.0 in the CLAP config
+                 text_norm: float | None = None, adaptive: bool = False):
         super().__init__(lr=lr, epochs=epochs, batch_size=batch_size, views=views, momentum=momentum,
+                         weight_decay=weight_decay, text_norm=text_norm,
                          **({"adaptive": adaptive} if self.constrained else {}))
         self.lr, self.epochs, self.batch_size, self.views, self.momentum = lr, epochs, batch_size, views, momentum
-        self.adaptive = adaptive
+        self.weight_decay, self.text_norm, self.adaptive = weight_decay, text_norm, adaptive
         self.task = self.prototypes = None
 
     def fit(self, task: Task, support: Support, val: Validation | None = None, seed: int = 0) -> "ZSLP":
         self.task = task
-        data = view_embeddings(task, support, self.views)
-        prototypes = task.classifier.clone().requires_grad_(True)
-        anchor = task.classifier
+        data = view_embeddings(task, support, self.views)  # [V, N, D]: the original's 20 augmented passes
+        pool = data.reshape(-1, data.shape[-1])
+        pool_labels = support.labels.repeat(data.shape[0])
+        anchor = task.classifier * (1.0 if self.text_norm is None else self.text_norm)
+        prototypes = anchor.clone().requires_grad_(True)
         alpha = torch.zeros(task.num_classes)
         if self.constrained:
-            flat = data.reshape(-1, data.shape[-1])
-            zs = cosine_head_logits(flat, anchor, task.logit_scale)
-            alpha = zero_shot_class_performance(zs, support.labels.repeat(data.shape[0]), task.num_classes)
+            zs = cosine_head_logits(pool, anchor, task.logit_scale)
+            alpha = zero_shot_class_performance(zs, pool_labels, task.num_classes)
         state = {"alpha": alpha, "rho": torch.zeros_like(alpha)}
 
         def loss_fn(x: Tensor, y: Tensor) -> Tensor:
@@ -74,9 +91,10 @@ class ZSLP(Method):
                     violation = (prototypes - anchor).pow(2).sum(-1)
                 state["alpha"], state["rho"] = phr_update(violation, state["alpha"], state["rho"])
 
-        train_minibatch([prototypes], loss_fn, data, support.labels, epochs=self.epochs,
+        train_minibatch([prototypes], loss_fn, lambda e: (pool, pool_labels), epochs=self.epochs,
                         batch_size=self.batch_size, optimizer="sgd", lr=self.lr, seed=seed,
-                        momentum=self.momentum, on_epoch_end=outer_step)
+                        batches_per_epoch=dassl_batches_per_epoch(support.labels.shape[0], self.batch_size),
+                        momentum=self.momentum, weight_decay=self.weight_decay, on_epoch_end=outer_step)
         self.prototypes = prototypes.detach()
         self.selected_ = {"how": "rule"}
         if self.constrained:

@@ -1,8 +1,13 @@
 """Linear probe (CLIP/CoOp): L2-regularised logistic regression on L2-normalised embeddings z·W0+b; ignores text.
 
-Features: the un-augmented support features (``support.center``; view 0 if the cache holds none), as CoOp's
-linear probe does. C is searched on the few-shot validation set the way CoOp's script does: a coarse sweep over
-C ∈ {1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6}, then ``search_steps`` refinements of ±1, ±½, … decades around the best (ties → smaller C).
+C is searched on the few-shot validation set exactly as CoOp's ``lpclip/linear_probe.py`` does (it too selects on
+validation): fit lbfgs logistic regression (max_iter 1000) for C ∈ {1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6}, take the
+first best in that order, then ``search_steps`` (``--num_step``, 8) bisection rounds in log10 C starting from
+[C/10, 10·C]: fit both ends, keep the right end if strictly better, else the left, and halve the interval toward
+the winner. The chosen C is the last round's winner. Features: the un-augmented support features
+(``support.center``; view 0 if the cache holds none), as CoOp's ``feat_extractor.py`` uses the test transform.
+One documented difference: CoOp's script feeds raw ``clip_model.visual`` features; here (as in LP++'s
+re-implementation, ``methods/linear_probe.py``) they are L2-normalised, which makes C's scale dataset-independent.
 Without validation, C = 1 (scikit-learn's default) — recorded as ``how: "rule"``.
 """
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from typing import Callable
 from torch import Tensor
 
 from prolip.methods import register
@@ -33,16 +39,27 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, C: float, seed: int, max_iter: int)
         return LogisticRegression(C=C, max_iter=max_iter, random_state=seed).fit(x, y)
 
 
-def _best_c(acc: dict[float, float]) -> float:
-    """Best validation accuracy; ties → the smallest C (strongest regularisation)."""
-    return min(acc, key=lambda C: (-acc[C], C))
+def coop_c_search(val_score: Callable[[float], float], steps: int) -> float:
+    """CoOp's search for C given ``val_score(C)`` (validation accuracy of the probe fitted with C)."""
+    scores = [val_score(C) for C in COARSE_C]
+    peak = COARSE_C[int(np.argmax(scores))]  # np.argmax: the first best in the list's order
+    left, right = np.log10(peak) - 1, np.log10(peak) + 1
+    chosen = peak
+    for _ in range(steps):
+        acc_left, acc_right = val_score(10 ** left), val_score(10 ** right)
+        if acc_left < acc_right:
+            chosen, left = 10 ** right, (left + right) / 2
+        else:
+            chosen, right = 10 ** left, (left + right) / 2
+    return float(chosen)
 
 
 @register
 class LinearProbe(Method):
     name = "linear-probe"
 
-    def __init__(self, C: float | None = None, search_steps: int = 4, max_iter: int = 1000):
+    def __init__(self, C: float | None = None, search_steps: int = 8,  # lpclip/linear_probe.py --num_step
+                 max_iter: int = 1000):  # lpclip/linear_probe.py LogisticRegression(max_iter=1000)
         super().__init__(C=C, search_steps=search_steps, max_iter=max_iter)
         self.C, self.search_steps, self.max_iter = C, search_steps, max_iter
         self.task = self.coef = self.intercept = None
@@ -53,22 +70,17 @@ class LinearProbe(Method):
         x, y = _features(task, z), support.labels.numpy()
         if self.C is not None or val is None:
             C, how = (self.C if self.C is not None else 1.0), ("given" if self.C is not None else "rule")
-            clf = fit_logreg(x, y, C, seed, self.max_iter)
         else:
             xv, yv = _features(task, val.features), val.labels.numpy()
-            acc: dict[float, float] = {}
-            for C in COARSE_C:
-                acc[C] = fit_logreg(x, y, C, seed, self.max_iter).score(xv, yv)
-            best = _best_c(acc)
-            step = 1.0  # decades: the coarse grid is 2 apart, so refine ±1, then ±0.5, ...
-            for _ in range(self.search_steps):
-                for C in (best * 10 ** -step, best * 10 ** step):
-                    if C not in acc:
-                        acc[C] = fit_logreg(x, y, C, seed, self.max_iter).score(xv, yv)
-                best = _best_c(acc)
-                step /= 2
-            C, how = best, "validation"
-            clf = fit_logreg(x, y, C, seed, self.max_iter)
+            memo: dict[float, float] = {}  # the bisection revisits its ends; lbfgs is deterministic
+
+            def val_score(C: float) -> float:
+                if C not in memo:
+                    memo[C] = fit_logreg(x, y, C, seed, self.max_iter).score(xv, yv)
+                return memo[C]
+
+            C, how = coop_c_search(val_score, self.search_steps), "validation"
+        clf = fit_logreg(x, y, C, seed, self.max_iter)
         self.coef = torch.as_tensor(clf.coef_, dtype=torch.float32)
         self.intercept = torch.as_tensor(clf.intercept_, dtype=torch.float32)
         if self.coef.shape[0] != task.num_classes:

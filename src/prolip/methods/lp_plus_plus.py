@@ -1,13 +1,16 @@
-"""LP++ (Huang et al., CVPR 2024): logits = f·Wᵀ + b + α_c·(f·t_c), a linear probe blended class-wise with the
-zero-shot text scores, f the L2-normalised embeddings.
+"""LP++ (Huang et al., CVPR 2024; github.com/FereshteShakeri/FewShot-CLIP-Strong-Baseline,
+``methods/linear_probe_p2.py``, ``methods/utils.py``, ``configs/base.yaml``): logits = f·Wᵀ + b + α_c·(f·t_c), a
+linear probe blended class-wise with the zero-shot text scores, f the L2-normalised embeddings.
 
-Follows the authors' code: W initialised at the class centroids of f, b as nn.Linear's default (seeded);
-α initialised at 250·mean of the class-centroids of f·Tᵀ; full-batch SGD (momentum 0.9) on (W, b) with step
-4N/λ_max(FᵀF) from the data's Lipschitz bound; α updated by plain gradient descent every 10 epochs with step
-N / (4·max_c Σ_n (f_n·t_c)²) — using, like the original, α's gradient accumulated since the start (it is never
-zeroed there). 300 epochs. Features: one augmented view (view 0), as the original extracts one augmented pass.
-With a validation set the epoch with the best validation accuracy is kept (ties → later, as the original's
-``>=``); without one, the last epoch.
+Verified against the authors' code: W initialised at the class *sums* of f (``compute_centroids`` has its
+division by the class count commented out, so W0 = N_shots × centroid), b as nn.Linear's default (seeded);
+α initialised at 250 × the mean of the class-centroids of f·Tᵀ (``calculate_init_alpha``); full-batch SGD
+(momentum 0.9) on (W, b) with step 4N/λ_max(FᵀF) (``calculate_lr_w``, N = all support samples); α updated by
+plain gradient descent every 10 epochs with step N / (4·max_c Σ_n (f_n·t_c)²) (``calculate_lr_alpha``) — using,
+like the original, α's gradient accumulated since the start (it is never zeroed there). 300 epochs
+(``train_epoch``). Features: one augmented pass (the train loader applies the random-resized-crop transform):
+view 0 of the cache. With a validation set the epoch with the best validation accuracy is kept (ties → later, as
+the original's ``>=``; the original selects on its few-shot val set too); without one, the last epoch.
 """
 from __future__ import annotations
 
@@ -22,9 +25,13 @@ from prolip.methods._common import embed, no_classifier_swap, require_fitted, va
 from prolip.methods.base import Method, Support, Task, Validation
 
 
+def class_sums(x: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    return torch.zeros(num_classes, x.shape[1]).index_add_(0, labels, x)
+
+
 def class_centroids(x: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     counts = torch.zeros(num_classes).index_add_(0, labels, torch.ones(len(labels)))
-    return torch.zeros(num_classes, x.shape[1]).index_add_(0, labels, x) / counts.clamp(min=1)[:, None]
+    return class_sums(x, labels, num_classes) / counts.clamp(min=1)[:, None]
 
 
 def lpp_step_sizes(f: Tensor, text_scores: Tensor) -> tuple[float, float]:
@@ -39,7 +46,9 @@ def lpp_step_sizes(f: Tensor, text_scores: Tensor) -> tuple[float, float]:
 class LPPlusPlus(Method):
     name = "lp++"
 
-    def __init__(self, epochs: int = 300, alpha_every: int = 10, init_scale: float = 250.0):
+    def __init__(self, epochs: int = 300,  # configs/base.yaml train_epoch
+                 alpha_every: int = 10,  # linear_probe_p2.py: α step when (epoch + 1) % 10 == 0
+                 init_scale: float = 250.0):  # linear_probe_p2.py calculate_init_alpha: 250 / shots × shots·mean
         super().__init__(epochs=epochs, alpha_every=alpha_every, init_scale=init_scale)
         self.epochs, self.alpha_every, self.init_scale = epochs, alpha_every, init_scale
         self.task = self.weight = None
@@ -52,7 +61,7 @@ class LPPlusPlus(Method):
         f = F.normalize(embed(task, support.views.view(0)), dim=-1)
         y, C = support.labels, task.num_classes
         text_scores = f @ task.classifier.T
-        weight = class_centroids(f, y, C).requires_grad_(True)
+        weight = class_sums(f, y, C).requires_grad_(True)  # compute_centroids: a sum, not a mean
         bound = 1 / math.sqrt(f.shape[1])
         bias = (torch.rand(C, generator=torch.Generator().manual_seed(seed)) * 2 - 1).mul_(bound)
         bias.requires_grad_(True)

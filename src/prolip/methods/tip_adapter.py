@@ -1,12 +1,20 @@
-"""Tip-Adapter and Tip-Adapter-F (Zhang et al., ECCV 2022): a key-value cache of the support set.
+"""Tip-Adapter and Tip-Adapter-F (Zhang et al., ECCV 2022; github.com/gaopengcuhk/Tip-Adapter, ``main.py``,
+``utils.py``, ``configs/*.yaml``): a key-value cache of the support set.
 
 logits = s·f·Tᵀ + α · exp(−β(1 − f·Kᵀ)) · onehot(y), f and K L2-normalised embeddings. The keys are the
-normalised mean over ``augment_views`` (10) augmented views, as the original builds its cache. α, β are searched
-on the few-shot validation set over the original grid (β: 200 steps in [0.1, 7), α: 20 steps in [0.1, 3);
-first best in β-major order wins, as in the original); without validation the initial α = β = 1 are kept.
-Tip-Adapter-F also trains the keys: AdamW lr 1e-3, eps 1e-4, batch 256, 20 epochs (one augmented view each),
-cosine per iteration; the original keeps the epoch with the best *test* accuracy — here the best validation
-accuracy when a validation set is given, otherwise the last epoch.
+normalised mean over ``augment_views`` (10, ``augment_epoch``) augmented views of the unnormalised features, as
+``build_cache_model`` does. α, β are searched as ``search_hp`` does: β_i = 0.1 + i·(scale_β − 0.1)/steps_β,
+α_j likewise, β-major, the first strictly better pair wins — but on the few-shot validation set (the original
+also searches on its val split; the selection never sees test labels). The original tunes the grid and the
+initial α per dataset (``configs/``: ImageNet and Pets scale (7, 3), α0 1.17; DTD (13, 13), α0 2; EuroSAT
+(12, 10), α0 2 and 100 epochs; FGVC (30, 30), α0 5; β0 = 1 and steps (200, 20) everywhere); the defaults here
+are ImageNet's, the others are a hyperparameter away. Without validation α0, β0 are kept.
+
+Tip-Adapter-F also trains the keys (the linear layer initialised at K, never renormalised) with the initial
+α0, β0: AdamW lr 1e-3, eps 1e-4, PyTorch's default weight decay 0.01, batch 256, 20 epochs, cosine to 0 per
+iteration, every epoch re-augmented (here: cached view e mod V), then searches α, β again with the trained
+keys. The original keeps the epoch with the best *test* accuracy; here the epoch with the best validation
+accuracy (ties → earliest, as its strict ">") when a validation set is given, otherwise the last epoch.
 """
 from __future__ import annotations
 
@@ -16,12 +24,14 @@ from torch import Tensor
 
 from prolip.functional import cosine_logits
 from prolip.methods import register
-from prolip.methods._common import embed, mean_view_embedding, no_classifier_swap, require_fitted, \
-    train_minibatch, val_accuracy, view_embeddings
+from prolip.methods._common import embed, fresh_view_per_epoch, mean_view_embedding, no_classifier_swap, \
+    require_fitted, train_minibatch, val_accuracy
 from prolip.methods.base import Method, Support, Task, Validation
 
-BETA_GRID = tuple(0.1 + i * (7 - 0.1) / 200 for i in range(200))
-ALPHA_GRID = tuple(0.1 + i * (3 - 0.1) / 20 for i in range(20))
+
+def search_grid(scale: float, steps: int) -> tuple[float, ...]:
+    """``search_hp``'s list: steps values from 0.1 toward ``scale`` (excluded)."""
+    return tuple(i * (scale - 0.1) / steps + 0.1 for i in range(steps))
 
 
 def cache_logits(f_norm: Tensor, keys: Tensor, values: Tensor, beta: float | Tensor) -> Tensor:
@@ -29,17 +39,18 @@ def cache_logits(f_norm: Tensor, keys: Tensor, values: Tensor, beta: float | Ten
     return torch.exp(-beta * (1 - f_norm @ keys.T)) @ values
 
 
-def search_alpha_beta(zs_logits: Tensor, affinity: Tensor, values: Tensor, labels: Tensor) -> tuple[float, float, float]:
+def search_alpha_beta(zs_logits: Tensor, affinity: Tensor, values: Tensor, labels: Tensor,
+                      betas: tuple[float, ...], alphas: tuple[float, ...]) -> tuple[float, float, float]:
     """Grid search of (α, β) by accuracy, vectorised over α; returns (alpha, beta, accuracy %)."""
-    alphas = torch.tensor(ALPHA_GRID)
-    best = (-1.0, ALPHA_GRID[0], BETA_GRID[0])
-    for beta in BETA_GRID:
+    alpha_t = torch.tensor(alphas)
+    best = (-1.0, alphas[0], betas[0])
+    for beta in betas:
         cache = torch.exp(-beta * (1 - affinity)) @ values
-        logits = zs_logits + alphas[:, None, None] * cache
+        logits = zs_logits + alpha_t[:, None, None] * cache
         accs = (logits.argmax(-1) == labels).float().mean(-1) * 100
         i = int(accs.argmax())  # first maximum = smallest α, as the original's strict ">" keeps the first
         if accs[i] > best[0]:
-            best = (accs[i].item(), ALPHA_GRID[i], beta)
+            best = (accs[i].item(), alphas[i], beta)
     return best[1], best[2], best[0]
 
 
@@ -48,14 +59,25 @@ class TipAdapter(Method):
     name = "tip-adapter"
     finetune = False
 
-    def __init__(self, alpha: float = 1.0, beta: float = 1.0, search: bool = True, augment_views: int = 10,
-                 lr: float = 1e-3, epochs: int = 20, batch_size: int = 256):
-        hp = dict(alpha=alpha, beta=beta, search=search, augment_views=augment_views)
+    def __init__(self, alpha: float = 1.17,  # configs/imagenet.yaml init_alpha
+                 beta: float = 1.0,  # configs/*.yaml init_beta
+                 search: bool = True,  # configs/*.yaml search_hp
+                 search_scale: tuple[float, float] = (7.0, 3.0),  # configs/imagenet.yaml search_scale (β, α)
+                 search_step: tuple[int, int] = (200, 20),  # configs/*.yaml search_step (β, α)
+                 augment_views: int = 10,  # configs/*.yaml augment_epoch
+                 lr: float = 1e-3,  # configs/*.yaml lr
+                 epochs: int = 20,  # configs/*.yaml train_epoch (EuroSAT: 100)
+                 batch_size: int = 256,  # main.py train_loader_F batch_size
+                 views: int | None = None):
+        hp = dict(alpha=alpha, beta=beta, search=search, search_scale=tuple(search_scale),
+                  search_step=tuple(search_step), augment_views=augment_views)
         if self.finetune:
-            hp.update(lr=lr, epochs=epochs, batch_size=batch_size)
+            hp.update(lr=lr, epochs=epochs, batch_size=batch_size, views=views)
         super().__init__(**hp)
         self.alpha, self.beta, self.search, self.augment_views = alpha, beta, search, augment_views
-        self.lr, self.epochs, self.batch_size = lr, epochs, batch_size
+        self.betas, self.alphas = search_grid(search_scale[0], search_step[0]), search_grid(search_scale[1],
+                                                                                               search_step[1])
+        self.lr, self.epochs, self.batch_size, self.views = lr, epochs, batch_size, views
         self.task = self.keys = self.values = None
 
     def _logits(self, e: Tensor, keys: Tensor, alpha: float, beta: float) -> Tensor:
@@ -74,13 +96,12 @@ class TipAdapter(Method):
             e = embed(task, val.features)
             affinity = F.normalize(e, dim=-1) @ self.keys.T
             zs = cosine_logits(e, task.classifier, task.logit_scale)
-            alpha, beta, acc = search_alpha_beta(zs, affinity, self.values, val.labels)
+            alpha, beta, acc = search_alpha_beta(zs, affinity, self.values, val.labels, self.betas, self.alphas)
             self.selected_.update(alpha=alpha, beta=beta, how="validation", val_accuracy=acc)
         return self
 
     def _train_keys(self, support: Support, val: Validation | None, seed: int) -> None:
         keys = self.keys.clone().requires_grad_(True)
-        data = view_embeddings(self.task, support, self.epochs)
         best = {"acc": -1.0, "keys": keys.detach().clone(), "epoch": -1}
         val_e = None if val is None else embed(self.task, val.features)
 
@@ -94,9 +115,11 @@ class TipAdapter(Method):
                 if acc > best["acc"]:
                     best.update(acc=acc, keys=keys.detach().clone(), epoch=epoch)
 
-        train_minibatch([keys], loss_fn, data, support.labels, epochs=self.epochs, batch_size=self.batch_size,
-                        optimizer="adamw", lr=self.lr, seed=seed, schedule="iteration", eps=1e-4,
-                        on_epoch_end=keep_best)
+        # main.py run_tip_adapter_F: AdamW(lr, eps=1e-4) with PyTorch's default weight decay (0.01), cosine over
+        # train_epoch × len(train_loader_F) iterations; the loader keeps its last partial batch.
+        train_minibatch([keys], loss_fn, fresh_view_per_epoch(self.task, support, self.views), epochs=self.epochs,
+                        batch_size=self.batch_size, optimizer="adamw", lr=self.lr, seed=seed, schedule="iteration",
+                        eps=1e-4, weight_decay=0.01, on_epoch_end=keep_best)
         if val_e is None:
             self.keys = keys.detach()
             self.selected_["epoch"] = {"value": self.epochs - 1, "how": "last"}
