@@ -17,26 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from prolip.methods.base import TensorViews
+from common import matmul_gflops, sync
 from prolip.methods.prolip import prolip_loss_and_grad, train_projection
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def matmul_gflops(device: str, n: int = 2048, repeats: int = 10) -> float:
-    """Best-of-`repeats` fp32 GEMM rate on square n×n matrices."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
 
 
 def step_flops(n: int, d_pre: int, d: int, c: int) -> int:

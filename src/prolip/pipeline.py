@@ -130,6 +130,8 @@ def fit(backbone: Backbone, splits: DatasetSplits, cache, config: FitConfig, *,
     train_seconds = time.perf_counter() - started
 
     metrics: dict[str, Any] = {"extract_seconds": round(extract_seconds, 3), "train_seconds": round(train_seconds, 3)}
+    if hasattr(cache, "stats"):  # this process's share under torchrun
+        metrics["forward_passes"] = cache.stats.forward_passes
     if z_eval is not None and len(y_eval):
         with torch.no_grad():
             metrics["accuracy"] = accuracy(method.logits(z_eval), y_eval)

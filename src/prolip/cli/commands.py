@@ -10,6 +10,12 @@ import click
 # Heavy imports (torch, open_clip) happen inside commands so `prolip --help` stays instant.
 
 
+def init_from_env(device):
+    from prolip.distributed import init_from_env as init
+
+    return init(device)
+
+
 def _fail(message: str) -> None:
     raise click.ClickException(message)
 
@@ -26,7 +32,10 @@ def backbone_options(f):
 def cache_options(f):
     f = click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default="error", show_default=True,
                      help="stop at an unreadable image, or skip it (skips are counted and listed in the run)")(f)
-    f = click.option("--workers", default=0, show_default=True, help="image-decoding worker processes")(f)
+    f = click.option("--extract-dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+                     help="what the backbone computes in while caching features (auto: bf16 on CUDA, fp32 on CPU)")(f)
+    f = click.option("--workers", type=click.IntRange(min=0), default=None,
+                     help="image-decoding threads [default: 0 on CPU, up to 16 on CUDA]")(f)
     f = click.option("--batch-size", default=64, show_default=True, help="images per backbone forward pass")(f)
     f = click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
                      help="feature cache directory [default: $PROLIP_CACHE_DIR or ~/.cache/prolip]")(f)
@@ -56,10 +65,14 @@ def _load_backbone(model: str, pretrained: str, device: str):
     return backbone
 
 
-def _cache(backbone, cache_dir, batch_size, workers, on_bad_image):
+def _cache(backbone, cache_dir, batch_size, workers, on_bad_image, extract_dtype="auto"):
     from prolip.features import FeatureCache
 
-    return FeatureCache(cache_dir, backbone, batch_size=batch_size, num_workers=workers, on_bad_image=on_bad_image)
+    try:
+        return FeatureCache(cache_dir, backbone, batch_size=batch_size, num_workers=workers, on_bad_image=on_bad_image,
+                            compute_dtype=extract_dtype)
+    except ValueError as e:
+        _fail(str(e))
 
 
 def _resolve(data, data_root, classnames_file, templates_file):
@@ -107,7 +120,7 @@ def _parse_lambda(value: str):
 @backbone_options
 def fit_cmd(data, shots, seed, method, views, lr, lam, steps, precision, validate, sampler, allow_fewer, val_dir,
             aug_seed, out, force, as_json, data_root, classnames_file, templates_file, cache_dir, batch_size, workers,
-            on_bad_image, model, pretrained, device):
+            extract_dtype, on_bad_image, model, pretrained, device):
     """Cache features, train a method on N shots per class, evaluate, and save a run directory."""
     from prolip import pipeline
 
@@ -130,16 +143,19 @@ def fit_cmd(data, shots, seed, method, views, lr, lam, steps, precision, validat
         if eval_images.classnames != splits.classnames:
             _fail(f"--val {val_dir}: its classes {eval_images.classnames[:5]}… differ from the training classes "
                   f"{splits.classnames[:5]}…")
+    rank, _ = init_from_env(device)  # under torchrun: extraction and the grid search are split across processes
     backbone = _load_backbone(model, pretrained, device)
-    cache = _cache(backbone, cache_dir, batch_size, workers, on_bad_image)
+    cache = _cache(backbone, cache_dir, batch_size, workers, on_bad_image, extract_dtype)
     config = pipeline.FitConfig(shots=shots, seed=seed, method=method, hyperparameters=hp, views=views,
                                 aug_seed=aug_seed, sampler=sampler, allow_fewer=allow_fewer, use_validation=validate)
     try:
         result = pipeline.fit(backbone, splits, cache, config, eval_images=eval_images, data_spec=str(data))
     except ValueError as e:
         _fail(str(e))
-    result.run.save(out, force=force)
-    _report_metrics(result.metrics, backbone, as_json, out)
+    _report_skips(result.run.manifest, [splits.train, eval_images], on_bad_image, out, splits.classnames)
+    if rank == 0:  # every rank holds the same result; one writes it
+        result.run.save(out, force=force)
+        _report_metrics(result.metrics, backbone, as_json, out)
 
 
 def _report_metrics(metrics, backbone, as_json, out=None):
@@ -166,7 +182,7 @@ def _report_metrics(metrics, backbone, as_json, out=None):
 @cache_options
 @click.option("--device", default="cpu", show_default=True)
 def eval_cmd(run_dir, data, split, tta, tta_views, as_json, data_root, classnames_file, templates_file, cache_dir, batch_size,
-             workers, on_bad_image, device):
+             workers, extract_dtype, on_bad_image, device):
     """Evaluate a saved run on a dataset."""
     from prolip import pipeline
     from prolip.functional import accuracy
@@ -188,11 +204,14 @@ def eval_cmd(run_dir, data, split, tta, tta_views, as_json, data_root, classname
     if tta:
         logits, labels = _tta_logits(backbone, method, run, images, tta_views)
     else:
-        cache = _cache(backbone, cache_dir, batch_size, workers, on_bad_image)
+        cache = _cache(backbone, cache_dir, batch_size, workers, on_bad_image, extract_dtype)
         z, labels = pipeline.center_features(cache, images)
         logits = method.logits(z)
     metrics = {"accuracy": accuracy(logits, labels), "eval_images": int(len(labels)), "split": split,
                "tta": tta}
+    skips = {"skipped_images": [[str(p), r] for p, r in (cache.skipped if not tta else [])]}
+    _report_skips(skips, [images], on_bad_image)
+    metrics.update(skips)
     if as_json:
         click.echo(json.dumps({"backbone": backbone.info.describe(), "run": str(run_dir), **metrics}, indent=2))
     else:
@@ -324,11 +343,12 @@ def export_cmd(run_dir, out, fmt, force, device):
 @cache_options
 @backbone_options
 def extract_cmd(data, split, views, aug_seed, data_root, classnames_file, templates_file, cache_dir, batch_size,
-                workers, on_bad_image, model, pretrained, device):
+                workers, extract_dtype, on_bad_image, model, pretrained, device):
     """Fill the feature cache ahead of time (works under torchrun: images are sharded across processes)."""
     from prolip.features import extract_dataset
 
     splits = _resolve(data, data_root, classnames_file, templates_file)
+    rank, world = init_from_env(device)
     backbone = _load_backbone(model, pretrained, device)
     wanted = ["train", "val", "test"] if split == "all" else [split]
     for name in wanted:
@@ -338,8 +358,9 @@ def extract_cmd(data, split, views, aug_seed, data_root, classnames_file, templa
         paths = [it.path for it in images.items]
         stats = extract_dataset(backbone, paths, num_views=views if name == "train" else 0, cache_dir=cache_dir,
                                 aug_seed=aug_seed, batch_size=batch_size, num_workers=workers,
-                                on_bad_image=on_bad_image)
-        click.echo(f"{name}: {len(paths)} images, {stats}", err=True)
+                                on_bad_image=on_bad_image, compute_dtype=extract_dtype)
+        who = f"rank {rank}/{world} " if world > 1 else ""
+        click.echo(f"{who}{name}: {len(paths)} images, {stats}", err=True)
 
 
 @click.command("methods")
@@ -349,3 +370,44 @@ def methods_cmd():
 
     for name in available():
         click.echo(name)
+
+
+def _report_skips(report: dict, datasets, on_bad_image: str, out: Path | None = None,
+                  classnames=None) -> None:
+    """Count and list, in ``report`` and on stderr, the files left out: never a silent change of the data.
+
+    ``report`` already holds the cache's ``skipped_images`` ([path, reason]); the readers' ignored (non-image)
+    files are added. A fit where skipping emptied a class's support set is refused: it would train a
+    classifier that silently has one class fewer than the user's data.
+    """
+    ignored = sorted({str(p) for d in datasets if d is not None for p in getattr(d, "ignored_files", [])})
+    report["ignored_files"] = ignored
+    skipped = report.get("skipped_images", [])
+    report["skipped_count"], report["ignored_count"] = len(skipped), len(ignored)
+    where = f", listed in {out / 'manifest.json'}" if out is not None else ""
+    if skipped:
+        click.secho(f"skipped {len(skipped)} unreadable image(s) (--on-bad-image {on_bad_image}){where}:",
+                    fg="yellow", err=True)
+        _echo_some(f"{p}: {r}" for p, r in skipped)
+    if ignored:
+        click.secho(f"ignored {len(ignored)} non-image file(s) in the class folders{where}:", fg="yellow", err=True)
+        _echo_some(ignored)
+    support = report.get("data", {}).get("support")
+    if support and skipped:
+        bad = {p for p, _ in skipped}
+        left = {}
+        for path, label in support:
+            left[label] = left.get(label, 0) + (path not in bad)
+        empty = sorted(label for label, n in left.items() if n == 0)
+        if empty:
+            _fail(f"every support image of class(es) {[classnames[i] if classnames else i for i in empty]} is unreadable "
+                  f"and was skipped, which would silently drop the class: replace those images (listed above) "
+                  f"or remove the class folder")
+
+
+def _echo_some(lines, limit: int = 20) -> None:
+    lines = list(lines)
+    for line in lines[:limit]:
+        click.echo(f"  {line}", err=True)
+    if len(lines) > limit:
+        click.echo(f"  … and {len(lines) - limit} more", err=True)

@@ -31,6 +31,7 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from prolip.data.images import BadImageError, load_image
+from prolip.distributed import rank_world
 from prolip.transforms import augment_transform, augmented_view, center_transform, view_seed
 
 COMPUTE_DTYPES = ("fp32", "bf16")  # what the backbone computes in while extracting (cached features are float16)
@@ -159,17 +160,21 @@ class FeatureCache:
         self._verified: set[Path] = set()
 
     # -- public API -----------------------------------------------------------------------------------------
-    def views(self, paths: Sequence[Path | str], num_views: int, aug_seed: int = 0, *, rank: int = 0,
-              world: int = 1) -> CachedViews:
-        """Features of ``num_views`` augmented views of each image (view t seeded per image and t)."""
+    def views(self, paths: Sequence[Path | str], num_views: int, aug_seed: int = 0, *, rank: int | None = None,
+              world: int | None = None) -> CachedViews:
+        """Features of ``num_views`` augmented views of each image (view t seeded per image and t).
+
+        Under torchrun the missing units are split between the ranks (default: the current process group)."""
         if num_views <= 0:
             raise ValueError(f"--views must be positive, got {num_views}")
+        if rank is None or world is None:
+            rank, world = rank_world()
         entries, kept, kept_paths = self._ensure(paths, "augment", num_views, aug_seed, rank, world)
         return CachedViews(entries, num_views, kept, kept_paths)
 
     def center(self, paths: Sequence[Path | str]) -> torch.Tensor:
         """Center-crop features [N, D_pre] float32 (rows of skipped bad images are dropped; see last_kept)."""
-        entries, kept, kept_paths = self._ensure(paths, "center", 1, 0, 0, 1)
+        entries, kept, kept_paths = self._ensure(paths, "center", 1, 0, *rank_world())
         self.last_kept = kept
         if not entries:
             return torch.empty(0, self.backbone.dim_pre)
@@ -249,7 +254,9 @@ class FeatureCache:
         # Ranks split the full unit list, not the still-missing one: what is missing depends on when each rank
         # looked, and a rank that looked later would otherwise skip a unit nobody else takes.
         pending = {id(u) for u in todo}
-        mine = [u for i, u in enumerate(units) if i % world == rank and id(u) in pending]
+        # The rotation (the same on every rank) spreads requests of a single unit (val, test sets) over the ranks.
+        first = int(units[0][0][:8], 16) % world if units else 0
+        mine = [u for i, u in enumerate(units) if (i + first) % world == rank and id(u) in pending]
         missing_count = sum(1 for u in mine for k in u if k not in index or index[k].views < num_views)
         bar = tqdm(total=missing_count * num_views, desc=f"extracting {kind} features",
                    unit="view", disable=not self.progress or not mine)
@@ -468,8 +475,7 @@ def extract_dataset(backbone, paths, *, num_views: int, cache_dir=None, aug_seed
                     num_workers: int | None = None, on_bad_image: str = "error",
                     compute_dtype: str = "auto") -> CacheStats:
     """Fill the cache for ``paths``; under torch.distributed each rank takes every world-th unit."""
-    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+    rank, world = rank_world()
     cache = FeatureCache(cache_dir, backbone, batch_size=batch_size, num_workers=num_workers,
                          on_bad_image=on_bad_image, progress=rank == 0, compute_dtype=compute_dtype)
     if num_views > 0:

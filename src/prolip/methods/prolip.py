@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prolip.distributed import all_reduce_sum, broadcast, rank_world
 from prolip.functional import clip_logits, project
 from prolip.methods import register
 from prolip.methods.base import Method, Support, Task, Validation, ViewSource
@@ -221,21 +222,27 @@ class ProLIP(Method):
             raise ValueError("ProLIP grid search needs a few-shot validation set: pass a Validation "
                              "(--use-validation) or drop grid= to use the validation-free λ = 1/N")
         lrs, lams = self._grid_points()
-        Ws, accs = [], []
-        for start in range(0, len(lrs), self.grid_chunk):
-            chunk = slice(start, start + self.grid_chunk)
-            W = train(lrs[chunk], lams[chunk])
-            accs.append(grid_accuracies(W, task.bias, task.classifier, task.logit_scale, val))
-            Ws.append(W)
-        accs = torch.cat(accs)
+        # Under torchrun each rank trains every world-th configuration; accuracies are summed across ranks and the
+        # winner's W comes from the rank that trained it, so every rank ends with the same selection and W.
+        rank, world = rank_world()
+        mine = list(range(rank, len(lrs), world))
+        accs = torch.zeros(len(lrs))
+        Ws = {}
+        for start in range(0, len(mine), self.grid_chunk):
+            chunk = mine[start:start + self.grid_chunk]
+            W = train([lrs[g] for g in chunk], [lams[g] for g in chunk])
+            accs[chunk] = grid_accuracies(W, task.bias, task.classifier, task.logit_scale, val).float().cpu()
+            Ws.update(zip(chunk, W))
+        accs = all_reduce_sum(accs)
         best = select_config(accs, lrs, lams)
         # Retraining from W0 with the winner would redo exactly this computation (deterministic, same views),
         # so its W is kept from the grid instead of being trained a second time.
-        self.W = torch.cat(Ws)[best].float()
+        winner = Ws[best].float() if best in Ws else torch.empty_like(task.W0, dtype=torch.float32)
+        self.W = broadcast(winner, src=best % world)
         self.selected_ = {
             "lr": lrs[best], "lam": lams[best], "how": "validation",
             "val_accuracy": accs[best].item(), "tie_rule": "largest lam, then smallest lr",
-            "retrained": "winner's grid W reused (identical to retraining from W0)",
+            "retrained": "winner's grid W reused (identical to retraining from W0)", "grid_ranks": world,
             "grid": [{"lr": lr, "lam": lam, "val_accuracy": a} for lr, lam, a in zip(lrs, lams, accs.tolist())],
         }
         return self
