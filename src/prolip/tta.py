@@ -98,10 +98,11 @@ def view_ensemble_logits(z_views: Tensor, W: Tensor, bias: Tensor | None, classi
 
 
 # -- images → views (I/O edge) ------------------------------------------------------------------------------------
-def tta_view_transform(prep, scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:
+def tta_view_transform(prep, scale: tuple[float, float] = (0.08, 1.0)):
     """The test-time views: RandomResizedCrop (bilinear, as torchvision's default in TPT and the reference) + flip."""
-    return T.Compose([T.RandomResizedCrop(prep.image_size, scale=scale), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(prep.mean, prep.std)])
+    from prolip.transforms import SeededCropFlip
+
+    return SeededCropFlip(prep.image_size, scale, T.InterpolationMode.BILINEAR, prep.mean, prep.std)
 
 
 def view_features(backbone, paths: Sequence[Path | str], views: int, seed: int = 0,
