@@ -12,6 +12,8 @@ from prolip.data import (DataError, NotEnoughImagesError, load_benchmark, read_i
                          read_templates, resolve_data, sample_few_shot)
 from prolip.data.images import BadImageError, load_image
 
+pytestmark = pytest.mark.reliability("bad_input")
+
 
 def save(path: Path, im: Image.Image, **kw) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,29 +41,31 @@ def encoded(fmt: str) -> bytes:
     ("zero.jpg", b""),
     ("text.jpg", b"<html>not an image</html>\n"),
 ])
-def test_undecodable_files_raise_bad_image_error_naming_the_file(tmp_path, name, content):
+def test_undecodable_files_raise_bad_image_error_naming_the_file(tmp_path, name, content, tally):
     path = tmp_path / name
     path.write_bytes(content)
-    with pytest.raises(BadImageError, match=name) as e:
+    with tally.raises(BadImageError, match=name) as e:
         load_image(path)
     assert e.value.path == path
     if name == "zero.jpg":
         assert "0 bytes" in str(e.value)
 
 
-def test_missing_file(tmp_path):
-    with pytest.raises(BadImageError, match="nope.jpg: file not found"):
+def test_missing_file(tmp_path, tally):
+    with tally.raises(BadImageError, match="nope.jpg: file not found"):
         load_image(tmp_path / "nope.jpg")
 
 
-def test_cmyk_and_grayscale_decode_to_rgb(tmp_path):
+def test_cmyk_and_grayscale_decode_to_rgb(tmp_path, tally):
     cmyk = load_image(save(tmp_path / "cmyk.jpg", rgb().convert("CMYK"), quality=95))
     assert cmyk.mode == "RGB" and np.allclose(np.asarray(cmyk)[8, 8], (200, 30, 30), atol=12)
     gray = load_image(save(tmp_path / "gray.png", Image.new("L", (5, 5), 77)))
     assert gray.mode == "RGB" and (np.asarray(gray) == 77).all()
+    tally.input('CMYK JPEG', 'grayscale PNG')
+    tally.handled_ok("decoded or reported correctly")
 
 
-def test_16_bit_is_rescaled_not_clipped(tmp_path):
+def test_16_bit_is_rescaled_not_clipped(tmp_path, tally):
     a = np.full((6, 6), 32768, dtype=np.uint16)
     a[0, 0] = 65535
     path = save(tmp_path / "deep.png", Image.fromarray(a))
@@ -69,9 +73,11 @@ def test_16_bit_is_rescaled_not_clipped(tmp_path):
     out = np.asarray(load_image(path))
     assert out.shape == (6, 6, 3)
     assert abs(int(out[3, 3, 0]) - 128) <= 1 and (out[0, 0] == 255).all()
+    tally.input('16-bit PNG')
+    tally.handled_ok("decoded or reported correctly")
 
 
-def test_transparency_is_composited_on_white(tmp_path):
+def test_transparency_is_composited_on_white(tmp_path, tally):
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     rgba.putpixel((0, 0), (0, 0, 255, 255))
     out = np.asarray(load_image(save(tmp_path / "rgba.png", rgba)))
@@ -87,9 +93,11 @@ def test_transparency_is_composited_on_white(tmp_path):
     assert (out[0, 0] == 255).all() and tuple(out[2, 2]) == (10, 200, 10)
     plain_pal = np.asarray(load_image(save(tmp_path / "pal.gif", pal)))
     assert tuple(plain_pal[0, 0]) == (0, 0, 0)
+    tally.input('RGBA PNG', 'LA PNG', 'palette PNG with transparency', 'palette GIF')
+    tally.handled_ok("decoded or reported correctly")
 
 
-def test_exif_orientation_is_applied(tmp_path):
+def test_exif_orientation_is_applied(tmp_path, tally):
     im = Image.new("RGB", (4, 2), (0, 0, 0))
     im.putpixel((0, 0), (255, 255, 255))  # top-left marker
     exif = Image.Exif()
@@ -99,24 +107,28 @@ def test_exif_orientation_is_applied(tmp_path):
     assert out.size == (2, 4)
     a = np.asarray(out)
     assert a[0, 1].min() > 200 and a[0, 0].max() < 50  # the marker moved to the top-right corner
+    tally.input('EXIF-rotated image')
+    tally.handled_ok("decoded or reported correctly")
 
 
-def test_animated_gif_gives_first_frame(tmp_path):
+def test_animated_gif_gives_first_frame(tmp_path, tally):
     frames = [Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))]
     path = tmp_path / "anim.gif"
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
     assert Image.open(path).n_frames == 2
     out = np.asarray(load_image(path))
     assert out[4, 4, 0] > 200 and out[4, 4, 2] < 50
+    tally.input('animated GIF')
+    tally.handled_ok("decoded or reported correctly")
 
 
 @pytest.mark.parametrize("side", [12, 20])  # 144 px: over the limit (PIL only warns); 400 px: over 2x (PIL errors)
-def test_decompression_bomb_is_a_bad_image_not_a_warning(tmp_path, monkeypatch, side):
+def test_decompression_bomb_is_a_bad_image_not_a_warning(tmp_path, monkeypatch, side, tally):
     path = save(tmp_path / "bomb.png", rgb(side, side))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(BadImageError, match="bomb.png.*MAX_IMAGE_PIXELS"):
+        with tally.raises(BadImageError, match="bomb.png.*MAX_IMAGE_PIXELS"):
             load_image(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
     assert load_image(path).size == (side, side)
@@ -131,7 +143,7 @@ def folder(root: Path, classes=("a", "b"), n=2) -> Path:
     return root
 
 
-def test_hidden_and_stray_files_are_ignored_and_reported(tmp_path):
+def test_hidden_and_stray_files_are_ignored_and_reported(tmp_path, tally):
     root = folder(tmp_path / "d")
     (root / "a" / ".hidden.jpg").write_bytes(b"junk")
     (root / "a" / "labels.csv").write_text("x")
@@ -143,26 +155,28 @@ def test_hidden_and_stray_files_are_ignored_and_reported(tmp_path):
     images = read_image_folder(root)
     assert images.classnames == ["a", "b"] and len(images) == 4
     assert images.ignored_files == [root / "a" / "labels.csv"]
+    tally.input('hidden file', 'stray non-image file', 'hidden folder', 'top-level stray file')
+    tally.handled_ok("decoded or reported correctly")
 
 
-def test_empty_class_folder_is_an_error_naming_it(tmp_path):
+def test_empty_class_folder_is_an_error_naming_it(tmp_path, tally):
     root = folder(tmp_path / "d")
     (root / "c_empty").mkdir()
     (root / "c_empty" / "notes.txt").write_text("no images")
-    with pytest.raises(DataError, match=r"class folder .*c_empty has no images"):
+    with tally.raises(DataError, match=r"class folder .*c_empty has no images"):
         read_image_folder(root)
 
 
-def test_no_class_folders_and_missing_root(tmp_path):
+def test_no_class_folders_and_missing_root(tmp_path, tally):
     (tmp_path / "flat").mkdir()
     save(tmp_path / "flat" / "x.jpg", rgb(4, 4))
-    with pytest.raises(DataError, match="no class folders"):
+    with tally.raises(DataError, match="no class folders"):
         read_image_folder(tmp_path / "flat")
-    with pytest.raises(DataError, match="missing_dir does not exist"):
+    with tally.raises(DataError, match="missing_dir does not exist"):
         read_image_folder(tmp_path / "missing_dir")
 
 
-def test_symlink_loop_terminates(tmp_path):
+def test_symlink_loop_terminates(tmp_path, tally):
     root = folder(tmp_path / "d")
     (root / "a" / "loop").symlink_to(root / "a", target_is_directory=True)
     (root / "b" / "up").symlink_to(root, target_is_directory=True)
@@ -171,9 +185,11 @@ def test_symlink_loop_terminates(tmp_path):
     assert [(it.path.parent.name, it.path.name, it.label) for it in images.items] == [
         ("a", "0.jpg", 0), ("a", "1.jpg", 0), ("b", "0.jpg", 1), ("b", "1.jpg", 1)]
     assert images.ignored_files == [root / "b" / "dangling.jpg"]
+    tally.input('symlink loop', 'symlink to the root', 'dangling symlink')
+    tally.handled_ok("decoded or reported correctly")
 
 
-def test_unicode_and_spaces(tmp_path):
+def test_unicode_and_spaces(tmp_path, tally):
     root = folder(tmp_path / "my data", classes=("crème brûlée", "北京 烤鸭"))
     save(root / "crème brûlée" / "photo 1 ü.jpg", rgb(4, 4))
     images = read_image_folder(root)
@@ -182,29 +198,31 @@ def test_unicode_and_spaces(tmp_path):
     (tmp_path / "names.json").write_text(json.dumps({"crème brûlée": "creme brulee", "北京 烤鸭": "peking duck"}),
                                          encoding="utf-8")
     assert read_image_folder(root, tmp_path / "names.json").classnames == ["creme brulee", "peking duck"]
+    tally.input('unicode and spaces in paths')
+    tally.handled_ok("decoded or reported correctly")
 
 
-def test_classnames_file_mismatch(tmp_path):
+def test_classnames_file_mismatch(tmp_path, tally):
     root = folder(tmp_path / "d", classes=("a", "b", "c"), n=1)
     (tmp_path / "two.txt").write_text("x\ny\n")
-    with pytest.raises(DataError, match=r"two.txt lists 2 names but the data has 3 classes"):
+    with tally.raises(DataError, match=r"two.txt lists 2 names but the data has 3 classes"):
         read_image_folder(root, tmp_path / "two.txt")
     (tmp_path / "four.json").write_text(json.dumps(["w", "x", "y", "z"]))
-    with pytest.raises(DataError, match=r"four.json lists 4 names but the data has 3 classes"):
+    with tally.raises(DataError, match=r"four.json lists 4 names but the data has 3 classes"):
         read_image_folder(root, tmp_path / "four.json")
     (tmp_path / "map.json").write_text(json.dumps({"a": "A", "b": "B"}))
-    with pytest.raises(DataError, match=r"map.json has no entry for class folder\(s\) \['c'\]"):
+    with tally.raises(DataError, match=r"map.json has no entry for class folder\(s\) \['c'\]"):
         read_image_folder(root, tmp_path / "map.json")
-    with pytest.raises(DataError, match="nofile.txt does not exist"):
+    with tally.raises(DataError, match="nofile.txt does not exist"):
         read_image_folder(root, tmp_path / "nofile.txt")
 
 
-def test_templates_without_placeholder(tmp_path):
+def test_templates_without_placeholder(tmp_path, tally):
     (tmp_path / "t.txt").write_text("a photo of a {}.\n\nart of a thing.\n")
-    with pytest.raises(DataError, match=r"t.txt, line 2: 'art of a thing.' has no '\{\}'"):
+    with tally.raises(DataError, match=r"t.txt, line 2: 'art of a thing.' has no '\{\}'"):
         read_templates(tmp_path / "t.txt")
     (tmp_path / "empty.txt").write_text("\n")
-    with pytest.raises(DataError, match="empty.txt is empty"):
+    with tally.raises(DataError, match="empty.txt is empty"):
         read_templates(tmp_path / "empty.txt")
 
 
@@ -236,38 +254,57 @@ def list_root(tmp_path):
     ("broken.json", "{[", r"broken.json: not valid JSON"),
     ("list.txt", "img/a.jpg 0\n", r"list.txt: unsupported image list format"),
 ])
-def test_bad_image_lists(list_root, name, content, error):
+def test_bad_image_lists(list_root, name, content, error, tally):
     path = list_root / name
     path.write_text(content if isinstance(content, str) else json.dumps(content))
-    with pytest.raises(DataError, match=error):
+    with tally.raises(DataError, match=error):
         read_image_list(path, classnames=["cat"] if name.startswith("unknown") else None)
 
 
-def test_split_file_paths_escaping_the_image_root(tmp_path):
+def test_split_file_paths_escaping_the_image_root(tmp_path, tally):
     (tmp_path / "dtd").mkdir()
     split = {"train": [["banded/x.jpg", 0, "banded"], ["../../../etc/passwd", 0, "banded"]], "val": [], "test": []}
     (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
-    with pytest.raises(DataError, match=r"split_zhou_DescribableTextures.json: train entry 1 path .* escapes"):
+    with tally.raises(DataError, match=r"split_zhou_DescribableTextures.json: train entry 1 path .* escapes"):
         load_benchmark("dtd", tmp_path)
     split["train"] = [["banded/x.jpg", 1, "banded"]]
     (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
-    with pytest.raises(DataError, match=r"labels must cover 0..C-1.*\[0\]"):
+    with tally.raises(DataError, match=r"labels must cover 0..C-1.*\[0\]"):
         load_benchmark("dtd", tmp_path)
 
 
-def test_resolve_data_bad_specs(tmp_path):
-    with pytest.raises(DataError, match=r"--data .*nowhere: no such file or folder, and not a benchmark name"):
+def test_resolve_data_bad_specs(tmp_path, tally):
+    with tally.raises(DataError, match=r"--data .*nowhere: no such file or folder, and not a benchmark name"):
         resolve_data(str(tmp_path / "nowhere"))
-    with pytest.raises(DataError, match="pass --data-root"):
+    with tally.raises(DataError, match="pass --data-root"):
         resolve_data("eurosat")
 
 
 # ---- shot counts ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("convention", ["lpp", "coop"])
-def test_shots_out_of_range(convention):
+def test_shots_out_of_range(convention, tally):
     labels = [0] * 8 + [1] * 2
-    with pytest.raises(ValueError, match="--shots must be a positive number"):
+    with tally.raises(ValueError, match="--shots must be a positive number"):
         sample_few_shot(labels, 0, 0, convention)
-    with pytest.raises(NotEnoughImagesError, match=r"class 'rare' has 2 training images but 3 are needed.*--allow-fewer"):
+    with tally.raises(NotEnoughImagesError, match=r"class 'rare' has 2 training images but 3 are needed.*--allow-fewer"):
         sample_few_shot(labels, 3, 0, convention, classnames=["common", "rare"])
+
+
+# ---- the feature cache --------------------------------------------------------------------------------------------
+
+def test_cache_bad_image_error_and_skip(tmp_path, tiny_vit, tally):
+    from prolip.features import FeatureCache
+
+    from .conftest import make_images
+
+    paths = make_images(tmp_path / "img", n=3)
+    paths[1].write_bytes(b"garbage")
+    with tally.raises(BadImageError, match="img_001", input="garbage bytes in the cache"):
+        FeatureCache(tmp_path / "cache", tiny_vit, progress=False).center(paths)
+    c = FeatureCache(tmp_path / "cache", tiny_vit, progress=False, on_bad_image="skip")
+    z = c.center(paths)
+    assert z.shape[0] == 2 and c.last_kept == [0, 2] and c.skipped[0][0] == paths[1]
+    v = c.views(paths, 2)
+    assert v.kept == [0, 2] and v.num_images == 2
+    tally.handled_ok(f"skipped {paths[1]}")

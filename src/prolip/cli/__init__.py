@@ -6,7 +6,38 @@ import click
 from prolip import __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Errors that mean "your input or environment is wrong", each with a message naming the file/option at fault:
+# the user gets that message, not a traceback. Anything else is a bug and keeps its traceback.
+_USER_ERRORS = (("prolip.features.cache", "CacheError"), ("prolip.data.images", "BadImageError"),
+                ("prolip.data.folder", "DataError"), ("prolip.data.sampling", "NotEnoughImagesError"),
+                ("prolip.run", "RunError"), ("prolip.backbones", "BackboneLoadError"))
+
+
+def _is_user_error(e: BaseException) -> bool:
+    import sys
+
+    # Looked up in sys.modules, so reporting a usage error never imports torch: an error of a class whose module
+    # was never imported cannot have been raised.
+    for module, name in _USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(e, cls):
+            return True
+    return False
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException:
+            raise
+        except Exception as e:
+            if _is_user_error(e):
+                raise click.ClickException(str(e)) from None
+            raise
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="prolip")
 def main() -> None:
     """Few-shot CLIP adaptation by fine-tuning the last visual projection (ProLIP)."""

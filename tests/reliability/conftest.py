@@ -1,0 +1,226 @@
+"""The reliability suite's bookkeeping: every test declares its kind and records what it tried.
+
+Each test module sets ``pytestmark = pytest.mark.reliability("<kind>")`` (bad_input, fault, safety or determinism);
+a test without a kind is a collection error, so the tally can never silently miss one. Tests take the ``tally``
+fixture and record, as they go, the bad inputs they tried, the faults they injected, the failures that ended in a
+clear message (``tally.raises`` / ``tally.cli_error`` only count a failure once its message has been checked) and
+the data they found lost (``tally.lost``, counted only where a test measured it).
+
+With ``PROLIP_TALLY_OUT=<file>`` each finished test appends one JSON line there; ``tests/reliability/tally.py``
+runs the suite and sums those lines, so every number it prints comes from tests that actually ran.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+KINDS = ("bad_input", "fault", "safety", "determinism")
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "reliability(kind): kind of reliability test: " + ", ".join(KINDS))
+
+
+def _kind(item) -> str | None:
+    marker = item.get_closest_marker("reliability")
+    return marker.args[0] if marker and marker.args else None
+
+
+def pytest_collection_modifyitems(config, items):
+    bad = [item.nodeid for item in items
+           if Path(str(item.path)).resolve().is_relative_to(HERE) and _kind(item) not in KINDS]
+    if bad:
+        raise pytest.UsageError(f"reliability tests need pytest.mark.reliability(one of {KINDS}): {bad}")
+
+
+class Tally:
+    """What one test tried and observed; summed over the suite by tally.py."""
+
+    def __init__(self, kind: str | None = None):
+        self.kind = kind
+        self.inputs: list[str] = []
+        self.faults: list[str] = []
+        self.handled: list[str] = []
+        self.lost_items = 0
+        self.loss_checks = 0
+
+    def input(self, *labels: str) -> None:
+        self.inputs.extend(map(str, labels))
+
+    def fault(self, *labels: str) -> None:
+        self.faults.extend(map(str, labels))
+
+    def handled_ok(self, what: str) -> None:
+        """A bad input that was handled without failing (skipped and listed, or decoded correctly)."""
+        self.handled.append(what)
+
+    def lost(self, n: int, what: str = "") -> int:
+        """Record a measured amount of lost or corrupted data (expected 0) and return it for the assert."""
+        self.loss_checks += 1
+        self.lost_items += int(n)
+        return int(n)
+
+    @contextmanager
+    def raises(self, exc, match: str | None = None, *, input: str | None = None):
+        """pytest.raises that counts the failure as handled once the message matched.
+
+        In a bad-input test each call is also one input tried (``input`` names it; default: the expected error).
+        """
+        if input is not None or self.kind == "bad_input":
+            self.input(input or f"{exc.__name__}: {match}")
+        with pytest.raises(exc, match=match) as info:
+            yield info
+        self.handled.append(str(info.value))
+
+    def cli_error(self, result, *expected: str, input: str | None = None) -> str:
+        """A CLI failure that is handled: non-zero exit, no traceback, every expected string in the message."""
+        if input is not None:
+            self.input(input)
+        output = result.output if hasattr(result, "output") else (result.stdout or "") + (result.stderr or "")
+        code = result.exit_code if hasattr(result, "exit_code") else result.returncode
+        assert code != 0, f"expected a failure, got exit 0:\n{output}"
+        assert "Traceback" not in output, output
+        exc = getattr(result, "exception", None)
+        assert exc is None or isinstance(exc, SystemExit), f"unhandled {exc!r}:\n{output}"
+        for e in expected:
+            assert re.search(e, output), f"{e!r} not in:\n{output}"
+        self.handled.append(output.strip().splitlines()[-1] if output.strip() else "")
+        return output
+
+
+@pytest.fixture
+def tally(request) -> Tally:
+    return request.node._tally
+
+
+@pytest.fixture(autouse=True)
+def _tally_record(request):
+    request.node._tally = Tally(_kind(request.node))
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    path = os.environ.get("PROLIP_TALLY_OUT")
+    if not path or not Path(str(item.path)).resolve().is_relative_to(HERE):
+        return
+    # One line per test: from the call phase, or from setup when the test never got to run (skip / fixture error).
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        t: Tally = getattr(item, "_tally", None) or Tally()
+        line = json.dumps({"test": item.nodeid, "kind": _kind(item), "outcome": report.outcome,
+                           "inputs": len(t.inputs), "faults": len(t.faults), "handled": len(t.handled),
+                           "lost": t.lost_items, "loss_checks": t.loss_checks,
+                           "skip_reason": str(report.longrepr[-1]) if report.skipped and
+                           isinstance(report.longrepr, tuple) else None}) + "\n"
+        # O_APPEND + one write per line: xdist workers can share the file without interleaving.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    elif report.when == "teardown" and report.failed:
+        # A teardown failure (e.g. a leftover mount) fails the suite too.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, (json.dumps({"test": item.nodeid, "kind": _kind(item), "outcome": "failed",
+                                      "inputs": 0, "faults": 0, "handled": 0, "lost": 0, "loss_checks": 0,
+                                      "skip_reason": None}) + "\n").encode())
+        finally:
+            os.close(fd)
+
+
+# ---- shared helpers for the reliability tests ------------------------------------------------------------------
+
+def make_images(root: Path, n=12, size=40, seed=0) -> list[Path]:
+    """n random PNGs named img_000.png… under root."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = root / f"img_{i:03d}.png"
+        Image.fromarray(rng.integers(0, 255, (size, size + 5, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def make_folder(root: Path, classes=("cat", "dog", "fox"), per_class=5, seed=0) -> Path:
+    """root/<class>/<i>.jpg with a class-dependent brightness."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = (np.zeros((40, 40, 3)) + 60 * c + rng.integers(0, 80, (40, 40, 3))).clip(0, 255)
+            Image.fromarray(img.astype(np.uint8)).save(root / name / f"{i}.jpg")
+    return root
+
+
+def unit_contents(root: Path) -> dict:
+    """Unit files by name → (metadata, feature bytes); safetensors orders header keys arbitrarily, so not raw bytes."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in Path(root).rglob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            out[f.relative_to(root)] = (h.metadata(), h.get_tensor("features").numpy().tobytes())
+    return out
+
+
+def leftovers(root: Path) -> list[Path]:
+    """Temporary and lock files: what an interrupted or failed write must never leave behind."""
+    return sorted(p for p in Path(root).rglob("*") if p.is_file() and (p.name.endswith((".tmp", ".lock"))))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TINY = ["--model", "test-vit-tiny", "--pretrained", "none"]
+
+
+def cli(*args, env=None):
+    """`prolip …` in-process through click; the result has .output, .exit_code, .exception."""
+    from click.testing import CliRunner
+
+    from prolip.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True, env=env)
+
+
+@contextmanager
+def tmpfs(mountpoint: Path, size: str, *, read_only: bool = False):
+    """A size-limited tmpfs at mountpoint (a real full disk); skips the test where mounting is not permitted."""
+    import subprocess
+
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if read_only else "")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mountpoint)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+
+
+def remount(mountpoint: Path, options: str) -> None:
+    import subprocess
+
+    subprocess.run(["mount", "-o", f"remount,{options}", str(mountpoint)], check=True)
