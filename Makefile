@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # pip on this kind of machine may be capped to local torch wheels; a plain range works everywhere.
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean bench
+.PHONY: demo test reliability setup clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# The reliability suite alone, with its tally (inputs tried, faults injected, handled, data lost).
+reliability: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/reliability/tally.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

@@ -3,8 +3,9 @@
 Each test module sets ``pytestmark = pytest.mark.reliability("<kind>")`` (bad_input, fault, safety or determinism);
 a test without a kind is a collection error, so the tally can never silently miss one. Tests take the ``tally``
 fixture and record, as they go, the bad inputs they tried, the faults they injected, the failures that ended in a
-clear message (``tally.raises`` / ``tally.cli_error`` only count a failure once its message has been checked) and
-the data they found lost (``tally.lost``, counted only where a test measured it).
+clear message (``tally.raises`` / ``tally.cli_error`` only count a failure once its message has been checked), the
+bad inputs handled without an error (``tally.handled_ok``: decoded correctly, or skipped and listed) and the data
+they found lost (``tally.lost``, counted only where a test measured it).
 
 With ``PROLIP_TALLY_OUT=<file>`` each finished test appends one JSON line there; ``tests/reliability/tally.py``
 runs the suite and sums those lines, so every number it prints comes from tests that actually ran.
@@ -46,7 +47,8 @@ class Tally:
         self.kind = kind
         self.inputs: list[str] = []
         self.faults: list[str] = []
-        self.handled: list[str] = []
+        self.handled: list[str] = []  # failures that ended in a clear, checked message
+        self.accepted: list[str] = []  # bad inputs handled without an error (decoded correctly, or skipped+listed)
         self.lost_items = 0
         self.loss_checks = 0
 
@@ -58,7 +60,7 @@ class Tally:
 
     def handled_ok(self, what: str) -> None:
         """A bad input that was handled without failing (skipped and listed, or decoded correctly)."""
-        self.handled.append(what)
+        self.accepted.append(what)
 
     def lost(self, n: int, what: str = "") -> int:
         """Record a measured amount of lost or corrupted data (expected 0) and return it for the assert."""
@@ -117,6 +119,7 @@ def pytest_runtest_makereport(item, call):
         t: Tally = getattr(item, "_tally", None) or Tally()
         line = json.dumps({"test": item.nodeid, "kind": _kind(item), "outcome": report.outcome,
                            "inputs": len(t.inputs), "faults": len(t.faults), "handled": len(t.handled),
+                           "accepted": len(t.accepted),
                            "lost": t.lost_items, "loss_checks": t.loss_checks,
                            "skip_reason": str(report.longrepr[-1]) if report.skipped and
                            isinstance(report.longrepr, tuple) else None}) + "\n"
@@ -131,8 +134,8 @@ def pytest_runtest_makereport(item, call):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, (json.dumps({"test": item.nodeid, "kind": _kind(item), "outcome": "failed",
-                                      "inputs": 0, "faults": 0, "handled": 0, "lost": 0, "loss_checks": 0,
-                                      "skip_reason": None}) + "\n").encode())
+                                      "inputs": 0, "faults": 0, "handled": 0, "accepted": 0, "lost": 0,
+                                      "loss_checks": 0, "skip_reason": None}) + "\n").encode())
         finally:
             os.close(fd)
 
