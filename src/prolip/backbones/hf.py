@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import pickle
 from pathlib import Path
 from typing import Sequence
 
@@ -10,7 +11,8 @@ import torch
 from torch import Tensor
 
 from prolip.backbones.base import Backbone, BackboneInfo, Preprocessing, ProjectionSite
-from prolip.backbones.loading import HOW_TO_PASS_LOCAL, BackboneLoadError, fingerprint, hub_available
+from prolip.backbones.loading import (HOW_TO_PASS_LOCAL, BackboneLoadError, fingerprint, hub_available,
+                                     refused_pickle)
 
 TEXT_BATCH = 256
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -113,6 +115,9 @@ def load_hf_backbone(source: str, device: torch.device | str = "cpu") -> HFClipB
     try:
         model = CLIPModel.from_pretrained(source, local_files_only=offline)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+    except pickle.UnpicklingError as e:  # transformers reads .bin weights with torch.load(weights_only=True)
+        pickles = sorted(str(f) for f in Path(source).glob("*") if f.suffix in (".bin", ".pt", ".pth")) if local else []
+        raise refused_pickle(", ".join(pickles) or f"the weights of {where}", e) from None
     except (OSError, ValueError) as e:
         hint = "" if local else f"; the Hub is unreachable or offline (HF_HUB_OFFLINE), so {HOW_TO_PASS_LOCAL}"
         raise BackboneLoadError(f"cannot load CLIPModel from {where}: {str(e).splitlines()[0]}{hint}") from None

@@ -24,6 +24,17 @@ class BackboneLoadError(RuntimeError):
     """A backbone could not be built: unknown architecture, unreachable or unreadable weights, bad tokenizer."""
 
 
+def refused_pickle(what: str | Path, e: pickle.UnpicklingError) -> BackboneLoadError:
+    """The error for a checkpoint that torch.load(weights_only=True) would not unpickle: it is never executed."""
+    # torch's message opens with a generic paragraph; the line naming the refused global is the useful one.
+    lines = str(e).splitlines() or [""]
+    first = next((line for line in lines if "GLOBAL" in line), lines[0]).strip().rstrip(".")
+    return BackboneLoadError(
+        f"refusing to load {what}: it is not a plain tensor state dict (unpickling it would run code or build "
+        f"arbitrary Python objects; torch said: {first}). Convert it to .safetensors in a trusted "
+        f"environment, or save only model.state_dict()")
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a local checkpoint: .safetensors, or a .pt/.bin/.pth state dict read with weights_only=True.
 
@@ -45,10 +56,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise BackboneLoadError(
-                f"refusing to load {path}: it is not a plain tensor state dict (unpickling it would run code or "
-                f"build arbitrary Python objects; torch said: {str(e).splitlines()[0]}). Convert it to "
-                f".safetensors in a trusted environment, or save only model.state_dict()") from None
+            raise refused_pickle(path, e) from None
         except (RuntimeError, OSError, EOFError, ValueError) as e:
             raise BackboneLoadError(f"cannot read checkpoint {path}: {e}") from None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
