@@ -80,6 +80,12 @@ class Tally:
             yield info
         self.handled.append(str(info.value))
 
+    def clear_error(self, e: BaseException, *expected: str) -> None:
+        """An exception caught by the test counts as handled once every expected string is in its message."""
+        for x in expected:
+            assert x in str(e), f"{x!r} not in {str(e)!r}"
+        self.handled.append(str(e))
+
     def cli_error(self, result, *expected: str, input: str | None = None) -> str:
         """A CLI failure that is handled: non-zero exit, no traceback, every expected string in the message."""
         if input is not None:

@@ -253,10 +253,24 @@ def list_root(tmp_path):
     ("split.json", {"train": [], "val": [], "test": []}, r"split.json is a CoOp split file"),
     ("broken.json", "{[", r"broken.json: not valid JSON"),
     ("list.txt", "img/a.jpg 0\n", r"list.txt: unsupported image list format"),
+    # Found by the property tests: each used to escape as another exception type, or to exhaust memory.
+    ("huge.csv", "path,label\nimg/a.jpg,99999999999999\n", r"huge.csv, row 1: label 99999999999999 is outside 0.."),
+    ("negative.csv", "path,label\nimg/a.jpg,-1\n", r"negative.csv, row 1: label -1 is outside 0.."),
+    ("latin1.csv", b"path,classname\nimg/a.jpg,caf\xe9\n", r"image list .*latin1.csv is not UTF-8 text"),
+    ("nul.csv", "path,label\nimg/a.jpg\0,0\n", r"nul.csv, row 1: path .* is not a usable file name"),
+    ("longfield.csv", "path,label\n" + "x" * 200_000 + ",0\n", r"longfield.csv: not a readable CSV file near line 2"),
+    ("inf.json", "[[\"img/a.jpg\", Infinity]]", r"inf.json, row 1: label inf is not an integer"),
+    ("float.json", [["img/a.jpg", 1.5]], r"float.json, row 1: label 1.5 is not an integer"),
+    ("bool.json", [["img/a.jpg", True]], r"bool.json, row 1: label True is not an integer"),
+    ("surrogate.json", "[[\"img/\\ud800.jpg\", 0]]", r"surrogate.json, row 1: path .* is not a usable file name"),
+    ("deep.json", "[" * 100_000, r"deep.json: not valid JSON \(nested too deeply\)"),
 ])
 def test_bad_image_lists(list_root, name, content, error, tally):
     path = list_root / name
-    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
     with tally.raises(DataError, match=error):
         read_image_list(path, classnames=["cat"] if name.startswith("unknown") else None)
 
@@ -265,12 +279,44 @@ def test_split_file_paths_escaping_the_image_root(tmp_path, tally):
     (tmp_path / "dtd").mkdir()
     split = {"train": [["banded/x.jpg", 0, "banded"], ["../../../etc/passwd", 0, "banded"]], "val": [], "test": []}
     (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
-    with tally.raises(DataError, match=r"split_zhou_DescribableTextures.json: train entry 1 path .* escapes"):
+    with tally.raises(DataError, match=r"split_zhou_DescribableTextures.json: train entry 1: path .* escapes"):
         load_benchmark("dtd", tmp_path)
     split["train"] = [["banded/x.jpg", 1, "banded"]]
     (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
     with tally.raises(DataError, match=r"labels must cover 0..C-1.*\[0\]"):
         load_benchmark("dtd", tmp_path)
+
+
+@pytest.mark.parametrize("split,error", [
+    ([], r"expected a JSON object with 'train', 'val' and 'test' lists, got a list"),
+    ({"train": 5}, r"'train' must be a list of \[path, label, classname\] entries"),
+    ({"train": [["banded/x.jpg", 0]]}, r"train entry 0: expected \[path, label, classname\]"),
+    ({"train": [["banded/x.jpg", "zero", "banded"]]}, r"train entry 0: label 'zero' is not an integer"),
+    ({"train": [["banded/x.jpg", 10**14, "banded"]]}, r"train entry 0: label 100000000000000 is outside"),
+    # One label, two names: reading it would merge two classes without a word.
+    ({"train": [["banded/x.jpg", 0, "banded"]], "test": [["dotted/y.jpg", 0, "dotted"]]},
+     r"test entry 0: label 0 is 'dotted' here but 'banded' elsewhere"),
+])
+def test_malformed_split_files(tmp_path, split, error, tally):
+    (tmp_path / "dtd").mkdir()
+    (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
+    with tally.raises(DataError, match=r"split_zhou_DescribableTextures.json: " + error):
+        load_benchmark("dtd", tmp_path)
+
+
+def test_malformed_class_name_and_aircraft_files(tmp_path, tally):
+    root = folder(tmp_path / "d", classes=("a", "b"), n=1)
+    for name, text in (("broken.json", "{["), ("number.json", "5")):
+        (tmp_path / name).write_text(text)
+        with tally.raises(DataError, match=rf"{name}"):
+            read_image_folder(root, tmp_path / name)
+    ds = tmp_path / "fgvc_aircraft"
+    ds.mkdir()
+    (ds / "variants.txt").write_text("707-320\n")
+    for part in ("train", "val", "test"):
+        (ds / f"images_variant_{part}.txt").write_text("../../../etc/passwd 707-320\n" if part == "val" else "")
+    with tally.raises(DataError, match=r"images_variant_val.txt, line 1: path .* escapes the dataset root"):
+        load_benchmark("fgvc_aircraft", tmp_path)
 
 
 def test_resolve_data_bad_specs(tmp_path, tally):

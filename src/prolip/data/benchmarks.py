@@ -1,11 +1,10 @@
 """Readers for the 11 few-shot benchmarks and the ImageNet variants in CoOp's layout (SPEC §3)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from prolip.data.folder import DataError, is_image_file
+from prolip.data.folder import DataError, class_index, inside, is_image_file, read_json, read_text
 from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
 
 WHERE = "see CoOp's DATASETS.md (github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md) for how to obtain it"
@@ -77,45 +76,54 @@ def _require(path: Path, what: str, bench: str) -> Path:
 
 def _from_split_json(b: Benchmark, ds_root: Path) -> DatasetSplits:
     split_path = _require(ds_root / b.split_file, "split file", b.name)
-    try:
-        split = json.loads(split_path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{split_path}: not valid JSON ({e}); re-download it ({WHERE})") from None
+    split = read_json(split_path, "split file")
+    if not isinstance(split, dict):
+        raise DataError(f"{split_path}: expected a JSON object with 'train', 'val' and 'test' lists, "
+                        f"got a {type(split).__name__}; re-download it ({WHERE})")
     image_root = ds_root / b.image_dir if b.image_dir else ds_root
     names: dict[int, str] = {}
     out = {}
     for part in ("train", "val", "test"):
+        entries = split.get(part, [])
+        if not isinstance(entries, list):
+            raise DataError(f"{split_path}: '{part}' must be a list of [path, label, classname] entries, "
+                            f"got a {type(entries).__name__}")
         items = []
-        for i, (rel, label, classname) in enumerate(split.get(part, [])):
-            path = (image_root / rel).resolve()
-            if not path.is_relative_to(image_root.resolve()):
-                raise DataError(f"{split_path}: {part} entry {i} path {rel!r} escapes {image_root}")
-            items.append(ImageItem(path, int(label)))
-            names.setdefault(int(label), classname)
+        for i, entry in enumerate(entries):
+            where = f"{split_path}: {part} entry {i}"
+            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[0]
+                    and isinstance(entry[2], str)):
+                raise DataError(f"{where}: expected [path, label, classname], got {str(entry)[:80]}")
+            rel, label, classname = entry[0], class_index(entry[1], where), entry[2]
+            path = inside(image_root, rel, where)
+            if names.setdefault(label, classname) != classname:  # one label, two names: a class silently merged
+                raise DataError(f"{where}: label {label} is {classname!r} here but {names[label]!r} elsewhere")
+            items.append(ImageItem(path, label))
         out[part] = items
-    missing = sorted(set(range(max(names, default=-1) + 1)) - set(names))
-    if missing or not names:
-        raise DataError(f"{split_path}: labels must cover 0..C-1; no entries for label(s) {missing[:5]}")
+    # Labels are distinct and non-negative, so they cover 0..C-1 exactly when the largest is C-1.
+    if not names or max(names) != len(names) - 1:
+        missing = [i for i in range(min(max(names, default=0), len(names) + 5)) if i not in names][:5]
+        raise DataError(f"{split_path}: labels must cover 0..C-1; no entries for label(s) {missing}")
     classnames = [names[i] for i in range(len(names))]
     mk = lambda items: LabeledImages(items, classnames, list(b.templates), b.name) if items else None
     return DatasetSplits(b.name, classnames, list(b.templates), mk(out["train"]), mk(out["val"]), mk(out["test"]))
 
 
 def _aircraft(b: Benchmark, ds_root: Path) -> DatasetSplits:
-    variants = [l.strip() for l in _require(ds_root / "variants.txt", "file", b.name).read_text().splitlines()
-                if l.strip()]
+    variants_file = _require(ds_root / "variants.txt", "file", b.name)
+    variants = [l.strip() for l in read_text(variants_file, "file").splitlines() if l.strip()]
     index = {v: i for i, v in enumerate(variants)}
     parts = {}
     for part in ("train", "val", "test"):
         f = _require(ds_root / f"images_variant_{part}.txt", "file", b.name)
         items = []
-        for n, line in enumerate(f.read_text().splitlines(), 1):
+        for n, line in enumerate(read_text(f, "file").splitlines(), 1):
             if not line.strip():
                 continue
             image_id, _, variant = line.strip().partition(" ")
             if variant not in index:
                 raise DataError(f"{f}, line {n}: variant {variant!r} is not listed in {ds_root / 'variants.txt'}")
-            items.append(ImageItem(ds_root / b.image_dir / f"{image_id}.jpg", index[variant]))
+            items.append(ImageItem(inside(ds_root / b.image_dir, f"{image_id}.jpg", f"{f}, line {n}"), index[variant]))
         parts[part] = LabeledImages(items, variants, list(b.templates), b.name)
     return DatasetSplits(b.name, variants, list(b.templates), parts["train"], parts["val"], parts["test"])
 
@@ -123,9 +131,11 @@ def _aircraft(b: Benchmark, ds_root: Path) -> DatasetSplits:
 def _imagenet_classnames(root: Path, bench: str) -> tuple[list[str], list[str]]:
     f = _require(root / "imagenet" / "classnames.txt", "ImageNet class names file", bench)
     wnids, names = [], []
-    for line in f.read_text().splitlines():
+    for n, line in enumerate(read_text(f, "ImageNet class names file").splitlines(), 1):
         if line.strip():
-            wnid, name = line.strip().split(" ", 1)
+            wnid, _, name = line.strip().partition(" ")
+            if not name.strip():
+                raise DataError(f"{f}, line {n}: expected '<wnid> <class name>', got {line.strip()!r}")
             wnids.append(wnid)
             names.append(name)
     return wnids, names

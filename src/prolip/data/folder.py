@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -10,10 +11,45 @@ from prolip.data.images import IMAGE_EXTENSIONS
 from prolip.data.types import ImageItem, LabeledImages
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
+# Numbered classes a list may imply without naming them: a stray huge label must be an error, not a huge list.
+MAX_CLASSES = 100_000
 
 
 class DataError(ValueError):
     """Bad dataset input: the message names the file, folder, row or option at fault."""
+
+
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file; other encodings are a DataError naming the file, not a UnicodeDecodeError."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+
+
+def read_json(path: Path, what: str):
+    try:
+        return json.loads(read_text(path, what))
+    except (json.JSONDecodeError, RecursionError) as e:
+        reason = e if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        raise DataError(f"{path}: not valid JSON ({reason})") from None
+
+
+def class_index(value, where: str) -> int:
+    """A class label from a list or split file: a non-negative integer (or its decimal string), nothing else.
+
+    A float such as 1.7 or a boolean is refused rather than truncated: that would silently move an image to
+    another class.
+    """
+    if isinstance(value, str) and value.strip().lstrip("-").isdecimal():
+        value = int(value.strip())
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise DataError(f"{where}: label {value!r} is not an integer class index")
+    if not 0 <= value < MAX_CLASSES:
+        raise DataError(f"{where}: label {value} is outside 0..{MAX_CLASSES - 1}")
+    return value
 
 
 def is_image_file(path: Path) -> bool:
@@ -24,7 +60,7 @@ def read_templates(path: Path | str) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"templates file {path} does not exist")
-    templates = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    templates = [line.strip() for line in read_text(path, "templates file").splitlines() if line.strip()]
     if not templates:
         raise DataError(f"templates file {path} is empty")
     for i, t in enumerate(templates, 1):
@@ -38,9 +74,11 @@ def read_classnames(path: Path | str, folders: list[str]) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"class names file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
-        obj = json.loads(text)
+        obj = read_json(path, "class names file")
+        if not isinstance(obj, (list, dict)):
+            raise DataError(f"class names file {path}: expected a JSON list of names or a {{folder: name}} object, "
+                            f"got a {type(obj).__name__}")
         if isinstance(obj, dict):
             missing = [f for f in folders if f not in obj]
             if missing:
@@ -48,7 +86,7 @@ def read_classnames(path: Path | str, folders: list[str]) -> list[str]:
             return [str(obj[f]) for f in folders]
         names = [str(x) for x in obj]
     else:
-        names = [line.strip() for line in text.splitlines() if line.strip()]
+        names = [line.strip() for line in read_text(path, "class names file").splitlines() if line.strip()]
     if len(names) != len(folders):
         raise DataError(f"class names file {path} lists {len(names)} names but the data has {len(folders)} classes")
     return names
@@ -86,8 +124,12 @@ def read_image_folder(root: Path | str, classnames_file: Path | str | None = Non
     return LabeledImages(items, classnames, templates, root.name, ignored)
 
 
-def _inside(root: Path, rel: str, where: str) -> Path:
-    path = (root / rel).resolve()
+def inside(root: Path, rel: str, where: str) -> Path:
+    """``root / rel`` resolved; a DataError naming ``where`` if it escapes ``root`` or is no usable file name."""
+    try:
+        path = (root / rel).resolve()
+    except (ValueError, OSError) as e:  # a NUL byte, an unencodable character, a name too long
+        raise DataError(f"{where}: path {rel!r} is not a usable file name ({e})") from None
     if not path.is_relative_to(root.resolve()):
         raise DataError(f"{where}: path {rel!r} escapes the dataset root {root}")
     return path
@@ -99,13 +141,7 @@ def _row(path: Path, i: int, rel, label, classname) -> tuple[str, int | None, st
         raise DataError(f"{where}: missing image path")
     if label in (None, "") and classname in (None, ""):
         raise DataError(f"{where}: needs a 'label' or a 'classname'")
-    if label not in (None, ""):
-        try:
-            label = int(label)
-        except (TypeError, ValueError):
-            raise DataError(f"{where}: label {label!r} is not an integer class index") from None
-    else:
-        label = None
+    label = class_index(label, where) if label not in (None, "") else None
     return rel, label, (str(classname) if classname not in (None, "") else None)
 
 
@@ -122,19 +158,18 @@ def read_image_list(path: Path | str, root: Path | str | None = None, classnames
     root = Path(root) if root is not None else path.parent
     rows: list[tuple[str, int | None, str | None]] = []
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
+        reader = csv.DictReader(io.StringIO(read_text(path, "image list"), newline=""))
+        try:
             cols = set(reader.fieldnames or [])
             if "path" not in cols or not ({"label", "classname"} & cols):
                 raise DataError(f"{path}: needs a header with a 'path' column and a 'label' or 'classname' column, "
                                 f"found {sorted(cols)}")
             for i, row in enumerate(reader, 1):
                 rows.append(_row(path, i, row.get("path"), row.get("label"), row.get("classname")))
+        except csv.Error as e:  # a NUL byte, an over-long field
+            raise DataError(f"{path}: not a readable CSV file near line {reader.line_num + 1} ({e})") from None
     elif path.suffix.lower() == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
+        data = read_json(path, "image list")
         if isinstance(data, dict) and {"train", "val", "test"} & set(data):
             raise DataError(f"{path} is a CoOp split file, not an image list: pass the dataset folder holding it "
                             f"(or the benchmark name with --data-root)")
@@ -162,7 +197,7 @@ def read_image_list(path: Path | str, root: Path | str | None = None, classnames
     items = []
     for i, (rel, label, classname) in enumerate(rows, 1):
         where = f"{path}, row {i}"
-        p = _inside(root, rel, where)
+        p = inside(root, rel, where)
         if label is None:
             if classname not in index:
                 raise DataError(f"{where}: unknown class {classname!r}")
