@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,17 +15,7 @@ from PIL import Image
 
 from prolip.features import CacheError, FeatureCache
 from prolip.transforms import augment_transform, augmented_view, view_seed
-
-
-def images(root: Path, n=12, size=40, seed=0):
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        p = root / f"img_{i:03d}.png"
-        Image.fromarray(rng.integers(0, 255, (size, size + 5, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
+from reliability.conftest import make_images
 
 
 def cache_of(tmp_path, backbone, **kw):
@@ -45,7 +34,7 @@ def test_views_are_seeded_per_image_and_view(tiny_vit):
 
 
 def test_reuse_prefix_and_sharing(tmp_path, tiny_vit):
-    paths = images(tmp_path / "img")
+    paths = make_images(tmp_path / "img")
     c = cache_of(tmp_path, tiny_vit)
     v = c.views(paths[:4], 3)
     assert c.stats.forward_passes == 12 and v.num_views == 3 and v.num_images == 4
@@ -60,7 +49,7 @@ def test_reuse_prefix_and_sharing(tmp_path, tiny_vit):
 
 
 def test_streaming_equals_in_memory_and_order_follows_request(tmp_path, tiny_vit):
-    paths = images(tmp_path / "img")
+    paths = make_images(tmp_path / "img")
     c = cache_of(tmp_path, tiny_vit)
     full = c.views(paths, 3)
     for t in range(3):
@@ -72,7 +61,7 @@ def test_streaming_equals_in_memory_and_order_follows_request(tmp_path, tiny_vit
 def test_center_matches_direct_encoding(tmp_path, tiny_vit):
     from prolip.features import encode_images
 
-    paths = images(tmp_path / "img", n=5)
+    paths = make_images(tmp_path / "img", n=5)
     z = cache_of(tmp_path, tiny_vit).center(paths)
     assert z.shape == (5, tiny_vit.dim_pre)
     assert torch.allclose(z, encode_images(tiny_vit, paths), atol=2e-3 * z.abs().max())
@@ -81,7 +70,7 @@ def test_center_matches_direct_encoding(tmp_path, tiny_vit):
 def test_changed_image_or_model_is_never_stale(tmp_path, tiny_vit, tiny_vit_file):
     from prolip.backbones import load_backbone
 
-    paths = images(tmp_path / "img", n=4)
+    paths = make_images(tmp_path / "img", n=4)
     first = cache_of(tmp_path, tiny_vit).center(paths)
     Image.fromarray(np.zeros((40, 45, 3), dtype=np.uint8)).save(paths[0])
     os.utime(paths[0], ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))

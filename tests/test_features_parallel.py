@@ -6,7 +6,7 @@ import torch
 
 from prolip.features import FeatureCache
 from prolip.features.cache import ordered_map
-from test_features import images
+from reliability.conftest import make_images
 
 
 def test_ordered_map_keeps_order_and_propagates_errors():
@@ -24,7 +24,7 @@ def test_ordered_map_keeps_order_and_propagates_errors():
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_decoding_threads_give_bitwise_the_same_cache(tmp_path, tiny_vit, workers):
-    paths = images(tmp_path / "img", n=10)
+    paths = make_images(tmp_path / "img", n=10)
     (tmp_path / "img" / "broken.png").write_bytes(b"not a png")
     paths.insert(4, tmp_path / "img" / "broken.png")
     kw = dict(batch_size=3, unit_images=4, progress=False, on_bad_image="skip")  # batches straddle images and units
@@ -38,7 +38,7 @@ def test_decoding_threads_give_bitwise_the_same_cache(tmp_path, tiny_vit, worker
 
 
 def test_bf16_extraction_has_its_own_namespace_and_close_features(tmp_path, tiny_vit):
-    paths = images(tmp_path / "img", n=4)
+    paths = make_images(tmp_path / "img", n=4)
     fp32 = FeatureCache(tmp_path / "c", tiny_vit, progress=False)
     bf16 = FeatureCache(tmp_path / "c", tiny_vit, progress=False, compute_dtype="bf16")
     assert fp32.compute_dtype == "fp32"  # auto on a CPU backbone
