@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from prolip.functional import accuracy, clip_logits
 from prolip.methods import available, create
 from prolip.methods.base import Validation
-from prolip.methods.synthetic import make_problem
+from synthetic import make_problem
 
 # Small budgets keep the suite fast; the structure of each method is unchanged.
 FAST = {

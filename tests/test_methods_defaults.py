@@ -12,7 +12,7 @@ from prolip.methods import create
 import torch.nn.functional as F
 
 from prolip.methods._common import dassl_batches_per_epoch, dassl_lr, embed, train_minibatch
-from prolip.methods.synthetic import make_problem
+from synthetic import make_problem
 
 VERIFIED = {
     "clip-adapter": dict(ratio=0.2, reduction=4, lr=2e-3, epochs=200, batch_size=32, weight_decay=5e-4,

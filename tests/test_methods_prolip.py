@@ -12,7 +12,7 @@ from prolip.methods import create
 from prolip.methods.base import Validation
 from prolip.methods.prolip import (GRID_LAMS, GRID_LRS, adam_step, cosine_lr, prolip_loss_and_grad,
                                    resolve_lambda, select_config, train_projection)
-from prolip.methods.synthetic import make_problem
+from synthetic import make_problem
 
 
 @pytest.fixture(scope="module")

@@ -186,7 +186,7 @@ def parse_experiment(raw: dict, source: str = "<experiment>", overrides: dict | 
             raise ExperimentError(f"{source}: methods[{i}]: unknown method {m.name!r}; choose from {sorted(known)}")
         try:
             create(m.name, **m.hyperparameters)
-        except (TypeError, ValueError) as e:
+        except ValueError as e:
             raise ExperimentError(f"{source}: methods[{i}] ({m.label}): bad hyperparameters: {e}") from None
     labels = [m.label for m in methods]
     duplicates = sorted({x for x in labels if labels.count(x) > 1})
@@ -201,6 +201,8 @@ def parse_experiment(raw: dict, source: str = "<experiment>", overrides: dict | 
 
 
 def _check_values(exp: Experiment, source: str) -> None:
+    from prolip.methods import method_class
+
     if exp.protocol not in PROTOCOLS:
         raise ExperimentError(f"{source}: 'protocol' must be one of {', '.join(PROTOCOLS)}, got {exp.protocol!r}")
     if any(s <= 0 for s in exp.shots) or not exp.shots:
@@ -223,16 +225,18 @@ def _check_values(exp: Experiment, source: str) -> None:
         if not exp.sensitivity.lrs or not exp.sensitivity.lams:
             raise ExperimentError(f"{source}: sensitivity: 'lrs' and 'lams' must not be empty")
         for i, m in enumerate(exp.methods):
-            if m.name != "prolip" or {"lr", "lam", "grid"} & set(m.hyperparameters):
-                raise ExperimentError(f"{source}: methods[{i}]: the sensitivity protocol sweeps prolip's lr and lam "
-                                      f"(set them under 'sensitivity'); list prolip entries with only steps/precision")
+            swept = {"lr", "lam"}
+            if not swept <= set(method_class(m.name).param_names()) or (swept | {"grid"}) & set(m.hyperparameters):
+                raise ExperimentError(f"{source}: methods[{i}] ({m.label}): the sensitivity protocol sweeps a "
+                                      f"method's lr and lam (set them under 'sensitivity'): list methods that have "
+                                      f"both, without setting them or a grid")
     if exp.protocol == "tta":
         if exp.tta.views < 1 or not 0 < exp.tta.ratio <= 1:
             raise ExperimentError(f"{source}: tta: 'views' must be ≥ 1 and 'ratio' in (0, 1]")
         for i, m in enumerate(exp.methods):
-            if m.name not in ("zeroshot", "prolip"):
-                raise ExperimentError(f"{source}: methods[{i}]: the tta protocol starts from zeroshot (W0) or a "
-                                      f"few-shot prolip W, not {m.name!r}")
+            if not method_class(m.name).exposes_projection:
+                raise ExperimentError(f"{source}: methods[{i}]: the tta protocol adapts a projection W, so it starts "
+                                      f"from a method that exposes one (zeroshot's W0, prolip's W), not {m.name!r}")
 
 
 def load_experiment(path: Path | str, overrides: dict | None = None) -> Experiment:

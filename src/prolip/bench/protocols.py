@@ -1,78 +1,33 @@
 """Run an experiment's cells on one shared feature cache, appending one record per finished cell.
 
-A cell is one (dataset, shots, seed, method) — or (source → target, ...) for transfer, (lr, λ) for the sensitivity
-sweep. All cells of one (dataset, shots, seed) share one sampled support set, its cached views, its validation
-features and the dataset's test features; nothing is extracted for a group whose cells are all already recorded.
+One loop (:func:`run_experiment`): a protocol lists its cells in groups, each group sharing one few-shot episode
+(one dataset, shots and seed); a group whose cells are all recorded is skipped before anything is extracted; the
+protocol scores the pending cells of a group. Episodes come from :mod:`prolip.episode`, the same path as
+``prolip fit``, so the CLI and the bench draw the same images for the same data, shots and seed.
 """
+
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from prolip import __version__
 from prolip.bench.experiment import DOMAIN_TARGETS, Experiment, MethodSpec
 from prolip.bench.records import append_record, cell_id, done_cells, read_records
-from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
-from prolip.functional import accuracy, clip_logits
-from prolip.methods.base import Support, Validation
+from prolip.data.sampling import base_new_split
+from prolip.data.types import DatasetSplits, LabeledImages
+from prolip.episode import Episode, EpisodeBuilder, EpisodeSpec, Features, evaluation_images, restrict
+from prolip.functional import accuracy
+from prolip.methods import Method, create, method_class
 
-
-# ----------------------------------------------------------------------------------------------- pure pieces
 
 def harmonic_mean(base: float, new: float) -> float:
     return 0.0 if base + new == 0 else 2 * base * new / (base + new)
-
-
-def restrict(images: LabeledImages | None, classes: list[int], classnames: list[str]) -> LabeledImages | None:
-    """The images of ``classes``, relabelled 0..len(classes)-1 in that order."""
-    if images is None:
-        return None
-    new = {c: i for i, c in enumerate(classes)}
-    items = [ImageItem(it.path, new[it.label]) for it in images.items if it.label in new]
-    return LabeledImages(items, classnames, images.templates, images.name)
-
-
-def split_classes(splits: DatasetSplits, classes: list[int]) -> DatasetSplits:
-    names = [splits.classnames[c] for c in classes]
-    return DatasetSplits(splits.name, names, splits.templates, restrict(splits.train, classes, names),
-                         restrict(splits.val, classes, names), restrict(splits.test, classes, names))
-
-
-@dataclass
-class FewShotSets:
-    support: LabeledImages
-    val: LabeledImages
-    eval: LabeledImages
-    eval_set: str  # "test split" or "held-out images"
-
-
-def few_shot_sets(splits: DatasetSplits, shots: int, seed: int, sampler: str, allow_fewer: bool = False) -> FewShotSets:
-    """Support, N-shot validation and evaluation images of one cell. Validation comes from the val split (or unused
-    training images) and never from the evaluation set."""
-    from prolip.data import sample_few_shot
-    from prolip.pipeline import held_out
-
-    train = splits.train
-    if train is None or not len(train):
-        raise ValueError(f"dataset {splits.name!r} has no training images to sample shots from")
-    few = sample_few_shot(train.labels, shots, seed, convention=sampler, allow_fewer=allow_fewer,
-                          val_labels=splits.val.labels if splits.val is not None else None,
-                          imagenet_style=splits.name == "ImageNet" and sampler == "lpp",
-                          classnames=splits.classnames)
-    val = (splits.val if few.val_from == "val" else train).subset(few.val_indices)
-    if splits.test is not None and len(splits.test):
-        return FewShotSets(train.subset(few.train_indices), val, splits.test, "test split")
-    used = list(few.train_indices) + (list(few.val_indices) if few.val_from == "train" else [])
-    return FewShotSets(train.subset(few.train_indices), val, held_out(train, used), "held-out images")
-
-
-def evaluation_images(splits: DatasetSplits) -> LabeledImages:
-    """Where a model trained elsewhere is evaluated: the test split, or every image of a plain folder."""
-    return splits.test if splits.test is not None and len(splits.test) else splits.train
 
 
 def balanced_subset(images: LabeledImages, max_images: int | None) -> LabeledImages:
@@ -82,7 +37,8 @@ def balanced_subset(images: LabeledImages, max_images: int | None) -> LabeledIma
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(images.labels):
         by_class.setdefault(y, []).append(i)
-    picked, rank = [], 0
+    picked: list[int] = []
+    rank = 0
     while len(picked) < max_images:
         for idx in by_class.values():
             if rank < len(idx) and len(picked) < max_images:
@@ -91,10 +47,31 @@ def balanced_subset(images: LabeledImages, max_images: int | None) -> LabeledIma
     return images.subset(sorted(picked))
 
 
+@dataclass
+class Cell:
+    """One record to produce: a method (with its effective hyperparameters) and where it is scored."""
+
+    method: MethodSpec
+    record: dict[str, Any]
+    target: str | None = None  # transfer protocols: the dataset scored (None: the source itself)
+    extra: dict[str, Any] = field(default_factory=dict)  # protocol-specific (sensitivity point, TTA start kind)
+
+
+@dataclass
+class Group:
+    """Cells that share one episode."""
+
+    dataset: str
+    shots: int
+    seed: int | None
+    cells: list[Cell]
+
+
 # ----------------------------------------------------------------------------------------------- shared state
 
+
 class Bench:
-    """One experiment run: the backbone, the shared feature cache, the records file and in-memory memos."""
+    """One experiment run: the backbone, the shared cache and episode builder, the records file and memos."""
 
     def __init__(self, exp: Experiment, echo: Callable[[str], None] = print, backbone=None):
         from prolip.backbones import load_backbone
@@ -105,20 +82,21 @@ class Bench:
         out.mkdir(parents=True, exist_ok=True)
         self.records_path = out / "records.jsonl"
         self.finished = done_cells(read_records(self.records_path))
-        self.backbone = backbone if backbone is not None else load_backbone(exp.model, exp.pretrained,
-                                                                            device=exp.device)
+        self.backbone = backbone or load_backbone(exp.model, exp.pretrained, device=exp.device)
         if self.backbone.info.random_weights:
             echo(f"WARNING: {self.backbone.info.describe()}: every number of this run comes from RANDOM weights.")
         cache_dir = None if exp.cache_dir is None else Path(exp.cache_dir).expanduser()
         self.cache = FeatureCache(cache_dir, self.backbone, batch_size=exp.batch_size, num_workers=exp.workers,
                                   on_bad_image=exp.on_bad_image, progress=False)
+        self.builder = EpisodeBuilder(self.backbone, self.cache, views=exp.views, aug_seed=exp.aug_seed)
         self.ran = self.skipped = 0
         self._splits: dict[str, DatasetSplits] = {}
-        self._classifiers: dict[tuple, torch.Tensor] = {}
-        self._features: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._tta_starts: dict[tuple, Any] = {}
+        self.tta_starts: dict[tuple, Method] = {}  # fitted start methods, shared by every dataset of a TTA run
 
-    # -- data and features ----------------------------------------------------------------------------------
+    @property
+    def uses_validation(self) -> bool:
+        return self.exp.validation or self.exp.protocol == "fewshot-val"
+
     def splits(self, dataset: str) -> DatasetSplits:
         from prolip.data import resolve_data
 
@@ -130,48 +108,34 @@ class Bench:
     def templates(self, splits: DatasetSplits) -> tuple[str, list[str]]:
         return self.exp.templates_for(splits.templates)
 
-    def classifier(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-        key = (tuple(classnames), tuple(templates))
-        if key not in self._classifiers:
-            self._classifiers[key] = self.backbone.encode_text(list(classnames), list(templates)).float().cpu()
-        return self._classifiers[key]
+    def spec(self, shots: int, seed: int, classes: tuple[int, ...] | None = None) -> EpisodeSpec:
+        return EpisodeSpec(shots=shots, seed=seed, sampler=self.exp.sampler, views=self.exp.views,
+                           aug_seed=self.exp.aug_seed, allow_fewer=self.exp.allow_fewer,
+                           validation=self.uses_validation, classes=classes)
 
-    def features(self, images: LabeledImages) -> tuple[torch.Tensor, torch.Tensor]:
-        """Center-crop features and labels (bad images dropped), read from the cache once per run."""
-        from prolip.pipeline import center_features
+    def episode(self, splits: DatasetSplits, shots: int, seed: int, classes=None) -> Episode:
+        text_side = any(method_class(m.name).uses_text_side for m in self.exp.methods)
+        return self.builder.build(splits, self.spec(shots, seed, classes), templates=self.templates(splits)[1],
+                                  text_side=text_side)
 
-        key = tuple(str(it.path) for it in images.items) + tuple(images.labels)
-        if key not in self._features:
-            self._features[key] = center_features(self.cache, images)
-        return self._features[key]
+    # -- methods ---------------------------------------------------------------------------------------------
+    def validates(self, m: MethodSpec) -> bool:
+        """Whether this method selects anything on the validation set in this experiment."""
+        return self.uses_validation and bool(method_class(m.name).selects)
 
-    def support(self, images: LabeledImages) -> Support:
-        paths = [it.path for it in images.items]
-        views = self.cache.views(paths, self.exp.views, aug_seed=self.exp.aug_seed)
-        labels = torch.tensor(images.labels, dtype=torch.long)[torch.as_tensor(views.kept, dtype=torch.long)]
-        center, _ = self.features(images.subset(views.kept))
-        return Support(views=views, labels=labels, center=center)
+    def method(self, m: MethodSpec, hyperparameters: dict | None = None) -> Method:
+        hp = dict(m.hyperparameters if hyperparameters is None else hyperparameters)
+        if self.validates(m):
+            hp = {**method_class(m.name).validation_params, **hp}
+        return create(m.name, **hp)
 
-    def validation(self, images: LabeledImages) -> Validation:
-        return Validation(*self.features(images))
+    def fit(self, m: MethodSpec, hp: dict, episode: Episode, seed: int) -> tuple[Method, float]:
+        started = time.perf_counter()
+        val = episode.validation if self.validates(m) else None
+        method = create(m.name, **hp).fit(episode.task, episode.support, val, seed=seed)
+        return method, time.perf_counter() - started
 
-    def task(self, classnames: Sequence[str], templates: Sequence[str], shots: int, methods: Sequence[MethodSpec]):
-        from prolip.pipeline import build_task
-
-        return build_task(self.backbone, classnames, templates, shots,
-                          with_text_side=any(m.name == "prolip-text" for m in methods),
-                          classifier=self.classifier(classnames, templates))
-
-    # -- cells ---------------------------------------------------------------------------------------------
-    def hyperparameters(self, m: MethodSpec) -> dict[str, Any]:
-        """The method's full hyperparameters (defaults included, so a changed default is a different cell)."""
-        from prolip.methods import create
-
-        hp = dict(m.hyperparameters)
-        if self.exp.protocol == "fewshot-val" and m.name == "prolip":
-            hp.setdefault("grid", True)  # the paper's validation protocol: the 49-point (lr, λ) grid
-        return create(m.name, **hp).hyperparameters
-
+    # -- records ---------------------------------------------------------------------------------------------
     def record(self, m: MethodSpec, *, dataset: str, shots: int, seed: int | None, templates: tuple[str, list[str]],
                hyperparameters: dict | None = None, **extra: Any) -> dict[str, Any]:
         info = self.backbone.info
@@ -179,303 +143,251 @@ class Bench:
                "weights": self.exp.pretrained, "random_weights": info.random_weights, "fingerprint": info.fingerprint,
                "sampler": self.exp.sampler, "seed": seed, "shots": shots, "views": self.exp.views,
                "aug_seed": self.exp.aug_seed, "label": m.label, "method": m.name,
-               "hyperparameters": self.hyperparameters(m) if hyperparameters is None else hyperparameters,
-               "validation": self.uses_validation, "templates_name": templates[0], "templates": templates[1],
-               "setting": None}
+               "hyperparameters": self.method(m, hyperparameters).get_params(),
+               "validation": self.uses_validation, "selects": method_class(m.name).selects or None,
+               "templates_name": templates[0], "templates": templates[1], "setting": None}
         rec.update(extra)
         rec["cell"] = cell_id(rec)
         return rec
 
-    @property
-    def uses_validation(self) -> bool:
-        return self.exp.validation or self.exp.protocol == "fewshot-val"
-
-    def pending(self, cells: list) -> list:
-        """The cells (``(…, record)`` tuples or records) not recorded yet; counts the others as skipped."""
-        todo = [c for c in cells if (c[-1] if isinstance(c, tuple) else c)["cell"] not in self.finished]
+    def pending(self, cells: list[Cell]) -> list[Cell]:
+        todo = [c for c in cells if c.record["cell"] not in self.finished]
         self.skipped += len(cells) - len(todo)
         return todo
 
     def write(self, rec: dict[str, Any], seconds: float) -> None:
-        rec.update(seconds=round(seconds, 3), prolip_version=__version__,
-                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        rec.update(seconds=round(seconds, 3), prolip_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         append_record(self.records_path, rec)
         self.finished.add(rec["cell"])
         self.ran += 1
         acc = rec.get("accuracy")
         where = rec["dataset"] if rec.get("source") is None else f"{rec['source']}→{rec['dataset']}"
         seed = "" if rec["seed"] is None else f" seed {rec['seed']}"
-        self.echo(f"{where} {rec['shots']}-shot{seed} {rec['label']}: "
-                  f"{'-' if acc is None else format(acc, '.2f')}")
+        point = "" if rec["protocol"] != "sensitivity" else \
+            f" lr {rec['hyperparameters']['lr']:g} λ {rec['hyperparameters']['lam']}"
+        score = rec.get("note", "not scored") if acc is None else format(acc, ".2f")
+        self.echo(f"{where} {rec['shots']}-shot{seed} {rec['label']}{point}: {score}")
 
 
-def _fit(m: MethodSpec, hp: dict, task, support: Support | None, val: Validation | None, seed: int):
-    from prolip.methods import create
-
-    started = time.perf_counter()
-    method = create(m.name, **hp).fit(task, support, val, seed=seed)
-    return method, time.perf_counter() - started
-
-
-def _swapped_accuracy(method, z: torch.Tensor, y: torch.Tensor, classifier: torch.Tensor | None):
-    """Accuracy with another text classifier, or None for methods tied to their training classes."""
-    try:
-        with torch.no_grad():
-            return accuracy(method.logits(z, classifier=classifier), y)
-    except ValueError:
+def score(method: Method, features: Features, classifier: torch.Tensor | None = None) -> float | None:
+    """Top-1 accuracy (%) of a fitted method on a feature set; None when there is nothing to score."""
+    if not len(features):
         return None
+    with torch.no_grad():
+        return accuracy(method.logits(features.features, classifier=classifier), features.labels)
+
+
+NOTHING_TO_SCORE = "no evaluation images left (every image was used for support or validation)"
 
 
 # ----------------------------------------------------------------------------------------------- protocols
 
-def run_fewshot(b: Bench) -> None:
-    """Few-shot accuracy per dataset × shots × seed × method; with validation (fewshot-val) methods get an N-shot
-    validation set and ProLIP runs its 49-point grid on it."""
-    exp = b.exp
-    for dataset in exp.datasets:
-        splits = b.splits(dataset)
-        templates = b.templates(splits)
-        for shots in exp.shots:
-            for seed in exp.seeds:
-                cells = [(m, b.record(m, dataset=splits.name, shots=shots, seed=seed, templates=templates))
-                         for m in exp.methods]
-                todo = b.pending(cells)
-                if not todo:
-                    continue
-                sets = few_shot_sets(splits, shots, seed, exp.sampler, exp.allow_fewer)
-                support = b.support(sets.support)
-                val = b.validation(sets.val) if b.uses_validation else None
-                task = b.task(splits.classnames, templates[1], shots, exp.methods)
-                z, y = b.features(sets.eval)
-                for m, rec in todo:
-                    method, seconds = _fit(m, rec["hyperparameters"], task, support, val, seed)
-                    with torch.no_grad():
-                        rec["accuracy"] = accuracy(method.logits(z), y)
-                    rec.update(selected=method.selected_, eval_images=len(y), eval_set=sets.eval_set)
-                    b.write(rec, seconds)
+
+class Protocol:
+    """How one paper protocol lists its cells and scores a group of them on the group's episode."""
+
+    def __init__(self, bench: Bench):
+        self.b, self.exp = bench, bench.exp
+
+    def groups(self) -> Iterator[Group]:
+        raise NotImplementedError
+
+    def score(self, group: Group, cells: list[Cell]) -> Iterator[tuple[Cell, float]]:
+        raise NotImplementedError
+
+    def _per_dataset_groups(self, cells_for: Callable[[DatasetSplits, int, int], list[Cell]]) -> Iterator[Group]:
+        for dataset in self.exp.datasets:
+            splits = self.b.splits(dataset)
+            for shots in self.exp.shots:
+                for seed in self.exp.seeds:
+                    yield Group(dataset, shots, seed, cells_for(splits, shots, seed))
 
 
-def run_sensitivity(b: Bench) -> None:
-    """ProLIP over lr × λ (validation-free, test accuracy for each point, as the paper's sensitivity figure): every
-    point of one support set trains in one batched computation."""
-    from prolip.methods.prolip import train_projection
+class FewShot(Protocol):
+    """Few-shot accuracy per dataset × shots × seed × method; with validation (fewshot-val) each method selects what
+    it declares on an N-shot validation set (ProLIP: the paper's 49-point grid)."""
 
-    exp = b.exp
-    for dataset in exp.datasets:
-        splits = b.splits(dataset)
-        templates = b.templates(splits)
-        for shots in exp.shots:
-            for seed in exp.seeds:
-                cells = []
-                for m in exp.methods:
-                    base_hp = b.hyperparameters(m)
-                    for lr in exp.sensitivity.lrs:
-                        for lam in exp.sensitivity.lams:
-                            hp = {**base_hp, "lr": float(lr), "lam": float(lam)}
-                            cells.append((m, b.record(m, dataset=splits.name, shots=shots, seed=seed,
-                                                      templates=templates, hyperparameters=hp)))
-                todo = b.pending(cells)
-                if not todo:
-                    continue
-                sets = few_shot_sets(splits, shots, seed, exp.sampler, exp.allow_fewer)
-                support = b.support(sets.support)
-                task = b.task(splits.classnames, templates[1], shots, [])
-                z, y = b.features(sets.eval)
-                for m in exp.methods:
-                    mine = [rec for mm, rec in todo if mm is m]
-                    if not mine:
-                        continue
-                    hp = mine[0]["hyperparameters"]
-                    started = time.perf_counter()
-                    Ws = train_projection(task.W0, task.bias, task.classifier, task.logit_scale, support.views,
-                                          support.labels, [r["hyperparameters"]["lr"] for r in mine],
-                                          [r["hyperparameters"]["lam"] for r in mine], hp["steps"], hp["precision"])
-                    seconds = (time.perf_counter() - started) / len(mine)
-                    for W, rec in zip(Ws, mine):
-                        with torch.no_grad():
-                            rec["accuracy"] = accuracy(clip_logits(z, W.float(), task.bias, task.classifier,
-                                                                   task.logit_scale), y)
-                        rec.update(selected={"lr": rec["hyperparameters"]["lr"], "lam": rec["hyperparameters"]["lam"],
-                                             "how": "sweep"}, eval_images=len(y), eval_set=sets.eval_set)
-                        b.write(rec, seconds)
+    def groups(self) -> Iterator[Group]:
+        def cells(splits: DatasetSplits, shots: int, seed: int) -> list[Cell]:
+            t = self.b.templates(splits)
+            return [Cell(m, self.b.record(m, dataset=splits.name, shots=shots, seed=seed, templates=t))
+                    for m in self.exp.methods]
+
+        return self._per_dataset_groups(cells)
+
+    def score(self, group: Group, cells: list[Cell]) -> Iterator[tuple[Cell, float]]:
+        assert group.seed is not None
+        episode = self.b.episode(self.b.splits(group.dataset), group.shots, group.seed)
+        for cell in cells:
+            method, seconds = self.b.fit(cell.method, cell.record["hyperparameters"], episode, group.seed)
+            acc = score(method, episode.evaluation)
+            cell.record.update(accuracy=acc, selected=method.selected_, eval_images=len(episode.evaluation),
+                               eval_set=episode.images.eval_set)
+            if acc is None:
+                cell.record["note"] = NOTHING_TO_SCORE
+            yield cell, seconds
 
 
-def run_base2new(b: Bench) -> None:
-    """Train on the base classes (first ⌈C/2⌉ labels, relabelled), then: base accuracy with the base-only classifier
-    on base test images, new accuracy with the new-only classifier on new test images (same adapted W), and HM.
+class Sensitivity(Protocol):
+    """A method's lr × λ sweep, validation-free, test accuracy for each point (the paper's sensitivity figure);
+    methods that can (ProLIP) train every point of one support set in one batched computation."""
 
-    Sampling on the base classes alone draws the same images as sampling all classes and then keeping the base
-    ones (CoOp's order), because both samplers walk classes in label order and the base labels come first."""
-    from prolip.data import base_new_split
+    def groups(self) -> Iterator[Group]:
+        sweep = self.exp.sensitivity
 
-    exp = b.exp
-    for dataset in exp.datasets:
-        splits = b.splits(dataset)
-        templates = b.templates(splits)
-        base, new = base_new_split(len(splits.classnames))
-        base_splits, new_splits = split_classes(splits, base), split_classes(splits, new)
-        for shots in exp.shots:
-            for seed in exp.seeds:
-                cells = [(m, b.record(m, dataset=splits.name, shots=shots, seed=seed, templates=templates))
-                         for m in exp.methods]
-                todo = b.pending(cells)
-                if not todo:
-                    continue
-                sets = few_shot_sets(base_splits, shots, seed, exp.sampler, exp.allow_fewer)
-                support = b.support(sets.support)
-                val = b.validation(sets.val) if b.uses_validation else None
-                task = b.task(base_splits.classnames, templates[1], shots, exp.methods)
-                z_base, y_base = b.features(sets.eval)
-                z_new, y_new = b.features(evaluation_images(new_splits))
-                T_new = b.classifier(new_splits.classnames, templates[1])
-                for m, rec in todo:
-                    method, seconds = _fit(m, rec["hyperparameters"], task, support, val, seed)
-                    with torch.no_grad():
-                        base_acc = accuracy(method.logits(z_base), y_base)
-                    new_acc = _swapped_accuracy(method, z_new, y_new, T_new)
-                    hm = None if new_acc is None else harmonic_mean(base_acc, new_acc)
-                    rec.update(base=base_acc, new=new_acc, hm=hm, accuracy=hm, selected=method.selected_,
-                               base_classes=len(base), new_classes=len(new))
-                    if new_acc is None:
-                        rec["note"] = f"{m.name} cannot score classes it was not trained on"
-                    b.write(rec, seconds)
+        def cells(splits: DatasetSplits, shots: int, seed: int) -> list[Cell]:
+            t, out = self.b.templates(splits), []
+            for m in self.exp.methods:
+                base_hp = self.b.method(m).get_params()
+                for lr in sweep.lrs:
+                    for lam in sweep.lams:
+                        hp = {**base_hp, "lr": float(lr), "lam": float(lam)}
+                        rec = self.b.record(m, dataset=splits.name, shots=shots, seed=seed, templates=t,
+                                            hyperparameters=hp)
+                        out.append(Cell(m, rec, extra={"lr": float(lr), "lam": float(lam)}))
+            return out
 
+        return self._per_dataset_groups(cells)
 
-def run_transfer(b: Bench) -> None:
-    """Cross-dataset / domain generalisation: train on the one source dataset, evaluate the adapted method on the
-    source's test set and on each target with the target's own classifier (its classes and templates; ImageNet-A/-R
-    thus get the 200-way classifier of their class subsets)."""
-    exp = b.exp
-    source = b.splits(exp.datasets[0])
-    src_templates = b.templates(source)
-    specs = exp.targets if exp.targets else DOMAIN_TARGETS
-    targets = [b.splits(t) for t in specs]
-    for shots in exp.shots:
-        for seed in exp.seeds:
-            cells = []
-            for m in exp.methods:
-                hp = b.hyperparameters(m)
-                for target in [source] + targets:
-                    cells.append((m, target, b.record(m, dataset=target.name, source=source.name, shots=shots,
-                                                      seed=seed, templates=b.templates(target), hyperparameters=hp)))
-            todo = b.pending(cells)
-            if not todo:
+    def score(self, group: Group, cells: list[Cell]) -> Iterator[tuple[Cell, float]]:
+        assert group.seed is not None
+        episode = self.b.episode(self.b.splits(group.dataset), group.shots, group.seed)
+        for m in self.exp.methods:
+            mine = [c for c in cells if c.method is m]
+            if not mine:
                 continue
-            sets = few_shot_sets(source, shots, seed, exp.sampler, exp.allow_fewer)
-            support = b.support(sets.support)
-            val = b.validation(sets.val) if b.uses_validation else None
-            task = b.task(source.classnames, src_templates[1], shots, exp.methods)
-            fitted: dict[int, tuple[Any, float]] = {}
-            for m, target, rec in todo:
-                if id(m) not in fitted:
-                    fitted[id(m)] = _fit(m, rec["hyperparameters"], task, support, val, seed)
-                method, seconds = fitted[id(m)]
-                started = time.perf_counter()
-                if target is source:
-                    z, y = b.features(sets.eval)
-                    with torch.no_grad():
-                        acc = accuracy(method.logits(z), y)
-                else:
-                    z, y = b.features(evaluation_images(target))
-                    acc = _swapped_accuracy(method, z, y, b.classifier(target.classnames, b.templates(target)[1]))
-                    if acc is None:
-                        rec["note"] = f"{m.name} cannot score another dataset's classes"
-                rec.update(accuracy=acc, selected=method.selected_, eval_images=len(y),
-                           num_classes=len(target.classnames))
-                b.write(rec, seconds + time.perf_counter() - started)
+            started = time.perf_counter()
+            fitted = self.b.method(m).fit_each(episode.task, episode.support, [c.extra for c in mine], group.seed)
+            seconds = (time.perf_counter() - started) / len(mine)
+            for cell, method in zip(mine, fitted):
+                cell.record.update(accuracy=score(method, episode.evaluation), selected=method.selected_,
+                                   eval_images=len(episode.evaluation), eval_set=episode.images.eval_set)
+                yield cell, seconds
 
 
-def run_tta(b: Bench) -> None:
-    """Test-time ProLIP from W0 (zeroshot) or from a few-shot ProLIP W, on a (class-balanced, optionally capped)
-    test set; optional TPT and no-update view-ensemble rows on the very same views."""
-    from prolip.tta import TTAConfig, adapt_projection, tpt_logits, view_ensemble_logits, view_features
+class BaseToNew(Protocol):
+    """Train on the base classes (the first ⌈C/2⌉ labels; sampled over all classes, then restricted, as the
+    reference); base accuracy with the base-only classifier on base test images, new accuracy with the new-only
+    classifier on new test images (same adapted method), and their harmonic mean."""
 
-    exp, t = b.exp, b.exp.tta
-    cfg = TTAConfig(views=t.views, ratio=t.ratio, steps=t.steps, lr=t.lr, seed=t.seed)
-    setting = {"tta": asdict(t)}
-    for dataset in exp.datasets:
-        splits = b.splits(dataset)
-        templates = b.templates(splits)
-        images = balanced_subset(evaluation_images(splits), t.max_images)
-        # (kind, start method spec, shots, seed, record): zeroshot starts do not depend on shots/seed.
-        cells = []
-        for m in exp.methods:
-            starts = [(0, None)] if m.name == "zeroshot" else [(s, seed) for s in exp.shots for seed in exp.seeds]
-            for shots, seed in starts:
-                cells.append(("tta", m, shots, seed, b.record(
-                    MethodSpec(m.name, f"tta+{m.label}", m.hyperparameters), dataset=splits.name, shots=shots,
-                    seed=seed, templates=templates, setting=setting)))
-        for kind, on in (("tpt", t.tpt), ("ensemble", t.ensemble)):
-            if on:
-                spec = MethodSpec("zeroshot", kind)
-                cells.append((kind, spec, 0, None, b.record(spec, dataset=splits.name, shots=0, seed=None,
-                                                            templates=templates, setting=setting)))
-        todo = b.pending(cells)
-        if not todo:
-            continue
-        T = b.classifier(splits.classnames, templates[1])
-        task0 = b.task(splits.classnames, templates[1], 1, [])
-        started_fit = time.perf_counter()
-        starts = {}
-        for kind, m, shots, seed, rec in todo:
-            if kind == "tta" and m.name == "prolip":
-                method = _fitted_start(b, m, rec["hyperparameters"], t.train_on or dataset, shots, seed)
-                starts[rec["cell"]] = method.W
-                rec["selected"] = method.selected_
-                rec["source"] = b.splits(t.train_on).name if t.train_on else None
+    def groups(self) -> Iterator[Group]:
+        def cells(splits: DatasetSplits, shots: int, seed: int) -> list[Cell]:
+            t = self.b.templates(splits)
+            return [Cell(m, self.b.record(m, dataset=splits.name, shots=shots, seed=seed, templates=t))
+                    for m in self.exp.methods]
+
+        return self._per_dataset_groups(cells)
+
+    def score(self, group: Group, cells: list[Cell]) -> Iterator[tuple[Cell, float]]:
+        assert group.seed is not None
+        splits = self.b.splits(group.dataset)
+        base, new = base_new_split(len(splits.classnames))
+        episode = self.b.episode(splits, group.shots, group.seed, classes=tuple(base))
+        new_images = restrict(evaluation_images(splits), new)
+        new_features = self.b.builder.center(new_images)
+        T_new = self.b.builder.classifier(new_images.classnames, self.b.templates(splits)[1])
+        for cell in cells:
+            method, seconds = self.b.fit(cell.method, cell.record["hyperparameters"], episode, group.seed)
+            base_acc = score(method, episode.evaluation)
+            new_acc = score(method, new_features, T_new) if method.accepts_classifier else None
+            hm = None if new_acc is None or base_acc is None else harmonic_mean(base_acc, new_acc)
+            cell.record.update(base=base_acc, new=new_acc, hm=hm, accuracy=hm, selected=method.selected_,
+                               base_classes=len(base), new_classes=len(new))
+            if not method.accepts_classifier:
+                cell.record["note"] = f"{cell.method.name} cannot score classes it was not trained on"
+            yield cell, seconds
+
+
+class Transfer(Protocol):
+    """Cross-dataset / domain generalisation: train on the one source dataset, evaluate the adapted method on the
+    source's evaluation set and on each target with the target's own classifier (its classes and templates;
+    ImageNet-A/-R thus get the 200-way classifier of their class subsets)."""
+
+    def groups(self) -> Iterator[Group]:
+        source = self.b.splits(self.exp.datasets[0])
+        targets = [self.b.splits(t) for t in (self.exp.targets or DOMAIN_TARGETS)]
+        for shots in self.exp.shots:
+            for seed in self.exp.seeds:
+                cells = [Cell(m, self.b.record(m, dataset=target.name, source=source.name, shots=shots, seed=seed,
+                                               templates=self.b.templates(target)),
+                              target=None if target is source else target.name)
+                         for m in self.exp.methods for target in [source, *targets]]
+                yield Group(source.name, shots, seed, cells)
+
+    def score(self, group: Group, cells: list[Cell]) -> Iterator[tuple[Cell, float]]:
+        assert group.seed is not None
+        source = self.b.splits(self.exp.datasets[0])
+        episode = self.b.episode(source, group.shots, group.seed)
+        fitted: dict[int, tuple[Method, float]] = {}
+        for cell in cells:
+            if id(cell.method) not in fitted:
+                fitted[id(cell.method)] = self.b.fit(cell.method, cell.record["hyperparameters"], episode, group.seed)
+            method, seconds = fitted[id(cell.method)]
+            started = time.perf_counter()
+            if cell.target is None:
+                features, acc = episode.evaluation, score(method, episode.evaluation)
             else:
-                starts[rec["cell"]] = task0.W0
-        fit_seconds = time.perf_counter() - started_fit
-        correct = {rec["cell"]: 0 for *_, rec in todo}
-        before = {rec["cell"]: 0 for *_, rec in todo}
-        paths = [it.path for it in images.items]
-        labels = torch.tensor(images.labels)
-        started = time.perf_counter()
-        for i in range(0, len(paths), 16):
-            z = view_features(b.backbone, paths[i:i + 16], cfg.views, cfg.seed)
-            y = labels[i:i + 16]
-            for kind, m, shots, seed, rec in todo:
-                W = starts[rec["cell"]]
-                with torch.no_grad():
-                    before[rec["cell"]] += int((clip_logits(z[:, 0], W, task0.bias, T, task0.logit_scale)
-                                                .argmax(-1) == y).sum())
-                if kind == "tta":
-                    logits = adapt_projection(z, W, task0.bias, T, task0.logit_scale, cfg)[0]
-                elif kind == "tpt":
-                    logits = tpt_logits(b.backbone, z, W, task0.bias, splits.classnames, task0.logit_scale,
-                                        ratio=cfg.ratio, steps=cfg.steps)
-                else:
-                    logits = view_ensemble_logits(z, W, task0.bias, T, task0.logit_scale, cfg.ratio)
-                correct[rec["cell"]] += int((logits.argmax(-1) == y).sum())
-        seconds = (time.perf_counter() - started) / len(todo)
-        for kind, m, shots, seed, rec in todo:
-            n = len(paths)
-            rec.update(accuracy=100.0 * correct[rec["cell"]] / n, start_accuracy=100.0 * before[rec["cell"]] / n,
-                       eval_images=n)
-            b.write(rec, seconds + fit_seconds / len(todo))
+                target = self.b.splits(cell.target)
+                features = self.b.builder.center(evaluation_images(target))
+                T = self.b.builder.classifier(target.classnames, self.b.templates(target)[1])
+                acc = score(method, features, T) if method.accepts_classifier else None
+                if not method.accepts_classifier:
+                    cell.record["note"] = f"{cell.method.name} cannot score another dataset's classes"
+            cell.record.update(accuracy=acc, selected=method.selected_, eval_images=len(features),
+                               num_classes=len(self.b.splits(cell.target or source.name).classnames))
+            yield cell, seconds + time.perf_counter() - started
 
 
-def _fitted_start(b: Bench, m: MethodSpec, hp: dict, train_on: str, shots: int, seed: int):
-    """A few-shot ProLIP fitted on ``train_on`` (memoised: the same W starts TTA on every dataset)."""
-    memo = b._tta_starts
-    key = (m.label, train_on, shots, seed)
-    if key not in memo:
-        splits = b.splits(train_on)
-        templates = b.templates(splits)
-        sets = few_shot_sets(splits, shots, seed, b.exp.sampler, b.exp.allow_fewer)
-        task = b.task(splits.classnames, templates[1], shots, [])
-        memo[key] = _fit(m, hp, task, b.support(sets.support), None, seed)[0]
-    return memo[key]
+class TestTime(Protocol):
+    """Test-time ProLIP from a method's projection: W0 for methods that learn nothing (zero-shot), or a few-shot
+    method's adapted W (fitted on ``tta.train_on`` or the dataset itself); optional TPT and no-update view-ensemble
+    rows on the very same views, on a class-balanced (optionally capped) evaluation set."""
+
+    def groups(self) -> Iterator[Group]:
+        t = self.exp.tta
+        setting = {"tta": asdict(t)}
+        for dataset in self.exp.datasets:
+            splits = self.b.splits(dataset)
+            templates = self.b.templates(splits)
+            cells = []
+            for m in self.exp.methods:
+                starts = [(s, seed) for s in self.exp.shots for seed in self.exp.seeds] \
+                    if method_class(m.name).learns else [(0, None)]
+                for shots, seed in starts:
+                    spec = MethodSpec(m.name, f"tta+{m.label}", m.hyperparameters)
+                    rec = self.b.record(spec, dataset=splits.name, shots=shots, seed=seed, templates=templates,
+                                        setting=setting)
+                    cells.append(Cell(m, rec, extra={"kind": "tta", "shots": shots, "seed": seed}))
+            for kind, on in (("tpt", t.tpt), ("ensemble", t.ensemble)):
+                if on:
+                    spec = MethodSpec("zeroshot", kind)
+                    rec = self.b.record(spec, dataset=splits.name, shots=0, seed=None, templates=templates,
+                                        setting=setting)
+                    cells.append(Cell(spec, rec, extra={"kind": kind, "shots": 0, "seed": None}))
+            yield Group(dataset, 0, None, cells)
+
+    def score(self, group: Group, cells: list[Cell]) -> Iterator[tuple[Cell, float]]:
+        from prolip.bench.tta import run_tta_group
+
+        yield from run_tta_group(self.b, group, cells)
 
 
-PROTOCOL_RUNNERS = {"fewshot": run_fewshot, "fewshot-val": run_fewshot, "sensitivity": run_sensitivity,
-                    "base2new": run_base2new, "cross-dataset": run_transfer, "domain-generalisation": run_transfer,
-                    "tta": run_tta}
+PROTOCOLS: dict[str, type[Protocol]] = {
+    "fewshot": FewShot, "fewshot-val": FewShot, "sensitivity": Sensitivity, "base2new": BaseToNew,
+    "cross-dataset": Transfer, "domain-generalisation": Transfer, "tta": TestTime,
+}
 
 
 def run_experiment(exp: Experiment, echo: Callable[[str], None] = print, backbone=None) -> Path:
     """Run every unfinished cell of ``exp``; returns the records file. ``backbone`` skips loading one (tests)."""
     b = Bench(exp, echo, backbone)
-    PROTOCOL_RUNNERS[exp.protocol](b)
+    protocol = PROTOCOLS[exp.protocol](b)
+    for group in protocol.groups():
+        todo = b.pending(group.cells)
+        for cell, seconds in protocol.score(group, todo) if todo else ():
+            b.write(cell.record, seconds)
     echo(f"{b.ran} cells run, {b.skipped} already done; records in {b.records_path}; cache: {b.cache.stats}")
     return b.records_path
+
+
+__all__ = ["PROTOCOLS", "Bench", "Cell", "Group", "Protocol", "balanced_subset", "harmonic_mean", "run_experiment"]

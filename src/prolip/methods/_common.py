@@ -1,20 +1,28 @@
 """Pieces the baselines share: post-projection embeddings of the cached views, a mini-batch trainer, checks."""
 from __future__ import annotations
 
-import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from prolip.functional import project
-from prolip.methods.base import Support, Task, Validation
+from prolip.methods.base import Support, Task
+from prolip.optim import cosine_lr
 
 
 def embed(task: Task, z: Tensor) -> Tensor:
     """Post-projection (joint-space, unnormalised) image embeddings with the frozen pretrained W0."""
     return project(z.float(), task.W0, task.bias)
+
+
+def text_mean(task: Task, method: str) -> Tensor:
+    """The unnormalised mean text embedding the originals of TaskRes, ZS-LP and CLAP start from."""
+    if task.text_mean is None:
+        raise ValueError(f"{method} starts from the unnormalised mean text embedding: build the task with "
+                         "text_mean (the episode always does)")
+    return task.text_mean
 
 
 def view_embeddings(task: Task, support: Support, num_views: int) -> Tensor:
@@ -28,17 +36,6 @@ def mean_view_embedding(task: Task, support: Support, num_views: int) -> Tensor:
     count = max(1, min(num_views, support.views.num_views))
     mean_z = sum(support.views.view(t) for t in range(count)) / count
     return embed(task, mean_z)
-
-
-def no_classifier_swap(name: str, classifier: Tensor | None) -> None:
-    if classifier is not None:
-        raise ValueError(f"{name} learns class-specific weights from the support set; it cannot be applied with "
-                         "another text classifier (use prolip, zeroshot, clip-adapter or linear-adapter for that)")
-
-
-def require_fitted(method, *attrs: str) -> None:
-    if any(getattr(method, a, None) is None for a in attrs):
-        raise RuntimeError(f"{method.name}: call fit() or load_state_dict() before logits()")
 
 
 def fresh_view_per_epoch(task: Task, support: Support,
@@ -62,7 +59,7 @@ def dassl_lr(base_lr: float, epoch: int, epochs: int, warmup_epochs: int = 1, wa
     ``warmup_lr``, then the cosine over ``epochs`` restarted at the base lr (so the last epoch never reaches 0)."""
     if epoch < warmup_epochs:
         return warmup_lr
-    return base_lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs)) / 2
+    return float(cosine_lr(base_lr, epoch - warmup_epochs, epochs))
 
 
 def train_minibatch(params: Iterable[Tensor], loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -81,31 +78,25 @@ def train_minibatch(params: Iterable[Tensor], loss_fn: Callable[[Tensor, Tensor]
     opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
     opt = opt_cls(params, lr=lr, **optimizer_kwargs)
     g = torch.Generator().manual_seed(seed)
-    sched = None
+    iteration, total = 0, None
     for e in range(epochs):
         x, y = epoch_data(e)
         n = y.shape[0]
         count = batches_per_epoch or (dassl_batches_per_epoch(n, batch_size) if drop_last else -(-n // batch_size))
-        if schedule == "dassl":
-            for group in opt.param_groups:
-                group["lr"] = dassl_lr(lr, e, epochs)
-        elif sched is None:
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * count))
+        total = total or max(1, epochs * count)  # the iteration schedule's length, fixed by the first epoch
         order = torch.randperm(n, generator=g)
         for b in range(count):
+            rate = dassl_lr(lr, e, epochs) if schedule == "dassl" else cosine_lr(lr, iteration, total)
+            for group in opt.param_groups:
+                group["lr"] = rate
             idx = order[b * batch_size:(b + 1) * batch_size]
             loss = loss_fn(x[idx], y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if sched is not None:
-                sched.step()
+            iteration += 1
         if on_epoch_end is not None:
             on_epoch_end(e)
-
-
-def val_accuracy(logits: Tensor, val: Validation) -> float:
-    return (logits.argmax(-1) == val.labels).float().mean().item() * 100.0
 
 
 def cosine_head_logits(e: Tensor, prototypes: Tensor, logit_scale: float) -> Tensor:

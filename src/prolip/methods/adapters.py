@@ -1,4 +1,5 @@
-"""Adapters trained after the frozen projection: CLIP-Adapter, TaskRes and the regularised linear adapter.
+"""Adapters trained after the frozen projection: CLIP-Adapter (original and the ProLIP paper's variant), TaskRes
+and the regularised linear adapter.
 
 - "clip-adapter" (Gao et al., IJCV 2023; github.com/gaopengcuhk/CLIP-Adapter, ``clip_adapter.py``):
   f' = r·MLP(f) + (1 − r)·f, MLP = D→D/4→D without biases, ReLU after both layers, r = 0.2, only the MLP
@@ -6,35 +7,51 @@
   optimiser and schedule from the Dassl/CoOp config it is run with (the repo ships none; its README says to run
   CoOp's commands), so the training defaults are CoOp's ``configs/trainers/CoOp/rn50.yaml``: SGD lr 2e-3,
   momentum 0.9, weight decay 5e-4 (Dassl's default), batch 32, 200 epochs, cosine per epoch after one warm-up
-  epoch at 1e-5, last partial batch dropped (Dassl loader). Not verifiable here: the paper's own lr/epochs.
+  epoch at 1e-5, last partial batch dropped (Dassl loader).
+- "clip-adapter-prolip": CLIP-Adapter as the ProLIP paper trains it for its comparison (Fig. 4, Table 16;
+  astra-vision/ProLIP ``methods/CLIP_ADAPTER.py``): h = α·f + (1 − α)·ReLU(ReLU(f·A1ᵀ)·A2ᵀ), f = zW0 + b — here α
+  weights the *zero-shot* branch (α = 1 is zero-shot), the reverse of the original's ratio; reduction 4, no
+  biases; CE only; Adam (eps 1e-4), 300 full-batch steps on cached view (t+1) mod V, cosine; the paper sweeps
+  lr ∈ {1e-2, 1e-3, 1e-4, 1e-5} × α ∈ {0, .1, .3, .5, .7, .9} (configs ``CA_lr*_alpha_*.yaml``).
 - "taskres" (Yu et al., CVPR 2023; github.com/geekyutao/TaskRes, ``trainers/taskres.py``,
   ``configs/trainers/TaskRes/adam_lr2e-3_B256_ep{100,200}.yaml``, ``train_regular.sh``): classifier t + α·x with
   a learnable residual x initialised at 0 (so it starts at zero-shot), α = 0.5 (1.0 for Flowers); Adam lr 2e-3
   (2e-4 for ImageNet), weight decay 5e-4 (Dassl's default, the configs do not override it), batch 256,
-  100 epochs for 1/2/4 shots and 200 for 8/16, same Dassl warm-up + cosine.
-- "linear-adapter" (ProLIP paper's complement): an identity-initialised D×D matrix A after the projection,
-  logits s·normalize((zW0+b)A)·Tᵀ, loss CE + λ‖A − I‖²_F with λ = 1/N; trained exactly like ProLIP (Adam
-  eps 1e-4, cosine, full batch, step t on view t), lr 1e-3 by default since A's entries are O(1).
+  100 epochs for 1/2/4 shots and 200 for 8/16, same Dassl warm-up + cosine. The base t is the *unnormalised*
+  mean text embedding (``_get_base_text_features``: ``stack(...).mean(1)`` without normalising), taken from
+  ``task.text_mean``.
+- "linear-adapter", the paper's regularised linear adapter (RLA; ``methods/RegLinearAdapter.py``): an
+  identity-initialised D×D matrix A after the frozen projection, logits s·normalize((zW0+b)Aᵀ)·Tᵀ, loss
+  CE + λ‖A − I‖² (a sum) with λ = 1/N, trained like ProLIP (Adam eps 1e-4, cosine, full batch, view (t+1) mod V);
+  the paper sweeps lr 1e-2…1e-5 (configs ``RLA_lr*_lambda_1_N.yaml``); ``grid=True`` runs the reference's 7×7
+  (lr, λ) validation grid (``search_init_hp``, first best in loop order).
 
 CLIP-Adapter and TaskRes re-augment every image every epoch in the originals; here epoch e uses cached view
 e mod V (V = every cached view, 300 with the default cache, so each of the ≤ 300 epochs sees a fresh view).
-TaskRes's base classifier in the original is the *unnormalised* mean text embedding, and Adam's steps are
-absolute, so the residual's relative effect depends on that norm; ``text_norm`` scales the task's unit-norm
-classifier to it (None = 1, since the cache holds only the normalised classifier).
-All three are validation-free: ``selected_`` records ``how: "rule"``.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prolip.functional import cosine_logits
+from prolip.functional import accuracy, cosine_logits, proximal_penalty
 from prolip.methods import register
-from prolip.methods._common import cosine_head_logits, embed, fresh_view_per_epoch, no_classifier_swap, \
-    require_fitted, train_minibatch
+from prolip.methods._common import cosine_head_logits, embed, fresh_view_per_epoch, text_mean, train_minibatch
 from prolip.methods.base import Method, Support, Task, Validation
-from prolip.methods.prolip import ADAM_BETAS, ADAM_EPS, resolve_lambda
+from prolip.methods.params import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    Constraint,
+    Lambda,
+    Number,
+    resolve_lambda,
+)
+from prolip.methods.prolip import GRID_LAMS, GRID_LRS
+from prolip.optim import train_full_batch, view_for_step
 
 
 def residual_mlp(dim: int, reduction: int = 4) -> nn.Sequential:
@@ -42,9 +59,45 @@ def residual_mlp(dim: int, reduction: int = 4) -> nn.Sequential:
                          nn.Linear(dim // reduction, dim, bias=False), nn.ReLU())
 
 
+class _ResidualMLPMethod(Method):
+    """Shared by both CLIP-Adapters: a seeded residual MLP after the frozen projection, scoring any classifier."""
+
+    accepts_classifier = True
+    reduction: int
+    mlp: nn.Sequential | None = None
+
+    def _adapt(self, e: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _new_mlp(self, task: Task, seed: int) -> nn.Sequential:
+        torch.manual_seed(seed)  # the MLP's init, as nn.Linear draws it
+        return residual_mlp(task.classifier.shape[1], self.reduction)
+
+    def _logits(self, z: Tensor, classifier: Tensor) -> Tensor:
+        assert self.task is not None
+        return cosine_logits(self._adapt(embed(self.task, z)), classifier, self.task.logit_scale)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {} if self.mlp is None else {f"mlp.{k}": v for k, v in self.mlp.state_dict().items()}
+
+    def state_shapes(self, task: Task) -> dict[str, tuple[int, ...]]:
+        D = task.classifier.shape[1]
+        return {"mlp.0.weight": (D // self.reduction, D), "mlp.2.weight": (D, D // self.reduction)}
+
+    def _load(self, task: Task, state: dict[str, Tensor]) -> None:
+        self.mlp = residual_mlp(task.classifier.shape[1], self.reduction)
+        self.mlp.load_state_dict({k.removeprefix("mlp."): v for k, v in state.items()})
+        self.mlp.requires_grad_(False)
+
+
 @register
-class CLIPAdapter(Method):
+class CLIPAdapter(_ResidualMLPMethod):
     name = "clip-adapter"
+    constraints: dict[str, Constraint] = {
+        "ratio": FRACTION, "reduction": POSITIVE_INT, "lr": POSITIVE, "epochs": POSITIVE_INT,
+        "batch_size": POSITIVE_INT, "weight_decay": NON_NEGATIVE, "momentum": NON_NEGATIVE,
+        "views": Number(low=1, integer=True, optional=True),
+    }
 
     def __init__(self, ratio: float = 0.2,  # clip_adapter.py: ``ratio = 0.2`` in CustomCLIP.forward
                  reduction: int = 4,  # clip_adapter.py: ``Adapter(1024, 4)``
@@ -54,40 +107,49 @@ class CLIPAdapter(Method):
                  weight_decay: float = 5e-4,  # Dassl defaults.py OPTIM.WEIGHT_DECAY (not overridden)
                  momentum: float = 0.9,  # Dassl defaults.py OPTIM.MOMENTUM
                  views: int | None = None):
-        super().__init__(ratio=ratio, reduction=reduction, lr=lr, epochs=epochs, batch_size=batch_size,
-                         weight_decay=weight_decay, momentum=momentum, views=views)
         self.ratio, self.reduction, self.lr, self.epochs, self.batch_size = ratio, reduction, lr, epochs, batch_size
         self.weight_decay, self.momentum, self.views = weight_decay, momentum, views
-        self.task = self.mlp = None
 
     def _adapt(self, e: Tensor) -> Tensor:
+        assert self.mlp is not None
         return self.ratio * self.mlp(e) + (1 - self.ratio) * e
 
-    def fit(self, task: Task, support: Support, val: Validation | None = None, seed: int = 0) -> "CLIPAdapter":
-        self.task = task
-        torch.manual_seed(seed)  # the MLP's init, as nn.Linear draws it
-        self.mlp = residual_mlp(task.classifier.shape[1], self.reduction)
+    def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
+        self.mlp = self._new_mlp(task, seed)
         loss_fn = lambda x, y: F.cross_entropy(cosine_logits(self._adapt(x), task.classifier, task.logit_scale), y)
         train_minibatch(self.mlp.parameters(), loss_fn, fresh_view_per_epoch(task, support, self.views),
                         epochs=self.epochs, batch_size=self.batch_size, optimizer="sgd", lr=self.lr, seed=seed,
                         drop_last=True, momentum=self.momentum, weight_decay=self.weight_decay)
         self.mlp.requires_grad_(False)
         self.selected_ = {"how": "rule"}
-        return self
 
-    def logits(self, z: Tensor, classifier: Tensor | None = None) -> Tensor:
-        require_fitted(self, "mlp")
-        T = self.task.classifier if classifier is None else classifier
-        return cosine_logits(self._adapt(embed(self.task, z)), T, self.task.logit_scale)
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {f"mlp.{k}": v for k, v in self.mlp.state_dict().items()}
+@register
+class CLIPAdapterProLIP(_ResidualMLPMethod):
+    name = "clip-adapter-prolip"
+    constraints: dict[str, Constraint] = {"alpha": FRACTION, "reduction": POSITIVE_INT, "lr": POSITIVE,
+                                          "steps": Number(low=0, integer=True)}
 
-    def load_state_dict(self, task: Task, state: dict[str, Tensor]) -> "CLIPAdapter":
-        self.task, self.mlp = task, residual_mlp(task.classifier.shape[1], self.reduction)
-        self.mlp.load_state_dict({k.removeprefix("mlp."): v for k, v in state.items()})
-        self.mlp.requires_grad_(False)
-        return self
+    def __init__(self, alpha: float = 0.5,  # CLIP_ADAPTER.py ``alpha`` (configs CA_lr*_alpha_*.yaml: 0 … 0.9)
+                 lr: float = 1e-3,  # ``lr_adapter`` (configs: 1e-2 … 1e-5)
+                 steps: int = 300,  # ``train_epoch``: one full-batch step per cached view
+                 reduction: int = 4):  # CLIP_ADAPTER.py: ``Adapter(D, 4)``
+        self.alpha, self.lr, self.steps, self.reduction = alpha, lr, steps, reduction
+
+    def _adapt(self, e: Tensor) -> Tensor:
+        assert self.mlp is not None
+        return self.alpha * e + (1 - self.alpha) * self.mlp(e)
+
+    def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
+        self.mlp = self._new_mlp(task, seed)
+        params = list(self.mlp.parameters())
+
+        def loss_at(t: int) -> Tensor:
+            e = embed(task, support.views.view(view_for_step(t, support.views.num_views)))
+            return F.cross_entropy(cosine_logits(self._adapt(e), task.classifier, task.logit_scale), support.labels)
+
+        train_full_batch(params, loss_at, steps=self.steps, lr=self.lr)
+        self.selected_ = {"how": "rule"}
 
 
 def taskres_epochs(shots: int) -> int:
@@ -98,25 +160,24 @@ def taskres_epochs(shots: int) -> int:
 @register
 class TaskRes(Method):
     name = "taskres"
+    constraints: dict[str, Constraint] = {
+        "alpha": NON_NEGATIVE, "lr": POSITIVE, "epochs": Number(low=1, integer=True, optional=True),
+        "batch_size": POSITIVE_INT, "weight_decay": NON_NEGATIVE, "views": Number(low=1, integer=True, optional=True),
+    }
 
     def __init__(self, alpha: float = 0.5,  # train_regular.sh RESIDUAL_SCALE (1.0 only for Flowers)
                  lr: float = 2e-3,  # adam_lr2e-3_B256_ep*.yaml OPTIM.LR (ImageNet: adam_lr2e-4)
                  epochs: int | None = None,  # None = taskres_epochs(shots): 100 for ≤ 4 shots, else 200
                  batch_size: int = 256,  # DATALOADER.TRAIN_X.BATCH_SIZE
                  weight_decay: float = 5e-4,  # Dassl defaults.py OPTIM.WEIGHT_DECAY, passed to Adam
-                 text_norm: float | None = None, views: int | None = None):
-        super().__init__(alpha=alpha, lr=lr, epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
-                         text_norm=text_norm, views=views)
+                 views: int | None = None):
         self.alpha, self.lr, self.epochs, self.batch_size = alpha, lr, epochs, batch_size
-        self.weight_decay, self.text_norm, self.views = weight_decay, text_norm, views
-        self.task = self.residual = None
+        self.weight_decay, self.views = weight_decay, views
+        self.base: Tensor | None = None
+        self.residual: Tensor | None = None
 
-    def _base(self) -> Tensor:
-        return self.task.classifier * (1.0 if self.text_norm is None else self.text_norm)
-
-    def fit(self, task: Task, support: Support, val: Validation | None = None, seed: int = 0) -> "TaskRes":
-        self.task = task
-        base = self._base()
+    def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
+        base = text_mean(task, self.name)
         residual = torch.zeros_like(base, requires_grad=True)
         epochs = self.epochs if self.epochs is not None else taskres_epochs(task.shots)
         loss_fn = lambda x, y: F.cross_entropy(cosine_head_logits(x, base + self.alpha * residual,
@@ -124,60 +185,76 @@ class TaskRes(Method):
         train_minibatch([residual], loss_fn, fresh_view_per_epoch(task, support, self.views), epochs=epochs,
                         batch_size=self.batch_size, optimizer="adam", lr=self.lr, seed=seed, drop_last=True,
                         weight_decay=self.weight_decay)
-        self.residual = residual.detach()
+        self.base, self.residual = base, residual.detach()
         self.selected_ = {"epochs": epochs, "how": "rule"}
-        return self
 
-    def logits(self, z: Tensor, classifier: Tensor | None = None) -> Tensor:
-        no_classifier_swap(self.name, classifier)
-        require_fitted(self, "residual")
-        return cosine_head_logits(embed(self.task, z), self._base() + self.alpha * self.residual,
-                                  self.task.logit_scale)
+    def _logits(self, z: Tensor, classifier: Tensor) -> Tensor:
+        assert self.task is not None and self.base is not None and self.residual is not None
+        return cosine_head_logits(embed(self.task, z), self.base + self.alpha * self.residual, self.task.logit_scale)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"residual": self.residual}
+        return {} if self.residual is None or self.base is None else {"base": self.base, "residual": self.residual}
 
-    def load_state_dict(self, task: Task, state: dict[str, Tensor]) -> "TaskRes":
-        self.task, self.residual = task, state["residual"]
-        return self
+    def state_shapes(self, task: Task) -> dict[str, tuple[int, ...]]:
+        return {"base": tuple(task.classifier.shape), "residual": tuple(task.classifier.shape)}
+
+    def _load(self, task: Task, state: dict[str, Tensor]) -> None:
+        self.base, self.residual = state["base"], state["residual"]
 
 
 @register
 class LinearAdapter(Method):
     name = "linear-adapter"
+    accepts_classifier = True
+    selects = "lr and λ on the reference's 7×7 grid"
+    validation_params = {"grid": True}
+    constraints: dict[str, Constraint] = {"lr": POSITIVE, "lam": Lambda(), "steps": Number(low=0, integer=True)}
 
-    def __init__(self, lr: float = 1e-3, lam: str | float = "1/N", steps: int = 300):
-        super().__init__(lr=lr, lam=lam, steps=steps)
-        self.lr, self.lam, self.steps = lr, lam, steps
-        self.task = self.A = None
+    def __init__(self, lr: float = 1e-3, lam: str | float = "1/N", steps: int = 300, grid: bool = False):
+        self.lr, self.lam, self.steps, self.grid = lr, lam, steps, grid
+        self.A: Tensor | None = None
 
-    def fit(self, task: Task, support: Support, val: Validation | None = None, seed: int = 0) -> "LinearAdapter":
-        self.task = task
-        lam = resolve_lambda(self.lam, task.shots)
+    def _train(self, task: Task, support: Support, lr: float, lam: float) -> Tensor:
         eye = torch.eye(task.classifier.shape[1])
-        A = eye.clone().requires_grad_(True)
-        opt = torch.optim.Adam([A], lr=self.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.steps))
-        for t in range(self.steps):
-            e = embed(task, support.views.view(t % support.views.num_views))
-            loss = F.cross_entropy(cosine_logits(e @ A, task.classifier, task.logit_scale), support.labels)
-            loss = loss + lam * (A - eye).pow(2).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        self.A = A.detach()
-        self.selected_ = {"lr": self.lr, "lam": lam, "how": "rule"}
-        return self
+        A = eye.clone()
 
-    def logits(self, z: Tensor, classifier: Tensor | None = None) -> Tensor:
-        require_fitted(self, "A")
-        T = self.task.classifier if classifier is None else classifier
-        return cosine_logits(embed(self.task, z) @ self.A, T, self.task.logit_scale)
+        def loss_at(t: int) -> Tensor:
+            e = embed(task, support.views.view(view_for_step(t, support.views.num_views)))
+            ce = F.cross_entropy(cosine_logits(e @ A.T, task.classifier, task.logit_scale), support.labels)
+            return ce + lam * proximal_penalty(A, eye)
+
+        train_full_batch([A], loss_at, steps=self.steps, lr=lr)
+        return A
+
+    def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
+        if not self.grid:
+            lam = resolve_lambda(self.lam, task.shots)
+            self.A = self._train(task, support, self.lr, lam)
+            self.selected_ = {"lr": self.lr, "lam": lam, "how": "rule"}
+            return
+        if val is None:
+            raise ValueError("linear-adapter grid search needs a few-shot validation set (CLI: --validate)")
+        best: tuple[float, float, float, Tensor | None] = (-1.0, 0.0, 0.0, None)
+        for lr in GRID_LRS:  # the reference's loop order; its strict ">" keeps the first best
+            for lam in GRID_LAMS:
+                A = self._train(task, support, lr, lam)
+                e = embed(task, val.features)
+                acc = accuracy(cosine_logits(e @ A.T, task.classifier, task.logit_scale), val.labels)
+                if acc > best[0]:
+                    best = (acc, lr, lam, A)
+        self.A = best[3]
+        self.selected_ = {"lr": best[1], "lam": best[2], "how": "validation", "val_accuracy": best[0]}
+
+    def _logits(self, z: Tensor, classifier: Tensor) -> Tensor:
+        assert self.task is not None and self.A is not None
+        return cosine_logits(embed(self.task, z) @ self.A.T, classifier, self.task.logit_scale)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"A": self.A}
+        return {} if self.A is None else {"A": self.A}
 
-    def load_state_dict(self, task: Task, state: dict[str, Tensor]) -> "LinearAdapter":
-        self.task, self.A = task, state["A"]
-        return self
+    def state_shapes(self, task: Task) -> dict[str, tuple[int, ...]]:
+        D = task.classifier.shape[1]
+        return {"A": (D, D)}
+
+    def _load(self, task: Task, state: dict[str, Tensor]) -> None:
+        self.A = state["A"]

@@ -1,21 +1,39 @@
 """The one interface every adaptation method shares (scikit-learn style), so the harness can swap them.
 
-A method sees only cached features and frozen CLIP pieces (a :class:`Task`), never images or test labels.
+A method sees only cached features and frozen CLIP pieces (a :class:`Task`), never images or test labels. It
+declares what it can do as class attributes, so no code outside ``methods/`` ever compares method names:
+
+- ``uses_text_side``: it needs the text encoder's pre-projection features (``task.text_pre``, ``task.text_proj``);
+- ``accepts_classifier``: ``logits(z, classifier=T)`` scores another class set with another text classifier
+  (base-to-new, cross-dataset); other methods learn class-specific weights and refuse;
+- ``selects``: what it selects on a few-shot validation set ("" = nothing: validation-free by design), and
+  ``validation_params``: the hyperparameters that switch that selection on (ProLIP: ``grid=True``);
+- ``exposes_projection`` / ``projection()``: predictions are exactly CLIP's with an adapted visual projection W,
+  which ``projection()`` returns (test-time adaptation starts from it, export merges it into a checkpoint);
+- ``learns``: it learns from the support set (zero-shot does not, so its results depend on no shots or seed).
+
+Hyperparameters are stored once, as attributes named like the ``__init__`` arguments, and read back from the
+signature (``get_params``); ``constraints`` declares a check per hyperparameter, applied at ``create`` and ``fit``.
 """
+
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
+from prolip.methods.params import Constraint, HyperparameterError, check, check_known
+
 
 class ViewSource(Protocol):
     """Augmented views of the support set's pre-projection features: V views of N images, each [N, D_pre].
 
-    Implementations: an in-memory tensor, or memory-mapped cache shards streamed one view at a time.
+    Implementations: an in-memory tensor, or cached unit files streamed one view at a time.
     """
 
     @property
@@ -33,9 +51,7 @@ class TensorViews:
     """A :class:`ViewSource` over an in-memory tensor [V, N, D_pre]."""
 
     def __init__(self, views: Tensor):
-        if views.dim() == 2:
-            views = views.unsqueeze(0)
-        self.views = views
+        self.views = views.unsqueeze(0) if views.dim() == 2 else views
 
     @property
     def num_views(self) -> int:
@@ -58,10 +74,12 @@ class Task:
     classifier: Tensor  # [C, D], rows normalised
     logit_scale: float
     shots: int
-    # Optional text side, for methods that adapt the text projection (pre-projection text features per
-    # template [C, n_templates, D_text_pre] and the text projection [D_text_pre, D]).
+    # The text side, for methods that adapt the text projection: pre-projection text features per template
+    # [C, n_templates, D_text_pre] and the text projection [D_text_pre, D].
     text_pre: Tensor | None = None
     text_proj: Tensor | None = None
+    # The unnormalised mean over templates of the text embeddings [C, D]: where TaskRes, ZS-LP and CLAP start.
+    text_mean: Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -70,11 +88,20 @@ class Task:
 
 @dataclass
 class Support:
-    """The few-shot training set: augmented views and labels. ``center`` = un-augmented features [N, D_pre]."""
+    """The few-shot training set: augmented views, labels, and the un-augmented (center-crop) features.
+
+    ``center`` is a tensor [N, D_pre] or a zero-argument callable producing it, so the center crops are only
+    extracted for methods that read them (the linear probe).
+    """
 
     views: ViewSource
     labels: Tensor
-    center: Tensor | None = None
+    center: Tensor | Callable[[], Tensor]
+
+    def center_features(self) -> Tensor:
+        if callable(self.center):
+            self.center = self.center()
+        return self.center
 
 
 @dataclass
@@ -85,37 +112,133 @@ class Validation:
     labels: Tensor
 
 
+class FitError(RuntimeError):
+    """Training failed in a way the user must hear about (e.g. it produced non-finite weights)."""
+
+
 class Method(ABC):
     """fit on a support set, then produce logits for pre-projection features.
 
-    Subclasses set ``name`` and register with :func:`prolip.methods.register`. After ``fit``,
-    ``selected_`` holds any hyperparameters chosen (and how: "validation" or "rule").
+    Subclasses set ``name``, register with :func:`prolip.methods.register`, take their hyperparameters as keyword
+    arguments of ``__init__`` stored unchanged under the same names, and implement ``_fit`` and ``_logits``. After
+    ``fit``, ``selected_`` records what was chosen and how ("validation", "rule" or "given").
     """
 
     name: ClassVar[str]
+    uses_text_side: ClassVar[bool] = False
+    accepts_classifier: ClassVar[bool] = False
+    exposes_projection: ClassVar[bool] = False
+    learns: ClassVar[bool] = True
+    selects: ClassVar[str] = ""
+    validation_params: ClassVar[dict[str, Any]] = {}
+    constraints: ClassVar[dict[str, Constraint]] = {}
 
-    def __init__(self, **hyperparameters: Any):
-        self.hyperparameters = hyperparameters
-        self.selected_: dict[str, Any] = {}
+    selected_: dict[str, Any]
+    task: Task | None = None
+
+    # -- hyperparameters ------------------------------------------------------------------------------------
+    @classmethod
+    def param_names(cls) -> list[str]:
+        signature = inspect.signature(cls.__init__)
+        return [p.name for p in signature.parameters.values() if p.name != "self"]
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        signature = inspect.signature(cls.__init__)
+        return {p.name: p.default for p in signature.parameters.values() if p.name != "self"}
+
+    def get_params(self) -> dict[str, Any]:
+        """Every hyperparameter's effective value, defaults included."""
+        return {k: getattr(self, k) for k in self.param_names()}
+
+    def set_params(self, **params: Any) -> Method:
+        check_known(self.name, list(params), self.param_names())
+        for key, value in params.items():
+            setattr(self, key, value)
+        return self
+
+    def check_params(self) -> None:
+        check(self.name, self.get_params(), self.constraints)
+
+    # -- fitting and predicting ------------------------------------------------------------------------------
+    def fit(self, task: Task, support: Support, val: Validation | None = None, seed: int = 0) -> Method:
+        self.check_params()
+        if self.uses_text_side and (task.text_pre is None or task.text_proj is None):
+            raise ValueError(f"{self.name} needs the text side (task.text_pre, task.text_proj): build the task with "
+                             "text_side=True")
+        self.task, self.selected_ = task, {}
+        self._fit(task, support, val, seed)
+        self._check_finite("training")
+        return self
+
+    def fit_each(self, task: Task, support: Support, settings: Sequence[dict[str, Any]], seed: int = 0
+                 ) -> list[Method]:
+        """One fitted copy per hyperparameter setting (a validation-free sweep); methods that can train several
+        settings in one computation override this."""
+        return [type(self)(**{**self.get_params(), **s}).fit(task, support, None, seed) for s in settings]
 
     @abstractmethod
-    def fit(self, task: Task, support: Support, val: Validation | None = None, seed: int = 0) -> "Method":
-        ...
+    def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None: ...
 
-    @abstractmethod
     def logits(self, z: Tensor, classifier: Tensor | None = None) -> Tensor:
-        """Logits [N, C] for features z [N, D_pre]. ``classifier`` swaps in another text classifier
-        (cross-dataset, base-to-new) for methods where that is meaningful; others raise ValueError."""
+        """Logits [N, C] for pre-projection features z [N, D_pre]; ``classifier`` swaps in another text
+        classifier, for methods that ``accepts_classifier``."""
+        if self.task is None:
+            raise RuntimeError(f"{self.name}: call fit() or load_state_dict() before logits()")
+        if classifier is not None and not self.accepts_classifier:
+            raise ValueError(f"{self.name} learns class-specific weights from the support set; it cannot score "
+                             "another class set with another text classifier")
+        return self._logits(z.float(), self.task.classifier if classifier is None else classifier)
+
+    @abstractmethod
+    def _logits(self, z: Tensor, classifier: Tensor) -> Tensor: ...
 
     def predict(self, z: Tensor) -> Tensor:
         return self.logits(z).argmax(dim=-1)
 
+    def projection(self) -> Tensor | None:
+        """The adapted W [D_pre, D] when predictions are exactly CLIP's with W; None for other methods."""
+        return None
+
+    # -- saving and loading ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors that, with ``config()``, rebuild the fitted method (saved as safetensors)."""
         return {}
 
-    def load_state_dict(self, task: Task, state: dict[str, Tensor]) -> "Method":
-        raise NotImplementedError(f"{self.name} cannot be reloaded from a saved run")
+    def state_shapes(self, task: Task) -> dict[str, tuple[int, ...]]:
+        """The shape of every tensor ``state_dict`` holds, for a method fitted on ``task`` (-1: any size)."""
+        return {}
+
+    def load_state_dict(self, task: Task, state: dict[str, Tensor]) -> Method:
+        """Rebuild a fitted method; refuses missing, extra, misshapen or non-finite tensors by name."""
+        self.check_params()
+        expected = self.state_shapes(task)
+        extra = sorted(set(state) - set(expected))
+        if extra:
+            raise ValueError(f"{self.name} state has unexpected tensor(s) {extra}: was it saved by another method?")
+        for key, shape in expected.items():
+            if key not in state:
+                raise ValueError(f"{self.name} state has no tensor {key!r} (it holds {sorted(state)})")
+            got = tuple(state[key].shape)
+            if len(got) != len(shape) or any(want not in (-1, have) for want, have in zip(shape, got)):
+                raise ValueError(f"{self.name} state tensor {key!r} has shape {got}, expected {shape} (-1: any) for "
+                                 "this backbone and class set")
+        self.task, self.selected_ = task, {"how": "loaded"}
+        self._load(task, {k: v.float() for k, v in state.items()})
+        self._check_finite("the saved state")
+        return self
+
+    def _load(self, task: Task, state: dict[str, Tensor]) -> None:
+        """Set the fitted tensors from a checked state (methods with state override this)."""
+
+    def _check_finite(self, what: str) -> None:
+        bad = [k for k, v in self.state_dict().items() if not torch.isfinite(v).all()]
+        if bad:
+            hint = " (is the learning rate too large?)" if what == "training" else ""
+            raise FitError(f"{self.name}: {what} produced non-finite values in {', '.join(bad)}{hint}")
 
     def config(self) -> dict[str, Any]:
-        return {"method": self.name, "hyperparameters": self.hyperparameters, "selected": self.selected_}
+        return {"method": self.name, "hyperparameters": self.get_params(), "selected": self.selected_}
+
+
+__all__ = ["FitError", "HyperparameterError", "Method", "Support", "Task", "TensorViews", "Validation", "ViewSource"]

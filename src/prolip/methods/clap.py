@@ -13,11 +13,9 @@ at 1e-5. The support set is featurised once with 20 augmented passes (``epochs_a
 support images has (N // 256, at least 1): so an epoch mixes views and, below 256 images, draws 256 samples
 from the pool. All of this is reproduced on the cached views (the first ``views`` = 20 of them).
 
-One difference, forced by the shared cache: the original's prototypes start at the *unnormalised* mean text
-embedding (one template, or the ImageNet ensemble), the cache keeps only the unit-norm classifier. The head is
-scale-invariant, but SGD and the penalty are not: with all norms r, training at r is exactly training at unit
-norm with lr/r² and penalty α·r². ``text_norm`` sets r (None = 1, i.e. an r²-times larger effective step than
-the original; pass the CLIP text-embedding norm to reproduce it). Validation-free by design: ``selected_``
+The prototypes start at the *unnormalised* mean text embedding (``_get_base_text_features``: ``mean(1)`` of the
+raw text-encoder outputs, one template or the ImageNet ensemble), ``task.text_mean``; the head is scale-invariant
+but SGD and the penalty are not, so the norm matters. Validation-free by design: ``selected_``
 records ``how: "rule"``.
 """
 from __future__ import annotations
@@ -27,9 +25,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prolip.methods import register
-from prolip.methods._common import cosine_head_logits, dassl_batches_per_epoch, embed, no_classifier_swap, \
-    require_fitted, train_minibatch, view_embeddings
+from prolip.methods._common import (
+    cosine_head_logits,
+    dassl_batches_per_epoch,
+    embed,
+    text_mean,
+    train_minibatch,
+    view_embeddings,
+)
 from prolip.methods.base import Method, Support, Task, Validation
+from prolip.methods.params import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Constraint, Flag
 
 
 def zero_shot_class_performance(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -51,27 +56,28 @@ def phr_update(violation: Tensor, multipliers: Tensor, rho: Tensor) -> tuple[Ten
 class ZSLP(Method):
     name = "zs-lp"
     constrained = False
+    constraints: dict[str, Constraint] = {
+        "lr": POSITIVE, "epochs": POSITIVE_INT, "batch_size": POSITIVE_INT, "views": POSITIVE_INT,
+        "momentum": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+        "adaptive": Flag(),
+    }
 
     def __init__(self, lr: float = 0.1,  # SGD_lr1e-1_B256_ep300.yaml OPTIM.LR
                  epochs: int = 300,  # OPTIM.MAX_EPOCH
                  batch_size: int = 256,  # DATALOADER.TRAIN_X.BATCH_SIZE
                  views: int = 20,  # adapters.py AdapterMethod.epochs_aumentation
                  momentum: float = 0.9,  # Dassl defaults.py OPTIM.MOMENTUM
-                 weight_decay: float = 0.0,  # OPTIM.WEIGHT_DECAY: 0.0 in the CLAP config
-                 text_norm: float | None = None, adaptive: bool = False):
-        super().__init__(lr=lr, epochs=epochs, batch_size=batch_size, views=views, momentum=momentum,
-                         weight_decay=weight_decay, text_norm=text_norm,
-                         **({"adaptive": adaptive} if self.constrained else {}))
+                 weight_decay: float = 0.0):  # OPTIM.WEIGHT_DECAY: 0.0 in the CLAP config
         self.lr, self.epochs, self.batch_size, self.views, self.momentum = lr, epochs, batch_size, views, momentum
-        self.weight_decay, self.text_norm, self.adaptive = weight_decay, text_norm, adaptive
-        self.task = self.prototypes = None
+        self.weight_decay = weight_decay
+        self.adaptive = False
+        self.prototypes: Tensor | None = None
 
-    def fit(self, task: Task, support: Support, val: Validation | None = None, seed: int = 0) -> "ZSLP":
-        self.task = task
+    def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
         data = view_embeddings(task, support, self.views)  # [V, N, D]: the original's 20 augmented passes
         pool = data.reshape(-1, data.shape[-1])
         pool_labels = support.labels.repeat(data.shape[0])
-        anchor = task.classifier * (1.0 if self.text_norm is None else self.text_norm)
+        anchor = text_mean(task, self.name)
         prototypes = anchor.clone().requires_grad_(True)
         alpha = torch.zeros(task.num_classes)
         if self.constrained:
@@ -99,22 +105,27 @@ class ZSLP(Method):
         self.selected_ = {"how": "rule"}
         if self.constrained:
             self.selected_["multipliers_mean"] = state["alpha"].mean().item()
-        return self
 
-    def logits(self, z: Tensor, classifier: Tensor | None = None) -> Tensor:
-        no_classifier_swap(self.name, classifier)
-        require_fitted(self, "prototypes")
+    def _logits(self, z: Tensor, classifier: Tensor) -> Tensor:
+        assert self.task is not None and self.prototypes is not None
         return cosine_head_logits(embed(self.task, z), self.prototypes, self.task.logit_scale)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"prototypes": self.prototypes}
+        return {} if self.prototypes is None else {"prototypes": self.prototypes}
 
-    def load_state_dict(self, task: Task, state: dict[str, Tensor]) -> "ZSLP":
-        self.task, self.prototypes = task, state["prototypes"]
-        return self
+    def state_shapes(self, task: Task) -> dict[str, tuple[int, ...]]:
+        return {"prototypes": tuple(task.classifier.shape)}
+
+    def _load(self, task: Task, state: dict[str, Tensor]) -> None:
+        self.prototypes = state["prototypes"]
 
 
 @register
 class CLAP(ZSLP):
     name = "clap"
     constrained = True
+
+    def __init__(self, lr: float = 0.1, epochs: int = 300, batch_size: int = 256, views: int = 20,
+                 momentum: float = 0.9, weight_decay: float = 0.0, adaptive: bool = False):
+        super().__init__(lr, epochs, batch_size, views, momentum, weight_decay)
+        self.adaptive = adaptive

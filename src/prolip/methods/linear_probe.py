@@ -5,7 +5,7 @@ validation): fit lbfgs logistic regression (max_iter 1000) for C ∈ {1e6, 1e4, 
 first best in that order, then ``search_steps`` (``--num_step``, 8) bisection rounds in log10 C starting from
 [C/10, 10·C]: fit both ends, keep the right end if strictly better, else the left, and halve the interval toward
 the winner. The chosen C is the last round's winner. Features: the un-augmented support features
-(``support.center``; view 0 if the cache holds none), as CoOp's ``feat_extractor.py`` uses the test transform.
+(``support.center_features()``), as CoOp's ``feat_extractor.py`` uses the test transform.
 One documented difference: CoOp's script feeds raw ``clip_model.visual`` features; here (as in LP++'s
 re-implementation, ``methods/linear_probe.py``) they are L2-normalised, which makes C's scale dataset-independent.
 Without validation, C = 1 (scikit-learn's default) — recorded as ``how: "rule"``.
@@ -17,14 +17,16 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from collections.abc import Callable
+
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from typing import Callable
 from torch import Tensor
 
 from prolip.methods import register
-from prolip.methods._common import embed, no_classifier_swap, require_fitted
+from prolip.methods._common import embed
 from prolip.methods.base import Method, Support, Task, Validation
+from prolip.methods.params import POSITIVE_INT, Constraint, Number
 
 COARSE_C = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
 
@@ -57,17 +59,24 @@ def coop_c_search(val_score: Callable[[float], float], steps: int) -> float:
 @register
 class LinearProbe(Method):
     name = "linear-probe"
+    selects = "the inverse regularisation C (CoOp's search)"
+    constraints: dict[str, Constraint] = {
+        "C": Number(low=0, open_low=True, optional=True),
+        "search_steps": Number(low=0, integer=True),
+        "max_iter": POSITIVE_INT,
+    }
 
     def __init__(self, C: float | None = None, search_steps: int = 8,  # lpclip/linear_probe.py --num_step
                  max_iter: int = 1000):  # lpclip/linear_probe.py LogisticRegression(max_iter=1000)
-        super().__init__(C=C, search_steps=search_steps, max_iter=max_iter)
         self.C, self.search_steps, self.max_iter = C, search_steps, max_iter
-        self.task = self.coef = self.intercept = None
+        self.coef: Tensor | None = None
+        self.intercept: Tensor | None = None
 
-    def fit(self, task: Task, support: Support, val: Validation | None = None, seed: int = 0) -> "LinearProbe":
-        self.task = task
-        z = support.center if support.center is not None else support.views.view(0)
-        x, y = _features(task, z), support.labels.numpy()
+    def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
+        x, y = _features(task, support.center_features()), support.labels.numpy()
+        if len(set(y.tolist())) != task.num_classes:
+            raise ValueError(f"linear-probe: the support set has {len(set(y.tolist()))} distinct labels but the task "
+                             f"has {task.num_classes} classes; every class needs at least one support image")
         if self.C is not None or val is None:
             C, how = (self.C if self.C is not None else 1.0), ("given" if self.C is not None else "rule")
         else:
@@ -83,20 +92,17 @@ class LinearProbe(Method):
         clf = fit_logreg(x, y, C, seed, self.max_iter)
         self.coef = torch.as_tensor(clf.coef_, dtype=torch.float32)
         self.intercept = torch.as_tensor(clf.intercept_, dtype=torch.float32)
-        if self.coef.shape[0] != task.num_classes:
-            raise ValueError(f"linear-probe: the support set has {self.coef.shape[0]} distinct labels but the task "
-                             f"has {task.num_classes} classes; every class needs at least one support image")
         self.selected_ = {"C": C, "how": how}
-        return self
 
-    def logits(self, z: Tensor, classifier: Tensor | None = None) -> Tensor:
-        no_classifier_swap(self.name, classifier)
-        require_fitted(self, "coef")
+    def _logits(self, z: Tensor, classifier: Tensor) -> Tensor:
+        assert self.task is not None and self.coef is not None and self.intercept is not None
         return F.normalize(embed(self.task, z), dim=-1) @ self.coef.T + self.intercept
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"coef": self.coef, "intercept": self.intercept}
+        return {} if self.coef is None or self.intercept is None else {"coef": self.coef, "intercept": self.intercept}
 
-    def load_state_dict(self, task: Task, state: dict[str, Tensor]) -> "LinearProbe":
-        self.task, self.coef, self.intercept = task, state["coef"], state["intercept"]
-        return self
+    def state_shapes(self, task: Task) -> dict[str, tuple[int, ...]]:
+        return {"coef": (task.num_classes, task.W0.shape[1]), "intercept": (task.num_classes,)}
+
+    def _load(self, task: Task, state: dict[str, Tensor]) -> None:
+        self.coef, self.intercept = state["coef"], state["intercept"]

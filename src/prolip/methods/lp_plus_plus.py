@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prolip.methods import register
-from prolip.methods._common import embed, no_classifier_swap, require_fitted, val_accuracy
+from prolip.functional import accuracy
+from prolip.methods._common import embed
 from prolip.methods.base import Method, Support, Task, Validation
+from prolip.methods.params import POSITIVE, POSITIVE_INT, Constraint
 
 
 def class_sums(x: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -45,63 +47,71 @@ def lpp_step_sizes(f: Tensor, text_scores: Tensor) -> tuple[float, float]:
 @register
 class LPPlusPlus(Method):
     name = "lp++"
+    selects = "the training epoch (best validation accuracy)"
+    constraints: dict[str, Constraint] = {"epochs": POSITIVE_INT, "alpha_every": POSITIVE_INT, "init_scale": POSITIVE}
 
     def __init__(self, epochs: int = 300,  # configs/base.yaml train_epoch
                  alpha_every: int = 10,  # linear_probe_p2.py: α step when (epoch + 1) % 10 == 0
                  init_scale: float = 250.0):  # linear_probe_p2.py calculate_init_alpha: 250 / shots × shots·mean
-        super().__init__(epochs=epochs, alpha_every=alpha_every, init_scale=init_scale)
         self.epochs, self.alpha_every, self.init_scale = epochs, alpha_every, init_scale
-        self.task = self.weight = None
+        self.weight: Tensor | None = None
+        self.bias: Tensor | None = None
+        self.alpha: Tensor | None = None
 
-    def _logits(self, f: Tensor, weight: Tensor, bias: Tensor, alpha: Tensor) -> Tensor:
+    def _blend(self, f: Tensor, weight: Tensor, bias: Tensor, alpha: Tensor) -> Tensor:
+        assert self.task is not None
         return f @ weight.T + bias + alpha * (f @ self.task.classifier.T)
 
-    def fit(self, task: Task, support: Support, val: Validation | None = None, seed: int = 0) -> "LPPlusPlus":
-        self.task = task
-        f = F.normalize(embed(task, support.views.view(0)), dim=-1)
-        y, C = support.labels, task.num_classes
-        text_scores = f @ task.classifier.T
-        weight = class_sums(f, y, C).requires_grad_(True)  # compute_centroids: a sum, not a mean
+    def _init(self, f: Tensor, y: Tensor, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+        assert self.task is not None
+        C, text_scores = self.task.num_classes, f @ self.task.classifier.T
+        weight = class_sums(f, y, C)  # compute_centroids: a sum, not a mean
         bound = 1 / math.sqrt(f.shape[1])
         bias = (torch.rand(C, generator=torch.Generator().manual_seed(seed)) * 2 - 1).mul_(bound)
-        bias.requires_grad_(True)
-        alpha = torch.full((C,), self.init_scale * class_centroids(text_scores, y, C).mean().item(),
-                           requires_grad=True)
-        lr_w, lr_alpha = lpp_step_sizes(f, text_scores)
+        alpha = torch.full((C,), self.init_scale * class_centroids(text_scores, y, C).mean().item())
+        return weight.requires_grad_(True), bias.requires_grad_(True), alpha.requires_grad_(True)
+
+    def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
+        f = F.normalize(embed(task, support.views.view(0)), dim=-1)
+        y = support.labels
+        weight, bias, alpha = self._init(f, y, seed)
+        lr_w, lr_alpha = lpp_step_sizes(f, f @ task.classifier.T)
         opt = torch.optim.SGD([weight, bias], lr=lr_w, momentum=0.9)
         f_val = None if val is None else F.normalize(embed(task, val.features), dim=-1)
-        best = (-1.0, None, -1)
+        best: tuple[float, list[Tensor], int] = (-1.0, [], -1)
         for epoch in range(self.epochs):
-            loss = F.cross_entropy(self._logits(f, weight, bias, alpha), y)
+            loss = F.cross_entropy(self._blend(f, weight, bias, alpha), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             if (epoch + 1) % self.alpha_every == 0:
                 with torch.no_grad():
                     alpha -= lr_alpha * alpha.grad
-            if f_val is not None:
+            if f_val is not None and val is not None:
                 with torch.no_grad():
-                    acc = val_accuracy(self._logits(f_val, weight, bias, alpha), val)
+                    acc = accuracy(self._blend(f_val, weight, bias, alpha), val.labels)
                 if acc >= best[0]:
                     best = (acc, [t.detach().clone() for t in (weight, bias, alpha)], epoch)
+        steps = {"lr_w": lr_w, "lr_alpha": lr_alpha}
         if f_val is None:
             self.weight, self.bias, self.alpha = (t.detach() for t in (weight, bias, alpha))
-            self.selected_ = {"epoch": self.epochs - 1, "how": "rule", "lr_w": lr_w, "lr_alpha": lr_alpha}
+            self.selected_ = {"epoch": self.epochs - 1, "how": "rule", **steps}
         else:
             self.weight, self.bias, self.alpha = best[1]
-            self.selected_ = {"epoch": best[2], "how": "validation", "val_accuracy": best[0], "lr_w": lr_w,
-                              "lr_alpha": lr_alpha}
-        return self
+            self.selected_ = {"epoch": best[2], "how": "validation", "val_accuracy": best[0], **steps}
 
-    def logits(self, z: Tensor, classifier: Tensor | None = None) -> Tensor:
-        no_classifier_swap(self.name, classifier)
-        require_fitted(self, "weight")
-        return self._logits(F.normalize(embed(self.task, z), dim=-1), self.weight, self.bias, self.alpha)
+    def _logits(self, z: Tensor, classifier: Tensor) -> Tensor:
+        assert self.task is not None and self.weight is not None and self.bias is not None and self.alpha is not None
+        return self._blend(F.normalize(embed(self.task, z), dim=-1), self.weight, self.bias, self.alpha)
 
     def state_dict(self) -> dict[str, Tensor]:
+        if self.weight is None or self.bias is None or self.alpha is None:
+            return {}
         return {"weight": self.weight, "bias": self.bias, "alpha": self.alpha}
 
-    def load_state_dict(self, task: Task, state: dict[str, Tensor]) -> "LPPlusPlus":
-        self.task = task
+    def state_shapes(self, task: Task) -> dict[str, tuple[int, ...]]:
+        C = task.num_classes
+        return {"weight": (C, task.W0.shape[1]), "bias": (C,), "alpha": (C,)}
+
+    def _load(self, task: Task, state: dict[str, Tensor]) -> None:
         self.weight, self.bias, self.alpha = state["weight"], state["bias"], state["alpha"]
-        return self

@@ -24,9 +24,10 @@ from torch import Tensor
 
 from prolip.functional import cosine_logits
 from prolip.methods import register
-from prolip.methods._common import embed, fresh_view_per_epoch, mean_view_embedding, no_classifier_swap, \
-    require_fitted, train_minibatch, val_accuracy
+from prolip.functional import accuracy
+from prolip.methods._common import embed, fresh_view_per_epoch, mean_view_embedding, train_minibatch
 from prolip.methods.base import Method, Support, Task, Validation
+from prolip.methods.params import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Constraint, Flag, Number, Pair
 
 
 def search_grid(scale: float, steps: int) -> tuple[float, ...]:
@@ -57,61 +58,98 @@ def search_alpha_beta(zs_logits: Tensor, affinity: Tensor, values: Tensor, label
 @register
 class TipAdapter(Method):
     name = "tip-adapter"
-    finetune = False
+    selects = "α and β (search_hp's grid)"
+    constraints: dict[str, Constraint] = {
+        "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "search": Flag(), "search_scale": Pair(POSITIVE),
+        "search_step": Pair(POSITIVE_INT), "augment_views": POSITIVE_INT,
+    }
 
     def __init__(self, alpha: float = 1.17,  # configs/imagenet.yaml init_alpha
                  beta: float = 1.0,  # configs/*.yaml init_beta
                  search: bool = True,  # configs/*.yaml search_hp
                  search_scale: tuple[float, float] = (7.0, 3.0),  # configs/imagenet.yaml search_scale (β, α)
                  search_step: tuple[int, int] = (200, 20),  # configs/*.yaml search_step (β, α)
-                 augment_views: int = 10,  # configs/*.yaml augment_epoch
-                 lr: float = 1e-3,  # configs/*.yaml lr
-                 epochs: int = 20,  # configs/*.yaml train_epoch (EuroSAT: 100)
-                 batch_size: int = 256,  # main.py train_loader_F batch_size
-                 views: int | None = None):
-        hp = dict(alpha=alpha, beta=beta, search=search, search_scale=tuple(search_scale),
-                  search_step=tuple(search_step), augment_views=augment_views)
-        if self.finetune:
-            hp.update(lr=lr, epochs=epochs, batch_size=batch_size, views=views)
-        super().__init__(**hp)
+                 augment_views: int = 10):  # configs/*.yaml augment_epoch
         self.alpha, self.beta, self.search, self.augment_views = alpha, beta, search, augment_views
-        self.betas, self.alphas = search_grid(search_scale[0], search_step[0]), search_grid(search_scale[1],
-                                                                                               search_step[1])
-        self.lr, self.epochs, self.batch_size, self.views = lr, epochs, batch_size, views
-        self.task = self.keys = self.values = None
+        self.search_scale, self.search_step = search_scale, search_step
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
 
-    def _logits(self, e: Tensor, keys: Tensor, alpha: float, beta: float) -> Tensor:
-        f = F.normalize(e, dim=-1)
-        zs = cosine_logits(e, self.task.classifier, self.task.logit_scale)
-        return zs + alpha * cache_logits(f, keys, self.values, beta)
+    def _blend(self, e: Tensor, keys: Tensor, alpha: float, beta: float, classifier: Tensor | None = None) -> Tensor:
+        assert self.task is not None and self.values is not None
+        T = self.task.classifier if classifier is None else classifier
+        zs = cosine_logits(e, T, self.task.logit_scale)
+        return zs + alpha * cache_logits(F.normalize(e, dim=-1), keys, self.values, beta)
 
-    def fit(self, task: Task, support: Support, val: Validation | None = None, seed: int = 0) -> "TipAdapter":
-        self.task = task
+    def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
         self.keys = F.normalize(mean_view_embedding(task, support, self.augment_views), dim=-1)
         self.values = F.one_hot(support.labels, task.num_classes).float()
         self.selected_ = {"alpha": self.alpha, "beta": self.beta, "how": "rule"}
-        if self.finetune:
-            self._train_keys(support, val, seed)
+        self._train_keys(support, val, seed)
         if val is not None and self.search:
             e = embed(task, val.features)
             affinity = F.normalize(e, dim=-1) @ self.keys.T
             zs = cosine_logits(e, task.classifier, task.logit_scale)
-            alpha, beta, acc = search_alpha_beta(zs, affinity, self.values, val.labels, self.betas, self.alphas)
+            betas = search_grid(self.search_scale[0], self.search_step[0])
+            alphas = search_grid(self.search_scale[1], self.search_step[1])
+            alpha, beta, acc = search_alpha_beta(zs, affinity, self.values, val.labels, betas, alphas)
             self.selected_.update(alpha=alpha, beta=beta, how="validation", val_accuracy=acc)
-        return self
 
     def _train_keys(self, support: Support, val: Validation | None, seed: int) -> None:
+        """Tip-Adapter keeps its keys; Tip-Adapter-F trains them."""
+
+    def _logits(self, z: Tensor, classifier: Tensor) -> Tensor:
+        assert self.task is not None and self.keys is not None
+        return self._blend(embed(self.task, z), self.keys, self.selected_["alpha"], self.selected_["beta"])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        if self.keys is None or self.values is None:
+            return {}
+        return {"keys": self.keys, "values": self.values,
+                "alpha_beta": torch.tensor([self.selected_["alpha"], self.selected_["beta"]])}
+
+    def state_shapes(self, task: Task) -> dict[str, tuple[int, ...]]:
+        # The cache holds one key per support image, a number only the saved state knows: checked for consistency.
+        return {"keys": (-1, task.W0.shape[1]), "values": (-1, task.num_classes), "alpha_beta": (2,)}
+
+    def _load(self, task: Task, state: dict[str, Tensor]) -> None:
+        self.keys, self.values = state["keys"], state["values"]
+        if self.keys.shape[0] != self.values.shape[0]:
+            raise ValueError(f"{self.name} state: {self.keys.shape[0]} keys but {self.values.shape[0]} values")
+        alpha, beta = state["alpha_beta"].tolist()
+        self.selected_ = {"alpha": alpha, "beta": beta, "how": "loaded"}
+
+
+@register
+class TipAdapterF(TipAdapter):
+    name = "tip-adapter-f"
+    selects = "α and β (search_hp's grid) and the training epoch"
+    constraints = {**TipAdapter.constraints, "lr": POSITIVE, "epochs": POSITIVE_INT, "batch_size": POSITIVE_INT,
+                   "views": Number(low=1, integer=True, optional=True)}
+
+    def __init__(self, alpha: float = 1.17, beta: float = 1.0, search: bool = True,
+                 search_scale: tuple[float, float] = (7.0, 3.0), search_step: tuple[int, int] = (200, 20),
+                 augment_views: int = 10,
+                 lr: float = 1e-3,  # configs/*.yaml lr
+                 epochs: int = 20,  # configs/*.yaml train_epoch (EuroSAT: 100)
+                 batch_size: int = 256,  # main.py train_loader_F batch_size
+                 views: int | None = None):
+        super().__init__(alpha, beta, search, search_scale, search_step, augment_views)
+        self.lr, self.epochs, self.batch_size, self.views = lr, epochs, batch_size, views
+
+    def _train_keys(self, support: Support, val: Validation | None, seed: int) -> None:
+        assert self.task is not None and self.keys is not None
         keys = self.keys.clone().requires_grad_(True)
         best = {"acc": -1.0, "keys": keys.detach().clone(), "epoch": -1}
         val_e = None if val is None else embed(self.task, val.features)
 
         def loss_fn(x: Tensor, y: Tensor) -> Tensor:
-            return F.cross_entropy(self._logits(x, keys, self.alpha, self.beta), y)
+            return F.cross_entropy(self._blend(x, keys, self.alpha, self.beta), y)
 
         def keep_best(epoch: int) -> None:
-            if val_e is not None:
+            if val_e is not None and val is not None:
                 with torch.no_grad():
-                    acc = val_accuracy(self._logits(val_e, keys, self.alpha, self.beta), val)
+                    acc = accuracy(self._blend(val_e, keys, self.alpha, self.beta), val.labels)
                 if acc > best["acc"]:
                     best.update(acc=acc, keys=keys.detach().clone(), epoch=epoch)
 
@@ -126,24 +164,3 @@ class TipAdapter(Method):
         else:
             self.keys = best["keys"]
             self.selected_["epoch"] = {"value": best["epoch"], "how": "validation"}
-
-    def logits(self, z: Tensor, classifier: Tensor | None = None) -> Tensor:
-        no_classifier_swap(self.name, classifier)
-        require_fitted(self, "keys")
-        return self._logits(embed(self.task, z), self.keys, self.selected_["alpha"], self.selected_["beta"])
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"keys": self.keys, "values": self.values,
-                "alpha_beta": torch.tensor([self.selected_["alpha"], self.selected_["beta"]])}
-
-    def load_state_dict(self, task: Task, state: dict[str, Tensor]) -> "TipAdapter":
-        self.task, self.keys, self.values = task, state["keys"], state["values"]
-        alpha, beta = state["alpha_beta"].tolist()
-        self.selected_ = {"alpha": alpha, "beta": beta, "how": "loaded"}
-        return self
-
-
-@register
-class TipAdapterF(TipAdapter):
-    name = "tip-adapter-f"
-    finetune = True

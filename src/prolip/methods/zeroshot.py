@@ -1,4 +1,5 @@
 """Zero-shot CLIP: nothing is trained; the classifier (single template or ensemble) is the one the task carries."""
+
 from __future__ import annotations
 
 from torch import Tensor
@@ -11,15 +12,19 @@ from prolip.methods.base import Method, Support, Task, Validation
 @register
 class ZeroShot(Method):
     name = "zeroshot"
+    accepts_classifier = True
+    exposes_projection = True
+    learns = False
 
-    def fit(self, task: Task, support: Support | None = None, val: Validation | None = None,
-            seed: int = 0) -> "ZeroShot":
-        self.task = task
-        return self
+    def __init__(self) -> None:
+        pass
 
-    def logits(self, z: Tensor, classifier: Tensor | None = None) -> Tensor:
-        T = self.task.classifier if classifier is None else classifier
-        return clip_logits(z.float(), self.task.W0, self.task.bias, T, self.task.logit_scale)
+    def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
+        self.selected_ = {"how": "rule"}
 
-    def load_state_dict(self, task: Task, state: dict[str, Tensor]) -> "ZeroShot":
-        return self.fit(task)
+    def _logits(self, z: Tensor, classifier: Tensor) -> Tensor:
+        assert self.task is not None
+        return clip_logits(z, self.task.W0, self.task.bias, classifier, self.task.logit_scale)
+
+    def projection(self) -> Tensor | None:
+        return None if self.task is None else self.task.W0

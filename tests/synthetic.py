@@ -49,6 +49,7 @@ def make_problem(num_classes: int = 10, shots: int = 8, d_pre: int = 64, d: int 
     aug = z_support + view_noise * scale / d_pre**0.5 * randn(views, *z_support.shape)
     z_val, y_val = sample(shots)
     z_test, y_test = sample(test_per_class)
-    task = Task(W0=W0, bias=b, classifier=classifier, logit_scale=100.0, shots=shots)
+    # The unnormalised text mean: the classifier at a CLIP-like norm (~10), as TaskRes / ZS-LP / CLAP start there.
+    task = Task(W0=W0, bias=b, classifier=classifier, logit_scale=100.0, shots=shots, text_mean=classifier * 10.0)
     return SyntheticProblem(task, Support(TensorViews(aug), y_support, center=z_support),
                             Validation(z_val, y_val), Validation(z_test, y_test), means)

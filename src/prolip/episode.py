@@ -1,0 +1,218 @@
+"""One few-shot episode: dataset splits → the frozen task, the support set (augmented views + center crops), the
+N-shot validation set and the evaluation set.
+
+``prolip fit`` (``pipeline.fit``), every ``prolip bench`` protocol and the demo build their episodes here, so the
+same data, shots, seed and sampler always give the same support images and the same evaluation images.
+
+- Sampling (:func:`draw_images`, pure): the sampler's draws over *all* classes; with ``classes`` (base-to-new's
+  base half) the draws are then restricted to those classes and relabelled, as the reference does (it samples the
+  full dataset and keeps labels below ⌈C/2⌉). ImageNet under the LP++/ProLIP sampler draws 2N per class from the
+  training split, the first N support and the last N validation.
+- Evaluation: the test split when there is one, else the images of the folder used neither for support nor for
+  validation ("held-out images").
+- Features (:class:`EpisodeBuilder`): views and center crops come from the feature cache; text classifiers and
+  evaluation features are memoised, because a bench run builds hundreds of episodes on the same data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from prolip.backbones.base import Backbone
+from prolip.data import sample_few_shot
+from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
+from prolip.functional import ensemble_classifier
+from prolip.methods.base import Support, Task, Validation
+
+EVAL_TEST_SPLIT, EVAL_HELD_OUT = "test split", "held-out images"
+SAMPLERS = ("lpp", "coop")
+
+
+class EpisodeError(ValueError):
+    """The data cannot make the requested episode; the message names the dataset and the option at fault."""
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """Everything besides the data that decides an episode's images and features (recorded with every result)."""
+
+    shots: int
+    seed: int = 1
+    sampler: str = "lpp"
+    views: int = 300
+    aug_seed: int = 0
+    allow_fewer: bool = False
+    validation: bool = False
+    classes: tuple[int, ...] | None = None  # keep only these classes after sampling, relabelled in this order
+
+
+@dataclass(frozen=True)
+class EpisodeImages:
+    support: LabeledImages
+    validation: LabeledImages
+    evaluation: LabeledImages
+    eval_set: str  # EVAL_TEST_SPLIT or EVAL_HELD_OUT
+
+
+@dataclass
+class Features:
+    """Center-crop features of a labelled image set, with the images they belong to (unreadable ones dropped)."""
+
+    features: Tensor
+    labels: Tensor
+    images: LabeledImages
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Episode:
+    task: Task
+    support: Support
+    validation: Validation | None
+    evaluation: Features
+    images: EpisodeImages
+    skipped: list[tuple[Path, str]]
+
+
+# ----------------------------------------------------------------------------------------------- sampling (pure)
+
+
+def restrict(images: LabeledImages, classes: Sequence[int]) -> LabeledImages:
+    """The images of ``classes``, relabelled 0..len(classes)-1 in that order."""
+    new = {c: i for i, c in enumerate(classes)}
+    items = [ImageItem(it.path, new[it.label]) for it in images.items if it.label in new]
+    return LabeledImages(items, [images.classnames[c] for c in classes], images.templates, images.name)
+
+
+def restrict_splits(splits: DatasetSplits, classes: Sequence[int]) -> DatasetSplits:
+    parts = [None if p is None else restrict(p, classes) for p in (splits.train, splits.val, splits.test)]
+    return DatasetSplits(splits.name, [splits.classnames[c] for c in classes], splits.templates, *parts)
+
+
+def evaluation_images(splits: DatasetSplits) -> LabeledImages:
+    """Where a model trained elsewhere is evaluated: the test split, or every image of a plain folder."""
+    if splits.test is not None and len(splits.test):
+        return splits.test
+    assert splits.train is not None
+    return splits.train
+
+
+def _check_data(splits: DatasetSplits, spec: EpisodeSpec) -> LabeledImages:
+    train = splits.train
+    if train is None or not len(train):
+        raise EpisodeError(f"dataset {splits.name!r} has no training images to sample shots from")
+    if len(splits.classnames) < 2:
+        raise EpisodeError(f"dataset {splits.name!r} has a single class ({splits.classnames}): every prediction "
+                           "would be right, so accuracy would mean nothing; give it at least two classes")
+    if spec.sampler not in SAMPLERS:
+        raise EpisodeError(f"unknown sampler {spec.sampler!r}; use one of {', '.join(SAMPLERS)}")
+    largest = max(train.labels.count(c) for c in set(train.labels))
+    if spec.shots > largest:
+        raise EpisodeError(f"--shots {spec.shots} exceeds the largest class of {splits.name!r} ({largest} training "
+                           f"images): even with --allow-fewer no class could give that many distinct images")
+    return train
+
+
+def draw_images(splits: DatasetSplits, spec: EpisodeSpec) -> EpisodeImages:
+    """Support, N-shot validation and evaluation images of one episode; validation never overlaps evaluation."""
+    train = _check_data(splits, spec)
+    few = sample_few_shot(train.labels, spec.shots, spec.seed, convention=spec.sampler, allow_fewer=spec.allow_fewer,
+                          val_labels=splits.val.labels if splits.val is not None else None,
+                          imagenet_style=splits.name == "ImageNet" and spec.sampler == "lpp",
+                          classnames=splits.classnames)
+    support = train.subset(few.train_indices)
+    validation = (splits.val if few.val_from == "val" and splits.val is not None else train).subset(few.val_indices)
+    if splits.test is not None and len(splits.test):
+        evaluation, eval_set = splits.test, EVAL_TEST_SPLIT
+    else:
+        used = set(few.train_indices) | (set(few.val_indices) if few.val_from == "train" else set())
+        evaluation, eval_set = train.subset([i for i in range(len(train)) if i not in used]), EVAL_HELD_OUT
+    if spec.classes is not None:
+        support, validation, evaluation = (restrict(x, spec.classes) for x in (support, validation, evaluation))
+    return EpisodeImages(support, validation, evaluation, eval_set)
+
+
+# ----------------------------------------------------------------------------------------------- features
+
+
+class EpisodeBuilder:
+    """Builds episodes on one backbone and feature cache, memoising text classifiers and center features."""
+
+    def __init__(self, backbone: Backbone, cache, *, views: int = 300, aug_seed: int = 0):
+        self.backbone, self.cache, self.views, self.aug_seed = backbone, cache, views, aug_seed
+        self._text: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._center: dict[tuple, Features] = {}
+
+    def text(self, classnames: Sequence[str], templates: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """(classifier T [C, D] with normalised rows, unnormalised mean text embedding [C, D])."""
+        key = (tuple(classnames), tuple(templates))
+        if key not in self._text:
+            names = [c.replace("_", " ") for c in classnames]
+            per_template = self.backbone.encode_text_templates(names, list(templates)).float().cpu()
+            self._text[key] = (ensemble_classifier(per_template), per_template.mean(dim=1))
+        return self._text[key]
+
+    def classifier(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
+        return self.text(classnames, templates)[0]
+
+    def task(self, classnames: Sequence[str], templates: Sequence[str], shots: int, *, text_side: bool = False
+             ) -> Task:
+        """The frozen CLIP pieces of one classification task."""
+        classifier, text_mean = self.text(classnames, templates)
+        task = task_for(self.backbone, classifier, shots)
+        task.text_mean = text_mean
+        if text_side:
+            task.text_pre, task.text_proj = self.backbone.text_side(list(classnames), list(templates))
+        return task
+
+    def center(self, images: LabeledImages) -> Features:
+        """Center-crop features of ``images`` (unreadable images dropped under on_bad_image=skip), memoised."""
+        key = tuple(str(it.path) for it in images.items) + tuple(images.labels)
+        if key not in self._center:
+            result = self.cache.center([it.path for it in images.items])
+            labels = torch.tensor(images.labels, dtype=torch.long)[torch.as_tensor(result.kept, dtype=torch.long)]
+            self._center[key] = Features(result.features, labels, images.subset(result.kept), list(result.skipped))
+        return self._center[key]
+
+    def support(self, images: LabeledImages) -> tuple[Support, LabeledImages, list[tuple[Path, str]]]:
+        """The support set: cached augmented views, labels, and (on first use) the center crops of the same images."""
+        views = self.cache.views([it.path for it in images.items], self.views, aug_seed=self.aug_seed)
+        kept = images.subset(views.kept)
+        labels = torch.tensor(kept.labels, dtype=torch.long)
+        return Support(views=views, labels=labels, center=lambda: self.center(kept).features), kept, list(views.skipped)
+
+    def build(self, splits: DatasetSplits, spec: EpisodeSpec, *, templates: Sequence[str] | None = None,
+              eval_images: LabeledImages | None = None, text_side: bool = False) -> Episode:
+        """The whole episode; ``eval_images`` replaces the evaluation set (a user's separate folder)."""
+        drawn = draw_images(splits, spec)
+        if eval_images is not None:
+            drawn = EpisodeImages(drawn.support, drawn.validation, eval_images, "given images")
+        classnames = drawn.support.classnames
+        support, _, skipped = self.support(drawn.support)
+        validation = None
+        if spec.validation:
+            val = self.center(drawn.validation)
+            validation, skipped = Validation(val.features, val.labels), skipped + val.skipped
+        evaluation = self.center(drawn.evaluation) if len(drawn.evaluation) else _empty(drawn.evaluation, self.backbone)
+        task = self.task(classnames, templates or splits.templates, spec.shots, text_side=text_side)
+        return Episode(task, support, validation, evaluation, drawn, skipped + evaluation.skipped)
+
+
+def _empty(images: LabeledImages, backbone: Backbone) -> Features:
+    return Features(torch.empty(0, backbone.dim_pre), torch.empty(0, dtype=torch.long), images)
+
+
+def task_for(backbone: Backbone, classifier: Tensor, shots: int) -> Task:
+    """A task from a backbone's projection and a given text classifier (a saved run's, or a new one)."""
+    site = backbone.projection()
+    return Task(W0=site.weight.detach().float().cpu(),
+                bias=None if site.bias is None else site.bias.detach().float().cpu(),
+                classifier=classifier.detach().float().cpu(), logit_scale=float(backbone.logit_scale), shots=shots)

@@ -1,0 +1,140 @@
+"""Hyperparameter checks: each method declares one constraint per hyperparameter; one function applies them.
+
+A constraint is a small frozen object whose ``problem(value)`` returns ``None`` when the value is fine, or what is
+wrong with it ("must be > 0"). Non-finite numbers are always refused: a NaN learning rate trains nothing and says
+nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class HyperparameterError(ValueError):
+    """An unknown hyperparameter or a bad value; the message names the method and the key."""
+
+
+class Constraint(Protocol):
+    def problem(self, value: Any) -> str | None: ...
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Number:
+    """A finite int or float within [low, high] (``open_low``: strictly above low); ``integer`` refuses floats."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    integer: bool = False
+    optional: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if value is None:
+            return None if self.optional else "is required (got None)"
+        if not _is_number(value) or (self.integer and not isinstance(value, int)):
+            return f"must be {'an integer' if self.integer else 'a number'}, got {type(value).__name__} {value!r}"
+        if not math.isfinite(value):
+            return f"must be finite, got {value!r}"
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return f"must be {'>' if self.open_low else '>='} {self.low:g}, got {value!r}"
+        if self.high is not None and value > self.high:
+            return f"must be <= {self.high:g}, got {value!r}"
+        return None
+
+
+POSITIVE = Number(low=0, open_low=True)
+NON_NEGATIVE = Number(low=0)
+POSITIVE_INT = Number(low=1, integer=True)
+NON_NEGATIVE_INT = Number(low=0, integer=True)
+FRACTION = Number(low=0, high=1)
+
+
+@dataclass(frozen=True)
+class Choice:
+    options: tuple[Any, ...]
+
+    def problem(self, value: Any) -> str | None:
+        return None if value in self.options else f"must be one of {', '.join(map(repr, self.options))}, got {value!r}"
+
+
+@dataclass(frozen=True)
+class Flag:
+    def problem(self, value: Any) -> str | None:
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+
+
+@dataclass(frozen=True)
+class Lambda:
+    """A regularisation weight: a non-negative finite number, or the rule "1/N" or "1/N2" (N = shots)."""
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, str):
+            rule = normalise_lambda_rule(value)
+            if rule is None:
+                return f"must be a number, '1/N' or '1/N2', got {value!r}"
+            return None if rule in ("1/N", "1/N2") else NON_NEGATIVE.problem(float(rule))
+        return NON_NEGATIVE.problem(value)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A two-element list/tuple whose elements satisfy ``item``."""
+
+    item: Number
+
+    def problem(self, value: Any) -> str | None:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            return f"must be a pair [a, b], got {value!r}"
+        return next((p for p in map(self.item.problem, value) if p), None)
+
+
+def normalise_lambda_rule(rule: str) -> str | None:
+    key = rule.replace(" ", "").upper()
+    if key == "1/N":
+        return "1/N"
+    if key in ("1/N2", "1/N^2", "1/N**2"):
+        return "1/N2"
+    try:
+        float(rule)
+    except ValueError:
+        return None
+    return rule
+
+
+def resolve_lambda(lam: str | float, shots: int) -> float:
+    """λ from its rule: "1/N" (the paper's validation-free default), "1/N2" (its variant) or a number."""
+    if isinstance(lam, str):
+        rule = normalise_lambda_rule(lam)
+        if rule == "1/N":
+            return 1.0 / shots
+        if rule == "1/N2":
+            return 1.0 / shots**2
+        if rule is None:
+            raise HyperparameterError(f"lam={lam!r}: use '1/N', '1/N2' or a number")
+        return float(rule)
+    return float(lam)
+
+
+def check(method: str, values: Mapping[str, Any], constraints: Mapping[str, Constraint]) -> None:
+    """Raise one HyperparameterError naming ``method`` and the first bad key."""
+    for key, value in values.items():
+        constraint = constraints.get(key)
+        problem = constraint.problem(value) if constraint is not None else None
+        if problem:
+            raise HyperparameterError(f"{method}: hyperparameter {key} {problem}")
+
+
+def check_known(method: str, given: Sequence[str], known: Sequence[str]) -> None:
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise HyperparameterError(
+            f"{method}: unknown hyperparameter(s) {', '.join(unknown)}; its hyperparameters are: "
+            f"{', '.join(known) or '(none)'}"
+        )
