@@ -17,11 +17,9 @@ from synthetic import make_problem
 VERIFIED = {
     "clip-adapter": dict(ratio=0.2, reduction=4, lr=2e-3, epochs=200, batch_size=32, weight_decay=5e-4,
                          momentum=0.9, views=None),
-    "taskres": dict(alpha=0.5, lr=2e-3, epochs=None, batch_size=256, weight_decay=5e-4, text_norm=None,
-                    views=None),
-    "zs-lp": dict(lr=0.1, epochs=300, batch_size=256, views=20, momentum=0.9, weight_decay=0.0, text_norm=None),
-    "clap": dict(lr=0.1, epochs=300, batch_size=256, views=20, momentum=0.9, weight_decay=0.0, text_norm=None,
-                 adaptive=False),
+    "taskres": dict(alpha=0.5, lr=2e-3, epochs=None, batch_size=256, weight_decay=5e-4, views=None),
+    "zs-lp": dict(lr=0.1, epochs=300, batch_size=256, views=20, momentum=0.9, weight_decay=0.0),
+    "clap": dict(lr=0.1, epochs=300, batch_size=256, views=20, momentum=0.9, weight_decay=0.0, adaptive=False),
     "tip-adapter": dict(alpha=1.17, beta=1.0, search=True, search_scale=(7.0, 3.0), search_step=(200, 20),
                         augment_views=10),
     "tip-adapter-f": dict(alpha=1.17, beta=1.0, search=True, search_scale=(7.0, 3.0), search_step=(200, 20),
@@ -120,8 +118,7 @@ def test_tip_adapter_grid_is_the_originals_search_hp():
     from prolip.methods.tip_adapter import search_grid
     betas = search_grid(7, 200)
     assert len(betas) == 200 and betas[0] == pytest.approx(0.1) and betas[-1] == pytest.approx(0.1 + 199 * 6.9 / 200)
-    m = create("tip-adapter", search_scale=(13, 13))  # configs/dtd.yaml
-    assert max(m.alphas) == pytest.approx(0.1 + 19 * 12.9 / 20)
+    assert max(search_grid(13, 20)) == pytest.approx(0.1 + 19 * 12.9 / 20)  # configs/dtd.yaml's α grid
 
 
 def test_taskres_epochs_follow_the_shot_rule():
@@ -132,13 +129,24 @@ def test_taskres_epochs_follow_the_shot_rule():
     assert create("taskres", epochs=3).fit(p.task, p.support).selected_["epochs"] == 3
 
 
-def test_text_norm_is_the_originals_step_scale():
-    # With prototypes of norm r, SGD at lr η equals unit-norm SGD at lr η/r² with penalty α·r²: ZS-LP's
-    # predictions at (r, η) match those at (1, η/r²) — up to the warm-up epoch, whose fixed 1e-5 is not scaled.
-    p = make_problem(num_classes=4, shots=4, seed=4)
-    r = 3.0
-    z = p.test.features
-    at_r = create("zs-lp", epochs=5, text_norm=r, lr=0.9).fit(p.task, p.support).logits(z)
-    equivalent = create("zs-lp", epochs=5, lr=0.9 / r**2).fit(p.task, p.support).logits(z)
-    unscaled = create("zs-lp", epochs=5, lr=0.9).fit(p.task, p.support).logits(z)
-    assert (at_r - equivalent).abs().max() < (at_r - unscaled).abs().max() / 20
+@pytest.mark.parametrize("name", ["zs-lp", "clap", "taskres"])
+def test_text_heads_start_from_the_unnormalised_mean_text_embedding(name):
+    # TaskRes/CLAP _get_base_text_features: mean over templates of the raw text embeddings, not normalised.
+    p = make_problem(num_classes=4, shots=2, seed=4)
+    p.task.text_mean = p.task.classifier * torch.linspace(5, 15, 4)[:, None]  # a different norm per class
+    m = create(name, epochs=0).fit(p.task, p.support)
+    start = m.prototypes if name != "taskres" else m.base + m.alpha * m.residual
+    torch.testing.assert_close(start, p.task.text_mean)
+    p.task.text_mean = None
+    with pytest.raises(ValueError, match="unnormalised mean text embedding"):
+        create(name, epochs=0).fit(p.task, p.support)
+
+
+def test_lp_plus_plus_alpha_starts_from_true_class_scores_only():
+    # compute_centroids_alpha: one-hot mask × scores, so class c contributes its samples' score for class c only.
+    p = make_problem(num_classes=4, shots=3, seed=2)
+    m = create("lp++", epochs=0).fit(p.task, p.support)
+    f = F.normalize(embed(p.task, p.support.views.view(0)), dim=-1)
+    scores = f @ p.task.classifier.T
+    true_class = torch.stack([scores[p.support.labels == c, c].mean() for c in range(4)])
+    torch.testing.assert_close(m.alpha, torch.full((4,), 250.0 * true_class.mean().item()))

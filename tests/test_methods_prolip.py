@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from prolip.functional import accuracy, clip_logits
 from prolip.methods import create
 from prolip.methods.base import Validation
-from prolip.methods.prolip import (GRID_LAMS, GRID_LRS, adam_step, cosine_lr, prolip_loss_and_grad,
-                                   resolve_lambda, select_config, train_projection)
+from prolip.methods.params import resolve_lambda
+from prolip.methods.prolip import GRID_LAMS, GRID_LRS, prolip_loss_and_grad, select_config, train_projection
+from prolip.optim import adam_step, cosine_lr
 from synthetic import make_problem
 
 
@@ -61,7 +62,7 @@ def test_batched_adam_and_cosine_match_torch(dtype):
     grads = [(torch.randn(len(lrs), 6, 5, generator=g) * 0.1).to(dtype) for _ in range(steps)]
     W, m, v = W0.clone(), torch.zeros_like(W0), torch.zeros_like(W0)
     for t in range(steps):
-        adam_step(W, grads[t], m, v, t + 1, cosine_lr(torch.tensor(lrs, dtype=torch.float64), t, steps))
+        adam_step(W, grads[t], m, v, t + 1, cosine_lr(torch.tensor(lrs, dtype=torch.float64), t, steps), eps=1e-4)
     for k, lr in enumerate(lrs):
         p = torch.nn.Parameter(W0[k].clone())
         opt = torch.optim.Adam([p], lr=lr, betas=(0.9, 0.999), eps=1e-4, weight_decay=0, foreach=False)
@@ -153,10 +154,13 @@ def test_grid_chunking_gives_same_selection(problem):
     torch.testing.assert_close(a.W, b.W, rtol=1e-4, atol=1e-6)
 
 
-def test_tie_rule_prefers_conservative_config():
+def test_tie_rule_first_maximum_by_default_conservative_as_option():
+    # The reference keeps the first maximum in its loop order (strict ">"); "conservative" is our option.
     accs = torch.tensor([50.0, 60.0, 60.0, 60.0])
     lrs, lams = [1e-2, 1e-2, 1e-5, 1e-3], [1.0, 0.0, 1.0, 1.0]
-    assert select_config(accs, lrs, lams) == 2
+    assert select_config(accs, lrs, lams) == 1
+    assert select_config(accs, lrs, lams, "conservative") == 2
+    assert create("prolip").tie_rule == "first"
 
 
 def test_grid_without_validation_is_a_clear_error(problem):
@@ -167,7 +171,7 @@ def test_grid_without_validation_is_a_clear_error(problem):
 def test_bad_hyperparameters_are_named():
     with pytest.raises(ValueError, match="precision"):
         create("prolip", precision="bf16")
-    with pytest.raises(ValueError, match="unknown hyperparameters"):
+    with pytest.raises(ValueError, match="unknown hyperparameter"):
         create("prolip", learning_rate=1e-3)
 
 

@@ -10,7 +10,9 @@ from prolip import __version__
 # the user gets that message, not a traceback. Anything else is a bug and keeps its traceback.
 _USER_ERRORS = (("prolip.features.cache", "CacheError"), ("prolip.data.images", "BadImageError"),
                 ("prolip.data.folder", "DataError"), ("prolip.data.sampling", "NotEnoughImagesError"),
-                ("prolip.run", "RunError"), ("prolip.backbones", "BackboneLoadError"))
+                ("prolip.run", "RunError"), ("prolip.backbones", "BackboneLoadError"),
+                ("prolip.methods.params", "HyperparameterError"), ("prolip.methods.base", "FitError"),
+                ("prolip.episode", "EpisodeError"), ("prolip.bench.experiment", "ExperimentError"))
 
 
 def _is_user_error(e: BaseException) -> bool:

@@ -84,65 +84,84 @@ def _resolve(data, data_root, classnames_file, templates_file):
         _fail(str(e))
 
 
-def _parse_lambda(value: str):
-    if value in ("1/N", "1/N2"):
-        return value
+def _hyperparameters(shortcuts: dict, pairs: tuple[str, ...]) -> dict:
+    """``--hp key=value`` pairs (YAML values) plus the shortcut flags that were given; a key given twice is refused."""
+    import yaml
+
+    hp = {k: v for k, v in shortcuts.items() if v is not None}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{pair!r}: expected key=value, e.g. --hp lr=1e-3", param_hint="--hp")
+        if key in hp:
+            raise click.BadParameter(f"{key} is given twice (--hp and --{key})", param_hint="--hp")
+        try:
+            hp[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise click.BadParameter(f"{pair!r}: the value is not valid YAML ({e.problem})", param_hint="--hp") from None
+    return hp
+
+
+def check_device(device: str) -> None:
+    """Refuse an unknown or unavailable --device before any model is built."""
+    import torch
+
     try:
-        return float(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected a number, '1/N' or '1/N2'", param_hint="--lam") from None
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise click.BadParameter(f"{device!r} is not a torch device ({e})", param_hint="--device") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter(f"{device!r}: no CUDA device is available here; use --device cpu",
+                                 param_hint="--device")
+    if kind not in ("cpu", "cuda"):
+        raise click.BadParameter(f"{device!r}: prolip runs on cpu or cuda", param_hint="--device")
 
 
 @click.command("fit")
 @click.option("--data", required=True, help="image folder, CSV/JSON image list, CoOp dataset folder or benchmark name")
-@click.option("--shots", default=16, show_default=True, help="labelled images per class (N)")
+@click.option("--shots", type=click.IntRange(min=1), default=16, show_default=True,
+              help="labelled images per class (N)")
 @click.option("--seed", default=1, show_default=True, help="few-shot sampling and training seed")
 @click.option("--method", default="prolip", show_default=True, help="adaptation method (see `prolip methods`)")
-@click.option("--views", default=300, show_default=True, help="augmented views cached per support image")
-@click.option("--lr", type=float, default=None, help="learning rate [prolip default: 1e-5]")
-@click.option("--lam", default=None, help="ProLIP regularisation λ: a number, '1/N' (default) or '1/N2'")
-@click.option("--steps", type=int, default=None, help="training steps [prolip default: 300]")
+@click.option("--views", type=click.IntRange(min=1), default=300, show_default=True,
+              help="augmented views cached per support image")
+@click.option("--hp", "hp_pairs", multiple=True, metavar="KEY=VALUE",
+              help="any hyperparameter of the method (see `prolip methods -v`), e.g. --hp alpha=0.5; repeatable")
+@click.option("--lr", type=float, default=None, help="shortcut for --hp lr=... [prolip default: 1e-5]")
+@click.option("--lam", default=None, help="shortcut for --hp lam=...: a number, '1/N' (prolip's default) or '1/N2'")
+@click.option("--steps", type=int, default=None, help="shortcut for --hp steps=... [prolip default: 300]")
 @click.option("--precision", type=click.Choice(["fp32", "reference"]), default=None,
-              help="fp32 master weights (default) or the reference code's float16 numerics")
-@click.option("--validate", is_flag=True, help="select hyperparameters on an N-shot validation set (49-point grid)")
+              help="shortcut for --hp precision=...: fp32 master weights (default) or the reference's float16")
+@click.option("--validate", is_flag=True,
+              help="select what the method selects (prolip: lr and λ on the 49-point grid) on an N-shot validation set")
 @click.option("--sampler", type=click.Choice(["lpp", "coop"]), default="lpp", show_default=True,
               help="few-shot sampling convention (LP++/ProLIP or CoOp)")
-@click.option("--allow-fewer", is_flag=True, help="let classes with fewer than --shots images use all they have")
+@click.option("--allow-fewer", is_flag=True,
+              help="let classes with fewer than --shots images take part: the coop sampler uses all a short class "
+                   "has; the lpp sampler draws --shots with repeats, as the LP++/ProLIP code does")
 @click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
               help="image folder to evaluate on (default: the test split, or the images not used for training)")
 @click.option("--aug-seed", default=0, show_default=True, help="seed of the cached augmentations")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True,
               help="run directory to write")
-@click.option("--force", is_flag=True, help="overwrite --out if it exists")
+@click.option("--force", is_flag=True, help="replace --out if it is an earlier prolip run (or empty)")
 @click.option("--json", "as_json", is_flag=True, help="print the metrics as JSON")
 @data_options
 @cache_options
 @backbone_options
-def fit_cmd(data, shots, seed, method, views, lr, lam, steps, precision, validate, sampler, allow_fewer, val_dir,
-            aug_seed, out, force, as_json, data_root, classnames_file, templates_file, cache_dir, batch_size, workers,
-            extract_dtype, on_bad_image, model, pretrained, device):
+def fit_cmd(data, shots, seed, method, views, hp_pairs, lr, lam, steps, precision, validate, sampler, allow_fewer,
+            val_dir, aug_seed, out, force, as_json, data_root, classnames_file, templates_file, cache_dir, batch_size,
+            workers, extract_dtype, on_bad_image, model, pretrained, device):
     """Cache features, train a method on N shots per class, evaluate, and save a run directory."""
     from prolip import pipeline
 
-    if shots <= 0:
-        raise click.BadParameter(f"must be a positive number of images per class, got {shots}", param_hint="--shots")
-    if views <= 0:
-        raise click.BadParameter(f"must be positive, got {views}", param_hint="--views")
+    hp = _hyperparameters({"lr": lr, "lam": lam, "steps": steps, "precision": precision}, hp_pairs)
+    check_device(device)
+    pipeline.configure_method(method, hp, validate)  # a bad method or hyperparameter fails before any work
     if out.exists() and not force:
         _fail(f"{out} already exists; pass --force to overwrite it or choose another --out")
-    hp = {k: v for k, v in {"lr": lr, "lam": None if lam is None else _parse_lambda(lam), "steps": steps,
-                            "precision": precision}.items() if v is not None}
-    if validate:
-        hp["grid"] = True
     splits = _resolve(data, data_root, classnames_file, templates_file)
-    eval_images = None
-    if val_dir is not None:
-        from prolip.data import read_image_folder
-
-        eval_images = read_image_folder(val_dir)
-        if eval_images.classnames != splits.classnames:
-            _fail(f"--val {val_dir}: its classes {eval_images.classnames[:5]}… differ from the training classes "
-                  f"{splits.classnames[:5]}…")
+    eval_images = _val_images(val_dir, classnames_file, splits)
     rank, _ = init_from_env(device)  # under torchrun: extraction and the grid search are split across processes
     backbone = _load_backbone(model, pretrained, device)
     cache = _cache(backbone, cache_dir, batch_size, workers, on_bad_image, extract_dtype)
@@ -158,6 +177,18 @@ def fit_cmd(data, shots, seed, method, views, lr, lam, steps, precision, validat
         _report_metrics(result.metrics, backbone, as_json, out)
 
 
+def _val_images(val_dir, classnames_file, splits):
+    if val_dir is None:
+        return None
+    from prolip.data import read_image_folder
+
+    images = read_image_folder(val_dir, classnames_file)
+    if images.classnames != splits.classnames:
+        differ = sorted(set(images.classnames) ^ set(splits.classnames))[:5]
+        _fail(f"--val {val_dir}: its classes differ from the training classes (e.g. {differ})")
+    return images
+
+
 def _report_metrics(metrics, backbone, as_json, out=None):
     if as_json:
         click.echo(json.dumps({"backbone": backbone.info.describe(), **metrics}, indent=2))
@@ -166,6 +197,8 @@ def _report_metrics(metrics, backbone, as_json, out=None):
     if "accuracy" in metrics:
         click.echo(f"accuracy {metrics['accuracy']:.2f}%  zero-shot {metrics['zero_shot_accuracy']:.2f}%  "
                    f"on {metrics['eval_images']} {metrics['eval_set']}{note}")
+    else:
+        click.echo(f"not evaluated: no {metrics['eval_set']} left (every image was used for support or validation)")
     if out is not None:
         click.echo(f"saved run to {out}")
 
@@ -173,69 +206,113 @@ def _report_metrics(metrics, backbone, as_json, out=None):
 @click.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--data", required=True, help="image folder, image list, CoOp dataset folder or benchmark name")
-@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
-              help="which split of a benchmark to evaluate (an image folder is used whole)")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default=None,
+              help="which split of a benchmark to evaluate [default: test] (a plain folder has only its images)")
 @click.option("--tta", is_flag=True, help="test-time ProLIP on each image (64 views, one step)")
-@click.option("--tta-views", default=64, show_default=True, help="views per image for --tta")
+@click.option("--tta-views", type=click.IntRange(min=1), default=64, show_default=True,
+              help="views per image for --tta")
 @click.option("--json", "as_json", is_flag=True)
-@data_options
+@click.option("--classnames", "classnames_file", type=click.Path(path_type=Path), default=None,
+              help="class names file (one per line, in sorted folder order)")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None,
+              help="root folder of the benchmark datasets (CoOp layout) when --data names a benchmark")
 @cache_options
 @click.option("--device", default="cpu", show_default=True)
-def eval_cmd(run_dir, data, split, tta, tta_views, as_json, data_root, classnames_file, templates_file, cache_dir, batch_size,
+def eval_cmd(run_dir, data, split, tta, tta_views, as_json, classnames_file, data_root, cache_dir, batch_size,
              workers, extract_dtype, on_bad_image, device):
-    """Evaluate a saved run on a dataset."""
+    """Evaluate a saved run on a dataset (the run's own support and validation images are left out)."""
     from prolip import pipeline
+    from prolip.episode import EpisodeBuilder
     from prolip.functional import accuracy
-    from prolip.run import Run, RunError
 
-    try:
-        run = Run.load(run_dir)
-    except RunError as e:
-        _fail(str(e))
-    splits = _resolve(data, data_root, classnames_file, templates_file)
-    images = getattr(splits, split) if getattr(splits, split, None) is not None else splits.train
-    if images is None or not len(images):
-        _fail(f"--data {data}: no images in split {split!r}")
-    if list(images.classnames) != list(run.classnames):
-        _fail(f"--data {data}: its {len(images.classnames)} classes differ from the run's {len(run.classnames)} "
-              f"classes ({run.path / 'classnames.json'})")
+    check_device(device)
+    run = _load_run(run_dir)
+    splits = _resolve(data, data_root, classnames_file, None)
+    images, excluded = _eval_images(splits, split, run, data)
     backbone = _backbone_for_run(run, device)
-    method = pipeline.method_from_run(backbone, run)
+    method = _method_for_run(backbone, run)
+    skipped = []
     if tta:
         logits, labels = _tta_logits(backbone, method, run, images, tta_views)
     else:
         cache = _cache(backbone, cache_dir, batch_size, workers, on_bad_image, extract_dtype)
-        z, labels = pipeline.center_features(cache, images)
-        logits = method.logits(z)
-    metrics = {"accuracy": accuracy(logits, labels), "eval_images": int(len(labels)), "split": split,
-               "tta": tta}
-    skips = {"skipped_images": [[str(p), r] for p, r in (cache.skipped if not tta else [])]}
+        features = EpisodeBuilder(backbone, cache).center(images)
+        logits, labels, skipped = method.logits(features.features), features.labels, features.skipped
+    metrics = {"accuracy": accuracy(logits, labels), "eval_images": int(len(labels)), "split": split or "test",
+               "eval_set": _eval_set_name(splits, split, excluded), "excluded_run_images": excluded, "tta": tta}
+    skips = {"skipped_images": [[str(p), r] for p, r in skipped]}
     _report_skips(skips, [images], on_bad_image)
     metrics.update(skips)
     if as_json:
         click.echo(json.dumps({"backbone": backbone.info.describe(), "run": str(run_dir), **metrics}, indent=2))
     else:
         note = " (RANDOM weights)" if backbone.info.random_weights else ""
-        click.echo(f"accuracy {metrics['accuracy']:.2f}% on {metrics['eval_images']} images{note}")
+        click.echo(f"accuracy {metrics['accuracy']:.2f}% on {metrics['eval_images']} {metrics['eval_set']}{note}")
+
+
+def _eval_images(splits, split, run, data):
+    """The images ``eval`` scores: the split asked for (refused where the data has none), minus the run's support
+    and validation images, so a run is never scored on what it trained or selected on."""
+    available = {name: getattr(splits, name) for name in ("train", "val", "test") if getattr(splits, name)}
+    if split is not None and split != "train" and split not in available:
+        _fail(f"--split {split}: --data {data} has no {split} split (it has: {', '.join(available)}); "
+              "a plain folder or list is evaluated whole, without --split")
+    images = available.get(split or "test") or splits.train
+    if list(images.classnames) != list(run.classnames):
+        _fail(f"--data {data}: its {len(images.classnames)} classes differ from the run's {len(run.classnames)} "
+              f"classes ({run.path / 'classnames.json'})")
+    seen = {p for key in ("support", "validation") for p, _ in run.manifest["data"].get(key, [])}
+    keep = [i for i, it in enumerate(images.items) if str(it.path) not in seen]
+    if not keep:
+        _fail(f"--data {data}: every image is one of the run's support or validation images; nothing is left to "
+              "evaluate")
+    return images.subset(keep), len(images) - len(keep)
+
+
+def _eval_set_name(splits, split, excluded: int) -> str:
+    name = f"{split or 'test'} split" if (split or "test") in ("val", "test") and getattr(splits, split or "test") \
+        else "images"
+    return f"{name} ({excluded} support/validation images of the run left out)" if excluded else name
+
+
+def _load_run(run_dir):
+    from prolip.run import Run, RunError
+
+    try:
+        return Run.load(run_dir)
+    except RunError as e:
+        _fail(str(e))
+
+
+def _method_for_run(backbone, run):
+    from prolip import pipeline
+    from prolip.run import RunError
+
+    try:
+        return pipeline.method_from_run(backbone, run)
+    except RunError as e:
+        _fail(str(e))
 
 
 def _backbone_for_run(run, device):
     from prolip import pipeline
+    from prolip.run import RunError
 
     b = run.manifest["backbone"]
     model = b["arch"] if b["family"] == "open_clip" else f"hf:{b['arch']}"
     backbone = _load_backbone(model, b["weights"], device)
     try:
         pipeline.check_backbone_matches(backbone, run)
-    except ValueError as e:
+    except RunError as e:
         _fail(str(e))
     return backbone
 
 
 def _adapted_W(method, run):
-    if "W" not in run.method_state:
-        _fail(f"run {run.path} used method {run.method_name!r}, which does not adapt the visual projection")
-    return run.method_state["W"]
+    if not method.exposes_projection:
+        _fail(f"run {run.path} used method {method.name!r}, whose predictions are not CLIP's with an adapted "
+              "projection W: test-time adaptation and export need one (prolip, zeroshot)")
+    return method.projection()
 
 
 def _tta_logits(backbone, method, run, images, views):
@@ -252,26 +329,21 @@ def _tta_logits(backbone, method, run, images, views):
 @click.command("predict")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--top-k", "-k", default=5, show_default=True)
+@click.option("--top-k", "-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--tta", is_flag=True, help="test-time ProLIP on each image")
-@click.option("--tta-views", default=64, show_default=True, help="views per image for --tta")
+@click.option("--tta-views", type=click.IntRange(min=1), default=64, show_default=True,
+              help="views per image for --tta")
 @click.option("--json", "as_json", is_flag=True, help="print predictions as JSON")
 @click.option("--device", default="cpu", show_default=True)
 def predict_cmd(run_dir, images, top_k, tta, tta_views, as_json, device):
     """Classify image files with a saved run: top-k class names and probabilities."""
-    import torch
-
-    from prolip import pipeline
     from prolip.data.images import BadImageError
     from prolip.features import encode_images
-    from prolip.run import Run, RunError
 
-    try:
-        run = Run.load(run_dir)
-    except RunError as e:
-        _fail(str(e))
+    check_device(device)
+    run = _load_run(run_dir)
     backbone = _backbone_for_run(run, device)
-    method = pipeline.method_from_run(backbone, run)
+    method = _method_for_run(backbone, run)
     paths = [Path(p) for p in images]
     try:
         if tta:
@@ -285,8 +357,7 @@ def predict_cmd(run_dir, images, top_k, tta, tta_views, as_json, device):
     except BadImageError as e:
         _fail(str(e))
     probs = logits.float().softmax(dim=-1)
-    k = min(top_k, probs.shape[1])
-    top = probs.topk(k, dim=-1)
+    top = probs.topk(min(top_k, probs.shape[1]), dim=-1)
     results = [{"image": str(p), "predictions": [{"class": run.classnames[int(i)], "index": int(i),
                                                    "probability": round(float(v), 6)}
                                                   for v, i in zip(vals, idx)]}
@@ -305,21 +376,18 @@ def predict_cmd(run_dir, images, top_k, tta, tta_views, as_json, device):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="directory to write")
 @click.option("--format", "fmt", type=click.Choice(["auto", "open_clip", "hf"]), default="auto", show_default=True,
               help="open_clip state dict (safetensors) or Hugging Face save_pretrained directory")
-@click.option("--force", is_flag=True, help="overwrite --out if it exists")
+@click.option("--force", is_flag=True, help="replace --out if it is an earlier prolip export (or empty)")
 @click.option("--device", default="cpu", show_default=True)
 def export_cmd(run_dir, out, fmt, force, device):
     """Merge the adapted projection back into a standard CLIP checkpoint (+ the zero-shot head beside it)."""
     from prolip import export
-    from prolip.run import Run, RunError
 
-    try:
-        run = Run.load(run_dir)
-    except RunError as e:
-        _fail(str(e))
+    check_device(device)
+    run = _load_run(run_dir)
     if out.exists() and not force:
         _fail(f"{out} already exists; pass --force to overwrite it")
     backbone = _backbone_for_run(run, device)
-    W = _adapted_W(None, run)
+    W = _adapted_W(_method_for_run(backbone, run), run)
     if fmt == "auto":
         fmt = "hf" if backbone.info.family == "hf" else "open_clip"
     try:
@@ -364,12 +432,22 @@ def extract_cmd(data, split, views, aug_seed, data_root, classnames_file, templa
 
 
 @click.command("methods")
-def methods_cmd():
+@click.option("-v", "--verbose", is_flag=True, help="also show each method's hyperparameters and capabilities")
+def methods_cmd(verbose):
     """List the available adaptation methods."""
-    from prolip.methods import available
+    from prolip.methods import available, method_class
 
     for name in available():
         click.echo(name)
+        if verbose:
+            cls = method_class(name)
+            params = ", ".join(f"{k}={v!r}" for k, v in cls.defaults().items()) or "(none)"
+            click.echo(f"  hyperparameters: {params}")
+            click.echo(f"  selects on validation: {cls.selects or 'nothing (validation-free)'}")
+            can = [what for what, flag in (("scores other class sets", cls.accepts_classifier),
+                                           ("exposes an adapted projection (TTA, export)", cls.exposes_projection),
+                                           ("uses the text side", cls.uses_text_side)) if flag]
+            click.echo(f"  can: {', '.join(can) or '-'}")
 
 
 def _report_skips(report: dict, datasets, on_bad_image: str, out: Path | None = None,

@@ -43,6 +43,7 @@ from prolip.methods.base import Method, Support, Task, Validation
 from prolip.methods.params import (
     FRACTION,
     NON_NEGATIVE,
+    NON_NEGATIVE_INT,
     POSITIVE,
     POSITIVE_INT,
     Constraint,
@@ -94,7 +95,7 @@ class _ResidualMLPMethod(Method):
 class CLIPAdapter(_ResidualMLPMethod):
     name = "clip-adapter"
     constraints: dict[str, Constraint] = {
-        "ratio": FRACTION, "reduction": POSITIVE_INT, "lr": POSITIVE, "epochs": POSITIVE_INT,
+        "ratio": FRACTION, "reduction": POSITIVE_INT, "lr": POSITIVE, "epochs": NON_NEGATIVE_INT,
         "batch_size": POSITIVE_INT, "weight_decay": NON_NEGATIVE, "momentum": NON_NEGATIVE,
         "views": Number(low=1, integer=True, optional=True),
     }
@@ -161,7 +162,7 @@ def taskres_epochs(shots: int) -> int:
 class TaskRes(Method):
     name = "taskres"
     constraints: dict[str, Constraint] = {
-        "alpha": NON_NEGATIVE, "lr": POSITIVE, "epochs": Number(low=1, integer=True, optional=True),
+        "alpha": NON_NEGATIVE, "lr": POSITIVE, "epochs": Number(low=0, integer=True, optional=True),
         "batch_size": POSITIVE_INT, "weight_decay": NON_NEGATIVE, "views": Number(low=1, integer=True, optional=True),
     }
 

@@ -238,7 +238,7 @@ class Method(ABC):
             raise FitError(f"{self.name}: {what} produced non-finite values in {', '.join(bad)}{hint}")
 
     def config(self) -> dict[str, Any]:
-        return {"method": self.name, "hyperparameters": self.get_params(), "selected": self.selected_}
+        return {"method": self.name, "hyperparameters": self.get_params(), "selected": getattr(self, "selected_", {})}
 
 
 __all__ = ["FitError", "HyperparameterError", "Method", "Support", "Task", "TensorViews", "Validation", "ViewSource"]

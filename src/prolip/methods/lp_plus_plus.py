@@ -4,7 +4,8 @@ linear probe blended class-wise with the zero-shot text scores, f the L2-normali
 
 Verified against the authors' code: W initialised at the class *sums* of f (``compute_centroids`` has its
 division by the class count commented out, so W0 = N_shots × centroid), b as nn.Linear's default (seeded);
-α initialised at 250 × the mean of the class-centroids of f·Tᵀ (``calculate_init_alpha``); full-batch SGD
+α initialised at 250 × the mean over classes of each class's mean true-class score f·t_y (``calculate_init_alpha``
+with ``compute_centroids_alpha``, whose one-hot mask keeps only the true class's score); full-batch SGD
 (momentum 0.9) on (W, b) with step 4N/λ_max(FᵀF) (``calculate_lr_w``, N = all support samples); α updated by
 plain gradient descent every 10 epochs with step N / (4·max_c Σ_n (f_n·t_c)²) (``calculate_lr_alpha``) — using,
 like the original, α's gradient accumulated since the start (it is never zeroed there). 300 epochs
@@ -24,7 +25,7 @@ from prolip.methods import register
 from prolip.functional import accuracy
 from prolip.methods._common import embed
 from prolip.methods.base import Method, Support, Task, Validation
-from prolip.methods.params import POSITIVE, POSITIVE_INT, Constraint
+from prolip.methods.params import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Constraint
 
 
 def class_sums(x: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -48,7 +49,7 @@ def lpp_step_sizes(f: Tensor, text_scores: Tensor) -> tuple[float, float]:
 class LPPlusPlus(Method):
     name = "lp++"
     selects = "the training epoch (best validation accuracy)"
-    constraints: dict[str, Constraint] = {"epochs": POSITIVE_INT, "alpha_every": POSITIVE_INT, "init_scale": POSITIVE}
+    constraints: dict[str, Constraint] = {"epochs": NON_NEGATIVE_INT, "alpha_every": POSITIVE_INT, "init_scale": POSITIVE}
 
     def __init__(self, epochs: int = 300,  # configs/base.yaml train_epoch
                  alpha_every: int = 10,  # linear_probe_p2.py: α step when (epoch + 1) % 10 == 0
@@ -68,7 +69,8 @@ class LPPlusPlus(Method):
         weight = class_sums(f, y, C)  # compute_centroids: a sum, not a mean
         bound = 1 / math.sqrt(f.shape[1])
         bias = (torch.rand(C, generator=torch.Generator().manual_seed(seed)) * 2 - 1).mul_(bound)
-        alpha = torch.full((C,), self.init_scale * class_centroids(text_scores, y, C).mean().item())
+        # compute_centroids_alpha keeps each sample's true-class score only (a one-hot mask): the diagonal.
+        alpha = torch.full((C,), self.init_scale * class_centroids(text_scores, y, C).diagonal().mean().item())
         return weight.requires_grad_(True), bias.requires_grad_(True), alpha.requires_grad_(True)
 
     def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
