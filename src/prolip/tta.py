@@ -20,6 +20,7 @@ from torch import Tensor
 from torchvision import transforms as T
 
 from prolip.functional import cosine_logits, entropy, project
+from prolip.optim import adam_step
 
 
 @dataclass(frozen=True)
@@ -55,16 +56,6 @@ def batched_logits(z: Tensor, W: Tensor, bias: Tensor | None, classifier: Tensor
     return cosine_logits(project(z, W, bias), classifier, logit_scale)
 
 
-def adamw_step(W: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, cfg: TTAConfig) -> None:
-    """One torch.optim.AdamW step (in place), elementwise so it applies to a batch of independent W's."""
-    beta1, beta2 = cfg.betas
-    W.mul_(1 - cfg.lr * cfg.weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2**step)).add_(cfg.eps)  # one temporary, not two
-    W.addcdiv_(exp_avg, denom, value=-cfg.lr / (1 - beta1**step))
-
-
 def adapt_projection(z_views: Tensor, W_start: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float,
                      cfg: TTAConfig = TTAConfig()) -> tuple[Tensor, Tensor]:
     """Test-time ProLIP for B images at once: returns (logits of view 0 [B, C], adapted W [B, D_pre, D])."""
@@ -81,7 +72,8 @@ def adapt_projection(z_views: Tensor, W_start: Tensor, bias: Tensor | None, clas
         loss = marginal_entropy(batched_logits(z_sel, W, bias, classifier, logit_scale)).sum()
         (grad,) = torch.autograd.grad(loss, W)
         W = W.detach()
-        adamw_step(W, grad, exp_avg, exp_avg_sq, step, cfg)
+        adam_step(W, grad, exp_avg, exp_avg_sq, step, cfg.lr, eps=cfg.eps, betas=cfg.betas,
+                  weight_decay=cfg.weight_decay)
     with torch.no_grad():
         logits = batched_logits(z_views[:, :1], W, bias, classifier, logit_scale)[:, 0]
     return logits, W
