@@ -74,12 +74,32 @@ def tiny_rn():
     return load_backbone("test-rn-tiny", "none")
 
 
+def write_clip_tokenizer_files(out_dir: str | Path) -> tuple[Path, Path]:
+    """Write HF ``vocab.json`` and ``merges.txt`` for the OpenAI CLIP BPE bundled with open_clip (works offline)."""
+    import gzip
+    import json
+
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
+    byte_chars = list(bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab_file, merges_file = out_dir / "vocab.json", out_dir / "merges.txt"
+    vocab_file.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
+    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return vocab_file, merges_file
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory) -> Path:
     """A tiny random HF CLIPModel saved with save_pretrained, with a real (offline-built) CLIP tokenizer."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    from prolip.backbones.hf import OPENAI_MEAN, OPENAI_STD, write_clip_tokenizer_files
+    from prolip.backbones.hf import OPENAI_MEAN, OPENAI_STD
 
     out = tmp_path_factory.mktemp("tiny_hf")
     config = CLIPConfig(

@@ -1,4 +1,4 @@
-"""Image transforms: the test-time center crop and the seeded augmented views cached for training (SPEC §1)."""
+"""Image transforms: the test-time center crop and the seeded augmented views cached for training (the reference's augmentations)."""
 from __future__ import annotations
 
 import hashlib
@@ -20,10 +20,42 @@ def _normalize(prep: Preprocessing):
     return _normalize_from(prep.mean, prep.std)
 
 
+class ResizeCenterCrop:
+    """torchvision's ``Resize(size)`` (short side, bicubic) then ``CenterCrop(size)``, in memory bounded by the output.
+
+    Resizing first makes a very elongated image huge before the crop throws most of it away (20000x1 becomes
+    4,480,000x224, gigabytes). When the resized image would exceed ``max_ratio`` times the output area, only the
+    source region that maps onto the output is resampled (PIL's ``resize(box=...)``: same scale, same filter,
+    pixels within a few levels of the full resize, as PIL may run its two passes in the other order).
+    Up to that the torchvision operations run unchanged: every image up to a 64:1 aspect ratio gives bitwise the
+    same pixels as before, so feature caches built from them stay valid, and the resized image still takes at most
+    64x the output (13 MB at 224 px).
+    """
+
+    def __init__(self, size: int, interpolation: InterpolationMode = InterpolationMode.BICUBIC,
+                 max_ratio: float = 64.0):
+        self.size, self.interpolation, self.max_ratio = size, interpolation, max_ratio
+
+    def __call__(self, image):
+        width, height = image.size
+        new_h, new_w = TF._compute_resized_output_size((height, width), [self.size])
+        if new_w * new_h <= self.max_ratio * self.size * self.size:
+            resized = TF.resize(image, [new_h, new_w], self.interpolation, antialias=True)
+            return TF.center_crop(resized, [self.size, self.size])
+        return self._crop_then_resize(image, width, height, new_w, new_h)
+
+    def _crop_then_resize(self, image, width: int, height: int, new_w: int, new_h: int):
+        # CenterCrop's offsets in the resized image, mapped back to source coordinates.
+        top, left = int(round((new_h - self.size) / 2.0)), int(round((new_w - self.size) / 2.0))
+        sx, sy = width / new_w, height / new_h
+        box = (left * sx, top * sy, min((left + self.size) * sx, width), min((top + self.size) * sy, height))
+        resample = TF.pil_modes_mapping[self.interpolation]
+        return image.resize((self.size, self.size), resample, box=box)
+
+
 def center_transform(prep: Preprocessing) -> T.Compose:
-    """Resize the short side (bicubic) + center crop + CLIP normalisation."""
-    return T.Compose([T.Resize(prep.image_size, interpolation=InterpolationMode.BICUBIC),
-                      T.CenterCrop(prep.image_size), *_normalize(prep)])
+    """Resize the short side (bicubic) + center crop + CLIP normalisation, in memory bounded by the output."""
+    return T.Compose([ResizeCenterCrop(prep.image_size, InterpolationMode.BICUBIC), *_normalize(prep)])
 
 
 class SeededCropFlip:

@@ -1,4 +1,4 @@
-"""Test-time adaptation (SPEC §2): test-time ProLIP, batched across images, TPT as the baseline, and the
+"""Test-time adaptation (paper §4.6, README "A short tour"): test-time ProLIP, batched across images, TPT as the baseline, and the
 no-update view ensemble as an ablation.
 
 Per test image: V views (view 0 = the original, center-cropped; views 1..V−1 = random-resized-crop + flip as in the

@@ -6,7 +6,7 @@ checkpoint file, or "none" for a seeded random init) or from a Hugging Face ``CL
 from __future__ import annotations
 
 import logging
-import sys
+import warnings
 from pathlib import Path
 
 import open_clip
@@ -18,7 +18,8 @@ from prolip.backbones.loading import (HOW_TO_PASS_LOCAL, BackboneLoadError, fing
 from prolip.backbones.openclip import OpenClipBackbone, OpenClipResNet, OpenClipViT
 
 __all__ = ["Backbone", "BackboneInfo", "BackboneLoadError", "Preprocessing", "ProjectionSite", "OpenClipBackbone",
-           "OpenClipViT", "OpenClipResNet", "available_models", "load_backbone", "MODEL_CONFIG_DIR"]
+           "OpenClipViT", "OpenClipResNet", "RandomWeightsWarning", "available_models", "load_backbone",
+           "MODEL_CONFIG_DIR"]
 
 # Tiny architectures for tests and demos ("test-vit-tiny", "test-rn-tiny"), registered with open_clip.
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
@@ -26,6 +27,14 @@ if str(MODEL_CONFIG_DIR) not in map(str, open_clip.factory._MODEL_CONFIG_PATHS):
     open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 RANDOM_INIT_SEED = 0
+
+
+class RandomWeightsWarning(UserWarning):
+    """A backbone was built with random weights: its features and accuracies mean nothing.
+
+    A warning class of its own, so a caller that reports random weights itself (the CLI does, on every command)
+    can silence this one and the user reads the message once.
+    """
 
 
 def _supported(cfg: dict) -> bool:
@@ -73,8 +82,8 @@ def load_backbone(model: str = "ViT-B-16", pretrained: str = "openai", *, device
     clip.eval()
     if path is None:
         weights, random_weights = "none", True
-        print(f"WARNING: {model} has RANDOM weights (pretrained='none', seed {RANDOM_INIT_SEED}); "
-              f"its features and accuracies mean nothing", file=sys.stderr)
+        warnings.warn(f"{model} has RANDOM weights (pretrained='none', seed {RANDOM_INIT_SEED}); its features and "
+                      f"accuracies mean nothing", RandomWeightsWarning, stacklevel=2)
     else:
         load_into(clip, read_state_dict(path), str(path))
         # a tag stays a tag; a file is recorded absolute so saved runs reload it from any directory

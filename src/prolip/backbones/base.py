@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
@@ -22,7 +22,6 @@ class ProjectionSite:
     bias: Tensor | None
     param_name: str
     native_layout: Literal["right", "linear"]
-    bias_name: str | None = None
 
     def to_native(self, W: Tensor) -> Tensor:
         return W if self.native_layout == "right" else W.t().contiguous()
@@ -51,7 +50,6 @@ class BackboneInfo:
     weights: str  # pretrained tag, file path, or "none"
     random_weights: bool
     fingerprint: str  # content hash of the weights + architecture
-    extra: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         w = "RANDOM INIT (not pretrained)" if self.random_weights else self.weights
@@ -83,7 +81,7 @@ class Backbone(ABC):
         """Per-template text embeddings [C, n_templates, D] (not normalised): template.format(classname)."""
 
     def encode_text(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
-        """Text classifier T [C, D] as in SPEC §1 (underscores → spaces, template ensemble, normalised)."""
+        """Text classifier T [C, D] as CLIP builds it (paper §3) (underscores → spaces, template ensemble, normalised)."""
         from prolip.functional import ensemble_classifier
 
         names = [c.replace("_", " ") for c in classnames]

@@ -1,8 +1,6 @@
 """Hugging Face ``transformers.CLIPModel`` backbones (transformers is imported lazily, only for hf:<...> models)."""
 from __future__ import annotations
 
-import gzip
-import json
 import pickle
 from pathlib import Path
 from typing import Sequence
@@ -147,20 +145,3 @@ def _preprocessing(config, image_processor) -> Preprocessing:
     size = crop if isinstance(crop, int) else (crop["height"] if isinstance(crop, dict) else crop.height)
     return Preprocessing(image_size=int(size), mean=tuple(image_processor.image_mean),
                          std=tuple(image_processor.image_std))
-
-
-def write_clip_tokenizer_files(out_dir: str | Path) -> tuple[Path, Path]:
-    """Write HF ``vocab.json`` and ``merges.txt`` for the OpenAI CLIP BPE bundled with open_clip (works offline)."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-
-    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
-    byte_chars = list(bytes_to_unicode().values())
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    vocab_file, merges_file = out_dir / "vocab.json", out_dir / "merges.txt"
-    vocab_file.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
-    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return vocab_file, merges_file

@@ -141,8 +141,7 @@ class OpenClipResNet(OpenClipBackbone):
     def projection(self) -> ProjectionSite:
         c_proj = self.model.visual.attnpool.c_proj
         return ProjectionSite(weight=c_proj.weight.detach().t(), bias=c_proj.bias.detach(),
-                              param_name="visual.attnpool.c_proj.weight", native_layout="linear",
-                              bias_name="visual.attnpool.c_proj.bias")
+                              param_name="visual.attnpool.c_proj.weight", native_layout="linear")
 
 
 def attention_pool_pre_projection(pool: torch.nn.Module, x: Tensor) -> Tensor:

@@ -38,7 +38,7 @@ class Sensitivity:
 
 @dataclass
 class TTA:
-    """Test-time ProLIP (SPEC §2): views per image, confident ratio, AdamW steps/lr; optional TPT and view-ensemble
+    """Test-time ProLIP (paper §4.6): views per image, confident ratio, AdamW steps/lr; optional TPT and view-ensemble
     rows on the same views; ``max_images`` evaluates a class-balanced subset of the test set (CPU budgets)."""
 
     views: int = 64
@@ -68,7 +68,7 @@ class Experiment:
     aug_seed: int = 0
     sampler: str = "lpp"
     validation: bool = False
-    templates: str | list[str] = "dataset"  # "dataset" (SPEC §3), "single" ("a photo of a {}.") or a list
+    templates: str | list[str] = "dataset"  # "dataset" (per-dataset templates), "single" ("a photo of a {}.") or a list
     allow_fewer: bool = False
     cache_dir: str | None = None
     batch_size: int = 64

@@ -1,4 +1,4 @@
-"""The paper's reference numbers (SPEC §4), shown beside ours only where the setting matches exactly.
+"""The paper's reference numbers (its tables), shown beside ours only where the setting matches exactly.
 
 A reference matches an aggregated row when model name, weights (OpenAI, never random), protocol, method and the
 listed hyperparameters, shots, templates and the dataset set all agree. Most numbers are 11-dataset averages, so they

@@ -1,10 +1,12 @@
-"""Readers for the 11 few-shot benchmarks and the ImageNet variants in CoOp's layout (SPEC §3)."""
+"""Readers for the 11 few-shot benchmarks and the ImageNet variants in CoOp's layout (README "Data")."""
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from prolip.data.folder import DataError, class_index, inside, is_image_file, read_json, read_text
+from prolip.data.folder import DataError, class_index, file_kind, inside, is_image_file, read_json, read_text
 from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
 
 WHERE = "see CoOp's DATASETS.md (github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md) for how to obtain it"
@@ -74,6 +76,30 @@ def _require(path: Path, what: str, bench: str) -> Path:
     return path
 
 
+def _image_path(image_root: Path, rel: str, where: str) -> Path:
+    """An image named by a split or list file: inside the dataset, and never a FIFO, socket or device.
+
+    A missing image is left to the decoder, which names it (or skips it with --on-bad-image skip): checking
+    existence here would stat every image of the dataset twice.
+    """
+    path = inside(image_root, rel, where)
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return path
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{where}: image {path} is {file_kind(mode)}, not a regular file")
+    return path
+
+
+def _split_entry(entry, where: str) -> tuple[str, int, str]:
+    if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[0]):
+        raise DataError(f"{where}: expected [path, label, classname], got {str(entry)[:80]}")
+    if not isinstance(entry[2], str) or not entry[2].strip():
+        raise DataError(f"{where}: class name {entry[2]!r} is not a non-blank string")
+    return entry[0], class_index(entry[1], where), entry[2]
+
+
 def _from_split_json(b: Benchmark, ds_root: Path) -> DatasetSplits:
     split_path = _require(ds_root / b.split_file, "split file", b.name)
     split = read_json(split_path, "split file")
@@ -82,6 +108,7 @@ def _from_split_json(b: Benchmark, ds_root: Path) -> DatasetSplits:
                         f"got a {type(split).__name__}; re-download it ({WHERE})")
     image_root = ds_root / b.image_dir if b.image_dir else ds_root
     names: dict[int, str] = {}
+    seen: dict[Path, tuple[str, int]] = {}  # image -> (where first listed, label)
     out = {}
     for part in ("train", "val", "test"):
         entries = split.get(part, [])
@@ -91,13 +118,14 @@ def _from_split_json(b: Benchmark, ds_root: Path) -> DatasetSplits:
         items = []
         for i, entry in enumerate(entries):
             where = f"{split_path}: {part} entry {i}"
-            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[0]
-                    and isinstance(entry[2], str)):
-                raise DataError(f"{where}: expected [path, label, classname], got {str(entry)[:80]}")
-            rel, label, classname = entry[0], class_index(entry[1], where), entry[2]
-            path = inside(image_root, rel, where)
+            rel, label, classname = _split_entry(entry, where)
+            path = _image_path(image_root, rel, where)
             if names.setdefault(label, classname) != classname:  # one label, two names: a class silently merged
                 raise DataError(f"{where}: label {label} is {classname!r} here but {names[label]!r} elsewhere")
+            first, label0 = seen.setdefault(path, (f"{part} entry {i}", label))
+            if label0 != label:
+                raise DataError(f"{split_path}: {first} and {part} entry {i} put the same image {path} in two "
+                                f"classes ({names[label0]!r} and {classname!r}); an image belongs to one class")
             items.append(ImageItem(path, label))
         out[part] = items
     # Labels are distinct and non-negative, so they cover 0..C-1 exactly when the largest is C-1.
@@ -123,7 +151,8 @@ def _aircraft(b: Benchmark, ds_root: Path) -> DatasetSplits:
             image_id, _, variant = line.strip().partition(" ")
             if variant not in index:
                 raise DataError(f"{f}, line {n}: variant {variant!r} is not listed in {ds_root / 'variants.txt'}")
-            items.append(ImageItem(inside(ds_root / b.image_dir, f"{image_id}.jpg", f"{f}, line {n}"), index[variant]))
+            items.append(ImageItem(_image_path(ds_root / b.image_dir, f"{image_id}.jpg", f"{f}, line {n}"),
+                                   index[variant]))
         parts[part] = LabeledImages(items, variants, list(b.templates), b.name)
     return DatasetSplits(b.name, variants, list(b.templates), parts["train"], parts["val"], parts["test"])
 
@@ -141,12 +170,23 @@ def _imagenet_classnames(root: Path, bench: str) -> tuple[list[str], list[str]]:
     return wnids, names
 
 
-def _scan(folder: Path, classes: list[str], bench: str) -> list[ImageItem]:
-    items = []
+def _scan(folder: Path, classes: list[str], bench: str) -> tuple[list[ImageItem], list[Path]]:
+    """Images of each class folder, and the files left out: only regular files are images (a FIFO would hang)."""
+    items, ignored = [], []
     for label, sub in enumerate(classes):
         d = _require(folder / sub, "class folder", bench)
-        items.extend(ImageItem(p, label) for p in sorted(d.rglob("*")) if p.is_file() and is_image_file(p))
-    return items
+        for p in sorted(d.rglob("*")):
+            if p.is_file() and is_image_file(p):  # is_file(): regular files only, symlinks followed
+                items.append(ImageItem(p, label))
+            elif not p.is_dir() and not p.name.startswith("."):
+                ignored.append(p)
+    return items, ignored
+
+
+def _images(scanned: tuple[list[ImageItem], list[Path]], names: list[str], templates: list[str],
+            name: str) -> LabeledImages:
+    items, ignored = scanned
+    return LabeledImages(items, names, templates, name, ignored)
 
 
 def _imagenet_family(b: Benchmark, root: Path) -> DatasetSplits:
@@ -157,24 +197,23 @@ def _imagenet_family(b: Benchmark, root: Path) -> DatasetSplits:
     if b.name == "ImageNet":
         train = _scan(_require(image_root / "train", "folder", b.name), wnids, b.name)
         test = _scan(_require(image_root / "val", "folder", b.name), wnids, b.name)
-        return DatasetSplits(b.name, names, t, LabeledImages(train, names, t, b.name), None,
-                             LabeledImages(test, names, t, b.name))
+        return DatasetSplits(b.name, names, t, _images(train, names, t, b.name), None, _images(test, names, t, b.name))
     if b.name == "ImageNetV2":
         # The matched-frequency release unpacks to a single folder holding 0..999.
         subdirs = [p for p in image_root.iterdir() if p.is_dir()]
         folder = image_root if (image_root / "0").is_dir() else (subdirs[0] if len(subdirs) == 1 else image_root)
         test = _scan(folder, [str(i) for i in range(1000)] if len(wnids) == 1000 else
                      [str(i) for i in range(len(wnids))], b.name)
-        return DatasetSplits(b.name, names, t, test=LabeledImages(test, names, t, b.name))
+        return DatasetSplits(b.name, names, t, test=_images(test, names, t, b.name))
     if b.name == "ImageNetSketch":
         test = _scan(image_root, wnids, b.name)
-        return DatasetSplits(b.name, names, t, test=LabeledImages(test, names, t, b.name))
+        return DatasetSplits(b.name, names, t, test=_images(test, names, t, b.name))
     # ImageNet-A / -R: 200-class subsets; classes in ImageNet order, with the map back to ImageNet labels.
     present = {p.name for p in _require(image_root, "folder", b.name).iterdir() if p.is_dir()}
     subset = [i for i, w in enumerate(wnids) if w in present]
     sub_names = [names[i] for i in subset]
     test = _scan(image_root, [wnids[i] for i in subset], b.name)
-    splits = DatasetSplits(b.name, sub_names, t, test=LabeledImages(test, sub_names, t, b.name))
+    splits = DatasetSplits(b.name, sub_names, t, test=_images(test, sub_names, t, b.name))
     splits.imagenet_indices = subset  # type: ignore[attr-defined]
     return splits
 

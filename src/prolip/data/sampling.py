@@ -1,4 +1,4 @@
-"""Few-shot sampling in the two conventions the field uses (SPEC §3), deterministic per seed and exchangeable as JSON.
+"""Few-shot sampling in the two conventions the field uses (LP++/ProLIP and CoOp), deterministic per seed and exchangeable as JSON.
 
 - "lpp" (LP++ / ProLIP): ``random.seed(seed)``; per class K support and K validation images (drawn with replacement
   when a class is short and ``allow_fewer``); with ``imagenet_style`` 2K are drawn from train, first K support, last K

@@ -1,0 +1,87 @@
+"""The house rules the code review would otherwise have to remember, checked on every run of the suite:
+short functions, no method-name comparisons outside ``methods/``, no references to documents the repository
+does not hold, and test-only helpers kept out of the library."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "prolip"
+MAX_FUNCTION_LINES = 60
+
+
+def _sources() -> list[Path]:
+    return sorted(SRC.rglob("*.py"))
+
+
+def long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int]]:
+    """(name, length) of every function or method longer than ``limit`` lines, decorators excluded."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = (node.end_lineno or node.lineno) - node.lineno + 1
+            if length > limit:
+                out.append((node.name, length))
+    return out
+
+
+def _names_a_method(node: ast.AST) -> bool:
+    """``name``, ``x.name``, ``method``, ``x.method_name``, ``r["method"]`` and the like."""
+    keys = {"name", "method", "method_name"}
+    if isinstance(node, ast.Name):
+        return node.id in keys
+    if isinstance(node, ast.Attribute):
+        return node.attr in keys
+    return isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value in keys
+
+
+def method_name_comparisons(source: str) -> list[str]:
+    """Comparisons of something called ``name`` or ``method`` with a string literal naming a registered method."""
+    from prolip.methods import available
+
+    names = set(available())
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            literals = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+            literals += [e.value for c in node.comparators if isinstance(c, (ast.Tuple, ast.List, ast.Set))
+                         for e in c.elts if isinstance(e, ast.Constant)]
+            if any(isinstance(v, str) and v in names for v in literals) and any(map(_names_a_method,
+                                                                                   [node.left, *node.comparators])):
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_the_checkers_can_fail():
+    long = "def f():\n" + "    x = 1\n" * 70
+    assert long_functions(long) == [("f", 71)]
+    assert method_name_comparisons("if m.name == 'prolip-text': pass") == ["m.name == 'prolip-text'"]
+    assert method_name_comparisons("ok = m.name not in ('zeroshot', 'prolip')")
+    assert method_name_comparisons("if rec['method'] == 'prolip': pass")
+    assert not method_name_comparisons("if kind == 'tta': pass")
+    assert not method_name_comparisons("if meta.get('format') == 'prolip': pass")
+
+
+@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(SRC)))
+def test_no_function_over_60_lines(path):
+    assert long_functions(path.read_text()) == []
+
+
+@pytest.mark.parametrize("path", [p for p in _sources() if "methods" not in p.parts],
+                         ids=lambda p: str(p.relative_to(SRC)))
+def test_no_method_name_comparisons_outside_methods(path):
+    assert method_name_comparisons(path.read_text()) == []
+
+
+def test_docstrings_cite_the_paper_or_the_readme_not_a_missing_spec():
+    offenders = [str(p.relative_to(SRC)) for p in _sources() if re.search(r"SPEC\s*§", p.read_text())]
+    assert offenders == []
+
+
+def test_test_only_helpers_are_not_shipped():
+    shipped = "\n".join(p.read_text() for p in _sources())
+    assert "def make_problem" not in shipped and "def write_clip_tokenizer_files" not in shipped
