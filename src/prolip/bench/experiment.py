@@ -25,6 +25,7 @@ class MethodSpec:
     name: str
     label: str
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    group: str | None = None  # entries sharing a group also get an averaged row in the report (e.g. over lr)
 
 
 @dataclass
@@ -142,8 +143,11 @@ def _method(entry: Any, where: str) -> MethodSpec:
     if isinstance(entry, str):
         return MethodSpec(entry, entry)
     if isinstance(entry, dict) and isinstance(entry.get("name"), str):
-        hp = {k: v for k, v in entry.items() if k not in ("name", "label")}
-        return MethodSpec(entry["name"], str(entry.get("label", entry["name"])), hp)
+        hp = {k: v for k, v in entry.items() if k not in ("name", "label", "group")}
+        group = entry.get("group")
+        if group is not None and not isinstance(group, str):
+            raise ExperimentError(f"{where}: 'group' must be a string, got {group!r}")
+        return MethodSpec(entry["name"], str(entry.get("label", entry["name"])), hp, group)
     raise ExperimentError(f"{where}: each method is a name or a mapping with 'name' (and hyperparameters), "
                           f"got {entry!r}")
 

@@ -145,7 +145,7 @@ class Bench:
                "aug_seed": self.exp.aug_seed, "label": m.label, "method": m.name,
                "hyperparameters": self.method(m, hyperparameters).get_params(),
                "validation": self.uses_validation, "selects": method_class(m.name).selects or None,
-               "templates_name": templates[0], "templates": templates[1], "setting": None}
+               "templates_name": templates[0], "templates": templates[1], "setting": None, "group": m.group}
         rec.update(extra)
         rec["cell"] = cell_id(rec)
         return rec
