@@ -80,6 +80,10 @@ class Backbone(ABC):
     def encode_text_templates(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
         """Per-template text embeddings [C, n_templates, D] (not normalised): template.format(classname)."""
 
+    @abstractmethod
+    def text_side(self, classnames: Sequence[str], templates: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Pre-projection text features [C, n_templates, D_text_pre] and the text projection [D_text_pre, D]."""
+
     def encode_text(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
         """Text classifier T [C, D] as CLIP builds it (paper §3) (underscores → spaces, template ensemble, normalised)."""
         from prolip.functional import ensemble_classifier

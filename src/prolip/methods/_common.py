@@ -34,7 +34,7 @@ def view_embeddings(task: Task, support: Support, num_views: int) -> Tensor:
 def mean_view_embedding(task: Task, support: Support, num_views: int) -> Tensor:
     """Mean over views of the unnormalised embeddings (= embedding of the mean feature, the map being affine)."""
     count = max(1, min(num_views, support.views.num_views))
-    mean_z = sum(support.views.view(t) for t in range(count)) / count
+    mean_z = torch.stack([support.views.view(t) for t in range(count)]).mean(0)
     return embed(task, mean_z)
 
 

@@ -94,7 +94,7 @@ class _ResidualMLPMethod(Method):
 @register
 class CLIPAdapter(_ResidualMLPMethod):
     name = "clip-adapter"
-    constraints: dict[str, Constraint] = {
+    constraints = {
         "ratio": FRACTION, "reduction": POSITIVE_INT, "lr": POSITIVE, "epochs": NON_NEGATIVE_INT,
         "batch_size": POSITIVE_INT, "weight_decay": NON_NEGATIVE, "momentum": NON_NEGATIVE,
         "views": Number(low=1, integer=True, optional=True),
@@ -128,7 +128,7 @@ class CLIPAdapter(_ResidualMLPMethod):
 @register
 class CLIPAdapterProLIP(_ResidualMLPMethod):
     name = "clip-adapter-prolip"
-    constraints: dict[str, Constraint] = {"alpha": FRACTION, "reduction": POSITIVE_INT, "lr": POSITIVE,
+    constraints = {"alpha": FRACTION, "reduction": POSITIVE_INT, "lr": POSITIVE,
                                           "steps": Number(low=0, integer=True)}
 
     def __init__(self, alpha: float = 0.5,  # CLIP_ADAPTER.py ``alpha`` (configs CA_lr*_alpha_*.yaml: 0 … 0.9)
@@ -161,7 +161,7 @@ def taskres_epochs(shots: int) -> int:
 @register
 class TaskRes(Method):
     name = "taskres"
-    constraints: dict[str, Constraint] = {
+    constraints = {
         "alpha": NON_NEGATIVE, "lr": POSITIVE, "epochs": Number(low=0, integer=True, optional=True),
         "batch_size": POSITIVE_INT, "weight_decay": NON_NEGATIVE, "views": Number(low=1, integer=True, optional=True),
     }
@@ -209,7 +209,7 @@ class LinearAdapter(Method):
     accepts_classifier = True
     selects = "lr and λ on the reference's 7×7 grid"
     validation_params = {"grid": True}
-    constraints: dict[str, Constraint] = {"lr": POSITIVE, "lam": Lambda(), "steps": Number(low=0, integer=True)}
+    constraints = {"lr": POSITIVE, "lam": Lambda(), "steps": Number(low=0, integer=True)}
 
     def __init__(self, lr: float = 1e-3, lam: str | float = "1/N", steps: int = 300, grid: bool = False):
         self.lr, self.lam, self.steps, self.grid = lr, lam, steps, grid

@@ -56,7 +56,7 @@ def phr_update(violation: Tensor, multipliers: Tensor, rho: Tensor) -> tuple[Ten
 class ZSLP(Method):
     name = "zs-lp"
     constrained = False
-    constraints: dict[str, Constraint] = {
+    constraints = {
         "lr": POSITIVE, "epochs": NON_NEGATIVE_INT, "batch_size": POSITIVE_INT, "views": POSITIVE_INT,
         "momentum": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
         "adaptive": Flag(),

@@ -60,7 +60,7 @@ def coop_c_search(val_score: Callable[[float], float], steps: int) -> float:
 class LinearProbe(Method):
     name = "linear-probe"
     selects = "the inverse regularisation C (CoOp's search)"
-    constraints: dict[str, Constraint] = {
+    constraints = {
         "C": Number(low=0, open_low=True, optional=True),
         "search_steps": Number(low=0, integer=True),
         "max_iter": POSITIVE_INT,

@@ -49,7 +49,7 @@ def lpp_step_sizes(f: Tensor, text_scores: Tensor) -> tuple[float, float]:
 class LPPlusPlus(Method):
     name = "lp++"
     selects = "the training epoch (best validation accuracy)"
-    constraints: dict[str, Constraint] = {"epochs": NON_NEGATIVE_INT, "alpha_every": POSITIVE_INT, "init_scale": POSITIVE}
+    constraints = {"epochs": NON_NEGATIVE_INT, "alpha_every": POSITIVE_INT, "init_scale": POSITIVE}
 
     def __init__(self, epochs: int = 300,  # configs/base.yaml train_epoch
                  alpha_every: int = 10,  # linear_probe_p2.py: α step when (epoch + 1) % 10 == 0
@@ -88,6 +88,7 @@ class LPPlusPlus(Method):
             opt.step()
             if (epoch + 1) % self.alpha_every == 0:
                 with torch.no_grad():
+                    assert alpha.grad is not None  # accumulated since the start, as the original never zeroes it
                     alpha -= lr_alpha * alpha.grad
             if f_val is not None and val is not None:
                 with torch.no_grad():

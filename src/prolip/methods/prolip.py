@@ -167,7 +167,7 @@ class ProLIP(Method):
     exposes_projection = True
     selects = "lr and λ on the paper's 49-point grid"
     validation_params = {"grid": True}
-    constraints: dict[str, Constraint] = {
+    constraints = {
         "lr": Number(low=0, open_low=True),
         "lam": Lambda(),
         "steps": Number(low=0, integer=True),
@@ -192,7 +192,7 @@ class ProLIP(Method):
         if self.grid is True:
             points = [(lr, lam) for lr in GRID_LRS for lam in GRID_LAMS]
         else:
-            points = [(float(lr), float(lam)) for lr, lam in self.grid]
+            points = [(float(lr), float(lam)) for lr, lam in self.grid or []]
         return [p[0] for p in points], [p[1] for p in points]
 
     def _train(self, task: Task, support: Support, lrs: Sequence[float], lams: Sequence[float]) -> Tensor:

@@ -18,6 +18,8 @@ accuracy (ties → earliest, as its strict ">") when a validation set is given, 
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -59,7 +61,7 @@ def search_alpha_beta(zs_logits: Tensor, affinity: Tensor, values: Tensor, label
 class TipAdapter(Method):
     name = "tip-adapter"
     selects = "α and β (search_hp's grid)"
-    constraints: dict[str, Constraint] = {
+    constraints = {
         "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "search": Flag(), "search_scale": Pair(POSITIVE),
         "search_step": Pair(POSITIVE_INT), "augment_views": POSITIVE_INT,
     }
@@ -140,7 +142,7 @@ class TipAdapterF(TipAdapter):
     def _train_keys(self, support: Support, val: Validation | None, seed: int) -> None:
         assert self.task is not None and self.keys is not None
         keys = self.keys.clone().requires_grad_(True)
-        best = {"acc": -1.0, "keys": keys.detach().clone(), "epoch": -1}
+        best: dict[str, Any] = {"acc": -1.0, "keys": keys.detach().clone(), "epoch": -1}
         val_e = None if val is None else embed(self.task, val.features)
 
         def loss_fn(x: Tensor, y: Tensor) -> Tensor:
