@@ -46,7 +46,6 @@ from prolip.methods.params import (
     NON_NEGATIVE_INT,
     POSITIVE,
     POSITIVE_INT,
-    Constraint,
     Lambda,
     Number,
     resolve_lambda,

@@ -34,7 +34,7 @@ from prolip.methods._common import (
     view_embeddings,
 )
 from prolip.methods.base import Method, Support, Task, Validation
-from prolip.methods.params import NON_NEGATIVE, POSITIVE, NON_NEGATIVE_INT, POSITIVE_INT, Constraint, Flag
+from prolip.methods.params import NON_NEGATIVE, POSITIVE, NON_NEGATIVE_INT, POSITIVE_INT, Flag
 
 
 def zero_shot_class_performance(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:

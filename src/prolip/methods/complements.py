@@ -29,7 +29,7 @@ from prolip.functional import cosine_logits, proximal_penalty
 from prolip.methods import register
 from prolip.methods._common import embed
 from prolip.methods.base import Method, Support, Task, Validation
-from prolip.methods.params import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Choice, Constraint, Flag, Lambda, Number
+from prolip.methods.params import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Choice, Flag, Lambda, Number
 from prolip.methods.params import resolve_lambda
 from prolip.optim import train_full_batch, view_for_step
 

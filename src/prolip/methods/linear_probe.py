@@ -26,7 +26,7 @@ from torch import Tensor
 from prolip.methods import register
 from prolip.methods._common import embed
 from prolip.methods.base import Method, Support, Task, Validation
-from prolip.methods.params import POSITIVE_INT, Constraint, Number
+from prolip.methods.params import POSITIVE_INT, Number
 
 COARSE_C = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
 

@@ -25,7 +25,7 @@ from prolip.methods import register
 from prolip.functional import accuracy
 from prolip.methods._common import embed
 from prolip.methods.base import Method, Support, Task, Validation
-from prolip.methods.params import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Constraint
+from prolip.methods.params import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 
 
 def class_sums(x: Tensor, labels: Tensor, num_classes: int) -> Tensor:

@@ -29,7 +29,7 @@ from prolip.methods import register
 from prolip.functional import accuracy
 from prolip.methods._common import embed, fresh_view_per_epoch, mean_view_embedding, train_minibatch
 from prolip.methods.base import Method, Support, Task, Validation
-from prolip.methods.params import NON_NEGATIVE, POSITIVE, NON_NEGATIVE_INT, POSITIVE_INT, Constraint, Flag, Number, Pair
+from prolip.methods.params import NON_NEGATIVE, POSITIVE, NON_NEGATIVE_INT, POSITIVE_INT, Flag, Number, Pair
 
 
 def search_grid(scale: float, steps: int) -> tuple[float, ...]:
