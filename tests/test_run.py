@@ -7,10 +7,14 @@ import torch
 from prolip.run import Run, RunError
 
 
+MANIFEST = {"backbone": {"family": "open_clip", "arch": "test-vit-tiny", "weights": "none", "random_weights": True,
+                         "fingerprint": "f" * 64},
+            "method": {"method": "prolip", "hyperparameters": {"lr": 1e-5}}, "fit": {"shots": 4}, "logit_scale": 100.0}
+
+
 def _run():
-    return Run(manifest={"method": {"method": "prolip", "hyperparameters": {"lr": 1e-5}}, "fit": {"shots": 4}},
-               method_state={"W": torch.randn(6, 4)}, classifier=torch.randn(3, 4),
-               classnames=["a", "b", "c"], templates=["a photo of a {}."])
+    return Run(manifest=json.loads(json.dumps(MANIFEST)), method_state={"W": torch.randn(6, 4)},
+               classifier=torch.randn(3, 4), classnames=["a", "b", "c"], templates=["a photo of a {}."])
 
 
 def test_round_trip(tmp_path):
@@ -26,7 +30,7 @@ def test_round_trip(tmp_path):
 
 def test_refuses_to_overwrite_without_force(tmp_path):
     _run().save(tmp_path / "r")
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(FileExistsError, match="already exists; pass --force"):
         _run().save(tmp_path / "r")
     other = _run()
     other.save(tmp_path / "r", force=True)

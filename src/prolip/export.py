@@ -2,21 +2,25 @@
 
 Only the projection tensor changes: everything else is the backbone's own state dict, so the export loads with
 ``open_clip.create_model(arch, pretrained=path)`` or ``CLIPModel.from_pretrained(dir)`` like any checkpoint.
+Every writer here goes through :mod:`prolip.outputs`: it never overwrites what prolip did not write, and an export
+folder carries a ``prolip-export.json`` marker listing its files so a later ``--force`` may replace them.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
 from prolip.backbones.base import Backbone
+from prolip.outputs import (EXPORT_FORMAT, EXPORT_MARKER, HEAD_FILES, OutputExistsError, check_writable,
+                            is_exported_checkpoint, output_lock, write_directory, write_file)
 
-HEAD_WEIGHTS = "classifier_head.safetensors"
-HEAD_META = "classifier_head.json"
+HEAD_WEIGHTS, HEAD_META = HEAD_FILES
 
 
 def merged_state_dict(backbone: Backbone, W: Tensor) -> dict[str, Tensor]:
@@ -32,55 +36,98 @@ def merged_state_dict(backbone: Backbone, W: Tensor) -> dict[str, Tensor]:
     return state
 
 
-def _claim(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} already exists; pass force=True (CLI: --force) to overwrite it")
+def _write_marker(folder: Path, files: Iterable[str]) -> None:
+    """The export marker: how :mod:`prolip.outputs` recognises this folder as one prolip may overwrite."""
+    listed = sorted((set(files) | _listed(folder)) - {EXPORT_MARKER})
+    tmp = folder / f".{EXPORT_MARKER}.tmp"
+    tmp.write_text(json.dumps({"format": EXPORT_FORMAT, "files": listed}, indent=2) + "\n")
+    os.replace(tmp, folder / EXPORT_MARKER)
 
 
-def export_open_clip(backbone: Backbone, W: Tensor, path: str | Path, *, force: bool = False) -> Path:
-    """Write a full open_clip state dict (.safetensors) with W merged in; returns the path written."""
+def _listed(folder: Path) -> set[str]:
+    try:
+        marker = json.loads((folder / EXPORT_MARKER).read_text(encoding="utf-8"))
+        return {f for f in marker.get("files", []) if isinstance(f, str)} if marker.get("format") == EXPORT_FORMAT \
+            else set()
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def export_open_clip(backbone: Backbone, W: Tensor, path: str | Path, *, force: bool = False,
+                     data_paths: Iterable[str | Path] = ()) -> Path:
+    """Write a full open_clip state dict (.safetensors) with W merged in; returns the path written.
+
+    An existing file is replaced only with ``force`` and only if it is an earlier prolip export.
+    """
     if backbone.info.family != "open_clip":
         raise ValueError(f"open_clip export needs an open_clip backbone, got {backbone.info.describe()}; "
                          f"use export_hf (CLI: --format hf) for Hugging Face models")
-    path = Path(path)
-    _claim(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in merged_state_dict(backbone, W).items()}
-    save_file(state, str(path), metadata={"format": "pt", "arch": backbone.info.arch,
-                                          "adapted": backbone.projection().param_name})
-    return path
+    metadata = {"format": "pt", "arch": backbone.info.arch, "adapted": backbone.projection().param_name,
+                "exported_by": "prolip"}
+    return write_file(path, lambda tmp: save_file(state, str(tmp), metadata=metadata), force=force,
+                      is_ours=is_exported_checkpoint, data_paths=data_paths)
 
 
-def export_hf(backbone: Backbone, W: Tensor, out_dir: str | Path, *, force: bool = False) -> Path:
-    """Write ``save_pretrained`` output (weights, config, tokenizer, image processor) with W merged in."""
+def export_hf(backbone: Backbone, W: Tensor, out_dir: str | Path, *, force: bool = False,
+              data_paths: Iterable[str | Path] = ()) -> Path:
+    """Write ``save_pretrained`` output (weights, config, tokenizer, image processor) with W merged in.
+
+    The directory is written whole and atomically; an existing one is replaced only with ``force`` and only if it
+    is empty or an earlier prolip export.
+    """
     if backbone.info.family != "hf":
         raise ValueError(f"Hugging Face export needs an HF backbone (--model hf:<id or dir>); "
                          f"{backbone.info.describe()} is an open_clip model: export it with format open_clip")
-    out_dir = Path(out_dir)
-    _claim(out_dir, force)
-    backbone.model.save_pretrained(out_dir, state_dict=merged_state_dict(backbone, W))
-    backbone.tokenizer.save_pretrained(out_dir)
-    processor = getattr(backbone, "image_processor", None)
-    if processor is not None:
-        processor.save_pretrained(out_dir)
-    return out_dir
+    state = merged_state_dict(backbone, W)
+
+    def fill(folder: Path) -> None:
+        backbone.model.save_pretrained(folder, state_dict=state)
+        backbone.tokenizer.save_pretrained(folder)
+        processor = getattr(backbone, "image_processor", None)
+        if processor is not None:
+            processor.save_pretrained(folder)
+        _write_marker(folder, [p.name for p in folder.iterdir()])
+
+    return write_directory(out_dir, fill, force=force, data_paths=data_paths, kind="export")
 
 
 def save_classifier_head(classifier: Tensor, classnames: Sequence[str], templates: Sequence[str],
-                         out_dir: str | Path, *, force: bool = False) -> tuple[Path, Path]:
-    """Save the text classifier T [C, D] (safetensors) and its class names / templates (JSON) in out_dir."""
+                         out_dir: str | Path, *, force: bool = False,
+                         data_paths: Iterable[str | Path] = ()) -> tuple[Path, Path]:
+    """Save the text classifier T [C, D] (safetensors) and its class names / templates (JSON) in out_dir.
+
+    ``out_dir`` may be new, empty or an export folder (typically the one just written); existing head files
+    there are replaced only with ``force``.
+    """
     out_dir = Path(out_dir)
-    weights, meta = out_dir / HEAD_WEIGHTS, out_dir / HEAD_META
-    for p in (weights, meta):
-        _claim(p, force)
     if classifier.dim() != 2 or classifier.shape[0] != len(classnames):
         raise ValueError(f"classifier has shape {tuple(classifier.shape)} but there are {len(classnames)} "
                          f"class names; expected [C, D]")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({"classifier": classifier.detach().float().cpu().contiguous()}, str(weights))
-    meta.write_text(json.dumps({"classnames": list(classnames), "templates": list(templates),
-                                "shape": list(classifier.shape)}, indent=2))
+    weights, meta = out_dir / HEAD_WEIGHTS, out_dir / HEAD_META
+    with output_lock(out_dir):
+        check_writable(out_dir, force, data_paths, kind="export", update=True)
+        for p in (weights, meta):
+            if p.exists() and not force:
+                raise OutputExistsError(f"{p} already exists; pass force=True (CLI: --force) to overwrite it")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensor = {"classifier": classifier.detach().float().cpu().contiguous()}
+        _replace_file(weights, lambda tmp: save_file(tensor, str(tmp)))
+        text = json.dumps({"classnames": list(classnames), "templates": list(templates),
+                           "shape": list(classifier.shape)}, indent=2)
+        _replace_file(meta, lambda tmp: tmp.write_text(text))
+        _write_marker(out_dir, [HEAD_WEIGHTS, HEAD_META])
     return weights, meta
+
+
+def _replace_file(path: Path, fill) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fill(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_classifier_head(out_dir: str | Path) -> tuple[Tensor, list[str], list[str]]:

@@ -3,33 +3,46 @@
 Layout::
 
     run/
-      manifest.json          # provenance + hyperparameters + metrics (see Run.manifest)
+      manifest.json          # provenance + hyperparameters + metrics (see Run.manifest and MANIFEST_SCHEMA)
       method.safetensors     # the fitted method's tensors (ProLIP: adapted W, W0, bias)
       classifier.safetensors # the frozen text classifier T [C, D]
       classnames.json, templates.json
 
-Writes are atomic: the directory is assembled under a temporary name beside the target and renamed into
-place, so an interrupted ``fit`` never leaves a half-written run.
+Writes go through :mod:`prolip.outputs`: atomic (assembled under a temporary name beside the target and renamed
+into place, so an interrupted ``fit`` never leaves a half-written run), never over anything but an empty folder
+or an earlier run, and one writer at a time. Loads validate everything in one place (:func:`validate_run`), so a
+damaged or tampered run is a RunError naming the file and key, never a crash further on.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import sys
-import tempfile
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-FORMAT = "prolip-run/1"
+from prolip.data.folder import DataError, check_classnames, check_template
+from prolip.outputs import RUN_FORMAT, write_directory
+
+FORMAT = RUN_FORMAT
+RUN_FILES = ("manifest.json", "method.safetensors", "classifier.safetensors", "classnames.json", "templates.json")
+
+# The manifest keys every run has, with their types: what predict, eval, export and the pipeline read back.
+# Other keys (data, metrics, skipped images, versions) are provenance and may vary.
+MANIFEST_SCHEMA: dict[str, Any] = {
+    "format": str,
+    "backbone": {"family": str, "arch": str, "weights": str, "fingerprint": str},
+    "method": {"method": str, "hyperparameters": dict},
+    "fit": {"shots": int},
+    "logit_scale": float,
+}
 
 
 class RunError(ValueError):
-    """A run directory that is missing, incomplete or of an unknown format."""
+    """A run directory that is missing, incomplete, damaged or of an unknown format; names the file and key."""
 
 
 @dataclass
@@ -46,76 +59,145 @@ class Run:
     def method_name(self) -> str:
         return self.manifest["method"]["method"]
 
-    def save(self, out: Path | str, *, force: bool = False) -> Path:
+    def save(self, out: Path | str, *, force: bool = False, data_paths: Iterable[Path | str] = ()) -> Path:
+        """Write the run to ``out``; RunError (a ValueError) naming the tensor or key if it could not be loaded.
+
+        ``force`` replaces an existing run (or empty folder) there, nothing else; ``data_paths`` are the data
+        this run was fitted on, which ``out`` may not be, be inside or contain.
+        """
         out = Path(out)
-        if out.exists() and not force:
-            raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _sweep_dead_temporaries(out)
-        # The pid in the name lets a later save tell a dead writer's leftovers from a live one's work in progress.
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-        try:
-            _write_json(tmp / "manifest.json", {"format": FORMAT, **self.manifest})
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.method_state.items()},
-                      str(tmp / "method.safetensors"))
-            save_file({"classifier": self.classifier.detach().contiguous().cpu()}, str(tmp / "classifier.safetensors"))
-            _write_json(tmp / "classnames.json", self.classnames)
-            _write_json(tmp / "templates.json", self.templates)
-            for name, obj in self.extra_json.items():
-                _write_json(tmp / name, obj)
-            if out.exists():
-                if _exchange(tmp, out):  # one atomic step: `out` is always the old or the new complete run
-                    shutil.rmtree(tmp, ignore_errors=True)
-                else:
-                    # No atomic swap here: move the old run aside first, so a crash between the two renames
-                    # still leaves it complete on disk (Run.load points at it).
-                    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                    os.replace(out, old)
-                    os.replace(tmp, out)
-                    shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        validate_run(self, out, manifest={"format": FORMAT, **self.manifest})
+        for name in self.extra_json:
+            if name in RUN_FILES or "/" in name or not name.endswith(".json"):
+                raise ValueError(f"extra run file {name!r} must be a plain *.json name other than {RUN_FILES}")
+        write_directory(out, self._write_files, force=force, data_paths=data_paths, kind="run")
         self.path = out
         return out
+
+    def _write_files(self, folder: Path) -> None:
+        _write_json(folder / "manifest.json", {"format": FORMAT, **self.manifest})
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.method_state.items()},
+                  str(folder / "method.safetensors"))
+        save_file({"classifier": self.classifier.detach().contiguous().cpu()}, str(folder / "classifier.safetensors"))
+        _write_json(folder / "classnames.json", self.classnames)
+        _write_json(folder / "templates.json", self.templates)
+        for name, obj in self.extra_json.items():
+            _write_json(folder / name, obj)
 
     @classmethod
     def load(cls, path: Path | str) -> "Run":
         path = Path(path)
-        if not path.is_dir():
-            aside = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
-            if aside:
-                raise RunError(f"run directory {path} does not exist, but an interrupted overwrite left the previous "
-                               f"run at {aside[-1]}: rename it to {path} to use it")
-            raise RunError(f"run directory {path} does not exist (create one with `prolip fit ... --out {path}`)")
-        manifest_file = path / "manifest.json"
-        for needed in ("manifest.json", "method.safetensors", "classifier.safetensors", "classnames.json",
-                       "templates.json"):
-            if not (path / needed).is_file():
-                raise RunError(f"{path} is not a complete prolip run: {needed} is missing")
-        manifest = _read_json(manifest_file)
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-            raise RunError(f"{manifest_file}: unknown run format {found!r} (expected {FORMAT})")
+        _require_complete(path)
         classifier = _read_tensors(path / "classifier.safetensors")
         if "classifier" not in classifier:
             raise RunError(f"{path / 'classifier.safetensors'} has no 'classifier' tensor")
-        return cls(
-            manifest=manifest,
-            method_state=_read_tensors(path / "method.safetensors"),
-            classifier=classifier["classifier"],
-            classnames=_read_json(path / "classnames.json"),
-            templates=_read_json(path / "templates.json"),
-            path=path,
-        )
+        run = cls(manifest=_read_json(path / "manifest.json"), method_state=_read_tensors(path / "method.safetensors"),
+                  classifier=classifier["classifier"], classnames=_read_json(path / "classnames.json"),
+                  templates=_read_json(path / "templates.json"), path=path)
+        validate_run(run, path)
+        return run
+
+
+# ---- validation: the one place that decides what a run may hold -----------------------------------------------
+
+def validate_run(run: Run, where: Path, *, manifest: dict | None = None) -> None:
+    """Raise RunError naming the file and key at fault, for a run as loaded from (or about to be saved to) ``where``.
+
+    Checks the manifest schema, class names (distinct strings), templates (one ``{}`` each), the classifier's
+    shape [C, D] against the class names, and that no tensor holds NaN or Inf. Per-method tensor shapes are the
+    methods' own business (``load_state_dict``).
+    """
+    manifest = run.manifest if manifest is None else manifest
+    _check_manifest(manifest, where / "manifest.json")
+    try:
+        check_classnames(run.classnames, str(where / "classnames.json"))
+        _check_templates(run.templates, str(where / "templates.json"))
+    except DataError as e:
+        raise RunError(str(e)) from None
+    _check_classifier(run.classifier, len(run.classnames), where / "classifier.safetensors")
+    _check_finite(run.method_state, where / "method.safetensors")
+
+
+def _check_manifest(manifest: Any, file: Path) -> None:
+    if not isinstance(manifest, dict):
+        raise RunError(f"{file}: expected a JSON object, got a {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT:
+        raise RunError(f"{file}: unknown run format {manifest.get('format')!r} (expected {FORMAT})")
+    _check_keys(manifest, MANIFEST_SCHEMA, "", file)
+    scale = manifest["logit_scale"]
+    if not (math.isfinite(scale) and scale > 0):
+        raise RunError(f"{file}: key 'logit_scale' must be a positive finite number, got {scale!r}")
+
+
+def _check_keys(obj: dict, schema: dict, prefix: str, file: Path) -> None:
+    for key, expected in schema.items():
+        name = f"{prefix}{key}"
+        if key not in obj:
+            raise RunError(f"{file}: key '{name}' is missing; the run is damaged or not a prolip run")
+        value = obj[key]
+        if isinstance(expected, dict):
+            if not isinstance(value, dict):
+                raise RunError(f"{file}: key '{name}' must be an object, got {type(value).__name__}")
+            _check_keys(value, expected, f"{name}.", file)
+        elif not _has_type(value, expected):
+            raise RunError(f"{file}: key '{name}' must be {_TYPE_NAMES[expected]}, got {value!r:.80}")
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object"}
+
+
+def _has_type(value: Any, expected: type) -> bool:
+    if isinstance(value, bool):  # JSON true/false is no count and no scale
+        return False
+    if expected is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, expected)
+
+
+def _check_templates(templates: Any, where: str) -> None:
+    if not isinstance(templates, list) or not templates:
+        raise DataError(f"{where}: templates must be a non-empty list of strings, got {templates!r:.80}")
+    for i, t in enumerate(templates):
+        check_template(t, f"{where}, template {i}")
+
+
+def _check_classifier(classifier: Any, num_classes: int, file: Path) -> None:
+    if not isinstance(classifier, torch.Tensor) or classifier.dim() != 2:
+        shape = tuple(classifier.shape) if isinstance(classifier, torch.Tensor) else type(classifier).__name__
+        raise RunError(f"{file}: tensor 'classifier' must be 2-D [classes, dim], got {shape}")
+    if classifier.shape[0] != num_classes:
+        raise RunError(f"{file}: tensor 'classifier' has {classifier.shape[0]} rows but there are {num_classes} "
+                       f"class names")
+    _check_finite({"classifier": classifier}, file)
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise RunError(f"{file}: '{name}' is a {type(t).__name__}, not a tensor")
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise RunError(f"{file}: tensor '{name}' holds NaN or Inf values; a run must hold finite numbers "
+                           f"(a diverged fit? lower the learning rate)")
+
+
+# ---- files -------------------------------------------------------------------------------------------------------
+
+def _require_complete(path: Path) -> None:
+    if not path.is_dir():
+        aside = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
+        if aside:
+            raise RunError(f"run directory {path} does not exist, but an interrupted overwrite left the previous "
+                           f"run at {aside[-1]}: rename it to {path} to use it")
+        raise RunError(f"run directory {path} does not exist (create one with `prolip fit ... --out {path}`)")
+    for needed in RUN_FILES:
+        if not (path / needed).is_file():  # is_file(): a FIFO in its place is missing too, never opened
+            raise RunError(f"{path} is not a complete prolip run: {needed} is missing")
 
 
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise RunError(f"{path} is not valid JSON ({e}); the run is damaged: fit it again") from None
 
 
@@ -125,39 +207,6 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own SafetensorError / OSError for foreign or cut files
         raise RunError(f"{path} is not a valid safetensors file ({e}); the run is damaged: fit it again") from None
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the OS or filesystem cannot."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _sweep_dead_temporaries(out: Path) -> None:
-    """Remove temporaries of earlier saves of ``out`` whose writer died (kill -9, power loss)."""
-    for leftover in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = leftover.name[len(f".{out.name}.tmp-"):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _write_json(path: Path, obj: Any) -> None:

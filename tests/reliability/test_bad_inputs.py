@@ -211,7 +211,7 @@ def test_classnames_file_mismatch(tmp_path, tally):
     with tally.raises(DataError, match=r"four.json lists 4 names but the data has 3 classes"):
         read_image_folder(root, tmp_path / "four.json")
     (tmp_path / "map.json").write_text(json.dumps({"a": "A", "b": "B"}))
-    with tally.raises(DataError, match=r"map.json has no entry for class folder\(s\) \['c'\]"):
+    with tally.raises(DataError, match=r"map.json has no entry for class\(es\) \['c'\]"):
         read_image_folder(root, tmp_path / "map.json")
     with tally.raises(DataError, match="nofile.txt does not exist"):
         read_image_folder(root, tmp_path / "nofile.txt")
@@ -219,7 +219,7 @@ def test_classnames_file_mismatch(tmp_path, tally):
 
 def test_templates_without_placeholder(tmp_path, tally):
     (tmp_path / "t.txt").write_text("a photo of a {}.\n\nart of a thing.\n")
-    with tally.raises(DataError, match=r"t.txt, line 2: 'art of a thing.' has no '\{\}'"):
+    with tally.raises(DataError, match=r"t.txt, line 2: template 'art of a thing.' must contain exactly one '\{\}'"):
         read_templates(tmp_path / "t.txt")
     (tmp_path / "empty.txt").write_text("\n")
     with tally.raises(DataError, match="empty.txt is empty"):

@@ -220,9 +220,10 @@ def test_stale_and_empty_locks_of_dead_writers_are_broken(tmp_path, tiny_vit, ta
 def _run():
     from prolip.run import Run
 
-    return Run(manifest={"method": {"method": "prolip", "hyperparameters": {}}, "fit": {"shots": 1}},
-               method_state={"W": torch.randn(8, 4)}, classifier=torch.randn(3, 4), classnames=["a", "b", "c"],
-               templates=["a photo of a {}."])
+    manifest = {"backbone": {"family": "open_clip", "arch": "test-vit-tiny", "weights": "none", "fingerprint": "f"},
+                "method": {"method": "prolip", "hyperparameters": {}}, "fit": {"shots": 1}, "logit_scale": 100.0}
+    return Run(manifest=manifest, method_state={"W": torch.randn(8, 4)}, classifier=torch.randn(3, 4),
+               classnames=["a", "b", "c"], templates=["a photo of a {}."])
 
 
 def _killed_save(out: Path, run, kill_at: int, force: bool, exchange: bool = True) -> int:
@@ -230,6 +231,7 @@ def _killed_save(out: Path, run, kill_at: int, force: bool, exchange: bool = Tru
 
     ``exchange=False`` takes the path of systems without an atomic swap (two renames).
     """
+    import prolip.outputs as outputs_mod
     import prolip.run as run_mod
 
     pid = os.fork()
@@ -246,9 +248,9 @@ def _killed_save(out: Path, run, kill_at: int, force: bool, exchange: bool = Tru
 
         run_mod.save_file = hook(run_mod.save_file)
         run_mod._write_json = hook(run_mod._write_json)
-        run_mod.os.replace = hook(os.replace)
+        os.replace = hook(os.replace)
         if not exchange:
-            run_mod._exchange = lambda a, b: False
+            outputs_mod._exchange = lambda a, b: False
         try:
             run.save(out, force=force)
         finally:

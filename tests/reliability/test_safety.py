@@ -1,5 +1,6 @@
 """Untrusted files and strings: pickles that would run code are refused, our artifacts are only safetensors + JSON,
-exports never overwrite without --force, and no user string ever reaches a shell.
+exports never overwrite without --force (nor, even with it, anything prolip did not write), and no user string ever
+reaches a shell.
 """
 import ast
 import hashlib
@@ -171,17 +172,21 @@ def test_export_refuses_to_overwrite_without_force(tiny_run, tmp_path, tally):
     (existing_dir / "keep.txt").write_text("mine")
     existing_file.write_text("also mine")
     for out in (existing_dir, existing_file):
-        before = digest(out)
-        r = cli("export", tiny_run, "--out", out)
-        tally.cli_error(r, rf"{out} already exists; pass --force", input=f"export over {out.name}")
-        assert tally.lost(int(digest(out) != before)) == 0  # not a byte changed, nothing added
-    r = cli("export", tiny_run, "--out", existing_dir, "--force")
+        for force in ([], ["--force"]):  # a folder prolip did not write is refused even with --force
+            before = digest(out)
+            r = cli("export", tiny_run, "--out", out, *force)
+            expected = "not empty and not written by prolip" if out.is_dir() else "it exists and is a file"
+            tally.cli_error(r, rf"{out}", expected, input=f"export {' '.join(force)} over {out.name}")
+            assert tally.lost(int(digest(out) != before)) == 0  # not a byte changed, nothing added
+    fresh = tmp_path / "fresh"
+    r = cli("export", tiny_run, "--out", fresh)
     assert r.exit_code == 0, r.output
-    written = digest(existing_dir)
-    assert str(existing_dir / "open_clip_model.safetensors") in written and (existing_dir / "keep.txt").exists()
-    r = cli("export", tiny_run, "--out", existing_dir)  # the export itself is protected the same way
+    written = digest(fresh)
+    r = cli("export", tiny_run, "--out", fresh)  # the export itself is protected the same way
     tally.cli_error(r, "already exists; pass --force", input="export over an export")
-    assert tally.lost(int(digest(existing_dir) != written)) == 0
+    assert tally.lost(int(digest(fresh) != written)) == 0
+    r = cli("export", tiny_run, "--out", fresh, "--force")  # ... and --force replaces what prolip wrote
+    assert r.exit_code == 0 and digest(fresh).keys() == written.keys(), r.output
 
 
 # ---- no shell ------------------------------------------------------------------------------------------------------

@@ -53,16 +53,42 @@ def data_options(f):
 
 
 def _load_backbone(model: str, pretrained: str, device: str):
-    from prolip.backbones import BackboneLoadError, load_backbone
+    import warnings
+
+    from prolip.backbones import BackboneLoadError, RandomWeightsWarning, load_backbone
 
     try:
-        backbone = load_backbone(model, pretrained, device=device)
+        with warnings.catch_warnings():  # the library's warning would repeat the line printed below
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+            backbone = load_backbone(model, pretrained, device=device)
     except BackboneLoadError as e:
         _fail(str(e))
     if backbone.info.random_weights:
         click.secho(f"WARNING: {backbone.info.describe()}: every number below comes from RANDOM weights.",
                     fg="yellow", err=True)
     return backbone
+
+
+def _reserve_out(out: Path, force: bool, data_paths, kind: str) -> None:
+    """Pre-flight for --out, before any extraction or training: the output rules of prolip.outputs (never over
+    the data or anything prolip did not write), and the lock that keeps a second prolip process off this --out
+    until the command ends."""
+    import os
+
+    from prolip.outputs import OutputError, reserve
+
+    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes; the others only check
+    try:
+        click.get_current_context().with_resource(reserve(out, force, data_paths, kind=kind, lock=writer))
+    except OutputError as e:
+        _fail(str(e))
+
+
+def _data_read(data, data_root, classnames_file=None, templates_file=None, *more) -> list:
+    from prolip.data import paths_read
+
+    return [*paths_read(str(data), root=data_root, classnames_file=classnames_file, templates_file=templates_file),
+            *(p for p in more if p is not None)]
 
 
 def _cache(backbone, cache_dir, batch_size, workers, on_bad_image, extract_dtype="auto"):
@@ -158,8 +184,7 @@ def fit_cmd(data, shots, seed, method, views, hp_pairs, lr, lam, steps, precisio
     hp = _hyperparameters({"lr": lr, "lam": lam, "steps": steps, "precision": precision}, hp_pairs)
     check_device(device)
     pipeline.configure_method(method, hp, validate)  # a bad method or hyperparameter fails before any work
-    if out.exists() and not force:
-        _fail(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    _reserve_out(out, force, _data_read(data, data_root, classnames_file, templates_file, val_dir), "run")
     splits = _resolve(data, data_root, classnames_file, templates_file)
     eval_images = _val_images(val_dir, classnames_file, splits)
     rank, _ = init_from_env(device)  # under torchrun: extraction and the grid search are split across processes
@@ -173,7 +198,10 @@ def fit_cmd(data, shots, seed, method, views, hp_pairs, lr, lam, steps, precisio
         _fail(str(e))
     _report_skips(result.run.manifest, [splits.train, eval_images], on_bad_image, out, splits.classnames)
     if rank == 0:  # every rank holds the same result; one writes it
-        result.run.save(out, force=force)
+        try:
+            result.run.save(out, force=force)
+        except ValueError as e:  # OutputError, or a run that could not be loaded back (NaN weights)
+            _fail(str(e))
         _report_metrics(result.metrics, backbone, as_json, out)
 
 
@@ -384,8 +412,7 @@ def export_cmd(run_dir, out, fmt, force, device):
 
     check_device(device)
     run = _load_run(run_dir)
-    if out.exists() and not force:
-        _fail(f"{out} already exists; pass --force to overwrite it")
+    _reserve_out(out, force, [run_dir], "export")
     backbone = _backbone_for_run(run, device)
     W = _adapted_W(_method_for_run(backbone, run), run)
     if fmt == "auto":

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prolip.data.benchmarks import BENCHMARKS, TEMPLATES, load_benchmark, load_benchmark_folder
-from prolip.data.folder import DataError, is_image_file, read_image_folder, read_image_list, read_templates
+from prolip.data.benchmarks import BENCHMARKS, TEMPLATES, canonical_name, load_benchmark, load_benchmark_folder
+from prolip.data.folder import (DataError, is_image_file, read_classnames, read_image_folder, read_image_list,
+                                read_templates)
 from prolip.data.images import BadImageError, load_image
 from prolip.data.sampling import FewShotSplit, NotEnoughImagesError, base_new_split, relabel, sample_few_shot
 from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
@@ -12,7 +13,11 @@ from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
 
 def resolve_data(spec: str, *, root: Path | str | None = None, classnames_file=None,
                  templates_file=None) -> DatasetSplits:
-    """What ``--data`` names: a CoOp dataset folder, an image folder, a CSV/JSON list, or a benchmark name."""
+    """What ``--data`` names: a CoOp dataset folder, an image folder, a CSV/JSON list, or a benchmark name.
+
+    ``classnames_file`` renames the classes of every kind of source (in class order, or a JSON {class: name}
+    object); ``templates_file`` replaces the prompt templates.
+    """
     path = Path(spec)
     if path.is_dir():
         if any(path.glob("split_zhou_*.json")) or (path / "variants.txt").is_file():
@@ -20,29 +25,63 @@ def resolve_data(spec: str, *, root: Path | str | None = None, classnames_file=N
         else:
             images = read_image_folder(path, classnames_file, templates_file)
             return DatasetSplits(images.name, images.classnames, images.templates, train=images)
-    elif path.is_file():
-        images = read_image_list(path, templates_file=templates_file)
+    elif path.exists():
+        images = read_image_list(path, templates_file=templates_file, classnames_file=classnames_file)
         return DatasetSplits(images.name, images.classnames, images.templates, train=images)
     else:
-        try:
-            from prolip.data.benchmarks import canonical_name
-
-            canonical_name(spec)
-        except DataError:
-            raise DataError(f"--data {spec}: no such file or folder, and not a benchmark name "
-                            f"({', '.join(BENCHMARKS)})") from None
-        if root is None:
-            raise DataError(f"--data {spec} names a benchmark: pass --data-root, the folder holding the datasets")
+        _require_benchmark(spec, root)
         splits = load_benchmark(spec, root)
+    if classnames_file:
+        _rename_classes(splits, read_classnames(classnames_file, splits.classnames))
     if templates_file:
         splits.templates = read_templates(templates_file)
-        for part in (splits.train, splits.val, splits.test):
-            if part is not None:
-                part.templates = splits.templates
+        for part in _parts(splits):
+            part.templates = splits.templates
     return splits
+
+
+def _require_benchmark(spec: str, root) -> None:
+    try:
+        canonical_name(spec)
+    except DataError:
+        raise DataError(f"--data {spec}: no such file or folder, and not a benchmark name "
+                        f"({', '.join(BENCHMARKS)})") from None
+    if root is None:
+        raise DataError(f"--data {spec} names a benchmark: pass --data-root, the folder holding the datasets")
+
+
+def _parts(splits: DatasetSplits) -> list[LabeledImages]:
+    return [part for part in (splits.train, splits.val, splits.test) if part is not None]
+
+
+def _rename_classes(splits: DatasetSplits, names: list[str]) -> None:
+    splits.classnames = names
+    for part in _parts(splits):
+        part.classnames = names
+
+
+def paths_read(spec: str, *, root: Path | str | None = None, classnames_file=None, templates_file=None) -> list[Path]:
+    """The files and folders ``resolve_data`` with these arguments reads: what no output may overwrite.
+
+    A benchmark name stands for its own dataset folder under ``root`` (and ImageNet's class-names folder), not
+    for all of ``root``, so outputs may live beside the datasets.
+    """
+    paths = [Path(p) for p in (classnames_file, templates_file) if p]
+    path = Path(spec)
+    if path.exists() or path.is_symlink():
+        return [path, *paths]
+    try:
+        b = BENCHMARKS[canonical_name(spec)]
+    except DataError:
+        return paths
+    if root is not None:
+        paths.append(Path(root) / b.folder)
+        if b.name.startswith("ImageNet"):
+            paths.append(Path(root) / "imagenet")
+    return paths
 
 
 __all__ = ["BENCHMARKS", "TEMPLATES", "BadImageError", "DataError", "DatasetSplits", "FewShotSplit", "ImageItem",
            "LabeledImages", "NotEnoughImagesError", "base_new_split", "is_image_file", "load_benchmark",
-           "load_image", "read_image_folder", "read_image_list", "read_templates", "relabel", "resolve_data",
-           "sample_few_shot"]
+           "load_image", "paths_read", "read_image_folder", "read_image_list", "read_templates", "relabel",
+           "resolve_data", "sample_few_shot"]

@@ -5,9 +5,11 @@ import csv
 import io
 import json
 import os
+import stat
+import string
 from pathlib import Path
 
-from prolip.data.images import IMAGE_EXTENSIONS
+from prolip.data.images import IMAGE_EXTENSIONS, file_kind
 from prolip.data.types import ImageItem, LabeledImages
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
@@ -19,10 +21,29 @@ class DataError(ValueError):
     """Bad dataset input: the message names the file, folder, row or option at fault."""
 
 
-def read_text(path: Path, what: str) -> str:
-    """A UTF-8 text file; other encodings are a DataError naming the file, not a UnicodeDecodeError."""
+def regular_file(path: Path, what: str) -> Path:
+    """``path`` if it is a regular file (symlinks followed); a DataError naming it otherwise.
+
+    Only regular files are ever opened: reading a FIFO blocks forever, and a device can be endless.
+    """
     try:
-        return path.read_text(encoding="utf-8")
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise DataError(f"{what} {path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{what} {path} cannot be read ({e})") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{what} {path} is {file_kind(mode)}, not a regular file")
+    return path
+
+
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file (a leading byte-order mark is dropped); other encodings are a DataError naming the file."""
+    regular_file(path, what)
+    try:
+        # utf-8-sig: editors on Windows save "UTF-8" with a BOM, which would otherwise glue itself to the first
+        # column name or class name.
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
 
@@ -56,40 +77,133 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def check_template(template, where: str) -> str:
+    """A prompt template: a string with exactly one ``{}`` (where the class name goes) and no other format field.
+
+    ``template.format(name)`` is how prompts are built, so ``{0}``, ``{name}``, ``{:>9}`` or a stray brace would
+    raise there or silently print something else; ``{{`` and ``}}`` are literal braces and are fine.
+    """
+    if not isinstance(template, str):
+        raise DataError(f"{where}: template {template!r} is not a string")
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:  # a single '{' or '}'
+        raise DataError(f"{where}: template {template!r} is not a valid format string ({e}); write a literal "
+                        f"brace as '{{{{' or '}}}}'") from None
+    if fields.count(("", "", None)) != 1 or len(fields) != 1:
+        others = [f"{{{n}{'!' + c if c else ''}{':' + s if s else ''}}}" for n, s, c in fields if (n, s, c) != ("", "", None)]
+        found = f"; found {', '.join(others)}" if others else ""
+        raise DataError(f"{where}: template {template!r} must contain exactly one '{{}}' where the class name goes "
+                        f"and no other format field{found}")
+    return template
+
+
+def check_classnames(names, where: str) -> list[str]:
+    """Class names: a list of distinct, non-blank strings (two classes with one name cannot be told apart)."""
+    if not isinstance(names, list):
+        raise DataError(f"{where}: class names must be a list of strings, got a {type(names).__name__}")
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise DataError(f"{where}: class name {i} is {name!r}, not a string")
+        if not name.strip():
+            raise DataError(f"{where}: class name {i} is blank")
+        if name in first:
+            raise DataError(f"{where}: class name {name!r} is given twice (classes {first[name]} and {i}); "
+                            f"every class needs its own name")
+        first[name] = i
+    return names
+
+
 def read_templates(path: Path | str) -> list[str]:
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"templates file {path} does not exist")
     templates = [line.strip() for line in read_text(path, "templates file").splitlines() if line.strip()]
     if not templates:
         raise DataError(f"templates file {path} is empty")
     for i, t in enumerate(templates, 1):
-        if "{}" not in t:
-            raise DataError(f"templates file {path}, line {i}: {t!r} has no '{{}}' where the class name goes")
+        check_template(t, f"templates file {path}, line {i}")
     return templates
 
 
-def read_classnames(path: Path | str, folders: list[str]) -> list[str]:
-    """Class names for ``folders``: a text file (one per line, folder order) or a JSON list / {folder: name} dict."""
+def read_classnames(path: Path | str, classes: list[str]) -> list[str]:
+    """Display names for ``classes`` (folder names, or a list's classes in label order).
+
+    A text file (one name per line, in class order), a JSON list of names, or a JSON {class: name} object.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"class names file {path} does not exist")
+    where = f"class names file {path}"
     if path.suffix.lower() == ".json":
         obj = read_json(path, "class names file")
         if not isinstance(obj, (list, dict)):
-            raise DataError(f"class names file {path}: expected a JSON list of names or a {{folder: name}} object, "
+            raise DataError(f"{where}: expected a JSON list of names or a {{class: name}} object, "
                             f"got a {type(obj).__name__}")
         if isinstance(obj, dict):
-            missing = [f for f in folders if f not in obj]
+            missing = [c for c in classes if c not in obj]
             if missing:
-                raise DataError(f"class names file {path} has no entry for class folder(s) {missing[:5]}")
-            return [str(obj[f]) for f in folders]
-        names = [str(x) for x in obj]
+                raise DataError(f"{where} has no entry for class(es) {missing[:5]}")
+            names = [obj[c] for c in classes]
+        else:
+            names = obj
     else:
         names = [line.strip() for line in read_text(path, "class names file").splitlines() if line.strip()]
-    if len(names) != len(folders):
-        raise DataError(f"class names file {path} lists {len(names)} names but the data has {len(folders)} classes")
-    return names
+    if len(names) != len(classes):
+        raise DataError(f"{where} lists {len(names)} names but the data has {len(classes)} classes")
+    return check_classnames(names, where)
+
+
+def _class_folders(root: Path) -> tuple[list[str], list[Path]]:
+    """The visible sub-folders of ``root`` that are classes, in sorted order, and the ones that are not.
+
+    A symlink back to ``root`` or one of its ancestors is not a class: it would hold every other class's images
+    under one more label. It is left out and reported. Two class folders that are one folder (through a
+    symlink), or one inside the other, are refused: their images would belong to two classes.
+    """
+    real_root = root.resolve()
+    folders, ignored, owners = [], [], {}
+    for p in sorted(root.iterdir(), key=lambda p: p.name):
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        real = p.resolve()
+        if real_root.is_relative_to(real):
+            ignored.append(p)
+            continue
+        if real in owners:
+            raise DataError(f"class folders {root / owners[real]} and {p} are the same folder (a symlink): its "
+                            f"images would belong to two classes; remove one of them")
+        owners[real] = p.name
+        folders.append(p.name)
+    for real, name in owners.items():
+        outer = next((owners[a] for a in real.parents if a in owners), None)
+        if outer is not None:
+            raise DataError(f"class folder {root / name} is inside class folder {root / outer} (a symlink): its "
+                            f"images would belong to two classes; remove one of them")
+    return folders, ignored
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)  # follows symlinks: a dangling one is not an image
+    except (OSError, ValueError):
+        return False
+
+
+def _class_images(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Image files under ``folder`` (recursively, sorted) and the visible files that are not read.
+
+    Only regular files are images: a FIFO, socket or device with an image extension would block or never end
+    when decoded, so it is left out and reported like any other file that is not an image.
+    """
+    found, ignored = [], []
+    # followlinks=False: a symlink loop inside a class folder cannot recurse forever.
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            path = Path(dirpath) / f
+            if is_image_file(path) and _is_regular(path):
+                found.append(path)
+            elif not f.startswith("."):
+                ignored.append(path)
+    return found, ignored
 
 
 def read_image_folder(root: Path | str, classnames_file: Path | str | None = None,
@@ -100,25 +214,17 @@ def read_image_folder(root: Path | str, classnames_file: Path | str | None = Non
         raise DataError(f"data path {root} does not exist")
     if not root.is_dir():
         raise DataError(f"data path {root} is not a folder of class folders")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders, ignored = _class_folders(root)
     if not folders:
         raise DataError(f"{root} has no class folders (expected {root}/<class>/<image>)")
     items: list[ImageItem] = []
-    ignored: list[Path] = []
     for label, folder in enumerate(folders):
-        found = []
-        # followlinks=False: a symlink loop inside a class folder cannot recurse forever.
-        for dirpath, dirnames, filenames in os.walk(root / folder, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in sorted(filenames):
-                if is_image_file(Path(f)) and (Path(dirpath) / f).exists():  # exists(): no dangling symlinks
-                    found.append(Path(dirpath) / f)
-                elif not f.startswith("."):
-                    ignored.append(Path(dirpath) / f)
+        found, skipped = _class_images(root / folder)
         if not found:
             raise DataError(f"class folder {root / folder} has no images (supported: "
                             f"{', '.join(sorted(IMAGE_EXTENSIONS))}); remove it or add images")
         items.extend(ImageItem(p, label) for p in found)
+        ignored.extend(skipped)
     classnames = read_classnames(classnames_file, folders) if classnames_file else folders
     templates = read_templates(templates_file) if templates_file else list(DEFAULT_TEMPLATES)
     return LabeledImages(items, classnames, templates, root.name, ignored)
@@ -141,60 +247,71 @@ def _row(path: Path, i: int, rel, label, classname) -> tuple[str, int | None, st
         raise DataError(f"{where}: missing image path")
     if label in (None, "") and classname in (None, ""):
         raise DataError(f"{where}: needs a 'label' or a 'classname'")
+    if classname not in (None, "") and not isinstance(classname, str):
+        raise DataError(f"{where}: class name {classname!r} is not a string")
     label = class_index(label, where) if label not in (None, "") else None
-    return rel, label, (str(classname) if classname not in (None, "") else None)
+    return rel, label, (classname if classname not in (None, "") else None)
 
 
-def read_image_list(path: Path | str, root: Path | str | None = None, classnames: list[str] | None = None,
-                    templates_file: Path | str | None = None) -> LabeledImages:
-    """Read a CSV (columns ``path`` and ``label`` or ``classname``) or JSON list of images.
+Row = tuple[str, "int | None", "str | None"]  # (relative path, label, class name) as the list gives them
 
-    JSON: a list of ``{"path", "label"|"classname"}`` objects or CoOp-style ``[path, label, classname]`` rows.
-    Relative paths resolve against ``root`` (default: the list's folder) and may not escape it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image list {path} does not exist")
-    root = Path(root) if root is not None else path.parent
-    rows: list[tuple[str, int | None, str | None]] = []
-    if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(read_text(path, "image list"), newline=""))
-        try:
-            cols = set(reader.fieldnames or [])
-            if "path" not in cols or not ({"label", "classname"} & cols):
-                raise DataError(f"{path}: needs a header with a 'path' column and a 'label' or 'classname' column, "
-                                f"found {sorted(cols)}")
-            for i, row in enumerate(reader, 1):
-                rows.append(_row(path, i, row.get("path"), row.get("label"), row.get("classname")))
-        except csv.Error as e:  # a NUL byte, an over-long field
-            raise DataError(f"{path}: not a readable CSV file near line {reader.line_num + 1} ({e})") from None
-    elif path.suffix.lower() == ".json":
-        data = read_json(path, "image list")
-        if isinstance(data, dict) and {"train", "val", "test"} & set(data):
-            raise DataError(f"{path} is a CoOp split file, not an image list: pass the dataset folder holding it "
-                            f"(or the benchmark name with --data-root)")
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of images, got a {type(data).__name__}")
-        for i, row in enumerate(data, 1):
-            if isinstance(row, dict):
-                rows.append(_row(path, i, row.get("path"), row.get("label"), row.get("classname")))
-            elif isinstance(row, list) and 2 <= len(row) <= 3:
-                rows.append(_row(path, i, row[0], row[1], row[2] if len(row) > 2 else None))
-            else:
-                raise DataError(f"{path}, row {i}: expected {{'path', 'label'|'classname'}} or "
-                                f"[path, label, classname], got {str(row)[:80]}")
-    else:
-        raise DataError(f"{path}: unsupported image list format (use .csv or .json)")
-    if classnames is None:
-        by_label = {l: c for _, l, c in rows if l is not None and c is not None}
-        numeric = [int(l) for _, l, _ in rows if l is not None]
-        if by_label or (numeric and not any(c for _, _, c in rows)):
-            top = max(list(by_label) + numeric)
-            classnames = [by_label.get(i, str(i)) for i in range(top + 1)]
+
+def _csv_rows(path: Path) -> list[Row]:
+    reader = csv.DictReader(io.StringIO(read_text(path, "image list"), newline=""))
+    try:
+        cols = set(reader.fieldnames or [])
+        if "path" not in cols or not ({"label", "classname"} & cols):
+            raise DataError(f"{path}: needs a header with a 'path' column and a 'label' or 'classname' column, "
+                            f"found {sorted(cols)}")
+        return [_row(path, i, row.get("path"), row.get("label"), row.get("classname"))
+                for i, row in enumerate(reader, 1)]
+    except csv.Error as e:  # a NUL byte, an over-long field
+        raise DataError(f"{path}: not a readable CSV file near line {reader.line_num + 1} ({e})") from None
+
+
+def _json_rows(path: Path) -> list[Row]:
+    data = read_json(path, "image list")
+    if isinstance(data, dict) and {"train", "val", "test"} & set(data):
+        raise DataError(f"{path} is a CoOp split file, not an image list: pass the dataset folder holding it "
+                        f"(or the benchmark name with --data-root)")
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of images, got a {type(data).__name__}")
+    rows = []
+    for i, row in enumerate(data, 1):
+        if isinstance(row, dict):
+            rows.append(_row(path, i, row.get("path"), row.get("label"), row.get("classname")))
+        elif isinstance(row, list) and 2 <= len(row) <= 3:
+            rows.append(_row(path, i, row[0], row[1], row[2] if len(row) > 2 else None))
         else:
-            classnames = sorted({c for _, _, c in rows if c is not None})
+            raise DataError(f"{path}, row {i}: expected {{'path', 'label'|'classname'}} or "
+                            f"[path, label, classname], got {str(row)[:80]}")
+    return rows
+
+
+def _list_classnames(path: Path, rows: list[Row]) -> list[str]:
+    """The classes a list implies: labels 0..max (named where a row names them), else the sorted class names."""
+    by_label = {l: c for _, l, c in rows if l is not None and c is not None}
+    numeric = [int(l) for _, l, _ in rows if l is not None]
+    if by_label or (numeric and not any(c for _, _, c in rows)):
+        top = max(list(by_label) + numeric)
+        return check_classnames([by_label.get(i, str(i)) for i in range(top + 1)], f"image list {path}")
+    return sorted({c for _, _, c in rows if c is not None})
+
+
+def _image_file(path: Path, where: str) -> tuple[int, int]:
+    """The (device, inode) of a listed image, which must be a regular file: the identity of the image itself."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        raise DataError(f"{where}: image {path} does not exist") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError(f"{where}: image {path} is {file_kind(info.st_mode)}, not a regular file")
+    return info.st_dev, info.st_ino
+
+
+def _list_items(path: Path, root: Path, rows: list[Row], classnames: list[str]) -> list[ImageItem]:
     index = {c: i for i, c in enumerate(classnames)}
-    items = []
+    items, first_seen = [], {}
     for i, (rel, label, classname) in enumerate(rows, 1):
         where = f"{path}, row {i}"
         p = inside(root, rel, where)
@@ -207,10 +324,38 @@ def read_image_list(path: Path | str, root: Path | str | None = None, classnames
         if classname is not None and classnames[label] != classname:
             raise DataError(f"{where}: label {label} is class {classnames[label]!r} elsewhere, "
                             f"but this row names it {classname!r}")
-        if not p.is_file():
-            raise DataError(f"{where}: image {p} does not exist")
+        # One image under two labels would be trained toward both: refused, naming both rows.
+        row0, label0 = first_seen.setdefault(_image_file(p, where), (i, int(label)))
+        if label0 != label:
+            raise DataError(f"{path}: rows {row0} and {i} put the same image {p} in two classes "
+                            f"({classnames[label0]!r} and {classnames[label]!r}); an image belongs to one class")
         items.append(ImageItem(p, int(label)))
+    return items
+
+
+def read_image_list(path: Path | str, root: Path | str | None = None, classnames: list[str] | None = None,
+                    templates_file: Path | str | None = None,
+                    classnames_file: Path | str | None = None) -> LabeledImages:
+    """Read a CSV (columns ``path`` and ``label`` or ``classname``) or JSON list of images.
+
+    JSON: a list of ``{"path", "label"|"classname"}`` objects or CoOp-style ``[path, label, classname]`` rows.
+    Relative paths resolve against ``root`` (default: the list's folder) and may not escape it. ``classnames``
+    fixes the class order rows are matched against; ``classnames_file`` maps the list's classes (in label
+    order, or a JSON {class: name} object) to the names shown and put into prompts.
+    """
+    path = Path(path)
+    root = Path(root) if root is not None else path.parent
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".json"):
+        regular_file(path, "image list")
+        raise DataError(f"{path}: unsupported image list format (use .csv or .json)")
+    rows = _csv_rows(path) if suffix == ".csv" else _json_rows(path)
+    classnames = check_classnames(list(classnames), f"image list {path}") if classnames is not None \
+        else _list_classnames(path, rows)
+    items = _list_items(path, root, rows, classnames)
     if not items:
         raise DataError(f"image list {path} is empty")
+    if classnames_file:
+        classnames = read_classnames(classnames_file, classnames)
     templates = read_templates(templates_file) if templates_file else list(DEFAULT_TEMPLATES)
     return LabeledImages(items, list(classnames), templates, path.stem)

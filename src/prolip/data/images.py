@@ -1,6 +1,8 @@
 """Decoding images from disk into RGB PIL images, with errors that name the file at fault."""
 from __future__ import annotations
 
+import os
+import stat
 import struct
 import warnings
 from pathlib import Path
@@ -38,27 +40,63 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words, for messages."""
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _open_regular(path: Path):
+    """``path`` opened for reading if it is a regular file; BadImageError before any read otherwise.
+
+    A FIFO with an image name would block the decoder forever and a device could stream without end, so the
+    file type is checked before opening; O_NONBLOCK and a second check on the open descriptor close the window
+    in which the file could be swapped for a FIFO between the two.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise BadImageError(path, "file not found") from None
+    except (OSError, ValueError) as e:
+        raise BadImageError(path, str(e)) from None
+    if stat.S_ISREG(mode):
+        try:
+            f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0)))
+        except OSError as e:
+            raise BadImageError(path, e.strerror or str(e)) from None
+        mode = os.fstat(f.fileno()).st_mode
+        if stat.S_ISREG(mode):
+            return f
+        f.close()
+    raise BadImageError(path, f"{file_kind(mode)}, not a regular file")
+
+
 def load_image(path: Path | str) -> Image.Image:
     """Decode ``path`` to an RGB image: EXIF orientation applied, first frame of animations, alpha on white.
 
     Anything undecodable (missing, empty, corrupt, truncated, not an image, over PIL's decompression-bomb pixel
-    limit) raises ``BadImageError`` naming the file.
+    limit, not a regular file) raises ``BadImageError`` naming the file.
     """
     path = Path(path)
     try:
         with warnings.catch_warnings():
             # Over PIL's pixel limit PIL only warns (up to 2x) before decoding gigapixels; refuse instead.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with _open_regular(path) as f, Image.open(f) as im:
                 im.seek(0)
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 return _to_rgb(im)
-    except FileNotFoundError:
-        raise BadImageError(path, "file not found") from None
+    except BadImageError:  # a ValueError too: it must not be wrapped a second time below
+        raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise BadImageError(path, f"{e} (raise PIL.Image.MAX_IMAGE_PIXELS if the image is trusted)") from None
     except _DECODE_ERRORS as e:
         if path.is_file() and path.stat().st_size == 0:
             raise BadImageError(path, "empty file (0 bytes)") from None
+        if isinstance(e, UnidentifiedImageError):  # its own text shows the file object, not the file
+            raise BadImageError(path, "not an image PIL can identify") from None
         raise BadImageError(path, str(e) or type(e).__name__) from None
