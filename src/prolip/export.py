@@ -18,7 +18,8 @@ from torch import Tensor
 
 from prolip.backbones.base import Backbone
 from prolip.outputs import (EXPORT_FORMAT, EXPORT_MARKER, HEAD_FILES, OutputExistsError, check_writable,
-                            is_exported_checkpoint, output_lock, write_directory, write_file)
+                            is_exported_checkpoint, normal_permissions, output_lock, write_directory,
+                            write_file)
 
 HEAD_WEIGHTS, HEAD_META = HEAD_FILES
 
@@ -124,6 +125,7 @@ def _replace_file(path: Path, fill) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         fill(tmp)
+        normal_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -111,6 +111,8 @@ def _is_export(path: Path, entries) -> bool:
     listed = _export_listed(path)
 
     def ours(e) -> bool:
+        if e.name.startswith(".") and ".tmp" in e.name:  # a temporary an interrupted export writer left behind
+            return not e.is_symlink()
         if listed is not None and (e.name == EXPORT_MARKER or e.name in listed):
             return not e.is_symlink()
         if not e.is_file(follow_symlinks=False):
@@ -284,6 +286,7 @@ def write_directory(out: Path | str, fill: Callable[[Path], None], *, force: boo
         tmp = _make_temp_dir(out)
         try:
             fill(tmp)
+            normal_permissions(tmp)
             _put_in_place(tmp, out)
         except BaseException:
             _remove(tmp)
@@ -309,11 +312,34 @@ def write_file(path: Path | str, fill: Callable[[Path], None], *, force: bool = 
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         try:
             fill(tmp)
+            normal_permissions(tmp)
             os.replace(tmp, path)
         except BaseException:
             _remove(tmp)
             raise
     return path
+
+
+def _umask() -> int:
+    """The process umask, read without setting it where the OS allows (os.umask would race other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_permissions(path: Path) -> None:
+    """Files 0666 and folders 0777 less the umask, as any program's output: some writers (safetensors,
+    tempfile) create private 0600/0700 files, which would make a shared run unreadable to the rest of a team."""
+    mask = _umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _make_temp_dir(out: Path) -> Path:

@@ -1,6 +1,7 @@
 """The reliability suite's bookkeeping: every test declares its kind and records what it tried.
 
-Each test module sets ``pytestmark = pytest.mark.reliability("<kind>")`` (bad_input, fault, safety or determinism);
+Each test module sets ``pytestmark = pytest.mark.reliability("<kind>")`` (one of tally.KINDS: bad_input, fault,
+safety, determinism, output, resource);
 a test without a kind is a collection error, so the tally can never silently miss one. Tests take the ``tally``
 fixture and record, as they go, the bad inputs they tried, the faults they injected, the failures that ended in a
 clear message (``tally.raises`` / ``tally.cli_error`` only count a failure once its message has been checked), the
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-KINDS = ("bad_input", "fault", "safety", "determinism")
+from .tally import KINDS  # noqa: E402  (one list of kinds, shared with the tally)
 HERE = Path(__file__).resolve().parent
 
 
@@ -233,3 +234,85 @@ def remount(mountpoint: Path, options: str) -> None:
     import subprocess
 
     subprocess.run(["mount", "-o", f"remount,{options}", str(mountpoint)], check=True)
+
+
+def digest(root: Path) -> dict[str, str]:
+    """Content hash of every file under root (or of root itself), with the type of anything that is not a file:
+    what a test compares before and after to show that nothing was changed, added or deleted."""
+    import hashlib
+
+    root = Path(root)
+    if not (root.exists() or root.is_symlink()):
+        return {}
+    if root.is_file() and not root.is_symlink():
+        return {str(root): hashlib.sha256(root.read_bytes()).hexdigest()}
+    out = {str(root): "dir" if root.is_dir() and not root.is_symlink() else f"link:{os.readlink(root)}"}
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink():
+            out[str(p)] = f"link:{os.readlink(p)}"
+        elif p.is_file():
+            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            out[str(p)] = "dir" if p.is_dir() else "special"
+    return out
+
+
+@contextmanager
+def deadline(seconds: float):
+    """Fail with TimeoutError instead of hanging: SIGALRM interrupts even a blocking open() of a FIFO."""
+    import signal
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: it hangs")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def special_file(path: Path, kind: str) -> Path:
+    """A file that is not a regular file at ``path``: "fifo", "socket", "device" (a link to the endless /dev/zero)
+    or "folder"."""
+    import socket
+
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        cwd = os.getcwd()
+        os.chdir(path.parent)  # a relative name: AF_UNIX paths are limited to ~107 bytes
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.bind(path.name)  # the socket file stays after close
+        finally:
+            os.chdir(cwd)
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    else:
+        path.mkdir()
+    return path
+
+
+SPECIAL_KINDS = ("fifo", "socket", "device")
+
+
+def fake_run(path: Path | None = None, *, classes=("a", "b", "c"), seed: int = 0):
+    """A complete Run (no backbone needed), saved at ``path`` when given."""
+    import torch
+
+    from prolip.run import Run
+
+    g = torch.Generator().manual_seed(seed)
+    manifest = {"backbone": {"family": "open_clip", "arch": "test-vit-tiny", "weights": "none", "random_weights": True,
+                             "fingerprint": "0" * 64},
+                "method": {"method": "prolip", "hyperparameters": {"lr": 1e-5}}, "fit": {"shots": 2},
+                "logit_scale": 100.0}
+    run = Run(manifest=manifest, method_state={"W": torch.randn(8, 4, generator=g), "b": torch.zeros(4)},
+              classifier=torch.randn(len(classes), 4, generator=g), classnames=list(classes),
+              templates=["a photo of a {}."])
+    if path is not None:
+        run.save(path)
+    return run

@@ -15,7 +15,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-KINDS = ("bad_input", "fault", "safety", "determinism")
+# Every kind a reliability test may declare (conftest.py imports this tuple, so the two can never disagree):
+# bad_input: malformed or hostile files and options; fault: kills, full disks, races; safety: code never run,
+# data never written over; determinism: same inputs, same bits; output: where and how results are written
+# (overwrite rules, locks, permissions); resource: time and memory bounded on hostile inputs (FIFOs, extreme images).
+KINDS = ("bad_input", "fault", "safety", "determinism", "output", "resource")
 COLUMNS = (("tests", "tests"), ("passed", "passed"), ("failed", "failed"), ("skipped", "skipped"),
            ("inputs", "inputs tried"), ("faults", "faults injected"), ("handled", "failed w/ clear msg"),
            ("accepted", "handled, no error"),

@@ -17,6 +17,22 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
     return out
 
 
+def _reserve_results(out, data_paths) -> None:
+    """Pre-flight for a results folder, before any work: new, empty or a bench results folder (never inside the
+    data), held by this process until the command ends."""
+    from prolip.outputs import reserve
+
+    click.get_current_context().with_resource(reserve(out, False, data_paths, kind="bench", update=True))
+
+
+def _experiment_data(exp) -> list:
+    from prolip.data import paths_read
+
+    root = None if exp.data_root is None else Path(exp.data_root).expanduser()
+    names = [*exp.datasets, *(exp.targets or []), *([exp.tta.train_on] if exp.tta.train_on else [])]
+    return [p for name in names for p in paths_read(name, root=root)]
+
+
 @click.command("bench")
 @click.argument("experiment", type=click.Path(path_type=Path))
 @click.option("--set", "sets", multiple=True, help="override a key of the experiment file, e.g. --set shots=[1,4]")
@@ -28,7 +44,9 @@ def bench_cmd(experiment, sets, out, report):
     Protocols: fewshot, fewshot-val, sensitivity, base2new, cross-dataset, domain-generalisation, tta (see the
     files in experiments/). --set takes YAML values; a dotted key sets a section key, e.g. --set tta.views=8.
     """
-    from prolip.backbones import BackboneLoadError
+    import warnings
+
+    from prolip.backbones import BackboneLoadError, RandomWeightsWarning
     from prolip.bench.experiment import ExperimentError, load_experiment
     from prolip.bench.protocols import run_experiment
 
@@ -37,7 +55,10 @@ def bench_cmd(experiment, sets, out, report):
         overrides["out"] = out
     try:
         exp = load_experiment(experiment, overrides)
-        records = run_experiment(exp, echo=click.echo)
+        _reserve_results(Path(exp.out).expanduser(), _experiment_data(exp))
+        with warnings.catch_warnings():  # the bench prints its own RANDOM-weights line
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+            records = run_experiment(exp, echo=click.echo)
     except (ExperimentError, BackboneLoadError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
     if report:
@@ -56,10 +77,16 @@ def report_cmd(records, out):
     from prolip.bench.records import read_records
     from prolip.bench.report import write_report
 
+    from prolip.outputs import OutputError
+
     rows = read_records(records)
     if not rows:
         raise click.ClickException(f"no records found in {records}")
     out = out or (records if records.is_dir() else records.parent) / "report"
+    try:
+        _reserve_results(out, [records / "records.jsonl" if records.is_dir() else records])
+    except OutputError as e:
+        raise click.ClickException(str(e))
     paths = write_report(rows, out)
     click.echo(paths["markdown"].read_text())
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
