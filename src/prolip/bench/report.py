@@ -1,193 +1,520 @@
-"""Aggregate records into mean ± std over seeds, per dataset and averaged over datasets; tables and plots.
+"""Aggregate bench records into rows (per dataset, per group, averaged over datasets); markdown, CSV, JSON, plots.
 
-One section per (protocol, model, weights, sampler, templates): rows are methods (× shots), columns datasets, then the
-average over datasets (for transfer: over the targets, the source shown apart) and the paper's number where the
-setting matches (see reference.py). Std is the population std over seeds; an average's std is the std over seeds of
-the per-seed dataset averages (seeds present for every dataset).
+Per dataset, a row is the mean ± population std over seeds. A group row (methods entries sharing a ``group``)
+averages its members per dataset and seed. An average row is the mean over datasets of the per-dataset means, and
+its ± is the population std over seeds of the per-seed dataset means; it exists only when every dataset of its
+table is scored on the same seeds — otherwise it says what is missing instead of averaging fewer datasets. For
+base-to-new the harmonic mean is taken of the averaged base and new accuracies (per dataset: over seeds; across
+datasets: over datasets), as the paper does; the mean of the per-seed harmonic means is kept as ``hm_seed_mean``.
+The paper's numbers (reference.py) are attached only where the setting matches exactly.
 """
 from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
+import textwrap
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from prolip.bench.reference import reference_for
+from prolip.bench.reference import MIXED, NAMED_SETS, reference_for
 
-METRICS = ("accuracy", "base", "new", "hm", "start_accuracy")
+PER_SEED_METRICS = ("accuracy", "base", "new", "hm", "start_accuracy")
 SECTION = ("protocol", "model", "weights", "random_weights", "sampler", "templates_name")
+# Record fields that, besides the section, label, method and hyperparameters, make two results different rows.
+SETTING = ("source", "fingerprint", "views", "aug_seed", "validation", "setting")
+LINE = SECTION + SETTING + ("label", "method", "hyperparameters", "shots")
+COPIED = LINE + ("group", "members", "varying")
 TRANSFER = ("cross-dataset", "domain-generalisation")
+PAPER_FIELDS = (("accuracy", "paper"), ("base", "paper_base"), ("new", "paper_new"), ("hm", "paper_hm"))
+HP_SORT_KEYS = ("precision", "lam", "alpha", "lr")  # hyperparameters rows are ordered by, numerically
+HP_SYMBOLS = {"lam": "λ", "alpha": "α"}
 RANDOM_NOTE = "RANDOM weights: numbers from a randomly initialised model, they say nothing about CLIP or the paper"
 
 
-def _row_key(r: dict) -> tuple:
-    hp = r.get("hyperparameters") or {}
-    sweep = (hp.get("lr"), str(hp.get("lam"))) if r["protocol"] == "sensitivity" else None
-    return tuple(r.get(k) for k in SECTION) + (r.get("source"), r["label"], sweep, r["shots"])
+# ----------------------------------------------------------------------------------------------- small pieces
+
+def harmonic_mean(base: float, new: float) -> float:
+    return 0.0 if base + new == 0 else 2 * base * new / (base + new)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and population std (the reference's np.std); None for one value, which has no spread to show."""
+    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else None)
+
+
+def canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def numeric_order(value: Any) -> tuple:
+    """Sort key: numbers ascending first (also numbers written as text), then rules such as "1/N" by their text."""
+    if value is None or isinstance(value, bool):
+        return (2, 0.0, str(value))
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
+
+
+def format_number(value: Any) -> str:
+    """Powers of ten below 1 as the paper writes them (1e-05 and 0.01 → "1e-5", "1e-2"), other numbers short
+    (0.0 → "0", 0.3 → "0.3"), rules such as "1/N" unchanged."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if 0 < abs(value) < 1 and math.isclose(math.log10(abs(value)), round(math.log10(abs(value))), abs_tol=1e-9):
+        return f"{'-' if value < 0 else ''}1e{round(math.log10(abs(value)))}"
+    return f"{value:g}".replace("e-0", "e-").replace("e+0", "e+")
+
+
+def _agreed(values: Iterable[Any]) -> Any:
+    """The one value all records share, or MIXED (which never matches a paper setting)."""
+    distinct = {canonical(v): v for v in values}
+    return next(iter(distinct.values())) if len(distinct) == 1 else MIXED
+
+
+def _line_key(row: dict) -> tuple:
+    """What one table line shares across datasets."""
+    return tuple(canonical(row.get(k)) for k in LINE)
+
+
+def _section_key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in SECTION)
+
+
+def _scope_key(row: dict) -> tuple:
+    """Rows whose averages must cover the same datasets: one section, one source."""
+    return _section_key(row) + (row.get("source"),)
+
+
+def _is_transfer_source(row: dict) -> bool:
+    return row["protocol"] in TRANSFER and row["dataset"] == row.get("source")
+
+
+# ----------------------------------------------------------------------------------------------- summaries
+
+def summarise(row: dict) -> dict:
+    """Fill a row's metrics from its ``by_seed`` values: mean, std and how many seeds were scored."""
+    seeds = list(row["by_seed"].values())
+    for m in PER_SEED_METRICS:
+        if not any(m in v for v in seeds):
+            continue  # not a metric of this protocol
+        values = [v[m] for v in seeds if v.get(m) is not None]
+        row[m], row[f"{m}_std"] = mean_std(values) if values else (None, None)
+        row[f"{m}_scored"] = len(values)
+    if "base" in row and "new" in row:
+        # Base-to-new as the paper: HM of the averaged accuracies; the per-seed HMs' mean is secondary.
+        row["hm_seed_mean"], row["hm_seed_std"] = row.get("hm"), row.get("hm_std")
+        both = row["base"] is not None and row["new"] is not None
+        row["hm"], row["hm_std"] = (harmonic_mean(row["base"], row["new"]) if both else None), None
+        row["accuracy"], row["accuracy_std"] = row["hm"], None
+    row["mean"], row["std"] = row.get("accuracy"), row.get("accuracy_std")
+    return row
+
+
+def _seed_order(seed: Any) -> tuple:
+    return numeric_order(seed)
+
+
+def _dataset_row(records: list[dict]) -> dict:
+    last = records[-1]  # a cell recorded twice: the later record wins
+    row = {k: last.get(k) for k in LINE + ("dataset", "group")}
+    row["kind"] = "dataset"
+    row["templates"] = {last["dataset"]: _agreed(r.get("templates") for r in records)}
+    row["by_seed"] = {str(r.get("seed")): {m: r[m] for m in PER_SEED_METRICS if m in r} for r in records}
+    row["seeds"] = sorted({r.get("seed") for r in records}, key=_seed_order)
+    row["notes"] = sorted({r["note"] for r in records if r.get("note")})
+    row["missing"] = []
+    return summarise(row)
+
+
+def _normalised(record: dict) -> dict:
+    r = dict(record)
+    r["templates_name"] = r.get("templates_name") or "dataset"
+    r["random_weights"] = bool(r.get("random_weights"))
+    r["hyperparameters"] = r.get("hyperparameters") or {}
+    return r
+
+
+def dataset_rows(records: Iterable[dict]) -> list[dict]:
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for r in map(_normalised, records):
+        cells[_line_key(r) + (r["dataset"],)].append(r)
+    return [_dataset_row(rs) for rs in cells.values()]
+
+
+# ----------------------------------------------------------------------------------------------- combining rows
+
+def _scoring_problem(row: dict, metric: str) -> str | None:
+    """Why ``row`` cannot enter a combination for ``metric`` (None: it can)."""
+    n = len(row["by_seed"])
+    scored = sum(1 for v in row["by_seed"].values() if v.get(metric) is not None)
+    if n and scored == n:
+        return None
+    why = "; ".join(row.get("notes") or row.get("missing") or []) or "no value recorded"
+    return f"not scored ({why})" if scored == 0 else f"scored on {scored} of {n} seeds ({why})"
+
+
+def _grouped_problems(found: list[tuple[str, str]]) -> list[str]:
+    """[(name, problem)] → one line per problem naming everything it hits (so one footnote says it once)."""
+    names: dict[str, list[str]] = defaultdict(list)
+    for name, problem in found:
+        names[problem].append(name)
+    return [f"{', '.join(sorted(ns))}: {problem}" for problem, ns in names.items()]
+
+
+def combine(rows: list[dict], expected: Iterable[str], name_of: Callable[[dict], str]) -> tuple[dict, list[str]]:
+    """Per-seed means over ``rows`` (one per expected name), and what prevents them: a metric is combined only
+    when every expected row is there, all on the same seeds, each scored on every seed."""
+    absent = sorted(set(expected) - {name_of(r) for r in rows})
+    problems = [f"no records for {', '.join(absent)}"] if absent else []
+    seed_sets = {frozenset(r["by_seed"]) for r in rows}
+    if len(seed_sets) > 1:
+        problems.append("different seeds for " + ", ".join(sorted(map(name_of, rows))))
+    metrics = [m for m in PER_SEED_METRICS if any(m in v for r in rows for v in r["by_seed"].values())]
+    usable, blocked_everywhere = {}, bool(problems)
+    for m in metrics:
+        found = [(name_of(r), p) for r in rows if (p := _scoring_problem(r, m))]
+        usable[m] = not blocked_everywhere and not found
+        problems += [p for p in _grouped_problems(found) if p not in problems]
+    common = sorted(set.intersection(*map(set, seed_sets)) if rows else set(), key=_seed_order)
+    by_seed = {s: {m: statistics.fmean(r["by_seed"][s][m] for r in rows) if usable[m] else None for m in metrics}
+               for s in common}
+    return by_seed, problems
+
+
+def _agreed_seeds(rows: list[dict]) -> Any:
+    return _agreed(r["seeds"] for r in rows)
+
+
+def _merged_templates(rows: list[dict]) -> dict:
+    out: dict = {}
+    for r in rows:
+        out.update(r.get("templates") or {})
+    return out
+
+
+def _split_hyperparameters(hps: list[dict]) -> tuple[dict, dict]:
+    """(the hyperparameters all members share, {key: sorted distinct values} for the others)."""
+    keys = set().union(*hps)
+    common = {k: hps[0][k] for k in keys
+              if all(k in h and canonical(h[k]) == canonical(hps[0][k]) for h in hps)}
+    varying = {k: sorted({canonical(h.get(k)): h.get(k) for h in hps}.values(), key=numeric_order)
+               for k in keys - set(common)}
+    return common, varying
+
+
+def _group_row(rows: list[dict], group: str, members: list[dict]) -> dict:
+    by_seed, problems = combine(rows, [m["label"] for m in members], name_of=lambda r: r["label"])
+    common, varying = _split_hyperparameters([m["hyperparameters"] for m in members])
+    first = rows[0]
+    row = {k: first.get(k) for k in LINE + ("dataset",)}
+    row.update(kind="group", label=group, group=group, members=[m["label"] for m in members],
+               method=_agreed(m["method"] for m in members), hyperparameters=common, varying=varying,
+               templates=_merged_templates(rows), by_seed=by_seed, seeds=_agreed_seeds(rows), notes=[],
+               missing=problems)
+    return summarise(row)
+
+
+def group_rows(rows: list[dict]) -> list[dict]:
+    """One row per group, shots and dataset: the mean of the group's members (e.g. over lr)."""
+    members: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    not_member = ("label", "method", "hyperparameters", "shots")
+    for r in rows:
+        # A sensitivity row is one sweep point; a group there would mix points, so it is not formed.
+        if r.get("group") and r["protocol"] != "sensitivity":
+            scope = tuple(canonical(r.get(k)) for k in LINE if k not in not_member) + (r["group"],)
+            members[scope].setdefault(r["label"], r)
+            cells[scope + (r["shots"], r["dataset"])].append(r)
+    return [_group_row(rs, key[-3], list(members[key[:-2]].values())) for key, rs in cells.items()]
+
+
+def _average_row(rows: list[dict], datasets: frozenset, title: str, subset: str | None) -> dict:
+    by_seed, problems = combine(rows, datasets, name_of=lambda r: r["dataset"])
+    first = rows[0]
+    row = {k: first.get(k) for k in COPIED}
+    row.update(kind="average", of=first["kind"], dataset=title, datasets=sorted(datasets), subset=subset,
+               templates=_merged_templates(rows), by_seed=by_seed, seeds=_agreed_seeds(rows), notes=[],
+               missing=problems)
+    return summarise(row)
+
+
+def _expected_datasets(rows: list[dict]) -> dict[tuple, frozenset]:
+    expected: dict[tuple, set] = defaultdict(set)
+    for r in rows:
+        if not _is_transfer_source(r):
+            expected[_scope_key(r)].add(r["dataset"])
+    return {k: frozenset(v) for k, v in expected.items()}
+
+
+def average_rows(rows: list[dict]) -> list[dict]:
+    """Per table line, the average over all the table's datasets (transfer: over the targets, the source apart),
+    and over each named subset the table holds among other datasets (e.g. the ImageNet variants)."""
+    expected = _expected_datasets(rows)
+    lines: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if not _is_transfer_source(r):
+            lines[_line_key(r)].append(r)
+    out = []
+    for rs in lines.values():
+        full = expected[_scope_key(rs[0])]
+        what = "target average" if rs[0]["protocol"] in TRANSFER else "average"
+        out.append(_average_row(rs, full, f"{what} ({len(full)})", None))
+        for name, subset in NAMED_SETS.items():
+            if subset < full:
+                part = [r for r in rs if r["dataset"] in subset]
+                out.append(_average_row(part, subset, f"average, {name} ({len(subset)})", name))
+    return out
+
+
+def attach_references(rows: list[dict]) -> None:
+    for row in rows:
+        datasets = frozenset(row["datasets"]) if row["kind"] == "average" else row["dataset"]
+        for metric, field in PAPER_FIELDS:
+            ref = reference_for(row, datasets, metric) if row.get(metric) is not None else None
+            if ref is not None:
+                row[field], row["paper_source"] = ref.value, ref.source
 
 
 def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per-dataset rows (mean ± std over seeds) and one average row per setting, each with ``paper`` where a
-    reference matches. Rows carry ``mean``/``std`` for the headline metric and ``<metric>``/``<metric>_std``."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in records:
-        r = {**r, "templates_name": r.get("templates_name") or "dataset", "random_weights": bool(r.get("random_weights"))}
-        groups[_row_key(r) + (r["dataset"],)].append(r)
-    rows = []
-    for key, rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        first = rs[0]
-        row = {k: first.get(k) for k in SECTION + ("source", "label", "method", "shots", "dataset",
-                                                    "hyperparameters")}
-        row["seeds"] = sorted((r.get("seed") for r in rs), key=str)
-        row["by_seed"] = {str(r.get("seed")): {m: r.get(m) for m in METRICS} for r in rs}
-        for m in METRICS:
-            vals = [r[m] for r in rs if r.get(m) is not None]
-            if vals:
-                row[m], row[f"{m}_std"] = _mean_std(vals)
-        row["mean"], row["std"] = row.get("accuracy"), row.get("accuracy_std")
-        ref = reference_for(row, row["dataset"])
-        row["paper"], row["paper_source"] = (ref.value, ref.source) if ref else (None, None)
-        rows.append(row)
-    return rows + _averages(rows)
-
-
-def _averages(rows: list[dict]) -> list[dict]:
-    by_setting: dict[tuple, list[dict]] = defaultdict(list)
-    for row in rows:
-        if row["protocol"] in TRANSFER and row["dataset"] == row["source"]:
-            continue  # the source's own accuracy is shown, not averaged with the targets
-        by_setting[_row_key(row)].append(row)
-    out = []
-    for rs in by_setting.values():
-        datasets = frozenset(r["dataset"] for r in rs)
-        avg = {k: v for k, v in rs[0].items() if k not in ("by_seed", "paper", "paper_source")}
-        avg["dataset"] = f"average ({len(rs)})"
-        avg["datasets"] = sorted(datasets)
-        common = set.intersection(*(set(r["by_seed"]) for r in rs))
-        avg["seeds"] = sorted(common, key=str)
-        for m in METRICS:
-            if not all(m in r for r in rs):
-                avg.pop(m, None), avg.pop(f"{m}_std", None)
-                continue
-            per_seed = [statistics.fmean(r["by_seed"][s][m] for r in rs) for s in common
-                        if all(r["by_seed"][s][m] is not None for r in rs)]
-            avg[m] = statistics.fmean(r[m] for r in rs)
-            avg[f"{m}_std"] = _mean_std(per_seed)[1] if per_seed else None
-        avg["mean"], avg["std"] = avg.get("accuracy"), avg.get("accuracy_std")
-        for m in ("accuracy", "base", "new", "hm"):
-            ref = reference_for(avg, datasets, metric=m)
-            if ref:
-                avg[f"paper_{m}" if m != "accuracy" else "paper"] = ref.value
-                avg["paper_source"] = ref.source
-        out.append(avg)
-    return out
+    """Per-dataset rows, group rows and average rows (``kind``), each with ``paper`` fields where a reference
+    matches exactly. Rows carry ``mean``/``std`` for the headline metric and ``<metric>``/``<metric>_std``."""
+    rows = dataset_rows(records)
+    rows += group_rows(rows)
+    rows += average_rows(rows)
+    attach_references(rows)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------- markdown
 
-def _fmt(row: dict | None, metric: str = "accuracy") -> str:
-    if row is None or row.get(metric) is None:
-        return "–"
+INTRO = """# Results
+
+Top-1 accuracy (%). Per dataset: mean ± population std over seeds. Averages: the mean over datasets of the per-dataset
+means, ± the population std over seeds of the per-seed mean over datasets; an average is shown only when every
+dataset of its table is scored on the same seeds (otherwise a footnote says what is missing). Group rows: the mean
+of their member rows, per dataset and seed. Base-to-new cells: base / new / harmonic mean, the harmonic mean taken of
+the seed-averaged (per dataset) or dataset-averaged (averages) base and new accuracies, as the paper does; the mean
+of per-seed harmonic means is `hm_seed_mean` in results.csv and results.json. "(paper x)": the paper's number for
+exactly this setting (backbone, OpenAI weights, protocol, sampler, seeds 1–10, cached views, templates, method and
+all its hyperparameters, float16 `precision: reference` for ProLIP, shots and dataset set; see
+prolip/bench/reference.py)."""
+
+
+def _superscript(n: int) -> str:
+    return "".join("⁰¹²³⁴⁵⁶⁷⁸⁹"[int(d)] for d in str(n))
+
+
+class Footnotes:
+    """Numbered notes under a section's tables; the same text keeps its number."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def mark(self, text: str) -> str:
+        if text not in self.texts:
+            self.texts.append(text)
+        return _superscript(self.texts.index(text) + 1)
+
+    def lines(self) -> list[str]:
+        return [""] + [f"- {_superscript(i)} {t}" for i, t in enumerate(self.texts, 1)] if self.texts else []
+
+
+def _value(row: dict, metric: str, notes: Footnotes) -> str:
+    value = row.get(metric)
+    if value is None:
+        why = "; ".join(row.get("missing") or row.get("notes") or ["no value recorded"])
+        if row["kind"] == "dataset":
+            return "not scored" + notes.mark(why)
+        what = "average" if row["kind"] == "average" else "group mean"
+        return "not shown" + notes.mark(f"{what} not shown: {why}")
+    text = f"{value:.2f}"
     std = row.get(f"{metric}_std")
-    return f"{row[metric]:.2f}" + ("" if std is None else f" ± {std:.2f}")
+    if std is not None:
+        text += f" ± {std:.2f}"
+    scored, seeds = row.get(f"{metric}_scored"), len(row["by_seed"])
+    if scored is not None and scored < seeds:
+        why = "; ".join(row.get("notes") or []) or "no value recorded"
+        text += notes.mark(f"mean of the {scored} of {seeds} seeds scored; the others: {why}")
+    return text
 
 
-def _method_name(row: dict) -> str:
-    hp = row.get("hyperparameters") or {}
-    if row["protocol"] == "sensitivity":
-        return f"{row['label']} lr={hp.get('lr'):g} λ={hp.get('lam')}"
-    return row["label"]
+def _paper(row: dict) -> str:
+    parts = [row.get(field) for metric, field in PAPER_FIELDS if metric != "accuracy"]
+    if any(v is not None for v in parts):
+        return " (paper " + " / ".join("–" if v is None else f"{v:.2f}" for v in parts) + ")"
+    return f" (paper {row['paper']:.2f})" if row.get("paper") is not None else ""
+
+
+def _cell(row: dict | None, notes: Footnotes) -> str:
+    if row is None:
+        return "–"
+    if "base" in row and "new" in row:
+        text = " / ".join(_value(row, m, notes) for m in ("base", "new", "hm"))
+    else:
+        text = _value(row, "accuracy", notes)
+    return text + _paper(row)
+
+
+def _differing_fields(rows: list[dict]) -> list[tuple[str, str]]:
+    """Hyperparameters (then settings) whose values differ among rows that share a label."""
+    keys = sorted(set().union(*(r.get("hyperparameters") or {} for r in rows)),
+                  key=lambda k: (HP_SORT_KEYS.index(k) if k in HP_SORT_KEYS else len(HP_SORT_KEYS), k))
+    out = [("hp", k) for k in keys if len({canonical((r.get("hyperparameters") or {}).get(k)) for r in rows}) > 1]
+    out += [("setting", f) for f in SETTING if len({canonical(r.get(f)) for r in rows}) > 1]
+    return out
+
+
+def _describe(row: dict, field: tuple[str, str]) -> str:
+    where, key = field
+    value = (row.get("hyperparameters") or {}).get(key) if where == "hp" else row.get(key)
+    text = format_number(value) if not isinstance(value, dict) else canonical(value)
+    return f"{HP_SYMBOLS.get(key, key)}={text[:12]}"
+
+
+def display_names(rows: list[dict]) -> dict[tuple, str]:
+    """Line key → name: the label, plus what tells apart lines sharing a label and shots (a sweep's lr and λ)."""
+    lines: dict[tuple, dict] = {}
+    for r in rows:
+        lines.setdefault(_line_key(r), r)
+    by_label: dict[tuple, list[tuple]] = defaultdict(list)
+    for key, r in lines.items():
+        by_label[(r["label"], canonical(r["shots"]))].append((key, r))
+    names = {}
+    for (label, _), members in by_label.items():
+        differing = _differing_fields([r for _, r in members]) if len(members) > 1 else []
+        for key, r in members:
+            names[key] = " ".join([label] + [_describe(r, f) for f in differing])
+    return names
+
+
+def line_order(rows: list[dict]) -> Callable[[dict], tuple]:
+    """Sort key for table lines: shots, methods in the order they were run, a method's group rows after its runs,
+    then precision, λ, α and lr numerically (rules such as 1/N after numbers)."""
+    rank: dict[str, int] = {}
+    for r in rows:
+        rank.setdefault(canonical(r.get("method")), len(rank))
+
+    def key(r: dict) -> tuple:
+        hp = r.get("hyperparameters") or {}
+        derived = r["kind"] == "group" or r.get("of") == "group"
+        return (numeric_order(r["shots"]), rank.get(canonical(r.get("method")), len(rank)), derived,
+                tuple(numeric_order(hp.get(k)) for k in HP_SORT_KEYS), r["label"])
+
+    return key
+
+
+def _lines(rows: list[dict], key_of: Callable[[dict], tuple] = _line_key) -> list[tuple[tuple, dict]]:
+    first: dict[tuple, dict] = {}
+    for r in rows:
+        first.setdefault(key_of(r), r)
+    order = line_order(rows)
+    return sorted(first.items(), key=lambda kv: order(kv[1]))
+
+
+def _main_table(rows: list[dict], names: dict, notes: Footnotes) -> list[str]:
+    source = next((r["source"] for r in rows if r.get("source") and r["protocol"] in TRANSFER), None)
+    datasets = sorted({r["dataset"] for r in rows if r["kind"] != "average"}, key=lambda d: (d != source, d))
+    averages = sorted({r["dataset"] for r in rows if r["kind"] == "average"}, key=lambda t: ("," in t, t))
+    cells = {(_line_key(r), r["dataset"]): r for r in rows}
+    head = ["method", "shots", *datasets, *averages]
+    out = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (len(head) - 2)]
+    for key, r in _lines(rows):
+        values = [_cell(cells.get((key, d)), notes) for d in datasets + averages]
+        out.append("| " + " | ".join([names[key], str(r["shots"]), *values]) + " |")
+    return out
+
+
+def _shots_table(rows: list[dict], names: dict, notes: Footnotes) -> list[str]:
+    """The full averages again, one line per method and one column per shot count (the paper's layout)."""
+    averages = [r for r in rows if r["kind"] == "average" and r["subset"] is None]
+    shots = sorted({r["shots"] for r in averages}, key=numeric_order)
+    without_shots = lambda r: _line_key(r)[:-1]  # shots is the last field of a line
+    if len({without_shots(r) for r in averages}) == len(averages):
+        return []  # no method at more than one shot count: nothing to lay out by shots
+    cells = {(without_shots(r), r["shots"]): r for r in averages}
+    out = ["", f"{averages[0]['dataset'].capitalize()} by shots:", "",
+           "| method | " + " | ".join(f"{s}-shot" for s in shots) + " |", "|---|" + "---:|" * len(shots)]
+    for key, r in _lines(averages, without_shots):
+        out.append(f"| {names[_line_key(r)]} | " + " | ".join(_cell(cells.get((key, s)), notes) for s in shots) + " |")
+    return out
+
+
+def _sensitivity_tables(rows: list[dict], notes: Footnotes) -> list[str]:
+    grids: dict[tuple, dict] = defaultdict(dict)
+    for r in rows:
+        if r["kind"] == "average" and r["subset"] is None:
+            hp = r["hyperparameters"]
+            grids[(r["label"], r["shots"])][(canonical(hp.get("lr")), canonical(hp.get("lam")))] = r
+    out = []
+    for (label, shots), grid in sorted(grids.items(), key=lambda kv: (numeric_order(kv[0][1]), kv[0][0])):
+        title = next(iter(grid.values()))["dataset"]
+        lrs = sorted({json.loads(k[0]) for k in grid}, key=numeric_order)
+        lams = sorted({json.loads(k[1]) for k in grid}, key=numeric_order)
+        out += ["", f"{label}, {shots}-shot, {title}: lr (rows) × λ (columns):", "",
+                "| lr \\ λ | " + " | ".join(format_number(x) for x in lams) + " |", "|---|" + "---:|" * len(lams)]
+        for lr in lrs:
+            values = [_cell(grid.get((canonical(lr), canonical(lam))), notes) for lam in lams]
+            out.append(f"| {format_number(lr)} | " + " | ".join(values) + " |")
+    return out
 
 
 def _section_title(key: tuple) -> str:
-    protocol, model, weights, rnd, sampler, templates = key
-    w = "RANDOM weights" if rnd else weights
-    return f"{protocol} — {model} [{w}] — sampler {sampler} — templates {templates}"
+    protocol, model, weights, random_weights, sampler, templates = key
+    shown = "RANDOM weights" if random_weights else weights
+    return f"{protocol} — {model} [{shown}] — sampler {sampler} — templates {templates}"
 
 
-def _table(rows: list[dict]) -> list[str]:
-    protocol = rows[0]["protocol"]
-    per_dataset = [r for r in rows if "datasets" not in r]
-    averages = [r for r in rows if "datasets" in r]
-    datasets = sorted({r["dataset"] for r in per_dataset}, key=lambda d: (d != (rows[0].get("source") or ""), d))
-    b2n = protocol == "base2new"
-    has_paper = any(any(k.startswith("paper") and r.get(k) is not None for k in r if k != "paper_source")
-                    for r in rows)
-    head = ["method", "shots"] + datasets + [f"average ({len({r['dataset'] for r in per_dataset if r['dataset'] != r.get('source')})})"]
+def _section_notes(key: tuple, rows: list[dict]) -> list[str]:
+    protocol, out = key[0], []
+    if key[3]:
+        out += [f"**{RANDOM_NOTE}.**", ""]
+    if any("base" in r and "new" in r for r in rows):
+        out += ["Cells: base / new / harmonic mean (of the averaged base and new accuracies).", ""]
     if protocol in TRANSFER:
-        head[-1] = "target average"
-    if has_paper:
-        head.append("paper")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
-    index = {(_method_name(r), r["shots"], r["dataset"]): r for r in per_dataset}
-    avg_index = {(_method_name(r), r["shots"]): r for r in averages}
-    for name, shots in sorted({(_method_name(r), r["shots"]) for r in rows}, key=lambda k: (k[1], k[0])):
-        avg = avg_index.get((name, shots))
-        if b2n:
-            cell = lambda r: "–" if r is None else f"{_fmt(r, 'base')} / {_fmt(r, 'new')} / {_fmt(r, 'hm')}"
-        else:
-            cell = _fmt
-        cells = [cell(index.get((name, shots, d))) for d in datasets] + [cell(avg)]
-        if has_paper:
-            if avg is None:
-                cells.append("")
-            elif b2n:
-                vals = [avg.get(f"paper_{m}") for m in ("base", "new", "hm")]
-                cells.append(" / ".join("–" if v is None else f"{v:.2f}" for v in vals) + " (paper)"
-                             if any(v is not None for v in vals) else "")
-            else:
-                cells.append(f"{avg['paper']:.2f} (paper)" if avg.get("paper") is not None else "")
-        lines.append(f"| {name} | {shots} | " + " | ".join(cells) + " |")
-    # Per-dataset paper numbers (e.g. ImageNet 16-shot) go under the table, not into the measured cells.
-    for r in per_dataset:
-        if r.get("paper") is not None:
-            lines.append(f"\npaper: {_method_name(r)} {r['shots']}-shot on {r['dataset']}: {r['paper']:.2f} "
-                         f"({r['paper_source']})")
-    return lines
+        sources = ", ".join(sorted({str(r.get("source")) for r in rows}))
+        out += [f"Trained on {sources}; the other columns use each target's own classifier, and the target "
+                "average leaves the source out.", ""]
+    return out
 
 
-def _sensitivity_matrix(rows: list[dict]) -> list[str]:
-    lines = []
-    cells: dict[tuple, dict] = defaultdict(dict)
-    for r in rows:
-        if "datasets" in r:
-            hp = r["hyperparameters"]
-            cells[(r["label"], r["shots"])][(hp["lr"], float(hp["lam"]))] = r
-    for (label, shots), grid in sorted(cells.items()):
-        lrs = sorted({k[0] for k in grid})
-        lams = sorted({k[1] for k in grid})
-        lines += ["", f"{label}, {shots}-shot, average over datasets (rows lr, columns λ):", "",
-                  "| lr \\ λ | " + " | ".join(f"{x:g}" for x in lams) + " |", "|---|" + "---:|" * len(lams)]
-        for lr in lrs:
-            lines.append(f"| {lr:g} | " + " | ".join(_fmt(grid.get((lr, lam))) for lam in lams) + " |")
-    return lines
+def _group_notes(rows: list[dict]) -> list[str]:
+    groups = {r["label"]: r for r in rows if r["kind"] == "group"}
+    out = []
+    for name, r in sorted(groups.items()):
+        varying = "; ".join(f"{HP_SYMBOLS.get(k, k)} ∈ {{{', '.join(map(format_number, v))}}}"
+                            for k, v in sorted((r.get("varying") or {}).items()))
+        out.append(f"- *{name}*: mean of {', '.join(r['members'])} per dataset and seed"
+                   + (f" ({varying})" if varying else ""))
+    return ["", "Group rows:", ""] + out if out else []
+
+
+def _paper_notes(rows: list[dict]) -> list[str]:
+    sources = sorted({r["paper_source"] for r in rows if r.get("paper_source")})
+    return ["", "Paper numbers from " + "; ".join(sources) + "."] if sources else []
+
+
+def _section(key: tuple, rows: list[dict]) -> list[str]:
+    notes, names = Footnotes(), display_names(rows)
+    out = ["", f"## {_section_title(key)}", ""] + _section_notes(key, rows) + _main_table(rows, names, notes)
+    if key[0] == "sensitivity":
+        out += _sensitivity_tables(rows, notes)
+    else:
+        out += _shots_table(rows, names, notes)
+    return out + notes.lines() + _group_notes(rows) + _paper_notes(rows)
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     sections: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        sections[tuple(r.get(k) for k in SECTION)].append(r)
-    out = ["# Results", "", "Top-1 accuracy (%), mean ± std over seeds. 'paper' = the paper's number for exactly this "
-           "setting (model, OpenAI weights, protocol, method and hyperparameters, shots, templates, dataset set); "
-           "see prolip/bench/reference.py for sources."]
-    for key, rs in sorted(sections.items(), key=lambda kv: str(kv[0])):
-        out += ["", f"## {_section_title(key)}", ""]
-        if key[3]:
-            out += [f"**{RANDOM_NOTE}.**", ""]
-        if key[0] == "base2new":
-            out += ["Cells: base / new / harmonic mean.", ""]
-        if key[0] in TRANSFER:
-            out += [f"Trained on {', '.join(sorted({str(r.get('source')) for r in rs}))}; other columns use each "
-                    "target's own classifier. '–': the method cannot score another dataset's classes.", ""]
-        out += _table(rs)
-        if key[0] == "sensitivity":
-            out += _sensitivity_matrix(rs)
+        sections[_section_key(r)].append(r)
+    out = [INTRO]
+    for key in sorted(sections, key=str):
+        out += _section(key, sections[key])
     return "\n".join(out) + "\n"
 
 
@@ -202,80 +529,169 @@ def _pyplot():
     return plt
 
 
-def plot_shots(rows: list[dict[str, Any]], path: Path, protocol: str = "fewshot") -> bool:
-    """Accuracy vs shots averaged over datasets, one line per method (and model); paper points as hollow markers."""
-    curves: dict[str, list] = defaultdict(list)
-    paper: dict[str, list] = defaultdict(list)
-    random = False
-    for r in rows:
-        if "datasets" in r and r["protocol"] == protocol and r.get("mean") is not None:
-            name = f"{r['label']} ({r['model']}{', RANDOM' if r['random_weights'] else ''})"
-            curves[name].append((r["shots"], r["mean"], r.get("std") or 0.0))
-            if r.get("paper") is not None:
-                paper[name].append((r["shots"], r["paper"]))
-            random |= r["random_weights"]
-    if not curves:
-        return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, pts in sorted(curves.items()):
-        pts.sort()
-        line = ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                           capsize=2, label=name)
-        if paper.get(name):
-            ax.plot(*zip(*sorted(paper[name])), "o--", mfc="none", color=line[0].get_color(), alpha=0.6,
-                    label=f"{name.split(' (')[0]} (paper)")
+def _seed_counts(rows: list[dict]) -> str:
+    counts = sorted({len(r["by_seed"]) for r in rows})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+
+
+def _panel_title(row: dict) -> str:
+    weights = "RANDOM weights, not CLIP" if row["random_weights"] else row["weights"]
+    return f"{row['protocol']} — {row['model']} [{weights}]"
+
+
+def _shot_curves(rows: list[dict], protocol: str) -> dict[str, dict[str, list[dict]]]:
+    """Panel title → curve name → full-average rows, curves in table order. A group's members are drawn as the
+    group's one curve (the table has them one by one); a curve with no average shown at all is left out."""
+    panels: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    names = display_names(rows)
+    averages = [r for r in rows if r["kind"] == "average" and r["subset"] is None and r["protocol"] == protocol
+                and not (r.get("group") and r["of"] == "dataset")]
+    order = line_order(rows)
+    for r in sorted(averages, key=lambda r: order({**r, "shots": 0})):
+        panels[_panel_title(r)][names[_line_key(r)]].append(r)
+    return {title: {name: pts for name, pts in curves.items() if any(r["mean"] is not None for r in pts)}
+            for title, curves in panels.items()}
+
+
+def _draw_curves(ax, curves: dict[str, list[dict]]) -> bool:
+    """One line per curve, broken where an average is not shown; returns whether any point is missing."""
+    handles, gaps = [], False
+    for name, points in curves.items():
+        points = sorted(points, key=lambda r: r["shots"])
+        means = [math.nan if r["mean"] is None else r["mean"] for r in points]
+        gaps |= any(math.isnan(m) for m in means)
+        line = ax.errorbar([r["shots"] for r in points], means, yerr=[r.get("std") or 0.0 for r in points],
+                           marker="o", ms=4, capsize=3, lw=1.4, label=name)
+        handles.append(line)
+        paper = [(r["shots"], r["paper"]) for r in points if r.get("paper") is not None]
+        if paper:
+            handles += ax.plot(*zip(*paper), "o", ms=9, mfc="none", mew=1.4, color=line[0].get_color(),
+                               label=f"{name}: paper")
+    all_shots = sorted({r["shots"] for pts in curves.values() for r in pts})
     ax.set_xscale("log", base=2)
-    shots = sorted({p[0] for pts in curves.values() for p in pts})
-    ax.set_xticks(shots, [str(s) for s in shots])
+    ax.set_xticks(all_shots, [str(s) for s in all_shots])
     ax.minorticks_off()
     ax.set_xlabel("shots per class")
-    ax.set_ylabel("top-1 accuracy (%), mean over datasets")
-    ax.set_title(f"{protocol}" + (" — RANDOM weights, not CLIP" if random else ""), fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+    return gaps
+
+
+def shots_figure(rows: list[dict[str, Any]], protocol: str = "fewshot"):
+    """Accuracy vs shots averaged over datasets, one panel per backbone, one curve per method (a group's members as
+    the group's one curve); the paper's numbers as hollow circles where the setting matches exactly. None: nothing
+    to draw."""
+    panels = {title: curves for title, curves in _shot_curves(rows, protocol).items() if curves}
+    if not panels:
+        return None
+    plt = _pyplot()
+    height = 4.2 + 0.16 * max(len(c) + sum(any(r.get("paper") for r in p) for p in c.values())
+                             for c in panels.values())
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), height), squeeze=False, layout="constrained")
+    shown = [r for curves in panels.values() for pts in curves.values() for r in pts if r["mean"] is not None]
+    gaps = False
+    for ax, (title, curves) in zip(axes[0], sorted(panels.items())):
+        n = len(next(iter(curves.values()))[0]["datasets"])
+        gaps |= _draw_curves(ax, curves)
+        ax.set_ylabel(f"top-1 accuracy (%), mean over {n} datasets")
+        ax.set_title(title, fontsize=9)
+    caption = (f"Error bars: population std over seeds (n = {_seed_counts(shown)}) of the per-seed mean over datasets"
+               + (" and the group's members" if any(r["of"] == "group" for r in shown) else "") + "."
+               + (" Gaps: averages not shown, a dataset was not scored (see results.md)." if gaps else ""))
+    caption = textwrap.fill(caption, width=int(16 * fig.get_figwidth()))  # about 16 characters an inch at 8 pt
+    fig.suptitle(caption, fontsize=8, y=0.005, va="bottom")
+    bottom = (0.35 + 0.14 * caption.count("\n")) / fig.get_figheight()  # room for the caption, in inches
+    fig.get_layout_engine().set(rect=(0, bottom, 1, 1 - bottom))
+    return fig
+
+
+def _save(fig, path: Path) -> bool:
+    if fig is None:
+        return False
+    fig.savefig(path, dpi=130)
+    _pyplot().close(fig)
     return True
+
+
+def plot_shots(rows: list[dict[str, Any]], path: Path, protocol: str = "fewshot") -> bool:
+    return _save(shots_figure(rows, protocol), path)
+
+
+def _sensitivity_panels(rows: list[dict]) -> dict[tuple, dict]:
+    """(backbone title, label) → shots → {(lr, λ): mean over datasets}."""
+    panels: dict[tuple, dict] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        if r["kind"] == "average" and r["subset"] is None and r["protocol"] == "sensitivity":
+            hp = r["hyperparameters"]
+            panels[(_panel_title(r), r["label"])][r["shots"]][(hp.get("lr"), hp.get("lam"))] = r.get("mean")
+    return panels
+
+
+def _heatmap(ax, grid: dict, norm, cmap) -> None:
+    lrs = sorted({k[0] for k in grid}, key=numeric_order)
+    lams = sorted({k[1] for k in grid}, key=numeric_order)
+    values = [[grid.get((lr, lam)) for lam in lams] for lr in lrs]
+    ax.imshow([[float("nan") if v is None else v for v in row] for row in values], cmap=cmap, norm=norm,
+              aspect="auto")
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            dark = v is not None and norm(v) < 0.55  # light text on the dark end of the scale
+            ax.text(j, i, "–" if v is None else f"{v:.1f}", ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")
+    ax.set_xticks(range(len(lams)), [format_number(x) for x in lams], fontsize=7)
+    ax.set_yticks(range(len(lrs)), [format_number(x) for x in lrs], fontsize=7)
+    ax.set_xlabel("λ", fontsize=8)
+    ax.set_ylabel("lr", fontsize=8)
+
+
+def sensitivity_figure(rows: list[dict[str, Any]]):
+    """Heatmaps of dataset-averaged accuracy over lr × λ: one row of panels per method label, one column per shot
+    count, all on ONE colour scale with one labelled colour bar."""
+    panels = _sensitivity_panels(rows)
+    values = [v for by_shots in panels.values() for grid in by_shots.values() for v in grid.values() if v is not None]
+    if not values:
+        return None
+    plt = _pyplot()
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    norm, cmap = Normalize(min(values), max(values)), plt.get_cmap("viridis").with_extremes(bad="0.85")
+    shots = sorted({s for by_shots in panels.values() for s in by_shots}, key=numeric_order)
+    fig, axes = plt.subplots(len(panels), len(shots), figsize=(2.9 * len(shots) + 1.4, 2.7 * len(panels) + 0.6),
+                             squeeze=False, layout="constrained")
+    for i, ((title, label), by_shots) in enumerate(sorted(panels.items())):
+        for j, s in enumerate(shots):
+            if s in by_shots:
+                _heatmap(axes[i][j], by_shots[s], norm, cmap)
+                axes[i][j].set_title(f"{label}\n{s}-shot", fontsize=8)
+            else:
+                axes[i][j].set_axis_off()
+    datasets = {len(r["datasets"]) for r in rows if r["kind"] == "average" and r["protocol"] == "sensitivity"}
+    fig.colorbar(ScalarMappable(norm, cmap), ax=axes, shrink=0.85,
+                 label=f"top-1 accuracy (%), mean over {'/'.join(map(str, sorted(datasets)))} datasets and seeds")
+    fig.suptitle(" · ".join(sorted({t for t, _ in panels})), fontsize=9)
+    return fig
 
 
 def plot_sensitivity(rows: list[dict[str, Any]], path: Path) -> bool:
-    """Heatmap of dataset-averaged accuracy over lr × λ, one panel per (model, method label, shots)."""
-    panels: dict[tuple, dict] = defaultdict(dict)
-    for r in rows:
-        if "datasets" in r and r["protocol"] == "sensitivity" and r.get("mean") is not None:
-            hp = r["hyperparameters"]
-            tag = f"{r['model']}{' RANDOM' if r['random_weights'] else ''} {r['label']} {r['shots']}-shot"
-            panels[tag][(hp["lr"], float(hp["lam"]))] = r["mean"]
-    if not panels:
-        return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (tag, grid) in zip(axes[0], sorted(panels.items())):
-        lrs, lams = sorted({k[0] for k in grid}), sorted({k[1] for k in grid})
-        values = [[grid.get((lr, lam), float("nan")) for lam in lams] for lr in lrs]
-        im = ax.imshow(values, cmap="viridis", aspect="auto")
-        for i, row in enumerate(values):
-            for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color="white")
-        ax.set_xticks(range(len(lams)), [f"{x:g}" for x in lams])
-        ax.set_yticks(range(len(lrs)), [f"{x:g}" for x in lrs])
-        ax.set_xlabel("λ")
-        ax.set_ylabel("lr")
-        ax.set_title(tag, fontsize=8)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(sensitivity_figure(rows), path)
 
 
 # ----------------------------------------------------------------------------------------------- files
 
-CSV_FIELDS = ["protocol", "model", "weights", "random_weights", "sampler", "templates_name", "source", "dataset",
-              "label", "method", "shots", "lr", "lam", "seeds", "mean", "std", "base", "base_std", "new", "new_std",
-              "hm", "hm_std", "start_accuracy", "paper", "paper_base", "paper_new", "paper_hm", "paper_source"]
+CSV_FIELDS = ["protocol", "model", "weights", "random_weights", "sampler", "templates_name", "source", "kind",
+              "dataset", "datasets", "label", "method", "group", "shots", "lr", "lam", "precision", "varying", "seeds",
+              "mean", "std", "base", "base_std", "new", "new_std", "hm", "hm_seed_mean", "hm_seed_std",
+              "start_accuracy", "start_accuracy_std", "paper", "paper_base", "paper_new", "paper_hm",
+              "paper_source", "notes", "missing"]
+
+
+def _csv_row(row: dict) -> dict:
+    hp = row.get("hyperparameters") or {}
+    as_text = lambda v: " ".join(map(str, v)) if isinstance(v, list) else v
+    return {**{k: as_text(row.get(k)) for k in CSV_FIELDS}, "lr": hp.get("lr"), "lam": hp.get("lam"),
+            "precision": hp.get("precision"), "varying": canonical(row["varying"]) if row.get("varying") else "",
+            "notes": "; ".join(row.get("notes") or []), "missing": "; ".join(row.get("missing") or [])}
 
 
 def write_report(records: list[dict[str, Any]], out: Path | str) -> dict[str, Path]:
@@ -287,10 +703,7 @@ def write_report(records: list[dict[str, Any]], out: Path | str) -> dict[str, Pa
     with open(paths["csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
-        for r in rows:
-            hp = r.get("hyperparameters") or {}
-            sweep = {"lr": hp.get("lr"), "lam": hp.get("lam")} if r["protocol"] == "sensitivity" else {}
-            w.writerow({**r, **sweep, "seeds": " ".join(map(str, r["seeds"]))})
+        w.writerows(map(_csv_row, rows))
     paths["json"].write_text(json.dumps([{k: v for k, v in r.items() if k != "by_seed"} for r in rows], indent=2,
                                         default=str))
     for protocol, name in (("fewshot", "accuracy_vs_shots.png"), ("fewshot-val", "accuracy_vs_shots_val.png")):
