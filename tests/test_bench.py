@@ -6,7 +6,8 @@ import yaml
 from click.testing import CliRunner
 
 from prolip.bench.experiment import ExperimentError, parse_experiment
-from prolip.bench.protocols import harmonic_mean, split_classes
+from prolip.bench.protocols import harmonic_mean
+from prolip.episode import restrict_splits
 from prolip.bench.records import read_records
 from prolip.cli import main
 
@@ -16,13 +17,13 @@ def test_harmonic_mean():
     assert harmonic_mean(0, 0) == 0
 
 
-def test_split_classes_relabels(shared_data):
+def test_restrict_splits_relabels(shared_data):
     from prolip.data import base_new_split, resolve_data
 
     splits = resolve_data("dtd", root=shared_data / "dtd10")
     base, new = base_new_split(10)
     assert base == [0, 1, 2, 3, 4] and new == [5, 6, 7, 8, 9]
-    b = split_classes(splits, new)
+    b = restrict_splits(splits, new)
     assert b.classnames == splits.classnames[5:]
     assert set(b.test.labels) == set(range(5)) and len(b.test) == 180
 

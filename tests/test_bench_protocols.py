@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from prolip.bench.experiment import ExperimentError, load_experiment, parse_experiment
-from prolip.bench.protocols import balanced_subset, few_shot_sets, harmonic_mean, run_experiment
+from prolip.bench.protocols import balanced_subset, harmonic_mean, run_experiment
+from prolip.episode import EpisodeSpec, draw_images
 from prolip.bench.records import append_record, read_records
 from prolip.data.types import ImageItem, LabeledImages
 from prolip.functional import accuracy, clip_logits
@@ -48,7 +49,7 @@ def test_every_shipped_experiment_validates(path):
     ({"methods": ["prolip", {"name": "prolip", "lam": "1/N2"}]}, r"label\(s\) \['prolip'\] appear twice"),
     ({"methods": [{"nme": "prolip"}]}, r"methods\[0\]: each method is a name or a mapping with 'name'"),
     ({"protocol": "cross-dataset"}, r"cross-dataset needs 'targets'"),
-    ({"protocol": "tta", "methods": ["linear-probe"]}, r"tta protocol starts from zeroshot .* not 'linear-probe'"),
+    ({"protocol": "tta", "methods": ["linear-probe"]}, r"tta protocol adapts a projection .* not 'linear-probe'"),
     ({"protocol": "sensitivity", "methods": [{"name": "prolip", "lr": 1e-3}]}, r"sensitivity protocol sweeps"),
     ({"views": 0}, r"'views' must be positive"),
 ])
@@ -78,15 +79,16 @@ def test_load_experiment_reports_bad_yaml(tmp_path):
 
 # ------------------------------------------------------------------------------------------ pure pieces
 
-def test_few_shot_sets_keep_validation_away_from_test(shared_data):
+def test_episode_keeps_validation_away_from_test(shared_data):
     from prolip.data import resolve_data
 
     splits = resolve_data("dtd", root=shared_data / "dtd10")
-    sets = few_shot_sets(splits, 4, 1, "lpp")
+    sets = draw_images(splits, EpisodeSpec(shots=4, seed=1, validation=True))
     test = {it.path for it in splits.test.items}
     val_split = {it.path for it in splits.val.items}
-    assert len(sets.support) == 40 and len(sets.val) == 40 and sets.eval is splits.test
-    assert {it.path for it in sets.val.items} <= val_split and not {it.path for it in sets.val.items} & test
+    assert len(sets.support) == 40 and len(sets.validation) == 40 and sets.evaluation is splits.test
+    assert {it.path for it in sets.validation.items} <= val_split
+    assert not {it.path for it in sets.validation.items} & test
     assert not {it.path for it in sets.support.items} & test
 
 
@@ -108,17 +110,17 @@ def test_append_after_a_truncated_line_keeps_the_new_record(tmp_path):
 # ------------------------------------------------------------------------------------------ protocols
 
 def test_validation_grid_sees_only_validation_images(tmp_path, shared_data, tiny_vit, monkeypatch):
-    import prolip.bench.protocols as protocols
+    from prolip.bench.protocols import Bench
 
     seen = []
-    real_fit = protocols._fit
+    real_fit = Bench.fit
 
-    def spy(m, hp, task, support, val, seed):
-        method, seconds = real_fit(m, hp, task, support, val, seed)
-        seen.append((m.name, hp, val, method))
+    def spy(self, m, hp, episode, seed):
+        method, seconds = real_fit(self, m, hp, episode, seed)
+        seen.append((m.name, hp, episode.validation, method))
         return method, seconds
 
-    monkeypatch.setattr(protocols, "_fit", spy)
+    monkeypatch.setattr(Bench, "fit", spy)
     exp = _exp(tmp_path, shared_data, protocol="fewshot-val", methods=[{"name": "prolip", "steps": 3}])
     records, _ = _run(exp, tiny_vit)
     (name, hp, val, method), = seen
@@ -129,15 +131,15 @@ def test_validation_grid_sees_only_validation_images(tmp_path, shared_data, tiny
     from prolip.features import FeatureCache
 
     splits = resolve_data("dtd", root=shared_data / "dtd10")
-    sets = few_shot_sets(splits, 1, 1, "lpp")
+    sets = draw_images(splits, EpisodeSpec(shots=1, seed=1, validation=True))
     cache = FeatureCache(tmp_path / "cache", tiny_vit, progress=False)
-    assert torch.equal(val.features, cache.center([it.path for it in sets.val.items]))
-    assert val.labels.tolist() == sets.val.labels
+    assert torch.equal(val.features, cache.center([it.path for it in sets.validation.items]).features)
+    assert val.labels.tolist() == sets.validation.labels
     # The selection is the best validation accuracy, recomputed here from validation data alone.
     best = max(g["val_accuracy"] for g in method.selected_["grid"])
     assert method.selected_["val_accuracy"] == best
     assert accuracy(method.logits(val.features), val.labels) == pytest.approx(best, abs=1e-4)
-    z_test = cache.center([it.path for it in splits.test.items])
+    z_test = cache.center([it.path for it in splits.test.items]).features
     assert records[0]["accuracy"] == pytest.approx(accuracy(method.logits(z_test), torch.tensor(splits.test.labels)))
 
 
@@ -146,22 +148,21 @@ def test_sensitivity_sweep_matches_single_runs(tmp_path, shared_data, tiny_vit):
 
     exp = _exp(tmp_path, shared_data, protocol="sensitivity", methods=[{"name": "prolip", "steps": 4}],
                sensitivity={"lrs": [1e-4, 1e-1], "lams": [0.0, 1.0]})
-    records, _ = _run(exp, tiny_vit)
+    records, lines = _run(exp, tiny_vit)
     assert sorted((r["hyperparameters"]["lr"], r["hyperparameters"]["lam"]) for r in records) == \
         [(1e-4, 0.0), (1e-4, 1.0), (1e-1, 0.0), (1e-1, 1.0)]
     assert len({r["cell"] for r in records}) == 4
+    assert any("lr 0.1 λ 0.0" in line for line in lines)  # progress lines name the sweep point
 
     # The batched point (lr 1e-1, λ 0) equals a ProLIP trained alone with that lr and λ.
     from prolip.bench.protocols import Bench
 
     b = Bench(exp, echo=lambda s: None, backbone=tiny_vit)
-    splits = b.splits("dtd")
-    sets = few_shot_sets(splits, 1, 1, "lpp")
-    task = b.task(splits.classnames, splits.templates, 1, [])
-    alone = create("prolip", lr=1e-1, lam=0.0, steps=4).fit(task, b.support(sets.support))
-    z, y = b.features(splits.test)
+    episode = b.episode(b.splits("dtd"), 1, 1)
+    alone = create("prolip", lr=1e-1, lam=0.0, steps=4).fit(episode.task, episode.support)
+    ev = episode.evaluation
     point = next(r for r in records if r["hyperparameters"]["lr"] == 1e-1 and r["hyperparameters"]["lam"] == 0.0)
-    assert point["accuracy"] == pytest.approx(accuracy(alone.logits(z), y))
+    assert point["accuracy"] == pytest.approx(accuracy(alone.logits(ev.features), ev.labels))
     assert b.cache.stats.forward_passes == 0  # everything above came from the shared cache
 
 
@@ -170,21 +171,36 @@ def test_base2new_uses_each_side_its_own_classifier(tmp_path, shared_data, tiny_
                methods=["zeroshot", {"name": "prolip", "steps": 5, "lr": 1e-2}, "linear-probe"])
     records, _ = _run(exp, tiny_vit)
     by = {r["method"]: r for r in records}
-    from prolip.bench.protocols import Bench, split_classes
+    from prolip.bench.protocols import Bench
+    from prolip.episode import restrict_splits
 
     b = Bench(exp, echo=lambda s: None, backbone=tiny_vit)
     splits = b.splits("dtd")
-    base, new = split_classes(splits, list(range(5))), split_classes(splits, list(range(5, 10)))
-    task = b.task(base.classnames, splits.templates, 2, [])
+    base, new = restrict_splits(splits, list(range(5))), restrict_splits(splits, list(range(5, 10)))
+    task = b.builder.task(base.classnames, splits.templates, 2)
     for part, key in ((base, "base"), (new, "new")):
-        z, y = b.features(part.test)
-        T = b.classifier(part.classnames, splits.templates)
-        assert set(y.tolist()) == set(range(5)) and T.shape[0] == 5
-        assert by["zeroshot"][key] == pytest.approx(accuracy(clip_logits(z, task.W0, task.bias, T, task.logit_scale), y))
+        ev = b.builder.center(part.test)
+        T = b.builder.classifier(part.classnames, splits.templates)
+        assert set(ev.labels.tolist()) == set(range(5)) and T.shape[0] == 5
+        zero_shot = clip_logits(ev.features, task.W0, task.bias, T, task.logit_scale)
+        assert by["zeroshot"][key] == pytest.approx(accuracy(zero_shot, ev.labels))
     assert by["prolip"]["hm"] == pytest.approx(harmonic_mean(by["prolip"]["base"], by["prolip"]["new"]))
     assert by["prolip"]["accuracy"] == by["prolip"]["hm"]
     assert by["linear-probe"]["new"] is None and "cannot score" in by["linear-probe"]["note"]
     assert by["linear-probe"]["base"] is not None
+
+
+def test_base2new_samples_all_classes_then_keeps_the_base_ones(shared_data):
+    # As the reference: the draws over all classes decide the base support (and validation) images.
+    from prolip.data import resolve_data
+
+    splits = resolve_data("dtd", root=shared_data / "dtd10")
+    full = draw_images(splits, EpisodeSpec(shots=2, seed=3, validation=True))
+    base = draw_images(splits, EpisodeSpec(shots=2, seed=3, validation=True, classes=(0, 1, 2, 3, 4)))
+    keep = lambda images: [str(it.path) for it in images.items if it.label < 5]
+    assert [str(it.path) for it in base.support.items] == keep(full.support)
+    assert [str(it.path) for it in base.validation.items] == keep(full.validation)
+    assert set(base.support.labels) == set(range(5))
 
 
 def test_cross_dataset_evaluates_targets_with_their_classifiers(tmp_path, shared_data, tiny_vit):
@@ -201,10 +217,10 @@ def test_cross_dataset_evaluates_targets_with_their_classifiers(tmp_path, shared
 
     b = Bench(exp, echo=lambda s: None, backbone=tiny_vit)
     splits = b.splits(target)
-    z, y = b.features(splits.train)
-    task = b.task(splits.classnames, splits.templates, 1, [])
+    ev = b.builder.center(splits.train)
+    task = b.builder.task(splits.classnames, splits.templates, 1)
     assert cifar["zeroshot"]["accuracy"] == pytest.approx(
-        accuracy(clip_logits(z, task.W0, task.bias, task.classifier, task.logit_scale), y))
+        accuracy(clip_logits(ev.features, task.W0, task.bias, task.classifier, task.logit_scale), ev.labels))
 
 
 def test_tta_protocol_and_rerun_skips_everything(tmp_path, shared_data, tiny_vit):

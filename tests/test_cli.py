@@ -56,7 +56,7 @@ def test_fit_predict_eval_export(folder, tmp_path):
 
     r = invoke("eval", tmp_path / "run", "--data", folder, "--cache-dir", cache, "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["eval_images"] == 18
+    assert json.loads(r.stdout)["eval_images"] == 18 - 3 * 2  # the run's support images are left out
 
     r = invoke("export", tmp_path / "run", "--out", tmp_path / "exported")
     assert r.exit_code == 0, r.output
@@ -198,7 +198,7 @@ def test_eval_and_predict_with_tta(folder, tmp_path):
     r = invoke("eval", tmp_path / "run", "--data", folder, "--tta", "--tta-views", 10, "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert out["tta"] is True and out["eval_images"] == json.loads(plain.stdout)["eval_images"] == 18
+    assert out["tta"] is True and out["eval_images"] == json.loads(plain.stdout)["eval_images"] == 18 - 3 * 2
     r = invoke("predict", tmp_path / "run", folder / "cat" / "0.jpg", "--tta", "--tta-views", 10, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)[0]["predictions"][0]["class"] in {"cat", "dog", "fox"}

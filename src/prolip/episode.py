@@ -8,8 +8,8 @@ same data, shots, seed and sampler always give the same support images and the s
   base half) the draws are then restricted to those classes and relabelled, as the reference does (it samples the
   full dataset and keeps labels below ⌈C/2⌉). ImageNet under the LP++/ProLIP sampler draws 2N per class from the
   training split, the first N support and the last N validation.
-- Evaluation: the test split when there is one, else the images of the folder used neither for support nor for
-  validation ("held-out images").
+- Evaluation: the test split when there is one, else the images of the folder used neither for support nor (when
+  the episode has one) for validation ("held-out images").
 - Features (:class:`EpisodeBuilder`): views and center crops come from the feature cache; text classifiers and
   evaluation features are memoised, because a bench run builds hundreds of episodes on the same data.
 """
@@ -133,7 +133,9 @@ def draw_images(splits: DatasetSplits, spec: EpisodeSpec) -> EpisodeImages:
     if splits.test is not None and len(splits.test):
         evaluation, eval_set = splits.test, EVAL_TEST_SPLIT
     else:
-        used = set(few.train_indices) | (set(few.val_indices) if few.val_from == "train" else set())
+        # Validation images drawn from the folder are held out only when they are used, so a validation-free fit
+        # is scored on every image it did not train on.
+        used = set(few.train_indices) | (set(few.val_indices) if spec.validation and few.val_from == "train" else set())
         evaluation, eval_set = train.subset([i for i in range(len(train)) if i not in used]), EVAL_HELD_OUT
     if spec.classes is not None:
         support, validation, evaluation = (restrict(x, spec.classes) for x in (support, validation, evaluation))

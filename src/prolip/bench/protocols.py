@@ -53,7 +53,7 @@ class Cell:
 
     method: MethodSpec
     record: dict[str, Any]
-    target: str | None = None  # transfer protocols: the dataset scored (None: the source itself)
+    target: str | None = None  # transfer protocols: the dataset scored, as the experiment names it (None: the source)
     extra: dict[str, Any] = field(default_factory=dict)  # protocol-specific (sensitivity point, TTA start kind)
 
 
@@ -305,13 +305,13 @@ class Transfer(Protocol):
 
     def groups(self) -> Iterator[Group]:
         source = self.b.splits(self.exp.datasets[0])
-        targets = [self.b.splits(t) for t in (self.exp.targets or DOMAIN_TARGETS)]
+        specs = [None, *(self.exp.targets or DOMAIN_TARGETS)]  # None: the source itself
+        targets = [source if spec is None else self.b.splits(spec) for spec in specs]
         for shots in self.exp.shots:
             for seed in self.exp.seeds:
                 cells = [Cell(m, self.b.record(m, dataset=target.name, source=source.name, shots=shots, seed=seed,
-                                               templates=self.b.templates(target)),
-                              target=None if target is source else target.name)
-                         for m in self.exp.methods for target in [source, *targets]]
+                                               templates=self.b.templates(target)), target=spec)
+                         for m in self.exp.methods for spec, target in zip(specs, targets)]
                 yield Group(source.name, shots, seed, cells)
 
     def score(self, group: Group, cells: list[Cell]) -> Iterator[tuple[Cell, float]]:
