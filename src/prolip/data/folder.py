@@ -325,9 +325,10 @@ def _list_items(path: Path, root: Path, rows: list[Row], classnames: list[str]) 
             raise DataError(f"{where}: label {label} is class {classnames[label]!r} elsewhere, "
                             f"but this row names it {classname!r}")
         # One image under two labels would be trained toward both: refused, naming both rows.
-        row0, label0 = first_seen.setdefault(_image_file(p, where), (i, int(label)))
+        row0, label0, p0 = first_seen.setdefault(_image_file(p, where), (i, int(label), p))
         if label0 != label:
-            raise DataError(f"{path}: rows {row0} and {i} put the same image {p} in two classes "
+            same = p0 if p0 == p else f"{p0} (row {i}: {p}, the same file)"
+            raise DataError(f"{path}: rows {row0} and {i} put the same image {same} in two classes "
                             f"({classnames[label0]!r} and {classnames[label]!r}); an image belongs to one class")
         items.append(ImageItem(p, int(label)))
     return items
