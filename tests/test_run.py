@@ -6,7 +6,6 @@ import torch
 
 from prolip.run import Run, RunError
 
-
 MANIFEST = {"backbone": {"family": "open_clip", "arch": "test-vit-tiny", "weights": "none", "random_weights": True,
                          "fingerprint": "f" * 64},
             "method": {"method": "prolip", "hyperparameters": {"lr": 1e-5}}, "fit": {"shots": 4}, "logit_scale": 100.0}

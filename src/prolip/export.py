@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -18,8 +18,7 @@ from torch import Tensor
 
 from prolip.backbones.base import Backbone
 from prolip.outputs import (EXPORT_FORMAT, EXPORT_MARKER, HEAD_FILES, OutputExistsError, check_writable,
-                            is_exported_checkpoint, normal_permissions, output_lock, write_directory,
-                            write_file)
+                            is_exported_checkpoint, normal_permissions, output_lock, write_directory, write_file)
 
 HEAD_WEIGHTS, HEAD_META = HEAD_FILES
 

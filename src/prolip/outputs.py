@@ -22,9 +22,9 @@ import stat
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 RUN_FORMAT = "prolip-run/1"
 EXPORT_MARKER = "prolip-export.json"

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -85,7 +86,7 @@ class Run:
             _write_json(folder / name, obj)
 
     @classmethod
-    def load(cls, path: Path | str) -> "Run":
+    def load(cls, path: Path | str) -> Run:
         path = Path(path)
         _require_complete(path)
         classifier = _read_tensors(path / "classifier.safetensors")

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from .tally import KINDS  # noqa: E402  (one list of kinds, shared with the tally)
+from .tally import KINDS  # one list of kinds, shared with the tally
+
 HERE = Path(__file__).resolve().parent
 
 

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from prolip.data import DataError, read_image_folder, read_image_list, read_templates, resolve_data
 from prolip.data.benchmarks import load_benchmark_folder
-from prolip.data.folder import read_classnames
 
 from .conftest import TINY, cli, make_folder
 
@@ -86,10 +85,10 @@ def test_a_list_naming_one_image_under_two_classes_is_refused(tmp_path, fmt, how
     rows = [("img/a.png", 0, "cat"), ("img/b.png", 1, "dog"), (_alias(root, how), 1, "dog")]
     if fmt == "csv":
         path = root / "list.csv"
-        path.write_text("path,label,classname\n" + "".join(f"{p},{l},{c}\n" for p, l, c in rows))
+        path.write_text("path,label,classname\n" + "".join(f"{p},{y},{c}\n" for p, y, c in rows))
     else:
         path = root / "list.json"
-        doc = [list(r) for r in rows] if fmt == "json rows" else [{"path": p, "label": l} for p, l, _ in rows]
+        doc = [list(r) for r in rows] if fmt == "json rows" else [{"path": p, "label": y} for p, y, _ in rows]
         path.write_text(json.dumps(doc))
     with tally.raises(DataError, match=r"list\.(csv|json): rows 1 and 3 put the same image .*a\.png.* in two classes",
                       input=f"{fmt}: one image under two classes ({how})"):
@@ -107,7 +106,8 @@ def test_a_list_naming_one_image_twice_in_one_class_is_read(tmp_path, tally):
 def test_a_split_file_naming_one_image_under_two_classes_is_refused(tmp_path, tally):
     ds = tmp_path / "dtd"
     (ds / "images").mkdir(parents=True)
-    split = {"train": [["x/1.jpg", 0, "banded"], ["y/2.jpg", 1, "dotted"]], "val": [], "test": [["x/1.jpg", 1, "dotted"]]}
+    split = {"train": [["x/1.jpg", 0, "banded"], ["y/2.jpg", 1, "dotted"]], "val": [],
+             "test": [["x/1.jpg", 1, "dotted"]]}
     (ds / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
     with tally.raises(DataError, match=r"train entry 0 and test entry 0 put the same image .*1\.jpg in two classes "
                                        r"\('banded' and 'dotted'\)"):
@@ -128,7 +128,7 @@ def test_class_names_files_refuse_duplicates(names, form, tally):
         if form == "txt":
             f.write_text("\n".join(names) + "\n")
         else:
-            f.write_text(json.dumps(names if form == "json list" else dict(zip("abc", names))))
+            f.write_text(json.dumps(names if form == "json list" else dict(zip("abc", names, strict=True))))
         shown = [n.strip() for n in names] if form == "txt" else names  # text lines are stripped
         tally.input(f"{form} names {names}")
         if len(set(shown)) == len(shown):
@@ -205,7 +205,8 @@ def test_two_class_folders_that_are_one_folder_are_refused(tmp_path, tally):
 def _sources(tmp: Path) -> dict[str, Path]:
     root = listed(tmp / "list")
     (root / "l.csv").write_text("path,classname\nimg/a.png,cat\nimg/b.png,dog\nimg/c.png,fox\n")
-    (root / "l.json").write_text(json.dumps([["img/a.png", 0, "cat"], ["img/b.png", 1, "dog"], ["img/c.png", 2, "fox"]]))
+    rows = [["img/a.png", 0, "cat"], ["img/b.png", 1, "dog"], ["img/c.png", 2, "fox"]]
+    (root / "l.json").write_text(json.dumps(rows))
     ds = tmp / "dtd"
     (ds / "images").mkdir(parents=True)
     split = {"train": [["a/1.jpg", 0, "cat"], ["b/1.jpg", 1, "dog"], ["c/1.jpg", 2, "fox"]], "val": [], "test": []}

@@ -76,7 +76,6 @@ def report_cmd(records, out):
     """Aggregate bench records: mean ± std over seeds, per dataset and averaged; markdown, CSV, JSON, PNG."""
     from prolip.bench.records import read_records
     from prolip.bench.report import write_report
-
     from prolip.outputs import OutputError
 
     rows = read_records(records)
@@ -86,7 +85,7 @@ def report_cmd(records, out):
     try:
         _reserve_results(out, [records / "records.jsonl" if records.is_dir() else records])
     except OutputError as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
     paths = write_report(rows, out)
     click.echo(paths["markdown"].read_text())
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -91,7 +91,8 @@ def check_template(template, where: str) -> str:
         raise DataError(f"{where}: template {template!r} is not a valid format string ({e}); write a literal "
                         f"brace as '{{{{' or '}}}}'") from None
     if fields.count(("", "", None)) != 1 or len(fields) != 1:
-        others = [f"{{{n}{'!' + c if c else ''}{':' + s if s else ''}}}" for n, s, c in fields if (n, s, c) != ("", "", None)]
+        others = [f"{{{n}{'!' + c if c else ''}{':' + s if s else ''}}}" for n, s, c in fields
+                  if (n, s, c) != ("", "", None)]
         found = f"; found {', '.join(others)}" if others else ""
         raise DataError(f"{where}: template {template!r} must contain exactly one '{{}}' where the class name goes "
                         f"and no other format field{found}")
@@ -290,8 +291,8 @@ def _json_rows(path: Path) -> list[Row]:
 
 def _list_classnames(path: Path, rows: list[Row]) -> list[str]:
     """The classes a list implies: labels 0..max (named where a row names them), else the sorted class names."""
-    by_label = {l: c for _, l, c in rows if l is not None and c is not None}
-    numeric = [int(l) for _, l, _ in rows if l is not None]
+    by_label = {label: c for _, label, c in rows if label is not None and c is not None}
+    numeric = [int(label) for _, label, _ in rows if label is not None]
     if by_label or (numeric and not any(c for _, _, c in rows)):
         top = max(list(by_label) + numeric)
         return check_classnames([by_label.get(i, str(i)) for i in range(top + 1)], f"image list {path}")
