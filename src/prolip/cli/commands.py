@@ -36,7 +36,8 @@ def cache_options(f):
                      help="what the backbone computes in while caching features (auto: bf16 on CUDA, fp32 on CPU)")(f)
     f = click.option("--workers", type=click.IntRange(min=0), default=None,
                      help="image-decoding threads [default: 0 on CPU, up to 16 on CUDA]")(f)
-    f = click.option("--batch-size", default=64, show_default=True, help="images per backbone forward pass")(f)
+    f = click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="images per backbone forward pass")(f)
     f = click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
                      help="feature cache directory [default: $PROLIP_CACHE_DIR or ~/.cache/prolip]")(f)
     return f
@@ -432,20 +433,26 @@ def export_cmd(run_dir, out, fmt, force, device):
 @click.command("extract")
 @click.option("--data", required=True)
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="all", show_default=True)
-@click.option("--views", default=300, show_default=True, help="augmented views per training image (0: center only)")
+@click.option("--views", type=click.IntRange(min=0), default=300, show_default=True,
+              help="augmented views per training image (0: center only)")
 @click.option("--aug-seed", default=0, show_default=True)
-@data_options
+@click.option("--data-root", type=click.Path(path_type=Path), default=None,
+              help="root folder of the benchmark datasets (CoOp layout) when --data names a benchmark")
 @cache_options
 @backbone_options
-def extract_cmd(data, split, views, aug_seed, data_root, classnames_file, templates_file, cache_dir, batch_size,
-                workers, extract_dtype, on_bad_image, model, pretrained, device):
+def extract_cmd(data, split, views, aug_seed, data_root, cache_dir, batch_size, workers, extract_dtype, on_bad_image,
+                model, pretrained, device):
     """Fill the feature cache ahead of time (works under torchrun: images are sharded across processes)."""
     from prolip.features import extract_dataset
 
-    splits = _resolve(data, data_root, classnames_file, templates_file)
+    check_device(device)
+    splits = _resolve(data, data_root, None, None)
+    wanted = ["train", "val", "test"] if split == "all" else [split]
+    if split != "all" and getattr(splits, split) is None:
+        _fail(f"--split {split}: --data {data} has no {split} split (a plain folder or list has only its images: "
+              "use --split train or all)")
     rank, world = init_from_env(device)
     backbone = _load_backbone(model, pretrained, device)
-    wanted = ["train", "val", "test"] if split == "all" else [split]
     for name in wanted:
         images = getattr(splits, name)
         if images is None:
