@@ -18,19 +18,35 @@ def cell_id(record: dict[str, Any]) -> str:
     return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
 
 
+REQUIRED = ("cell", "protocol", "dataset", "label", "method", "shots")
+
+
+class RecordsError(ValueError):
+    """A records file that holds no bench records; the message names the file and the first bad line."""
+
+
 def read_records(path: Path | str) -> list[dict[str, Any]]:
-    """All complete records (a line cut short by an interruption is ignored)."""
+    """All complete records. A line cut short by an interruption is ignored; a file whose lines are not bench
+    records at all (another JSON file, a CSV) is a RecordsError naming the line, not an empty report."""
     path = Path(path)
     if path.is_dir():
         path = path / "records.jsonl"
     if not path.is_file():
         return []
-    out = []
-    for line in path.read_text().splitlines():
+    out, first_bad = [], None
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    for number, line in enumerate(lines, 1):
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict) and all(k in record for k in REQUIRED):
+            out.append(record)
+        elif first_bad is None:
+            first_bad = number
+    if not out and first_bad is not None:
+        raise RecordsError(f"{path}: line {first_bad} is not a bench record (records are JSON objects with "
+                           f"{', '.join(REQUIRED)}, one per line, as `prolip bench` writes them)")
     return out
 
 

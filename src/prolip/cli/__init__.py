@@ -12,7 +12,8 @@ _USER_ERRORS = (("prolip.features.cache", "CacheError"), ("prolip.data.images", 
                 ("prolip.data.folder", "DataError"), ("prolip.data.sampling", "NotEnoughImagesError"),
                 ("prolip.run", "RunError"), ("prolip.backbones", "BackboneLoadError"),
                 ("prolip.methods.params", "HyperparameterError"), ("prolip.methods.base", "FitError"),
-                ("prolip.episode", "EpisodeError"), ("prolip.bench.experiment", "ExperimentError"))
+                ("prolip.episode", "EpisodeError"), ("prolip.bench.experiment", "ExperimentError"),
+                ("prolip.bench.records", "RecordsError"))
 
 
 def _is_user_error(e: BaseException) -> bool:
