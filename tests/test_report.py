@@ -256,7 +256,7 @@ def test_lr_and_lambda_are_sorted_numerically():
     records = [rec(d, s, 50.0, protocol="sensitivity", hp=prolip_hp(lr=lr, lam=lam))
                for d in ("A", "B") for s in (1, 2) for lr in lrs for lam in lams]
     records += [rec("A", s, 50.0, label=f"p {lam}", hp=prolip_hp(lam=lam)) for s in (1, 2)
-                for lam in ("1/N2", 0.5, "1/N", 1e-3)]
+                for lam in ("1/N", 0.5, "1/N2", 1e-3)]  # rules keep their run order, after the numbers
     table = markdown(aggregate(records))
     assert "| lr \\ λ | 0 | 1e-1 | 1 |" in table
     lines = [line.split(" |")[0] for line in table.splitlines() if line.startswith("| 1e-") and "±" in line]

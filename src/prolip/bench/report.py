@@ -212,6 +212,7 @@ def _group_row(rows: list[dict], group: str, members: list[dict]) -> dict:
     common, varying = _split_hyperparameters([m["hyperparameters"] for m in members])
     first = rows[0]
     row = {k: first.get(k) for k in LINE + ("dataset",)}
+    members = sorted(members, key=line_order(members))
     row.update(kind="group", label=group, group=group, members=[m["label"] for m in members],
                method=_agreed(m["method"] for m in members), hyperparameters=common, varying=varying,
                templates=_merged_templates(rows), by_seed=by_seed, seeds=_agreed_seeds(rows), notes=[],
@@ -394,16 +395,24 @@ def display_names(rows: list[dict]) -> dict[tuple, str]:
 
 def line_order(rows: list[dict]) -> Callable[[dict], tuple]:
     """Sort key for table lines: shots, methods in the order they were run, a method's group rows after its runs,
-    then precision, λ, α and lr numerically (rules such as 1/N after numbers)."""
+    then precision, λ, α and lr: numbers ascending, then words and rules (1/N) in the order they were run."""
     rank: dict[str, int] = {}
     for r in rows:
         rank.setdefault(canonical(r.get("method")), len(rank))
+        for k in HP_SORT_KEYS:
+            value = (r.get("hyperparameters") or {}).get(k)
+            if numeric_order(value)[0] != 0:
+                rank.setdefault(canonical([k, value]), len(rank))
+
+    def value_key(k: str, value: Any) -> tuple:
+        number = numeric_order(value)
+        return number[:2] if number[0] == 0 else (1, rank.get(canonical([k, value]), len(rank)))
 
     def key(r: dict) -> tuple:
         hp = r.get("hyperparameters") or {}
         derived = r["kind"] == "group" or r.get("of") == "group"
         return (numeric_order(r["shots"]), rank.get(canonical(r.get("method")), len(rank)), derived,
-                tuple(numeric_order(hp.get(k)) for k in HP_SORT_KEYS), r["label"])
+                tuple(value_key(k, hp.get(k)) for k in HP_SORT_KEYS), r["label"])
 
     return key
 
