@@ -150,3 +150,26 @@ def test_lp_plus_plus_alpha_starts_from_true_class_scores_only():
     scores = f @ p.task.classifier.T
     true_class = torch.stack([scores[p.support.labels == c, c].mean() for c in range(4)])
     torch.testing.assert_close(m.alpha, torch.full((4,), 250.0 * true_class.mean().item()))
+
+
+def test_per_dataset_settings_of_the_originals_apply_under_the_callers():
+    from prolip.methods import configure
+
+    assert configure("tip-adapter-f", {}, dataset="EuroSAT").epochs == 100  # configs/eurosat.yaml train_epoch
+    dtd = configure("tip-adapter", {}, dataset="DescribableTextures")
+    assert (dtd.alpha, dtd.search_scale) == (2.0, (13.0, 13.0))  # configs/dtd.yaml
+    assert configure("taskres", {}, dataset="OxfordFlowers").alpha == 1.0  # train_regular.sh
+    assert configure("taskres", {}, dataset="ImageNet").lr == 2e-4
+    assert configure("taskres", {"alpha": 0.7}, dataset="OxfordFlowers").alpha == 0.7  # the experiment wins
+    assert configure("tip-adapter", {}, dataset="my-folder").alpha == 1.17  # unknown data: the class defaults
+    assert configure("tip-adapter", {}).get_params() == create("tip-adapter").get_params()
+
+
+def test_validation_switches_on_what_a_method_selects_and_refuses_methods_that_select_nothing():
+    from prolip.methods import HyperparameterError, configure
+
+    assert configure("prolip", {}, validate=True).grid is True
+    assert configure("prolip", {"grid": [[1e-3, 0.1]]}, validate=True).grid == [[1e-3, 0.1]]
+    with pytest.raises(HyperparameterError, match="zeroshot selects nothing on a validation set"):
+        configure("zeroshot", {}, validate=True)
+    assert configure("zeroshot", {}, validate=True, refuse_useless_validation=False).get_params() == {}

@@ -17,7 +17,7 @@ from prolip.backbones.base import Backbone
 from prolip.data.types import DatasetSplits, LabeledImages
 from prolip.episode import Episode, EpisodeBuilder, EpisodeSpec, task_for
 from prolip.functional import accuracy, clip_logits
-from prolip.methods import HyperparameterError, Method, create, method_class
+from prolip.methods import Method, configure, create
 from prolip.methods.base import Task
 from prolip.run import Run, RunError
 
@@ -49,16 +49,6 @@ class FitResult:
     episode: Episode
 
 
-def configure_method(name: str, hyperparameters: dict[str, Any], validate: bool) -> Method:
-    """The method to fit; with ``validate`` it selects what it declares on the validation set, and one that
-    selects nothing is refused (validation would change nothing while claiming it did)."""
-    cls = method_class(name)
-    if validate and not cls.selects:
-        raise HyperparameterError(f"{name} selects nothing on a validation set (it is validation-free by design); "
-                                   "drop --validate")
-    return create(name, **({**cls.validation_params, **hyperparameters} if validate else hyperparameters))
-
-
 def evaluate(method: Method, episode: Episode) -> dict[str, Any]:
     """Adapted and zero-shot accuracy on the episode's evaluation set (nothing when it is empty)."""
     ev, task = episode.evaluation, episode.task
@@ -74,7 +64,7 @@ def evaluate(method: Method, episode: Episode) -> dict[str, Any]:
 def fit(backbone: Backbone, splits: DatasetSplits, cache, config: FitConfig, *,
         eval_images: LabeledImages | None = None, data_spec: str | None = None) -> FitResult:
     """Sample, cache, train and evaluate one adaptation; returns the run (not yet saved) and its metrics."""
-    method = configure_method(config.method, config.hyperparameters, config.use_validation)
+    method = configure(config.method, config.hyperparameters, validate=config.use_validation, dataset=splits.name)
     builder = EpisodeBuilder(backbone, cache, views=config.views, aug_seed=config.aug_seed)
     started = time.perf_counter()
     episode = builder.build(splits, config.episode_spec(), eval_images=eval_images,

@@ -23,7 +23,7 @@ from prolip.data.sampling import base_new_split
 from prolip.data.types import DatasetSplits, LabeledImages
 from prolip.episode import Episode, EpisodeBuilder, EpisodeSpec, Features, evaluation_images, restrict
 from prolip.functional import accuracy
-from prolip.methods import Method, create, method_class
+from prolip.methods import Method, configure, create, method_class
 
 
 def harmonic_mean(base: float, new: float) -> float:
@@ -123,11 +123,12 @@ class Bench:
         """Whether this method selects anything on the validation set in this experiment."""
         return self.uses_validation and bool(method_class(m.name).selects)
 
-    def method(self, m: MethodSpec, hyperparameters: dict | None = None) -> Method:
-        hp = dict(m.hyperparameters if hyperparameters is None else hyperparameters)
-        if self.validates(m):
-            hp = {**method_class(m.name).validation_params, **hp}
-        return create(m.name, **hp)
+    def method(self, m: MethodSpec, dataset: str, hyperparameters: dict | None = None) -> Method:
+        """The method as this experiment runs it on ``dataset``: its original's per-dataset settings, what it selects
+        on validation (when the protocol gives it a validation set) and the experiment's own settings."""
+        hp = m.hyperparameters if hyperparameters is None else hyperparameters
+        return configure(m.name, dict(hp), validate=self.uses_validation, dataset=dataset,
+                         refuse_useless_validation=False)
 
     def fit(self, m: MethodSpec, hp: dict, episode: Episode, seed: int) -> tuple[Method, float]:
         started = time.perf_counter()
@@ -143,7 +144,7 @@ class Bench:
                "weights": self.exp.pretrained, "random_weights": info.random_weights, "fingerprint": info.fingerprint,
                "sampler": self.exp.sampler, "seed": seed, "shots": shots, "views": self.exp.views,
                "aug_seed": self.exp.aug_seed, "label": m.label, "method": m.name,
-               "hyperparameters": self.method(m, hyperparameters).get_params(),
+               "hyperparameters": self.method(m, extra.get("source") or dataset, hyperparameters).get_params(),
                "validation": self.uses_validation, "selects": method_class(m.name).selects or None,
                "templates_name": templates[0], "templates": templates[1], "setting": None, "group": m.group}
         rec.update(extra)
@@ -238,7 +239,7 @@ class Sensitivity(Protocol):
         def cells(splits: DatasetSplits, shots: int, seed: int) -> list[Cell]:
             t, out = self.b.templates(splits), []
             for m in self.exp.methods:
-                base_hp = self.b.method(m).get_params()
+                base_hp = self.b.method(m, splits.name).get_params()
                 for lr in sweep.lrs:
                     for lam in sweep.lams:
                         hp = {**base_hp, "lr": float(lr), "lam": float(lam)}
@@ -257,7 +258,8 @@ class Sensitivity(Protocol):
             if not mine:
                 continue
             started = time.perf_counter()
-            fitted = self.b.method(m).fit_each(episode.task, episode.support, [c.extra for c in mine], group.seed)
+            method = create(m.name, **mine[0].record["hyperparameters"])
+            fitted = method.fit_each(episode.task, episode.support, [c.extra for c in mine], group.seed)
             seconds = (time.perf_counter() - started) / len(mine)
             for cell, method in zip(mine, fitted):
                 cell.record.update(accuracy=score(method, episode.evaluation), selected=method.selected_,

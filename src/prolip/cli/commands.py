@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -181,10 +180,11 @@ def fit_cmd(data, shots, seed, method, views, hp_pairs, lr, lam, steps, precisio
             workers, extract_dtype, on_bad_image, model, pretrained, device):
     """Cache features, train a method on N shots per class, evaluate, and save a run directory."""
     from prolip import pipeline
+    from prolip.methods import configure
 
     hp = _hyperparameters({"lr": lr, "lam": lam, "steps": steps, "precision": precision}, hp_pairs)
     check_device(device)
-    pipeline.configure_method(method, hp, validate)  # a bad method or hyperparameter fails before any work
+    configure(method, hp, validate=validate)  # a bad method or hyperparameter fails before any work
     _reserve_out(out, force, _data_read(data, data_root, classnames_file, templates_file, val_dir), "run")
     splits = _resolve(data, data_root, classnames_file, templates_file)
     eval_images = _val_images(val_dir, classnames_file, splits)
@@ -250,7 +250,6 @@ def _report_metrics(metrics, backbone, as_json, out=None):
 def eval_cmd(run_dir, data, split, tta, tta_views, as_json, classnames_file, data_root, cache_dir, batch_size,
              workers, extract_dtype, on_bad_image, device):
     """Evaluate a saved run on a dataset (the run's own support and validation images are left out)."""
-    from prolip import pipeline
     from prolip.episode import EpisodeBuilder
     from prolip.functional import accuracy
 

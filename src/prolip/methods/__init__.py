@@ -39,6 +39,24 @@ def create(name: str, **hyperparameters: Any) -> Method:
     return method
 
 
+def configure(name: str, hyperparameters: dict[str, Any], *, validate: bool = False, dataset: str | None = None,
+              refuse_useless_validation: bool = True) -> Method:
+    """The method as the harness and the CLI run it: its original's settings for ``dataset`` (if any), then, with
+    ``validate``, the hyperparameters that switch on what it selects on a validation set, then the caller's.
+
+    A method that selects nothing on validation is refused with ``validate`` (it would change nothing while
+    claiming it did), unless ``refuse_useless_validation`` is off (a bench protocol giving every method the set).
+    """
+    cls = method_class(name)
+    if validate and not cls.selects:
+        if refuse_useless_validation:
+            raise HyperparameterError(f"{name} selects nothing on a validation set (it is validation-free by "
+                                      "design); drop --validate")
+        validate = False
+    per_dataset = cls.dataset_defaults.get(dataset, {}) if dataset is not None else {}
+    return create(name, **{**per_dataset, **(cls.validation_params if validate else {}), **hyperparameters})
+
+
 def _import_all() -> None:
     # Importing the modules runs their @register decorators; kept lazy so `import prolip` stays fast.
     import importlib
@@ -61,6 +79,7 @@ __all__ = [
     "Validation",
     "ViewSource",
     "available",
+    "configure",
     "create",
     "method_class",
     "register",

@@ -160,6 +160,8 @@ def taskres_epochs(shots: int) -> int:
 @register
 class TaskRes(Method):
     name = "taskres"
+    # train_regular.sh: RESIDUAL_SCALE 1.0 for Flowers (0.5 elsewhere); the adam_lr2e-4 configs for ImageNet.
+    dataset_defaults = {"OxfordFlowers": {"alpha": 1.0}, "ImageNet": {"lr": 2e-4}}
     constraints = {
         "alpha": NON_NEGATIVE, "lr": POSITIVE, "epochs": Number(low=0, integer=True, optional=True),
         "batch_size": POSITIVE_INT, "weight_decay": NON_NEGATIVE, "views": Number(low=1, integer=True, optional=True),

@@ -10,7 +10,8 @@ declares what it can do as class attributes, so no code outside ``methods/`` eve
   ``validation_params``: the hyperparameters that switch that selection on (ProLIP: ``grid=True``);
 - ``exposes_projection`` / ``projection()``: predictions are exactly CLIP's with an adapted visual projection W,
   which ``projection()`` returns (test-time adaptation starts from it, export merges it into a checkpoint);
-- ``learns``: it learns from the support set (zero-shot does not, so its results depend on no shots or seed).
+- ``learns``: it learns from the support set (zero-shot does not, so its results depend on no shots or seed);
+- ``dataset_defaults``: the hyperparameters its original sets per benchmark dataset.
 
 Hyperparameters are stored once, as attributes named like the ``__init__`` arguments, and read back from the
 signature (``get_params``); ``constraints`` declares a check per hyperparameter, applied at ``create`` and ``fit``.
@@ -132,6 +133,9 @@ class Method(ABC):
     selects: ClassVar[str] = ""
     validation_params: ClassVar[dict[str, Any]] = {}
     constraints: ClassVar[dict[str, Constraint]] = {}
+    # Hyperparameters the method's original code sets per benchmark dataset (by the readers' dataset names), each
+    # cited where it is declared; the harness applies them under whatever the experiment sets.
+    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     selected_: dict[str, Any]
     task: Task | None = None
