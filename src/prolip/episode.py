@@ -16,6 +16,7 @@ same data, shots, seed and sampler always give the same support images and the s
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,12 @@ class EpisodeImages:
     validation: LabeledImages
     evaluation: LabeledImages
     eval_set: str  # EVAL_TEST_SPLIT or EVAL_HELD_OUT
+
+    def support_digest(self) -> str:
+        """A short hash of the support images and labels, recorded with every result, so two results can be
+        checked to come from the same draw."""
+        listing = "\n".join(f"{it.path}|{it.label}" for it in self.support.items)
+        return hashlib.blake2b(listing.encode(), digest_size=8).hexdigest()
 
 
 @dataclass

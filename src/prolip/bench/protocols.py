@@ -223,7 +223,7 @@ class FewShot(Protocol):
             method, seconds = self.b.fit(cell.method, cell.record["hyperparameters"], episode, group.seed)
             acc = score(method, episode.evaluation)
             cell.record.update(accuracy=acc, selected=method.selected_, eval_images=len(episode.evaluation),
-                               eval_set=episode.images.eval_set)
+                               eval_set=episode.images.eval_set, support_digest=episode.images.support_digest())
             if acc is None:
                 cell.record["note"] = NOTHING_TO_SCORE
             yield cell, seconds
