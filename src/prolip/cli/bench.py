@@ -13,7 +13,11 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
         if "=" not in pair:
             raise click.BadParameter(f"{pair!r}: expected key=value", param_hint="--set")
         key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise click.BadParameter(f"{pair!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote "
+                                     "it, e.g. --set 'shots=[1, 4]'", param_hint="--set") from None
     return out
 
 
