@@ -313,10 +313,10 @@ def test_report_files_label_random_weights_and_paper(tmp_path):
 
 
 def test_report_cli(tmp_path):
-    from prolip.bench.records import append_record
+    from prolip.bench.records import append_record, cell_id
 
     for r in eleven():
-        append_record(tmp_path / "records.jsonl", r)
+        append_record(tmp_path / "records.jsonl", {**r, "cell": cell_id(r)})
     result = CliRunner().invoke(main, ["report", str(tmp_path / "records.jsonl"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "(paper 64.28)" in result.output and (tmp_path / "out" / "accuracy_vs_shots.png").is_file()
