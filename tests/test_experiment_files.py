@@ -90,3 +90,21 @@ def test_experiment_file_runs_end_to_end_on_dtd10(path, shared_data, shared_cach
     for group in {m.group for m in exp.methods if m.group}:
         assert f"| {group} |" in md
     assert "RANDOM weights" in md and "nan" not in md
+
+
+def test_bench_records_carry_what_the_paper_match_reads(shared_data, shared_cache, tiny_vit, tmp_path):
+    """Records as `prolip bench` writes them, with only what a CPU test cannot have put back (the OpenAI RN50, 300
+    views and steps, 11 datasets, 10 seeds), get the paper's number: the match reads the fields the bench writes."""
+    from prolip.bench.reference import ELEVEN, PAPER_TEMPLATES
+    from prolip.bench.report import aggregate
+
+    path = EXPERIMENTS / "fewshot_rn50.yaml"
+    exp = load_experiment(path, _overrides(path, shared_data / "dtd10", shared_cache, tmp_path / "results"))
+    records = read_records(run_experiment(exp, echo=lambda line: None, backbone=tiny_vit))
+    mine = next(r for r in records if r["label"] == "prolip lr 1e-5 λ=1/N")
+    paper_setting = {**mine, "model": "RN50", "weights": "openai", "random_weights": False, "views": 300,
+                     "hyperparameters": {**mine["hyperparameters"], "steps": 300}}
+    as_paper = [{**paper_setting, "dataset": d, "templates": list(PAPER_TEMPLATES[d]), "seed": s}
+                for d in sorted(ELEVEN) for s in range(1, 11)]
+    average = next(r for r in aggregate(as_paper) if r["kind"] == "average")
+    assert average["paper"] == 64.28
