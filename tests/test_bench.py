@@ -79,7 +79,8 @@ def test_bench_and_report_on_dtd10(tmp_path, shared_data):
 
 
 def test_truncated_last_record_is_ignored(tmp_path):
-    (tmp_path / "records.jsonl").write_text('{"cell": "a", "accuracy": 1}\n{"cell": "b", "acc')
+    full = '{"cell": "a", "protocol": "fewshot", "dataset": "d", "label": "m", "method": "m", "shots": 1}'
+    (tmp_path / "records.jsonl").write_text(full + '\n{"cell": "b", "acc')
     assert [r["cell"] for r in read_records(tmp_path)] == ["a"]
 
 

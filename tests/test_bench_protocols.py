@@ -1,5 +1,6 @@
 """Bench protocols on dtd10 with the tiny random ViT: validation isolation, sensitivity sweep, base-to-new,
 cross-dataset transfer, TTA, re-runs; and strict experiment validation."""
+import json
 import re
 from pathlib import Path
 
@@ -101,9 +102,10 @@ def test_balanced_subset_takes_classes_in_turn():
 
 
 def test_append_after_a_truncated_line_keeps_the_new_record(tmp_path):
+    record = lambda cell: {"cell": cell, "protocol": "fewshot", "dataset": "d", "label": "m", "method": "m", "shots": 1}
     path = tmp_path / "records.jsonl"
-    path.write_text('{"cell": "a"}\n{"cell": "b", "acc')
-    append_record(path, {"cell": "c", "accuracy": 1.0})
+    path.write_text(json.dumps(record("a")) + '\n{"cell": "b", "acc')
+    append_record(path, {**record("c"), "accuracy": 1.0})
     assert [r["cell"] for r in read_records(path)] == ["a", "c"]
 
 

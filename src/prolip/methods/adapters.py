@@ -41,10 +41,10 @@ from prolip.methods import register
 from prolip.methods._common import cosine_head_logits, embed, fresh_view_per_epoch, text_mean, train_minibatch
 from prolip.methods.base import Method, Support, Task, Validation
 from prolip.methods.params import (
+    LEARNING_RATE,
     FRACTION,
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
-    POSITIVE,
     POSITIVE_INT,
     Lambda,
     Number,
@@ -94,7 +94,7 @@ class _ResidualMLPMethod(Method):
 class CLIPAdapter(_ResidualMLPMethod):
     name = "clip-adapter"
     constraints = {
-        "ratio": FRACTION, "reduction": POSITIVE_INT, "lr": POSITIVE, "epochs": NON_NEGATIVE_INT,
+        "ratio": FRACTION, "reduction": POSITIVE_INT, "lr": LEARNING_RATE, "epochs": NON_NEGATIVE_INT,
         "batch_size": POSITIVE_INT, "weight_decay": NON_NEGATIVE, "momentum": NON_NEGATIVE,
         "views": Number(low=1, integer=True, optional=True),
     }
@@ -127,7 +127,7 @@ class CLIPAdapter(_ResidualMLPMethod):
 @register
 class CLIPAdapterProLIP(_ResidualMLPMethod):
     name = "clip-adapter-prolip"
-    constraints = {"alpha": FRACTION, "reduction": POSITIVE_INT, "lr": POSITIVE,
+    constraints = {"alpha": FRACTION, "reduction": POSITIVE_INT, "lr": LEARNING_RATE,
                                           "steps": Number(low=0, integer=True)}
 
     def __init__(self, alpha: float = 0.5,  # CLIP_ADAPTER.py ``alpha`` (configs CA_lr*_alpha_*.yaml: 0 … 0.9)
@@ -163,7 +163,7 @@ class TaskRes(Method):
     # train_regular.sh: RESIDUAL_SCALE 1.0 for Flowers (0.5 elsewhere); the adam_lr2e-4 configs for ImageNet.
     dataset_defaults = {"OxfordFlowers": {"alpha": 1.0}, "ImageNet": {"lr": 2e-4}}
     constraints = {
-        "alpha": NON_NEGATIVE, "lr": POSITIVE, "epochs": Number(low=0, integer=True, optional=True),
+        "alpha": NON_NEGATIVE, "lr": LEARNING_RATE, "epochs": Number(low=0, integer=True, optional=True),
         "batch_size": POSITIVE_INT, "weight_decay": NON_NEGATIVE, "views": Number(low=1, integer=True, optional=True),
     }
 
@@ -210,7 +210,7 @@ class LinearAdapter(Method):
     accepts_classifier = True
     selects = "lr and λ on the reference's 7×7 grid"
     validation_params = {"grid": True}
-    constraints = {"lr": POSITIVE, "lam": Lambda(), "steps": Number(low=0, integer=True)}
+    constraints = {"lr": LEARNING_RATE, "lam": Lambda(), "steps": Number(low=0, integer=True)}
 
     def __init__(self, lr: float = 1e-3, lam: str | float = "1/N", steps: int = 300, grid: bool = False):
         self.lr, self.lam, self.steps, self.grid = lr, lam, steps, grid

@@ -170,6 +170,7 @@ class Method(ABC):
         if self.uses_text_side and (task.text_pre is None or task.text_proj is None):
             raise ValueError(f"{self.name} needs the text side (task.text_pre, task.text_proj): build the task with "
                              "text_side=True")
+        _check_inputs_finite(self.name, support, val)
         self.task, self.selected_ = task, {}
         self._fit(task, support, val, seed)
         self._check_finite("training")
@@ -243,6 +244,18 @@ class Method(ABC):
 
     def config(self) -> dict[str, Any]:
         return {"method": self.name, "hyperparameters": self.get_params(), "selected": getattr(self, "selected_", {})}
+
+
+def _check_inputs_finite(name: str, support: Support, val: Validation | None) -> None:
+    """Non-finite features (a corrupt cache row, a backbone that overflowed) fail here, by name, rather than deep in
+    a solver or as NaN weights; one view stands for the support (each view comes from the same images)."""
+    parts = {"support features": support.views.view(0)} if support is not None else {}
+    if val is not None:
+        parts["validation features"] = val.features
+    bad = [what for what, x in parts.items() if not torch.isfinite(x).all()]
+    if bad:
+        raise FitError(f"{name}: the {' and '.join(bad)} contain non-finite values (NaN/Inf); the feature cache or "
+                       "the backbone produced them, so clear that cache entry or check the model")
 
 
 __all__ = ["FitError", "HyperparameterError", "Method", "Support", "Task", "TensorViews", "Validation", "ViewSource"]

@@ -34,7 +34,7 @@ from prolip.methods._common import (
     view_embeddings,
 )
 from prolip.methods.base import Method, Support, Task, Validation
-from prolip.methods.params import NON_NEGATIVE, POSITIVE, NON_NEGATIVE_INT, POSITIVE_INT, Flag
+from prolip.methods.params import LEARNING_RATE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, Flag
 
 
 def zero_shot_class_performance(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -57,7 +57,7 @@ class ZSLP(Method):
     name = "zs-lp"
     constrained = False
     constraints = {
-        "lr": POSITIVE, "epochs": NON_NEGATIVE_INT, "batch_size": POSITIVE_INT, "views": POSITIVE_INT,
+        "lr": LEARNING_RATE, "epochs": NON_NEGATIVE_INT, "batch_size": POSITIVE_INT, "views": POSITIVE_INT,
         "momentum": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
         "adaptive": Flag(),
     }

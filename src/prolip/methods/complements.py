@@ -29,7 +29,7 @@ from prolip.functional import cosine_logits, proximal_penalty
 from prolip.methods import register
 from prolip.methods._common import embed
 from prolip.methods.base import Method, Support, Task, Validation
-from prolip.methods.params import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Choice, Flag, Lambda, Number
+from prolip.methods.params import LEARNING_RATE, NON_NEGATIVE, POSITIVE_INT, Choice, Flag, Lambda, Number
 from prolip.methods.params import resolve_lambda
 from prolip.optim import train_full_batch, view_for_step
 
@@ -56,7 +56,7 @@ def embed_with(task: Task, W: Tensor, z: Tensor) -> Tensor:
 class ProLIPTipAdapterF(Method):
     name = "prolip+tip-adapter-f"
     constraints = {
-        "lr": POSITIVE, "lam": Lambda(), "steps": STEPS, "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE,
+        "lr": LEARNING_RATE, "lam": Lambda(), "steps": STEPS, "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE,
         "augment_views": POSITIVE_INT, "weight_decay": NON_NEGATIVE, "affinity_projection": Choice(("current",
                                                                                                     "pretrained")),
     }
@@ -115,7 +115,7 @@ class ProLIPTipAdapterF(Method):
 @register
 class ProLIPTaskRes(Method):
     name = "prolip+taskres"
-    constraints = {"lr": POSITIVE, "lam": Lambda(), "steps": STEPS, "scale": NON_NEGATIVE}
+    constraints = {"lr": LEARNING_RATE, "lam": Lambda(), "steps": STEPS, "scale": NON_NEGATIVE}
 
     def __init__(self, lr: float = 1e-4,  # prolip_taskres.yaml lr_v
                  lam: str | float = "1/N", steps: int = 300,
@@ -169,7 +169,7 @@ def text_classifier(text_pre: Tensor, text_proj: Tensor, normalise_templates: bo
 class ProLIPText(Method):
     name = "prolip-text"
     uses_text_side = True
-    constraints = {"lr": POSITIVE, "lam": Lambda(), "steps": STEPS,
+    constraints = {"lr": LEARNING_RATE, "lam": Lambda(), "steps": STEPS,
                                           "normalise_templates": Flag()}
 
     def __init__(self, lr: float = 1e-5,  # prolip_text_lr{1e-2,1e-3,1e-4,1e-5}_lambda_1_N.yaml

@@ -54,6 +54,8 @@ NON_NEGATIVE = Number(low=0)
 POSITIVE_INT = Number(low=1, integer=True)
 NON_NEGATIVE_INT = Number(low=0, integer=True)
 FRACTION = Number(low=0, high=1)
+# Above 10 no optimiser here does anything but blow the weights up (and the update overflows float32 first).
+LEARNING_RATE = Number(low=0, open_low=True, high=10.0)
 
 
 @dataclass(frozen=True)

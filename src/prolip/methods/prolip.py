@@ -27,8 +27,8 @@ from prolip.functional import clip_logits, project, proximal_penalty
 from prolip.methods import register
 from prolip.methods.base import Method, Support, Task, Validation, ViewSource
 from prolip.methods.params import (
+    LEARNING_RATE,
     NON_NEGATIVE,
-    POSITIVE,
     Choice,
     HyperparameterError,
     Lambda,
@@ -168,7 +168,7 @@ class ProLIP(Method):
     selects = "lr and λ on the paper's 49-point grid"
     validation_params = {"grid": True}
     constraints = {
-        "lr": Number(low=0, open_low=True),
+        "lr": LEARNING_RATE,
         "lam": Lambda(),
         "steps": Number(low=0, integer=True),
         "precision": Choice(PRECISIONS),
@@ -289,6 +289,6 @@ def _check_grid(grid: Any) -> None:
     for point in grid:
         if not isinstance(point, (list, tuple)) or len(point) != 2:
             raise HyperparameterError(f"prolip: grid point {point!r} is not an [lr, lam] pair")
-        problem = POSITIVE.problem(point[0]) or NON_NEGATIVE.problem(point[1])
+        problem = LEARNING_RATE.problem(point[0]) or NON_NEGATIVE.problem(point[1])
         if problem:
-            raise HyperparameterError(f"prolip: grid point {point!r}: lr must be > 0 and lam >= 0 ({problem})")
+            raise HyperparameterError(f"prolip: grid point {point!r}: lr must be in (0, 10] and lam >= 0 ({problem})")

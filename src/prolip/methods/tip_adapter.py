@@ -28,7 +28,7 @@ from prolip.methods import register
 from prolip.functional import accuracy
 from prolip.methods._common import embed, fresh_view_per_epoch, mean_view_embedding, train_minibatch
 from prolip.methods.base import Method, Support, Task, Validation
-from prolip.methods.params import NON_NEGATIVE, POSITIVE, NON_NEGATIVE_INT, POSITIVE_INT, Flag, Number, Pair
+from prolip.methods.params import LEARNING_RATE, NON_NEGATIVE, POSITIVE, NON_NEGATIVE_INT, POSITIVE_INT, Flag, Number, Pair
 
 
 def search_grid(scale: float, steps: int) -> tuple[float, ...]:
@@ -145,7 +145,7 @@ class TipAdapterF(TipAdapter):
     name = "tip-adapter-f"
     selects = "α and β (search_hp's grid) and the training epoch"
     dataset_defaults = TIP_CONFIGS
-    constraints = {**TipAdapter.constraints, "lr": POSITIVE, "epochs": NON_NEGATIVE_INT, "batch_size": POSITIVE_INT,
+    constraints = {**TipAdapter.constraints, "lr": LEARNING_RATE, "epochs": NON_NEGATIVE_INT, "batch_size": POSITIVE_INT,
                    "views": Number(low=1, integer=True, optional=True)}
 
     def __init__(self, alpha: float = 1.17, beta: float = 1.0, search: bool = True,

@@ -1,0 +1,176 @@
+"""Options and hyperparameters a user can get wrong: each is refused up front with one line naming the option (or
+the method and key), never a traceback after extraction and never a silently wrong number.
+
+Generated over every registered method and every hyperparameter it declares, so a new method is covered by
+declaring its constraints."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from prolip.methods import HyperparameterError, available, configure, create, method_class
+from prolip.methods.base import FitError
+from prolip.methods.params import Number
+
+from .conftest import TINY, cli, make_folder
+
+pytestmark = pytest.mark.reliability("bad_input")
+
+SHORT = {"steps": 3, "epochs": 2}  # keeps every method's training to a few steps
+
+
+def _bad_numbers(constraint: Number) -> list:
+    bad = [math.nan, math.inf, -math.inf, "3", True]
+    if constraint.low is not None:
+        bad.append(constraint.low - 1 if constraint.integer else constraint.low - 0.5)
+        if constraint.open_low:
+            bad.append(constraint.low)
+    if constraint.high is not None:
+        bad.append(constraint.high + 1)
+    if constraint.integer:
+        bad.append(1.5)
+    return bad
+
+
+NUMERIC = [(name, key, value) for name in available()
+           for key, c in method_class(name).constraints.items() if isinstance(c, Number)
+           for value in _bad_numbers(c)]
+
+
+@pytest.mark.parametrize("name, key, value", NUMERIC, ids=lambda x: str(x))
+def test_every_bad_numeric_hyperparameter_is_refused_naming_method_and_key(name, key, value, tally):
+    with tally.raises(HyperparameterError, match=re.escape(f"{name}: hyperparameter {key} "),
+                      input=f"{name} {key}={value!r}"):
+        create(name, **{key: value})
+
+
+@pytest.mark.parametrize("name", available())
+def test_unknown_hyperparameter_is_refused_listing_the_known_ones(name, tally):
+    with tally.raises(HyperparameterError, match=re.escape(f"{name}: unknown hyperparameter") + ".*its hyperparameters are",
+                      input=f"{name} learning_rate=1"):
+        create(name, learning_rate=1)
+
+
+@pytest.mark.parametrize("name", available())
+def test_validation_is_what_each_method_declares(name, tally):
+    cls = method_class(name)
+    if cls.selects:
+        method = configure(name, {}, validate=True)
+        assert all(method.get_params()[k] == v for k, v in cls.validation_params.items())
+        tally.handled_ok(f"{name} --validate selects {cls.selects}")
+    else:
+        with tally.raises(HyperparameterError, match=re.escape(f"{name} selects nothing on a validation set"),
+                          input=f"{name} --validate"):
+            configure(name, {}, validate=True)
+
+
+@pytest.mark.parametrize("name", [n for n in available() if "lr" in method_class(n).param_names()])
+def test_an_absurd_learning_rate_is_refused_before_training(name, tally):
+    with tally.raises(HyperparameterError, match=re.escape(f"{name}: hyperparameter lr must be <= 10"),
+                      input=f"{name} lr=1e38"):
+        create(name, lr=1e38)
+
+
+@pytest.mark.parametrize("name", [n for n in available() if method_class(n).learns])
+def test_training_that_produces_non_finite_weights_fails_loudly(name, tally):
+    # A non-finite feature (a corrupt cache row, an overflowing backbone) must never end in a run with NaN weights.
+    from synthetic import make_problem
+
+    p = make_problem(num_classes=3, shots=2, d_pre=12, d=6, views=2)
+    p.task.text_pre, p.task.text_proj = torch.randn(3, 1, 8), torch.randn(8, 6)
+    p.support.views.views[:, 0, 0] = math.nan
+    p.support.center[0, 0] = math.nan
+    hp = {k: v for k, v in SHORT.items() if k in method_class(name).param_names()}
+    tally.input(f"{name} trained on a NaN feature")
+    with pytest.raises((FitError, ValueError)) as info:
+        create(name, **hp).fit(p.task, p.support, p.val)
+    tally.clear_error(info.value, "NaN" if not isinstance(info.value, FitError) else "non-finite")
+
+
+# ---------------------------------------------------------------------------------------- through the CLI
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("opts") / "data", per_class=6)
+
+
+def fit(data, out, *extra):
+    return cli("fit", "--data", data, "--shots", 2, "--views", 2, "--cache-dir", out.parent / "cache", "--out", out,
+               *TINY, *extra)
+
+
+@pytest.mark.parametrize("name", available())
+def test_fit_validate_on_every_method(name, data, tmp_path, tally):
+    hp = [arg for k, v in SHORT.items() if k in method_class(name).param_names() for arg in ("--hp", f"{k}={v}")]
+    r = fit(data, tmp_path / "run", "--method", name, "--validate", *hp)
+    if not method_class(name).selects:
+        tally.cli_error(r, re.escape(f"{name} selects nothing on a validation set"), input=f"fit --method {name} --validate")
+        assert not (tmp_path / "cache").exists()  # refused before any extraction
+        return
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["data"]["validation"] and manifest["method"]["selected"]["how"] == "validation" or \
+        manifest["method"]["selected"].get("epoch", {}).get("how") == "validation"
+    tally.handled_ok(f"fit --method {name} --validate")
+
+
+BAD_OPTIONS = [
+    (("--shots", "0"), "--shots"), (("--shots", "-3"), "--shots"), (("--views", "0"), "--views"),
+    (("--batch-size", "0"), "--batch-size"), (("--workers", "-1"), "--workers"),
+    (("--lr", "nan"), "hyperparameter lr must be finite"), (("--lr", "-1e-3"), "hyperparameter lr must be >"),
+    (("--lr", "inf"), "hyperparameter lr must be finite"), (("--lam", "-1"), "hyperparameter lam must be >= 0"),
+    (("--lam", "inf"), "hyperparameter lam must be finite"), (("--lam", "one"), "hyperparameter lam must be a number"),
+    (("--steps", "-5"), "hyperparameter steps must be >= 0"), (("--hp", "steps"), "expected key=value"),
+    (("--hp", "steps=[1,"), "not valid YAML"), (("--hp", "stepz=3"), "unknown hyperparameter"),
+    (("--hp", "lr=1e-3", "--lr", "1e-2"), "given twice"), (("--device", "bogus"), "--device"),
+    (("--device", "cuda:7"), "--device"), (("--device", "mps"), "--device"), (("--method", "prolipp"), "unknown method"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_OPTIONS, ids=lambda x: " ".join(x) if isinstance(x, tuple) else None)
+def test_bad_fit_options_fail_before_any_work(args, message, data, tmp_path, tally):
+    if "cuda" in args[-1] and torch.cuda.is_available() and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that device")
+    r = fit(data, tmp_path / "run", *args)
+    tally.cli_error(r, message, input="fit " + " ".join(args))
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_single_class_dataset_is_refused(tmp_path, tally):
+    data = make_folder(tmp_path / "data", classes=("only",), per_class=6)
+    tally.cli_error(fit(data, tmp_path / "run"), "single class", input="single-class folder")
+
+
+def test_shots_beyond_every_class_are_refused_even_with_allow_fewer(data, tmp_path, tally):
+    r = fit(data, tmp_path / "run", "--shots", 100000, "--allow-fewer")
+    tally.cli_error(r, r"--shots 100000 exceeds the largest class", input="--shots 100000 --allow-fewer")
+
+
+@pytest.fixture(scope="module")
+def run_dir(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("opts_run") / "run"
+    assert fit(data, out, "--steps", 2).exit_code == 0
+    return out
+
+
+@pytest.mark.parametrize("args, message", [
+    (("eval", "--split", "val"), "has no val split"), (("eval", "--templates", "t.txt"), "No such option"),
+    (("eval", "--tta", "--tta-views", "0"), "--tta-views"), (("predict", "--top-k", "0"), "--top-k"),
+    (("predict", "--top-k", "-2"), "--top-k"), (("predict", "--tta", "--tta-views", "-1"), "--tta-views"),
+    (("predict", "--device", "nope"), "--device"),
+])
+def test_bad_eval_and_predict_options(args, message, run_dir, data, tally):
+    command, *rest = args
+    target = ["--data", data] if command == "eval" else [data / "cat" / "0.jpg"]
+    tally.cli_error(cli(command, run_dir, *target, *rest), message, input=" ".join(map(str, args)))
+
+
+def test_extract_split_the_data_does_not_have(data, tmp_path, tally):
+    r = cli("extract", "--data", data, "--split", "test", "--cache-dir", tmp_path / "cache", *TINY)
+    tally.cli_error(r, "has no test split", input="extract --split test on a folder")
