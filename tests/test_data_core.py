@@ -104,3 +104,17 @@ def test_dtd10_coop_layout(shared_data):
     assert (len(splits.train), len(splits.val), len(splits.test), len(splits.classnames)) == (600, 240, 360, 10)
     assert splits.classnames[0] == "banded" and splits.templates == ["{} texture."]
     assert all(it.path.is_file() for it in splits.train.items[:20])
+
+
+def test_paths_read_names_what_resolve_data_reads(tmp_path):
+    from prolip.data import paths_read
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "l.csv").write_text("path,label\n")
+    names, templates = tmp_path / "n.txt", tmp_path / "t.txt"
+    assert paths_read(str(tmp_path / "folder"), classnames_file=names) == [tmp_path / "folder", names]
+    assert paths_read(str(tmp_path / "l.csv"), templates_file=templates) == [tmp_path / "l.csv", templates]
+    # A benchmark stands for its own folder under the root, not the whole root: outputs may live beside it.
+    assert paths_read("dtd", root=tmp_path) == [tmp_path / "dtd"]
+    assert paths_read("imagenet-sketch", root=tmp_path) == [tmp_path / "imagenet-sketch", tmp_path / "imagenet"]
+    assert paths_read("not-a-benchmark") == []

@@ -103,3 +103,23 @@ def test_classifier_head_round_trip(tiny_vit, tmp_path):
     torch.testing.assert_close(load_classifier_head(tmp_path)[0], -T)
     with pytest.raises(ValueError, match="class names"):
         save_classifier_head(T, CLASSES[:2], TEMPLATES, tmp_path / "x")
+
+
+def test_export_folders_are_recognised_as_prolip_exports(tiny_vit, tiny_hf, tmp_path):
+    """What lets a later --force replace an export: its marker, its head, its checkpoints' metadata; nothing else."""
+    from prolip.outputs import kind_of
+
+    T = tiny_vit.encode_text(CLASSES, TEMPLATES)
+    export_open_clip(tiny_vit, _adapted(tiny_vit), tmp_path / "oc" / "open_clip_model.safetensors")
+    assert kind_of(tmp_path / "oc") == "export"  # the checkpoint says it was exported by prolip
+    save_classifier_head(T, CLASSES, TEMPLATES, tmp_path / "oc")
+    assert kind_of(tmp_path / "oc") == "export"
+    export_hf(tiny_hf, _adapted(tiny_hf), tmp_path / "hf")
+    save_classifier_head(T, CLASSES, TEMPLATES, tmp_path / "hf")
+    assert kind_of(tmp_path / "hf") == "export"
+    (tmp_path / "hf" / "notes.txt").write_text("a user's file")
+    assert kind_of(tmp_path / "hf") is None  # no longer only ours: --force will not replace it
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "oc" / "other.safetensors"))
+    assert kind_of(tmp_path / "oc") is None  # a checkpoint prolip did not write

@@ -175,6 +175,20 @@ def test_a_list_giving_two_labels_one_name_is_refused(tmp_path, tally):
         read_image_list(root / "l.json")
 
 
+def test_benchmark_files_giving_two_classes_one_name_are_refused(tmp_path, tally):
+    ds = tmp_path / "dtd"
+    (ds / "images").mkdir(parents=True)
+    split = {"train": [["x/1.jpg", 0, "banded"], ["y/2.jpg", 1, "banded"]], "val": [], "test": []}
+    (ds / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
+    with tally.raises(DataError, match=r"split_zhou_DescribableTextures\.json: class name 'banded' is given twice"):
+        load_benchmark_folder(ds)
+    air = tmp_path / "fgvc_aircraft"
+    air.mkdir()
+    (air / "variants.txt").write_text("707-320\nA300\n707-320\n")
+    with tally.raises(DataError, match=r"variants\.txt: class name '707-320' is given twice \(classes 0 and 2\)"):
+        load_benchmark_folder(air)
+
+
 # ---- class folders that are symlinks -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("target", ["root", "parent of root"])

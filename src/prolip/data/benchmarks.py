@@ -6,7 +6,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from prolip.data.folder import DataError, class_index, file_kind, inside, is_image_file, read_json, read_text
+from prolip.data.folder import (DataError, check_classnames, class_index, file_kind, inside, is_image_file,
+                                read_json, read_text)
 from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
 
 WHERE = "see CoOp's DATASETS.md (github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md) for how to obtain it"
@@ -132,14 +133,15 @@ def _from_split_json(b: Benchmark, ds_root: Path) -> DatasetSplits:
     if not names or max(names) != len(names) - 1:
         missing = [i for i in range(min(max(names, default=0), len(names) + 5)) if i not in names][:5]
         raise DataError(f"{split_path}: labels must cover 0..C-1; no entries for label(s) {missing}")
-    classnames = [names[i] for i in range(len(names))]
+    classnames = check_classnames([names[i] for i in range(len(names))], str(split_path))
     mk = lambda items: LabeledImages(items, classnames, list(b.templates), b.name) if items else None
     return DatasetSplits(b.name, classnames, list(b.templates), mk(out["train"]), mk(out["val"]), mk(out["test"]))
 
 
 def _aircraft(b: Benchmark, ds_root: Path) -> DatasetSplits:
     variants_file = _require(ds_root / "variants.txt", "file", b.name)
-    variants = [l.strip() for l in read_text(variants_file, "file").splitlines() if l.strip()]
+    variants = [v.strip() for v in read_text(variants_file, "file").splitlines() if v.strip()]
+    check_classnames(variants, str(variants_file))
     index = {v: i for i, v in enumerate(variants)}
     parts = {}
     for part in ("train", "val", "test"):
@@ -167,7 +169,7 @@ def _imagenet_classnames(root: Path, bench: str) -> tuple[list[str], list[str]]:
                 raise DataError(f"{f}, line {n}: expected '<wnid> <class name>', got {line.strip()!r}")
             wnids.append(wnid)
             names.append(name)
-    return wnids, names
+    return wnids, check_classnames(names, str(f))
 
 
 def _scan(folder: Path, classes: list[str], bench: str) -> tuple[list[ImageItem], list[Path]]:
