@@ -285,16 +285,32 @@ def _eval_images(splits, split, run, data):
     if split is not None and split != "train" and split not in available:
         _fail(f"--split {split}: --data {data} has no {split} split (it has: {', '.join(available)}); "
               "a plain folder or list is evaluated whole, without --split")
-    images = available.get(split or "test") or splits.train
-    if list(images.classnames) != list(run.classnames):
-        _fail(f"--data {data}: its {len(images.classnames)} classes differ from the run's {len(run.classnames)} "
-              f"classes ({run.path / 'classnames.json'})")
+    images = _in_run_classes(available.get(split or "test") or splits.train, run, data)
     seen = {p for key in ("support", "validation") for p, _ in run.manifest["data"].get(key, [])}
     keep = [i for i, it in enumerate(images.items) if str(it.path) not in seen]
     if not keep:
         _fail(f"--data {data}: every image is one of the run's support or validation images; nothing is left to "
               "evaluate")
     return images.subset(keep), len(images) - len(keep)
+
+
+def _in_run_classes(images, run, data):
+    """``images`` labelled with the run's class names: as they are, or through the names the run was fitted with
+    (data still named by its folders after `fit --classnames`); any other difference names the classes at fault."""
+    names, ids = list(images.classnames), run.manifest["data"].get("class_ids")
+    if names == list(run.classnames):
+        return images
+    if ids is not None and names == list(ids):
+        from prolip.data.types import LabeledImages
+
+        return LabeledImages(images.items, list(run.classnames), images.templates, images.name, class_ids=ids)
+    known = set(run.classnames) | set(ids or [])
+    extra = [c for c in names if c not in known]
+    missing = [c for c, i in zip(run.classnames, ids or run.classnames) if c not in names and i not in names]
+    detail = (f"not in the run: {extra[:5]}; the run's classes missing here: {missing[:5]}" if extra or missing
+              else "the same classes in another order")
+    _fail(f"--data {data}: its {len(names)} classes differ from the run's {len(run.classnames)} "
+          f"({run.path / 'classnames.json'}): {detail}")
 
 
 def _eval_set_name(splits, split, excluded: int) -> str:

@@ -55,9 +55,10 @@ def _parts(splits: DatasetSplits) -> list[LabeledImages]:
 
 
 def _rename_classes(splits: DatasetSplits, names: list[str]) -> None:
+    original = list(splits.classnames)
     splits.classnames = names
     for part in _parts(splits):
-        part.classnames = names
+        part.classnames, part.class_ids = names, (original if names != original else None)
 
 
 def paths_read(spec: str, *, root: Path | str | None = None, classnames_file=None, templates_file=None) -> list[Path]:

@@ -228,7 +228,8 @@ def read_image_folder(root: Path | str, classnames_file: Path | str | None = Non
         ignored.extend(skipped)
     classnames = read_classnames(classnames_file, folders) if classnames_file else folders
     templates = read_templates(templates_file) if templates_file else list(DEFAULT_TEMPLATES)
-    return LabeledImages(items, classnames, templates, root.name, ignored)
+    return LabeledImages(items, classnames, templates, root.name, ignored,
+                         class_ids=folders if classnames != folders else None)
 
 
 def inside(root: Path, rel: str, where: str) -> Path:
@@ -357,7 +358,9 @@ def read_image_list(path: Path | str, root: Path | str | None = None, classnames
     items = _list_items(path, root, rows, classnames)
     if not items:
         raise DataError(f"image list {path} is empty")
+    class_ids = list(classnames)
     if classnames_file:
         classnames = read_classnames(classnames_file, classnames)
     templates = read_templates(templates_file) if templates_file else list(DEFAULT_TEMPLATES)
-    return LabeledImages(items, list(classnames), templates, path.stem)
+    return LabeledImages(items, list(classnames), templates, path.stem,
+                         class_ids=class_ids if list(classnames) != class_ids else None)

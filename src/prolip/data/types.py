@@ -24,6 +24,9 @@ class LabeledImages:
     name: str = "custom"
     # Files a reader skipped on purpose (non-image extensions), so callers can report them.
     ignored_files: list[Path] = field(default_factory=list)
+    # What the data itself calls each class (folder names, a list's class names) when --classnames renamed them;
+    # a run keeps them, so the same data later maps onto the run's names without the names file.
+    class_ids: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -33,7 +36,8 @@ class LabeledImages:
         return [it.label for it in self.items]
 
     def subset(self, indices: Sequence[int]) -> "LabeledImages":
-        return LabeledImages([self.items[i] for i in indices], self.classnames, self.templates, self.name)
+        return LabeledImages([self.items[i] for i in indices], self.classnames, self.templates, self.name,
+                             class_ids=self.class_ids)
 
 
 @dataclass
