@@ -17,7 +17,8 @@ same data, shots, seed and sampler always give the same support images and the s
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,8 +156,10 @@ def draw_images(splits: DatasetSplits, spec: EpisodeSpec) -> EpisodeImages:
 class EpisodeBuilder:
     """Builds episodes on one backbone and feature cache, memoising text classifiers and center features."""
 
-    def __init__(self, backbone: Backbone, cache, *, views: int = 300, aug_seed: int = 0):
+    def __init__(self, backbone: Backbone, cache, *, views: int = 300, aug_seed: int = 0,
+                 announce: Callable[[str], None] | None = None):
         self.backbone, self.cache, self.views, self.aug_seed = backbone, cache, views, aug_seed
+        self.announce = announce
         self._text: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._center: dict[tuple, Features] = {}
 
@@ -204,6 +207,7 @@ class EpisodeBuilder:
         drawn = draw_images(splits, spec)
         if eval_images is not None:
             drawn = EpisodeImages(drawn.support, drawn.validation, eval_images, "given images")
+        self.preflight(drawn, spec)
         classnames = drawn.support.classnames
         support, _, skipped = self.support(drawn.support)
         validation = None
@@ -213,6 +217,37 @@ class EpisodeBuilder:
         evaluation = self.center(drawn.evaluation) if len(drawn.evaluation) else _empty(drawn.evaluation, self.backbone)
         task = self.task(classnames, templates or splits.templates, spec.shots, text_side=text_side)
         return Episode(task, support, validation, evaluation, drawn, skipped + evaluation.skipped)
+
+
+    def preflight(self, drawn: EpisodeImages, spec: EpisodeSpec) -> None:
+        """Say what extraction will do at most, and refuse up front when the cache's disk cannot hold it."""
+        centers = len(drawn.evaluation) + (len(drawn.validation) if spec.validation else 0) + len(drawn.support)
+        passes = len(drawn.support) * self.views + centers
+        need = passes * self.backbone.dim_pre * 2  # float16 features
+        root = _existing_ancestor(Path(self.cache.root))
+        free = shutil.disk_usage(root).free
+        if need > free:
+            raise EpisodeError(f"caching {self.views} views of {len(drawn.support)} support images needs up to "
+                               f"{_size(need)} in {self.cache.root}, which has {_size(free)} free: lower --views or "
+                               "pass another --cache-dir")
+        if self.announce is not None:
+            self.announce(f"features: up to {passes:,} forward passes ({len(drawn.support)} support images × "
+                          f"{self.views} views + {centers} center crops; cached ones are reused), up to {_size(need)} "
+                          f"in {self.cache.root}")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} TB"
 
 
 def _empty(images: LabeledImages, backbone: Backbone) -> Features:

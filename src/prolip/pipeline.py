@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -62,10 +63,13 @@ def evaluate(method: Method, episode: Episode) -> dict[str, Any]:
 
 
 def fit(backbone: Backbone, splits: DatasetSplits, cache, config: FitConfig, *,
-        eval_images: LabeledImages | None = None, data_spec: str | None = None) -> FitResult:
-    """Sample, cache, train and evaluate one adaptation; returns the run (not yet saved) and its metrics."""
+        eval_images: LabeledImages | None = None, data_spec: str | None = None,
+        announce: Callable[[str], None] | None = None) -> FitResult:
+    """Sample, cache, train and evaluate one adaptation; returns the run (not yet saved) and its metrics.
+
+    ``announce`` hears what extraction will do before it starts."""
     method = configure(config.method, config.hyperparameters, validate=config.use_validation, dataset=splits.name)
-    builder = EpisodeBuilder(backbone, cache, views=config.views, aug_seed=config.aug_seed)
+    builder = EpisodeBuilder(backbone, cache, views=config.views, aug_seed=config.aug_seed, announce=announce)
     started = time.perf_counter()
     episode = builder.build(splits, config.episode_spec(), eval_images=eval_images,
                             text_side=method.uses_text_side)

@@ -174,3 +174,22 @@ def test_bad_eval_and_predict_options(args, message, run_dir, data, tally):
 def test_extract_split_the_data_does_not_have(data, tmp_path, tally):
     r = cli("extract", "--data", data, "--split", "test", "--cache-dir", tmp_path / "cache", *TINY)
     tally.cli_error(r, "has no test split", input="extract --split test on a folder")
+
+
+def test_views_beyond_the_cache_disk_are_refused_before_extraction(data, tmp_path, monkeypatch, tally):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))  # 1 MB free
+    r = fit(data, tmp_path / "run", "--views", 100000)
+    tally.cli_error(r, r"caching 100000 views of 6 support images needs up to .* which has 1\.0 MB free",
+                    "lower --views", input="--views 100000 on a 1 MB disk")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_fit_says_what_extraction_will_do(data, tmp_path, tally):
+    r = fit(data, tmp_path / "run", "--views", 3, "--steps", 2)
+    assert r.exit_code == 0, r.output
+    assert "features: up to 36 forward passes (6 support images × 3 views + 18 center crops" in r.stderr
+    tally.handled_ok("plan announced before extraction")

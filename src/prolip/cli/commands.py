@@ -194,7 +194,8 @@ def fit_cmd(data, shots, seed, method, views, hp_pairs, lr, lam, steps, precisio
     config = pipeline.FitConfig(shots=shots, seed=seed, method=method, hyperparameters=hp, views=views,
                                 aug_seed=aug_seed, sampler=sampler, allow_fewer=allow_fewer, use_validation=validate)
     try:
-        result = pipeline.fit(backbone, splits, cache, config, eval_images=eval_images, data_spec=str(data))
+        result = pipeline.fit(backbone, splits, cache, config, eval_images=eval_images, data_spec=str(data),
+                              announce=lambda line: click.echo(line, err=True) if rank == 0 else None)
     except ValueError as e:
         _fail(str(e))
     _report_skips(result.run.manifest, [splits.train, eval_images], on_bad_image, out, splits.classnames)
