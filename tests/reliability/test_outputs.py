@@ -194,8 +194,9 @@ def test_bench_and_report_refuse_a_results_folder_that_is_not_theirs(tmp_path, t
                    f"seeds: [1]\nviews: 1\ncache_dir: {tmp_path / 'cache'}\n")
     records = tmp_path / "res"
     records.mkdir()
-    (records / "records.jsonl").write_text(json.dumps({"protocol": "fewshot", "dataset": "d", "method": "zeroshot",
-                                                       "shots": 1, "seed": 1, "accuracy": 50.0}) + "\n")
+    (records / "records.jsonl").write_text(json.dumps({"cell": "c1", "protocol": "fewshot", "dataset": "d",
+                                                       "label": "zeroshot", "method": "zeroshot", "shots": 1,
+                                                       "seed": 1, "accuracy": 50.0}) + "\n")
     before = digest(tmp_path)
     for args, why in ((["bench", exp, "--out", user], "not empty and not written by prolip"),
                       (["bench", exp, "--out", data / "results"], "inside the data being read"),

@@ -36,8 +36,9 @@ class LabeledImages:
         return [it.label for it in self.items]
 
     def subset(self, indices: Sequence[int]) -> "LabeledImages":
+        # The files the reader left out stay listed: they were left out of the data a subset is taken from.
         return LabeledImages([self.items[i] for i in indices], self.classnames, self.templates, self.name,
-                             class_ids=self.class_ids)
+                             self.ignored_files, class_ids=self.class_ids)
 
 
 @dataclass
