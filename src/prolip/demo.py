@@ -5,7 +5,6 @@ the same path a user's own folder takes: image folder → few-shot sampling → 
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +102,7 @@ def run_demo(workdir: Path, config: DemoConfig = DemoConfig(), cache_dir: Path |
         if shots == max(config.shots):
             result.run.save(workdir / "run", force=True)
 
-    header = f"| shots | zero-shot top-1 % | ProLIP top-1 % |\n|---:|---:|---:|\n"
+    header = "| shots | zero-shot top-1 % | ProLIP top-1 % |\n|---:|---:|---:|\n"
     table = header + "".join(f"| {r['shots']} | {r['zero_shot']:.2f} | {r['prolip']:.2f} |\n" for r in rows)
     caption = (f"digits (sklearn), {backbone.info.describe()}, LP++ sampler seed {config.seed}, {len(test)} test "
                f"images, {config.views} views, lr {lr:g}, λ = 1/N{random_note}")

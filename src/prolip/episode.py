@@ -29,7 +29,7 @@ from prolip.backbones.base import Backbone
 from prolip.data import sample_few_shot
 from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
 from prolip.functional import ensemble_classifier
-from prolip.methods.base import Support, Task, Validation
+from prolip.methods.base import Method, Support, Task, Validation
 
 EVAL_TEST_SPLIT, EVAL_HELD_OUT = "test split", "held-out images"
 SAMPLERS = ("lpp", "coop")
@@ -180,7 +180,7 @@ class EpisodeBuilder:
         """The frozen CLIP pieces of one classification task."""
         classifier, text_mean = self.text(classnames, templates)
         task = task_for(self.backbone, classifier, shots)
-        task.text_mean = text_mean
+        task.text_mean, task.backbone = text_mean, self.backbone
         if text_side:
             task.text_pre, task.text_proj = self.backbone.text_side(list(classnames), list(templates))
         return task
@@ -199,7 +199,8 @@ class EpisodeBuilder:
         views = self.cache.views([it.path for it in images.items], self.views, aug_seed=self.aug_seed)
         kept = images.subset(views.kept)
         labels = torch.tensor(kept.labels, dtype=torch.long)
-        return Support(views=views, labels=labels, center=lambda: self.center(kept).features), kept, list(views.skipped)
+        support = Support(views=views, labels=labels, center=lambda: self.center(kept).features, images=kept)
+        return support, kept, list(views.skipped)
 
     def build(self, splits: DatasetSplits, spec: EpisodeSpec, *, templates: Sequence[str] | None = None,
               eval_images: LabeledImages | None = None, text_side: bool = False) -> Episode:
@@ -248,6 +249,14 @@ def _size(nbytes: float) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1000
     return f"{nbytes:.1f} TB"
+
+
+def method_logits(method: Method, features: Features, classifier: Tensor | None = None) -> Tensor:
+    """A fitted method's logits on an evaluation set: from the cached features, or, for a method that trains inside
+    the image encoder, from the images through its own encoder."""
+    if method.encodes_images:
+        return method.image_logits([it.path for it in features.images.items], classifier)
+    return method.logits(features.features, classifier=classifier)
 
 
 def _empty(images: LabeledImages, backbone: Backbone) -> Features:

@@ -16,7 +16,7 @@ import torch
 from prolip import __version__
 from prolip.backbones.base import Backbone
 from prolip.data.types import DatasetSplits, LabeledImages
-from prolip.episode import Episode, EpisodeBuilder, EpisodeSpec, task_for
+from prolip.episode import Episode, EpisodeBuilder, EpisodeSpec, method_logits, task_for
 from prolip.functional import accuracy, clip_logits
 from prolip.methods import Method, configure, create
 from prolip.methods.base import Task
@@ -57,7 +57,7 @@ def evaluate(method: Method, episode: Episode) -> dict[str, Any]:
         return {"eval_images": 0, "eval_set": episode.images.eval_set}
     with torch.no_grad():
         zero_shot = clip_logits(ev.features, task.W0, task.bias, task.classifier, task.logit_scale)
-        return {"accuracy": accuracy(method.logits(ev.features), ev.labels),
+        return {"accuracy": accuracy(method_logits(method, ev), ev.labels),
                 "zero_shot_accuracy": accuracy(zero_shot, ev.labels), "eval_images": len(ev),
                 "eval_set": episode.images.eval_set}
 

@@ -21,7 +21,15 @@ from prolip.bench.experiment import DOMAIN_TARGETS, Experiment, MethodSpec
 from prolip.bench.records import append_record, cell_id, done_cells, read_records
 from prolip.data.sampling import base_new_split
 from prolip.data.types import DatasetSplits, LabeledImages
-from prolip.episode import Episode, EpisodeBuilder, EpisodeSpec, Features, evaluation_images, restrict
+from prolip.episode import (
+    Episode,
+    EpisodeBuilder,
+    EpisodeSpec,
+    Features,
+    evaluation_images,
+    method_logits,
+    restrict,
+)
 from prolip.functional import accuracy
 from prolip.methods import Method, configure, create, method_class
 
@@ -175,7 +183,7 @@ def score(method: Method, features: Features, classifier: torch.Tensor | None = 
     if not len(features):
         return None
     with torch.no_grad():
-        return accuracy(method.logits(features.features, classifier=classifier), features.labels)
+        return accuracy(method_logits(method, features, classifier), features.labels)
 
 
 NOTHING_TO_SCORE = "no evaluation images left (every image was used for support or validation)"

@@ -11,6 +11,8 @@ declares what it can do as class attributes, so no code outside ``methods/`` eve
 - ``exposes_projection`` / ``projection()``: predictions are exactly CLIP's with an adapted visual projection W,
   which ``projection()`` returns (test-time adaptation starts from it, export merges it into a checkpoint);
 - ``learns``: it learns from the support set (zero-shot does not, so its results depend on no shots or seed);
+- ``encodes_images``: it trains inside the image encoder, on the support images (``support.images``, with the
+  backbone in ``task.backbone``), so it scores images (``image_logits``), not the cached features;
 - ``dataset_defaults``: the hyperparameters its original sets per benchmark dataset.
 
 Hyperparameters are stored once, as attributes named like the ``__init__`` arguments, and read back from the
@@ -81,6 +83,8 @@ class Task:
     text_proj: Tensor | None = None
     # The unnormalised mean over templates of the text embeddings [C, D]: where TaskRes, ZS-LP and CLAP start.
     text_mean: Tensor | None = None
+    # The frozen backbone itself, for methods that train inside the image encoder (``encodes_images``).
+    backbone: Any = None
 
     @property
     def num_classes(self) -> int:
@@ -98,6 +102,9 @@ class Support:
     views: ViewSource
     labels: Tensor
     center: Tensor | Callable[[], Tensor]
+    # The support images themselves (paths and labels, in the order of ``labels``), for methods that train inside
+    # the image encoder; None for feature-only support sets (synthetic problems).
+    images: Any = None
 
     def center_features(self) -> Tensor:
         if callable(self.center):
@@ -130,6 +137,7 @@ class Method(ABC):
     accepts_classifier: ClassVar[bool] = False
     exposes_projection: ClassVar[bool] = False
     learns: ClassVar[bool] = True
+    encodes_images: ClassVar[bool] = False
     selects: ClassVar[str] = ""
     validation_params: ClassVar[dict[str, Any]] = {}
     constraints: ClassVar[dict[str, Constraint]] = {}
@@ -197,6 +205,11 @@ class Method(ABC):
 
     @abstractmethod
     def _logits(self, z: Tensor, classifier: Tensor) -> Tensor: ...
+
+    def image_logits(self, paths: Sequence[Any], classifier: Tensor | None = None) -> Tensor:
+        """Logits [N, C] for image files, through the method's own (adapted) image encoder; only for methods that
+        ``encodes_images``."""
+        raise NotImplementedError(f"{self.name} scores cached features: use logits()")
 
     def predict(self, z: Tensor) -> Tensor:
         return self.logits(z).argmax(dim=-1)
