@@ -199,7 +199,13 @@ class Protocol:
         self.b, self.exp = bench, bench.exp
 
     def groups(self) -> Iterator[Group]:
-        raise NotImplementedError
+        """By default one cell per method for every dataset × shots × seed (the few-shot protocols' grid)."""
+        return self._per_dataset_groups(self._method_cells)
+
+    def _method_cells(self, splits: DatasetSplits, shots: int, seed: int) -> list[Cell]:
+        t = self.b.templates(splits)
+        return [Cell(m, self.b.record(m, dataset=splits.name, shots=shots, seed=seed, templates=t))
+                for m in self.exp.methods]
 
     def score(self, group: Group, cells: list[Cell]) -> Iterator[tuple[Cell, float]]:
         raise NotImplementedError
@@ -215,14 +221,6 @@ class Protocol:
 class FewShot(Protocol):
     """Few-shot accuracy per dataset × shots × seed × method; with validation (fewshot-val) each method selects what
     it declares on an N-shot validation set (ProLIP: the paper's 49-point grid)."""
-
-    def groups(self) -> Iterator[Group]:
-        def cells(splits: DatasetSplits, shots: int, seed: int) -> list[Cell]:
-            t = self.b.templates(splits)
-            return [Cell(m, self.b.record(m, dataset=splits.name, shots=shots, seed=seed, templates=t))
-                    for m in self.exp.methods]
-
-        return self._per_dataset_groups(cells)
 
     def score(self, group: Group, cells: list[Cell]) -> Iterator[tuple[Cell, float]]:
         assert group.seed is not None
@@ -279,14 +277,6 @@ class BaseToNew(Protocol):
     """Train on the base classes (the first ⌈C/2⌉ labels; sampled over all classes, then restricted, as the
     reference); base accuracy with the base-only classifier on base test images, new accuracy with the new-only
     classifier on new test images (same adapted method), and their harmonic mean."""
-
-    def groups(self) -> Iterator[Group]:
-        def cells(splits: DatasetSplits, shots: int, seed: int) -> list[Cell]:
-            t = self.b.templates(splits)
-            return [Cell(m, self.b.record(m, dataset=splits.name, shots=shots, seed=seed, templates=t))
-                    for m in self.exp.methods]
-
-        return self._per_dataset_groups(cells)
 
     def score(self, group: Group, cells: list[Cell]) -> Iterator[tuple[Cell, float]]:
         assert group.seed is not None
