@@ -1,7 +1,10 @@
-"""Merge an adapted projection W back into a standard CLIP checkpoint, and save the zero-shot head beside it.
+"""Merge what a method adapted back into a standard CLIP checkpoint, and save the zero-shot head beside it.
 
-Only the projection tensor changes: everything else is the backbone's own state dict, so the export loads with
-``open_clip.create_model(arch, pretrained=path)`` or ``CLIPModel.from_pretrained(dir)`` like any checkpoint.
+What is merged is either an adapted projection W (ProLIP, right layout [D_pre, D]) or the checkpoint tensors a
+method changed, by their state-dict names in the model's native layout (``Method.checkpoint_tensors``: ProLIP's
+projection, a fine-tuning's trained parameters). Only those tensors change: everything else is the backbone's own
+state dict, so the export loads with ``open_clip.create_model(arch, pretrained=path)`` or
+``CLIPModel.from_pretrained(dir)`` like any checkpoint.
 Every writer here goes through :mod:`prolip.outputs`: it never overwrites what prolip did not write, and an export
 folder carries a ``prolip-export.json`` marker listing its files so a later ``--force`` may replace them.
 """
@@ -9,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -23,17 +26,41 @@ from prolip.outputs import (EXPORT_FORMAT, EXPORT_MARKER, HEAD_FILES, OutputExis
 HEAD_WEIGHTS, HEAD_META = HEAD_FILES
 
 
-def merged_state_dict(backbone: Backbone, W: Tensor) -> dict[str, Tensor]:
-    """The backbone's state dict with its projector replaced by W (right layout [D_pre, D]), in native layout."""
+# An adapted projection W (right layout [D_pre, D]), or checkpoint tensors by state-dict name (native layout).
+Adapted = Tensor | Mapping[str, Tensor]
+
+
+def checkpoint_changes(backbone: Backbone, adapted: Adapted) -> dict[str, Tensor]:
+    """What ``adapted`` replaces in the backbone's state dict, by name, in the model's native layout."""
+    if isinstance(adapted, Mapping):
+        return dict(adapted)
     site = backbone.projection()
-    W = torch.as_tensor(W)
+    W = torch.as_tensor(adapted)
     if W.shape != site.weight.shape:
         raise ValueError(f"adapted projection has shape {tuple(W.shape)}, but {backbone.info.describe()} expects "
                          f"{tuple(site.weight.shape)} (right layout [D_pre, D]); was it fitted on another backbone?")
+    return {site.param_name: site.to_native(W.detach().cpu())}
+
+
+def merged_state_dict(backbone: Backbone, adapted: Adapted) -> dict[str, Tensor]:
+    """The backbone's state dict with the adapted tensors merged in, each in the dtype the model stores it in."""
     state = {k: v.detach().cpu() for k, v in backbone.model.state_dict().items()}
-    native = state[site.param_name]
-    state[site.param_name] = site.to_native(W.detach().cpu()).to(native.dtype)
+    for name, value in checkpoint_changes(backbone, adapted).items():
+        if name not in state:
+            raise ValueError(f"{name!r} is not a tensor of {backbone.info.describe()}'s checkpoint; was the run fitted "
+                             "on another backbone?")
+        if tuple(value.shape) != tuple(state[name].shape):
+            raise ValueError(f"adapted tensor {name!r} has shape {tuple(value.shape)}, but "
+                             f"{backbone.info.describe()} stores {tuple(state[name].shape)}; was it fitted on another "
+                             "backbone?")
+        state[name] = value.detach().cpu().to(state[name].dtype)
     return state
+
+
+def _adapted_names(backbone: Backbone, adapted: Adapted) -> str:
+    """The checkpoint metadata's ``adapted``: the tensor name(s), summarised when there are many."""
+    names = [backbone.projection().param_name] if not isinstance(adapted, Mapping) else sorted(adapted)
+    return ", ".join(names) if len(names) <= 2 else f"{len(names)} tensors ({names[0]} … {names[-1]})"
 
 
 def _write_marker(folder: Path, files: Iterable[str]) -> None:
@@ -53,25 +80,25 @@ def _listed(folder: Path) -> set[str]:
         return set()
 
 
-def export_open_clip(backbone: Backbone, W: Tensor, path: str | Path, *, force: bool = False,
+def export_open_clip(backbone: Backbone, adapted: Adapted, path: str | Path, *, force: bool = False,
                      data_paths: Iterable[str | Path] = ()) -> Path:
-    """Write a full open_clip state dict (.safetensors) with W merged in; returns the path written.
+    """Write a full open_clip state dict (.safetensors) with ``adapted`` merged in; returns the path written.
 
     An existing file is replaced only with ``force`` and only if it is an earlier prolip export.
     """
     if backbone.info.family != "open_clip":
         raise ValueError(f"open_clip export needs an open_clip backbone, got {backbone.info.describe()}; "
                          f"use export_hf (CLI: --format hf) for Hugging Face models")
-    state = {k: v.contiguous() for k, v in merged_state_dict(backbone, W).items()}
-    metadata = {"format": "pt", "arch": backbone.info.arch, "adapted": backbone.projection().param_name,
+    state = {k: v.contiguous() for k, v in merged_state_dict(backbone, adapted).items()}
+    metadata = {"format": "pt", "arch": backbone.info.arch, "adapted": _adapted_names(backbone, adapted),
                 "exported_by": "prolip"}
     return write_file(path, lambda tmp: save_file(state, str(tmp), metadata=metadata), force=force,
                       is_ours=is_exported_checkpoint, data_paths=data_paths)
 
 
-def export_hf(backbone: Backbone, W: Tensor, out_dir: str | Path, *, force: bool = False,
+def export_hf(backbone: Backbone, adapted: Adapted, out_dir: str | Path, *, force: bool = False,
               data_paths: Iterable[str | Path] = ()) -> Path:
-    """Write ``save_pretrained`` output (weights, config, tokenizer, image processor) with W merged in.
+    """Write ``save_pretrained`` output (weights, config, tokenizer, image processor) with ``adapted`` merged in.
 
     The directory is written whole and atomically; an existing one is replaced only with ``force`` and only if it
     is empty or an earlier prolip export.
@@ -79,7 +106,7 @@ def export_hf(backbone: Backbone, W: Tensor, out_dir: str | Path, *, force: bool
     if backbone.info.family != "hf":
         raise ValueError(f"Hugging Face export needs an HF backbone (--model hf:<id or dir>); "
                          f"{backbone.info.describe()} is an open_clip model: export it with format open_clip")
-    state = merged_state_dict(backbone, W)
+    state = merged_state_dict(backbone, adapted)
 
     def fill(folder: Path) -> None:
         backbone.model.save_pretrained(folder, state_dict=state)

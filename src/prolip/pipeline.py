@@ -104,8 +104,11 @@ def _listing(images: LabeledImages) -> list[list]:
 
 
 def task_from_run(backbone: Backbone, run: Run) -> Task:
-    """The Task a saved run was fitted on, rebuilt without re-encoding text."""
-    return task_for(backbone, run.classifier, int(run.manifest["fit"]["shots"]))
+    """The Task a saved run was fitted on, rebuilt without re-encoding text (with the backbone itself, which
+    methods that train inside the image encoder rebuild their encoder from)."""
+    task = task_for(backbone, run.classifier, int(run.manifest["fit"]["shots"]))
+    task.backbone = backbone
+    return task
 
 
 def method_from_run(backbone: Backbone, run: Run) -> Method:

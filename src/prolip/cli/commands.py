@@ -251,7 +251,7 @@ def _report_metrics(metrics, backbone, as_json, out=None):
 def eval_cmd(run_dir, data, split, tta, tta_views, as_json, classnames_file, data_root, cache_dir, batch_size,
              workers, extract_dtype, on_bad_image, device):
     """Evaluate a saved run on a dataset (the run's own support and validation images are left out)."""
-    from prolip.episode import EpisodeBuilder
+    from prolip.episode import EpisodeBuilder, method_logits
     from prolip.functional import accuracy
 
     check_device(device)
@@ -266,7 +266,7 @@ def eval_cmd(run_dir, data, split, tta, tta_views, as_json, classnames_file, dat
     else:
         cache = _cache(backbone, cache_dir, batch_size, workers, on_bad_image, extract_dtype)
         features = EpisodeBuilder(backbone, cache).center(images)
-        logits, labels, skipped = method.logits(features.features), features.labels, features.skipped
+        logits, labels, skipped = method_logits(method, features), features.labels, features.skipped
     metrics = {"accuracy": accuracy(logits, labels), "eval_images": int(len(labels)), "split": split or "test",
                "eval_set": _eval_set_name(splits, split, excluded), "excluded_run_images": excluded, "tta": tta}
     skips = {"skipped_images": [[str(p), r] for p, r in skipped]}
@@ -356,8 +356,17 @@ def _backbone_for_run(run, device):
 def _adapted_W(method, run):
     if not method.exposes_projection:
         _fail(f"run {run.path} used method {method.name!r}, whose predictions are not CLIP's with an adapted "
-              "projection W: test-time adaptation and export need one (prolip, zeroshot)")
+              "projection W: test-time adaptation needs one (prolip, zeroshot)")
     return method.projection()
+
+
+def _checkpoint_tensors(method, run, backbone):
+    tensors = method.checkpoint_tensors(backbone)
+    if tensors is None:
+        _fail(f"run {run.path} used method {method.name!r}, which learns a head of its own rather than changing the "
+              "CLIP model: there is no checkpoint to export (export takes methods that adapt the model itself, "
+              "e.g. prolip, full-ft, last-layer-ft)")
+    return tensors
 
 
 def _tta_logits(backbone, method, run, images, views):
@@ -397,6 +406,8 @@ def predict_cmd(run_dir, images, top_k, tta, tta_views, as_json, device):
             logits = tta_mod.tta_logits(backbone, _adapted_W(method, run), backbone.projection().bias,
                                         run.classifier, float(run.manifest["logit_scale"]), paths,
                                         views=tta_views)
+        elif method.encodes_images:
+            logits = method.image_logits(paths)
         else:
             logits = method.logits(encode_images(backbone, paths))
     except BadImageError as e:
@@ -424,22 +435,23 @@ def predict_cmd(run_dir, images, top_k, tta, tta_views, as_json, device):
 @click.option("--force", is_flag=True, help="replace --out if it is an earlier prolip export (or empty)")
 @click.option("--device", default="cpu", show_default=True)
 def export_cmd(run_dir, out, fmt, force, device):
-    """Merge the adapted projection back into a standard CLIP checkpoint (+ the zero-shot head beside it)."""
+    """Merge what the run adapted (projection, fine-tuned encoder) into a standard CLIP checkpoint (+ the zero-shot
+    head beside it)."""
     from prolip import export
 
     check_device(device)
     run = _load_run(run_dir)
     _reserve_out(out, force, [run_dir], "export")
     backbone = _backbone_for_run(run, device)
-    W = _adapted_W(_method_for_run(backbone, run), run)
+    tensors = _checkpoint_tensors(_method_for_run(backbone, run), run, backbone)
     if fmt == "auto":
         fmt = "hf" if backbone.info.family == "hf" else "open_clip"
     try:
         if fmt == "hf":
-            written = export.export_hf(backbone, W, out, force=force)
+            written = export.export_hf(backbone, tensors, out, force=force)
         else:
             out.mkdir(parents=True, exist_ok=True)
-            written = export.export_open_clip(backbone, W, out / "open_clip_model.safetensors", force=force)
+            written = export.export_open_clip(backbone, tensors, out / "open_clip_model.safetensors", force=force)
         export.save_classifier_head(run.classifier, run.classnames, run.templates, out, force=force)
     except (FileExistsError, ValueError) as e:
         _fail(str(e))

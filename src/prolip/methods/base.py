@@ -13,6 +13,7 @@ declares what it can do as class attributes, so no code outside ``methods/`` eve
 - ``learns``: it learns from the support set (zero-shot does not, so its results depend on no shots or seed);
 - ``encodes_images``: it trains inside the image encoder, on the support images (``support.images``, with the
   backbone in ``task.backbone``), so it scores images (``image_logits``), not the cached features;
+- ``checkpoint_tensors``: the checkpoint tensors it changes, which ``prolip export`` merges into the model;
 - ``dataset_defaults``: the hyperparameters its original sets per benchmark dataset.
 
 Hyperparameters are stored once, as attributes named like the ``__init__`` arguments, and read back from the
@@ -217,6 +218,16 @@ class Method(ABC):
     def projection(self) -> Tensor | None:
         """The adapted W [D_pre, D] when predictions are exactly CLIP's with W; None for other methods."""
         return None
+
+    def checkpoint_tensors(self, backbone: Any) -> dict[str, Tensor] | None:
+        """The tensors of ``backbone``'s checkpoint this fitted method changes, named as in the model's state dict
+        and in its native layout (``prolip export`` merges them); None when its predictions are not those of a
+        CLIP checkpoint. By default: the adapted projection of a method that ``exposes_projection``."""
+        W = self.projection() if self.exposes_projection else None
+        if W is None:
+            return None
+        site = backbone.projection()
+        return {site.param_name: site.to_native(W)}
 
     # -- saving and loading ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:

@@ -1,0 +1,260 @@
+"""Training inside CLIP's image encoder on the support images: the one image-level training path (full fine-tuning
+and last-layer fine-tuning of paper Table 6; any method that trains encoder parameters reuses it).
+
+Given a frozen backbone, the names of the parameters to train, the support images and the text classifier,
+:func:`train_image_encoder` returns a trained *copy* of the backbone; the given one is never modified (the copy
+shares every tensor it does not train with it, so a last-layer copy costs one block of memory). As the reference
+(``methods/Full_FT.py``, ``methods/Last_Layer_FT.py``):
+
+- mini-batches of the support set, reshuffled every epoch (``shuffle: True``), the last one partial
+  (``build_data_loader`` has ``drop_last=False``);
+- every image augmented on the fly (RandomResizedCrop 0.5–1 + flip); here view e of an image is seeded by
+  (aug_seed, image, e), so epoch e sees exactly the feature cache's view e of each image and training is
+  deterministic for a seed; the images are decoded once and kept in memory (a few-shot support is small);
+- Adam (eps 1e-4), cosine to 0 over epochs × batches, stepped per iteration (``CosineAnnealingLR``);
+- the model stays in eval mode (``model.eval()``, Full_FT.py:43): BatchNorm statistics are frozen;
+- training logits ``s · (z Wᵀ + b) · Tᵀ`` with the image features NOT normalised (Full_FT.py:76-85), and
+  cross-entropy, plus an optional pull ``λ · Σ ‖θ − θ0‖²`` (a sum) toward the pretrained values.
+
+The trained encoder scores center crops with CLIP's logits ``s · normalize(z W + b) · Tᵀ``: the same argmax as the
+reference's unnormalised test logits (Full_FT.py:121-131; it normalises on ImageNet, :156), and exactly zero-shot
+CLIP before any step. Training runs in float32 (the reference runs the float16 model).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from prolip.backbones.base import Backbone
+from prolip.backbones.loading import fingerprint
+from prolip.data.images import load_image
+from prolip.features import encode_images, image_key
+from prolip.functional import clip_logits, project
+from prolip.optim import REFERENCE_EPS, cosine_lr
+from prolip.transforms import augment_transform, augmented_view, view_seed
+
+# Which parameters of a backbone train, by their names in ``backbone.model.named_parameters()``.
+ParameterChooser = Callable[[Backbone], Sequence[str]]
+SCORING_BATCH = 64  # images per forward pass when scoring with a trained encoder
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSettings:
+    """How the encoder trains. ``proximal`` is λ of ``λ · Σ ‖θ − θ0‖²`` over the trained parameters (0: plain
+    cross-entropy); ``workers`` threads prepare the augmented views (their seeds make the result the same for any
+    number)."""
+
+    lr: float
+    epochs: int
+    batch_size: int = 16
+    eps: float = REFERENCE_EPS
+    seed: int = 0
+    aug_seed: int = 0
+    proximal: float = 0.0
+    workers: int = 0
+
+
+# ----------------------------------------------------------------------------------------------- pure pieces
+
+
+def epoch_batches(num_images: int, batch_size: int, epoch_count: int, seed: int) -> list[list[Tensor]]:
+    """Per epoch, the support indices of each mini-batch: a fresh permutation from one generator seeded once,
+    cut into batches of ``batch_size``, the last one partial (a shuffled loader with ``drop_last=False``)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [list(torch.randperm(num_images, generator=generator).split(batch_size)) for _ in range(epoch_count)]
+
+
+def training_logits(z: Tensor, W: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float) -> Tensor:
+    """``s · (z W + b) · Tᵀ``: the reference's training logits, image features not normalised."""
+    return logit_scale * project(z, W, bias) @ classifier.T
+
+
+def squared_distance(params: Mapping[str, Tensor], originals: Mapping[str, Tensor]) -> Tensor:
+    """``Σ ‖θ − θ0‖²`` over every named tensor (a sum, as ProLIP's penalty)."""
+    terms = [(params[k] - originals[k].to(params[k].dtype)).pow(2).sum() for k in params]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+# ----------------------------------------------------------------------------------------------- which parameters
+
+
+def model_parameters(backbone: Backbone) -> dict[str, Tensor]:
+    """The backbone model's parameters by name (the names of its state dict)."""
+    return dict(backbone.model.named_parameters())  # type: ignore[attr-defined]
+
+
+def image_encoder_parameters(backbone: Backbone) -> list[str]:
+    """Every parameter the image embedding depends on, projection included: open_clip's ``visual.*``, a Hugging
+    Face CLIPModel's ``vision_model.*`` and ``visual_projection.*``."""
+    prefixes = ("visual.",) if backbone.info.family == "open_clip" else ("vision_model.", "visual_projection.")
+    return [n for n in model_parameters(backbone) if n.startswith(prefixes)]
+
+
+def last_layer_parameters(backbone: Backbone) -> list[str]:
+    """ResNets: the attention pool (positional embedding, q/k/v/c_proj weights and biases; Last_Layer_FT.py:53-55).
+    ViTs: the last transformer block (Last_Layer_FT.py:57-59); the projection stays W0."""
+    model = backbone.model
+    if backbone.info.family != "open_clip":
+        prefix = f"vision_model.encoder.layers.{len(model.vision_model.encoder.layers) - 1}."
+    elif isinstance(model.visual, ModifiedResNet):
+        prefix = "visual.attnpool."
+    else:
+        prefix = f"visual.transformer.resblocks.{len(model.visual.transformer.resblocks) - 1}."
+    return [n for n in model_parameters(backbone) if n.startswith(prefix)]
+
+
+# ----------------------------------------------------------------------------------------------- the encoder copy
+
+
+def trainable_copy(backbone: Backbone, names: Sequence[str]) -> Backbone:
+    """A copy of ``backbone`` whose parameters ``names`` are its own tensors (requires_grad on); every other
+    parameter and buffer is the frozen backbone's own object, shared, never written to."""
+    params = model_parameters(backbone)
+    unknown = sorted(set(names) - set(params))
+    if unknown:
+        raise ValueError(f"{backbone.info.describe()} has no parameter(s) {unknown[:5]}")
+    chosen = set(names)
+    shared = {id(p): p for n, p in params.items() if n not in chosen}
+    shared.update({id(b): b for b in backbone.model.buffers()})
+    encoder = copy.copy(backbone)
+    encoder.model = copy.deepcopy(backbone.model, shared)
+    encoder.info = dataclasses.replace(backbone.info)
+    for name, p in encoder.model.named_parameters():
+        if name in chosen:
+            p.requires_grad_(True)
+    return encoder
+
+
+def trained_parameters(encoder: Backbone, names: Sequence[str]) -> dict[str, Tensor]:
+    params = model_parameters(encoder)
+    return {n: params[n] for n in names}
+
+
+def encode_pre_with_grad(encoder: Backbone, images: Tensor) -> Tensor:
+    """The backbone's own ``encode_pre`` without its no_grad decorator: the same computation, differentiable."""
+    return inspect.unwrap(type(encoder).encode_pre)(encoder, images)
+
+
+def projection_parameters(encoder: Backbone) -> tuple[Tensor, Tensor | None]:
+    """The projection W (right layout [D_pre, D]) and bias as views of the live parameters (``projection()`` hands
+    back detached tensors), so a trained projection gets its gradient."""
+    site = encoder.projection()
+    params = model_parameters(encoder)
+    weight = params[site.param_name]
+    W = weight if site.native_layout == "right" else weight.t()
+    if site.bias is None:
+        return W, None
+    bias_name = site.param_name.rsplit(".", 1)[0] + ".bias"
+    return W, params[bias_name]
+
+
+def frozen_result(encoder: Backbone, names: Sequence[str]) -> Backbone:
+    """The trained copy, frozen again, with a fingerprint of its own (its features are not the base model's, so a
+    feature cache must never file them under the base model's)."""
+    encoder.model.requires_grad_(False)
+    state = {n: p.detach() for n, p in trained_parameters(encoder, names).items()}
+    encoder.info.fingerprint = fingerprint({"fine-tuned from": encoder.info.fingerprint}, state)
+    return encoder
+
+
+def encoder_with(backbone: Backbone, tensors: Mapping[str, Tensor]) -> Backbone:
+    """A frozen copy of ``backbone`` with the named parameters set to ``tensors`` (a saved fine-tuning)."""
+    encoder = trainable_copy(backbone, list(tensors))
+    with torch.no_grad():
+        for name, p in trained_parameters(encoder, list(tensors)).items():
+            if tuple(p.shape) != tuple(tensors[name].shape):
+                raise ValueError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, the model's is "
+                                 f"{tuple(p.shape)}")
+            p.copy_(tensors[name].to(p.dtype))
+    return frozen_result(encoder, list(tensors))
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+class AugmentedSupport:
+    """The support images, decoded once, and their seeded augmented views: view e of image i is the cache's."""
+
+    def __init__(self, paths: Sequence[Path | str], backbone: Backbone, aug_seed: int, workers: int = 0):
+        self.images = [load_image(p) for p in paths]
+        self.keys = [image_key(p) for p in paths]
+        self.prep, self.aug_seed = backbone.preprocessing, aug_seed
+        self.transform = augment_transform(self.prep)
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="prolip-views") if workers > 0 else None
+
+    def view(self, i: int, epoch: int) -> Tensor:
+        return augmented_view(self.images[i], self.prep, view_seed(self.aug_seed, self.keys[i], epoch), self.transform)
+
+    def batch(self, indices: Tensor, epoch: int) -> Tensor:
+        """Views [B, 3, H, W] of the images ``indices`` for ``epoch``."""
+        def make(i: Tensor) -> Tensor:
+            return self.view(int(i), epoch)
+        return torch.stack(list(self.pool.map(make, indices) if self.pool else map(make, indices)))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def train_image_encoder(backbone: Backbone, choose: ParameterChooser, paths: Sequence[Path | str], labels: Tensor,
+                        classifier: Tensor, logit_scale: float, settings: FinetuneSettings) -> Backbone:
+    """A copy of ``backbone`` with the parameters ``choose(backbone)`` names trained on the images ``paths``
+    (labels [N]) against the text classifier [C, D]; the given backbone is left as it was."""
+    names = list(choose(backbone))
+    encoder = trainable_copy(backbone, names)
+    params = trained_parameters(encoder, names)
+    originals = {n: p.detach() for n, p in model_parameters(backbone).items() if n in params}
+    device = torch.device(backbone.device)
+    labels, classifier = labels.to(device), classifier.to(device, torch.float32)
+    steps = [(epoch, indices) for epoch, batches in
+             enumerate(epoch_batches(len(paths), settings.batch_size, settings.epochs, settings.seed))
+             for indices in batches]
+    optimizer = torch.optim.Adam(list(params.values()), lr=settings.lr, eps=settings.eps)
+    support = AugmentedSupport(paths, backbone, settings.aug_seed, settings.workers)
+    try:
+        for step, (epoch, indices) in enumerate(tqdm(steps, desc="fine-tuning", unit="step", disable=None,
+                                                     leave=False)):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(settings.lr, step, len(steps))
+            images = support.batch(indices, epoch).to(device)
+            loss = _loss(encoder, images, labels[indices.to(device)], classifier, logit_scale, settings.proximal,
+                         params, originals)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        support.close()
+    return frozen_result(encoder, names)
+
+
+def _loss(encoder: Backbone, images: Tensor, labels: Tensor, classifier: Tensor, logit_scale: float,
+          proximal: float, params: Mapping[str, Tensor], originals: Mapping[str, Tensor]) -> Tensor:
+    W, bias = projection_parameters(encoder)
+    logits = training_logits(encode_pre_with_grad(encoder, images), W, bias, classifier, logit_scale)
+    loss = F.cross_entropy(logits, labels)
+    if proximal:
+        loss = loss + proximal * squared_distance(params, originals)
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def encoder_logits(encoder: Backbone, paths: Sequence[Path | str], classifier: Tensor, logit_scale: float) -> Tensor:
+    """CLIP logits [N, C] of the center crops of image files through a (trained) encoder and its projection."""
+    site = encoder.projection()
+    z = encode_images(encoder, list(paths), batch_size=SCORING_BATCH)
+    bias = None if site.bias is None else site.bias.float().cpu()
+    return clip_logits(z, site.weight.float().cpu(), bias, classifier.float().cpu(), logit_scale)
