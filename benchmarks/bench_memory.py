@@ -21,16 +21,15 @@ import torch
 
 
 def write_units(root: Path, images: int, views: int, dim: int, unit_images: int = 32) -> list:
-    from prolip.features.cache import FeatureCache, _Entry
+    from prolip.features.storage import Entry, write_unit
 
-    writer = FeatureCache.__new__(FeatureCache)  # only its atomic unit writer is used
     entries, g = [], torch.Generator().manual_seed(0)
     for u, start in enumerate(range(0, images, unit_images)):
         n = min(unit_images, images - start)
         feats = torch.randn(views, n, dim, generator=g).to(torch.float16)
         target = root / f"unit{u:05d}.safetensors"
-        writer._write(target, feats, [f"img{start + i}" for i in range(n)], views)
-        entries.extend(_Entry(target, i, views) for i in range(n))
+        write_unit(target, feats, [f"img{start + i}" for i in range(n)], views)
+        entries.extend(Entry(target, i, views) for i in range(n))
     return entries
 
 
@@ -39,7 +38,7 @@ def train(entries, views, classes, dim, steps, in_memory=False):
     from prolip.methods.base import TensorViews
     from prolip.methods.prolip import train_projection
 
-    source = CachedViews(entries, views, list(range(len(entries))), [])
+    source = CachedViews(entries, views, list(range(len(entries))))
     if in_memory:
         source = TensorViews(source.to_tensor())
     g = torch.Generator().manual_seed(1)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from prolip.features import FeatureCache
-from prolip.features.cache import ordered_map
+from prolip.features.extraction import ordered_map
 from reliability.conftest import make_images
 
 
@@ -30,10 +30,12 @@ def test_decoding_threads_give_bitwise_the_same_cache(tmp_path, tiny_vit, worker
     kw = dict(batch_size=3, unit_images=4, progress=False, on_bad_image="skip")  # batches straddle images and units
     inline = FeatureCache(tmp_path / "a", tiny_vit, num_workers=0, **kw)
     threaded = FeatureCache(tmp_path / "b", tiny_vit, num_workers=workers, **kw)
-    a, b = inline.views(paths, 5).to_tensor(), threaded.views(paths, 5).to_tensor()
-    assert a.shape == (5, 10, tiny_vit.dim_pre) and torch.equal(a, b)
-    assert torch.equal(inline.center(paths), threaded.center(paths))
-    assert [p.name for p, _ in threaded.skipped] == ["broken.png", "broken.png"]  # once per request, in order
+    a, b = inline.views(paths, 5), threaded.views(paths, 5)
+    assert a.to_tensor().shape == (5, 10, tiny_vit.dim_pre) and torch.equal(a.to_tensor(), b.to_tensor())
+    center = threaded.center(paths)
+    assert torch.equal(inline.center(paths).features, center.features)
+    for result in (a, b, center):  # each request reports its own skips
+        assert [p.name for p, _ in result.skipped] == ["broken.png"] and result.kept == [0, 1, 2, 3, *range(5, 11)]
     assert threaded.stats.forward_passes == inline.stats.forward_passes == 10 * 5 + 10
 
 
@@ -43,17 +45,22 @@ def test_bf16_extraction_has_its_own_namespace_and_close_features(tmp_path, tiny
     bf16 = FeatureCache(tmp_path / "c", tiny_vit, progress=False, compute_dtype="bf16")
     assert fp32.compute_dtype == "fp32"  # auto on a CPU backbone
     assert fp32.namespace_dir("center", 0) != bf16.namespace_dir("center", 0)
-    z32, z16 = fp32.center(paths), bf16.center(paths)
+    z32, z16 = fp32.center(paths).features, bf16.center(paths).features
     assert bf16.stats.forward_passes == 4  # not served from the fp32 entries
     assert not torch.equal(z32, z16)
     torch.testing.assert_close(z16, z32, rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("kw, option", [(dict(compute_dtype="fp16"), "--extract-dtype"),
-                                        (dict(num_workers=-1), "--workers"), (dict(batch_size=0), "--batch-size")])
-def test_bad_extraction_options_name_the_option(tmp_path, tiny_vit, kw, option):
-    with pytest.raises(ValueError, match=option):
+@pytest.mark.parametrize("kw, message", [(dict(compute_dtype="fp16"), "compute_dtype must be one of .* got 'fp16'"),
+                                         (dict(num_workers=-1), "num_workers must be >= 0, got -1"),
+                                         (dict(batch_size=0), "batch_size must be positive, got 0"),
+                                         (dict(on_bad_image="ignore"), "on_bad_image must be 'error' or 'skip'")])
+def test_bad_extraction_options_name_the_value(tmp_path, tiny_vit, kw, message):
+    # Library errors name the parameter; the CLI's own option types name its flags (tests/test_cli.py).
+    with pytest.raises(ValueError, match=message):
         FeatureCache(tmp_path, tiny_vit, **kw)
+    with pytest.raises(ValueError, match="num_views must be positive, got 0"):
+        FeatureCache(tmp_path, tiny_vit).views([], 0)
 
 
 @pytest.mark.parametrize("shape", [(50, 60), (300, 40), (40, 300), (224, 224)])

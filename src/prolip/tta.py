@@ -101,20 +101,13 @@ def view_features(backbone, paths: Sequence[Path | str], views: int, seed: int =
                   crop_scale: tuple[float, float] = (0.08, 1.0)) -> Tensor:
     """Pre-projection features [B, V, D_pre]: view 0 center-cropped, the rest augmented views seeded per
     (seed, image, view), so an image gets the same views whatever batch it is in."""
-    from prolip.data.images import load_image
-    from prolip.features.cache import image_key
-    from prolip.transforms import augmented_view, center_transform, view_seed
+    from prolip.features.extraction import Extractor, image_key, test_time_views
 
     prep = backbone.preprocessing
-    center, augment = center_transform(prep), tta_view_transform(prep, crop_scale)
-    out = []
-    for p in paths:
-        image, key = load_image(p), image_key(p)
-        batch = [center(image)] + [augmented_view(image, prep, view_seed(seed, key, t), augment)
-                                   for t in range(1, views)]
-        with torch.inference_mode():
-            out.append(backbone.encode_pre(torch.stack(batch).to(backbone.device)).float().cpu())
-    return torch.stack(out)
+    make_view = test_time_views(prep, seed, tta_view_transform(prep, crop_scale))
+    # One forward pass per image (its V views), in float32: the features of an image never depend on its batch.
+    extractor = Extractor(backbone, batch_size=views, compute_dtype="fp32")
+    return extractor.encode([(Path(p), image_key(p)) for p in paths], views, make_view).features
 
 
 def tta_logits(backbone, W: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float,

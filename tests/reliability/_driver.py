@@ -22,7 +22,7 @@ import torch
 
 torch.set_num_threads(1)  # no OpenMP pool in the parent, so forked children never inherit a dead one
 
-import prolip.features.cache as cache_mod  # noqa: E402
+import prolip.features.storage as storage_mod  # noqa: E402
 from prolip.backbones import load_backbone  # noqa: E402
 from prolip.features import FeatureCache  # noqa: E402
 
@@ -43,7 +43,7 @@ def _instrument(kill_at: int | None, counter: list[int]) -> None:
 
     for name in ("open", "write", "close", "fsync", "replace", "unlink"):
         setattr(os, name, hook(getattr(os, name)))
-    cache_mod.open = hook(open)  # the unit's temporary file
+    storage_mod.open = hook(open)  # the unit's temporary file
     BACKBONE.encode_pre = hook(BACKBONE.encode_pre)
 
 

@@ -350,7 +350,7 @@ def test_cache_bad_image_error_and_skip(tmp_path, tiny_vit, tally):
         FeatureCache(tmp_path / "cache", tiny_vit, progress=False).center(paths)
     c = FeatureCache(tmp_path / "cache", tiny_vit, progress=False, on_bad_image="skip")
     z = c.center(paths)
-    assert z.shape[0] == 2 and c.last_kept == [0, 2] and c.skipped[0][0] == paths[1]
+    assert z.features.shape[0] == 2 and z.kept == [0, 2] and z.skipped[0][0] == paths[1]
     v = c.views(paths, 2)
-    assert v.kept == [0, 2] and v.num_images == 2
+    assert v.kept == [0, 2] and v.num_images == 2 and v.skipped[0][0] == paths[1]
     tally.handled_ok(f"skipped {paths[1]}")

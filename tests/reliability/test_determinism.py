@@ -48,23 +48,23 @@ def test_resumed_extraction_equals_uninterrupted(tmp_path, tiny_vit, tally):
     full = cache(tmp_path / "full").views(paths, 4).to_tensor()
     # An extraction stopped after 2 units: resuming computes the other units exactly as a single run does.
     partial = cache(tmp_path / "resumed")
-    import prolip.features.cache as cache_mod
+    import prolip.features.storage as storage_mod
 
-    real = cache_mod.FeatureCache._write
+    real = storage_mod.write_unit
     written = []
 
-    def stop_after_two(self, *a, **k):
+    def stop_after_two(*a, **k):
         if len(written) == 2:
             raise KeyboardInterrupt
         written.append(1)
-        return real(self, *a, **k)
+        return real(*a, **k)
 
-    cache_mod.FeatureCache._write = stop_after_two
+    storage_mod.write_unit = stop_after_two
     try:
         with pytest.raises(KeyboardInterrupt):
             partial.views(paths, 4)
     finally:
-        cache_mod.FeatureCache._write = real
+        storage_mod.write_unit = real
     tally.fault("interrupted after 2 units")
     resumed = cache(tmp_path / "resumed")
     again = resumed.views(paths, 4).to_tensor()

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -94,7 +93,8 @@ def test_read_only_cache_dir_is_a_clear_error(tmp_path, tiny_vit, tally):
     if os.geteuid() == 0:  # root ignores permission bits: a read-only mount still stops it
         with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
             tally.fault("read-only filesystem")
-            with tally.raises(CacheError, match=rf"(cannot create feature cache directory {ro}/|{ro}\S* is not writable).*--cache-dir"):
+            unusable = rf"(cannot create feature cache directory {ro}/|{ro}\S* is not writable)"
+            with tally.raises(CacheError, match=unusable + ".*use a writable cache directory"):
                 cache_of(ro / "cache", tiny_vit).center(paths)
             assert list(ro.iterdir()) == []
         return
@@ -110,14 +110,14 @@ def test_read_only_cache_dir_is_a_clear_error(tmp_path, tiny_vit, tally):
 
 
 def test_enospc_on_fsync_leaves_no_partial_entries(tmp_path, tiny_vit, monkeypatch, tally):
-    import prolip.features.cache as cache_mod
+    import prolip.features.storage as storage_mod
 
     paths = make_images(tmp_path / "img", n=2)
 
     def full_disk(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cache_mod.os, "fsync", full_disk)
+    monkeypatch.setattr(storage_mod.os, "fsync", full_disk)
     tally.fault("ENOSPC at fsync")
     with tally.raises(CacheError, match=rf"{tmp_path / 'cache'}.* is full"):
         cache_of(tmp_path / "cache", tiny_vit).center(paths)
@@ -131,7 +131,7 @@ def test_full_tmpfs_then_resume_after_the_limit_is_lifted(tmp_path, tiny_vit, ta
     with tmpfs(tmp_path / "disk", "20k") as disk:
         cache_dir = disk / "cache"
         tally.fault("tmpfs full")
-        with tally.raises(CacheError, match=rf"{cache_dir}.* is full .*--cache-dir"):
+        with tally.raises(CacheError, match=rf"{cache_dir}.* is full .*free space or use another cache directory"):
             cache_of(cache_dir, tiny_vit, unit_images=2, batch_size=4).views(paths, 3)
         assert leftovers(cache_dir) == []
         done = unit_contents(cache_dir)
@@ -167,7 +167,7 @@ def test_file_size_limit_is_a_full_disk_then_resume(tmp_path, tally):
     args = [*EXTRACT_CLI, "--data", str(data), "--cache-dir", str(cache_dir)]
     tally.fault("RLIMIT_FSIZE 2 KiB")
     r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=180, preexec_fn=_limited(2048))
-    tally.cli_error(r, rf"feature cache directory {cache_dir}\S* is full \(File too large\)", "--cache-dir")
+    tally.cli_error(r, rf"feature cache directory {cache_dir}\S* is full \(File too large\)", "another cache directory")
     assert leftovers(cache_dir) == [] and unit_contents(cache_dir) == {}
     r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -182,37 +182,66 @@ def test_uncreatable_cache_dir_is_a_clear_error(tmp_path, tiny_vit, tally):
     paths = make_images(tmp_path / "img", n=2)
     (tmp_path / "blocker").write_text("a file where the cache dir should go")
     tally.fault("cache dir path blocked by a file")
-    with tally.raises(CacheError, match="blocker.*--cache-dir"):
+    with tally.raises(CacheError, match="blocker.*use a writable cache directory"):
         FeatureCache(tmp_path / "blocker" / "cache", tiny_vit, progress=False).center(paths)
 
 
-def test_stale_and_empty_locks_of_dead_writers_are_broken(tmp_path, tiny_vit, tally):
+def test_lock_and_temporary_of_a_killed_writer_block_nothing(tmp_path, tiny_vit, tally):
+    """A writer killed (-9) while holding a unit's lock loses the lock with its process; its lock file and
+    half-written temporary are left behind, and the next holder computes the unit and cleans both up."""
     paths = make_images(tmp_path / "img", n=4)
     c = cache_of(tmp_path / "cache", tiny_vit)
     ns = c.namespace_dir("center", 0)
     ns.mkdir(parents=True)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    import hashlib
-    import json as _json
+    from prolip.features import image_key
+    from prolip.features.storage import unit_file
 
-    from prolip.features.cache import image_key
+    target = unit_file(ns, sorted(image_key(p) for p in paths), 1)
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from filelock import FileLock
+FileLock({str(target.with_suffix(".lock"))!r}).acquire()
+open({str(target.with_name(f".{target.name}.999999.tmp"))!r}, "wb").write(b"half a unit")
+print("locked", flush=True)
+time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        holder.kill()  # SIGKILL: no cleanup of any kind
+        holder.wait()
+        tally.fault("lock held by a killed process", "temporary of a killed process")
+        assert leftovers(tmp_path / "cache") != []
+        assert c.center(paths).features.shape == (4, tiny_vit.dim_pre) and c.stats.forward_passes == 4
+        assert leftovers(tmp_path / "cache") == [] and target.exists()
+    finally:
+        holder.kill()
 
-    keys = sorted(image_key(p) for p in paths)
-    name = hashlib.blake2b(_json.dumps([keys, 1]).encode(), digest_size=12).hexdigest()
-    (ns / f"{name}.lock").write_text(dead.stdout.strip())  # holder killed after locking
-    (ns / f".{name}.safetensors.{dead.stdout.strip()}.tmp").write_bytes(b"half a unit")  # killed mid-write
-    tally.fault("lock of a dead process", "temporary of a dead process")
-    assert c.center(paths).shape == (4, tiny_vit.dim_pre) and c.stats.forward_passes == 4
-    assert leftovers(tmp_path / "cache") == []
-    ns2 = c.namespace_dir("augment", 0)
-    ns2.mkdir(parents=True)
-    name2 = hashlib.blake2b(_json.dumps([keys, 1]).encode(), digest_size=12).hexdigest()
-    lock = ns2 / f"{name2}.lock"
-    lock.write_text("")  # holder killed between creating and filling its lock
-    os.utime(lock, (1, 1))
-    tally.fault("empty lock")
-    assert cache_of(tmp_path / "cache", tiny_vit).views(paths, 1).num_images == 4
-    assert leftovers(tmp_path / "cache") == []
+
+def test_a_unit_written_while_waiting_for_its_lock_is_not_recomputed(tmp_path, tiny_vit, tally):
+    """Two processes want the same unit: the second waits on the lock and then reuses what the first wrote."""
+    from prolip.features import image_key
+    from prolip.features.storage import unit_file
+
+    paths = make_images(tmp_path / "img", n=3)
+    reference = cache_of(tmp_path / "ref", tiny_vit).center(paths).features
+    (unit,) = (tmp_path / "ref").rglob("*.safetensors")
+    c = cache_of(tmp_path / "cache", tiny_vit)
+    ns = c.namespace_dir("center", 0)
+    ns.mkdir(parents=True)
+    target = unit_file(ns, sorted(image_key(p) for p in paths), 1)
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import shutil, time
+from filelock import FileLock
+with FileLock({str(target.with_suffix(".lock"))!r}):
+    print("locked", flush=True)
+    time.sleep(1.0)
+    shutil.copyfile({str(unit)!r}, {str(target)!r})
+"""], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "locked"
+    tally.fault("unit written by another process while waiting")
+    got = c.center(paths).features
+    assert writer.wait() == 0
+    assert c.stats.forward_passes == 0 and tally.lost(int(not torch.equal(got, reference))) == 0
 
 
 # ---- runs and exports ------------------------------------------------------------------------------------------

@@ -1,0 +1,43 @@
+"""One writer per cache unit, across processes and hosts sharing the directory: an OS-level lock beside the unit.
+
+``filelock`` takes a kernel lock (flock) on ``<unit>.lock``; the kernel releases it when its holder dies, kill -9
+included, so a dead writer never blocks anyone and there is no stale-lock logic.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from filelock import FileLock
+
+from prolip.features.storage import write_error
+
+
+@contextmanager
+def unit_lock(target: Path) -> Iterator[bool]:
+    """Hold the lock of the unit ``target``; yields False when another process wrote the unit while we waited."""
+    path = target.with_suffix(".lock")
+    lock = FileLock(str(path))
+    try:
+        lock.acquire()
+    except OSError as e:
+        raise write_error(target.parent, e) from None
+    try:
+        yield not target.exists()
+    finally:
+        # The holder removes the lock file, so a finished cache holds only units. Waiters poll, reopening the path
+        # each time, so none keeps locking the removed file beyond an instant; and whoever holds the lock next
+        # looks for the unit before computing it.
+        with suppress(OSError):
+            path.unlink(missing_ok=True)
+        lock.release()
+
+
+def remove_finished_locks(namespace: Path) -> None:
+    """Remove the lock files of units already written: what a writer killed between writing its unit and removing
+    its lock leaves behind. Safe for the same reason as removing one's own: whoever locks it next finds the unit."""
+    for path in namespace.glob("*.lock"):
+        if path.with_suffix(".safetensors").exists():
+            with suppress(OSError):
+                path.unlink()
