@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -33,6 +34,7 @@ HEAD_FILES = ("classifier_head.safetensors", "classifier_head.json")
 BENCH_ANCHORS = ("records.jsonl", "results.md", "results.csv", "results.json")
 KINDS = ("run", "export", "bench")
 _SAFETENSORS_HEADER_LIMIT = 100 * 2**20  # a larger "header" is not one of our checkpoints
+_OUR_TEMPORARY = re.compile(r"\..+\.tmp(-\d+(-[0-9a-f]+)?)?")  # .<name>.tmp[-<pid>[-<token>]], as the writers name them
 
 
 class OutputError(ValueError):
@@ -46,7 +48,7 @@ class OutputExistsError(OutputError, FileExistsError):
 # ---- what a directory is ---------------------------------------------------------------------------------------
 
 def kind_of(path: Path | str) -> str | None:
-    """"empty", "run", "export" or "bench" for a directory prolip may take over; None for anything else."""
+    """What a directory is to prolip: "empty", "run", "export" or "bench" (one it may take over), else None."""
     path = Path(path)
     try:
         entries = list(os.scandir(path))
@@ -111,7 +113,7 @@ def _is_export(path: Path, entries) -> bool:
     listed = _export_listed(path)
 
     def ours(e) -> bool:
-        if e.name.startswith(".") and ".tmp" in e.name:  # a temporary an interrupted export writer left behind
+        if _OUR_TEMPORARY.fullmatch(e.name):  # what an interrupted export writer left behind
             return not e.is_symlink()
         if listed is not None and (e.name == EXPORT_MARKER or e.name in listed):
             return not e.is_symlink()
