@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision import transforms as T
+from tqdm.auto import tqdm
 
 from prolip.functional import cosine_logits, entropy, project
 from prolip.optim import adam_step
@@ -131,9 +132,11 @@ def tta_logits(backbone, W: Tensor, bias: Tensor | None, classifier: Tensor, log
     W, classifier = W.detach().float().to(device), classifier.detach().float().to(device)
     bias = None if bias is None else bias.detach().float().to(device)
     out = []
-    for i in range(0, len(paths), batch_size):
-        z = view_features(backbone, paths[i:i + batch_size], cfg.views, cfg.seed, cfg.crop_scale).to(device)
-        out.append(adapt_projection(z, W, bias, classifier, logit_scale, cfg)[0].cpu())
+    with tqdm(total=len(paths), desc="test-time adaptation", unit="image", disable=None, leave=False) as bar:
+        for i in range(0, len(paths), batch_size):
+            z = view_features(backbone, paths[i:i + batch_size], cfg.views, cfg.seed, cfg.crop_scale).to(device)
+            out.append(adapt_projection(z, W, bias, classifier, logit_scale, cfg)[0].cpu())
+            bar.update(z.shape[0])
     return torch.cat(out)
 
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from prolip.bench.protocols import Bench, Cell, Group, balanced_subset
 from prolip.episode import evaluation_images
@@ -58,6 +59,8 @@ def run_tta_group(b: Bench, group: Group, cells: list[Cell]) -> Iterator[tuple[C
     before = dict.fromkeys(starts, 0)
     paths, labels = [it.path for it in images.items], torch.tensor(images.labels)
     started = time.perf_counter()
+    bar = tqdm(total=len(paths), desc=f"test-time adaptation on {group.dataset}", unit="image", disable=None,
+               leave=False)
     for i in range(0, len(paths), IMAGES_PER_BATCH):
         z = view_features(b.backbone, paths[i : i + IMAGES_PER_BATCH], cfg.views, cfg.seed)
         y = labels[i : i + IMAGES_PER_BATCH]
@@ -73,6 +76,8 @@ def run_tta_group(b: Bench, group: Group, cells: list[Cell]) -> Iterator[tuple[C
             else:
                 logits = view_ensemble_logits(z, W, bias, T, scale, cfg.ratio)
             correct[key] += int((logits.argmax(-1) == y).sum())
+        bar.update(len(y))
+    bar.close()
     seconds = (time.perf_counter() - started) / len(cells)
     n = len(paths)
     for cell in cells:
