@@ -5,6 +5,7 @@ the message names the file and the key), because a typo in a sweep that runs for
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,22 @@ SINGLE_TEMPLATE = ["a photo of a {}."]
 
 class ExperimentError(ValueError):
     pass
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; learning rates are written that way, so read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str):
+    """YAML as experiment files, ``--set`` and ``--hp`` values are read: safe, with ``1e-5`` a number."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -248,7 +265,7 @@ def load_experiment(path: Path | str, overrides: dict | None = None) -> Experime
     if not path.is_file():
         raise ExperimentError(f"experiment file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ExperimentError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):

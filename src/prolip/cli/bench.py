@@ -6,6 +6,8 @@ from pathlib import Path
 import click
 import yaml
 
+from prolip.bench.experiment import load_yaml
+
 
 def _overrides(pairs: tuple[str, ...]) -> dict:
     out = {}
@@ -14,7 +16,7 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
             raise click.BadParameter(f"{pair!r}: expected key=value", param_hint="--set")
         key, value = pair.split("=", 1)
         try:
-            out[key] = yaml.safe_load(value)
+            out[key] = load_yaml(value)
         except yaml.YAMLError as e:
             raise click.BadParameter(f"{pair!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote "
                                      "it, e.g. --set 'shots=[1, 4]'", param_hint="--set") from None

@@ -114,6 +114,8 @@ def _hyperparameters(shortcuts: dict, pairs: tuple[str, ...]) -> dict:
     """``--hp key=value`` pairs (YAML values) plus the shortcut flags that were given; a key given twice is refused."""
     import yaml
 
+    from prolip.bench.experiment import load_yaml
+
     hp = {k: v for k, v in shortcuts.items() if v is not None}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -122,7 +124,7 @@ def _hyperparameters(shortcuts: dict, pairs: tuple[str, ...]) -> dict:
         if key in hp:
             raise click.BadParameter(f"{key} is given twice (--hp and --{key})", param_hint="--hp")
         try:
-            hp[key.strip()] = yaml.safe_load(value)
+            hp[key.strip()] = load_yaml(value)
         except yaml.YAMLError as e:
             raise click.BadParameter(f"{pair!r}: the value is not valid YAML ({e.problem})", param_hint="--hp") from None
     return hp
@@ -507,7 +509,8 @@ def methods_cmd(verbose):
             click.echo(f"  hyperparameters: {params}")
             click.echo(f"  selects on validation: {cls.selects or 'nothing (validation-free)'}")
             can = [what for what, flag in (("scores other class sets", cls.accepts_classifier),
-                                           ("exposes an adapted projection (TTA, export)", cls.exposes_projection),
+                                           ("exposes an adapted projection (TTA)", cls.exposes_projection),
+                                           ("trains inside the image encoder", cls.encodes_images),
                                            ("uses the text side", cls.uses_text_side)) if flag]
             click.echo(f"  can: {', '.join(can) or '-'}")
 
