@@ -21,7 +21,8 @@ from torch import Tensor
 
 from prolip.backbones.base import Backbone
 from prolip.outputs import (EXPORT_FORMAT, EXPORT_MARKER, HEAD_FILES, OutputExistsError, check_writable,
-                            is_exported_checkpoint, normal_permissions, output_lock, write_directory, write_file)
+                            is_exported_checkpoint, output_lock, replace_atomically,
+                            write_directory, write_file)
 
 HEAD_WEIGHTS, HEAD_META = HEAD_FILES
 
@@ -139,23 +140,12 @@ def save_classifier_head(classifier: Tensor, classnames: Sequence[str], template
                 raise OutputExistsError(f"{p} already exists; pass force=True (CLI: --force) to overwrite it")
         out_dir.mkdir(parents=True, exist_ok=True)
         tensor = {"classifier": classifier.detach().float().cpu().contiguous()}
-        _replace_file(weights, lambda tmp: save_file(tensor, str(tmp)))
+        replace_atomically(weights, lambda tmp: save_file(tensor, str(tmp)))
         text = json.dumps({"classnames": list(classnames), "templates": list(templates),
                            "shape": list(classifier.shape)}, indent=2)
-        _replace_file(meta, lambda tmp: tmp.write_text(text))
+        replace_atomically(meta, lambda tmp: tmp.write_text(text))
         _write_marker(out_dir, [HEAD_WEIGHTS, HEAD_META])
     return weights, meta
-
-
-def _replace_file(path: Path, fill) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fill(tmp)
-        normal_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_classifier_head(out_dir: str | Path) -> tuple[Tensor, list[str], list[str]]:

@@ -311,15 +311,21 @@ def write_file(path: Path | str, fill: Callable[[Path], None], *, force: bool = 
             if not force:
                 raise OutputExistsError(f"{path} already exists; pass force=True (CLI: --force) to overwrite it")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        try:
-            fill(tmp)
-            normal_permissions(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            _remove(tmp)
-            raise
+        replace_atomically(path, fill)
     return path
+
+
+def replace_atomically(path: Path, fill: Callable[[Path], None]) -> None:
+    """``fill(tmp)`` writes a temporary beside ``path``, which then takes its place in one rename (normal
+    permissions); an interrupted write leaves ``path`` as it was and no temporary behind."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        fill(tmp)
+        normal_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def _umask() -> int:

@@ -167,7 +167,7 @@ def test_file_size_limit_is_a_full_disk_then_resume(tmp_path, tally):
     args = [*EXTRACT_CLI, "--data", str(data), "--cache-dir", str(cache_dir)]
     tally.fault("RLIMIT_FSIZE 2 KiB")
     r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=180, preexec_fn=_limited(2048))
-    tally.cli_error(r, rf"feature cache directory {cache_dir}\S* is full \(File too large\)", "another cache directory")
+    tally.cli_error(r, rf"feature cache directory {cache_dir}\S* is full \(File too large\)", "another cache directory", r"\(--cache-dir\)")
     assert leftovers(cache_dir) == [] and unit_contents(cache_dir) == {}
     r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]

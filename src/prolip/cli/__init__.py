@@ -8,12 +8,14 @@ from prolip import __version__
 
 # Errors that mean "your input or environment is wrong", each with a message naming the file/option at fault:
 # the user gets that message, not a traceback. Anything else is a bug and keeps its traceback.
-_USER_ERRORS = (("prolip.features.cache", "CacheError"), ("prolip.data.images", "BadImageError"),
+_USER_ERRORS = (("prolip.features.storage", "CacheError"), ("prolip.data.images", "BadImageError"),
                 ("prolip.data.folder", "DataError"), ("prolip.data.sampling", "NotEnoughImagesError"),
                 ("prolip.run", "RunError"), ("prolip.backbones", "BackboneLoadError"),
                 ("prolip.methods.params", "HyperparameterError"), ("prolip.methods.base", "FitError"),
                 ("prolip.episode", "EpisodeError"), ("prolip.bench.experiment", "ExperimentError"),
-                ("prolip.bench.records", "RecordsError"))
+                ("prolip.bench.records", "RecordsError"), ("prolip.outputs", "OutputError"))
+# The library names values, not flags; where one option is the fix, the message says which.
+_FLAG_FOR = {"CacheError": "--cache-dir"}
 
 
 def _is_user_error(e: BaseException) -> bool:
@@ -36,7 +38,8 @@ class _Group(click.Group):
             raise
         except Exception as e:
             if _is_user_error(e):
-                raise click.ClickException(str(e)) from None
+                flag = _FLAG_FOR.get(type(e).__name__)
+                raise click.ClickException(f"{e} ({flag})" if flag else str(e)) from None
             raise
 
 
