@@ -51,6 +51,7 @@ class EpisodeSpec:
     allow_fewer: bool = False
     validation: bool = False
     classes: tuple[int, ...] | None = None  # keep only these classes after sampling, relabelled in this order
+    augmentation: str = "prolip"  # the cached views of the episode's support (other methods ask support_for)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,20 @@ class Episode:
     evaluation: Features
     images: EpisodeImages
     skipped: list[tuple[Path, str]]
+    builder: EpisodeBuilder | None = None
+    augmentation: str = "prolip"
+    _other_supports: dict[str, Support] = field(default_factory=dict)
+
+    def support_for(self, method: Method) -> Support:
+        """The support set as ``method`` trains on it: the same images, in its augmentation's cached views."""
+        if method.augmentation == self.augmentation:
+            return self.support
+        if method.augmentation not in self._other_supports:
+            assert self.builder is not None
+            support, _, skipped = self.builder.support(self.images.support, method.augmentation)
+            self._other_supports[method.augmentation] = support
+            self.skipped.extend(skipped)
+        return self._other_supports[method.augmentation]
 
 
 # ----------------------------------------------------------------------------------------------- sampling (pure)
@@ -194,9 +209,11 @@ class EpisodeBuilder:
             self._center[key] = Features(result.features, labels, images.subset(result.kept), list(result.skipped))
         return self._center[key]
 
-    def support(self, images: LabeledImages) -> tuple[Support, LabeledImages, list[tuple[Path, str]]]:
+    def support(self, images: LabeledImages, augmentation: str = "prolip"
+                ) -> tuple[Support, LabeledImages, list[tuple[Path, str]]]:
         """The support set: cached augmented views, labels, and (on first use) the center crops of the same images."""
-        views = self.cache.views([it.path for it in images.items], self.views, aug_seed=self.aug_seed)
+        views = self.cache.views([it.path for it in images.items], self.views, aug_seed=self.aug_seed,
+                                 augmentation=augmentation)
         kept = images.subset(views.kept)
         labels = torch.tensor(kept.labels, dtype=torch.long)
         support = Support(views=views, labels=labels, center=lambda: self.center(kept).features, images=kept)
@@ -210,14 +227,15 @@ class EpisodeBuilder:
             drawn = EpisodeImages(drawn.support, drawn.validation, eval_images, "given images")
         self.preflight(drawn, spec)
         classnames = drawn.support.classnames
-        support, _, skipped = self.support(drawn.support)
+        support, _, skipped = self.support(drawn.support, spec.augmentation)
         validation = None
         if spec.validation:
             val = self.center(drawn.validation)
             validation, skipped = Validation(val.features, val.labels), skipped + val.skipped
         evaluation = self.center(drawn.evaluation) if len(drawn.evaluation) else _empty(drawn.evaluation, self.backbone)
         task = self.task(classnames, templates or splits.templates, spec.shots, text_side=text_side)
-        return Episode(task, support, validation, evaluation, drawn, skipped + evaluation.skipped)
+        return Episode(task, support, validation, evaluation, drawn, skipped + evaluation.skipped, self,
+                       spec.augmentation)
 
 
     def preflight(self, drawn: EpisodeImages, spec: EpisodeSpec) -> None:

@@ -37,9 +37,10 @@ class FitConfig:
     allow_fewer: bool = False
     use_validation: bool = False
 
-    def episode_spec(self) -> EpisodeSpec:
+    def episode_spec(self, augmentation: str = "prolip") -> EpisodeSpec:
         return EpisodeSpec(shots=self.shots, seed=self.seed, sampler=self.sampler, views=self.views,
-                           aug_seed=self.aug_seed, allow_fewer=self.allow_fewer, validation=self.use_validation)
+                           aug_seed=self.aug_seed, allow_fewer=self.allow_fewer, validation=self.use_validation,
+                           augmentation=augmentation)
 
 
 @dataclass
@@ -71,7 +72,7 @@ def fit(backbone: Backbone, splits: DatasetSplits, cache, config: FitConfig, *,
     method = configure(config.method, config.hyperparameters, validate=config.use_validation, dataset=splits.name)
     builder = EpisodeBuilder(backbone, cache, views=config.views, aug_seed=config.aug_seed, announce=announce)
     started = time.perf_counter()
-    episode = builder.build(splits, config.episode_spec(), eval_images=eval_images,
+    episode = builder.build(splits, config.episode_spec(method.augmentation), eval_images=eval_images,
                             text_side=method.uses_text_side)
     extract_seconds = time.perf_counter() - started
     started = time.perf_counter()
@@ -90,7 +91,7 @@ def fit(backbone: Backbone, splits: DatasetSplits, cache, config: FitConfig, *,
                  "class_ids": splits.train.class_ids if splits.train is not None else None,
                  "support": _listing(episode.images.support), "support_digest": episode.images.support_digest(),
                  "validation": _listing(episode.images.validation) if config.use_validation else [],
-                 "eval_set": episode.images.eval_set},
+                 "eval_set": episode.images.eval_set, "augmentation": method.augmentation},
         "skipped_images": [[str(p), r] for p, r in episode.skipped],
         "metrics": metrics,
     }

@@ -103,9 +103,18 @@ class SeededCropFlip:
         return self.normalize(TF.hflip(view) if flip else view)
 
 
-def augment_transform(prep: Preprocessing) -> SeededCropFlip:
-    """RandomResizedCrop(scale 0.5–1, bicubic) + horizontal flip + CLIP normalisation (the reference's views)."""
-    return SeededCropFlip(prep.image_size, (0.5, 1.0), InterpolationMode.BICUBIC, prep.mean, prep.std)
+# The crop scales of the cached training views, by name: "prolip" is the ProLIP reference's (and Tip-Adapter's,
+# LP++'s) RandomResizedCrop(scale=(0.5, 1)); "dassl" is Dassl's INPUT.RRCROP_SCALE default (0.08, 1), the
+# transform the Dassl-based baselines (CoOp-config CLIP-Adapter, TaskRes, ZS-LP/CLAP) train on. Both bicubic + flip.
+AUGMENTATIONS = {"prolip": (0.5, 1.0), "dassl": (0.08, 1.0)}
+
+
+def augment_transform(prep: Preprocessing, augmentation: str = "prolip") -> SeededCropFlip:
+    """RandomResizedCrop (bicubic, the named scale range) + horizontal flip + CLIP normalisation."""
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augmentation!r}; known: {', '.join(AUGMENTATIONS)}")
+    return SeededCropFlip(prep.image_size, AUGMENTATIONS[augmentation], InterpolationMode.BICUBIC, prep.mean,
+                          prep.std)
 
 
 def augmented_view(image, prep: Preprocessing, seed: int, transform: SeededCropFlip | None = None) -> torch.Tensor:

@@ -141,7 +141,8 @@ class Bench:
     def fit(self, m: MethodSpec, hp: dict, episode: Episode, seed: int) -> tuple[Method, float]:
         started = time.perf_counter()
         val = episode.validation if self.validates(m) else None
-        method = create(m.name, **hp).fit(episode.task, episode.support, val, seed=seed)
+        method = create(m.name, **hp)
+        method.fit(episode.task, episode.support_for(method), val, seed=seed)
         return method, time.perf_counter() - started
 
     # -- records ---------------------------------------------------------------------------------------------
@@ -154,6 +155,7 @@ class Bench:
                "aug_seed": self.exp.aug_seed, "label": m.label, "method": m.name,
                "hyperparameters": self.method(m, extra.get("source") or dataset, hyperparameters).get_params(),
                "validation": self.uses_validation, "selects": method_class(m.name).selects or None,
+               "augmentation": method_class(m.name).augmentation,
                "templates_name": templates[0], "templates": templates[1], "setting": None, "group": m.group}
         rec.update(extra)
         rec["cell"] = cell_id(rec)
@@ -265,7 +267,7 @@ class Sensitivity(Protocol):
                 continue
             started = time.perf_counter()
             method = create(m.name, **mine[0].record["hyperparameters"])
-            fitted = method.fit_each(episode.task, episode.support, [c.extra for c in mine], group.seed)
+            fitted = method.fit_each(episode.task, episode.support_for(method), [c.extra for c in mine], group.seed)
             seconds = (time.perf_counter() - started) / len(mine)
             for cell, method in zip(mine, fitted):
                 cell.record.update(accuracy=score(method, episode.evaluation), selected=method.selected_,

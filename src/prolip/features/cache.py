@@ -162,13 +162,14 @@ class FeatureCache:
         return self.extractor.compute_dtype
 
     # -- public API -------------------------------------------------------------------------------------------------
-    def views(self, paths: Sequence[Path | str], num_views: int, aug_seed: int = 0, *, rank: int | None = None,
+    def views(self, paths: Sequence[Path | str], num_views: int, aug_seed: int = 0, *, augmentation: str = "prolip",
+              rank: int | None = None,
               world: int | None = None) -> CachedViews:
         """Features of ``num_views`` augmented views of each image (view t seeded per image and t), streamed from
         disk. Under torchrun the missing units are split between the ranks (default: the current process group)."""
         if num_views <= 0:
             raise ValueError(f"num_views must be positive, got {num_views}")
-        found = self.fill(paths, num_views, aug_seed, rank=rank, world=world)
+        found = self.fill(paths, num_views, aug_seed, augmentation=augmentation, rank=rank, world=world)
         return CachedViews(found.entries, num_views, found.kept, found.skipped)
 
     def center(self, paths: Sequence[Path | str]) -> CenterFeatures:
@@ -178,7 +179,8 @@ class FeatureCache:
             return CenterFeatures(torch.empty(0, self.backbone.dim_pre), found.kept, found.skipped)
         return CenterFeatures(CachedViews(found.entries, 1, found.kept).view(0), found.kept, found.skipped)
 
-    def fill(self, paths: Sequence[Path | str], num_views: int = 0, aug_seed: int = 0, *, rank: int | None = None,
+    def fill(self, paths: Sequence[Path | str], num_views: int = 0, aug_seed: int = 0, *, augmentation: str = "prolip",
+             rank: int | None = None,
              world: int | None = None) -> Lookup:
         """Cache ``num_views`` augmented views of each image (0: the center crop) and say where they are."""
         if num_views < 0:
@@ -189,7 +191,7 @@ class FeatureCache:
         paths = [Path(p) for p in paths]
         skipped: Skipped = []
         keys = [self._key(p, skipped) for p in paths]
-        ns = self.namespace_dir(kind, aug_seed)
+        ns = self.namespace_dir(kind, aug_seed, augmentation)
         wanted = sorted({k for k in keys if k is not None})
         index = self._checked_index(ns, wanted, views)
         self.stats.images_reused += sum(_cached(index, k, views) for k in wanted)
@@ -197,7 +199,7 @@ class FeatureCache:
         todo = [u for u in units if not all(_cached(index, k, views) for k in u)]
         mine = [[k for k in u if not _cached(index, k, views)] for u in rank_share(units, todo, rank, world)]
         prep = self.backbone.preprocessing
-        make_view = augmented_views(prep, aug_seed) if kind == "augment" else center_views(prep)
+        make_view = augmented_views(prep, aug_seed, augmentation) if kind == "augment" else center_views(prep)
         key_to_path = {k: p for k, p in zip(keys, paths, strict=True) if k is not None}
         bad = self._compute(ns, mine, key_to_path, views, make_view, skipped, kind)
         remove_finished_locks(ns)
@@ -205,12 +207,14 @@ class FeatureCache:
             torch.distributed.barrier()
         return self._lookup(ns, keys, paths, views, bad, world, skipped)
 
-    def namespace_dir(self, kind: str, aug_seed: int) -> Path:
+    def namespace_dir(self, kind: str, aug_seed: int, augmentation: str = "prolip") -> Path:
         prep = self.backbone.preprocessing
         ident = json.dumps({"weights": self.backbone.info.fingerprint, "prep": [prep.image_size, list(prep.mean),
                             list(prep.std), prep.interpolation],
                             "kind": AUGMENT_VERSION if kind == "augment" else "center:v1",
                             "aug_seed": aug_seed if kind == "augment" else None}, sort_keys=True)
+        if kind == "augment" and augmentation != "prolip":  # other views; the reference's keep their old names
+            ident += f"|augmentation:{augmentation}"
         if self.compute_dtype != "fp32":  # other numerics, other features; fp32 namespaces keep their old names
             ident += f"|compute:{self.compute_dtype}"
         return self.root / hashlib.blake2b(ident.encode(), digest_size=12).hexdigest()

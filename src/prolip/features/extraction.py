@@ -45,9 +45,9 @@ def center_views(prep) -> ViewMaker:
     return lambda image, key, t: transform(image)
 
 
-def augmented_views(prep, aug_seed: int) -> ViewMaker:
+def augmented_views(prep, aug_seed: int, augmentation: str = "prolip") -> ViewMaker:
     """The cached training views: view t seeded per (aug_seed, image key, t), so any request gets the same views."""
-    transform = augment_transform(prep)
+    transform = augment_transform(prep, augmentation)
     return lambda image, key, t: augmented_view(image, prep, view_seed(aug_seed, key, t), transform)
 
 

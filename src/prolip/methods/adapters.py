@@ -93,6 +93,7 @@ class _ResidualMLPMethod(Method):
 @register
 class CLIPAdapter(_ResidualMLPMethod):
     name = "clip-adapter"
+    augmentation = "dassl"  # Dassl's random_resized_crop (INPUT.RRCROP_SCALE 0.08–1) + random_flip
     constraints = {
         "ratio": FRACTION, "reduction": POSITIVE_INT, "lr": LEARNING_RATE, "epochs": NON_NEGATIVE_INT,
         "batch_size": POSITIVE_INT, "weight_decay": NON_NEGATIVE, "momentum": NON_NEGATIVE,
@@ -160,6 +161,7 @@ def taskres_epochs(shots: int) -> int:
 @register
 class TaskRes(Method):
     name = "taskres"
+    augmentation = "dassl"  # Dassl's random_resized_crop (INPUT.RRCROP_SCALE 0.08–1) + random_flip
     # train_regular.sh: RESIDUAL_SCALE 1.0 for Flowers (0.5 elsewhere); the adam_lr2e-4 configs for ImageNet.
     dataset_defaults = {"OxfordFlowers": {"alpha": 1.0}, "ImageNet": {"lr": 2e-4}}
     constraints = {

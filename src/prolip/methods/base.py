@@ -139,6 +139,9 @@ class Method(ABC):
     exposes_projection: ClassVar[bool] = False
     learns: ClassVar[bool] = True
     encodes_images: ClassVar[bool] = False
+    # Which cached augmented views it trains on (prolip.transforms.AUGMENTATIONS): "prolip" (RandomResizedCrop
+    # scale 0.5–1, the ProLIP reference's) or "dassl" (scale 0.08–1, what the Dassl-based originals train on).
+    augmentation: ClassVar[str] = "prolip"
     selects: ClassVar[str] = ""
     validation_params: ClassVar[dict[str, Any]] = {}
     constraints: ClassVar[dict[str, Constraint]] = {}

@@ -55,6 +55,7 @@ def phr_update(violation: Tensor, multipliers: Tensor, rho: Tensor) -> tuple[Ten
 @register
 class ZSLP(Method):
     name = "zs-lp"
+    augmentation = "dassl"  # Dassl's random_resized_crop (INPUT.RRCROP_SCALE 0.08–1) + random_flip
     constrained = False
     constraints = {
         "lr": LEARNING_RATE, "epochs": NON_NEGATIVE_INT, "batch_size": POSITIVE_INT, "views": POSITIVE_INT,
