@@ -6,7 +6,7 @@ the message names the file and the key), because a typo in a sweep that runs for
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,20 @@ class TTA:
     tpt: bool = False
     ensemble: bool = False
     train_on: str | None = None  # where a prolip start W is fitted (e.g. imagenet for its variants); default: itself
+    zero: bool = False  # ZERO's row: the confident views' argmax vote (prolip.tta_methods)
+    zero_gamma: float = 0.3  # ZERO's share of confident views (ttas/zero.py:23)
+    tda: bool = False  # TDA's row: dynamic caches over a test stream, per-dataset settings
+    tda_orders: list[int] = field(default_factory=lambda: [1, 2, 3])  # seeds of the stream orders TDA runs
+
+    def setting(self) -> dict[str, Any]:
+        """What a TTA record says about its setting: every key, except the ZERO and TDA ones while those rows are
+        off (so records written before they existed keep their cell ids)."""
+        out = asdict(self)
+        for row, keys in (("zero", ("zero", "zero_gamma")), ("tda", ("tda", "tda_orders"))):
+            if not out[row]:
+                for key in keys:
+                    out.pop(key)
+        return out
 
 
 @dataclass
@@ -122,7 +136,9 @@ _TOP = {
 _SENSITIVITY = {"lrs": ("list[num]", "a list of numbers"), "lams": ("list[num]", "a list of numbers")}
 _TTA = {"views": (int, "an integer"), "ratio": (_NUM, "a number"), "steps": (int, "an integer"),
         "lr": (_NUM, "a number"), "seed": (int, "an integer"), "max_images": (int, "an integer"),
-        "tpt": (bool, "true or false"), "ensemble": (bool, "true or false"), "train_on": (str, "a dataset name")}
+        "tpt": (bool, "true or false"), "ensemble": (bool, "true or false"), "train_on": (str, "a dataset name"),
+        "zero": (bool, "true or false"), "zero_gamma": (_NUM, "a number"), "tda": (bool, "true or false"),
+        "tda_orders": ("list[int]", "a list of integer seeds")}
 
 
 def _type_ok(value: Any, kind: Any) -> bool:
@@ -254,6 +270,9 @@ def _check_values(exp: Experiment, source: str) -> None:
     if exp.protocol == "tta":
         if exp.tta.views < 1 or not 0 < exp.tta.ratio <= 1:
             raise ExperimentError(f"{source}: tta: 'views' must be ≥ 1 and 'ratio' in (0, 1]")
+        if not 0 < exp.tta.zero_gamma <= 1 or (exp.tta.tda and not exp.tta.tda_orders):
+            raise ExperimentError(f"{source}: tta: 'zero_gamma' must be in (0, 1] and 'tda_orders' must list at least "
+                                  f"one seed")
         for i, m in enumerate(exp.methods):
             if not method_class(m.name).exposes_projection:
                 raise ExperimentError(f"{source}: methods[{i}]: the tta protocol adapts a projection W, so it starts "

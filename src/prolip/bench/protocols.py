@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from prolip.episode import (
 )
 from prolip.functional import accuracy
 from prolip.methods import Method, configure, create, method_class
+from prolip.methods.base import Support, ViewSource
 
 
 def harmonic_mean(base: float, new: float) -> float:
@@ -100,6 +101,7 @@ class Bench:
         self.ran = self.skipped = 0
         self._splits: dict[str, DatasetSplits] = {}
         self.tta_starts: dict[tuple, Method] = {}  # fitted start methods, shared by every dataset of a TTA run
+        self.costs: dict[int, dict[str, Any]] = {}  # by id of a method fitted here: its cost (see fit_cost)
 
     @property
     def uses_validation(self) -> bool:
@@ -142,8 +144,15 @@ class Bench:
         started = time.perf_counter()
         val = episode.validation if self.validates(m) else None
         method = create(m.name, **hp)
-        method.fit(episode.task, episode.support_for(method), val, seed=seed)
+        support, passes = counted_support(episode.support_for(method))
+        with PeakMemory(self.backbone.device) as memory:
+            method.fit(episode.task, support, val, seed=seed)
+        self.costs[id(method)] = fit_cost(method, passes() + (len(val.labels) if val is not None else 0), memory)
         return method, time.perf_counter() - started
+
+    def cost(self, method: Method) -> dict[str, Any]:
+        """What fitting ``method`` cost besides its seconds (forward passes, peak memory, trainable parameters)."""
+        return dict(self.costs.get(id(method), {}))
 
     # -- records ---------------------------------------------------------------------------------------------
     def record(self, m: MethodSpec, *, dataset: str, shots: int, seed: int | None, templates: tuple[str, list[str]],
@@ -178,6 +187,113 @@ class Bench:
             f" lr {rec['hyperparameters']['lr']:g} λ {rec['hyperparameters']['lam']}"
         score = rec.get("note", "not scored") if acc is None else format(acc, ".2f")
         self.echo(f"{where} {rec['shots']}-shot{seed} {rec['label']}{point}: {score}")
+
+
+# ----------------------------------------------------------------------------------------------- cost
+
+
+class CountedViews:
+    """A ViewSource that remembers which cached views a method read: each is one image-encoder forward pass per
+    support image when the cache is cold, the cost of the features the method consumed."""
+
+    def __init__(self, views: ViewSource):
+        self.inner, self.read = views, set()
+
+    @property
+    def num_views(self) -> int:
+        return self.inner.num_views
+
+    @property
+    def num_images(self) -> int:
+        return self.inner.num_images
+
+    def view(self, t: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.read.add(t % self.inner.num_views)
+        return self.inner.view(t, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # the cache's other helpers (to_tensor, kept, ...)
+        return getattr(self.inner, name)
+
+
+def counted_support(support: Support) -> tuple[Support, Callable[[], int]]:
+    """A copy of ``support`` that counts the features read from it, and a function giving that count (distinct
+    views × images, plus the center crops when read)."""
+    views = CountedViews(support.views)
+    center_read: list[bool] = []
+
+    def center() -> torch.Tensor:
+        center_read.append(True)
+        return support.center_features()
+
+    counted = replace(support, views=views, center=center)
+    return counted, lambda: len(views.read) * views.num_images + (views.num_images if center_read else 0)
+
+
+class PeakMemory:
+    """Peak memory while a block runs, in MB: on a GPU the allocator's peak; on a CPU the process's peak resident
+    set (VmHWM, reset before the block; where it cannot be reset, the process's lifetime peak, said so)."""
+
+    def __init__(self, device: Any):
+        self.device = torch.device(device)
+        self.mb: float | None = None
+        self.measure = "none"
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.measure = "cuda allocator peak"
+        else:
+            self.measure = "process peak RSS" if _reset_peak_rss() else "process lifetime peak RSS"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self.mb = _peak_rss_mb()
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def trainable_parameters(method: Method) -> int | None:
+    """Numbers the fit learned: the method's own count when it gives one, else the size of its fitted state less
+    the frozen task tensors it keeps (ProLIP's W0, a projection bias); 0 for a method that learns nothing."""
+    if not method.learns:
+        return 0
+    own = getattr(method, "trainable_parameters", None)
+    if callable(own):
+        return int(own())
+    task = method.task
+    frozen = {id(t) for t in (task.W0, task.bias, task.classifier, task.text_mean) if t is not None} if task else set()
+    return sum(v.numel() for v in method.state_dict().values() if id(v) not in frozen)
+
+
+def fit_cost(method: Method, features_read: int, memory: PeakMemory) -> dict[str, Any]:
+    """The record fields of a fit's cost. Forward passes: cached features read (support views, center crops,
+    validation images) plus the passes a method that runs the encoder itself reports (``forward_passes_``);
+    None for an encoder-training method that reports none."""
+    own = getattr(method, "forward_passes_", None)
+    passes = None if method.encodes_images and own is None else features_read + (own or 0)
+    return {"forward_passes": passes, "peak_memory_mb": None if memory.mb is None else round(memory.mb, 1),
+            "memory_measure": memory.measure, "trainable_parameters": trainable_parameters(method)}
 
 
 def score(method: Method, features: Features, classifier: torch.Tensor | None = None) -> float | None:
@@ -231,7 +347,8 @@ class FewShot(Protocol):
             method, seconds = self.b.fit(cell.method, cell.record["hyperparameters"], episode, group.seed)
             acc = score(method, episode.evaluation)
             cell.record.update(accuracy=acc, selected=method.selected_, eval_images=len(episode.evaluation),
-                               eval_set=episode.images.eval_set, support_digest=episode.images.support_digest())
+                               eval_set=episode.images.eval_set, support_digest=episode.images.support_digest(),
+                               **self.b.cost(method))
             if acc is None:
                 cell.record["note"] = NOTHING_TO_SCORE
             yield cell, seconds
@@ -294,7 +411,7 @@ class BaseToNew(Protocol):
             new_acc = score(method, new_features, T_new) if method.accepts_classifier else None
             hm = None if new_acc is None or base_acc is None else harmonic_mean(base_acc, new_acc)
             cell.record.update(base=base_acc, new=new_acc, hm=hm, accuracy=hm, selected=method.selected_,
-                               base_classes=len(base), new_classes=len(new))
+                               base_classes=len(base), new_classes=len(new), **self.b.cost(method))
             if not method.accepts_classifier:
                 cell.record["note"] = f"{cell.method.name} cannot score classes it was not trained on"
             yield cell, seconds
@@ -336,7 +453,8 @@ class Transfer(Protocol):
                 if not method.accepts_classifier:
                     cell.record["note"] = f"{cell.method.name} cannot score another dataset's classes"
             cell.record.update(accuracy=acc, selected=method.selected_, eval_images=len(features),
-                               num_classes=len(self.b.splits(cell.target or source.name).classnames))
+                               num_classes=len(self.b.splits(cell.target or source.name).classnames),
+                               **self.b.cost(method))
             yield cell, seconds + time.perf_counter() - started
 
 
@@ -347,7 +465,7 @@ class TestTime(Protocol):
 
     def groups(self) -> Iterator[Group]:
         t = self.exp.tta
-        setting = {"tta": asdict(t)}
+        setting = {"tta": t.setting()}
         for dataset in self.exp.datasets:
             splits = self.b.splits(dataset)
             templates = self.b.templates(splits)
@@ -360,7 +478,7 @@ class TestTime(Protocol):
                     rec = self.b.record(spec, dataset=splits.name, shots=shots, seed=seed, templates=templates,
                                         setting=setting)
                     cells.append(Cell(m, rec, extra={"kind": "tta", "shots": shots, "seed": seed}))
-            for kind, on in (("tpt", t.tpt), ("ensemble", t.ensemble)):
+            for kind, on in (("tpt", t.tpt), ("ensemble", t.ensemble), ("zero", t.zero), ("tda", t.tda)):
                 if on:
                     spec = MethodSpec("zeroshot", kind)
                     rec = self.b.record(spec, dataset=splits.name, shots=0, seed=None, templates=templates,

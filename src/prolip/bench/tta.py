@@ -1,19 +1,37 @@
 """The test-time protocol's scoring: every start W (zero-shot W0 or a few-shot method's adapted W) adapted per test
-image on the very same views, plus the optional TPT and view-ensemble rows."""
+image on the very same views, plus the optional TPT, view-ensemble, ZERO and TDA rows.
+
+Each image's views are extracted once and shared by every row. TDA is a stream: its inputs are collected image by
+image, then the stream runs once per seeded order (``tta.tda_orders``); its record holds every order's seed, digest
+and accuracy, their mean (``accuracy``) and their worst (``accuracy_worst``).
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from prolip.bench.protocols import Bench, Cell, Group, balanced_subset
+from prolip.bench.protocols import Bench, Cell, Group, PeakMemory, balanced_subset
 from prolip.episode import evaluation_images
-from prolip.functional import clip_logits
+from prolip.functional import clip_logits, project
 from prolip.methods import method_class
-from prolip.tta import TTAConfig, adapt_projection, tpt_logits, view_ensemble_logits, view_features
+from prolip.tta import TTAConfig, adapt_projection, batched_logits, tpt_logits, view_ensemble_logits, view_features
+from prolip.tta_methods import (
+    TDAInputs,
+    TDASettings,
+    order_digest,
+    stream_order,
+    tda_inputs,
+    tda_settings,
+    tda_stream,
+    zero_votes,
+)
 
 IMAGES_PER_BATCH = 16
 
@@ -43,44 +61,146 @@ def _w0(b: Bench) -> torch.Tensor:
     return b.backbone.projection().weight.detach().float().cpu()
 
 
-def run_tta_group(b: Bench, group: Group, cells: list[Cell]) -> Iterator[tuple[Cell, float]]:
+@dataclass
+class Scene:
+    """What every row of one dataset shares: the text classifier, the frozen bias, the logit scale, the views."""
+
+    classifier: Tensor
+    bias: Tensor | None
+    scale: float
+    cfg: TTAConfig
+    classnames: list[str]
+    zero_gamma: float
+    tda: TDASettings
+    tda_source: str
+
+
+@dataclass
+class Tally:
+    """One row's running counts on the stream of batches."""
+
+    W: Tensor
+    correct: int = 0
+    before: int = 0
+    seconds: float = 0.0
+    tda_parts: list[TDAInputs] = field(default_factory=list)
+
+
+def _row_logits(kind: str, b: Bench, scene: Scene, z: Tensor, tally: Tally) -> Tensor | None:
+    """One batch's logits for a row; None for TDA, whose inputs are collected for the stream instead."""
+    W, cfg = tally.W, scene.cfg
+    if kind == "tta":
+        return adapt_projection(z, W, scene.bias, scene.classifier, scene.scale, cfg)[0]
+    if kind == "tpt":
+        return tpt_logits(b.backbone, z, W, scene.bias, scene.classnames, scene.scale, ratio=cfg.ratio,
+                          steps=cfg.steps)
+    if kind == "zero":
+        return zero_votes(batched_logits(z, W, scene.bias, scene.classifier, scene.scale), scene.zero_gamma)
+    if kind == "tda":
+        embeddings = F.normalize(project(z, W, scene.bias), dim=-1)
+        tally.tda_parts.append(tda_inputs(embeddings, scene.scale, scene.classifier, scene.tda))
+        return None
+    return view_ensemble_logits(z, W, scene.bias, scene.classifier, scene.scale, cfg.ratio)
+
+
+def _scene(b: Bench, dataset: str) -> Scene:
     t = b.exp.tta
-    cfg = TTAConfig(views=t.views, ratio=t.ratio, steps=t.steps, lr=t.lr, seed=t.seed)
-    splits = b.splits(group.dataset)
-    images = balanced_subset(evaluation_images(splits), t.max_images)
-    T = b.builder.classifier(splits.classnames, b.templates(splits)[1])
+    splits = b.splits(dataset)
     bias = b.backbone.projection().bias
-    bias = None if bias is None else bias.detach().float().cpu()
-    scale = float(b.backbone.logit_scale)
-    started = time.perf_counter()
-    starts = {c.record["cell"]: _start(b, c, group.dataset, b.tta_starts) for c in cells}
-    fit_seconds = time.perf_counter() - started
-    correct = dict.fromkeys(starts, 0)
-    before = dict.fromkeys(starts, 0)
-    paths, labels = [it.path for it in images.items], torch.tensor(images.labels)
-    started = time.perf_counter()
-    bar = tqdm(total=len(paths), desc=f"test-time adaptation on {group.dataset}", unit="image", disable=None,
-               leave=False)
+    settings, source = tda_settings(splits.name)
+    return Scene(classifier=b.builder.classifier(splits.classnames, b.templates(splits)[1]),
+                 bias=None if bias is None else bias.detach().float().cpu(), scale=float(b.backbone.logit_scale),
+                 cfg=TTAConfig(views=t.views, ratio=t.ratio, steps=t.steps, lr=t.lr, seed=t.seed),
+                 classnames=list(splits.classnames), zero_gamma=t.zero_gamma, tda=settings, tda_source=source)
+
+
+def _tda_record(b: Bench, tally: Tally, scene: Scene, labels: Tensor) -> dict:
+    """TDA over every seeded stream order: per order its seed, digest and accuracy; their mean and worst."""
+    inputs = TDAInputs.concat(tally.tda_parts)
+    orders = []
+    for seed in b.exp.tta.tda_orders:
+        order = stream_order(len(labels), seed)
+        logits = tda_stream(inputs, order, scene.tda)[0]
+        accuracy = 100.0 * float((logits.argmax(-1) == labels).float().mean())
+        orders.append({"seed": seed, "digest": order_digest(order), "accuracy": accuracy})
+    accuracies = [o["accuracy"] for o in orders]
+    return {"accuracy": sum(accuracies) / len(accuracies), "accuracy_worst": min(accuracies), "stream_orders": orders,
+            "selected": {"how": "rule", "source": scene.tda_source, **scene.tda.as_record()}}
+
+
+def _forward_passes(kind: str, scene: Scene, images: int) -> dict:
+    """Image-encoder passes a row needs per evaluation set (TDA reads one view unless its dataset uses many), and
+    TPT's text-encoder passes (one classifier per step, plus the selection and the final prediction)."""
+    views = min(scene.tda.views, scene.cfg.views) if kind == "tda" else scene.cfg.views
+    out = {"forward_passes": images * views}
+    if kind == "tpt":
+        out["text_forward_passes"] = images * (scene.cfg.steps + 2) * len(scene.classnames)
+    return out
+
+
+def _score_batches(b: Bench, scene: Scene, cells: list[Cell], tallies: dict[str, Tally], paths: list,
+                   labels: Tensor, dataset: str) -> float:
+    """Every row on every batch of images; returns the seconds spent extracting the shared views."""
+    extraction = 0.0
+    bar = tqdm(total=len(paths), desc=f"test-time adaptation on {dataset}", unit="image", disable=None, leave=False)
     for i in range(0, len(paths), IMAGES_PER_BATCH):
-        z = view_features(b.backbone, paths[i : i + IMAGES_PER_BATCH], cfg.views, cfg.seed)
+        started = time.perf_counter()
+        z = view_features(b.backbone, paths[i : i + IMAGES_PER_BATCH], scene.cfg.views, scene.cfg.seed)
+        extraction += time.perf_counter() - started
         y = labels[i : i + IMAGES_PER_BATCH]
         for cell in cells:
-            W, key = starts[cell.record["cell"]], cell.record["cell"]
+            tally = tallies[cell.record["cell"]]
+            started = time.perf_counter()
             with torch.no_grad():
-                before[key] += int((clip_logits(z[:, 0], W, bias, T, scale).argmax(-1) == y).sum())
-            kind = cell.extra["kind"]
-            if kind == "tta":
-                logits = adapt_projection(z, W, bias, T, scale, cfg)[0]
-            elif kind == "tpt":
-                logits = tpt_logits(b.backbone, z, W, bias, splits.classnames, scale, ratio=cfg.ratio, steps=cfg.steps)
-            else:
-                logits = view_ensemble_logits(z, W, bias, T, scale, cfg.ratio)
-            correct[key] += int((logits.argmax(-1) == y).sum())
+                tally.before += int((clip_logits(z[:, 0], tally.W, scene.bias, scene.classifier, scene.scale)
+                                     .argmax(-1) == y).sum())
+            logits = _row_logits(cell.extra["kind"], b, scene, z, tally)
+            if logits is not None:
+                tally.correct += int((logits.argmax(-1) == y).sum())
+            tally.seconds += time.perf_counter() - started
         bar.update(len(y))
     bar.close()
-    seconds = (time.perf_counter() - started) / len(cells)
+    return extraction
+
+
+def run_tta_group(b: Bench, group: Group, cells: list[Cell]) -> Iterator[tuple[Cell, float]]:
+    scene = _scene(b, group.dataset)
+    images = balanced_subset(evaluation_images(b.splits(group.dataset)), b.exp.tta.max_images)
+    started = time.perf_counter()
+    tallies = {c.record["cell"]: Tally(_start(b, c, group.dataset, b.tta_starts)) for c in cells}
+    shared = time.perf_counter() - started
+    paths, labels = [it.path for it in images.items], torch.tensor(images.labels)
+    with PeakMemory(b.backbone.device) as memory:
+        shared += _score_batches(b, scene, cells, tallies, paths, labels, group.dataset)
+        tda = {c.record["cell"]: _tda_stream_timed(b, tallies[c.record["cell"]], scene, labels)
+               for c in cells if c.extra["kind"] == "tda"}
     n = len(paths)
     for cell in cells:
-        key = cell.record["cell"]
-        cell.record.update(accuracy=100.0 * correct[key] / n, start_accuracy=100.0 * before[key] / n, eval_images=n)
-        yield cell, seconds + fit_seconds / len(cells)
+        key, kind = cell.record["cell"], cell.extra["kind"]
+        tally = tallies[key]
+        cell.record.update(accuracy=100.0 * tally.correct / n, start_accuracy=100.0 * tally.before / n, eval_images=n,
+                           peak_memory_mb=None if memory.mb is None else round(memory.mb, 1),
+                           memory_measure=f"{memory.measure}, every row of this dataset",
+                           trainable_parameters=_adapted_per_image(b, kind, tally.W),
+                           **_forward_passes(kind, scene, n))
+        cell.record.update(tda.get(key, {}))  # TDA: its accuracy is the mean over stream orders
+        cell.record.setdefault("selected", {"how": "rule"})  # fixed settings, from each original
+        yield cell, tally.seconds + shared / len(cells)
+
+
+def _adapted_per_image(b: Bench, kind: str, W: Tensor) -> int:
+    """Parameters a row adapts for each test image: test-time ProLIP's W, TPT's context token embeddings; ZERO,
+    TDA and the view ensemble adapt none (TDA's caches are features, not parameters)."""
+    if kind == "tta":
+        return W.numel()
+    if kind == "tpt":
+        embeds, eot = b.backbone.prompt_embeddings(["a photo of a"])  # tpt_logits' ctx_init
+        return int(eot[0] - 1) * embeds.shape[-1]
+    return 0
+
+
+def _tda_stream_timed(b: Bench, tally: Tally, scene: Scene, labels: Tensor) -> dict:
+    started = time.perf_counter()
+    record = _tda_record(b, tally, scene, labels)
+    tally.seconds += time.perf_counter() - started
+    return record
