@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from prolip.backbones.base import Backbone
-from prolip.outputs import (EXPORT_FORMAT, EXPORT_MARKER, HEAD_FILES, OutputExistsError, check_writable,
+from prolip.outputs import (EXPORT_FORMAT, EXPORT_MARKER, HEAD_FILES, RUN_CARD, OutputExistsError, check_writable,
                             is_exported_checkpoint, output_lock, replace_atomically,
                             write_directory, write_file)
 
@@ -146,6 +146,20 @@ def save_classifier_head(classifier: Tensor, classnames: Sequence[str], template
         replace_atomically(meta, lambda tmp: tmp.write_text(text))
         _write_marker(out_dir, [HEAD_WEIGHTS, HEAD_META])
     return weights, meta
+
+
+def save_model_card(card: str, out_dir: str | Path, *, force: bool = False) -> Path:
+    """The run's card as the export's README.md (its model card), listed in the export marker like the head."""
+    out_dir = Path(out_dir)
+    path = out_dir / RUN_CARD
+    with output_lock(out_dir):
+        check_writable(out_dir, force, kind="export", update=True)
+        if path.exists() and not force:
+            raise OutputExistsError(f"{path} already exists; pass force=True (CLI: --force) to overwrite it")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        replace_atomically(path, lambda tmp: tmp.write_text(card, encoding="utf-8"))
+        _write_marker(out_dir, [RUN_CARD])
+    return path
 
 
 def load_classifier_head(out_dir: str | Path) -> tuple[Tensor, list[str], list[str]]:

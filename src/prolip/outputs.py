@@ -32,7 +32,10 @@ EXPORT_MARKER = "prolip-export.json"
 EXPORT_FORMAT = "prolip-export/1"
 HEAD_FILES = ("classifier_head.safetensors", "classifier_head.json")
 BENCH_ANCHORS = ("records.jsonl", "results.md", "results.csv", "results.json")
-KINDS = ("run", "export", "bench")
+RUN_CARD = "README.md"
+EVAL_FORMAT = "prolip-eval/1"
+EVAL_FILES = ("eval.json", "per_class.csv", "confusion_matrix.png")
+KINDS = ("run", "export", "bench", "eval")
 _SAFETENSORS_HEADER_LIMIT = 100 * 2**20  # a larger "header" is not one of our checkpoints
 _OUR_TEMPORARY = re.compile(r"\..+\.tmp(-\d+(-[0-9a-f]+)?)?")  # .<name>.tmp[-<pid>[-<token>]], as the writers name them
 
@@ -48,7 +51,7 @@ class OutputExistsError(OutputError, FileExistsError):
 # ---- what a directory is ---------------------------------------------------------------------------------------
 
 def kind_of(path: Path | str) -> str | None:
-    """What a directory is to prolip: "empty", "run", "export" or "bench" (one it may take over), else None."""
+    """What a directory is to prolip: "empty", "run", "export", "bench" or "eval" (one it may take over), else None."""
     path = Path(path)
     try:
         entries = list(os.scandir(path))
@@ -56,7 +59,7 @@ def kind_of(path: Path | str) -> str | None:
         return None
     if not entries:
         return "empty"
-    for kind, test in (("run", _is_run), ("export", _is_export), ("bench", _is_bench)):
+    for kind, test in (("run", _is_run), ("export", _is_export), ("bench", _is_bench), ("eval", _is_eval)):
         if test(path, entries):
             return kind
     return None
@@ -76,7 +79,15 @@ def _is_run(path: Path, entries) -> bool:
     if not (isinstance(manifest, dict) and manifest.get("format") == RUN_FORMAT):
         return False
     # Only run files: a run directory someone put other things into is no longer ours to delete.
-    return all(e.is_file(follow_symlinks=False) and e.name.endswith((".json", ".safetensors")) for e in entries)
+    return all(e.is_file(follow_symlinks=False) and (e.name.endswith((".json", ".safetensors")) or e.name == RUN_CARD)
+               for e in entries)
+
+
+def _is_eval(path: Path, entries) -> bool:
+    report = _read_json(path / EVAL_FILES[0])
+    if not (isinstance(report, dict) and report.get("format") == EVAL_FORMAT):
+        return False
+    return all(e.is_file(follow_symlinks=False) and e.name in EVAL_FILES for e in entries)
 
 
 def _export_listed(path: Path) -> set[str] | None:

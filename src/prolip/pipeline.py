@@ -13,13 +13,15 @@ from typing import Any
 
 import torch
 
-from prolip import __version__
+from prolip import __version__, runcard
 from prolip.backbones.base import Backbone
 from prolip.data.types import DatasetSplits, LabeledImages
+from prolip.diagnostics import diagnose
 from prolip.episode import Episode, EpisodeBuilder, EpisodeSpec, method_logits, task_for
 from prolip.functional import accuracy, clip_logits
 from prolip.methods import Method, configure, create
 from prolip.methods.base import Task
+from prolip.run import FORMAT as RUN_FORMAT
 from prolip.run import Run, RunError
 
 
@@ -52,23 +54,28 @@ class FitResult:
 
 
 def evaluate(method: Method, episode: Episode) -> dict[str, Any]:
-    """Adapted and zero-shot accuracy on the episode's evaluation set (nothing when it is empty)."""
+    """Adapted and zero-shot accuracy on the episode's evaluation set (nothing when it is empty), with the adapted
+    model's top-5 and mean per-class accuracy, its least accurate classes and most confused pairs."""
     ev, task = episode.evaluation, episode.task
     if not len(ev):
         return {"eval_images": 0, "eval_set": episode.images.eval_set}
     with torch.no_grad():
         zero_shot = clip_logits(ev.features, task.W0, task.bias, task.classifier, task.logit_scale)
-        return {"accuracy": accuracy(method_logits(method, ev), ev.labels),
-                "zero_shot_accuracy": accuracy(zero_shot, ev.labels), "eval_images": len(ev),
-                "eval_set": episode.images.eval_set}
+        logits = method_logits(method, ev)
+    diagnosis = diagnose(logits, ev.labels, ev.images.classnames)
+    return {"accuracy": accuracy(logits, ev.labels), "zero_shot_accuracy": accuracy(zero_shot, ev.labels),
+            "eval_images": len(ev), "eval_set": episode.images.eval_set,
+            **{k: diagnosis[k] for k in ("top5_accuracy", "mean_per_class_accuracy", "worst_classes",
+                                         "most_confused")}}
 
 
 def fit(backbone: Backbone, splits: DatasetSplits, cache, config: FitConfig, *,
         eval_images: LabeledImages | None = None, data_spec: str | None = None,
-        announce: Callable[[str], None] | None = None) -> FitResult:
+        announce: Callable[[str], None] | None = None, command: str | None = None) -> FitResult:
     """Sample, cache, train and evaluate one adaptation; returns the run (not yet saved) and its metrics.
 
-    ``announce`` hears what extraction will do before it starts."""
+    ``announce`` hears what extraction will do before it starts; ``command`` (how the fit was asked for) goes
+    into the run card."""
     method = configure(config.method, config.hyperparameters, validate=config.use_validation, dataset=splits.name)
     builder = EpisodeBuilder(backbone, cache, views=config.views, aug_seed=config.aug_seed, announce=announce)
     started = time.perf_counter()
@@ -88,6 +95,7 @@ def fit(backbone: Backbone, splits: DatasetSplits, cache, config: FitConfig, *,
         "method": method.config(),
         "fit": asdict(config),
         "data": {"spec": data_spec, "name": splits.name, "num_classes": len(splits.classnames),
+                 "train_images": len(splits.train) if splits.train is not None else 0,
                  "class_ids": splits.train.class_ids if splits.train is not None else None,
                  "support": _listing(episode.images.support), "support_digest": episode.images.support_digest(),
                  "validation": _listing(episode.images.validation) if config.use_validation else [],
@@ -96,7 +104,8 @@ def fit(backbone: Backbone, splits: DatasetSplits, cache, config: FitConfig, *,
         "metrics": metrics,
     }
     run = Run(manifest=manifest, method_state=method.state_dict(), classifier=episode.task.classifier,
-              classnames=list(splits.classnames), templates=list(splits.templates))
+              classnames=list(splits.classnames), templates=list(splits.templates),
+              card=runcard.render({"format": RUN_FORMAT, **manifest}, command))
     return FitResult(run=run, method=method, metrics=metrics, episode=episode)
 
 

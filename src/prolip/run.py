@@ -7,6 +7,7 @@ Layout::
       method.safetensors     # the fitted method's tensors (ProLIP: adapted W, W0, bias)
       classifier.safetensors # the frozen text classifier T [C, D]
       classnames.json, templates.json
+      README.md              # the run card (prolip.runcard): optional, runs written before it have none
 
 Writes go through :mod:`prolip.outputs`: atomic (assembled under a temporary name beside the target and renamed
 into place, so an interrupted ``fit`` never leaves a half-written run), never over anything but an empty folder
@@ -26,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prolip.data.folder import DataError, check_classnames, check_template
-from prolip.outputs import RUN_FORMAT, write_directory
+from prolip.outputs import RUN_CARD, RUN_FORMAT, write_directory
 
 FORMAT = RUN_FORMAT
 RUN_FILES = ("manifest.json", "method.safetensors", "classifier.safetensors", "classnames.json", "templates.json")
@@ -55,6 +56,7 @@ class Run:
     templates: list[str]
     path: Path | None = None
     extra_json: dict[str, Any] = field(default_factory=dict)
+    card: str | None = None  # README.md: the run card, for people (nothing is ever read back from it)
 
     @property
     def method_name(self) -> str:
@@ -84,6 +86,8 @@ class Run:
         _write_json(folder / "templates.json", self.templates)
         for name, obj in self.extra_json.items():
             _write_json(folder / name, obj)
+        if self.card is not None:
+            (folder / RUN_CARD).write_text(self.card, encoding="utf-8")
 
     @classmethod
     def load(cls, path: Path | str) -> Run:
@@ -94,7 +98,7 @@ class Run:
             raise RunError(f"{path / 'classifier.safetensors'} has no 'classifier' tensor")
         run = cls(manifest=_read_json(path / "manifest.json"), method_state=_read_tensors(path / "method.safetensors"),
                   classifier=classifier["classifier"], classnames=_read_json(path / "classnames.json"),
-                  templates=_read_json(path / "templates.json"), path=path)
+                  templates=_read_json(path / "templates.json"), path=path, card=_read_card(path))
         validate_run(run, path)
         return run
 
@@ -193,6 +197,13 @@ def _require_complete(path: Path) -> None:
     for needed in RUN_FILES:
         if not (path / needed).is_file():  # is_file(): a FIFO in its place is missing too, never opened
             raise RunError(f"{path} is not a complete prolip run: {needed} is missing")
+
+
+def _read_card(path: Path) -> str | None:
+    card = path / RUN_CARD
+    if not card.is_file():  # is_file(): a FIFO in its place is no card, never opened
+        return None
+    return card.read_text(encoding="utf-8", errors="replace")
 
 
 def _read_json(path: Path) -> Any:

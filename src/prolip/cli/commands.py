@@ -42,6 +42,12 @@ def cache_options(f):
     return f
 
 
+def label_key_option(f):
+    return click.option("--label-key", default=None,
+                        help="tar shards: the member holding each sample's class index [default: cls]; hf: datasets: "
+                             "the label column [default: its ClassLabel column]")(f)
+
+
 def data_options(f):
     f = click.option("--templates", "templates_file", type=click.Path(path_type=Path), default=None,
                      help="prompt templates file, one per line, each containing {}")(f)
@@ -101,11 +107,12 @@ def _cache(backbone, cache_dir, batch_size, workers, on_bad_image, extract_dtype
         _fail(str(e))
 
 
-def _resolve(data, data_root, classnames_file, templates_file):
+def _resolve(data, data_root, classnames_file, templates_file, split=None, label_key=None):
     from prolip.data import resolve_data
 
     try:
-        return resolve_data(str(data), root=data_root, classnames_file=classnames_file, templates_file=templates_file)
+        return resolve_data(str(data), root=data_root, classnames_file=classnames_file, templates_file=templates_file,
+                            split=split, label_key=label_key)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
 
@@ -146,7 +153,11 @@ def check_device(device: str) -> None:
 
 
 @click.command("fit")
-@click.option("--data", required=True, help="image folder, CSV/JSON image list, CoOp dataset folder or benchmark name")
+@click.option("--data", required=True,
+              help="image folder, CSV/JSON image list, CoOp dataset folder, benchmark name, tar shards "
+                   "('shards/train-{000000..000009}.tar') or a Hugging Face dataset on disk (hf:/path)")
+@click.option("--split", "train_split", default=None,
+              help="hf: datasets: the split to draw the shots from [default: train] (its test split is evaluated)")
 @click.option("--shots", type=click.IntRange(min=1), default=16, show_default=True,
               help="labelled images per class (N)")
 @click.option("--seed", default=1, show_default=True, help="few-shot sampling and training seed")
@@ -174,21 +185,22 @@ def check_device(device: str) -> None:
               help="run directory to write")
 @click.option("--force", is_flag=True, help="replace --out if it is an earlier prolip run (or empty)")
 @click.option("--json", "as_json", is_flag=True, help="print the metrics as JSON")
+@label_key_option
 @data_options
 @cache_options
 @backbone_options
-def fit_cmd(data, shots, seed, method, views, hp_pairs, lr, lam, steps, precision, validate, sampler, allow_fewer,
-            val_dir, aug_seed, out, force, as_json, data_root, classnames_file, templates_file, cache_dir, batch_size,
-            workers, extract_dtype, on_bad_image, model, pretrained, device):
+def fit_cmd(data, train_split, shots, seed, method, views, hp_pairs, lr, lam, steps, precision, validate, sampler,
+            allow_fewer, val_dir, aug_seed, out, force, as_json, label_key, data_root, classnames_file, templates_file,
+            cache_dir, batch_size, workers, extract_dtype, on_bad_image, model, pretrained, device):
     """Cache features, train a method on N shots per class, evaluate, and save a run directory."""
-    from prolip import pipeline
+    from prolip import pipeline, runcard
     from prolip.methods import configure
 
     hp = _hyperparameters({"lr": lr, "lam": lam, "steps": steps, "precision": precision}, hp_pairs)
     check_device(device)
     configure(method, hp, validate=validate)  # a bad method or hyperparameter fails before any work
     _reserve_out(out, force, _data_read(data, data_root, classnames_file, templates_file, val_dir), "run")
-    splits = _resolve(data, data_root, classnames_file, templates_file)
+    splits = _resolve(data, data_root, classnames_file, templates_file, train_split, label_key)
     eval_images = _val_images(val_dir, classnames_file, splits)
     rank, _ = init_from_env(device)  # under torchrun: extraction and the grid search are split across processes
     backbone = _load_backbone(model, pretrained, device)
@@ -197,7 +209,8 @@ def fit_cmd(data, shots, seed, method, views, hp_pairs, lr, lam, steps, precisio
                                 aug_seed=aug_seed, sampler=sampler, allow_fewer=allow_fewer, use_validation=validate)
     try:
         result = pipeline.fit(backbone, splits, cache, config, eval_images=eval_images, data_spec=str(data),
-                              announce=lambda line: click.echo(line, err=True) if rank == 0 else None)
+                              announce=lambda line: click.echo(line, err=True) if rank == 0 else None,
+                              command=runcard.command_line())
     except ValueError as e:
         _fail(str(e))
     _report_skips(result.run.manifest, [splits.train, eval_images], on_bad_image, out, splits.classnames)
@@ -243,22 +256,30 @@ def _report_metrics(metrics, backbone, as_json, out=None):
 @click.option("--tta", is_flag=True, help="test-time ProLIP on each image (64 views, one step)")
 @click.option("--tta-views", type=click.IntRange(min=1), default=64, show_default=True,
               help="views per image for --tta")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="print JSON: the metrics, the per-class table and the confusion matrix")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="also write eval.json, per_class.csv and confusion_matrix.png into this folder")
+@click.option("--force", is_flag=True, help="replace --out if it is an earlier prolip evaluation (or empty)")
+@label_key_option
 @click.option("--classnames", "classnames_file", type=click.Path(path_type=Path), default=None,
               help="class names file (one per line, in sorted folder order)")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
               help="root folder of the benchmark datasets (CoOp layout) when --data names a benchmark")
 @cache_options
 @click.option("--device", default="cpu", show_default=True)
-def eval_cmd(run_dir, data, split, tta, tta_views, as_json, classnames_file, data_root, cache_dir, batch_size,
-             workers, extract_dtype, on_bad_image, device):
-    """Evaluate a saved run on a dataset (the run's own support and validation images are left out)."""
+def eval_cmd(run_dir, data, split, tta, tta_views, as_json, out, force, label_key, classnames_file, data_root,
+             cache_dir, batch_size, workers, extract_dtype, on_bad_image, device):
+    """Evaluate a saved run on a dataset (the run's own support and validation images are left out): top-1, top-5,
+    mean per-class accuracy, the worst classes and the most confused pairs."""
     from prolip.episode import EpisodeBuilder, method_logits
     from prolip.functional import accuracy
 
     check_device(device)
     run = _load_run(run_dir)
-    splits = _resolve(data, data_root, classnames_file, None)
+    if out is not None:
+        _reserve_out(out, force, [*_data_read(data, data_root, classnames_file), run_dir], "eval")
+    splits = _resolve(data, data_root, classnames_file, None, label_key=label_key)
     images, excluded = _eval_images(splits, split, run, data)
     backbone = _backbone_for_run(run, device)
     method = _method_for_run(backbone, run)
@@ -274,11 +295,50 @@ def eval_cmd(run_dir, data, split, tta, tta_views, as_json, classnames_file, dat
     skips = {"skipped_images": [[str(p), r] for p, r in skipped]}
     _report_skips(skips, [images], on_bad_image)
     metrics.update(skips)
+    report = _eval_report(backbone, run, run_dir, metrics, logits, labels)
+    if out is not None:
+        _write_eval(report, out, force)
     if as_json:
-        click.echo(json.dumps({"backbone": backbone.info.describe(), "run": str(run_dir), **metrics}, indent=2))
+        click.echo(json.dumps(report, indent=2))
     else:
-        note = " (RANDOM weights)" if backbone.info.random_weights else ""
-        click.echo(f"accuracy {metrics['accuracy']:.2f}% on {metrics['eval_images']} {metrics['eval_set']}{note}")
+        _echo_eval(report, backbone)
+
+
+def _eval_report(backbone, run, run_dir, metrics, logits, labels) -> dict:
+    """What `eval` reports: the metrics, then the adapted model's diagnostics (per-class table, confusion matrix)."""
+    from prolip.diagnostics import diagnose
+
+    diagnosis = diagnose(logits, labels, run.classnames)
+    diagnosis.pop("accuracy")  # the metrics' own, computed as everywhere else
+    return {"backbone": backbone.info.describe(), "run": str(run_dir), **metrics, **diagnosis}
+
+
+def _echo_eval(report: dict, backbone) -> None:
+    from prolip.diagnostics import summary_lines
+
+    note = " (RANDOM weights)" if backbone.info.random_weights else ""
+    click.echo(f"accuracy {report['accuracy']:.2f}% on {report['eval_images']} {report['eval_set']}{note}")
+    top5, mean = report["top5_accuracy"], report["mean_per_class_accuracy"]
+    click.echo(f"top-5 {'n/a (5 classes or fewer)' if top5 is None else f'{top5:.2f}%'}  mean per-class "
+               f"{'n/a' if mean is None else f'{mean:.2f}%'}")
+    for line in summary_lines(report):
+        click.echo(line)
+
+
+def _write_eval(report: dict, out: Path, force: bool) -> None:
+    """eval.json (the report), per_class.csv and confusion_matrix.png, written as one folder (atomically)."""
+    from prolip.diagnostics import write_eval_files
+    from prolip.outputs import EVAL_FORMAT, write_directory
+
+    def fill(folder: Path) -> None:
+        (folder / "eval.json").write_text(json.dumps({"format": EVAL_FORMAT, **report}, indent=2) + "\n")
+        write_eval_files(report, folder, title=Path(report["run"]).name)
+
+    try:
+        write_directory(out, fill, force=force, kind="eval")
+    except ValueError as e:
+        _fail(str(e))
+    click.echo(f"wrote {out / 'eval.json'}, per_class.csv and confusion_matrix.png", err=True)
 
 
 def _eval_images(splits, split, run, data):
@@ -455,6 +515,8 @@ def export_cmd(run_dir, out, fmt, force, device):
             out.mkdir(parents=True, exist_ok=True)
             written = export.export_open_clip(backbone, tensors, out / "open_clip_model.safetensors", force=force)
         export.save_classifier_head(run.classifier, run.classnames, run.templates, out, force=force)
+        if run.card is not None:  # the run card, beside the checkpoint as its model card
+            export.save_model_card(run.card, out, force=force)
     except (FileExistsError, ValueError) as e:
         _fail(str(e))
     click.echo(f"exported {fmt} checkpoint to {written}")
@@ -468,15 +530,16 @@ def export_cmd(run_dir, out, fmt, force, device):
 @click.option("--aug-seed", default=0, show_default=True)
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
               help="root folder of the benchmark datasets (CoOp layout) when --data names a benchmark")
+@label_key_option
 @cache_options
 @backbone_options
-def extract_cmd(data, split, views, aug_seed, data_root, cache_dir, batch_size, workers, extract_dtype, on_bad_image,
-                model, pretrained, device):
+def extract_cmd(data, split, views, aug_seed, data_root, label_key, cache_dir, batch_size, workers, extract_dtype,
+                on_bad_image, model, pretrained, device):
     """Fill the feature cache ahead of time (works under torchrun: images are sharded across processes)."""
     from prolip.features import extract_dataset
 
     check_device(device)
-    splits = _resolve(data, data_root, None, None)
+    splits = _resolve(data, data_root, None, None, label_key=label_key)
     wanted = ["train", "val", "test"] if split == "all" else [split]
     if split != "all" and getattr(splits, split) is None:
         _fail(f"--split {split}: --data {data} has no {split} split (a plain folder or list has only its images: "

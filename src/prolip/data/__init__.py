@@ -6,18 +6,34 @@ from pathlib import Path
 from prolip.data.benchmarks import BENCHMARKS, TEMPLATES, canonical_name, load_benchmark, load_benchmark_folder
 from prolip.data.folder import (DataError, is_image_file, read_classnames, read_image_folder, read_image_list,
                                 read_templates)
+from prolip.data.hf_datasets import hf_read, is_hf_spec, load_hf
 from prolip.data.images import BadImageError, load_image
 from prolip.data.sampling import FewShotSplit, NotEnoughImagesError, base_new_split, relabel, sample_few_shot
-from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
+from prolip.data.types import DatasetSplits, ImageItem, LabeledImages, Member, member_of
+from prolip.data.webdataset import is_shard_spec, load_shards, shards_read
 
 
-def resolve_data(spec: str, *, root: Path | str | None = None, classnames_file=None,
-                 templates_file=None) -> DatasetSplits:
-    """What ``--data`` names: a CoOp dataset folder, an image folder, a CSV/JSON list, or a benchmark name.
+def resolve_data(spec: str, *, root: Path | str | None = None, classnames_file=None, templates_file=None,
+                 split: str | None = None, label_key: str | None = None) -> DatasetSplits:
+    """What ``--data`` names: a CoOp dataset folder, an image folder, a CSV/JSON list, a benchmark name,
+    WebDataset tar shards (``shards/train-{000000..000009}.tar`` or a folder of them) or a Hugging Face dataset
+    on disk (``hf:/path``).
 
     ``classnames_file`` renames the classes of every kind of source (in class order, or a JSON {class: name}
-    object); ``templates_file`` replaces the prompt templates.
+    object); ``templates_file`` replaces the prompt templates. ``split`` (hf: datasets) names the split to train
+    on; ``label_key`` the shards' label member (default ``cls``) or the dataset's label column.
     """
+    if is_hf_spec(spec):
+        return load_hf(spec, split=split, label_key=label_key, classnames_file=classnames_file,
+                       templates_file=templates_file)
+    if split is not None:
+        raise DataError(f"--split {split}: only a Hugging Face dataset (--data hf:...) has named splits to choose "
+                        "from; other data keeps its splits by its layout")
+    if is_shard_spec(spec):
+        return load_shards(spec, label_key=label_key, classnames_file=classnames_file, templates_file=templates_file)
+    if label_key is not None:
+        raise DataError(f"--label-key {label_key}: only tar shards and hf: datasets have label keys; --data {spec} "
+                        "is neither")
     path = Path(spec)
     if path.is_dir():
         if any(path.glob("split_zhou_*.json")) or (path / "variants.txt").is_file():
@@ -68,6 +84,10 @@ def paths_read(spec: str, *, root: Path | str | None = None, classnames_file=Non
     for all of ``root``, so outputs may live beside the datasets.
     """
     paths = [Path(p) for p in (classnames_file, templates_file) if p]
+    if is_hf_spec(spec):
+        return [*hf_read(spec), *paths]
+    if is_shard_spec(spec):
+        return [*shards_read(spec), *paths]
     path = Path(spec)
     if path.exists() or path.is_symlink():
         return [path, *paths]
@@ -83,6 +103,6 @@ def paths_read(spec: str, *, root: Path | str | None = None, classnames_file=Non
 
 
 __all__ = ["BENCHMARKS", "TEMPLATES", "BadImageError", "DataError", "DatasetSplits", "FewShotSplit", "ImageItem",
-           "LabeledImages", "NotEnoughImagesError", "base_new_split", "is_image_file", "load_benchmark",
-           "load_image", "paths_read", "read_image_folder", "read_image_list", "read_templates", "relabel",
+           "LabeledImages", "Member", "NotEnoughImagesError", "base_new_split", "is_image_file", "load_benchmark",
+           "load_image", "member_of", "paths_read", "read_image_folder", "read_image_list", "read_templates", "relabel",
            "resolve_data", "sample_few_shot"]

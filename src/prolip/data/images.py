@@ -1,6 +1,12 @@
-"""Decoding images from disk into RGB PIL images, with errors that name the file at fault."""
+"""Decoding images from disk into RGB PIL images, with errors that name the file at fault.
+
+An image may also be a member of a container file (a WebDataset tar shard, a row of a Hugging Face dataset file,
+``prolip.data.types.Member``): it is decoded from the container's bytes, never extracted to disk.
+"""
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import stat
 import struct
@@ -9,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from prolip.data.types import Member, member_of
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -74,18 +82,64 @@ def _open_regular(path: Path):
     raise BadImageError(path, f"{file_kind(mode)}, not a regular file")
 
 
+def stored_member(path: Path | str) -> Member | None:
+    """The container member ``path`` names, or None for an image file (a real file always wins, so a folder
+    image whose name happens to look like a member reads as it always did)."""
+    member = member_of(path)
+    if member is None or os.path.lexists(path):
+        return None
+    return member
+
+
+def member_bytes(member: Member) -> bytes:
+    """The encoded image a member holds; BadImageError naming the member when it cannot be read."""
+    if member.container.suffix.lower() == ".tar":
+        from prolip.data.webdataset import member_bytes as read
+    else:
+        from prolip.data.hf_datasets import row_bytes as read
+    return read(member)
+
+
+def member_key(member: Member) -> str:
+    """Identity of a member: its container's (resolved path, size, modification time), then the member.
+
+    The container comes first in the key, so the feature cache (which works through keys in sorted order) reads
+    one shard or file at a time; rows keep their order within a file, so it reads neighbouring rows together.
+    """
+    container = member.container.resolve()
+    try:
+        st = container.stat()
+    except (OSError, ValueError):
+        raise BadImageError(member.path, f"{member.container} not found") from None
+    where = hashlib.blake2b(f"{container}|{st.st_size}|{st.st_mtime_ns}".encode(), digest_size=8).hexdigest()
+    if member.name.isdecimal():
+        return where + f"{int(member.name):016x}"
+    return where + hashlib.blake2b(member.name.encode(), digest_size=8).hexdigest()
+
+
+def _source(path: Path, member: Member | None):
+    """An open binary file object holding the encoded image (the file itself, or the member's bytes)."""
+    if member is None:
+        return _open_regular(path)
+    data = member_bytes(member)
+    if not data:
+        raise BadImageError(path, "empty member (0 bytes)")
+    return io.BytesIO(data)
+
+
 def load_image(path: Path | str) -> Image.Image:
     """Decode ``path`` to an RGB image: EXIF orientation applied, first frame of animations, alpha on white.
 
     Anything undecodable (missing, empty, corrupt, truncated, not an image, over PIL's decompression-bomb pixel
-    limit, not a regular file) raises ``BadImageError`` naming the file.
+    limit, not a regular file) raises ``BadImageError`` naming the file (or the container member).
     """
     path = Path(path)
+    member = stored_member(path)
     try:
         with warnings.catch_warnings():
             # Over PIL's pixel limit PIL only warns (up to 2x) before decoding gigapixels; refuse instead.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with _open_regular(path) as f, Image.open(f) as im:
+            with _source(path, member) as f, Image.open(f) as im:
                 im.seek(0)
                 im.load()
                 im = ImageOps.exif_transpose(im)
@@ -95,7 +149,7 @@ def load_image(path: Path | str) -> Image.Image:
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise BadImageError(path, f"{e} (raise PIL.Image.MAX_IMAGE_PIXELS if the image is trusted)") from None
     except _DECODE_ERRORS as e:
-        if path.is_file() and path.stat().st_size == 0:
+        if member is None and path.is_file() and path.stat().st_size == 0:
             raise BadImageError(path, "empty file (0 bytes)") from None
         if isinstance(e, UnidentifiedImageError):  # its own text shows the file object, not the file
             raise BadImageError(path, "not an image PIL can identify") from None

@@ -1,14 +1,54 @@
 """Plain data types shared by readers, samplers, the feature cache and the CLI."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+# What separates a container file from the image inside it in a member's path: "shard.tar::sample01.jpg".
+MEMBER_SEPARATOR = "::"
+# The files that hold images of their own: WebDataset tar shards, and the parquet / arrow files of a Hugging Face
+# dataset.
+CONTAINER_SUFFIXES = (".tar", ".parquet", ".arrow")
+
+
+@dataclass(frozen=True)
+class Member:
+    """An image that is not a file of its own: a member of a tar shard, or a row of a dataset file.
+
+    Its ``path`` is ``<container>::<name>``, an ordinary path value, so it travels wherever an image path does
+    (``ImageItem``, the feature cache, run manifests, ``prolip predict``), and ``load_image`` / ``image_key``
+    find their way back to the container from it.
+    """
+
+    container: Path
+    name: str  # the tar member's name, or the row number in the dataset file
+
+    @property
+    def path(self) -> Path:
+        return Path(f"{self.container}{MEMBER_SEPARATOR}{self.name}")
+
+
+def member_of(path: Path | str) -> Member | None:
+    """The member a path names (``<shard>.tar::<member>``, ``<file>.parquet::<row>``), None for a plain path.
+
+    The container is the first prefix ending in a container suffix, so neither a folder nor a member name
+    holding the separator confuses it.
+    """
+    text = os.fspath(path)
+    start = text.find(MEMBER_SEPARATOR)
+    while start >= 0:
+        name = text[start + len(MEMBER_SEPARATOR):]
+        if text[:start].lower().endswith(CONTAINER_SUFFIXES) and name:
+            return Member(Path(text[:start]), name)
+        start = text.find(MEMBER_SEPARATOR, start + 1)
+    return None
+
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One labelled image on disk. ``label`` indexes the owning dataset's ``classnames``."""
+    """One labelled image: a file, or a ``Member`` path. ``label`` indexes the owning dataset's ``classnames``."""
 
     path: Path
     label: int

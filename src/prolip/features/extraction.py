@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from prolip.data.images import BadImageError, load_image
+from prolip.data.images import BadImageError, load_image, member_key, stored_member
 from prolip.transforms import SeededCropFlip, augment_transform, augmented_view, center_transform, view_seed
 
 COMPUTE_DTYPES = ("fp32", "bf16")  # what the backbone computes in (the cache stores float16 either way)
@@ -29,7 +29,11 @@ ViewMaker = Callable[[object, Hashable, int], Tensor]
 
 
 def image_key(path: Path | str) -> str:
-    """Identity of an image file: resolved path, size and modification time (a changed file is a new image)."""
+    """Identity of an image file: resolved path, size and modification time (a changed file is a new image); of a
+    container member (tar shard, dataset row): its container's identity and the member."""
+    member = stored_member(path)
+    if member is not None:
+        return member_key(member)
     p = Path(path).resolve()
     try:
         st = p.stat()
