@@ -686,6 +686,131 @@ def plot_sensitivity(rows: list[dict[str, Any]], path: Path) -> bool:
     return _save(sensitivity_figure(rows), path)
 
 
+# ----------------------------------------------------------------------------------------------- per dataset
+
+def _learns(method: Any) -> bool | None:
+    """Whether a row's method learns from the shots (zero-shot CLIP does not); None when the row mixes methods or
+    names one this installation does not have."""
+    from prolip.methods import method_class
+
+    try:
+        return bool(method_class(method).learns) if isinstance(method, str) else None
+    except ValueError:
+        return None
+
+
+def _baseline_key(row: dict) -> tuple:
+    return _section_key(row) + (row.get("source"), row["dataset"], canonical(row["shots"]))
+
+
+def zero_shot_gains(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per dataset and shots, each learning line's mean accuracy minus zero-shot CLIP's on the same dataset, shots,
+    backbone, protocol, sampler and templates (both means over seeds); lines without such a zero-shot row are left
+    out."""
+    base = {_baseline_key(r): r for r in rows
+            if r["kind"] == "dataset" and r.get("mean") is not None and _learns(r.get("method")) is False}
+    gains = []
+    for r in rows:
+        zero = base.get(_baseline_key(r)) if r["kind"] in ("dataset", "group") else None
+        if zero is not None and r.get("mean") is not None and _learns(r.get("method")):
+            gains.append({"row": r, "dataset": r["dataset"], "shots": r["shots"], "accuracy": r["mean"],
+                          "zero_shot": zero["mean"], "gain": r["mean"] - zero["mean"]})
+    return gains
+
+
+def _dataset_table(rows: list[dict], dataset: str, names: dict, gains: dict, notes: Footnotes) -> list[str]:
+    here = [r for r in rows if r["dataset"] == dataset]
+    shots = sorted({r["shots"] for r in here}, key=numeric_order)
+    without_shots = lambda r: _line_key(r)[:-1]  # shots is the last field of a line
+    cells = {(without_shots(r), canonical(r["shots"])): r for r in here}
+    out = ["", f"### {dataset}", "", "| method | " + " | ".join(f"{s}-shot" for s in shots) + " |",
+           "|---|" + "---:|" * len(shots)]
+    for key, r in _lines(here, without_shots):
+        values = []
+        for s in shots:
+            row = cells.get((key, canonical(s)))
+            gain = gains.get(id(row))
+            values.append(_cell(row, notes) + (f" ({gain:+.2f})" if gain is not None else ""))
+        out.append(f"| {names[_line_key(r)]} | " + " | ".join(values) + " |")
+    return out
+
+
+def per_dataset_markdown(rows: list[dict[str, Any]]) -> str:
+    """One table per dataset (lines × shots) in every section, each learning line's gain over zero-shot CLIP in
+    brackets: the per-dataset view the averages hide."""
+    gains = {id(g["row"]): g["gain"] for g in zero_shot_gains(rows)}
+    sections: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["kind"] in ("dataset", "group"):
+            sections[_section_key(r)].append(r)
+    out = ["", "# Per dataset", "", "Top-1 accuracy (%) on each dataset: mean ± population std over seeds; in brackets "
+           "the gain over zero-shot CLIP (percentage points) at the same shots and setting."]
+    for key in sorted(sections, key=str):
+        notes, names, rs = Footnotes(), display_names(sections[key]), sections[key]
+        out += ["", f"## {_section_title(key)}"]
+        for dataset in sorted({r["dataset"] for r in rs}):
+            out += _dataset_table(rs, dataset, names, gains, notes)
+        out += notes.lines()
+    return "\n".join(out) + "\n"
+
+
+def _gain_panels(rows: list[dict]) -> dict[tuple, dict[str, dict[tuple[str, str], float]]]:
+    """(section title, shots) → line name → {(dataset): gain}, with each line's mean over its datasets."""
+    panels: dict[tuple, dict] = defaultdict(lambda: defaultdict(dict))
+    names = display_names(rows)
+    for g in zero_shot_gains(rows):
+        r = g["row"]
+        panels[(_panel_title(r), g["shots"])][names[_line_key(r)]][g["dataset"]] = g["gain"]
+    for lines in panels.values():
+        for gains in lines.values():
+            gains["average"] = statistics.fmean(gains.values())
+    return panels
+
+
+def _gain_heatmap(ax, lines: dict[str, dict[str, float]], columns: list[str], norm, cmap, span: float) -> None:
+    grid = [[gains.get(d) for d in columns] for gains in lines.values()]
+    ax.imshow([[math.nan if v is None else v for v in row] for row in grid], cmap=cmap.with_extremes(bad="0.85"),
+              norm=norm, aspect="auto")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, "–" if v is None else f"{v:+.1f}", ha="center", va="center", fontsize=7,
+                    color="white" if v is not None and abs(v) > 0.6 * span else "black")
+    ax.set_xticks(range(len(columns)), columns, rotation=35, ha="right", rotation_mode="anchor", fontsize=7)
+    ax.set_yticks(range(len(lines)), list(lines), fontsize=7)
+
+
+def gain_figure(rows: list[dict[str, Any]]):
+    """Gain over zero-shot CLIP per dataset (percentage points): one heatmap per backbone and shot count, a row per
+    learning method line, a column per dataset and their average, on one diverging colour scale centred on 0.
+    None: no line has a zero-shot row to compare with."""
+    panels = _gain_panels(rows)
+    if not panels:
+        return None
+    plt = _pyplot()
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import TwoSlopeNorm
+
+    values = [v for lines in panels.values() for gains in lines.values() for v in gains.values()]
+    span = max(1.0, max(abs(v) for v in values))
+    norm, cmap = TwoSlopeNorm(0.0, -span, span), plt.get_cmap("RdBu")
+    columns = sorted({d for lines in panels.values() for gains in lines.values() for d in gains} - {"average"})
+    columns.append("average")
+    height = max(len(lines) for lines in panels.values())
+    fig, axes = plt.subplots(len(panels), 1, figsize=(4.0 + 0.75 * len(columns), (0.45 * height + 1.6) * len(panels)),
+                             squeeze=False, layout="constrained")
+    order = sorted(panels, key=lambda k: (k[0], numeric_order(k[1])))
+    for ax, (title, shots) in zip(axes[:, 0], order, strict=True):
+        _gain_heatmap(ax, panels[(title, shots)], columns, norm, cmap, span)
+        ax.set_title(f"{title}, {shots}-shot", fontsize=9)
+    fig.colorbar(ScalarMappable(norm, cmap), ax=axes, shrink=0.8,
+                 label="gain over zero-shot CLIP (percentage points), mean over seeds")
+    return fig
+
+
+def plot_gains(rows: list[dict[str, Any]], path: Path) -> bool:
+    return _save(gain_figure(rows), path)
+
+
 # ----------------------------------------------------------------------------------------------- files
 
 CSV_FIELDS = ["protocol", "model", "weights", "random_weights", "sampler", "templates_name", "source", "kind",
@@ -708,7 +833,7 @@ def write_report(records: list[dict[str, Any]], out: Path | str) -> dict[str, Pa
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(records)
     paths = {"markdown": out / "results.md", "csv": out / "results.csv", "json": out / "results.json"}
-    paths["markdown"].write_text(markdown(rows))
+    paths["markdown"].write_text(markdown(rows) + per_dataset_markdown(rows))
     with open(paths["csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
@@ -720,4 +845,6 @@ def write_report(records: list[dict[str, Any]], out: Path | str) -> dict[str, Pa
             paths[f"plot_{protocol}"] = out / name
     if plot_sensitivity(rows, out / "sensitivity_heatmap.png"):
         paths["heatmap"] = out / "sensitivity_heatmap.png"
+    if plot_gains(rows, out / "gain_over_zeroshot.png"):
+        paths["gain"] = out / "gain_over_zeroshot.png"
     return paths
