@@ -19,6 +19,12 @@ shares every tensor it does not train with it, so a last-layer copy costs one bl
 The trained encoder scores center crops with CLIP's logits ``s · normalize(z W + b) · Tᵀ``: the same argmax as the
 reference's unnormalised test logits (Full_FT.py:121-131; it normalises on ImageNet, :156), and exactly zero-shot
 CLIP before any step. Training runs in float32 (the reference runs the float16 model).
+
+Methods that train something else through the encoders (CLIP-LoRA) use the same loop with a few settings: an
+``adapt`` hook that installs new modules on the trained copy and names their parameters (put in training mode
+while training, so their own dropout acts; the rest of the model stays in eval mode), a text classifier recomputed
+from the copy at every step (when the text encoder trains too), AdamW with weight decay, a floor under the cosine,
+a number of iterations rather than epochs, CLIP's normalised logits and another augmentation.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,6 +53,10 @@ from prolip.transforms import augment_transform, augmented_view, view_seed
 
 # Which parameters of a backbone train, by their names in ``backbone.model.named_parameters()``.
 ParameterChooser = Callable[[Backbone], Sequence[str]]
+# Installs new trainable modules on a trainable copy and returns the names of their parameters.
+Adapter = Callable[[Backbone], Sequence[str]]
+# The normalised text classifier [C, D] recomputed from the trained copy at every step (a trained text encoder).
+ClassifierFn = Callable[[Backbone], Tensor]
 SCORING_BATCH = 64  # images per forward pass when scoring with a trained encoder
 
 
@@ -63,6 +74,12 @@ class FinetuneSettings:
     aug_seed: int = 0
     proximal: float = 0.0
     workers: int = 0
+    optimizer: str = "adam"  # "adam" (the reference's) or "adamw"
+    weight_decay: float = 0.0
+    min_lr: float = 0.0  # CosineAnnealingLR's eta_min
+    iterations: int | None = None  # train this many steps (as many epochs as they need) instead of ``epochs``
+    head: str = "reference"  # "reference": s·(zW+b)·Tᵀ un-normalised; "clip": s·normalize(zW+b)·Tᵀ
+    augmentation: str = "prolip"  # prolip.transforms.AUGMENTATIONS
 
 
 # ----------------------------------------------------------------------------------------------- pure pieces
@@ -73,6 +90,23 @@ def epoch_batches(num_images: int, batch_size: int, epoch_count: int, seed: int)
     cut into batches of ``batch_size``, the last one partial (a shuffled loader with ``drop_last=False``)."""
     generator = torch.Generator().manual_seed(seed)
     return [list(torch.randperm(num_images, generator=generator).split(batch_size)) for _ in range(epoch_count)]
+
+
+def training_steps(num_images: int, settings: FinetuneSettings) -> list[tuple[int, Tensor]]:
+    """(epoch, support indices) of every optimiser step: ``settings.epochs`` epochs, or, with ``iterations``, the
+    first that many steps of as many epochs as they need."""
+    if settings.iterations is None:
+        epochs = settings.epochs
+    else:
+        epochs = math.ceil(settings.iterations / math.ceil(num_images / settings.batch_size))
+    steps = [(epoch, indices) for epoch, batches in
+             enumerate(epoch_batches(num_images, settings.batch_size, epochs, settings.seed)) for indices in batches]
+    return steps if settings.iterations is None else steps[:settings.iterations]
+
+
+def step_lr(settings: FinetuneSettings, step: int, total: int) -> float:
+    """CosineAnnealingLR(T_max=total, eta_min=min_lr) at 0-based ``step``."""
+    return settings.min_lr + float(cosine_lr(settings.lr - settings.min_lr, step, total))
 
 
 def training_logits(z: Tensor, W: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float) -> Tensor:
@@ -186,11 +220,12 @@ def encoder_with(backbone: Backbone, tensors: Mapping[str, Tensor]) -> Backbone:
 class AugmentedSupport:
     """The support images, decoded once, and their seeded augmented views: view e of image i is the cache's."""
 
-    def __init__(self, paths: Sequence[Path | str], backbone: Backbone, aug_seed: int, workers: int = 0):
+    def __init__(self, paths: Sequence[Path | str], backbone: Backbone, aug_seed: int, workers: int = 0,
+                 augmentation: str = "prolip"):
         self.images = [load_image(p) for p in paths]
         self.keys = [image_key(p) for p in paths]
         self.prep, self.aug_seed = backbone.preprocessing, aug_seed
-        self.transform = augment_transform(self.prep)
+        self.transform = augment_transform(self.prep, augmentation)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="prolip-views") if workers > 0 else None
 
     def view(self, i: int, epoch: int) -> Tensor:
@@ -207,44 +242,73 @@ class AugmentedSupport:
             self.pool.shutdown()
 
 
-def train_image_encoder(backbone: Backbone, choose: ParameterChooser, paths: Sequence[Path | str], labels: Tensor,
-                        classifier: Tensor, logit_scale: float, settings: FinetuneSettings) -> Backbone:
-    """A copy of ``backbone`` with the parameters ``choose(backbone)`` names trained on the images ``paths``
-    (labels [N]) against the text classifier [C, D]; the given backbone is left as it was."""
-    names = list(choose(backbone))
+def adapted_copy(backbone: Backbone, names: Sequence[str], adapt: Adapter | None = None) -> tuple[Backbone, list[str]]:
+    """A trainable copy of ``backbone`` with its parameters ``names`` its own and, when given, the modules
+    ``adapt`` installs; returns it and the names of every parameter that trains."""
     encoder = trainable_copy(backbone, names)
+    return encoder, list(names) + (list(adapt(encoder)) if adapt is not None else [])
+
+
+def _modules_owning(encoder: Backbone, names: Sequence[str]) -> list[torch.nn.Module]:
+    """The modules that directly hold the parameters ``names`` (an installed adapter's own modules)."""
+    modules = dict(encoder.model.named_modules())  # type: ignore[attr-defined]
+    return list({id(m): m for m in (modules[n.rsplit(".", 1)[0]] for n in names)}.values())
+
+
+def _optimizer(params: Sequence[Tensor], settings: FinetuneSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay)
+    return torch.optim.Adam(params, lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay)
+
+
+def train_image_encoder(backbone: Backbone, choose: ParameterChooser, paths: Sequence[Path | str], labels: Tensor,
+                        classifier: Tensor | ClassifierFn, logit_scale: float, settings: FinetuneSettings,
+                        adapt: Adapter | None = None) -> Backbone:
+    """A copy of ``backbone`` with the parameters ``choose(backbone)`` names (and those of the modules ``adapt``
+    installs) trained on the images ``paths`` (labels [N]) against the text classifier [C, D], or the one
+    ``classifier(copy)`` computes at each step; the given backbone is left as it was."""
+    chosen = list(choose(backbone))
+    encoder, names = adapted_copy(backbone, chosen, adapt)
     params = trained_parameters(encoder, names)
-    originals = {n: p.detach() for n, p in model_parameters(backbone).items() if n in params}
+    originals = {n: p.detach() for n, p in model_parameters(backbone).items() if n in chosen}
+    adapters = _modules_owning(encoder, [n for n in names if n not in chosen])
     device = torch.device(backbone.device)
-    labels, classifier = labels.to(device), classifier.to(device, torch.float32)
-    steps = [(epoch, indices) for epoch, batches in
-             enumerate(epoch_batches(len(paths), settings.batch_size, settings.epochs, settings.seed))
-             for indices in batches]
-    optimizer = torch.optim.Adam(list(params.values()), lr=settings.lr, eps=settings.eps)
-    support = AugmentedSupport(paths, backbone, settings.aug_seed, settings.workers)
+    labels = labels.to(device)
+    fixed = None if callable(classifier) else classifier.to(device, torch.float32)
+    steps = training_steps(len(paths), settings)
+    optimizer = _optimizer(list(params.values()), settings)
+    support = AugmentedSupport(paths, backbone, settings.aug_seed, settings.workers, settings.augmentation)
+    for module in adapters:
+        module.train()
     try:
         for step, (epoch, indices) in enumerate(tqdm(steps, desc="fine-tuning", unit="step", disable=None,
                                                      leave=False)):
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(settings.lr, step, len(steps))
+                group["lr"] = step_lr(settings, step, len(steps))
+            T = fixed if fixed is not None else classifier(encoder)  # type: ignore[operator]
             images = support.batch(indices, epoch).to(device)
-            loss = _loss(encoder, images, labels[indices.to(device)], classifier, logit_scale, settings.proximal,
-                         params, originals)
+            loss = _loss(encoder, images, labels[indices.to(device)], T, logit_scale, settings, params, originals)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     finally:
         support.close()
+        for module in adapters:
+            module.eval()
     return frozen_result(encoder, names)
 
 
 def _loss(encoder: Backbone, images: Tensor, labels: Tensor, classifier: Tensor, logit_scale: float,
-          proximal: float, params: Mapping[str, Tensor], originals: Mapping[str, Tensor]) -> Tensor:
+          settings: FinetuneSettings, params: Mapping[str, Tensor], originals: Mapping[str, Tensor]) -> Tensor:
     W, bias = projection_parameters(encoder)
-    logits = training_logits(encode_pre_with_grad(encoder, images), W, bias, classifier, logit_scale)
+    z = encode_pre_with_grad(encoder, images)
+    if settings.head == "clip":
+        logits = clip_logits(z, W, bias, classifier, logit_scale)
+    else:
+        logits = training_logits(z, W, bias, classifier, logit_scale)
     loss = F.cross_entropy(logits, labels)
-    if proximal:
-        loss = loss + proximal * squared_distance(params, originals)
+    if settings.proximal:
+        loss = loss + settings.proximal * squared_distance({n: params[n] for n in originals}, originals)
     return loss
 
 
