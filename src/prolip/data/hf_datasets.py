@@ -218,7 +218,7 @@ def _checked_label(value, where: str, num_classes: int) -> int:
 def _file_items(file: Path, cols: Columns, num_classes: int) -> list[ImageItem]:
     try:
         values = _label_values(file, cols.label)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # a damaged file: pyarrow's errors are both
         raise DataError(f"{file} cannot be read ({e})") from None
     return [ImageItem(Member(file, str(row)).path, _checked_label(v, f"{file}, row {row}", num_classes))
             for row, v in enumerate(values)]
@@ -228,8 +228,10 @@ def _read_split(files: list[Path], label_key: str | None, where: str) -> tuple[C
     """The columns of a split (the same in each of its files)."""
     try:
         found = {f: columns(_schema(f), label_key, str(f)) for f in files}
-    except OSError as e:  # pyarrow's ArrowInvalid (a damaged file) is one
-        raise DataError(f"{where}: a data file cannot be read ({e})") from None
+    except DataError:
+        raise
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid (a damaged file) is a ValueError
+        raise DataError(f"{where}: {', '.join(map(str, files))} cannot be read ({e})") from None
     first = found[files[0]]
     other = next((f for f, c in found.items() if c != first), None)
     if other is not None:
