@@ -32,15 +32,32 @@ def test_dtd10_vit_b16_random_init(tmp_path, vit_b16_file):
     assert cache.stats.forward_passes == 10 * 2 + 20
 
 
-def test_demo_runs_on_a_tiny_model(tmp_path):
+def test_demo_falls_back_to_the_in_house_tiny_clip(tmp_path):
     from prolip.demo import DemoConfig, run_demo
+    from prolip.tiny import TINY_LABEL
 
     lines = []
-    result = run_demo(tmp_path, DemoConfig(model="test-vit-tiny", pretrained="none", shots=(1, 2), views=2,
-                                           test_per_class=3, pool_per_class=2), echo=lines.append)
-    assert any("RANDOMLY" in l or "RANDOM" in l for l in lines)
-    assert [r["shots"] for r in result["rows"]] == [1, 2]
-    assert "| 2 |" in result["table"] and "RANDOM" in result["caption"]
+    # No weights exist for this tag, as none can be had offline: the demo must say so and use prolip-tiny.
+    config = DemoConfig(model="test-vit-tiny", pretrained="openai", domains=("inverted",), shots=(1, 2), views=2,
+                        test_per_class=3, pool_per_class=2, baselines=("linear-probe",))
+    result = run_demo(tmp_path, config, echo=lines.append)
+    assert TINY_LABEL in lines[0] and not any("RANDOM" in line for line in lines)
+    assert TINY_LABEL in result["caption"] and result["lr"] == 1e-2
+    rows = result["domains"]["inverted"]
+    assert [r["shots"] for r in rows] == [1, 2]
+    assert set(rows[0]) == {"shots", "zero-shot", "ProLIP (lr 0.01, λ = 1/N)", "ProLIP (lr 0.01, λ = 0)",
+                            "linear probe (baseline)"}
+    assert "| 2 |" in result["table"] and result["clean_zero_shot"] > 50
     assert result["plot"].stat().st_size > 1000
-    assert (tmp_path / "digits" / "seven").is_dir() and len(list((tmp_path / "digits").iterdir())) == 11
-    assert (result["run"] / "manifest.json").is_file()
+    assert (tmp_path / "digits-inverted" / "seven").is_dir() and len(list((tmp_path / "digits-clean").iterdir())) == 11
+    manifest = (result["runs"][0] / "manifest.json").read_text()
+    assert TINY_LABEL in manifest
+
+
+def test_demo_labels_random_weights_when_asked_for_them(tmp_path):
+    from prolip.demo import DemoConfig, run_demo
+
+    config = DemoConfig(model="test-vit-tiny", pretrained="none", domains=("noisy",), shots=(1,), views=1,
+                        test_per_class=2, pool_per_class=1, baselines=())
+    result = run_demo(tmp_path, config, echo=lambda line: None)
+    assert "RANDOM" in result["caption"] and "RANDOM" in result["backbone"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -19,7 +20,7 @@ from prolip.backbones.openclip import OpenClipBackbone, OpenClipResNet, OpenClip
 
 __all__ = ["Backbone", "BackboneInfo", "BackboneLoadError", "Preprocessing", "ProjectionSite", "OpenClipBackbone",
            "OpenClipViT", "OpenClipResNet", "RandomWeightsWarning", "available_models", "load_backbone",
-           "MODEL_CONFIG_DIR"]
+           "MODEL_CONFIG_DIR", "PROVENANCE_KEY", "LabelledBackboneInfo"]
 
 # Tiny architectures for tests and demos ("test-vit-tiny", "test-rn-tiny"), registered with open_clip.
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
@@ -27,6 +28,30 @@ if str(MODEL_CONFIG_DIR) not in map(str, open_clip.factory._MODEL_CONFIG_PATHS):
     open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 RANDOM_INIT_SEED = 0
+
+# A safetensors file may say what its weights are in this metadata entry (prolip's in-house tiny CLIP does), so that
+# every description of the backbone, run manifest and report carries it next to the file's path.
+PROVENANCE_KEY = "prolip.provenance"
+
+
+@dataclass
+class LabelledBackboneInfo(BackboneInfo):
+    """BackboneInfo for weights whose file declares its provenance; ``describe()`` says it beside the path."""
+
+    provenance: str = ""
+
+    def describe(self) -> str:
+        return f"{self.family}:{self.arch} [{self.provenance}: {self.weights}]"
+
+
+def declared_provenance(path: Path) -> str:
+    """The provenance a .safetensors checkpoint declares in its metadata ("" when none or not safetensors)."""
+    if path.suffix != ".safetensors":
+        return ""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get(PROVENANCE_KEY, "")
 
 
 class RandomWeightsWarning(UserWarning):
@@ -92,6 +117,9 @@ def load_backbone(model: str = "ViT-B-16", pretrained: str = "openai", *, device
     cfg = {"arch": model, "config": open_clip.get_model_config(model)}
     info = BackboneInfo(family="open_clip", arch=model, weights=weights, random_weights=random_weights,
                         fingerprint=fingerprint(cfg, clip.state_dict()))
+    provenance = "" if path is None else declared_provenance(path)
+    if provenance:
+        info = LabelledBackboneInfo(**vars(info), provenance=provenance)
     return OpenClipBackbone.for_model(clip, info, device)
 
 

@@ -50,9 +50,9 @@ def main() -> None:
 
 
 from prolip.cli.commands import eval_cmd, export_cmd, extract_cmd, fit_cmd, methods_cmd, predict_cmd  # noqa: E402
-from prolip.cli.demo import demo_cmd  # noqa: E402
+from prolip.cli.demo import demo_cmd, pretrain_tiny_cmd  # noqa: E402
 
-for _cmd in (fit_cmd, eval_cmd, predict_cmd, export_cmd, extract_cmd, methods_cmd, demo_cmd):
+for _cmd in (fit_cmd, eval_cmd, predict_cmd, export_cmd, extract_cmd, methods_cmd, demo_cmd, pretrain_tiny_cmd):
     main.add_command(_cmd)
 
 from prolip.cli.bench import bench_cmd, report_cmd  # noqa: E402
