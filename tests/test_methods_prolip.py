@@ -187,3 +187,88 @@ def test_swapped_classifier_is_used(problem):
     m = create("prolip", lr=1e-3, steps=5).fit(problem.task, problem.support)
     other = problem.task.classifier.flip(0)
     torch.testing.assert_close(m.logits(problem.test.features, other), m.logits(problem.test.features).flip(-1))
+
+
+# ----------------------------------------------------------------------------------------------- the hot path (issue 14)
+
+
+def _packed_reference_loop(t, s, lrs, lams, steps):
+    """The training loop as it was before the hot path was rewritten: ``packed_loss_and_grad`` + ``adam_step``."""
+    from prolip.methods.prolip import packed_loss_and_grad
+    from prolip.optim import view_for_step
+
+    lrs, lams = torch.tensor(lrs, dtype=torch.float64), torch.tensor(lams)
+    W = t.W0[:, None, :].expand(-1, len(lrs), -1).contiguous()
+    m, v = torch.zeros_like(W), torch.zeros_like(W)
+    for step in range(steps):
+        z = s.views.view(view_for_step(step, s.views.num_views)).float()
+        _, grad = packed_loss_and_grad(z, W, t.bias, t.classifier, 100.0, s.labels, t.W0, lams)
+        adam_step(W, grad, m, v, step + 1, cosine_lr(lrs, step, steps), eps=1e-4, group_dim=1)
+    return W.transpose(0, 1)
+
+
+def test_hot_path_equals_the_plain_loop(problem):
+    # Batched: the same arithmetic op for op (bitwise here); one configuration alone: torch's fused Adam kernel,
+    # a few ulp from the unfused step, so within float32 rounding of the plain loop.
+    t, s = problem.task, problem.support
+    lrs, lams = [1e-2, 1e-3, 1e-5, 1e-8], [0.0, 0.1, 10.0, 1.0]
+    plain = _packed_reference_loop(t, s, lrs, lams, 12)
+    batched = train_projection(t.W0, t.bias, t.classifier, 100.0, s.views, s.labels, lrs, lams, 12)
+    torch.testing.assert_close(batched, plain, rtol=1e-6, atol=1e-9)
+    for k in range(len(lrs)):
+        single = train_projection(t.W0, t.bias, t.classifier, 100.0, s.views, s.labels, [lrs[k]], [lams[k]], 12)[0]
+        torch.testing.assert_close(single, plain[k], rtol=1e-5, atol=1e-8)
+
+
+def test_fused_adam_step_is_torch_fused_adam_and_close_to_the_plain_step():
+    from prolip.optim import fused_adam_step
+
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(64, 32, generator=g) * 0.05
+    grads = [torch.randn(64, 32, generator=g) * 0.1 for _ in range(6)]
+    fused, plain = [W0.clone(), torch.zeros_like(W0), torch.zeros_like(W0)], [W0.clone(), torch.zeros_like(W0),
+                                                                             torch.zeros_like(W0)]
+    p = torch.nn.Parameter(W0.clone())
+    opt = torch.optim.Adam([p], lr=1e-3, eps=1e-4, fused=True)
+    for step, grad in enumerate(grads, start=1):
+        fused_adam_step(*fused[:1], grad, *fused[1:], step, 1e-3, eps=1e-4)
+        adam_step(plain[0], grad, plain[1], plain[2], step, 1e-3, eps=1e-4)
+        p.grad = grad.clone()
+        opt.step()
+    assert torch.equal(fused[0], p.detach())
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-6, atol=1e-9)
+
+
+def test_adam_scratch_buffers_change_nothing():
+    g = torch.Generator().manual_seed(4)
+    W0 = torch.randn(5, 3, 4, generator=g)
+    lr = torch.tensor([1e-2, 1e-3, 1e-4], dtype=torch.float64)
+    runs = []
+    for scratch in (None, (torch.empty_like(W0), torch.empty_like(W0))):
+        W, m, v = W0.clone(), torch.zeros_like(W0), torch.zeros_like(W0)
+        for step in range(1, 4):
+            adam_step(W, torch.sin(W * step), m, v, step, lr, eps=1e-4, group_dim=1, scratch=scratch)
+        runs.append(W)
+    assert torch.equal(*runs)
+
+
+def test_grid_chunk_size_one_on_cpu_and_bounded_by_gpu_memory():
+    from prolip.methods.prolip import grid_chunk_size
+
+    for n, classes in ((40, 10), (752, 47), (16000, 1000)):
+        assert grid_chunk_size("cpu", 49, n, 768, 512, classes) == 1
+    assert grid_chunk_size("cuda", 49, 40, 768, 512, 10, free_bytes=80 * 2**30) == 49
+    few = grid_chunk_size("cuda", 49, 16000, 768, 512, 1000, free_bytes=2 * 2**30)
+    assert 1 <= few < 49
+    assert grid_chunk_size("cuda", 49, 16000, 768, 512, 1000, free_bytes=1) == 1
+
+
+def test_grid_is_the_same_whatever_the_chunk(problem):
+    # Chunk 1 (the CPU default) trains each configuration alone; chunks of 2 and 4 pack them: same selection and
+    # the winner's W within float32 rounding.
+    grid = [[1e-2, 0.0], [1e-3, 0.1], [1e-4, 1.0], [1e-5, 10.0]]
+    fits = [create("prolip", grid=grid, steps=10, grid_chunk=k).fit(problem.task, problem.support, problem.val)
+            for k in (None, 1, 2, 4)]
+    for other in fits[1:]:
+        assert other.selected_["grid"] == fits[0].selected_["grid"]
+        torch.testing.assert_close(other.W, fits[0].W, rtol=1e-5, atol=1e-7)

@@ -14,7 +14,7 @@ Two numerics:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ from prolip.methods.params import (
     Number,
     resolve_lambda,
 )
-from prolip.optim import REFERENCE_EPS, adam_step, cosine_lr, view_for_step
+from prolip.optim import REFERENCE_EPS, adam_step, cosine_lr, fused_adam_step, view_for_step
 
 GRID_LRS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
 GRID_LAMS = (10.0, 1.0, 0.1, 0.01, 1e-3, 1e-4, 0.0)
@@ -88,18 +88,105 @@ def train_projection(
     W0: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float, views: ViewSource, labels: Tensor,
     lrs: Sequence[float] | Tensor, lams: Sequence[float] | Tensor, steps: int, precision: str = "fp32",
 ) -> Tensor:
-    """Train G projections from W0 at once, config g with lr ``lrs[g]`` and λ ``lams[g]``: returns [G, D_pre, D]."""
+    """Train G projections from W0 at once, config g with lr ``lrs[g]`` and λ ``lams[g]``: returns [G, D_pre, D].
+
+    One configuration trains alone with torch's fused Adam kernel; several train as one packed computation (one
+    GEMM per product for all of them), which is what amortises kernel launches on a GPU.
+    """
     lrs = torch.as_tensor(lrs, dtype=torch.float64)
     lams = torch.as_tensor(lams, dtype=torch.float32)
     if precision == "reference":
         return _train_reference(W0, bias, classifier, logit_scale, views, labels, lrs, lams, steps)
-    G = len(lrs)
-    W = W0[:, None, :].expand(-1, G, -1).clone(memory_format=torch.contiguous_format)  # packed [D_pre, G, D]
-    exp_avg, exp_avg_sq = torch.zeros_like(W), torch.zeros_like(W)
+    if len(lrs) == 1:
+        W = _train_one(W0, bias, classifier, logit_scale, views, labels, float(lrs[0]), lams[0], steps)
+        return W[None]
+    return _train_packed(W0, bias, classifier, logit_scale, views, labels, lrs, lams, steps)
+
+
+class _StepBuffers:
+    """The per-step intermediates of G packed configurations, allocated once per training run.
+
+    Fresh [N, G, D] / [N, G, C] tensors every step were the batched grid's undoing on a CPU: each large one is a
+    new mapping whose pages fault in again (72 s of system time in a 64 s grid, issue 14).
+    """
+
+    def __init__(self, n: int, configs: int, d: int, labels: Tensor, num_classes: int):
+        dev = labels.device
+        self.e = torch.empty(n, configs * d, device=dev, dtype=torch.float32)
+        self.logits = torch.empty(n * configs, num_classes, device=dev, dtype=torch.float32)
+        self.du = torch.empty(n * configs, d, device=dev, dtype=torch.float32)
+        self.tmp = torch.empty(n, configs, d, device=dev, dtype=torch.float32)
+        # Flat index of (image i, config g, class labels[i]) in logits: where the one-hot target is subtracted.
+        rows = torch.arange(n, device=dev)[:, None] * configs + torch.arange(configs, device=dev)
+        self.targets = (rows * num_classes + labels[:, None]).reshape(-1)
+        self.minus_one = torch.full((n * configs,), -1.0, device=dev, dtype=torch.float32)
+
+
+def _embedding_grad(
+    z: Tensor, Wp: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float, buf: _StepBuffers,
+) -> Tensor:
+    """d(mean CE)/d(zW + b), [N, G·D], for packed Wp [D_pre, G·D]; the same arithmetic, op for op, as
+    ``packed_loss_and_grad`` (so the two agree to the last bit up to GEMM kernels), without its temporaries."""
+    N, D = z.shape[0], buf.du.shape[1]
+    G = Wp.shape[1] // D
+    e = torch.mm(z, Wp, out=buf.e).view(N, G, D)
+    if bias is not None:
+        e.add_(bias)
+    norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
+    u = e.div_(norm)
+    logits = torch.mm(u.view(N * G, D), classifier.T, out=buf.logits).mul_(logit_scale)
+    dlogits = torch._log_softmax(logits, -1, False, out=buf.logits).exp_()  # softmax as exp(log_softmax)
+    dlogits.view(-1).index_add_(0, buf.targets, buf.minus_one)
+    du = torch.mm(dlogits, classifier, out=buf.du).mul_(logit_scale / N).view(N, G, D)
+    dot = torch.mul(u, du, out=buf.tmp).sum(-1, keepdim=True)
+    return du.sub_(torch.mul(u, dot, out=buf.tmp)).div_(norm).view(N, G * D)
+
+
+def _gradient_into(grad: Tensor, z: Tensor, de: Tensor, Wp: Tensor, W0p: Tensor, two_lam: Tensor | None) -> None:
+    """grad (shaped as Wp) = zᵀ·de + 2λ(W − W0): the pull is written first and the GEMM accumulated onto it."""
+    flat = grad.view(grad.shape[0], -1)
+    if two_lam is None:  # λ = 0 everywhere: no pull
+        torch.mm(z.T, de, out=flat)
+        return
+    torch.sub(Wp, W0p, out=grad).mul_(two_lam)
+    flat.addmm_(z.T, de)
+
+
+def _train_one(
+    W0: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float, views: ViewSource, labels: Tensor,
+    lr: float, lam: Tensor, steps: int,
+) -> Tensor:
+    """One configuration: every buffer allocated once, Adam as one fused pass over W and its moments."""
+    buf = _StepBuffers(views.num_images, 1, W0.shape[1], labels, classifier.shape[0])
+    W = W0.float().clone()
+    exp_avg, exp_avg_sq, grad = torch.zeros_like(W), torch.zeros_like(W), torch.empty_like(W)
+    two_lam = 2 * lam.to(W.device) if lam != 0 else None
     for t in range(steps):
         z = views.view(view_for_step(t, views.num_views)).float()
-        _, grad = packed_loss_and_grad(z, W, bias, classifier, logit_scale, labels, W0, lams)
-        adam_step(W, grad, exp_avg, exp_avg_sq, t + 1, cosine_lr(lrs, t, steps), eps=REFERENCE_EPS, group_dim=1)
+        de = _embedding_grad(z, W, bias, classifier, logit_scale, buf)
+        _gradient_into(grad, z, de, W, W0, two_lam)
+        fused_adam_step(W, grad, exp_avg, exp_avg_sq, t + 1, float(cosine_lr(lr, t, steps)), eps=REFERENCE_EPS)
+    return W
+
+
+def _train_packed(
+    W0: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float, views: ViewSource, labels: Tensor,
+    lrs: Tensor, lams: Tensor, steps: int,
+) -> Tensor:
+    """G configurations packed side by side (W [D_pre, G, D]): each product one plain GEMM for all of them."""
+    (D_pre, D), G = W0.shape, len(lrs)
+    buf = _StepBuffers(views.num_images, G, D, labels, classifier.shape[0])
+    W = W0[:, None, :].expand(-1, G, -1).clone(memory_format=torch.contiguous_format)
+    exp_avg, exp_avg_sq, grad = torch.zeros_like(W), torch.zeros_like(W), torch.empty_like(W)
+    scratch = (torch.empty_like(W), torch.empty_like(W))
+    W0p = W0[:, None, :].expand(-1, G, -1)
+    two_lam = (2 * lams.to(W.device))[:, None] if bool((lams != 0).any()) else None
+    for t in range(steps):
+        z = views.view(view_for_step(t, views.num_views)).float()
+        de = _embedding_grad(z, W.view(D_pre, G * D), bias, classifier, logit_scale, buf)
+        _gradient_into(grad, z, de, W, W0p, two_lam)
+        adam_step(W, grad, exp_avg, exp_avg_sq, t + 1, cosine_lr(lrs, t, steps), eps=REFERENCE_EPS, group_dim=1,
+                  scratch=scratch)
     return W.transpose(0, 1).contiguous()
 
 
@@ -132,6 +219,25 @@ def grid_accuracies(W: Tensor, bias: Tensor | None, classifier: Tensor, logit_sc
     """Validation accuracy (%) of each of G projections [G, D_pre, D]."""
     logits = clip_logits(val.features.float(), W.float(), bias, classifier, logit_scale)
     return (logits.argmax(-1) == val.labels).float().mean(-1) * 100
+
+
+def grid_chunk_size(device: str, configs: int, n: int, d_pre: int, d: int, num_classes: int,
+                    free_bytes: int | None = None) -> int:
+    """How many of ``configs`` (lr, λ) configurations to train per batched computation, for N support images,
+    W [d_pre, d] and ``num_classes`` classes.
+
+    CPU: one. Measured (benchmarks/bench_grid.py --chunks, README "Grid chunk"): with the fused one-configuration
+    step, a batch of k configurations was slower per configuration than one at a time for every k > 1 tried, at
+    4-shot × 10-class, 16 × 47 and 16 × 1000 (768 → 512): a CPU step has no launch cost to amortise, and k copies of
+    W and its Adam state (6 MB each at 768 × 512) leave the caches. GPU: every configuration whose working set
+    fits in half the free memory (``free_bytes``), since one batched step amortises kernel launches.
+    """
+    if device != "cuda" or free_bytes is None:
+        return 1
+    # Per configuration, float32: W, two Adam moments, the gradient and two scratch tensors ([d_pre, d] each), and
+    # the step's intermediates (projections, their gradient and a temporary [n, d] each, logits [n, classes]).
+    per_config = 4 * (6 * d_pre * d + n * (3 * d + num_classes))
+    return max(1, min(configs, free_bytes // 2 // per_config))
 
 
 def select_config(accuracies: Tensor, lrs: Sequence[float], lams: Sequence[float], tie_rule: str = "first") -> int:
@@ -199,6 +305,19 @@ class ProLIP(Method):
         return train_projection(task.W0, task.bias, task.classifier, task.logit_scale, support.views, support.labels,
                                 lrs, lams, self.steps, self.precision)
 
+    def _train_in_chunks(self, task: Task, support: Support, lrs: Sequence[float], lams: Sequence[float]
+                         ) -> Iterator[tuple[list[int], Tensor]]:
+        """(indices, W [len(indices), D_pre, D]) for consecutive chunks of the configurations, each chunk one
+        batched computation of ``grid_chunk`` configurations (None: :func:`grid_chunk_size`'s choice)."""
+        device = task.W0.device
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        d_pre, d = task.W0.shape
+        size = self.grid_chunk or grid_chunk_size(device.type, len(lrs), support.views.num_images, d_pre, d,
+                                                  task.num_classes, free_bytes=free)
+        for start in range(0, len(lrs), size):
+            chunk = list(range(start, min(start + size, len(lrs))))
+            yield chunk, self._train(task, support, [lrs[i] for i in chunk], [lams[i] for i in chunk])
+
     def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
         # Full-batch training on fixed views is deterministic: ``seed`` changes nothing (same seed, same W).
         if not self.grid:
@@ -219,11 +338,9 @@ class ProLIP(Method):
         mine = list(range(rank, len(lrs), world))
         accs = torch.zeros(len(lrs))
         trained: dict[int, Tensor] = {}
-        chunk_size = self.grid_chunk or (1 if task.W0.device.type == "cpu" else len(mine))
         with tqdm(total=len(mine), desc="validation grid", unit="config", disable=None, leave=False) as bar:
-            for start in range(0, len(mine), chunk_size):
-                chunk = mine[start : start + chunk_size]
-                W = self._train(task, support, [lrs[g] for g in chunk], [lams[g] for g in chunk])
+            for chunk, W in self._train_in_chunks(task, support, [lrs[g] for g in mine], [lams[g] for g in mine]):
+                chunk = [mine[i] for i in chunk]
                 accs[chunk] = grid_accuracies(W, task.bias, task.classifier, task.logit_scale, val).float().cpu()
                 trained.update(zip(chunk, W))
                 bar.update(len(chunk))
@@ -241,14 +358,14 @@ class ProLIP(Method):
         }
 
     def fit_each(self, task: Task, support: Support, settings: Sequence[dict[str, Any]], seed: int = 0) -> list[Method]:
-        """One fitted ProLIP per {lr, lam} setting, all trained in one batched computation."""
+        """One fitted ProLIP per {lr, lam} setting, chunked as the validation grid is (:func:`grid_chunk_size`)."""
         if any(set(s) - {"lr", "lam"} for s in settings) or self.grid:
             return super().fit_each(task, support, settings, seed)
         methods = [ProLIP(**{**self.get_params(), **s}) for s in settings]
         for m in methods:
             m.check_params()
         lams = [resolve_lambda(m.lam, task.shots) for m in methods]
-        Ws = self._train(task, support, [m.lr for m in methods], lams)
+        Ws = [W for _, chunk in self._train_in_chunks(task, support, [m.lr for m in methods], lams) for W in chunk]
         for m, W, lam in zip(methods, Ws, lams):
             m.task, m.W = task, W.float()
             m.selected_ = {"lr": m.lr, "lam": lam, "lam_rule": str(m.lam), "how": "rule"}
