@@ -156,3 +156,31 @@ def test_proker_scores_in_row_chunks(problem, monkeypatch):
     monkeypatch.setattr(proker, "ROW_CHUNK", 7)
     torch.testing.assert_close(m.logits(problem.test.features), whole)
     assert math.isfinite(whole.sum().item())
+
+
+# ----------------------------------------------------------------------------------------------- in the bench
+
+
+def test_bench_records_cost_and_the_report_shows_it_with_the_protocol_card(tmp_path, shared_data, tiny_vit):
+    from prolip.bench.experiment import parse_experiment
+    from prolip.bench.protocols import run_experiment
+    from prolip.bench.records import read_records
+    from prolip.bench.report import write_report
+
+    raw = {"model": "test-vit-tiny", "pretrained": "none", "data_root": str(shared_data / "dtd10"),
+           "datasets": ["dtd"], "shots": [1], "seeds": [1], "views": 3, "cache_dir": str(tmp_path / "cache"),
+           "out": str(tmp_path / "res"), "protocol": "fewshot-val",
+           "methods": ["zeroshot", "gda", {"name": "proker", "beta_grid": [0.5, 3.0, 3], "lam_grid": [0.01, 1.0, 3]},
+                       {"name": "prolip", "grid": False, "steps": 3, "label": "prolip, validation-free"}]}
+    records = {r["label"]: r for r in read_records(run_experiment(parse_experiment(raw, "t.yaml"),
+                                                                  echo=lambda line: None, backbone=tiny_vit))}
+    gda, proker = records["gda"], records["proker"]
+    # 10 classes × 1 shot: 3 views read, plus the 10 validation images
+    assert gda["forward_passes"] == 3 * 10 + 10 and gda["trainable_parameters"] == 10 * 32 + 10
+    assert proker["trainable_parameters"] == 3 * 10 * 10 and records["zeroshot"]["forward_passes"] == 0
+    assert all(r["peak_memory_mb"] is not None and r["seconds"] >= 0 for r in records.values())
+    assert records["prolip, validation-free"]["selected"]["how"] == "rule" and gda["selected"]["how"] == "validation"
+    md = write_report(list(records.values()), tmp_path / "report")["markdown"].read_text()
+    assert "| method | shots | accuracy | seconds | forward passes | peak memory | trainable parameters |" in md
+    assert "- *gda*: can select α" in md and "selected on the N-shot validation set" in md
+    assert "- *prolip, validation-free*: can select lr and λ" in md and "a validation set was there, unused" in md

@@ -142,11 +142,12 @@ def test_tta_protocol_runs_zero_and_tda_with_recorded_stream_orders(tmp_path, sh
     raw = {"model": "test-vit-tiny", "pretrained": "none", "data_root": str(shared_data / "dtd10"),
            "datasets": ["dtd"], "shots": [1], "seeds": [1], "views": 2, "cache_dir": str(tmp_path / "cache"),
            "out": str(tmp_path / "res"), "methods": ["zeroshot"], "protocol": "tta",
-           "tta": {"views": 4, "max_images": 8, "zero": True, "tda": True, "tda_orders": [1, 2, 5]}}
+           "tta": {"views": 4, "max_images": 8, "zeroshot": True, "zero": True, "tda": True, "tda_orders": [1, 2, 5]}}
     records = read_records(run_experiment(parse_experiment(raw, "t.yaml"), echo=lambda line: None,
                                           backbone=tiny_vit))
     by_label = {r["label"]: r for r in records}
-    assert set(by_label) == {"tta+zeroshot", "zero", "tda"}
+    assert set(by_label) == {"tta+zeroshot", "zeroshot", "zero", "tda"}
+    assert by_label["zeroshot"]["accuracy"] == by_label["tta+zeroshot"]["start_accuracy"]
     tda = by_label["tda"]
     orders = tda["stream_orders"]
     assert [o["seed"] for o in orders] == [1, 2, 5] and all(o["digest"] == order_digest(stream_order(8, o["seed"]))
@@ -156,3 +157,18 @@ def test_tta_protocol_runs_zero_and_tda_with_recorded_stream_orders(tmp_path, sh
     assert tda["selected"]["positive_alpha"] == 2.0 and tda["forward_passes"] == 8  # DTD: one view per image
     assert by_label["zero"]["forward_passes"] == 32 and by_label["zero"]["setting"]["tta"]["zero_gamma"] == 0.3
     assert all(r["trainable_parameters"] == 0 for r in (tda, by_label["zero"]))
+
+    from prolip.bench.report import write_report
+
+    md = write_report(records, tmp_path / "report")["markdown"].read_text()
+    assert "| method | shots | accuracy | seconds | forward passes | peak memory | trainable parameters |" in md
+    assert f"(worst order {tda['accuracy_worst']:.2f})" in md
+    assert "stream orders: seeds 1, 2, 5" in md and "Protocol card" in md
+
+
+def test_records_written_before_the_new_rows_keep_their_cell_ids():
+    from prolip.bench.experiment import TTA
+
+    old_keys = {"views", "ratio", "steps", "lr", "seed", "max_images", "tpt", "ensemble", "train_on"}
+    assert set(TTA().setting()) == old_keys
+    assert {"zero", "zero_gamma", "tda", "tda_orders"} <= set(TTA(zero=True, tda=True).setting())

@@ -68,16 +68,18 @@ class TTA:
     tpt: bool = False
     ensemble: bool = False
     train_on: str | None = None  # where a prolip start W is fitted (e.g. imagenet for its variants); default: itself
+    zeroshot: bool = False  # a plain zero-shot row (view 0, W0: no adaptation) beside the adapted ones
     zero: bool = False  # ZERO's row: the confident views' argmax vote (prolip.tta_methods)
     zero_gamma: float = 0.3  # ZERO's share of confident views (ttas/zero.py:23)
     tda: bool = False  # TDA's row: dynamic caches over a test stream, per-dataset settings
     tda_orders: list[int] = field(default_factory=lambda: [1, 2, 3])  # seeds of the stream orders TDA runs
 
     def setting(self) -> dict[str, Any]:
-        """What a TTA record says about its setting: every key, except the ZERO and TDA ones while those rows are
-        off (so records written before they existed keep their cell ids)."""
+        """What a TTA record says about its setting: every key, except those of the zero-shot, ZERO and TDA rows
+        while those rows are off (so records written before they existed keep their cell ids)."""
         out = asdict(self)
-        for row, keys in (("zero", ("zero", "zero_gamma")), ("tda", ("tda", "tda_orders"))):
+        optional_rows = (("zeroshot", ("zeroshot",)), ("zero", ("zero", "zero_gamma")), ("tda", ("tda", "tda_orders")))
+        for row, keys in optional_rows:
             if not out[row]:
                 for key in keys:
                     out.pop(key)
@@ -137,7 +139,8 @@ _SENSITIVITY = {"lrs": ("list[num]", "a list of numbers"), "lams": ("list[num]",
 _TTA = {"views": (int, "an integer"), "ratio": (_NUM, "a number"), "steps": (int, "an integer"),
         "lr": (_NUM, "a number"), "seed": (int, "an integer"), "max_images": (int, "an integer"),
         "tpt": (bool, "true or false"), "ensemble": (bool, "true or false"), "train_on": (str, "a dataset name"),
-        "zero": (bool, "true or false"), "zero_gamma": (_NUM, "a number"), "tda": (bool, "true or false"),
+        "zeroshot": (bool, "true or false"), "zero": (bool, "true or false"), "zero_gamma": (_NUM, "a number"),
+        "tda": (bool, "true or false"),
         "tda_orders": ("list[int]", "a list of integer seeds")}
 
 

@@ -230,27 +230,31 @@ def counted_support(support: Support) -> tuple[Support, Callable[[], int]]:
 
 
 class PeakMemory:
-    """Peak memory while a block runs, in MB: on a GPU the allocator's peak; on a CPU the process's peak resident
-    set (VmHWM, reset before the block; where it cannot be reset, the process's lifetime peak, said so)."""
+    """The memory a block needed at its peak beyond what was held when it started, in MB: on a GPU from the
+    allocator's peak; on a CPU from the process's peak resident set (VmHWM, reset before the block; where it cannot
+    be reset, the lifetime peak, said so). What the process held before (the backbone, cached features) is left out,
+    so a small fit reads as small."""
 
     def __init__(self, device: Any):
         self.device = torch.device(device)
         self.mb: float | None = None
         self.measure = "none"
+        self._start: float | None = None
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.measure = "cuda allocator peak"
+            self._start = torch.cuda.memory_allocated(self.device) / 2**20
+            self.measure = "CUDA allocator peak above the start"
         else:
-            self.measure = "process peak RSS" if _reset_peak_rss() else "process lifetime peak RSS"
+            reset = _reset_peak_rss()
+            self._start = _current_rss_mb() if reset else 0.0
+            self.measure = "process peak RSS above the start" if reset else "process lifetime peak RSS"
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            self.mb = _peak_rss_mb()
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else _peak_rss_mb()
+        self.mb = None if peak is None or self._start is None else max(0.0, peak - self._start)
 
 
 def _reset_peak_rss() -> bool:
@@ -261,13 +265,24 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_mb() -> float | None:
+def _status_mb(field: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def _current_rss_mb() -> float:
+    return _status_mb("VmRSS") or 0.0
+
+
+def _peak_rss_mb() -> float | None:
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
@@ -288,10 +303,12 @@ def trainable_parameters(method: Method) -> int | None:
 
 def fit_cost(method: Method, features_read: int, memory: PeakMemory) -> dict[str, Any]:
     """The record fields of a fit's cost. Forward passes: cached features read (support views, center crops,
-    validation images) plus the passes a method that runs the encoder itself reports (``forward_passes_``);
-    None for an encoder-training method that reports none."""
+    validation images; view 0 always, which Method.fit checks) plus the passes a method that runs the encoder
+    itself reports (``forward_passes_``); None for an encoder-training method that reports none."""
     own = getattr(method, "forward_passes_", None)
     passes = None if method.encodes_images and own is None else features_read + (own or 0)
+    # Method.fit reads view 0 to check the features are finite; a method that learns nothing needs none of them.
+    passes = passes if method.learns else 0
     return {"forward_passes": passes, "peak_memory_mb": None if memory.mb is None else round(memory.mb, 1),
             "memory_measure": memory.measure, "trainable_parameters": trainable_parameters(method)}
 
@@ -478,7 +495,8 @@ class TestTime(Protocol):
                     rec = self.b.record(spec, dataset=splits.name, shots=shots, seed=seed, templates=templates,
                                         setting=setting)
                     cells.append(Cell(m, rec, extra={"kind": "tta", "shots": shots, "seed": seed}))
-            for kind, on in (("tpt", t.tpt), ("ensemble", t.ensemble), ("zero", t.zero), ("tda", t.tda)):
+            for kind, on in (("zeroshot", t.zeroshot), ("tpt", t.tpt), ("ensemble", t.ensemble), ("zero", t.zero),
+                             ("tda", t.tda)):
                 if on:
                     spec = MethodSpec("zeroshot", kind)
                     rec = self.b.record(spec, dataset=splits.name, shots=0, seed=None, templates=templates,

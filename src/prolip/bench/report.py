@@ -22,7 +22,7 @@ from typing import Any
 
 from prolip.bench.reference import MIXED, NAMED_SETS, reference_for
 
-PER_SEED_METRICS = ("accuracy", "base", "new", "hm", "start_accuracy")
+PER_SEED_METRICS = ("accuracy", "base", "new", "hm", "start_accuracy", "accuracy_worst")
 SECTION = ("protocol", "model", "weights", "random_weights", "sampler", "templates_name")
 # Record fields that, besides the section, label, method and hyperparameters, make two results different rows.
 SETTING = ("source", "fingerprint", "views", "aug_seed", "validation", "setting")
@@ -128,7 +128,47 @@ def _dataset_row(records: list[dict]) -> dict:
     row["seeds"] = sorted({r.get("seed") for r in records}, key=_seed_order)
     row["notes"] = sorted({r["note"] for r in records if r.get("note")})
     row["missing"] = []
+    row["cost"], row["card"] = _cost(records), _card(records)
     return summarise(row)
+
+
+def _mean_of(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    return statistics.fmean(values) if values else None
+
+
+def _cost(records: list[dict]) -> dict:
+    """A dataset row's cost over its seeds: mean seconds, forward passes and trainable parameters, peak memory."""
+    memory = [r["peak_memory_mb"] for r in records if r.get("peak_memory_mb") is not None]
+    return {"seconds": _mean_of(records, "seconds"), "forward_passes": _mean_of(records, "forward_passes"),
+            "trainable_parameters": _mean_of(records, "trainable_parameters"),
+            "peak_memory_mb": max(memory) if memory else None,
+            "memory_measure": _agreed(r.get("memory_measure") for r in records if r.get("memory_measure"))}
+
+
+def _selection_hows(selected: Any) -> list[str]:
+    """Every ``how`` a record's ``selected`` holds (a method may select one thing on validation and fix another)."""
+    if not isinstance(selected, dict):
+        return []
+    own = [str(selected["how"])] if "how" in selected else []
+    return own + [h for value in selected.values() for h in _selection_hows(value)]
+
+
+def _card(records: list[dict]) -> dict:
+    """What a dataset row's numbers were selected on: how (validation / rule / given / last ...), what the method
+    can select, whether a validation set was given, its templates and seeds, and any source or prompt it names."""
+    hows: dict[str, int] = defaultdict(int)
+    for r in records:
+        for how in set(_selection_hows(r.get("selected"))) or {"not recorded"}:
+            hows[how] += 1
+    extras = {key: _agreed((r.get("selected") or {}).get(key) for r in records)
+              for key in ("source", "template") if any(key in (r.get("selected") or {}) for r in records)}
+    orders = sorted({o["seed"] for r in records for o in r.get("stream_orders") or []})
+    if orders:
+        extras["stream orders"] = f"seeds {', '.join(map(str, orders))} (accuracy: their mean; worst shown apart)"
+    return {"hows": dict(hows), "selects": _agreed(r.get("selects") for r in records),
+            "validation": any(r.get("validation") for r in records),
+            "templates": {r["dataset"]: len(r.get("templates") or []) for r in records}, **extras}
 
 
 def _normalised(record: dict) -> dict:
@@ -514,7 +554,104 @@ def _section(key: tuple, rows: list[dict]) -> list[str]:
         out += _sensitivity_tables(rows, notes)
     else:
         out += _shots_table(rows, names, notes)
+    out += _cost_table(rows, names, notes) + _protocol_card(rows, names)
     return out + notes.lines() + _group_notes(rows) + _paper_notes(rows)
+
+
+# ----------------------------------------------------------------------------------------------- cost and card
+
+def _short(value: float | None, unit: str = "") -> str:
+    """1234567 → "1.23M", 0.5 → "0.5", None → "–"."""
+    if value is None:
+        return "–"
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{suffix}{unit}"
+    return f"{value:.3g}{unit}"
+
+
+def _line_cost(dataset_rows_: list[dict]) -> dict:
+    """A line's cost over its datasets: the mean of their per-cell means; memory: the largest peak."""
+    costs = [r["cost"] for r in dataset_rows_ if r.get("cost")]
+    mean = lambda k: statistics.fmean(vs) if (vs := [c[k] for c in costs if c.get(k) is not None]) else None
+    peaks = [c["peak_memory_mb"] for c in costs if c.get("peak_memory_mb") is not None]
+    return {"seconds": mean("seconds"), "forward_passes": mean("forward_passes"),
+            "trainable_parameters": mean("trainable_parameters"), "peak_memory_mb": max(peaks) if peaks else None,
+            "memory_measure": _agreed(c.get("memory_measure") for c in costs if c.get("memory_measure"))}
+
+
+def _cost_table(rows: list[dict], names: dict, notes: Footnotes) -> list[str]:
+    """Accuracy (the full average) beside what it cost, one line per table line: seconds per cell (fit, or
+    adaptation of the evaluation set at test time), image-encoder forward passes, peak memory, trainable
+    parameters; means over datasets and seeds."""
+    lines: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["kind"] == "dataset" and r.get("cost"):
+            lines[_line_key(r)].append(r)
+    if not lines:
+        return []
+    averages = {_line_key(r): r for r in rows if r["kind"] == "average" and r.get("subset") is None}
+    out = ["", "Accuracy and cost (cost: mean per cell over datasets and seeds; memory: the largest peak):", "",
+           "| method | shots | accuracy | seconds | forward passes | peak memory | trainable parameters |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for key, r in _lines([rs[0] for rs in lines.values()]):
+        cost, average = _line_cost(lines[key]), averages.get(key)
+        accuracy = _value(average if average is not None else r, "accuracy", notes)  # the paper's number: above
+        worst = (average or r).get("accuracy_worst")
+        accuracy += f" (worst order {worst:.2f})" if worst is not None else ""
+        memory = "–" if cost["peak_memory_mb"] is None else f"{cost['peak_memory_mb']:.0f} MB"
+        if cost["peak_memory_mb"] is not None and isinstance(cost["memory_measure"], str):
+            memory += notes.mark(f"peak memory: {cost['memory_measure']}")
+        out.append(f"| {names[key]} | {r['shots']} | {accuracy} | {_short(cost['seconds'], ' s')} | "
+                   f"{_short(cost['forward_passes'])} | {memory} | {_short(cost['trainable_parameters'])} |")
+    return out
+
+
+HOW_WORDS = {"validation": "selected on the N-shot validation set", "rule": "no selection (a fixed rule or the "
+             "original's settings)", "given": "given by the experiment", "last": "the last epoch",
+             "loaded": "loaded from a saved run", "not recorded": "not recorded"}
+
+
+def _card_line(name: str, cards: list[dict]) -> str:
+    hows: dict[str, int] = defaultdict(int)
+    for card in cards:
+        for how, count in card["hows"].items():
+            hows[how] += count
+    total = sum(hows.values())
+    how_text = "; ".join(f"{HOW_WORDS.get(h, h)}" + (f" ({n} of {total} cells)" if len(hows) > 1 else "")
+                         for h, n in sorted(hows.items()))
+    selects = _agreed(c["selects"] for c in cards)
+    what = f"can select {selects}" if isinstance(selects, str) and selects else "selects nothing"
+    if "validation" in hows:
+        given = "test images never used"
+    else:
+        given = "a validation set was there, unused" if any(c["validation"] for c in cards) else "no validation set"
+    counts = sorted({n for c in cards for n in c["templates"].values()})
+    templates = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    extras = "".join(f"; {k}: {v!r}" for c in cards[:1] for k, v in c.items() if k in ("source", "template")
+                     and isinstance(v, str))
+    extras += "".join(f"; stream orders: {c['stream orders']}" for c in cards[:1] if "stream orders" in c)
+    return f"- *{name}*: {what}; {how_text}; {given}; templates per dataset: {templates}{extras}"
+
+
+def _protocol_card(rows: list[dict], names: dict) -> list[str]:
+    """Under each table, per line: what was selected and on which split, the templates and the seeds — so no
+    number is read beside one chosen on test labels (the harness never gives a method test labels)."""
+    without_shots = lambda r: _line_key(r)[:-1]  # one card line per method entry, whatever its shots
+    lines: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["kind"] == "dataset" and r.get("card"):
+            lines[without_shots(r)].append(r)
+    if not lines:
+        return []
+    seeds = sorted({str(s) for rs in lines.values() for r in rs for s in r["seeds"] if s is not None},
+                   key=numeric_order) or ["none (nothing drawn)"]
+    templates = sorted({str(r.get("templates_name")) for r in rows})
+    out = ["", f"Protocol card (seeds {', '.join(seeds)}; templates: {', '.join(templates)}; no method sees test "
+           "labels):", ""]
+    for key, r in _lines([rs[0] for rs in lines.values()], without_shots):
+        out.append(_card_line(names[_line_key(r)], [x["card"] for x in lines[key]]))
+    return out
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -817,7 +954,8 @@ CSV_FIELDS = ["protocol", "model", "weights", "random_weights", "sampler", "temp
               "dataset", "datasets", "label", "method", "group", "shots", "lr", "lam", "precision", "varying", "seeds",
               "mean", "std", "base", "base_std", "new", "new_std", "hm", "hm_seed_mean", "hm_seed_std",
               "start_accuracy", "start_accuracy_std", "paper", "paper_base", "paper_new", "paper_hm",
-              "paper_source", "notes", "missing"]
+              "paper_source", "notes", "missing", "seconds", "forward_passes", "peak_memory_mb",
+              "trainable_parameters", "selection"]
 
 
 def _csv_row(row: dict) -> dict:
@@ -825,7 +963,10 @@ def _csv_row(row: dict) -> dict:
     as_text = lambda v: " ".join(map(str, v)) if isinstance(v, list) else v
     return {**{k: as_text(row.get(k)) for k in CSV_FIELDS}, "lr": hp.get("lr"), "lam": hp.get("lam"),
             "precision": hp.get("precision"), "varying": canonical(row["varying"]) if row.get("varying") else "",
-            "notes": "; ".join(row.get("notes") or []), "missing": "; ".join(row.get("missing") or [])}
+            "notes": "; ".join(row.get("notes") or []), "missing": "; ".join(row.get("missing") or []),
+            **{k: (row.get("cost") or {}).get(k) for k in ("seconds", "forward_passes", "peak_memory_mb",
+                                                          "trainable_parameters")},
+            "selection": canonical((row.get("card") or {}).get("hows")) if row.get("card") else ""}
 
 
 def write_report(records: list[dict[str, Any]], out: Path | str) -> dict[str, Path]:

@@ -1,5 +1,5 @@
 """The test-time protocol's scoring: every start W (zero-shot W0 or a few-shot method's adapted W) adapted per test
-image on the very same views, plus the optional TPT, view-ensemble, ZERO and TDA rows.
+image on the very same views, plus the optional plain zero-shot, TPT, view-ensemble, ZERO and TDA rows.
 
 Each image's views are extracted once and shared by every row. TDA is a stream: its inputs are collected image by
 image, then the stream runs once per seeded order (``tta.tda_orders``); its record holds every order's seed, digest
@@ -89,6 +89,8 @@ class Tally:
 def _row_logits(kind: str, b: Bench, scene: Scene, z: Tensor, tally: Tally) -> Tensor | None:
     """One batch's logits for a row; None for TDA, whose inputs are collected for the stream instead."""
     W, cfg = tally.W, scene.cfg
+    if kind == "zeroshot":
+        return clip_logits(z[:, 0], W, scene.bias, scene.classifier, scene.scale)
     if kind == "tta":
         return adapt_projection(z, W, scene.bias, scene.classifier, scene.scale, cfg)[0]
     if kind == "tpt":
@@ -121,7 +123,7 @@ def _tda_record(b: Bench, tally: Tally, scene: Scene, labels: Tensor) -> dict:
     for seed in b.exp.tta.tda_orders:
         order = stream_order(len(labels), seed)
         logits = tda_stream(inputs, order, scene.tda)[0]
-        accuracy = 100.0 * float((logits.argmax(-1) == labels).float().mean())
+        accuracy = 100.0 * int((logits.argmax(-1) == labels).sum()) / len(labels)
         orders.append({"seed": seed, "digest": order_digest(order), "accuracy": accuracy})
     accuracies = [o["accuracy"] for o in orders]
     return {"accuracy": sum(accuracies) / len(accuracies), "accuracy_worst": min(accuracies), "stream_orders": orders,
@@ -131,7 +133,7 @@ def _tda_record(b: Bench, tally: Tally, scene: Scene, labels: Tensor) -> dict:
 def _forward_passes(kind: str, scene: Scene, images: int) -> dict:
     """Image-encoder passes a row needs per evaluation set (TDA reads one view unless its dataset uses many), and
     TPT's text-encoder passes (one classifier per step, plus the selection and the final prediction)."""
-    views = min(scene.tda.views, scene.cfg.views) if kind == "tda" else scene.cfg.views
+    views = {"tda": min(scene.tda.views, scene.cfg.views), "zeroshot": 1}.get(kind, scene.cfg.views)
     out = {"forward_passes": images * views}
     if kind == "tpt":
         out["text_forward_passes"] = images * (scene.cfg.steps + 2) * len(scene.classnames)

@@ -36,6 +36,7 @@ grids are the ones marked "#epoch 1" (configs/RN50/configs_proker/imagenet.yaml)
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -237,7 +238,7 @@ class ProKeR(Method):
         self.selected_ = {"beta": beta, "lam": lam, "how": "loaded"}
 
 
-def _check_grid(key: str, grid: object) -> None:
+def _check_grid(key: str, grid: Any) -> None:
     ok = isinstance(grid, (list, tuple)) and len(grid) == 3 and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in grid)
     if not ok or POSITIVE.problem(grid[0]) or POSITIVE.problem(grid[1]) or POSITIVE_INT.problem(grid[2]):
