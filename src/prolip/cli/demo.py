@@ -12,11 +12,13 @@ import click
               help="where the digit folders, cache, run and plot are written")
 @click.option("--model", default="ViT-B-16", show_default=True)
 @click.option("--pretrained", default="openai", show_default=True,
-              help="real CLIP weights (tag or file); when they cannot be had, the in-house prolip-tiny model is used")
+              help="real CLIP weights (tag or file); when they cannot be had, the in-house prolip-tiny model is used; "
+                   "'none' for random weights")
 @click.option("--views", default=8, show_default=True, type=click.IntRange(1, 300),
               help="augmented views per support image (kept small for CPU)")
 def demo_cmd(workdir, model, pretrained, views):
-    """ProLIP vs zero-shot and LP++ on digits in shifted domains at 1–16 shots; prints tables, writes a plot."""
+    """ProLIP vs zero-shot, λ = 0 and two baselines on digits in two unseen domains at 1–16 shots; prints tables,
+    writes a plot."""
     from prolip.demo import DemoConfig, run_demo
 
     started = time.perf_counter()
