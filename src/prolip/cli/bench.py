@@ -44,7 +44,9 @@ def _experiment_data(exp) -> list:
 @click.option("--set", "sets", multiple=True, help="override a key of the experiment file, e.g. --set shots=[1,4]")
 @click.option("--out", default=None, help="results directory (records.jsonl is appended there)")
 @click.option("--report/--no-report", default=False, help="also write the report to OUT/report when done")
-def bench_cmd(experiment, sets, out, report):
+@click.option("--plan", is_flag=True, help="only say what the run needs (images, forward passes after sharing and "
+              "the cache, disk, an estimated time from one timed batch); extract nothing, write nothing")
+def bench_cmd(experiment, sets, out, report, plan):
     """Run a paper protocol over datasets × shots × seeds × methods; finished cells are skipped on re-runs.
 
     Protocols: fewshot, fewshot-val, sensitivity, base2new, cross-dataset, domain-generalisation, tta (see the
@@ -61,6 +63,8 @@ def bench_cmd(experiment, sets, out, report):
         overrides["out"] = out
     try:
         exp = load_experiment(experiment, overrides)
+        if plan:
+            return _print_plan(exp, experiment)
         _reserve_results(Path(exp.out).expanduser(), _experiment_data(exp))
         with warnings.catch_warnings():  # the bench prints its own RANDOM-weights line
             warnings.simplefilter("ignore", RandomWeightsWarning)
@@ -73,6 +77,17 @@ def bench_cmd(experiment, sets, out, report):
 
         paths = write_report(read_records(records), records.parent / "report")
         click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _print_plan(exp, experiment: Path) -> None:
+    import warnings
+
+    from prolip.backbones import RandomWeightsWarning
+    from prolip.bench.plan import format_plan, plan_experiment
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        click.echo(format_plan(plan_experiment(exp, name=str(experiment))))
 
 
 @click.command("report")

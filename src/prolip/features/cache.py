@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -31,7 +32,7 @@ from prolip.features.locking import remove_finished_locks, unit_lock
 from prolip.features.storage import CacheError, Entry
 
 __all__ = ["AUGMENT_VERSION", "CacheError", "CacheStats", "CachedViews", "CenterFeatures", "FeatureCache", "Lookup",
-           "default_cache_dir", "extract_dataset", "image_key", "plan_units", "rank_share"]
+           "Request", "Survey", "default_cache_dir", "extract_dataset", "image_key", "plan_units", "rank_share"]
 
 AUGMENT_VERSION = "augment:v1"  # bump when the augmentation changes, so stale views are never reused
 
@@ -131,6 +132,60 @@ def _cached(index: dict[str, Entry], key: str, num_views: int) -> bool:
     return key in index and index[key].views >= num_views
 
 
+@dataclass(frozen=True)
+class Request:
+    """Features a run will ask the cache for: ``views`` augmented views of each image (0: the center crop)."""
+    paths: tuple[Path, ...]
+    views: int = 0
+    aug_seed: int = 0
+    augmentation: str = "prolip"
+
+
+@dataclass
+class Survey:
+    """What a set of requests needs from the cache, found without extracting or writing anything: per namespace,
+    the distinct images requested, those whose features are not there yet, and how many views each needs."""
+    requested: dict[Path, set[str]]
+    missing: dict[Path, set[str]]
+    views: dict[Path, int]
+    unreadable: Skipped
+    bytes_per_pass: int  # one float16 feature row
+
+    @property
+    def forward_passes(self) -> int:
+        """Backbone forward passes the requests will cost: each missing (image, view) once, whatever asks for it."""
+        return sum(len(keys) * self.views[ns] for ns, keys in self.missing.items())
+
+    @property
+    def cached_passes(self) -> int:
+        return sum((len(self.requested[ns]) - len(self.missing[ns])) * self.views[ns] for ns in self.requested)
+
+    @property
+    def images(self) -> int:
+        return len(set().union(*self.requested.values())) if self.requested else 0
+
+    def disk_bytes(self) -> int:
+        """Bytes the namespaces' unit files hold now."""
+        return sum(f.stat().st_size for ns in self.requested if ns.is_dir() for f in ns.glob("*.safetensors"))
+
+
+def _read_only_index(namespace: Path) -> dict[str, Entry]:
+    """The namespace's index as :func:`storage.read_index` builds it, minus its repairs: a unit whose header does
+    not read is counted as missing here and left for the run to set aside."""
+    index: dict[str, Entry] = {}
+    for f in sorted(namespace.glob("*.safetensors")) if namespace.is_dir() else ():
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                meta = h.metadata() or {}
+            keys, views = json.loads(meta["keys"]), int(meta["views"])
+        except Exception:  # noqa: BLE001 - any unreadable header: the run would recompute the unit
+            continue
+        for row, k in enumerate(keys):
+            if k not in index or index[k].views < views:
+                index[k] = Entry(f, row, views)
+    return index
+
+
 class FeatureCache:
     """Features of image files, computed once per (image, view) and kept on disk (README, "Large extractions")."""
 
@@ -218,6 +273,31 @@ class FeatureCache:
         if self.compute_dtype != "fp32":  # other numerics, other features; fp32 namespaces keep their old names
             ident += f"|compute:{self.compute_dtype}"
         return self.root / hashlib.blake2b(ident.encode(), digest_size=12).hexdigest()
+
+    def survey(self, requests: Sequence[Request]) -> Survey:
+        """Read-only: which (image, view) features these requests would make the cache compute, after removing
+        what they share with each other and what is already there (no extraction, no locks, no checksums)."""
+        requested: dict[Path, set[str]] = {}
+        views: dict[Path, int] = {}
+        unreadable: Skipped = []
+        for r in requests:
+            kind, n = ("augment", r.views) if r.views else ("center", 1)
+            ns = self.namespace_dir(kind, r.aug_seed, r.augmentation)
+            keys = {k for k in (self._key_or_none(p, unreadable) for p in r.paths) if k is not None}
+            requested.setdefault(ns, set()).update(keys)
+            views[ns] = max(views.get(ns, 0), n)
+        missing = {}
+        for ns, keys in requested.items():
+            index = _read_only_index(ns)
+            missing[ns] = {k for k in keys if not _cached(index, k, views[ns])}
+        return Survey(requested, missing, views, unreadable, self.backbone.dim_pre * 2)
+
+    def _key_or_none(self, path: Path, unreadable: Skipped) -> str | None:
+        try:
+            return image_key(path)
+        except BadImageError as e:
+            unreadable.append((e.path, e.reason))
+            return None
 
     # -- internals --------------------------------------------------------------------------------------------------
     def _key(self, path: Path, skipped: Skipped) -> str | None:

@@ -1,0 +1,88 @@
+"""`prolip bench --plan`: the forward passes it announces are the ones the run then makes (every protocol, a cold
+cache and a partly filled one), and planning extracts nothing and writes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from prolip.bench import protocols
+from prolip.bench.experiment import parse_experiment
+from prolip.bench.plan import format_plan, plan_experiment
+from prolip.cli import main
+
+
+def _experiment(tmp_path, shared_data, **overrides):
+    spec = {"model": "test-vit-tiny", "pretrained": "none", "data_root": str(shared_data / "dtd10"),
+            "datasets": ["dtd"], "shots": [1, 2], "seeds": [1], "views": 2, "cache_dir": str(tmp_path / "cache"),
+            "out": str(tmp_path / "res"),
+            # zero-shot (no support features), ProLIP (its views), the linear probe (the support's center crops),
+            # CLAP (views of its own augmentation)
+            "methods": ["zeroshot", {"name": "prolip", "steps": 3}, "linear-probe", {"name": "clap", "epochs": 1}]}
+    spec.update(overrides)
+    return parse_experiment(spec)
+
+
+def _run_passes(exp, backbone, monkeypatch) -> int:
+    """Forward passes the run's feature cache made."""
+    caches = []
+    original = protocols.Bench.__init__
+
+    def keep_cache(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        caches.append(self.cache)
+
+    monkeypatch.setattr(protocols.Bench, "__init__", keep_cache)
+    protocols.run_experiment(exp, echo=lambda _: None, backbone=backbone)
+    return caches[0].stats.forward_passes
+
+
+LIGHT = ["zeroshot", {"name": "prolip", "steps": 2}]
+
+
+@pytest.mark.parametrize("protocol, overrides", [
+    ("fewshot", {"shots": [1]}),
+    ("fewshot-val", {"shots": [1], "methods": [{"name": "prolip", "steps": 1}]}),
+    ("base2new", {"shots": [2], "methods": LIGHT}),
+    ("sensitivity", {"methods": [{"name": "prolip", "steps": 2}], "sensitivity": {"lrs": [1e-3], "lams": [0.0, 1.0]}}),
+    ("cross-dataset", {"targets": ["dtd"], "shots": [1], "methods": LIGHT}),
+    ("tta", {"shots": [1], "methods": LIGHT, "tta": {"views": 3, "max_images": 4}}),
+])
+def test_plan_counts_the_forward_passes_the_run_makes(tmp_path, shared_data, tiny_vit, monkeypatch, protocol,
+                                                      overrides):
+    exp = _experiment(tmp_path, shared_data, protocol=protocol, **overrides)
+    plan = plan_experiment(exp, tiny_vit, time_batch=False)
+    assert plan.survey.forward_passes > 0 and plan.survey.cached_passes == 0
+    assert plan.reference_passes >= plan.survey.forward_passes  # the reference's runs share nothing
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "res").exists()  # nothing extracted or written
+    assert _run_passes(exp, tiny_vit, monkeypatch) == plan.survey.forward_passes
+    after = plan_experiment(exp, tiny_vit, time_batch=False)
+    assert (after.pending, after.survey.forward_passes) == (0, 0)
+    if protocol == "tta":
+        assert plan.tta_passes == 4 * 3  # the test-time views, beside the cached count
+
+
+def test_plan_leaves_out_what_is_cached_and_recorded(tmp_path, shared_data, tiny_vit, monkeypatch):
+    _run_passes(_experiment(tmp_path, shared_data, shots=[1], methods=LIGHT), tiny_vit, monkeypatch)
+    more = _experiment(tmp_path, shared_data, shots=[1, 2], seeds=[1, 2], methods=LIGHT)
+    plan = plan_experiment(more, tiny_vit)
+    assert plan.pending == plan.cells - 2  # the two 1-shot seed-1 cells are recorded
+    assert plan.survey.cached_passes > 0  # the test set's center crops, at least
+    assert plan.seconds_per_pass and plan.seconds_per_pass > 0 and plan.timed_batch > 0
+    text = format_plan(plan)
+    assert f"{plan.survey.forward_passes:,} to compute" in text and "estimated extraction time" in text
+    assert _run_passes(more, tiny_vit, monkeypatch) == plan.survey.forward_passes
+
+
+def test_cli_plan_prints_and_writes_nothing(tmp_path, shared_data):
+    spec = {"model": "test-vit-tiny", "pretrained": "none", "data_root": str(shared_data / "dtd10"),
+            "datasets": ["dtd"], "shots": [1], "seeds": [1], "views": 2, "cache_dir": str(tmp_path / "cache"),
+            "methods": ["zeroshot", {"name": "prolip", "steps": 2}]}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    r = CliRunner().invoke(main, ["bench", str(path), "--out", str(tmp_path / "res"), "--plan"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "forward passes:" in r.output and "reference code's structure" in r.output and "cache:" in r.output
+    assert not (tmp_path / "res").exists() and not (tmp_path / "cache").exists()
