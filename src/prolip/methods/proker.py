@@ -23,14 +23,16 @@ set in their main.py (:146-149), which ``selected_["source"]`` says. Only RN50 c
 every backbone. One quirk left behind: proker.py:24 checks for a saved ``seed_{seed}_shots{shots}.json`` but
 loads ``seed{seed}_shots{shots}.json``, so it re-searches every time; here the search always runs too.
 
-Memory (ProKeR issue #2: 16-shot ImageNet with more than one view runs out of memory on a 32 GB GPU). For each β
-the kernel matrix is built once and eigendecomposed, K = QΛQᵀ, which gives every λ's solution
-α = Q diag(λ / (Λ + λ)) Qᵀ R at the cost of matrix products (the original solves one system per (β, λ));
-kernel blocks against validation or test images are built ``ROW_CHUNK`` rows at a time, so they never exceed a
-chunk × M block. The dense M × M system is what must fit: before building it, the memory it needs is compared
-with what the machine has free, and a too-large M is refused naming ``augment_views``. The ImageNet configs' active
-grids are the ones marked "#epoch 1" (configs/RN50/configs_proker/imagenet.yaml), so ImageNet defaults to one view:
-16-shot ImageNet is then M = 16,000, about 8 GB in float64.
+Memory and time (ProKeR issue #2: 16-shot ImageNet with more than one view runs out of memory on a 32 GB GPU).
+For each β the kernel matrix is built once and every λ is one Cholesky solve of the symmetric positive definite
+system (the original calls ``torch.linalg.solve``, an LU, per (β, λ)); in float64, on the backbone's device when
+the task has one (a GPU solves 16-shot ImageNet's system in seconds), else where the features are. Kernel blocks
+against validation or test images are built ``ROW_CHUNK`` rows at a time, so scoring never holds more than a chunk
+× M block. The dense M × M system is what must fit: before building it, the memory it needs (``DENSE_COPIES``
+matrices of M² float64) is compared with what the device has free, and a too-large M is refused naming
+``augment_views``. The ImageNet configs' active grids are the ones marked "#epoch 1"
+(configs/RN50/configs_proker/imagenet.yaml), so ImageNet defaults to one view: 16-shot ImageNet is then
+M = 16,000, about 8 GB.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ from prolip.methods.base import FitError, Method, Support, Task, Validation
 from prolip.methods.params import POSITIVE, POSITIVE_INT, Flag, HyperparameterError, Number
 
 ROW_CHUNK = 4096  # rows of a kernel block against validation or test images built at once
-# Copies of an M × M float64 matrix alive at the peak of one β: the kernel, the eigenvectors, LAPACK's workspace.
+# M × M float64 matrices alive at the peak of one (β, λ): the kernel, K/λ + I, its Cholesky factor, and the
+# validation kernel block (N-shot validation: at most M rows).
 DENSE_COPIES = 4
 
 
@@ -86,15 +89,14 @@ def transferred_hyperparameters(shots: int) -> tuple[float, float]:
     return TRANSFERRED[nearest]
 
 
-def shrinkage_weights(eigenvalues: Tensor, lam: float) -> Tensor:
-    """λ / (Λ + λ): the eigenvalues of (K/λ + I)⁻¹; clamped at 0 from below, as K is positive semi-definite and
-    a float rounding below zero must not flip a sign."""
-    return lam / (eigenvalues.clamp(min=0) + lam)
-
-
-def dual_coefficients(eigenvalues: Tensor, eigenvectors: Tensor, residual: Tensor, lam: float) -> Tensor:
-    """α = Q diag(λ / (Λ + λ)) Qᵀ R, the solution of (K/λ + I) α = R for K = QΛQᵀ."""
-    return eigenvectors @ (shrinkage_weights(eigenvalues, lam)[:, None] * (eigenvectors.T @ residual))
+def solve_dual(kernel: Tensor, residual: Tensor, lam: float) -> Tensor:
+    """α solving ``(K/λ + I) α = R`` (proker.py:44, 56) by Cholesky: K is positive semi-definite, so the system is
+    symmetric positive definite."""
+    system = kernel / lam
+    system.diagonal().add_(1)
+    factor = torch.linalg.cholesky(system)
+    del system
+    return torch.cholesky_solve(residual, factor)
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
@@ -165,20 +167,19 @@ class ProKeR(Method):
 
     def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
         # Closed form on fixed views: ``seed`` changes nothing.
-        device = task.W0.device
+        device = torch.device(getattr(task.backbone, "device", None) or task.W0.device)
         S, labels, views = self._support(task, support)
         check_dense_fits(S.shape[0], views, device)
-        S64 = S.double()
-        residual = F.one_hot(labels, task.num_classes).double() - S64 @ task.classifier.double().T
+        S64 = S.to(device, torch.float64)
+        residual = F.one_hot(labels, task.num_classes).to(device, torch.float64) - S64 @ _classifier(task, device).T
         if val is not None and self.search:
             beta, lam, acc = self._search(task, S64, residual, val)
             self.selected_ = {"beta": beta, "lam": lam, "how": "validation", "val_accuracy": acc}
         else:
             beta, lam = self._given(task.shots)
-        eigenvalues, eigenvectors = torch.linalg.eigh(rbf_kernel(S64, S64, beta))
         self.support_embeddings = S.float()
-        self.dual = dual_coefficients(eigenvalues, eigenvectors, residual, lam).float()
-        self.selected_.update(beta=beta, lam=lam, views=views, support_vectors=S.shape[0])
+        self.dual = solve_dual(rbf_kernel(S64, S64, beta), residual, lam).float().to(S.device)
+        self.selected_.update(beta=beta, lam=lam, views=views, support_vectors=S.shape[0], solved_on=device.type)
 
     def _given(self, shots: int) -> tuple[float, float]:
         beta, lam = transferred_hyperparameters(shots)
@@ -192,16 +193,15 @@ class ProKeR(Method):
         """(β, λ, validation accuracy %): β-major over the grids, the first strict improvement kept."""
         betas = torch.linspace(*self.beta_grid[:2], int(self.beta_grid[2]), dtype=torch.float64).tolist()
         lams = torch.linspace(*self.lam_grid[:2], int(self.lam_grid[2]), dtype=torch.float64).tolist()
-        f = F.normalize(embed(task, val.features.float()), dim=-1).double()
-        zero_shot = f @ task.classifier.double().T
+        f = F.normalize(embed(task, val.features.float()), dim=-1).to(S.device, torch.float64)
+        zero_shot, labels = f @ _classifier(task, S.device).T, val.labels.to(S.device)
         best = (-1.0, betas[0], lams[0])
         for beta in betas:
-            eigenvalues, eigenvectors = torch.linalg.eigh(rbf_kernel(S, S, beta))
-            projected = eigenvectors.T @ residual  # Qᵀ R, shared by every λ
-            rotated = torch.cat([rbf_kernel(rows, S, beta) @ eigenvectors for rows in f.split(ROW_CHUNK)])
+            kernel = rbf_kernel(S, S, beta)
+            val_kernel = torch.cat([rbf_kernel(rows, S, beta) for rows in f.split(ROW_CHUNK)])
             for lam in lams:
-                logits = zero_shot + rotated @ (shrinkage_weights(eigenvalues, lam)[:, None] * projected)
-                acc = (logits.argmax(-1) == val.labels).double().mean().item() * 100
+                logits = zero_shot + val_kernel @ solve_dual(kernel, residual, lam)
+                acc = (logits.argmax(-1) == labels).double().mean().item() * 100
                 if acc > best[0]:
                     best = (acc, beta, lam)
         return best[1], best[2], best[0]
@@ -236,6 +236,10 @@ class ProKeR(Method):
                              f"{self.dual.shape[0]} dual coefficients")
         beta, lam = state["beta_lam"].tolist()
         self.selected_ = {"beta": beta, "lam": lam, "how": "loaded"}
+
+
+def _classifier(task: Task, device: torch.device) -> Tensor:
+    return task.classifier.to(device, torch.float64)
 
 
 def _check_grid(key: str, grid: Any) -> None:
