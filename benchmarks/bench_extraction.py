@@ -9,11 +9,17 @@ fused kernel is invisible to the counter, which then misses the attention projec
 work: 22.5 instead of 35.1 GFLOP for ViT-B/16). Even unfused, the counter skips the two attention products (1.4
 GFLOP), so for ViTs the bound uses the closed-form count, which includes them; both are printed.
 
+``--engines torch,onnxruntime`` measures PyTorch eager and ONNX Runtime (the onnx extra) side by side: the cache-path
+rows for each, and a paired forward-only comparison (the same random batch through each engine, alternating, every
+round) whose per-round ratio is printed.
+
     python benchmarks/bench_extraction.py [--images 32] [--rounds 3] [--batch-sizes 8,16,32] [--workers 0,1]
+                                          [--engines torch,onnxruntime]
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -66,9 +72,9 @@ def main() -> None:
     ap.add_argument("--model", default="ViT-B-16")
     ap.add_argument("--extract-dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--device", default="cpu", help="e.g. cuda: the GPU path (issue 6, target 7)")
+    ap.add_argument("--engines", default="torch", help="comma-separated: torch, onnxruntime (CPU only)")
     args = ap.parse_args()
     from prolip.backbones import load_backbone
-    from prolip.features import FeatureCache
 
     backbone = load_backbone(args.model, "none", device=args.device)
     size = backbone.preprocessing.image_size
@@ -83,35 +89,72 @@ def main() -> None:
     print(f"{args.model} (RANDOM weights), {gflop:.1f} GFLOP/image (FlopCounterMode {counted:.1f}{check}); "
           f"{len(paths)} dtd10 JPEGs x {args.rounds} rounds per row, {torch.get_num_threads()} torch threads, "
           f"extraction in {args.extract_dtype}")
-    print("| batch | decode threads | images/s | matmul GFLOP/s (beside each round) | bound images/s | of the bound |")
-    print("|---|---|---|---|---|---|")
+    print("| engine | batch | decode threads | images/s | matmul GFLOP/s (beside each round) | bound images/s "
+          "| of the bound |")
+    print("|---|---|---|---|---|---|---|")
+    engines = args.engines.split(",")
+    with tempfile.TemporaryDirectory() as root:  # one root: an engine's exported model is made once, then reused
+        for engine in engines:
+            cache_rows(backbone, paths, args, engine, Path(root), gflop, dtype)
+        forward_only(backbone, engines, args, Path(root), gflop, dtype, size, len(paths))
+    print("target: >= 80% of the bound on CPU (issue 6, target 4); >= 5,000 images/s on one H100 (target 7)")
+
+
+def cache_rows(backbone, paths, args, engine: str, root: Path, gflop: float, dtype) -> None:
+    """The whole cache path (decode, crop, encode, float16 write) with ``engine``, per batch size and decode threads."""
+    from prolip.features import FeatureCache
+
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         for workers in [int(w) for w in args.workers.split(",")]:
             def extract() -> float:
-                with tempfile.TemporaryDirectory() as tmp:
-                    cache = FeatureCache(tmp, backbone, batch_size=bs, num_workers=workers, progress=False,
-                                         unit_images=max(bs, 32), compute_dtype=args.extract_dtype)
-                    t = time.perf_counter()
-                    cache.center(paths)
-                    return len(paths) / (time.perf_counter() - t)
+                for ns in root.iterdir():  # a cold cache every time, keeping the exported model
+                    if ns.name != "onnx":
+                        shutil.rmtree(ns)
+                cache = FeatureCache(root, backbone, batch_size=bs, num_workers=workers, progress=False,
+                                     unit_images=max(bs, 32), compute_dtype=args.extract_dtype, engine=engine)
+                t = time.perf_counter()
+                cache.center(paths)
+                return len(paths) / (time.perf_counter() - t)
 
             ratio, rate, peak = paired_rounds(extract, args.rounds, gflop, dtype, args.device)
-            print(f"| {bs} | {workers} | {rate:.2f} | {peak:.0f} | {peak / gflop:.2f} | **{ratio:.0%}** |", flush=True)
-    # The same forward passes on random tensors: what the cache path (decode, crop, fp16 write) costs on top.
+            print(f"| {engine} | {bs} | {workers} | {rate:.2f} | {peak:.0f} | {peak / gflop:.2f} | **{ratio:.0%}** |",
+                  flush=True)
+
+
+def forward_only(backbone, engines, args, root: Path, gflop: float, dtype, size: int, n: int) -> None:
+    """The same random batch through each engine, alternating within every round: rate, share of the bound, and
+    each engine's rate relative to the first one's in the same round."""
+    from prolip.features.engine import encoder_for
+
     bs = int(args.batch_sizes.split(",")[0])
     x = torch.randn(bs, 3, size, size, device=args.device)
+    encoders = {e: encoder_for(backbone, e, root) for e in engines}
+    batches = max(1, n // bs)
 
-    def forward_only():
+    def rate(encoder) -> float:
         t = time.perf_counter()
-        with torch.inference_mode(), torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.extract_dtype == "bf16"):
-            for _ in range(max(1, len(paths) // bs)):
-                backbone.encode_pre(x)
+        with torch.inference_mode(), torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
+                                                    enabled=args.extract_dtype == "bf16"):
+            for _ in range(batches):
+                encoder.encode_pre(x)
             sync(args.device)
-        return max(1, len(paths) // bs) * bs / (time.perf_counter() - t)
+        return batches * bs / (time.perf_counter() - t)
 
-    ratio, rate, peak = paired_rounds(forward_only, args.rounds, gflop, dtype, args.device)
-    print(f"| {bs}, forward only | - | {rate:.2f} | {peak:.0f} | {peak / gflop:.2f} | **{ratio:.0%}** |")
-    print("target: >= 80% of the bound on CPU (issue 6, target 4); >= 5,000 images/s on one H100 (target 7)")
+    for encoder in encoders.values():
+        rate(encoder)  # warm-up (and the export, for an exported engine)
+    rounds: dict[str, list[tuple[float, float]]] = {e: [] for e in engines}
+    for _ in range(args.rounds):
+        for engine, encoder in encoders.items():
+            before = probe_gflops(dtype, args.device)
+            r = rate(encoder)
+            rounds[engine].append((r, (before + probe_gflops(dtype, args.device)) / 2))
+    first = engines[0]
+    for engine in engines:
+        rates = [r for r, _ in rounds[engine]]
+        shares = sorted(r / (peak / gflop) for r, peak in rounds[engine])
+        vs = [r / f for (r, _), (f, _) in zip(rounds[engine], rounds[first])]
+        print(f"| {engine} | {bs}, forward only | - | {statistics.median(rates):.2f} | - | - | "
+              f"**{shares[len(shares) // 2]:.0%}** | vs {first} per round: {', '.join(f'{v:.2f}' for v in vs)}")
 
 
 def paired_rounds(measure, rounds: int, gflop: float, dtype: torch.dtype, device: str) -> tuple[float, float, float]:

@@ -530,15 +530,19 @@ def export_cmd(run_dir, out, fmt, force, device):
 @click.option("--aug-seed", default=0, show_default=True)
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
               help="root folder of the benchmark datasets (CoOp layout) when --data names a benchmark")
+@click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default=None,
+              help="what computes the features on the CPU [default: $PROLIP_ENGINE or torch]; onnxruntime needs the "
+                   "onnx extra and caches apart from torch (equal to float32 rounding, not bitwise)")
 @label_key_option
 @cache_options
 @backbone_options
 def extract_cmd(data, split, views, aug_seed, data_root, label_key, cache_dir, batch_size, workers, extract_dtype,
-                on_bad_image, model, pretrained, device):
+                on_bad_image, model, pretrained, device, engine=None):
     """Fill the feature cache ahead of time (works under torchrun: images are sharded across processes)."""
     from prolip.features import extract_dataset
 
     check_device(device)
+    _check_engine(engine, device)
     splits = _resolve(data, data_root, None, None, label_key=label_key)
     wanted = ["train", "val", "test"] if split == "all" else [split]
     if split != "all" and getattr(splits, split) is None:
@@ -553,9 +557,19 @@ def extract_cmd(data, split, views, aug_seed, data_root, label_key, cache_dir, b
         paths = [it.path for it in images.items]
         stats = extract_dataset(backbone, paths, num_views=views if name == "train" else 0, cache_dir=cache_dir,
                                 aug_seed=aug_seed, batch_size=batch_size, num_workers=workers,
-                                on_bad_image=on_bad_image, compute_dtype=extract_dtype)
+                                on_bad_image=on_bad_image, compute_dtype=extract_dtype, engine=engine)
         who = f"rank {rank}/{world} " if world > 1 else ""
         click.echo(f"{who}{name}: {len(paths)} images, {stats}", err=True)
+
+
+def _check_engine(engine, device) -> None:
+    from prolip.features.engine import resolve_engine
+
+    try:
+        if resolve_engine(engine) != "torch" and device != "cpu":
+            _fail(f"--engine {engine} runs on the CPU; drop it or use --device cpu")
+    except ValueError as e:  # unknown, or not installed
+        _fail(str(e))
 
 
 @click.command("methods")

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from prolip.data.images import BadImageError
 from prolip.distributed import rank_world
 from prolip.features import storage
+from prolip.features.engine import encoder_for, resolve_engine
 from prolip.features.extraction import Extractor, ViewMaker, augmented_views, center_views, image_key
 from prolip.features.locking import remove_finished_locks, unit_lock
 from prolip.features.storage import CacheError, Entry
@@ -191,14 +192,17 @@ class FeatureCache:
 
     def __init__(self, cache_dir: Path | str | None, backbone, *, batch_size: int = 64, num_workers: int | None = None,
                  on_bad_image: str = "error", progress: bool = True, unit_images: int = 32,
-                 compute_dtype: str = "auto"):
+                 compute_dtype: str = "auto", engine: str | None = None):
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
         if unit_images <= 0:
             raise ValueError(f"unit_images must be positive, got {unit_images}")
-        self.extractor = Extractor(backbone, batch_size=batch_size, num_workers=num_workers,
-                                   compute_dtype=compute_dtype)
         self.root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.engine = resolve_engine(engine)  # torch, or ONNX Runtime (engine.py; $PROLIP_ENGINE)
+        if self.engine != "torch" and compute_dtype == "bf16":
+            raise ValueError(f"compute_dtype bf16 is PyTorch's autocast; engine {self.engine!r} computes in fp32")
+        self.extractor = Extractor(encoder_for(backbone, self.engine, self.root), batch_size=batch_size,
+                                   num_workers=num_workers, compute_dtype=compute_dtype)
         self.backbone, self.on_bad_image = backbone, on_bad_image
         self.progress, self.unit_images = progress, unit_images
         self.stats = CacheStats()  # cumulative over this object's requests
@@ -272,6 +276,8 @@ class FeatureCache:
             ident += f"|augmentation:{augmentation}"
         if self.compute_dtype != "fp32":  # other numerics, other features; fp32 namespaces keep their old names
             ident += f"|compute:{self.compute_dtype}"
+        if self.engine != "torch":  # equal to torch's to float32 rounding, not bitwise: never mixed with them
+            ident += f"|engine:{self.engine}"
         return self.root / hashlib.blake2b(ident.encode(), digest_size=12).hexdigest()
 
     def survey(self, requests: Sequence[Request]) -> Survey:
@@ -369,10 +375,10 @@ class FeatureCache:
 
 def extract_dataset(backbone, paths, *, num_views: int, cache_dir=None, aug_seed: int = 0, batch_size: int = 64,
                     num_workers: int | None = None, on_bad_image: str = "error",
-                    compute_dtype: str = "auto") -> CacheStats:
+                    compute_dtype: str = "auto", engine: str | None = None) -> CacheStats:
     """Fill the cache for ``paths`` (num_views 0: center crops only); under torchrun the ranks split the units."""
     rank, world = rank_world()
     cache = FeatureCache(cache_dir, backbone, batch_size=batch_size, num_workers=num_workers,
-                         on_bad_image=on_bad_image, progress=rank == 0, compute_dtype=compute_dtype)
+                         on_bad_image=on_bad_image, progress=rank == 0, compute_dtype=compute_dtype, engine=engine)
     cache.fill(paths, num_views, aug_seed, rank=rank, world=world)
     return cache.stats
