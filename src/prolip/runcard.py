@@ -70,6 +70,11 @@ def _hyperparameter_lines(manifest: dict) -> list[str]:
     return lines + [""]
 
 
+def _cell(text: str) -> str:
+    """A class name inside a markdown table: a '|' in it would split the cell."""
+    return str(text).replace("|", "\\|")
+
+
 def _is_number(value: Any) -> bool:
     """What a validation search selects (lr, λ, α, C, an epoch), as opposed to settings it records (a tie rule)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -95,7 +100,8 @@ def _result_lines(manifest: dict) -> list[str]:
     if m.get("most_confused"):
         lines += ["Most confused classes (true → predicted, adapted model):", "",
                   "| true | predicted | images | share of the true class |", "|---|---|---:|---:|"]
-        lines += [f"| {c['true']} | {c['predicted']} | {c['count']} | {c['share']:.0f}% |" for c in m["most_confused"]]
+        lines += [f"| {_cell(c['true'])} | {_cell(c['predicted'])} | {c['count']} | {c['share']:.0f}% |"
+                  for c in m["most_confused"]]
         lines.append("")
     if m.get("worst_classes"):
         worst = ", ".join(f"{w['class']} ({_percent(w['accuracy'])})" for w in m["worst_classes"])
