@@ -250,9 +250,11 @@ def _report_metrics(metrics, backbone, as_json, out=None):
 
 @click.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--data", required=True, help="image folder, image list, CoOp dataset folder or benchmark name")
+@click.option("--data", required=True,
+              help="image folder, image list, CoOp dataset folder, benchmark name, tar shards or hf:/path")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default=None,
-              help="which split of a benchmark to evaluate [default: test] (a plain folder has only its images)")
+              help="which split of a benchmark, CLIP_benchmark shard folder or hf: dataset to evaluate [default: "
+                   "test] (val: an hf: dataset's validation, valid or dev split; a plain folder has only its images)")
 @click.option("--tta", is_flag=True, help="test-time ProLIP on each image (64 views, one step)")
 @click.option("--tta-views", type=click.IntRange(min=1), default=64, show_default=True,
               help="views per image for --tta")
