@@ -153,6 +153,18 @@ def test_a_folder_of_shards_in_split_folders_is_clip_benchmarks_layout(data, tmp
     assert renamed.classnames == ["Cat", "Dog", "Fox"] and renamed.train.class_ids == list(CLASSES)
 
 
+def test_an_image_folder_holding_an_archive_stays_an_image_folder(data, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(data["folder"], tmp_path / "folder")
+    shutil.copy(data["shards"][0], folder / "backup.tar")
+    (folder / "train").mkdir()  # a class named "train", with its images and an archive
+    (folder / "train" / "0.png").write_bytes(data["samples"][0][0])
+    shutil.copy(data["shards"][1], folder / "train" / "old.tar")
+    splits = resolve_data(str(folder))
+    assert splits.classnames == [*CLASSES, "train"] and all(member_of(it.path) is None for it in splits.train.items)
+
+
 def _names(tmp_path: Path, names) -> Path:
     path = tmp_path / "names.txt"
     path.write_text("\n".join(names))

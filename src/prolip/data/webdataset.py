@@ -20,8 +20,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from prolip.data.folder import (DEFAULT_TEMPLATES, DataError, check_classnames, class_index, read_classnames,
-                                read_json, read_templates, read_text, regular_file)
+from prolip.data.folder import (DEFAULT_TEMPLATES, DataError, check_classnames, class_index, is_image_file,
+                                read_classnames, read_json, read_templates, read_text, regular_file)
 from prolip.data.images import BadImageError
 from prolip.data.types import DatasetSplits, ImageItem, LabeledImages, Member
 
@@ -87,16 +87,18 @@ def is_shard_spec(spec: str) -> bool:
 
 
 def _shard_folders(root: Path) -> dict[str, list[Path]]:
-    """A folder's shards by split: ``*.tar`` directly inside it (one split), or in split sub-folders
-    (``train/``, ``test/``, ... CLIP_benchmark's layout), never beside images, which make it an image folder."""
+    """A folder's shards by split: ``*.tar`` directly inside a folder without sub-folders (one split), or in split
+    sub-folders without images (``train/``, ``test/``, ... CLIP_benchmark's layout). An image folder that happens to
+    hold a tar file (an archive beside its class folders) stays an image folder."""
+    subfolders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     direct = sorted(root.glob("*.tar"), key=_shard_order)
-    if direct:
+    if direct and not subfolders:
         return {"train": direct}
     found = {}
     for name, split in SPLIT_FOLDERS.items():
         sub = root / name
         shards = sorted(sub.glob("*.tar"), key=_shard_order) if sub.is_dir() else []
-        if shards and split not in found:
+        if shards and split not in found and not any(is_image_file(f) for f in sub.iterdir()):
             found[split] = shards
     return found
 
