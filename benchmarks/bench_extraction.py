@@ -58,6 +58,13 @@ def vit_closed_form_gflop(visual) -> float | None:
     return 2 * macs / 1e9
 
 
+def default_engines() -> str:
+    import importlib.util
+
+    installed = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
+    return "torch,onnxruntime" if installed else "torch"
+
+
 def probe_gflops(dtype: torch.dtype, device: str) -> float:
     """The matmul rate right now: median of a few short GEMMs (a best-of would pick a moment nobody else ran)."""
     return statistics.median(matmul_gflops(device, n=2048, repeats=1, dtype=dtype) for _ in range(5))
@@ -72,7 +79,8 @@ def main() -> None:
     ap.add_argument("--model", default="ViT-B-16")
     ap.add_argument("--extract-dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--device", default="cpu", help="e.g. cuda: the GPU path (issue 6, target 7)")
-    ap.add_argument("--engines", default="torch", help="comma-separated: torch, onnxruntime (CPU only)")
+    ap.add_argument("--engines", default=default_engines(), help="comma-separated: torch, onnxruntime (CPU only; "
+                    "default: both when the onnx extra is installed)")
     args = ap.parse_args()
     from prolip.backbones import load_backbone
 
