@@ -18,7 +18,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/prolip demo
 
+# Gates first (lint, format, types: configured in pyproject.toml), then the suite.
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The reliability suite alone, with its tally (inputs tried, faults injected, handled, data lost).

@@ -16,6 +16,7 @@ round) whose per-round ratio is printed.
     python benchmarks/bench_extraction.py [--images 32] [--rounds 3] [--batch-sizes 8,16,32] [--workers 0,1]
                                           [--engines torch,onnxruntime]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,9 @@ def vit_closed_form_gflop(visual) -> float | None:
     width, patch = visual.conv1.out_channels, visual.conv1.kernel_size[0]
     grid = visual.image_size[0] // patch if isinstance(visual.image_size, tuple) else visual.image_size // patch
     tokens, mlp = grid * grid + 1, visual.transformer.resblocks[0].mlp.c_fc.out_features
-    per_block = tokens * width * 3 * width + 2 * tokens * tokens * width + tokens * width * width + 2 * tokens * width * mlp
+    per_block = (
+        tokens * width * 3 * width + 2 * tokens * tokens * width + tokens * width * width + 2 * tokens * width * mlp
+    )
     macs = 3 * patch * patch * width * grid * grid + len(visual.transformer.resblocks) * per_block
     return 2 * macs / 1e9
 
@@ -79,8 +82,11 @@ def main() -> None:
     ap.add_argument("--model", default="ViT-B-16")
     ap.add_argument("--extract-dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--device", default="cpu", help="e.g. cuda: the GPU path (issue 6, target 7)")
-    ap.add_argument("--engines", default=default_engines(), help="comma-separated: torch, onnxruntime (CPU only; "
-                    "default: both when the onnx extra is installed)")
+    ap.add_argument(
+        "--engines",
+        default=default_engines(),
+        help="comma-separated: torch, onnxruntime (CPU only; default: both when the onnx extra is installed)",
+    )
     args = ap.parse_args()
     from prolip.backbones import load_backbone
 
@@ -94,11 +100,15 @@ def main() -> None:
     if not paths:
         raise SystemExit(f"no dtd10 images under {DTD10}: this benchmark needs ../shared/data")
     check = f", closed form {closed:.1f}" if closed else ""
-    print(f"{args.model} (RANDOM weights), {gflop:.1f} GFLOP/image (FlopCounterMode {counted:.1f}{check}); "
-          f"{len(paths)} dtd10 JPEGs x {args.rounds} rounds per row, {torch.get_num_threads()} torch threads, "
-          f"extraction in {args.extract_dtype}")
-    print("| engine | batch | decode threads | images/s | matmul GFLOP/s (beside each round) | bound images/s "
-          "| of the bound |")
+    print(
+        f"{args.model} (RANDOM weights), {gflop:.1f} GFLOP/image (FlopCounterMode {counted:.1f}{check}); "
+        f"{len(paths)} dtd10 JPEGs x {args.rounds} rounds per row, {torch.get_num_threads()} torch threads, "
+        f"extraction in {args.extract_dtype}"
+    )
+    print(
+        "| engine | batch | decode threads | images/s | matmul GFLOP/s (beside each round) | bound images/s "
+        "| of the bound |"
+    )
     print("|---|---|---|---|---|---|---|")
     engines = args.engines.split(",")
     with tempfile.TemporaryDirectory() as root:  # one root: an engine's exported model is made once, then reused
@@ -114,19 +124,30 @@ def cache_rows(backbone, paths, args, engine: str, root: Path, gflop: float, dty
 
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         for workers in [int(w) for w in args.workers.split(",")]:
+
             def extract() -> float:
                 for ns in root.iterdir():  # a cold cache every time, keeping the exported model
                     if ns.name != "onnx":
                         shutil.rmtree(ns)
-                cache = FeatureCache(root, backbone, batch_size=bs, num_workers=workers, progress=False,
-                                     unit_images=max(bs, 32), compute_dtype=args.extract_dtype, engine=engine)
+                cache = FeatureCache(
+                    root,
+                    backbone,
+                    batch_size=bs,
+                    num_workers=workers,
+                    progress=False,
+                    unit_images=max(bs, 32),
+                    compute_dtype=args.extract_dtype,
+                    engine=engine,
+                )
                 t = time.perf_counter()
                 cache.center(paths)
                 return len(paths) / (time.perf_counter() - t)
 
             ratio, rate, peak = paired_rounds(extract, args.rounds, gflop, dtype, args.device)
-            print(f"| {engine} | {bs} | {workers} | {rate:.2f} | {peak:.0f} | {peak / gflop:.2f} | **{ratio:.0%}** |",
-                  flush=True)
+            print(
+                f"| {engine} | {bs} | {workers} | {rate:.2f} | {peak:.0f} | {peak / gflop:.2f} | **{ratio:.0%}** |",
+                flush=True,
+            )
 
 
 def forward_only(backbone, engines, args, root: Path, gflop: float, dtype, size: int, n: int) -> None:
@@ -141,8 +162,10 @@ def forward_only(backbone, engines, args, root: Path, gflop: float, dtype, size:
 
     def rate(encoder) -> float:
         t = time.perf_counter()
-        with torch.inference_mode(), torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
-                                                    enabled=args.extract_dtype == "bf16"):
+        with (
+            torch.inference_mode(),
+            torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.extract_dtype == "bf16"),
+        ):
             for _ in range(batches):
                 encoder.encode_pre(x)
             sync(args.device)
@@ -160,9 +183,11 @@ def forward_only(backbone, engines, args, root: Path, gflop: float, dtype, size:
     for engine in engines:
         rates = [r for r, _ in rounds[engine]]
         shares = sorted(r / (peak / gflop) for r, peak in rounds[engine])
-        vs = [r / f for (r, _), (f, _) in zip(rounds[engine], rounds[first])]
-        print(f"| {engine} | {bs}, forward only | - | {statistics.median(rates):.2f} | - | - | "
-              f"**{shares[len(shares) // 2]:.0%}** | vs {first} per round: {', '.join(f'{v:.2f}' for v in vs)}")
+        vs = [r / f for (r, _), (f, _) in zip(rounds[engine], rounds[first], strict=True)]
+        print(
+            f"| {engine} | {bs}, forward only | - | {statistics.median(rates):.2f} | - | - | "
+            f"**{shares[len(shares) // 2]:.0%}** | vs {first} per round: {', '.join(f'{v:.2f}' for v in vs)}"
+        )
 
 
 def paired_rounds(measure, rounds: int, gflop: float, dtype: torch.dtype, device: str) -> tuple[float, float, float]:

@@ -7,6 +7,7 @@ this fast; accuracy is compared against fresh per-run caches for a few runs to s
 
     python benchmarks/bench_forward_passes.py [--views 4] [--model test-vit-tiny]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,9 @@ def main() -> None:
         results = {}
         for shots in shots_list:
             for seed in seeds:
-                cfg = pipeline.FitConfig(shots=shots, seed=seed, views=args.views,
-                                         hyperparameters={"steps": args.steps})
+                cfg = pipeline.FitConfig(
+                    shots=shots, seed=seed, views=args.views, hyperparameters={"steps": args.steps}
+                )
                 results[shots, seed] = pipeline.fit(backbone, splits, shared, cfg).metrics["accuracy"]
         ours = shared.stats.forward_passes
         reference = sum(shots * n_cls * args.views + n_test for shots in shots_list for _ in seeds)
@@ -51,9 +53,11 @@ def main() -> None:
             fresh = FeatureCache(Path(tmp) / f"fresh-{shots}-{seed}", backbone, progress=False)
             cfg = pipeline.FitConfig(shots=shots, seed=seed, views=args.views, hyperparameters={"steps": args.steps})
             identical &= pipeline.fit(backbone, splits, fresh, cfg).metrics["accuracy"] == results[shots, seed]
-    print(f"dtd10 ({n_cls} classes, {len(splits.train)} train / {n_test} test images), model {args.model} "
-          f"(RANDOM weights), LP++ sampler, shots {shots_list} x seeds 1-{args.seeds}, {args.views} views, "
-          f"{len(results)} runs in {time.perf_counter() - started:.1f} s")
+    print(
+        f"dtd10 ({n_cls} classes, {len(splits.train)} train / {n_test} test images), model {args.model} "
+        f"(RANDOM weights), LP++ sampler, shots {shots_list} x seeds 1-{args.seeds}, {args.views} views, "
+        f"{len(results)} runs in {time.perf_counter() - started:.1f} s"
+    )
     print(f"forward passes, reference per-(shots, seed) caching : {reference:,}")
     print(f"forward passes, prolip per-(image, view) cache       : {ours:,}")
     print(f"ratio reference / prolip                             : {reference / ours:.1f}x  (target >= 4x)")

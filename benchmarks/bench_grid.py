@@ -11,6 +11,7 @@ float16, as the reference code does (its CLIP is half precision), and in float32
     python benchmarks/bench_grid.py [--shapes 4x10:300,16x47:100,16x1000:3] [--rounds 2] [--chunks 1,2,4,7]
                                     [--reference-shape 4x10] [--reference-dtypes float16,float32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,9 @@ def grid_fit(p, steps: int, chunk: int | None = None):
 
 
 def single_fits(p, steps: int) -> list:
-    return [create("prolip", lr=lr, lam=lam, steps=steps).fit(p.task, p.support) for lr, lam in zip(LRS, LAMS)]
+    return [
+        create("prolip", lr=lr, lam=lam, steps=steps).fit(p.task, p.support) for lr, lam in zip(LRS, LAMS, strict=True)
+    ]
 
 
 def winner_of_singles(p, fitted) -> int:
@@ -90,29 +93,43 @@ def compare_shape(shape: str, steps: int, rounds: int) -> dict:
         singles_s, fitted = timed(lambda: single_fits(p, steps))
         best = winner_of_singles(p, fitted)
         same = (grid.selected_["lr"], grid.selected_["lam"]) == (LRS[best], LAMS[best])
-        rows.append({"grid_s": round(grid_s, 2), "singles_s": round(singles_s, 2),
-                     "ratio": round(grid_s / singles_s, 3), "same_winner": same})
+        rows.append(
+            {
+                "grid_s": round(grid_s, 2),
+                "singles_s": round(singles_s, 2),
+                "ratio": round(grid_s / singles_s, 3),
+                "same_winner": same,
+            }
+        )
     ratios = [r["ratio"] for r in rows]
-    return {"shape": f"{shape} (N={p.support.views.num_images}), 768->512, {steps} steps, 49 configs",
-            "rounds": rows, "ratio_median": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
-            "winner": {"lr": grid.selected_["lr"], "lam": grid.selected_["lam"]}}
+    return {
+        "shape": f"{shape} (N={p.support.views.num_images}), 768->512, {steps} steps, 49 configs",
+        "rounds": rows,
+        "ratio_median": statistics.median(ratios),
+        "ratio_range": [min(ratios), max(ratios)],
+        "winner": {"lr": grid.selected_["lr"], "lam": grid.selected_["lam"]},
+    }
 
 
 def chunk_sweep(shape: str, steps: int, chunks: list[int], rounds: int) -> dict:
     """Seconds per configuration of the grid at fixed chunk sizes (each chunk size timed ``rounds`` times,
     interleaved), on the shape's first 14 configurations (two chunks of 7) to keep it short."""
     p = problem_for(shape)
-    grid = [[lr, lam] for lr, lam in zip(LRS[:14], LAMS[:14])]
+    grid = [[lr, lam] for lr, lam in zip(LRS[:14], LAMS[:14], strict=True)]
     fit = lambda k: create("prolip", grid=grid, steps=steps, grid_chunk=k).fit(p.task, p.support, p.val)
     fit(1)
     times: dict[int, list[float]] = {k: [] for k in chunks}
     for _ in range(rounds):
         for k in chunks:
             times[k].append(timed(lambda: fit(k))[0] / len(grid))
-    return {"shape": shape, "steps": steps,
-            "s_per_config": {k: round(statistics.median(v), 4) for k, v in times.items()},
-            "vs_chunk_1": {k: round(statistics.median(v) / statistics.median(times[chunks[0]]), 3)
-                           for k, v in times.items()}}
+    return {
+        "shape": shape,
+        "steps": steps,
+        "s_per_config": {k: round(statistics.median(v), 4) for k, v in times.items()},
+        "vs_chunk_1": {
+            k: round(statistics.median(v) / statistics.median(times[chunks[0]]), 3) for k, v in times.items()
+        },
+    }
 
 
 def reference_comparison(shape: str, steps: int, dtypes: list[str], configs: int) -> dict:
@@ -133,11 +150,12 @@ def reference_comparison(shape: str, steps: int, dtypes: list[str], configs: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="4x10:300,16x47:100,16x1000:3",
-                    help="shots x classes : steps, comma-separated")
+    ap.add_argument("--shapes", default="4x10:300,16x47:100,16x1000:3", help="shots x classes : steps, comma-separated")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--chunks", default="", help="also time the grid at these chunk sizes, e.g. 1,2,4,7")
-    ap.add_argument("--reference-shape", default="4x10:300", help="shape:steps for the reference structure ('' to skip)")
+    ap.add_argument(
+        "--reference-shape", default="4x10:300", help="shape:steps for the reference structure ('' to skip)"
+    )
     ap.add_argument("--reference-dtypes", default="float16,float32")
     ap.add_argument("--reference-configs", type=int, default=7, help="configurations of the reference loop timed")
     args = ap.parse_args()
@@ -150,10 +168,19 @@ def main() -> None:
             print(json.dumps({"chunk_sweep": chunk_sweep(shape, int(steps), chunks, args.rounds)}), flush=True)
     if args.reference_shape:
         shape, steps = args.reference_shape.split(":")
-        print(json.dumps({"vs_reference_structure": reference_comparison(
-            shape, int(steps), args.reference_dtypes.split(","), args.reference_configs)}), flush=True)
-    print("targets: grid <= 1.0x the 49 single fits on every shape, same winner; >= 10x the reference structure "
-          "at 4x10")
+        print(
+            json.dumps(
+                {
+                    "vs_reference_structure": reference_comparison(
+                        shape, int(steps), args.reference_dtypes.split(","), args.reference_configs
+                    )
+                }
+            ),
+            flush=True,
+        )
+    print(
+        "targets: grid <= 1.0x the 49 single fits on every shape, same winner; >= 10x the reference structure at 4x10"
+    )
 
 
 if __name__ == "__main__":

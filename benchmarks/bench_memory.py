@@ -7,6 +7,7 @@ the cache's own unit format; the memory behaviour does not depend on their value
 
     python benchmarks/bench_memory.py [--images 16000 --views 300 --dim 768 --classes 1000 --steps 300]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,7 @@ def train(entries, views, classes, dim, steps, in_memory=False):
     if in_memory:
         source = TensorViews(source.to_tensor())
     g = torch.Generator().manual_seed(1)
-    W0 = torch.randn(dim, 512, generator=g) * dim ** -0.5
+    W0 = torch.randn(dim, 512, generator=g) * dim**-0.5
     T = torch.nn.functional.normalize(torch.randn(classes, 512, generator=g), dim=-1)
     labels = torch.arange(len(entries)) % classes
     return train_projection(W0, None, T, 100.0, source, labels, [1e-5], [1.0 / 16], steps)[0]
@@ -58,8 +59,10 @@ def child(args) -> None:
         train(entries, args.views, args.classes, args.dim, args.steps)
         t2 = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    print(f"{size / 1e9:.2f} GB of cached views written in {t1 - t0:.0f} s; {args.steps} streamed steps in "
-          f"{t2 - t1:.0f} s; peak RSS {peak:.2f} GB (target < 2 GB)")
+    print(
+        f"{size / 1e9:.2f} GB of cached views written in {t1 - t0:.0f} s; {args.steps} streamed steps in "
+        f"{t2 - t1:.0f} s; peak RSS {peak:.2f} GB (target < 2 GB)"
+    )
 
 
 def main() -> None:
@@ -74,10 +77,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args)
-    print(f"support set: {args.images} images x {args.views} views x {args.dim}-d float16, {args.classes} classes, "
-          f"ProLIP fp32, {args.steps} steps (synthetic features)")
-    cmd = [sys.executable, __file__, "--child", *[f"--{k}={v}" for k, v in vars(args).items()
-                                                  if k not in ("child", "tmp") and v is not None]]
+    print(
+        f"support set: {args.images} images x {args.views} views x {args.dim}-d float16, {args.classes} classes, "
+        f"ProLIP fp32, {args.steps} steps (synthetic features)"
+    )
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        *[f"--{k}={v}" for k, v in vars(args).items() if k not in ("child", "tmp") and v is not None],
+    ]
     if args.tmp:
         cmd.append(f"--tmp={args.tmp}")
     subprocess.run(cmd, check=True)

@@ -7,18 +7,20 @@ fitted with its defaults, once without and once with the validation set.
 
     python benchmarks/bench_methods.py [--classes 100] [--shots 16] [--views 300] [--markdown]
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
 import time
+from pathlib import Path
 
 import torch
 
 from prolip.functional import accuracy
 from prolip.methods import available, create
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the synthetic problem lives with the tests
 from synthetic import make_problem  # noqa: E402
 
@@ -42,8 +44,17 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
 
-    p = make_problem(num_classes=args.classes, shots=args.shots, d_pre=768, d=512, views=args.views,
-                     test_per_class=10, text_offset=12.0, noise=3.0, seed=args.seed)
+    p = make_problem(
+        num_classes=args.classes,
+        shots=args.shots,
+        d_pre=768,
+        d=512,
+        views=args.views,
+        test_per_class=10,
+        text_offset=12.0,
+        noise=3.0,
+        seed=args.seed,
+    )
     with_text_side(p)
     rows = []
     for name in args.methods or available():
@@ -53,25 +64,35 @@ def main() -> None:
             m = create(name).fit(p.task, p.support, val, seed=args.seed)
             row[f"fit_s_{mode}"] = round(time.perf_counter() - start, 2)
             row[f"acc_{mode}"] = round(accuracy(m.logits(p.test.features), p.test.labels), 1)
-            row[f"how_{mode}"] = m.selected_.get("how", "-") if "prolip" not in m.selected_ else \
-                f"{m.selected_['prolip']['how']}+{m.selected_['head'].get('how', '-')}"
+            row[f"how_{mode}"] = (
+                m.selected_.get("how", "-")
+                if "prolip" not in m.selected_
+                else f"{m.selected_['prolip']['how']}+{m.selected_['head'].get('how', '-')}"
+            )
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.methods is None or "prolip" in args.methods:  # ProLIP's few-shot validation mode: the 49-point grid
         start = time.perf_counter()
         m = create("prolip", grid=True).fit(p.task, p.support, p.val, seed=args.seed)
-        row = {"method": "prolip grid=True", "fit_s_no_val": "-", "acc_no_val": "-", "how_no_val": "-",
-               "fit_s_val": round(time.perf_counter() - start, 2),
-               "acc_val": round(accuracy(m.logits(p.test.features), p.test.labels), 1),
-               "how_val": f"validation (lr {m.selected_['lr']:g}, λ {m.selected_['lam']:g})"}
+        row = {
+            "method": "prolip grid=True",
+            "fit_s_no_val": "-",
+            "acc_no_val": "-",
+            "how_no_val": "-",
+            "fit_s_val": round(time.perf_counter() - start, 2),
+            "acc_val": round(accuracy(m.logits(p.test.features), p.test.labels), 1),
+            "how_val": f"validation (lr {m.selected_['lr']:g}, λ {m.selected_['lam']:g})",
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.markdown:
-        print(f"\n| method | fit s (no val) | acc % (no val) | fit s (val) | acc % (val) | val used |")
+        print("\n| method | fit s (no val) | acc % (no val) | fit s (val) | acc % (val) | val used |")
         print("|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['method']} | {r['fit_s_no_val']} | {r['acc_no_val']} | {r['fit_s_val']} | {r['acc_val']} "
-                  f"| {r['how_val']} |")
+            print(
+                f"| {r['method']} | {r['fit_s_no_val']} | {r['acc_no_val']} | {r['fit_s_val']} | {r['acc_val']} "
+                f"| {r['how_val']} |"
+            )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ reference's per-run scripts extract them. Tiny random model (counts do not depen
 
     python benchmarks/bench_plan.py [--views 4] [--model test-vit-tiny]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,11 +27,21 @@ def experiment(protocol: str, root: Path, args):
     from prolip.bench.experiment import parse_experiment
 
     methods = ["zeroshot", {"name": "prolip", "steps": 50}, "linear-probe", {"name": "clap", "epochs": 5}]
-    return parse_experiment({
-        "model": args.model, "pretrained": "none", "data_root": str(DTD10), "datasets": ["dtd"],
-        "shots": [1, 2, 4, 8, 16], "seeds": [1, 2, 3], "views": args.views, "cache_dir": str(root / "cache"),
-        "out": str(root / protocol), "protocol": protocol,
-        "methods": methods if protocol == "fewshot" else methods[:2]})
+    return parse_experiment(
+        {
+            "model": args.model,
+            "pretrained": "none",
+            "data_root": str(DTD10),
+            "datasets": ["dtd"],
+            "shots": [1, 2, 4, 8, 16],
+            "seeds": [1, 2, 3],
+            "views": args.views,
+            "cache_dir": str(root / "cache"),
+            "out": str(root / protocol),
+            "protocol": protocol,
+            "methods": methods if protocol == "fewshot" else methods[:2],
+        }
+    )
 
 
 def run_counting(exp, backbone) -> tuple[int, float]:
@@ -71,15 +82,27 @@ def main() -> None:
             plan_s = time.perf_counter() - start
             actual, run_s = run_counting(exp, backbone)
             s = plan.survey
-            print(json.dumps({
-                "experiment": f"dtd10 {protocol}, shots 1-16 x seeds 1-3, {plan.cells} cells, {args.views} views",
-                "plan_forward_passes": s.forward_passes, "run_forward_passes": actual,
-                "equal": s.forward_passes == actual, "already_cached": s.cached_passes, "images": s.images,
-                "reference_structure_passes": plan.reference_passes,
-                "reference_over_plan": round(plan.reference_passes / max(s.forward_passes + s.cached_passes, 1), 1),
-                "plan_s": round(plan_s, 1), "estimated_extraction_s": round(
-                    (plan.seconds_per_pass or 0) * s.forward_passes, 1), "run_s (extraction + training)":
-                    round(run_s, 1)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "experiment": f"dtd10 {protocol}, shots 1-16 x seeds 1-3, {plan.cells} cells, "
+                        f"{args.views} views",
+                        "plan_forward_passes": s.forward_passes,
+                        "run_forward_passes": actual,
+                        "equal": s.forward_passes == actual,
+                        "already_cached": s.cached_passes,
+                        "images": s.images,
+                        "reference_structure_passes": plan.reference_passes,
+                        "reference_over_plan": round(
+                            plan.reference_passes / max(s.forward_passes + s.cached_passes, 1), 1
+                        ),
+                        "plan_s": round(plan_s, 1),
+                        "estimated_extraction_s": round((plan.seconds_per_pass or 0) * s.forward_passes, 1),
+                        "run_s (extraction + training)": round(run_s, 1),
+                    }
+                ),
+                flush=True,
+            )
     print("target: plan == run (forward passes), after sharing across shots, seeds, protocols and methods")
 
 

@@ -12,6 +12,7 @@ the range. ``--threads`` runs the whole measurement at other thread counts too (
 
     python benchmarks/bench_training.py [--shapes 4x10:300,16x1000:10] [--rounds 3] [--threads 2,1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,14 +73,21 @@ def child(args) -> None:
             rows[shape].append((s_per_step, gflops, (before + probe(args.device)) / 2))
     for shape, steps in shapes:
         ratios = sorted(g / peak for _, g, peak in rows[shape])
-        print(json.dumps({
-            "threads": torch.get_num_threads(), "shape": f"{shape} (768->512)", "steps": steps,
-            "ms_per_step": round(statistics.median(r[0] for r in rows[shape]) * 1e3, 3),
-            "achieved_gflops": round(statistics.median(r[1] for r in rows[shape]), 1),
-            "matmul_gflops": round(statistics.median(r[2] for r in rows[shape]), 1),
-            "ratio_median": round(statistics.median(ratios), 3), "ratio_range": [round(ratios[0], 3),
-                                                                                 round(ratios[-1], 3)],
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "threads": torch.get_num_threads(),
+                    "shape": f"{shape} (768->512)",
+                    "steps": steps,
+                    "ms_per_step": round(statistics.median(r[0] for r in rows[shape]) * 1e3, 3),
+                    "achieved_gflops": round(statistics.median(r[1] for r in rows[shape]), 1),
+                    "matmul_gflops": round(statistics.median(r[2] for r in rows[shape]), 1),
+                    "ratio_median": round(statistics.median(ratios), 3),
+                    "ratio_range": [round(ratios[0], 3), round(ratios[-1], 3)],
+                }
+            ),
+            flush=True,
+        )
     if args.compare_autograd:
         compare_autograd(args.device)
 
@@ -89,8 +97,10 @@ def compare_autograd(device: str) -> None:
     z, labels, W0, T = problem(16, 1000, 1, device)
     W, lam = W0[None].clone(), torch.tensor([1 / 16], device=device)
     out = {}
-    for label, fn in (("analytic", lambda: prolip_loss_and_grad(z[0], W, None, T, 100.0, labels, W0, lam)),
-                      ("autograd", lambda: _autograd_step(z[0], W, T, labels, W0, lam))):
+    for label, fn in (
+        ("analytic", lambda: prolip_loss_and_grad(z[0], W, None, T, 100.0, labels, W0, lam)),
+        ("autograd", lambda: _autograd_step(z[0], W, T, labels, W0, lam)),
+    ):
         fn()
         times = []
         for _ in range(5):
@@ -127,8 +137,15 @@ def main() -> None:
         return child(args)
     print("target: >= 0.3 of the fp32 matmul rate at 4x10 (counted GEMM FLOPs), >= 0.5 at 16x1000", flush=True)
     for threads in args.threads.split(","):
-        cmd = [sys.executable, __file__, f"--child-threads={threads}", f"--shapes={args.shapes}",
-               f"--rounds={args.rounds}", f"--views={args.views}", f"--device={args.device}"]
+        cmd = [
+            sys.executable,
+            __file__,
+            f"--child-threads={threads}",
+            f"--shapes={args.shapes}",
+            f"--rounds={args.rounds}",
+            f"--views={args.views}",
+            f"--device={args.device}",
+        ]
         subprocess.run(cmd + (["--compare-autograd"] if args.compare_autograd else []), check=True)
 
 

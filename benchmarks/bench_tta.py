@@ -9,6 +9,7 @@ buffers, which would otherwise be charged to whichever variant runs first).
 
     python benchmarks/bench_tta.py [--images 32 --batches 1,4,16,32 --tpt-model test-vit-tiny --tpt-classes 10]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,13 +45,14 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(0)
     z = torch.randn(args.images, 64, 768, generator=g)
-    W0 = torch.randn(768, 512, generator=g) * 768 ** -0.5
+    W0 = torch.randn(768, 512, generator=g) * 768**-0.5
     T = F.normalize(torch.randn(1000, 512, generator=g), dim=-1)
     cfg = TTAConfig()
 
     def prolip(batch):
-        return torch.cat([adapt_projection(z[i:i + batch], W0, None, T, 100.0, cfg)[0]
-                          for i in range(0, args.images, batch)])
+        return torch.cat(
+            [adapt_projection(z[i : i + batch], W0, None, T, 100.0, cfg)[0] for i in range(0, args.images, batch)]
+        )
 
     batches = [int(b) for b in args.batches.split(",")]
     rates = {b: best_rate(lambda: prolip(b), args.images, args.repeats) for b in batches}
@@ -60,18 +62,23 @@ def main() -> None:
     names = [f"class {i}" for i in range(args.tpt_classes)]
     zt = torch.randn(args.tpt_images, 64, tpt_model.dim_pre, generator=g)
     W0t = tpt_model.projection().weight
-    rate_tpt = best_rate(lambda: tpt_logits(tpt_model, zt, W0t, None, names, tpt_model.logit_scale),
-                         args.tpt_images, args.repeats)
+    rate_tpt = best_rate(
+        lambda: tpt_logits(tpt_model, zt, W0t, None, names, tpt_model.logit_scale), args.tpt_images, args.repeats
+    )
 
-    print(f"{args.images} images, 64 views, 10% kept, 1 AdamW step (lr 1e-4); ProLIP on 768->512, 1000 classes "
-          f"(synthetic features); TPT on {args.tpt_model} (RANDOM weights), {args.tpt_classes} classes, "
-          f"{args.tpt_images} images; {torch.get_num_threads()} threads; best of {args.repeats} after a warm-up")
+    print(
+        f"{args.images} images, 64 views, 10% kept, 1 AdamW step (lr 1e-4); ProLIP on 768->512, 1000 classes "
+        f"(synthetic features); TPT on {args.tpt_model} (RANDOM weights), {args.tpt_classes} classes, "
+        f"{args.tpt_images} images; {torch.get_num_threads()} threads; best of {args.repeats} after a warm-up"
+    )
     one = rates.get(1) or best_rate(lambda: prolip(1), args.images, args.repeats)
     for b, r in rates.items():
         label = "one image at a time" if b == 1 else f"batched, {b} images"
         print(f"test-time ProLIP, {label:20s}: {r:8.1f} images/s  ({r / one:.2f}x one at a time)")
-    print(f"TPT, {args.tpt_model}, {args.tpt_classes} classes{'':12s}: {rate_tpt:8.1f} images/s  "
-          f"(one-at-a-time ProLIP is {one / rate_tpt:.1f}x faster)")
+    print(
+        f"TPT, {args.tpt_model}, {args.tpt_classes} classes{'':12s}: {rate_tpt:8.1f} images/s  "
+        f"(one-at-a-time ProLIP is {one / rate_tpt:.1f}x faster)"
+    )
     print(f"batched == one at a time (atol 1e-4): {same}")
 
 

@@ -1,4 +1,5 @@
 """What several benchmarks measure the same way: the machine's GEMM rate, the yardstick every ratio is taken against."""
+
 from __future__ import annotations
 
 import time
@@ -11,8 +12,9 @@ def sync(device: str | torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_gflops(device: str | torch.device = "cpu", n: int = 2048, repeats: int = 10,
-                  dtype: torch.dtype = torch.float32) -> float:
+def matmul_gflops(
+    device: str | torch.device = "cpu", n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32
+) -> float:
     """Best-of-``repeats`` GEMM rate (GFLOP/s) on square n×n matrices of ``dtype``."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b

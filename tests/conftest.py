@@ -3,6 +3,7 @@
 Everything is session-scoped and written under pytest's tmp_path_factory, so it is built once per run.
 Other engineers: add fixtures at the end, keep them cheap and session-scoped.
 """
+
 from __future__ import annotations
 
 import os
@@ -82,7 +83,7 @@ def write_clip_tokenizer_files(out_dir: str | Path) -> tuple[Path, Path]:
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
     with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
+        merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
     byte_chars = list(bytes_to_unicode().values())
     vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -103,18 +104,37 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_hf")
     config = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
-                         eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=32)
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=32,
+    )
     torch.manual_seed(4)
     CLIPModel(config).eval().save_pretrained(out)
     write_clip_tokenizer_files(out / "bpe")
     CLIPTokenizer.from_pretrained(out / "bpe").save_pretrained(out)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                       image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD)).save_pretrained(out)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_mean=list(OPENAI_MEAN),
+        image_std=list(OPENAI_STD),
+    ).save_pretrained(out)
     return out
 
 
@@ -132,7 +152,7 @@ def tiny_image_folder(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("tiny_images")
     rng = np.random.default_rng(0)
-    for name, colour in zip(TINY_CLASSES, TINY_COLOURS):
+    for name, colour in zip(TINY_CLASSES, TINY_COLOURS, strict=True):
         (root / name).mkdir()
         for i in range(6):
             h, w = int(rng.integers(40, 90)), int(rng.integers(40, 90))

@@ -3,6 +3,7 @@
 Classes are Gaussian clusters in pre-projection space whose projected means point *near but not at* their
 text embeddings: zero-shot CLIP is decent but imperfect, and moving W (or the classifier) can fix it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,9 +24,20 @@ class SyntheticProblem:
     class_means: Tensor  # [C, D_pre]
 
 
-def make_problem(num_classes: int = 10, shots: int = 8, d_pre: int = 64, d: int = 32, views: int = 16,
-                 test_per_class: int = 50, text_offset: float = 4.0, noise: float = 1.2, view_noise: float = 0.3,
-                 w_scale: float = 0.03, bias: bool = False, seed: int = 0) -> SyntheticProblem:
+def make_problem(
+    num_classes: int = 10,
+    shots: int = 8,
+    d_pre: int = 64,
+    d: int = 32,
+    views: int = 16,
+    test_per_class: int = 50,
+    text_offset: float = 4.0,
+    noise: float = 1.2,
+    view_noise: float = 0.3,
+    w_scale: float = 0.03,
+    bias: bool = False,
+    seed: int = 0,
+) -> SyntheticProblem:
     """``text_offset`` sets how far (relative to a unit text embedding) each class's true projected direction
     lies from its text embedding; ``noise`` the within-class spread (relative to the mean's norm)."""
     g = torch.Generator().manual_seed(seed)
@@ -51,5 +63,10 @@ def make_problem(num_classes: int = 10, shots: int = 8, d_pre: int = 64, d: int 
     z_test, y_test = sample(test_per_class)
     # The unnormalised text mean: the classifier at a CLIP-like norm (~10), as TaskRes / ZS-LP / CLAP start there.
     task = Task(W0=W0, bias=b, classifier=classifier, logit_scale=100.0, shots=shots, text_mean=classifier * 10.0)
-    return SyntheticProblem(task, Support(TensorViews(aug), y_support, center=z_support),
-                            Validation(z_val, y_val), Validation(z_test, y_test), means)
+    return SyntheticProblem(
+        task,
+        Support(TensorViews(aug), y_support, center=z_support),
+        Validation(z_val, y_val),
+        Validation(z_test, y_test),
+        means,
+    )

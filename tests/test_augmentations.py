@@ -21,8 +21,9 @@ def test_the_two_augmentations_crop_as_declared(tiny_vit):
     assert set(AUGMENTATIONS) == {"prolip", "dassl"}
     with pytest.raises(ValueError, match="unknown augmentation 'rand'"):
         augment_transform(prep, "rand")
-    assert {m: method_class(m).augmentation for m in ("clip-adapter", "taskres", "zs-lp", "clap")} == \
-        dict.fromkeys(("clip-adapter", "taskres", "zs-lp", "clap"), "dassl")
+    assert {m: method_class(m).augmentation for m in ("clip-adapter", "taskres", "zs-lp", "clap")} == dict.fromkeys(
+        ("clip-adapter", "taskres", "zs-lp", "clap"), "dassl"
+    )
     assert method_class("prolip").augmentation == method_class("tip-adapter-f").augmentation == "prolip"
 
 
@@ -56,9 +57,30 @@ def test_a_run_records_the_views_it_trained_on(tiny_image_folder, tmp_path):
 
     from prolip.cli import main
 
-    r = CliRunner().invoke(main, ["fit", "--data", str(tiny_image_folder), "--shots", "2", "--views", "2",
-                                  "--method", "taskres", "--hp", "epochs=2", "--model", "test-vit-tiny",
-                                  "--pretrained", "none", "--cache-dir", str(tmp_path / "c"),
-                                  "--out", str(tmp_path / "run")], catch_exceptions=False)
+    r = CliRunner().invoke(
+        main,
+        [
+            "fit",
+            "--data",
+            str(tiny_image_folder),
+            "--shots",
+            "2",
+            "--views",
+            "2",
+            "--method",
+            "taskres",
+            "--hp",
+            "epochs=2",
+            "--model",
+            "test-vit-tiny",
+            "--pretrained",
+            "none",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["data"]["augmentation"] == "dassl"

@@ -1,4 +1,5 @@
 """Backbones reproduce their model's own CLIP logits at W = W0, on ViT, ResNet and HF CLIPModel."""
+
 from __future__ import annotations
 
 import pytest
@@ -102,8 +103,9 @@ def test_text_side_reproduces_classifier(fixture, request):
     assert text_pre.shape[:2] == (len(CLASSES), len(TEMPLATES)) and text_proj.shape[1] == backbone.dim_embed
     from prolip.functional import ensemble_classifier
 
-    torch.testing.assert_close(ensemble_classifier(text_pre @ text_proj), backbone.encode_text(CLASSES, TEMPLATES),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ensemble_classifier(text_pre @ text_proj), backbone.encode_text(CLASSES, TEMPLATES), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("fixture", ["tiny_vit", "tiny_hf"])
@@ -119,7 +121,7 @@ def test_prompt_embeddings_are_differentiable_and_match_text_encoder(fixture, re
     out.pow(2).sum().backward()
     assert embeds.grad is not None and embeds.grad[0, : eot[0] + 1].abs().sum() > 0
     # causal attention: tokens after the EOT cannot influence the pooled feature
-    assert embeds.grad[0, eot[0] + 1:].abs().sum() == 0
+    assert embeds.grad[0, eot[0] + 1 :].abs().sum() == 0
 
 
 def test_random_init_is_reproducible_and_loud():
@@ -157,7 +159,7 @@ def test_preprocessing_comes_from_model_config(tiny_vit, tiny_rn, tiny_hf):
 def test_encode_pre_is_batch_independent_and_float32(tiny_vit):
     images = _images(tiny_vit, n=3)
     together = tiny_vit.encode_pre(images)
-    alone = torch.cat([tiny_vit.encode_pre(images[i:i + 1]) for i in range(3)])
+    alone = torch.cat([tiny_vit.encode_pre(images[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     assert not together.requires_grad
 
@@ -168,7 +170,15 @@ def test_tiny_image_folder_fixture_has_class_dependent_colours(tiny_image_folder
 
     classes = sorted(p.name for p in tiny_image_folder.iterdir())
     assert classes == sorted(["red", "green", "blue", "yellow"])
-    means = {c: np.mean([np.asarray(Image.open(f).convert("RGB"), dtype=float).mean(axis=(0, 1))
-                         for f in sorted((tiny_image_folder / c).glob("*.jpg"))], axis=0) for c in classes}
+    means = {
+        c: np.mean(
+            [
+                np.asarray(Image.open(f).convert("RGB"), dtype=float).mean(axis=(0, 1))
+                for f in sorted((tiny_image_folder / c).glob("*.jpg"))
+            ],
+            axis=0,
+        )
+        for c in classes
+    }
     assert all(len(list((tiny_image_folder / c).glob("*.jpg"))) == 6 for c in classes)
     assert means["red"].argmax() == 0 and means["green"].argmax() == 1 and means["blue"].argmax() == 2

@@ -1,4 +1,5 @@
 """Loading weights: local files offline, fast clear failures, refusing pickles that would run code."""
+
 from __future__ import annotations
 
 import os
@@ -61,23 +62,33 @@ def test_unreachable_pretrained_tag_fails_fast_with_fix(tmp_path):
     # A fresh process, so HF_HUB_OFFLINE is seen exactly as a user's shell would set it.
     # Only the call is timed, not the imports (torch and open_clip take seconds on a busy machine): a download
     # attempt would hang for minutes, failing fast takes well under one.
-    code = ("import time\nfrom prolip.backbones import load_backbone, BackboneLoadError\n"
-            "start = time.monotonic()\n"
-            "try:\n    load_backbone('ViT-B-16', 'openai')\n"
-            "except BackboneLoadError as e:\n    print('ERROR', e)\n"
-            "print('SECONDS', time.monotonic() - start)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+    code = (
+        "import time\nfrom prolip.backbones import load_backbone, BackboneLoadError\n"
+        "start = time.monotonic()\n"
+        "try:\n    load_backbone('ViT-B-16', 'openai')\n"
+        "except BackboneLoadError as e:\n    print('ERROR', e)\n"
+        "print('SECONDS', time.monotonic() - start)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)},
+    )
     assert "ERROR" in out.stdout, out.stderr
     assert "--pretrained /path/to/weights.safetensors" in out.stdout and "offline" in out.stdout
     assert float(out.stdout.split("SECONDS")[1]) < 30
 
 
-@pytest.mark.parametrize("model,pretrained,message", [
-    ("ViT-Q-99", "none", "unknown model 'ViT-Q-99'"),
-    ("RN50", "not-a-tag", "unknown pretrained tag 'not-a-tag' for RN50"),
-    ("test-vit-tiny", "/nonexistent/weights.safetensors", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "model,pretrained,message",
+    [
+        ("ViT-Q-99", "none", "unknown model 'ViT-Q-99'"),
+        ("RN50", "not-a-tag", "unknown pretrained tag 'not-a-tag' for RN50"),
+        ("test-vit-tiny", "/nonexistent/weights.safetensors", "does not exist"),
+    ],
+)
 def test_bad_arguments_name_the_culprit(model, pretrained, message):
     with pytest.raises(BackboneLoadError, match=message):
         load_backbone(model, pretrained)
@@ -99,8 +110,11 @@ def test_hf_dir_with_stub_tokenizer_is_refused(tiny_hf_dir, tmp_path):
     from transformers import CLIPTokenizer
 
     broken = tmp_path / "broken"
-    shutil.copytree(tiny_hf_dir, broken, ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt",
-                                                                        "special_tokens_map.json", "bpe"))
+    shutil.copytree(
+        tiny_hf_dir,
+        broken,
+        ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "bpe"),
+    )
     CLIPTokenizer().save_pretrained(broken)  # what transformers builds when the vocabulary files are missing
     with pytest.raises(BackboneLoadError, match="tokenizer .* only .* tokens"):
         load_backbone(f"hf:{broken}")

@@ -16,6 +16,7 @@ The tests run seeds 1-3 (SEEDS) and compare means over them; "worst" is the wors
 Domains: "inverted" (white ink on black) is a severe shift, zero-shot at chance; "noisy" (Gaussian pixel noise,
 σ = 0.5 of the range) is a mild one, where zero-shot still gets about two thirds right.
 """
+
 from __future__ import annotations
 
 import sys
@@ -102,8 +103,10 @@ class DigitsBench:
         T_new = self.builder.classifier(new_images.classnames, splits.templates)
         task = episode.task
         zero_shot = clip_logits(features.features, task.W0, task.bias, T_new, task.logit_scale)
-        return (accuracy(zero_shot, features.labels),
-                accuracy(fitted.logits(features.features, classifier=T_new), features.labels))
+        return (
+            accuracy(zero_shot, features.labels),
+            accuracy(fitted.logits(features.features, classifier=T_new), features.labels),
+        )
 
     def test_time(self, domain: str, seed: int, images_per_class: int = 10, **options) -> tuple[float, float]:
         """(zero-shot, test-time ProLIP from W0) accuracy on the first test images of each class."""
@@ -115,8 +118,9 @@ class DigitsBench:
         keep = torch.cat([torch.nonzero(ev.labels == c)[:images_per_class, 0] for c in range(task.num_classes)])
         paths = [ev.images.items[i].path for i in keep.tolist()]
         zero_shot = clip_logits(ev.features[keep], task.W0, task.bias, task.classifier, task.logit_scale)
-        adapted = tta_logits(self.backbone, task.W0, task.bias, task.classifier, task.logit_scale, paths, seed=seed,
-                             **options)
+        adapted = tta_logits(
+            self.backbone, task.W0, task.bias, task.classifier, task.logit_scale, paths, seed=seed, **options
+        )
         return accuracy(zero_shot, ev.labels[keep]), accuracy(adapted, ev.labels[keep])
 
 
@@ -160,6 +164,7 @@ def test_prolip_beats_zero_shot_on_a_severe_shift_and_improves_with_shots(bench,
 def test_prolip_beats_zero_shot_on_a_mild_shift(bench):
     """The same claim where zero-shot already knows a lot (noisy digits, zero-shot 64.7% measured): a small gain at
     4 shots, and at 16 shots (lr 1e-2) only "not below zero-shot" holds with a margin."""
+
     def gain(shots: int) -> float:
         return over_seeds(lambda s: bench.accuracy(MILD, s, shots, lr=HIGH_LR, lam="1/N") - bench.zero_shot(MILD, s))
 
@@ -232,6 +237,7 @@ def test_test_time_prolip_does_not_lower_accuracy_on_a_shifted_domain(bench, dom
     average over seeds it does not lower zero-shot accuracy. lr 1e-3 here: at the paper's 1e-4 one step leaves this
     model's predictions unchanged (measured: identical on every inverted digit). At 1e-2 it gains on inverted digits
     (+5.7) but loses on noisy ones (−3.6): entropy minimisation also sharpens confident mistakes."""
+
     def change(seed: int) -> float:
         zero_shot, adapted = bench.test_time(domain, seed, images_per_class=10, lr=1e-3)
         return adapted - zero_shot
@@ -269,8 +275,10 @@ def measure(seeds, root: Path, echo=print) -> None:
         for domain in (SEVERE, MILD):
             for lr in (1e-4, 1e-3, 1e-2):
                 row[f"tta {domain} {lr:g}"] = bench.test_time(domain, seed, lr=lr)
-        echo(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}) +
-             f"  # {time.perf_counter() - started:.0f} s")
+        echo(
+            json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()})
+            + f"  # {time.perf_counter() - started:.0f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """`prolip bench` and `prolip report` on dtd10 with a tiny random model; experiment validation; base-to-new maths."""
+
 import json
 import re
 
@@ -8,9 +9,9 @@ from click.testing import CliRunner
 
 from prolip.bench.experiment import ExperimentError, parse_experiment
 from prolip.bench.protocols import harmonic_mean
-from prolip.episode import restrict_splits
 from prolip.bench.records import read_records
 from prolip.cli import main
+from prolip.episode import restrict_splits
 
 
 def test_harmonic_mean():
@@ -43,9 +44,17 @@ def test_experiment_validation():
 
 
 def test_bench_and_report_on_dtd10(tmp_path, shared_data):
-    exp = {"model": "test-vit-tiny", "pretrained": "none", "data_root": str(shared_data / "dtd10"),
-           "datasets": ["dtd"], "shots": [1, 4], "seeds": [1], "views": 2, "cache_dir": str(tmp_path / "cache"),
-           "methods": ["zeroshot", {"name": "prolip", "steps": 20, "lr": 1e-3}, "linear-probe", "tip-adapter"]}
+    exp = {
+        "model": "test-vit-tiny",
+        "pretrained": "none",
+        "data_root": str(shared_data / "dtd10"),
+        "datasets": ["dtd"],
+        "shots": [1, 4],
+        "seeds": [1],
+        "views": 2,
+        "cache_dir": str(tmp_path / "cache"),
+        "methods": ["zeroshot", {"name": "prolip", "steps": 20, "lr": 1e-3}, "linear-probe", "tip-adapter"],
+    }
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(exp))
     runner = CliRunner()
@@ -61,9 +70,22 @@ def test_bench_and_report_on_dtd10(tmp_path, shared_data):
     assert r.exit_code == 0 and "0 cells run, 8 already done" in r.output and "cache: 0 forward passes" in r.output
     assert len(read_records(tmp_path / "res")) == 8
 
-    r = runner.invoke(main, ["bench", str(path), "--out", str(tmp_path / "res"), "--set", "protocol=base2new",
-                             "--set", "shots=[2]", "--set", "methods=[zeroshot, {name: prolip, steps: 10}]"],
-                      catch_exceptions=False)
+    r = runner.invoke(
+        main,
+        [
+            "bench",
+            str(path),
+            "--out",
+            str(tmp_path / "res"),
+            "--set",
+            "protocol=base2new",
+            "--set",
+            "shots=[2]",
+            "--set",
+            "methods=[zeroshot, {name: prolip, steps: 10}]",
+        ],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.output
     b2n = [r for r in read_records(tmp_path / "res") if r["protocol"] == "base2new"]
     assert len(b2n) == 2 and all(r["hm"] == pytest.approx(harmonic_mean(r["base"], r["new"])) for r in b2n)
@@ -93,8 +115,9 @@ def test_every_method_side_by_side_on_dtd10_vit_b16(tmp_path, shared_data, vit_b
     src = shared_data / "dtd10" / "dtd"
     split = json.loads((src / "split_zhou_DescribableTextures.json").read_text())
     per_class = {}
-    split["test"] = [row for row in split["test"] if per_class.setdefault(row[1], []).append(row) or
-                     len(per_class[row[1]]) <= 2]
+    split["test"] = [
+        row for row in split["test"] if per_class.setdefault(row[1], []).append(row) or len(per_class[row[1]]) <= 2
+    ]
     mini = tmp_path / "dtd"
     mini.mkdir()
     (mini / "images").symlink_to(src / "images")
@@ -104,14 +127,22 @@ def test_every_method_side_by_side_on_dtd10_vit_b16(tmp_path, shared_data, vit_b
     # Every method, with its training shortened (steps/epochs) where it has one: this test is about the real
     # architecture's shapes through the harness, not about the defaults (tests/test_methods_* pin those).
     short = {"steps": 20, "epochs": 5}
-    entries = [{"name": m, **{k: v for k, v in short.items() if k in method_class(m).param_names()}}
-               for m in methods]
-    exp = {"model": "ViT-B-16", "pretrained": str(vit_b16_file), "datasets": [str(mini)], "shots": [1, 4],
-           "seeds": [1], "views": 2, "cache_dir": str(tmp_path / "cache"), "methods": entries}
+    entries = [{"name": m, **{k: v for k, v in short.items() if k in method_class(m).param_names()}} for m in methods]
+    exp = {
+        "model": "ViT-B-16",
+        "pretrained": str(vit_b16_file),
+        "datasets": [str(mini)],
+        "shots": [1, 4],
+        "seeds": [1],
+        "views": 2,
+        "cache_dir": str(tmp_path / "cache"),
+        "methods": entries,
+    }
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
     runner = CliRunner()
-    r = runner.invoke(main, ["bench", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "res")],
-                      catch_exceptions=False)
+    r = runner.invoke(
+        main, ["bench", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "res")], catch_exceptions=False
+    )
     assert r.exit_code == 0, r.output
     records = read_records(tmp_path / "res")
     assert {(r["method"], r["shots"]) for r in records} == {(m, s) for m in methods for s in (1, 4)}

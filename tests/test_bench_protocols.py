@@ -1,5 +1,6 @@
 """Bench protocols on dtd10 with the tiny random ViT: validation isolation, sensitivity sweep, base-to-new,
 cross-dataset transfer, TTA, re-runs; and strict experiment validation."""
+
 import json
 import re
 from pathlib import Path
@@ -9,18 +10,27 @@ import torch
 
 from prolip.bench.experiment import ExperimentError, load_experiment, parse_experiment
 from prolip.bench.protocols import balanced_subset, harmonic_mean, run_experiment
-from prolip.episode import EpisodeSpec, draw_images
 from prolip.bench.records import append_record, read_records
 from prolip.data.types import ImageItem, LabeledImages
+from prolip.episode import EpisodeSpec, draw_images
 from prolip.functional import accuracy, clip_logits
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def _exp(tmp_path, shared_data, **kw):
-    raw = {"model": "test-vit-tiny", "pretrained": "none", "data_root": str(shared_data / "dtd10"),
-           "datasets": ["dtd"], "shots": [1], "seeds": [1], "views": 2, "cache_dir": str(tmp_path / "cache"),
-           "out": str(tmp_path / "res"), "methods": ["zeroshot"]}
+    raw = {
+        "model": "test-vit-tiny",
+        "pretrained": "none",
+        "data_root": str(shared_data / "dtd10"),
+        "datasets": ["dtd"],
+        "shots": [1],
+        "seeds": [1],
+        "views": 2,
+        "cache_dir": str(tmp_path / "cache"),
+        "out": str(tmp_path / "res"),
+        "methods": ["zeroshot"],
+    }
     raw.update(kw)
     return parse_experiment(raw, "test.yaml")
 
@@ -33,27 +43,31 @@ def _run(exp, backbone):
 
 # ------------------------------------------------------------------------------------------ experiment files
 
+
 @pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_experiment_validates(path):
     exp = load_experiment(path)
     assert exp.datasets and exp.methods
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"tta": {"veiws": 3}}, r"test.yaml: tta: unknown key\(s\) \['veiws'\]"),
-    ({"sensitivity": {"lrs": "1e-3"}}, r"test.yaml: sensitivity: 'lrs' must be a list of numbers"),
-    ({"shots": [1, "4"]}, r"test.yaml: 'shots' must be a list of positive integers"),
-    ({"seeds": True}, r"'seeds' must be a list of integers"),
-    ({"protocol": "few-shot"}, r"'protocol' must be one of fewshot, fewshot-val"),
-    ({"templates": ["no placeholder"]}, r"'templates' must be 'dataset', 'single' or a list"),
-    ({"methods": [{"name": "prolip", "lrr": 1}]}, r"methods\[0\] \(prolip\): bad hyperparameters.*lrr"),
-    ({"methods": ["prolip", {"name": "prolip", "lam": "1/N2"}]}, r"label\(s\) \['prolip'\] appear twice"),
-    ({"methods": [{"nme": "prolip"}]}, r"methods\[0\]: each method is a name or a mapping with 'name'"),
-    ({"protocol": "cross-dataset"}, r"cross-dataset needs 'targets'"),
-    ({"protocol": "tta", "methods": ["linear-probe"]}, r"tta protocol adapts a projection .* not 'linear-probe'"),
-    ({"protocol": "sensitivity", "methods": [{"name": "prolip", "lr": 1e-3}]}, r"sensitivity protocol sweeps"),
-    ({"views": 0}, r"'views' must be positive"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"tta": {"veiws": 3}}, r"test.yaml: tta: unknown key\(s\) \['veiws'\]"),
+        ({"sensitivity": {"lrs": "1e-3"}}, r"test.yaml: sensitivity: 'lrs' must be a list of numbers"),
+        ({"shots": [1, "4"]}, r"test.yaml: 'shots' must be a list of positive integers"),
+        ({"seeds": True}, r"'seeds' must be a list of integers"),
+        ({"protocol": "few-shot"}, r"'protocol' must be one of fewshot, fewshot-val"),
+        ({"templates": ["no placeholder"]}, r"'templates' must be 'dataset', 'single' or a list"),
+        ({"methods": [{"name": "prolip", "lrr": 1}]}, r"methods\[0\] \(prolip\): bad hyperparameters.*lrr"),
+        ({"methods": ["prolip", {"name": "prolip", "lam": "1/N2"}]}, r"label\(s\) \['prolip'\] appear twice"),
+        ({"methods": [{"nme": "prolip"}]}, r"methods\[0\]: each method is a name or a mapping with 'name'"),
+        ({"protocol": "cross-dataset"}, r"cross-dataset needs 'targets'"),
+        ({"protocol": "tta", "methods": ["linear-probe"]}, r"tta protocol adapts a projection .* not 'linear-probe'"),
+        ({"protocol": "sensitivity", "methods": [{"name": "prolip", "lr": 1e-3}]}, r"sensitivity protocol sweeps"),
+        ({"views": 0}, r"'views' must be positive"),
+    ],
+)
 def test_experiment_errors_name_the_file_and_key(raw, message):
     base = {"datasets": ["dtd"], "methods": ["zeroshot"]}
     with pytest.raises(ExperimentError, match=message):
@@ -79,6 +93,7 @@ def test_load_experiment_reports_bad_yaml(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ pure pieces
+
 
 def test_episode_keeps_validation_away_from_test(shared_data):
     from prolip.data import resolve_data
@@ -111,6 +126,7 @@ def test_append_after_a_truncated_line_keeps_the_new_record(tmp_path):
 
 # ------------------------------------------------------------------------------------------ protocols
 
+
 def test_validation_grid_sees_only_validation_images(tmp_path, shared_data, tiny_vit, monkeypatch):
     from prolip.bench.protocols import Bench
 
@@ -125,7 +141,7 @@ def test_validation_grid_sees_only_validation_images(tmp_path, shared_data, tiny
     monkeypatch.setattr(Bench, "fit", spy)
     exp = _exp(tmp_path, shared_data, protocol="fewshot-val", methods=[{"name": "prolip", "steps": 3}])
     records, _ = _run(exp, tiny_vit)
-    (name, hp, val, method), = seen
+    ((name, hp, val, method),) = seen
     assert hp["grid"] is True and records[0]["validation"] is True
     assert len(method.selected_["grid"]) == 49 and method.selected_["how"] == "validation"
 
@@ -148,11 +164,20 @@ def test_validation_grid_sees_only_validation_images(tmp_path, shared_data, tiny
 def test_sensitivity_sweep_matches_single_runs(tmp_path, shared_data, tiny_vit):
     from prolip.methods import create
 
-    exp = _exp(tmp_path, shared_data, protocol="sensitivity", methods=[{"name": "prolip", "steps": 4}],
-               sensitivity={"lrs": [1e-4, 1e-1], "lams": [0.0, 1.0]})
+    exp = _exp(
+        tmp_path,
+        shared_data,
+        protocol="sensitivity",
+        methods=[{"name": "prolip", "steps": 4}],
+        sensitivity={"lrs": [1e-4, 1e-1], "lams": [0.0, 1.0]},
+    )
     records, lines = _run(exp, tiny_vit)
-    assert sorted((r["hyperparameters"]["lr"], r["hyperparameters"]["lam"]) for r in records) == \
-        [(1e-4, 0.0), (1e-4, 1.0), (1e-1, 0.0), (1e-1, 1.0)]
+    assert sorted((r["hyperparameters"]["lr"], r["hyperparameters"]["lam"]) for r in records) == [
+        (1e-4, 0.0),
+        (1e-4, 1.0),
+        (1e-1, 0.0),
+        (1e-1, 1.0),
+    ]
     assert len({r["cell"] for r in records}) == 4
     assert any("lr 0.1 λ 0.0" in line for line in lines)  # progress lines name the sweep point
 
@@ -169,8 +194,13 @@ def test_sensitivity_sweep_matches_single_runs(tmp_path, shared_data, tiny_vit):
 
 
 def test_base2new_uses_each_side_its_own_classifier(tmp_path, shared_data, tiny_vit):
-    exp = _exp(tmp_path, shared_data, protocol="base2new", shots=[2],
-               methods=["zeroshot", {"name": "prolip", "steps": 5, "lr": 1e-2}, "linear-probe"])
+    exp = _exp(
+        tmp_path,
+        shared_data,
+        protocol="base2new",
+        shots=[2],
+        methods=["zeroshot", {"name": "prolip", "steps": 5, "lr": 1e-2}, "linear-probe"],
+    )
     records, _ = _run(exp, tiny_vit)
     by = {r["method"]: r for r in records}
     from prolip.bench.protocols import Bench
@@ -207,8 +237,13 @@ def test_base2new_samples_all_classes_then_keeps_the_base_ones(shared_data):
 
 def test_cross_dataset_evaluates_targets_with_their_classifiers(tmp_path, shared_data, tiny_vit):
     target = str(shared_data / "cifar10-sample")
-    exp = _exp(tmp_path, shared_data, protocol="cross-dataset", targets=[target],
-               methods=["zeroshot", {"name": "prolip", "steps": 3}, "tip-adapter"])
+    exp = _exp(
+        tmp_path,
+        shared_data,
+        protocol="cross-dataset",
+        targets=[target],
+        methods=["zeroshot", {"name": "prolip", "steps": 3}, "tip-adapter"],
+    )
     records, _ = _run(exp, tiny_vit)
     assert len(records) == 6 and {r["source"] for r in records} == {"DescribableTextures"}
     cifar = {r["method"]: r for r in records if r["dataset"] != "DescribableTextures"}
@@ -222,12 +257,18 @@ def test_cross_dataset_evaluates_targets_with_their_classifiers(tmp_path, shared
     ev = b.builder.center(splits.train)
     task = b.builder.task(splits.classnames, splits.templates, 1)
     assert cifar["zeroshot"]["accuracy"] == pytest.approx(
-        accuracy(clip_logits(ev.features, task.W0, task.bias, task.classifier, task.logit_scale), ev.labels))
+        accuracy(clip_logits(ev.features, task.W0, task.bias, task.classifier, task.logit_scale), ev.labels)
+    )
 
 
 def test_tta_protocol_and_rerun_skips_everything(tmp_path, shared_data, tiny_vit):
-    exp = _exp(tmp_path, shared_data, protocol="tta", methods=["zeroshot", {"name": "prolip", "steps": 3}],
-               tta={"views": 3, "max_images": 6, "ensemble": True})
+    exp = _exp(
+        tmp_path,
+        shared_data,
+        protocol="tta",
+        methods=["zeroshot", {"name": "prolip", "steps": 3}],
+        tta={"views": 3, "max_images": 6, "ensemble": True},
+    )
     records, _ = _run(exp, tiny_vit)
     labels = sorted(r["label"] for r in records)
     assert labels == ["ensemble", "tta+prolip", "tta+zeroshot"]
@@ -255,11 +296,11 @@ def test_fewshot_rerun_does_no_forward_passes_and_new_cells_reuse_features(tmp_p
 def test_same_seed_same_numbers_in_a_fresh_results_folder(tmp_path, shared_data, tiny_vit):
     methods = [{"name": "prolip", "steps": 3, "lr": 1e-2}, "linear-probe", "tip-adapter-f"]
     first, _ = _run(_exp(tmp_path, shared_data, methods=methods, seeds=[1, 2]), tiny_vit)
-    second, _ = _run(_exp(tmp_path, shared_data, methods=methods, seeds=[1, 2], out=str(tmp_path / "again")),
-                     tiny_vit)
+    second, _ = _run(_exp(tmp_path, shared_data, methods=methods, seeds=[1, 2], out=str(tmp_path / "again")), tiny_vit)
     key = lambda r: (r["label"], r["seed"])
-    assert [(key(r), r["cell"], r["accuracy"]) for r in sorted(first, key=key)] == \
-        [(key(r), r["cell"], r["accuracy"]) for r in sorted(second, key=key)]
+    assert [(key(r), r["cell"], r["accuracy"]) for r in sorted(first, key=key)] == [
+        (key(r), r["cell"], r["accuracy"]) for r in sorted(second, key=key)
+    ]
     assert len({r["cell"] for r in first}) == 6
 
 
@@ -273,8 +314,10 @@ def test_bench_cli_errors_are_one_clear_line(tmp_path):
     r = CliRunner().invoke(main, ["bench", str(bad)])
     assert r.exit_code == 1 and f"{bad}: unknown key(s) ['seed']" in r.output and "Traceback" not in r.output
     bad.write_text("datasets: [dtd]\nmethods: [zeroshot]\nmodel: test-vit-tiny\n")
-    r = CliRunner().invoke(main, ["bench", str(bad), "--set", f"pretrained={tmp_path / 'missing.safetensors'}",
-                                  "--out", str(tmp_path / "res")])
+    r = CliRunner().invoke(
+        main,
+        ["bench", str(bad), "--set", f"pretrained={tmp_path / 'missing.safetensors'}", "--out", str(tmp_path / "res")],
+    )
     assert r.exit_code == 1 and "missing.safetensors" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, ["bench", str(bad), "--set", "shots"])
     assert r.exit_code == 2 and "expected key=value" in r.output

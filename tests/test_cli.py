@@ -1,4 +1,5 @@
 """End to end through the `prolip` command: fit → predict → eval → export on a generated folder, tiny model."""
+
 import json
 from pathlib import Path
 
@@ -35,8 +36,25 @@ def invoke(*args):
 
 
 def fit_args(folder, cache, out, *extra):
-    return ["fit", "--data", folder, "--shots", 2, "--views", 3, "--steps", 30, "--lr", 1e-3, "--cache-dir", cache,
-            "--out", out, *TINY, *extra]
+    return [
+        "fit",
+        "--data",
+        folder,
+        "--shots",
+        2,
+        "--views",
+        3,
+        "--steps",
+        30,
+        "--lr",
+        1e-3,
+        "--cache-dir",
+        cache,
+        "--out",
+        out,
+        *TINY,
+        *extra,
+    ]
 
 
 def test_fit_predict_eval_export(folder, tmp_path):
@@ -82,8 +100,12 @@ def test_same_seed_same_numbers_and_cache_reuse(folder, tmp_path):
     assert second_cache.stats.forward_passes == 0  # everything came from the cache
     assert torch.equal(a.run.method_state["W"], b.run.method_state["W"])
     assert a.metrics["accuracy"] == b.metrics["accuracy"]
-    c = pipeline.fit(backbone, splits, second_cache, pipeline.FitConfig(shots=2, views=3, seed=2,
-                                                                       hyperparameters={"steps": 30, "lr": 1e-3}))
+    c = pipeline.fit(
+        backbone,
+        splits,
+        second_cache,
+        pipeline.FitConfig(shots=2, views=3, seed=2, hyperparameters={"steps": 30, "lr": 1e-3}),
+    )
     assert c.run.manifest["data"]["support"] != a.run.manifest["data"]["support"]
 
 
@@ -126,8 +148,19 @@ def test_existing_out_needs_force(folder, tmp_path):
 
 def test_unknown_pretrained_tag_fails_fast(folder, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    r = invoke("fit", "--data", folder, "--model", "test-vit-tiny", "--pretrained", "openai", "--out", tmp_path / "r",
-               "--cache-dir", tmp_path / "c")
+    r = invoke(
+        "fit",
+        "--data",
+        folder,
+        "--model",
+        "test-vit-tiny",
+        "--pretrained",
+        "openai",
+        "--out",
+        tmp_path / "r",
+        "--cache-dir",
+        tmp_path / "c",
+    )
     assert r.exit_code != 0
     assert "--pretrained" in r.output and "Traceback" not in r.output
 
@@ -140,8 +173,25 @@ def test_hf_backbone_fit_predict_export(folder, tmp_path, tiny_hf_dir):
     from prolip.functional import clip_logits
     from prolip.run import Run
 
-    r = invoke("fit", "--data", folder, "--shots", 2, "--views", 2, "--steps", 20, "--lr", 1e-3, "--cache-dir",
-               tmp_path / "cache", "--out", tmp_path / "run", "--model", f"hf:{tiny_hf_dir}")
+    r = invoke(
+        "fit",
+        "--data",
+        folder,
+        "--shots",
+        2,
+        "--views",
+        2,
+        "--steps",
+        20,
+        "--lr",
+        1e-3,
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out",
+        tmp_path / "run",
+        "--model",
+        f"hf:{tiny_hf_dir}",
+    )
     assert r.exit_code == 0, r.output
     r = invoke("predict", tmp_path / "run", folder / "fox" / "0.jpg", "--json")
     assert r.exit_code == 0, r.output

@@ -1,4 +1,5 @@
 """Core data paths of the product: image folders, image lists, the samplers, dtd10 as CoOp layout."""
+
 import json
 from pathlib import Path
 
@@ -6,8 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prolip.data import (DataError, NotEnoughImagesError, FewShotSplit, read_image_folder, read_image_list,
-                         resolve_data, sample_few_shot)
+from prolip.data import (
+    DataError,
+    FewShotSplit,
+    NotEnoughImagesError,
+    read_image_folder,
+    read_image_list,
+    resolve_data,
+    sample_few_shot,
+)
 
 
 def jpg(path: Path, value=128):

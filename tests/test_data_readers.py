@@ -1,4 +1,5 @@
 """Benchmark readers on generated miniatures of each real layout, and on the real CoOp split files."""
+
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def jpg(path: Path, value: int = 100) -> Path:
 def write_split(ds_root: Path, b, image_dir: Path, classes: list[str], sizes=(3, 2, 1)) -> dict:
     """A split file in CoOp's format with ``sizes`` images per class per part, and the images."""
     split = {}
-    for part, n in zip(("train", "val", "test"), sizes):
+    for part, n in zip(("train", "val", "test"), sizes, strict=True):
         rows = []
         for label, name in enumerate(classes):
             for i in range(n):
@@ -93,7 +94,8 @@ NAMES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead sh
 def imagenet_root(tmp_path):
     (tmp_path / "imagenet").mkdir()
     (tmp_path / "imagenet" / "classnames.txt").write_text(
-        "".join(f"{w} {n}\n" for w, n in zip(WNIDS, NAMES)))
+        "".join(f"{w} {n}\n" for w, n in zip(WNIDS, NAMES, strict=True))
+    )
     return tmp_path
 
 
@@ -127,8 +129,10 @@ def test_imagenet_sketch(imagenet_root):
     assert splits.test.labels == [0, 1, 2, 3, 4] and splits.classnames == NAMES
 
 
-@pytest.mark.parametrize("name,folder,sub", [("imagenet-a", "imagenet-adversarial", "imagenet-a"),
-                                             ("imagenet-r", "imagenet-rendition", "imagenet-r")])
+@pytest.mark.parametrize(
+    "name,folder,sub",
+    [("imagenet-a", "imagenet-adversarial", "imagenet-a"), ("imagenet-r", "imagenet-rendition", "imagenet-r")],
+)
 def test_imagenet_a_r_class_subsets(imagenet_root, name, folder, sub):
     present = [WNIDS[4], WNIDS[0], WNIDS[2]]  # created out of order: the reader must use ImageNet order
     for w in present:
@@ -161,10 +165,15 @@ def test_missing_files_name_what_and_where(tmp_path, imagenet_root):
 
 
 # README table of ../shared/data: (train, val, test, classes)
-COOP_SIZES = {"Caltech101": (4128, 1649, 2465, 100), "OxfordPets": (2944, 736, 3669, 37),
-              "StanfordCars": (6509, 1635, 8041, 196), "OxfordFlowers": (4093, 1633, 2463, 102),
-              "DescribableTextures": (2820, 1128, 1692, 47), "EuroSAT": (13500, 5400, 8100, 10),
-              "UCF101": (7639, 1898, 3783, 101)}
+COOP_SIZES = {
+    "Caltech101": (4128, 1649, 2465, 100),
+    "OxfordPets": (2944, 736, 3669, 37),
+    "StanfordCars": (6509, 1635, 8041, 196),
+    "OxfordFlowers": (4093, 1633, 2463, 102),
+    "DescribableTextures": (2820, 1128, 1692, 47),
+    "EuroSAT": (13500, 5400, 8100, 10),
+    "UCF101": (7639, 1898, 3783, 101),
+}
 
 
 @pytest.mark.parametrize("name", sorted(COOP_SIZES))

@@ -1,4 +1,5 @@
 """Few-shot samplers (CoOp and LP++ conventions) and property tests over samplers, list parsers and folders."""
+
 import csv
 import random
 import tempfile
@@ -9,8 +10,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prolip.data import (FewShotSplit, NotEnoughImagesError, base_new_split, read_image_folder, read_image_list,
-                         relabel, sample_few_shot)
+from prolip.data import (
+    FewShotSplit,
+    NotEnoughImagesError,
+    base_new_split,
+    read_image_folder,
+    read_image_list,
+    relabel,
+    sample_few_shot,
+)
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -97,8 +105,13 @@ labels_st = st.lists(st.integers(0, 5), min_size=1, max_size=80)
 
 
 @FAST
-@given(labels=labels_st, shots=st.integers(1, 6), seed=st.integers(0, 2**31), convention=st.sampled_from(["lpp", "coop"]),
-       allow_fewer=st.booleans())
+@given(
+    labels=labels_st,
+    shots=st.integers(1, 6),
+    seed=st.integers(0, 2**31),
+    convention=st.sampled_from(["lpp", "coop"]),
+    allow_fewer=st.booleans(),
+)
 def test_sampler_properties(labels, shots, seed, convention, allow_fewer):
     counts = Counter(labels)
     short = any(n < shots for n in counts.values())
@@ -120,8 +133,9 @@ def test_sampler_properties(labels, shots, seed, convention, allow_fewer):
     assert s == sample_few_shot(labels, shots, seed, convention, allow_fewer=allow_fewer)
 
 
-name_st = st.text(st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/\\"),
-                  min_size=1, max_size=12).filter(lambda s: not s.startswith(".") and s.strip() == s and s)
+name_st = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/\\"), min_size=1, max_size=12
+).filter(lambda s: not s.startswith(".") and s.strip() == s and s)
 
 
 @FAST

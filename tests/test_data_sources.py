@@ -1,11 +1,11 @@
 """WebDataset tar shards and Hugging Face datasets on disk: read as the same LabeledImages the folder reader makes,
 cached exactly as the same image files read from a folder (same features, own keys), and through the CLI end to end
 (fit, eval, predict) with a tiny random model. Generated data only."""
+
 from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 import time
 from pathlib import Path
@@ -54,7 +54,7 @@ def write_shards(folder: Path, samples: list[tuple[bytes, int]], per_shard: int,
     for s in range(0, len(samples), per_shard):
         path = folder / f"train-{s // per_shard:06d}.tar"
         with tarfile.open(path, "w") as tar:
-            for j, (data, label) in enumerate(samples[s:s + per_shard], start=s):
+            for j, (data, label) in enumerate(samples[s : s + per_shard], start=s):
                 add_member(tar, f"sample{j:04d}.png", data)
                 add_member(tar, f"sample{j:04d}.cls", str(label).encode())
                 add_member(tar, f"sample{j:04d}.json", json.dumps({"i": j}).encode())
@@ -100,6 +100,7 @@ def tiny():
 
 # ---- shard patterns and members ----------------------------------------------------------------------------------
 
+
 def test_brace_patterns_expand_as_webdataset_and_the_shell_do():
     assert expand_braces("s/train-{000000..000002}.tar") == [f"s/train-00000{i}.tar" for i in range(3)]
     assert expand_braces("{a,b}-{1..2}.tar") == ["a-1.tar", "a-2.tar", "b-1.tar", "b-2.tar"]
@@ -127,6 +128,7 @@ def test_member_paths_round_trip_and_keep_folder_paths_plain(tmp_path):
 
 # ---- shards read like a folder -------------------------------------------------------------------------------------
 
+
 def test_shards_read_as_the_folder_reads_the_same_images(data):
     spec = str(data["root"] / "shards" / "train-{000000..000002}.tar")
     splits = resolve_data(spec)
@@ -135,8 +137,10 @@ def test_shards_read_as_the_folder_reads_the_same_images(data):
     assert [it.label for it in splits.train.items] == [y for _, y in data["samples"]]
     assert [member_of(it.path).name for it in splits.train.items[:2]] == ["sample0000.png", "sample0001.png"]
     assert len(splits.train.ignored_files) == 0  # the json members belong to samples that have an image
-    assert all(load_image(it.path).tobytes() == load_image(f).tobytes()
-               for it, f in zip(splits.train.items, data["files"], strict=True))
+    assert all(
+        load_image(it.path).tobytes() == load_image(f).tobytes()
+        for it, f in zip(splits.train.items, data["files"], strict=True)
+    )
     assert set(paths_read(spec)) >= set(data["shards"]) | {data["root"] / "shards" / "classnames.txt"}
 
 
@@ -194,6 +198,7 @@ def test_another_label_key(data, tmp_path):
 
 # ---- the cache: the same features as the folder's files ----------------------------------------------------------
 
+
 def test_cached_features_equal_the_folders(data, hf_dataset, tiny, tmp_path):
     cache = FeatureCache(tmp_path / "cache", tiny, progress=False)
     folder = cache.center(data["files"])
@@ -205,8 +210,11 @@ def test_cached_features_equal_the_folders(data, hf_dataset, tiny, tmp_path):
         # Augmented views are seeded by the image's key: the folder's files, given the members' keys, give the
         # members' cached views bit for bit.
         views = cache.views(paths, 2).to_tensor()
-        same = Extractor(tiny).encode([(f, image_key(p)) for f, p in zip(data["files"], paths, strict=True)], 2,
-                                      augmented_views(tiny.preprocessing, 0))
+        same = Extractor(tiny).encode(
+            [(f, image_key(p)) for f, p in zip(data["files"], paths, strict=True)],
+            2,
+            augmented_views(tiny.preprocessing, 0),
+        )
         assert torch.equal(views, same.features.transpose(0, 1).to(torch.float16))
     keys = {image_key(it.path) for it in members.items} | {image_key(f) for f in data["files"]}
     assert len(keys) == 24  # every image its own key: members never collide with files
@@ -225,6 +233,7 @@ def test_ranks_split_the_shards_images_and_together_fill_one_cache(data, tiny, t
 
 
 # ---- Hugging Face datasets ------------------------------------------------------------------------------------------
+
 
 def test_a_saved_dataset_dict_gives_train_and_test_with_classlabel_names(data, hf_dataset):
     splits = resolve_data(f"hf:{hf_dataset['dict']}")
@@ -272,13 +281,32 @@ def test_a_hub_name_reads_its_local_copy_and_never_downloads(hf_dataset, tmp_pat
 
 # ---- end to end through the CLI ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("source", ["shards", "hf"])
 def test_fit_eval_predict_end_to_end(source, data, hf_dataset, tmp_path):
-    spec = (str(data["root"] / "shards" / "train-{000000..000002}.tar") if source == "shards"
-            else f"hf:{hf_dataset['dict']}")
+    spec = (
+        str(data["root"] / "shards" / "train-{000000..000002}.tar")
+        if source == "shards"
+        else f"hf:{hf_dataset['dict']}"
+    )
     cache, run = tmp_path / "cache", tmp_path / "run"
-    r = cli("fit", "--data", spec, "--shots", 2, "--views", 2, "--steps", 20, "--cache-dir", cache, "--out", run,
-            "--json", *TINY)
+    r = cli(
+        "fit",
+        "--data",
+        spec,
+        "--shots",
+        2,
+        "--views",
+        2,
+        "--steps",
+        20,
+        "--cache-dir",
+        cache,
+        "--out",
+        run,
+        "--json",
+        *TINY,
+    )
     assert r.exit_code == 0, r.output
     manifest = json.loads((run / "manifest.json").read_text())
     assert all(member_of(p) is not None for p, _ in manifest["data"]["support"])
@@ -301,8 +329,26 @@ def test_a_corrupt_member_is_skipped_and_listed_like_a_corrupt_file(data, tmp_pa
         for j, (blob, label) in enumerate(data["samples"][:6]):
             add_member(tar, f"s{j}.png", blob if j != 2 else b"not an image at all")
             add_member(tar, f"s{j}.cls", str(label).encode())
-    r = cli("fit", "--data", path, "--classnames", _names(tmp_path, CLASSES), "--shots", 1, "--views", 1,
-            "--steps", 5, "--on-bad-image", "skip", "--cache-dir", tmp_path / "c", "--out", tmp_path / "run", *TINY)
+    r = cli(
+        "fit",
+        "--data",
+        path,
+        "--classnames",
+        _names(tmp_path, CLASSES),
+        "--shots",
+        1,
+        "--views",
+        1,
+        "--steps",
+        5,
+        "--on-bad-image",
+        "skip",
+        "--cache-dir",
+        tmp_path / "c",
+        "--out",
+        tmp_path / "run",
+        *TINY,
+    )
     assert r.exit_code == 0, r.output
     skipped = json.loads((tmp_path / "run" / "manifest.json").read_text())["skipped_images"]
     assert [p for p, _ in skipped] == [f"{path}::s2.png"]
@@ -311,8 +357,9 @@ def test_a_corrupt_member_is_skipped_and_listed_like_a_corrupt_file(data, tmp_pa
 def test_outputs_never_replace_a_shard_nor_go_inside_a_folder_of_shards(data, tmp_path):
     shard = data["shards"][0]
     before = shard.read_bytes()
-    r = cli("fit", "--data", str(data["root"] / "shards" / "train-{000000..000001}.tar"), "--out", shard, "--force",
-            *TINY)
+    r = cli(
+        "fit", "--data", str(data["root"] / "shards" / "train-{000000..000001}.tar"), "--out", shard, "--force", *TINY
+    )
     assert r.exit_code != 0 and "is the data being read" in r.output and shard.read_bytes() == before
     r = cli("fit", "--data", data["root"] / "shards", "--out", data["root"] / "shards" / "run", *TINY)
     assert r.exit_code != 0 and "inside the data being read" in r.output

@@ -1,5 +1,6 @@
 """Results a user can act on: per-class numbers against a hand-computed example, the eval outputs (JSON, CSV, PNG),
 the run card and its copy beside an export, and the report's per-dataset tables and gain figure."""
+
 from __future__ import annotations
 
 import csv
@@ -46,7 +47,8 @@ def test_per_class_numbers_match_the_hand_computed_example():
     assert d.most_confused(confusion, NAMES) == [
         {"true": "bee", "predicted": "cat", "count": 2, "share": 100.0},
         {"true": "ant", "predicted": "bee", "count": 1, "share": pytest.approx(100 / 3)},
-        {"true": "cat", "predicted": "ant", "count": 1, "share": 25.0}]
+        {"true": "cat", "predicted": "ant", "count": 1, "share": 25.0},
+    ]
     logits = hand_logits()
     assert d.topk_accuracy(logits, LABELS, 1) == pytest.approx(500 / 9)
     assert d.topk_accuracy(logits, LABELS, 2) == pytest.approx(700 / 9)  # images 4 and 7 miss even at k=2
@@ -100,19 +102,50 @@ def test_eval_files_are_a_per_class_csv_and_a_readable_png(num_classes, tmp_path
 
 
 def _manifest(random_weights=True, command=None) -> dict:
-    return {"prolip_version": "0.1.0", "created": "now",
-            "backbone": {"family": "open_clip", "arch": "RN50", "weights": "openai", "random_weights": random_weights,
-                         "fingerprint": "ab" * 32},
-            "method": {"method": "prolip", "hyperparameters": {"lr": 1e-5, "lam": "1/N", "steps": 300},
-                       "selected": {"lr": 1e-3, "lam": 0.01, "how": "validation", "val_accuracy": 70.0}},
-            "fit": {"shots": 4, "seed": 2, "sampler": "lpp", "views": 300, "aug_seed": 0, "use_validation": True,
-                    "hyperparameters": {"steps": 300}},
-            "data": {"spec": "shards/train-{0..9}.tar", "name": "shards", "num_classes": 3, "train_images": 120,
-                     "support": [["a", 0]] * 12, "validation": [["b", 0]] * 12, "eval_set": "held-out images",
-                     "augmentation": "prolip"},
-            "metrics": {"accuracy": 80.0, "zero_shot_accuracy": 60.0, "eval_images": 96, "top5_accuracy": None,
-                        "mean_per_class_accuracy": 78.5, "worst_classes": [{"class": "cat", "accuracy": 50.0}],
-                        "most_confused": [{"true": "cat", "predicted": "dog", "count": 7, "share": 21.9}]}}
+    return {
+        "prolip_version": "0.1.0",
+        "created": "now",
+        "backbone": {
+            "family": "open_clip",
+            "arch": "RN50",
+            "weights": "openai",
+            "random_weights": random_weights,
+            "fingerprint": "ab" * 32,
+        },
+        "method": {
+            "method": "prolip",
+            "hyperparameters": {"lr": 1e-5, "lam": "1/N", "steps": 300},
+            "selected": {"lr": 1e-3, "lam": 0.01, "how": "validation", "val_accuracy": 70.0},
+        },
+        "fit": {
+            "shots": 4,
+            "seed": 2,
+            "sampler": "lpp",
+            "views": 300,
+            "aug_seed": 0,
+            "use_validation": True,
+            "hyperparameters": {"steps": 300},
+        },
+        "data": {
+            "spec": "shards/train-{0..9}.tar",
+            "name": "shards",
+            "num_classes": 3,
+            "train_images": 120,
+            "support": [["a", 0]] * 12,
+            "validation": [["b", 0]] * 12,
+            "eval_set": "held-out images",
+            "augmentation": "prolip",
+        },
+        "metrics": {
+            "accuracy": 80.0,
+            "zero_shot_accuracy": 60.0,
+            "eval_images": 96,
+            "top5_accuracy": None,
+            "mean_per_class_accuracy": 78.5,
+            "worst_classes": [{"class": "cat", "accuracy": 50.0}],
+            "most_confused": [{"true": "cat", "predicted": "dog", "count": 7, "share": 21.9}],
+        },
+    }
 
 
 def test_the_run_card_says_what_was_adapted_on_what_how_and_how_well():
@@ -124,7 +157,8 @@ def test_the_run_card_says_what_was_adapted_on_what_how_and_how_well():
     assert "| adapted | 80.00% (+20.00) |" in card and "| cat | dog | 7 | 22% |" in card
     assert "prolip fit --data 'shards/train-{0..9}.tar' --validate" in card
     assert "Python API" in runcard.render(_manifest(random_weights=False)) and "RANDOM" not in runcard.render(
-        _manifest(random_weights=False))
+        _manifest(random_weights=False)
+    )
     assert runcard.command_line(["fit", "--data", "my data"]).endswith("prolip fit --data 'my data'")
 
 
@@ -138,8 +172,22 @@ def test_fit_writes_the_card_eval_writes_its_files_export_copies_the_card(tiny_i
     from prolip.run import Run
 
     cache, run = tmp_path / "cache", tmp_path / "run"
-    r = cli("fit", "--data", tiny_image_folder, "--shots", 2, "--views", 2, "--steps", 20, "--cache-dir", cache,
-            "--out", run, *TINY)
+    r = cli(
+        "fit",
+        "--data",
+        tiny_image_folder,
+        "--shots",
+        2,
+        "--views",
+        2,
+        "--steps",
+        20,
+        "--cache-dir",
+        cache,
+        "--out",
+        run,
+        *TINY,
+    )
     assert r.exit_code == 0, r.output
     assert kind_of(run) == "run" and "## Reproduce" in Run.load(run).card
     r = cli("eval", run, "--data", tiny_image_folder, "--cache-dir", cache, "--out", tmp_path / "ev")
@@ -150,8 +198,12 @@ def test_fit_writes_the_card_eval_writes_its_files_export_copies_the_card(tiny_i
     assert sum(r["images"] for r in report["per_class"]) == report["eval_images"] == 16
     r = cli("eval", run, "--data", tiny_image_folder, "--cache-dir", cache, "--out", tmp_path / "ev")
     assert r.exit_code != 0 and "--force" in r.output
-    assert cli("eval", run, "--data", tiny_image_folder, "--cache-dir", cache, "--out", tmp_path / "ev",
-               "--force").exit_code == 0
+    assert (
+        cli(
+            "eval", run, "--data", tiny_image_folder, "--cache-dir", cache, "--out", tmp_path / "ev", "--force"
+        ).exit_code
+        == 0
+    )
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     r = cli("eval", run, "--data", tiny_image_folder, "--cache-dir", cache, "--out", tmp_path / "mine", "--force")
@@ -165,9 +217,8 @@ def test_fit_writes_the_card_eval_writes_its_files_export_copies_the_card(tiny_i
 
 def test_the_report_has_per_dataset_tables_and_a_gain_figure(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_report import rec
-
     from prolip.bench.report import aggregate, write_report, zero_shot_gains
+    from test_report import rec
 
     records = []
     for i, dataset in enumerate(["dtd", "eurosat"]):
@@ -177,7 +228,7 @@ def test_the_report_has_per_dataset_tables_and_a_gain_figure(tmp_path):
                 records.append(rec(dataset, seed, 52.0 + i + shots / 2 + seed, shots=shots, label="prolip"))
     paths = write_report(records, tmp_path)
     markdown = paths["markdown"].read_text()
-    table = markdown[markdown.index("### eurosat"):]
+    table = markdown[markdown.index("### eurosat") :]
     # eurosat: zero-shot 51; prolip 1-shot (54.5 + 55.5) / 2 = 55, 16-shot (62 + 63) / 2 = 62.5
     assert "| prolip | 55.00 ± 0.50 (+4.00) | 62.50 ± 0.50 (+11.50) |" in table
     assert sorted(round(g["gain"], 2) for g in zero_shot_gains(aggregate(records))) == [4.0, 4.0, 11.5, 11.5]

@@ -1,4 +1,5 @@
 """torchrun: `prolip fit --validate` and `prolip extract` split their work across processes and give what one gives."""
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,26 @@ def make_folder(root: Path, classes=("cat", "dog", "fox"), per_class=8) -> Path:
 
 
 def run(*args: str, procs: int = 1) -> subprocess.CompletedProcess:
-    launcher = [] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                      "--nproc_per_node", str(procs), "--no-python"]
-    r = subprocess.run([*launcher, PROLIP, *map(str, args)], capture_output=True, text=True, timeout=300,
-                       env={"HF_HUB_OFFLINE": "1", "PATH": str(Path(sys.executable).parent), "OMP_NUM_THREADS": "1"})
+    launcher = (
+        []
+        if procs == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(procs),
+            "--no-python",
+        ]
+    )
+    r = subprocess.run(
+        [*launcher, PROLIP, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": str(Path(sys.executable).parent), "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 

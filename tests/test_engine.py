@@ -44,8 +44,19 @@ def test_cli_extract_with_the_onnxruntime_engine(tmp_path, tiny_image_folder):
 
     from prolip.cli import main
 
-    args = ["extract", "--data", str(tiny_image_folder), "--model", "test-vit-tiny", "--pretrained", "none",
-            "--views", "0", "--cache-dir", str(tmp_path)]
+    args = [
+        "extract",
+        "--data",
+        str(tiny_image_folder),
+        "--model",
+        "test-vit-tiny",
+        "--pretrained",
+        "none",
+        "--views",
+        "0",
+        "--cache-dir",
+        str(tmp_path),
+    ]
     r = CliRunner().invoke(main, [*args, "--engine", "onnxruntime"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 1

@@ -1,6 +1,7 @@
 """Every shipped experiment file runs end to end on dtd10 with the tiny random ViT, and the report names every one of
 its methods entries (and groups). Only the data, the model, shots/seeds/views and the training budgets are shrunk;
 labels, groups, lr, λ, precision and the protocol settings are the file's own."""
+
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,18 @@ def _small_budget(entry) -> dict:
 
 def _overrides(path: Path, data: Path, cache: Path, out: Path) -> dict:
     raw = yaml.safe_load(path.read_text())
-    overrides = {"model": "test-vit-tiny", "pretrained": "none", "data_root": str(data), "datasets": ["dtd"],
-                 "shots": [1], "seeds": [1], "views": 2, "cache_dir": str(cache), "out": str(out),
-                 "methods": [_small_budget(m) for m in raw["methods"]]}
+    overrides = {
+        "model": "test-vit-tiny",
+        "pretrained": "none",
+        "data_root": str(data),
+        "datasets": ["dtd"],
+        "shots": [1],
+        "seeds": [1],
+        "views": 2,
+        "cache_dir": str(cache),
+        "out": str(out),
+        "methods": [_small_budget(m) for m in raw["methods"]],
+    }
     if raw.get("protocol") in TRANSFER:
         overrides["targets"] = ["dtd"]
     if raw.get("protocol") == "tta":
@@ -59,8 +69,16 @@ def shared_cache(tmp_path_factory) -> Path:
 
 def test_every_paper_table_with_a_reference_config_has_a_file():
     names = {p.name for p in FILES}
-    assert {"fewshot_rn50.yaml", "sensitivity_rn50.yaml", "cross_dataset_rn50.yaml", "tta_rn50.yaml",
-            "prolip_text_rn50.yaml", "adapters_rn50.yaml", "complements_rn50.yaml", "smoke_dtd10.yaml"} <= names
+    assert {
+        "fewshot_rn50.yaml",
+        "sensitivity_rn50.yaml",
+        "cross_dataset_rn50.yaml",
+        "tta_rn50.yaml",
+        "prolip_text_rn50.yaml",
+        "adapters_rn50.yaml",
+        "complements_rn50.yaml",
+        "smoke_dtd10.yaml",
+    } <= names
     for stem in ("rn50", "rn101", "vitb32", "vitb16"):
         assert {f"fewshot_val_{stem}.yaml", f"domain_generalisation_{stem}.yaml"} <= names
     assert {"base2new_rn50.yaml", "base2new_vitb16.yaml"} <= names
@@ -102,9 +120,18 @@ def test_bench_records_carry_what_the_paper_match_reads(shared_data, shared_cach
     exp = load_experiment(path, _overrides(path, shared_data / "dtd10", shared_cache, tmp_path / "results"))
     records = read_records(run_experiment(exp, echo=lambda line: None, backbone=tiny_vit))
     mine = next(r for r in records if r["label"] == "prolip lr 1e-5 λ=1/N")
-    paper_setting = {**mine, "model": "RN50", "weights": "openai", "random_weights": False, "views": 300,
-                     "hyperparameters": {**mine["hyperparameters"], "steps": 300}}
-    as_paper = [{**paper_setting, "dataset": d, "templates": list(PAPER_TEMPLATES[d]), "seed": s}
-                for d in sorted(ELEVEN) for s in range(1, 11)]
+    paper_setting = {
+        **mine,
+        "model": "RN50",
+        "weights": "openai",
+        "random_weights": False,
+        "views": 300,
+        "hyperparameters": {**mine["hyperparameters"], "steps": 300},
+    }
+    as_paper = [
+        {**paper_setting, "dataset": d, "templates": list(PAPER_TEMPLATES[d]), "seed": s}
+        for d in sorted(ELEVEN)
+        for s in range(1, 11)
+    ]
     average = next(r for r in aggregate(as_paper) if r["kind"] == "average")
     assert average["paper"] == 64.28

@@ -1,4 +1,5 @@
 """Exports merge the adapted W into a standard checkpoint that open_clip / transformers load as-is."""
+
 from __future__ import annotations
 
 import open_clip

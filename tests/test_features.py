@@ -2,6 +2,7 @@
 
 Faults (kills, concurrent writers, corrupt shards, full or read-only disks) and bad images are in tests/reliability/.
 """
+
 import hashlib
 import json
 import os
@@ -92,12 +93,16 @@ def expected_units(backbone, paths, num_views, aug_seed, unit_images, batch_size
     by_key = {image_key(p): p for p in paths}
     units = {}
     for u in range(0, len(keys), unit_images):
-        unit = keys[u:u + unit_images]
-        views = [augmented_view(load_image(by_key[k]), prep, view_seed(aug_seed, k, t)) for k in unit
-                 for t in range(num_views)]
+        unit = keys[u : u + unit_images]
+        views = [
+            augmented_view(load_image(by_key[k]), prep, view_seed(aug_seed, k, t))
+            for k in unit
+            for t in range(num_views)
+        ]
         with torch.inference_mode():
-            z = torch.cat([backbone.encode_pre(torch.stack(views[b:b + batch_size]))
-                           for b in range(0, len(views), batch_size)])
+            z = torch.cat(
+                [backbone.encode_pre(torch.stack(views[b : b + batch_size])) for b in range(0, len(views), batch_size)]
+            )
         units[tuple(unit)] = z.float().reshape(len(unit), num_views, -1).transpose(0, 1).to(torch.float16)
     return units
 
@@ -110,15 +115,20 @@ def test_cached_features_are_bitwise_the_backbone_forward_on_the_seeded_views(tm
     got = c.views(paths, 3, aug_seed=5)
     expected = expected_units(tiny_vit, paths, 3, 5, unit_images=3, batch_size=4)
     ns = c.namespace_dir("augment", 5)
-    assert sorted(f.name for f in ns.iterdir()) == sorted(f"{n}.safetensors" for n in (
-        hashlib.blake2b(json.dumps([list(u), 3]).encode(), digest_size=12).hexdigest() for u in expected))
+    assert sorted(f.name for f in ns.iterdir()) == sorted(
+        f"{n}.safetensors"
+        for n in (hashlib.blake2b(json.dumps([list(u), 3]).encode(), digest_size=12).hexdigest() for u in expected)
+    )
     for unit, z in expected.items():  # the unit format: one float16 tensor and three metadata strings
         name = hashlib.blake2b(json.dumps([list(unit), 3]).encode(), digest_size=12).hexdigest()
         with safe_open(str(ns / f"{name}.safetensors"), framework="pt") as h:
             meta, stored = h.metadata(), h.get_tensor("features")
             assert list(h.keys()) == ["features"]
-        assert meta == {"keys": json.dumps(list(unit)), "views": "3",
-                        "checksum": hashlib.blake2b(z.numpy().tobytes(), digest_size=16).hexdigest()}
+        assert meta == {
+            "keys": json.dumps(list(unit)),
+            "views": "3",
+            "checksum": hashlib.blake2b(z.numpy().tobytes(), digest_size=16).hexdigest(),
+        }
         assert stored.dtype == torch.float16 and torch.equal(stored, z)
     by_key = {k: z[:, i] for unit, z in expected.items() for i, k in enumerate(unit)}
     assert torch.equal(got.to_tensor(), torch.stack([by_key[image_key(p)] for p in paths], dim=1))
@@ -133,8 +143,11 @@ def test_unit_written_by_plain_safetensors_is_read_back(tmp_path, tiny_vit, writ
     paths = make_images(tmp_path / "img", n=3)
     keys = sorted(image_key(p) for p in paths)
     feats = torch.randn(2, 3, tiny_vit.dim_pre, generator=torch.Generator().manual_seed(0)).to(torch.float16)
-    meta = {"keys": json.dumps(keys), "views": "2",
-            "checksum": hashlib.blake2b(feats.numpy().tobytes(), digest_size=16).hexdigest()}
+    meta = {
+        "keys": json.dumps(keys),
+        "views": "2",
+        "checksum": hashlib.blake2b(feats.numpy().tobytes(), digest_size=16).hexdigest(),
+    }
     c = cache_of(tmp_path, tiny_vit)
     ns = c.namespace_dir("augment", 0)
     ns.mkdir(parents=True)

@@ -1,4 +1,5 @@
 """Decoding threads and the extraction dtype: threads change nothing but speed; bf16 has its own cache entries."""
+
 from __future__ import annotations
 
 import pytest
@@ -51,10 +52,15 @@ def test_bf16_extraction_has_its_own_namespace_and_close_features(tmp_path, tiny
     torch.testing.assert_close(z16, z32, rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("kw, message", [(dict(compute_dtype="fp16"), "compute_dtype must be one of .* got 'fp16'"),
-                                         (dict(num_workers=-1), "num_workers must be >= 0, got -1"),
-                                         (dict(batch_size=0), "batch_size must be positive, got 0"),
-                                         (dict(on_bad_image="ignore"), "on_bad_image must be 'error' or 'skip'")])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(compute_dtype="fp16"), "compute_dtype must be one of .* got 'fp16'"),
+        (dict(num_workers=-1), "num_workers must be >= 0, got -1"),
+        (dict(batch_size=0), "batch_size must be positive, got 0"),
+        (dict(on_bad_image="ignore"), "on_bad_image must be 'error' or 'skip'"),
+    ],
+)
 def test_bad_extraction_options_name_the_value(tmp_path, tiny_vit, kw, message):
     # Library errors name the parameter; the CLI's own option types name its flags (tests/test_cli.py).
     with pytest.raises(ValueError, match=message):
@@ -78,12 +84,28 @@ def test_seeded_views_are_torchvisions_draws_without_the_global_rng(shape, tiny_
     prep = tiny_vit.preprocessing
     img = Image.fromarray(np.random.default_rng(shape[0]).integers(0, 255, (*shape, 3), dtype=np.uint8))
     reference = {
-        "cache": (augment_transform(prep), T.Compose([
-            T.RandomResizedCrop(prep.image_size, scale=(0.5, 1.0), interpolation=InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(prep.mean, prep.std)])),
-        "tta": (tta_view_transform(prep), T.Compose([
-            T.RandomResizedCrop(prep.image_size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(),
-            T.Normalize(prep.mean, prep.std)])),
+        "cache": (
+            augment_transform(prep),
+            T.Compose(
+                [
+                    T.RandomResizedCrop(prep.image_size, scale=(0.5, 1.0), interpolation=InterpolationMode.BICUBIC),
+                    T.RandomHorizontalFlip(),
+                    T.ToTensor(),
+                    T.Normalize(prep.mean, prep.std),
+                ]
+            ),
+        ),
+        "tta": (
+            tta_view_transform(prep),
+            T.Compose(
+                [
+                    T.RandomResizedCrop(prep.image_size, scale=(0.08, 1.0)),
+                    T.RandomHorizontalFlip(),
+                    T.ToTensor(),
+                    T.Normalize(prep.mean, prep.std),
+                ]
+            ),
+        ),
     }
     for ours, theirs in reference.values():
         for seed in range(12):

@@ -2,6 +2,7 @@
 steps equal an independent loop written the reference's way (torch.optim.Adam + CosineAnnealingLR on a deep copy
 of the model, open_clip's own forward), the frozen backbone is never touched, only the chosen block moves, the
 reference's detached penalty changes nothing, and runs save, load, predict and export."""
+
 from __future__ import annotations
 
 import copy
@@ -78,8 +79,9 @@ def reference_loop(backbone, folder, names, *, epochs, batch_size, lr, seed=1, a
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(batches[0]))
     for epoch, epoch_batches_ in enumerate(batches):
         for idx in epoch_batches_:
-            x = torch.stack([augmented_view(decoded[i], prep, view_seed(aug_seed, keys[i], epoch), transform)
-                             for i in idx.tolist()])
+            x = torch.stack(
+                [augmented_view(decoded[i], prep, view_seed(aug_seed, keys[i], epoch), transform) for i in idx.tolist()]
+            )
             loss = F.cross_entropy(backbone.logit_scale * model.visual(x) @ T.T, labels[idx])
             if penalty is not None:
                 current = model.state_dict() if penalty == "reference" else dict(model.named_parameters())
@@ -91,8 +93,11 @@ def reference_loop(backbone, folder, names, *, epochs, batch_size, lr, seed=1, a
     return {k: v.detach() for k, v in model.named_parameters() if k in names}
 
 
-CASES = [("full-ft", {}, None), ("last-layer-ft", {}, "reference"), ("last-layer-ft", {"penalty": "proximal",
-                                                                                          "lam": 0.5}, "proximal")]
+CASES = [
+    ("full-ft", {}, None),
+    ("last-layer-ft", {}, "reference"),
+    ("last-layer-ft", {"penalty": "proximal", "lam": 0.5}, "proximal"),
+]
 
 
 @pytest.mark.parametrize("fixture", ["tiny_vit", "tiny_rn"])
@@ -121,8 +126,11 @@ def test_last_layer_moves_only_its_block_and_the_reference_penalty_is_inert(fixt
     whole = base.encoder.model.state_dict()
     moved = {k for k, v in backbone.model.state_dict().items() if not torch.equal(v, whole[k])}
     block = "visual.attnpool." if fixture == "tiny_rn" else "visual.transformer.resblocks.1."
-    assert moved and all(k.startswith(block) for k in moved) and set(base.state_dict()) == set(
-        last_layer_parameters(backbone))
+    assert (
+        moved
+        and all(k.startswith(block) for k in moved)
+        and set(base.state_dict()) == set(last_layer_parameters(backbone))
+    )
     heavy = fit("last-layer-ft", backbone, tiny_image_folder, lam=100.0)
     assert all(torch.equal(v, heavy.state_dict()[k]) for k, v in base.state_dict().items())  # λ changes nothing
     assert heavy.selected_["penalty_effect"].startswith("none")
@@ -131,6 +139,7 @@ def test_last_layer_moves_only_its_block_and_the_reference_penalty_is_inert(fixt
 
     def distance(m):
         return sum((v - start[k]).pow(2).sum() for k, v in m.state_dict().items())
+
     assert distance(pulled) < distance(base) / 2
 
 
@@ -138,8 +147,9 @@ def test_full_ft_with_no_epochs_is_zero_shot_on_images(tiny_rn, tiny_image_folde
     method = fit("full-ft", tiny_rn, tiny_image_folder, epochs=0)
     paths = sorted(tiny_image_folder.rglob("*.jpg"))
     site = tiny_rn.projection()
-    zero_shot = clip_logits(encode_images(tiny_rn, paths), site.weight, site.bias, method.task.classifier,
-                            tiny_rn.logit_scale)
+    zero_shot = clip_logits(
+        encode_images(tiny_rn, paths), site.weight, site.bias, method.task.classifier, tiny_rn.logit_scale
+    )
     assert torch.equal(method.image_logits(paths), zero_shot)
     other = tiny_rn.encode_text(["cat", "dog"], ["a photo of a {}."]).float()  # another class set
     assert method.image_logits(paths, other).shape == (len(paths), 2)
@@ -233,9 +243,30 @@ def test_cli_fit_predict_eval_export(tiny_image_folder, tmp_path):
         return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
     run, cache = tmp_path / "run", tmp_path / "cache"
-    r = invoke("fit", "--data", tiny_image_folder, "--shots", 2, "--views", 1, "--method", "last-layer-ft",
-               "--hp", "epochs=2", "--lr", 1e-3, "--cache-dir", cache, "--out", run, "--model", "test-vit-tiny",
-               "--pretrained", "none", "--json")
+    r = invoke(
+        "fit",
+        "--data",
+        tiny_image_folder,
+        "--shots",
+        2,
+        "--views",
+        1,
+        "--method",
+        "last-layer-ft",
+        "--hp",
+        "epochs=2",
+        "--lr",
+        1e-3,
+        "--cache-dir",
+        cache,
+        "--out",
+        run,
+        "--model",
+        "test-vit-tiny",
+        "--pretrained",
+        "none",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["eval_images"] == 4 * (6 - 2)
     manifest = json.loads((run / "manifest.json").read_text())

@@ -19,11 +19,12 @@ def _sources() -> list[Path]:
 
 
 def long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int]]:
-    """(name, length) of every function or method longer than ``limit`` lines, decorators excluded."""
+    """(name, length) of every function or method longer than ``limit`` lines: the ``def`` line and the body, so a
+    signature the formatter lays out one parameter per line (a click command's options) does not count as logic."""
     out = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            length = (node.end_lineno or node.lineno) - node.lineno + 1
+            length = (node.end_lineno or node.lineno) - node.body[0].lineno + 2
             if length > limit:
                 out.append((node.name, length))
     return out
@@ -48,10 +49,16 @@ def method_name_comparisons(source: str) -> list[str]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Compare):
             literals = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
-            literals += [e.value for c in node.comparators if isinstance(c, (ast.Tuple, ast.List, ast.Set))
-                         for e in c.elts if isinstance(e, ast.Constant)]
-            if any(isinstance(v, str) and v in names for v in literals) and any(map(_names_a_method,
-                                                                                   [node.left, *node.comparators])):
+            literals += [
+                e.value
+                for c in node.comparators
+                if isinstance(c, (ast.Tuple, ast.List, ast.Set))
+                for e in c.elts
+                if isinstance(e, ast.Constant)
+            ]
+            if any(isinstance(v, str) and v in names for v in literals) and any(
+                map(_names_a_method, [node.left, *node.comparators])
+            ):
                 found.append(ast.unparse(node))
     return found
 
@@ -59,6 +66,7 @@ def method_name_comparisons(source: str) -> list[str]:
 def test_the_checkers_can_fail():
     long = "def f():\n" + "    x = 1\n" * 70
     assert long_functions(long) == [("f", 71)]
+    assert long_functions("def g(\n" + "    a%d,\n" * 70 % tuple(range(70)) + "):\n    return 1\n") == []
     assert method_name_comparisons("if m.name == 'prolip-text': pass") == ["m.name == 'prolip-text'"]
     assert method_name_comparisons("ok = m.name not in ('zeroshot', 'prolip')")
     assert method_name_comparisons("if rec['method'] == 'prolip': pass")
@@ -71,8 +79,9 @@ def test_no_function_over_60_lines(path):
     assert long_functions(path.read_text()) == []
 
 
-@pytest.mark.parametrize("path", [p for p in _sources() if "methods" not in p.parts],
-                         ids=lambda p: str(p.relative_to(SRC)))
+@pytest.mark.parametrize(
+    "path", [p for p in _sources() if "methods" not in p.parts], ids=lambda p: str(p.relative_to(SRC))
+)
 def test_no_method_name_comparisons_outside_methods(path):
     assert method_name_comparisons(path.read_text()) == []
 

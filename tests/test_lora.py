@@ -1,6 +1,7 @@
 """CLIP-LoRA on the tiny random models and real JPEGs: at initialisation every logit is zero-shot CLIP's; adapters
 merge exactly into a plain checkpoint; dropout acts on the adapter's input only, while training; training moves the
 adapters and nothing else, on the original's schedule; runs reload, and export reloads as plain open_clip."""
+
 from __future__ import annotations
 
 import pytest
@@ -71,8 +72,11 @@ def test_adapters_merge_exactly_into_a_plain_checkpoint(fixture, request):
     state = plain.model.state_dict()
     assert set(merged) <= set(state) and any("out_proj" in k for k in merged)
     plain.model.load_state_dict({**state, **merged})
-    (f_lora, t_lora), (f_plain, t_plain), (f0, _) = image_and_text(encoder), image_and_text(plain), \
-        image_and_text(backbone)
+    (f_lora, t_lora), (f_plain, t_plain), (f0, _) = (
+        image_and_text(encoder),
+        image_and_text(plain),
+        image_and_text(backbone),
+    )
     torch.testing.assert_close(f_plain, f_lora, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(t_plain, t_lora, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(f_lora, f0, atol=1e-3)  # the adapters did change the model
@@ -111,8 +115,14 @@ def test_schedule_is_cosine_to_its_floor_over_steps_times_shots():
 
 def test_defaults_are_the_originals():
     m = create("clip-lora")
-    assert (m.rank, m.alpha, m.dropout, m.encoder, m.position, tuple(m.matrices)) == (2, 1, 0.25, "both", "all",
-                                                                                     ("q", "k", "v"))
+    assert (m.rank, m.alpha, m.dropout, m.encoder, m.position, tuple(m.matrices)) == (
+        2,
+        1,
+        0.25,
+        "both",
+        "all",
+        ("q", "k", "v"),
+    )
     assert (m.lr, m.batch_size, m.steps, m.weight_decay, m.min_lr) == (2e-4, 32, 500, 1e-2, 1e-6)
     assert m.encodes_images and not m.selects and not m.accepts_classifier
     assert configure("clip-lora", {}, dataset="ImageNet").template == "a photo of a {}."

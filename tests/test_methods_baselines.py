@@ -1,4 +1,5 @@
 """Baselines and complements: each trains, beats chance, behaves as defined, reloads, and never reads test labels."""
+
 from __future__ import annotations
 
 import copy
@@ -14,10 +15,17 @@ from synthetic import make_problem
 
 # Small budgets keep the suite fast; the structure of each method is unchanged.
 FAST = {
-    "zs-lp": dict(epochs=30), "clap": dict(epochs=30), "clip-adapter": dict(epochs=20, lr=2e-2),
-    "taskres": dict(epochs=30), "tip-adapter-f": dict(epochs=5), "lp++": dict(epochs=100),
-    "linear-adapter": dict(steps=50), "prolip": dict(steps=50, lr=1e-3), "prolip-text": dict(steps=50, lr=1e-3),
-    "prolip+tip-adapter-f": dict(steps=50, lr=1e-3), "prolip+taskres": dict(steps=50, lr=1e-3),
+    "zs-lp": dict(epochs=30),
+    "clap": dict(epochs=30),
+    "clip-adapter": dict(epochs=20, lr=2e-2),
+    "taskres": dict(epochs=30),
+    "tip-adapter-f": dict(epochs=5),
+    "lp++": dict(epochs=100),
+    "linear-adapter": dict(steps=50),
+    "prolip": dict(steps=50, lr=1e-3),
+    "prolip-text": dict(steps=50, lr=1e-3),
+    "prolip+tip-adapter-f": dict(steps=50, lr=1e-3),
+    "prolip+taskres": dict(steps=50, lr=1e-3),
     "clip-adapter-prolip": dict(steps=50, lr=1e-2),
 }
 # Methods that train inside the image encoder need images, not the synthetic features: tests/test_finetune.py.
@@ -81,22 +89,31 @@ def test_selection_never_depends_on_test_labels(problem, name):
     # fit() has no test argument; permuting the test labels (and even the test features) changes nothing.
     a = fit(name, problem, problem.val)
     shuffled = copy.copy(problem)
-    shuffled.test = Validation(problem.test.features.flip(0), problem.test.labels[torch.randperm(len(problem.test.labels))])
+    shuffled.test = Validation(
+        problem.test.features.flip(0), problem.test.labels[torch.randperm(len(problem.test.labels))]
+    )
     b = create(name, **FAST.get(name, {})).fit(shuffled.task, shuffled.support, shuffled.val)
     assert a.selected_ == b.selected_
 
 
-@pytest.mark.parametrize("name, hp", [
-    ("zs-lp", dict(epochs=0)), ("clap", dict(epochs=0)), ("taskres", dict(epochs=0)),
-    ("linear-adapter", dict(steps=0)), ("prolip-text", dict(steps=0)),
-    ("tip-adapter", dict(alpha=0.0, search=False)),
-])
+@pytest.mark.parametrize(
+    "name, hp",
+    [
+        ("zs-lp", dict(epochs=0)),
+        ("clap", dict(epochs=0)),
+        ("taskres", dict(epochs=0)),
+        ("linear-adapter", dict(steps=0)),
+        ("prolip-text", dict(steps=0)),
+        ("tip-adapter", dict(alpha=0.0, search=False)),
+    ],
+)
 def test_starts_at_zero_shot(problem, name, hp):
     m = create(name, **hp).fit(problem.task, problem.support, problem.val)
     z = problem.test.features
     expected = zero_shot_logits(problem, z)
     if name == "prolip-text":  # its T(P0) approximates the task classifier; compare with that one
         from prolip.methods.complements import text_classifier
+
         T0 = text_classifier(problem.task.text_pre, problem.task.text_proj)
         expected = clip_logits(z, problem.task.W0, problem.task.bias, T0, problem.task.logit_scale)
     torch.testing.assert_close(m.logits(z), expected, rtol=1e-4, atol=1e-4)
@@ -116,14 +133,14 @@ def test_linear_probe_ignores_text(problem):
 def test_tip_adapter_search_uses_validation_and_grid(problem):
     m = create("tip-adapter").fit(problem.task, problem.support, problem.val)
     assert m.selected_["how"] == "validation"
-    assert accuracy(m.logits(problem.val.features), problem.val.labels) == pytest.approx(
-        m.selected_["val_accuracy"])
+    assert accuracy(m.logits(problem.val.features), problem.val.labels) == pytest.approx(m.selected_["val_accuracy"])
     rule = create("tip-adapter").fit(problem.task, problem.support)
     assert rule.selected_ == {"alpha": 1.17, "beta": 1.0, "how": "rule"}  # configs/imagenet.yaml init_alpha
 
 
 def test_clap_multipliers_come_from_zero_shot_performance(problem):
     from prolip.methods.clap import zero_shot_class_performance
+
     logits = torch.tensor([[10.0, 0.0], [0.0, 10.0], [10.0, 0.0]])
     perf = zero_shot_class_performance(logits, torch.tensor([0, 0, 1]), 2)
     p = torch.tensor([10.0, 0.0]).softmax(0)

@@ -1,29 +1,41 @@
 """Each baseline's defaults as verified against its original code (the source is cited next to each default in
 the method's module), and the training mechanics those defaults rely on: Dassl's warm-up + cosine schedule and
 its batches per epoch, CLAP's pooled views, LP++'s class-sum init, CoOp's C search, Tip-Adapter's grid."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
-from prolip.methods import create
 import torch.nn.functional as F
 
+from prolip.methods import create
 from prolip.methods._common import dassl_batches_per_epoch, dassl_lr, embed, train_minibatch
 from synthetic import make_problem
 
 VERIFIED = {
-    "clip-adapter": dict(ratio=0.2, reduction=4, lr=2e-3, epochs=200, batch_size=32, weight_decay=5e-4,
-                         momentum=0.9, views=None),
+    "clip-adapter": dict(
+        ratio=0.2, reduction=4, lr=2e-3, epochs=200, batch_size=32, weight_decay=5e-4, momentum=0.9, views=None
+    ),
     "taskres": dict(alpha=0.5, lr=2e-3, epochs=None, batch_size=256, weight_decay=5e-4, views=None),
     "zs-lp": dict(lr=0.1, epochs=300, batch_size=256, views=20, momentum=0.9, weight_decay=0.0),
     "clap": dict(lr=0.1, epochs=300, batch_size=256, views=20, momentum=0.9, weight_decay=0.0, adaptive=False),
-    "tip-adapter": dict(alpha=1.17, beta=1.0, search=True, search_scale=(7.0, 3.0), search_step=(200, 20),
-                        augment_views=10),
-    "tip-adapter-f": dict(alpha=1.17, beta=1.0, search=True, search_scale=(7.0, 3.0), search_step=(200, 20),
-                          augment_views=10, lr=1e-3, epochs=20, batch_size=256, views=None),
+    "tip-adapter": dict(
+        alpha=1.17, beta=1.0, search=True, search_scale=(7.0, 3.0), search_step=(200, 20), augment_views=10
+    ),
+    "tip-adapter-f": dict(
+        alpha=1.17,
+        beta=1.0,
+        search=True,
+        search_scale=(7.0, 3.0),
+        search_step=(200, 20),
+        augment_views=10,
+        lr=1e-3,
+        epochs=20,
+        batch_size=256,
+        views=None,
+    ),
     "lp++": dict(epochs=300, alpha_every=10, init_scale=250.0),
     "linear-probe": dict(C=None, search_steps=8, max_iter=1000),
 }
@@ -45,8 +57,8 @@ def test_dassl_schedule_warms_up_one_epoch_then_restarts_the_cosine():
 
 
 def test_dassl_loader_drops_the_last_partial_batch_only_when_a_full_one_exists():
-    assert dassl_batches_per_epoch(47, 256) == 1      # 1-shot DTD: one batch of 47
-    assert dassl_batches_per_epoch(752, 256) == 2     # 16-shot DTD: 2 full batches, 240 samples dropped
+    assert dassl_batches_per_epoch(47, 256) == 1  # 1-shot DTD: one batch of 47
+    assert dassl_batches_per_epoch(752, 256) == 2  # 16-shot DTD: 2 full batches, 240 samples dropped
     assert dassl_batches_per_epoch(16000, 256) == 62
 
 
@@ -74,6 +86,7 @@ def test_trainer_batches_per_epoch():
 def test_clap_epoch_draws_from_all_pooled_views():
     p = make_problem(num_classes=4, shots=4, views=20, seed=1)  # N = 16 < 256: one batch, min(256, 20·16) samples
     import prolip.methods.clap as clap_mod
+
     seen = []
     original = clap_mod.train_minibatch
 
@@ -100,6 +113,7 @@ def test_lp_plus_plus_starts_from_class_sums_not_means():
 
 def test_coop_c_search_follows_the_bisection():
     from prolip.methods.linear_probe import coop_c_search
+
     calls = []
 
     def score(C):  # unimodal in log10 C with its peak at 0.3
@@ -116,6 +130,7 @@ def test_coop_c_search_follows_the_bisection():
 
 def test_tip_adapter_grid_is_the_originals_search_hp():
     from prolip.methods.tip_adapter import search_grid
+
     betas = search_grid(7, 200)
     assert len(betas) == 200 and betas[0] == pytest.approx(0.1) and betas[-1] == pytest.approx(0.1 + 199 * 6.9 / 200)
     assert max(search_grid(13, 20)) == pytest.approx(0.1 + 19 * 12.9 / 20)  # configs/dtd.yaml's α grid
@@ -123,6 +138,7 @@ def test_tip_adapter_grid_is_the_originals_search_hp():
 
 def test_taskres_epochs_follow_the_shot_rule():
     from prolip.methods.adapters import taskres_epochs
+
     assert [taskres_epochs(s) for s in (1, 2, 4, 8, 16)] == [100, 100, 100, 200, 200]  # train_regular.sh
     p = make_problem(num_classes=3, shots=1, seed=0)
     assert create("taskres").fit(p.task, p.support).selected_["epochs"] == 100

@@ -1,4 +1,5 @@
 """ProLIP: the maths (gradient, Adam, cosine), the method's contract, precision modes and the batched grid."""
+
 from __future__ import annotations
 
 import copy
@@ -31,8 +32,13 @@ def test_steps_zero_is_exactly_zero_shot(problem):
 
 def test_analytic_gradient_matches_autograd(problem):
     t = problem.task  # float64 so the comparison tests the formula, not rounding
-    z, y, W0, b, T = problem.support.center.double(), problem.support.labels, t.W0.double(), t.bias.double(), \
-        t.classifier.double()
+    z, y, W0, b, T = (
+        problem.support.center.double(),
+        problem.support.labels,
+        t.W0.double(),
+        t.bias.double(),
+        t.classifier.double(),
+    )
     W = (W0 + 0.01 * torch.randn(3, *t.W0.shape, dtype=torch.float64)).requires_grad_(True)
     lam = torch.tensor([0.0, 0.5, 3.0], dtype=torch.float64)
     logits = 100.0 * F.normalize(z @ W + b, dim=-1) @ T.T
@@ -49,8 +55,9 @@ def test_regulariser_gradient_is_2_lambda_diff(problem):
     t = problem.task
     W = t.W0 + torch.randn(2, *t.W0.shape)
     lam = torch.tensor([0.25, 7.0])
-    _, grad = prolip_loss_and_grad(problem.support.center, W, t.bias, t.classifier, 0.0,
-                                   problem.support.labels, t.W0, lam)
+    _, grad = prolip_loss_and_grad(
+        problem.support.center, W, t.bias, t.classifier, 0.0, problem.support.labels, t.W0, lam
+    )
     torch.testing.assert_close(grad, 2 * lam[:, None, None] * (W - t.W0))
 
 
@@ -100,8 +107,9 @@ def test_lambda_follows_shot_count():
 
 
 def test_fp32_beats_zero_shot_and_is_deterministic(problem):
-    zs = accuracy(create("zeroshot").fit(problem.task, problem.support).logits(problem.test.features),
-                  problem.test.labels)
+    zs = accuracy(
+        create("zeroshot").fit(problem.task, problem.support).logits(problem.test.features), problem.test.labels
+    )
     a = create("prolip", lr=1e-3, steps=100).fit(problem.task, problem.support, seed=1)
     b = create("prolip", lr=1e-3, steps=100).fit(problem.task, problem.support, seed=1)
     assert torch.equal(a.W, b.W)
@@ -189,7 +197,7 @@ def test_swapped_classifier_is_used(problem):
     torch.testing.assert_close(m.logits(problem.test.features, other), m.logits(problem.test.features).flip(-1))
 
 
-# ----------------------------------------------------------------------------------------------- the hot path (issue 14)
+# ---------------------------------------------------------------------------------------------- the hot path (issue 14)
 
 
 def _packed_reference_loop(t, s, lrs, lams, steps):
@@ -226,8 +234,10 @@ def test_fused_adam_step_is_torch_fused_adam_and_close_to_the_plain_step():
     g = torch.Generator().manual_seed(3)
     W0 = torch.randn(64, 32, generator=g) * 0.05
     grads = [torch.randn(64, 32, generator=g) * 0.1 for _ in range(6)]
-    fused, plain = [W0.clone(), torch.zeros_like(W0), torch.zeros_like(W0)], [W0.clone(), torch.zeros_like(W0),
-                                                                             torch.zeros_like(W0)]
+    fused, plain = (
+        [W0.clone(), torch.zeros_like(W0), torch.zeros_like(W0)],
+        [W0.clone(), torch.zeros_like(W0), torch.zeros_like(W0)],
+    )
     p = torch.nn.Parameter(W0.clone())
     opt = torch.optim.Adam([p], lr=1e-3, eps=1e-4, fused=True)
     for step, grad in enumerate(grads, start=1):
@@ -267,8 +277,10 @@ def test_grid_is_the_same_whatever_the_chunk(problem):
     # Chunk 1 (the CPU default) trains each configuration alone; chunks of 2 and 4 pack them: same selection and
     # the winner's W within float32 rounding.
     grid = [[1e-2, 0.0], [1e-3, 0.1], [1e-4, 1.0], [1e-5, 10.0]]
-    fits = [create("prolip", grid=grid, steps=10, grid_chunk=k).fit(problem.task, problem.support, problem.val)
-            for k in (None, 1, 2, 4)]
+    fits = [
+        create("prolip", grid=grid, steps=10, grid_chunk=k).fit(problem.task, problem.support, problem.val)
+        for k in (None, 1, 2, 4)
+    ]
     for other in fits[1:]:
         assert other.selected_["grid"] == fits[0].selected_["grid"]
         torch.testing.assert_close(other.W, fits[0].W, rtol=1e-5, atol=1e-7)

@@ -44,8 +44,14 @@ def logits_of(e, T):
 def test_prolip_follows_the_reference_view_order_and_loss(problem):
     t, s = problem.task, problem.support
     W = torch.nn.Parameter(t.W0.clone())
-    reference_loop([W], lambda v: F.cross_entropy(logits_of(s.views.view(v) @ W + t.bias, t.classifier), s.labels)
-                   + (1 / 3) * ((W - t.W0) ** 2).sum(), lr=1e-2)
+    reference_loop(
+        [W],
+        lambda v: (
+            F.cross_entropy(logits_of(s.views.view(v) @ W + t.bias, t.classifier), s.labels)
+            + (1 / 3) * ((W - t.W0) ** 2).sum()
+        ),
+        lr=1e-2,
+    )
     ours = create("prolip", lr=1e-2, steps=STEPS).fit(t, s).W
     torch.testing.assert_close(ours, W.detach(), rtol=1e-4, atol=1e-6)
 
@@ -91,8 +97,14 @@ def test_prolip_text_uses_the_mean_of_unnormalised_template_embeddings(problem):
     t, s = problem.task, problem.support
     P = torch.nn.Parameter(t.text_proj.clone())
     weights = lambda P: F.normalize((t.text_pre @ P).mean(dim=1), dim=-1)  # ProLIP_text.py lines 175-177
-    reference_loop([P], lambda v: F.cross_entropy(logits_of(s.views.view(v) @ t.W0 + t.bias, weights(P)), s.labels)
-                   + (1 / 3) * ((P - t.text_proj) ** 2).sum(), lr=1e-2)
+    reference_loop(
+        [P],
+        lambda v: (
+            F.cross_entropy(logits_of(s.views.view(v) @ t.W0 + t.bias, weights(P)), s.labels)
+            + (1 / 3) * ((P - t.text_proj) ** 2).sum()
+        ),
+        lr=1e-2,
+    )
     m = create("prolip-text", lr=1e-2, steps=STEPS).fit(t, s)
     torch.testing.assert_close(m.P, P.detach(), rtol=1e-4, atol=1e-6)
     # the quirk: at step 0 this is not the per-template-normalised ensemble when templates' norms differ
@@ -105,8 +117,14 @@ def test_regularised_linear_adapter(problem):
     t, s = problem.task, problem.support
     eye = torch.eye(t.W0.shape[1])
     A = torch.nn.Parameter(eye.clone())
-    reference_loop([A], lambda v: F.cross_entropy(logits_of((s.views.view(v) @ t.W0 + t.bias) @ A.T, t.classifier),
-                                                  s.labels) + (1 / 3) * ((A - eye) ** 2).sum(), lr=1e-2)
+    reference_loop(
+        [A],
+        lambda v: (
+            F.cross_entropy(logits_of((s.views.view(v) @ t.W0 + t.bias) @ A.T, t.classifier), s.labels)
+            + (1 / 3) * ((A - eye) ** 2).sum()
+        ),
+        lr=1e-2,
+    )
     m = create("linear-adapter", lr=1e-2, steps=STEPS).fit(t, s)
     torch.testing.assert_close(m.A, A.detach(), rtol=1e-4, atol=1e-6)
 
@@ -115,8 +133,9 @@ def test_clip_adapter_as_the_paper_trains_it(problem):
     t, s = problem.task, problem.support
     torch.manual_seed(3)
     D = t.W0.shape[1]
-    mlp = torch.nn.Sequential(torch.nn.Linear(D, D // 4, bias=False), torch.nn.ReLU(),
-                              torch.nn.Linear(D // 4, D, bias=False), torch.nn.ReLU())
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(D, D // 4, bias=False), torch.nn.ReLU(), torch.nn.Linear(D // 4, D, bias=False), torch.nn.ReLU()
+    )
 
     def loss(v):
         f = s.views.view(v) @ t.W0 + t.bias
@@ -124,7 +143,9 @@ def test_clip_adapter_as_the_paper_trains_it(problem):
 
     reference_loop(list(mlp.parameters()), loss, lr=1e-2)
     m = create("clip-adapter-prolip", alpha=0.3, lr=1e-2, steps=STEPS).fit(t, s, seed=3)
-    for ours, theirs in zip(m.mlp.parameters(), mlp.parameters()):
+    for ours, theirs in zip(m.mlp.parameters(), mlp.parameters(), strict=True):
         torch.testing.assert_close(ours, theirs.detach(), rtol=1e-4, atol=1e-6)
-    assert torch.equal(create("clip-adapter-prolip", alpha=1.0, steps=0).fit(t, s).logits(problem.test.features),
-                       logits_of(problem.test.features @ t.W0 + t.bias, t.classifier))
+    assert torch.equal(
+        create("clip-adapter-prolip", alpha=1.0, steps=0).fit(t, s).logits(problem.test.features),
+        logits_of(problem.test.features @ t.W0 + t.bias, t.classifier),
+    )

@@ -1,6 +1,7 @@
 """GDA and ProKeR pinned to their formulations on small synthetic problems: each fitted method equals a closed form
 computed here independently (numpy / a direct solve), selects on validation as its original's loop does, and falls
 back to its validation-free rule without one."""
+
 from __future__ import annotations
 
 import math
@@ -29,11 +30,18 @@ def normalised_embeddings(task, z: torch.Tensor) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- defaults
 
 
-@pytest.mark.parametrize("name, verified", [
-    ("gda", dict(alpha=0.1, search=True, augment_views=10)),  # main_few_shots.py:69-70, configs augment_epoch
-    ("proker", dict(beta=None, lam=None, search=True, beta_grid=(0.5, 3.0, 20), lam_grid=(0.001, 1.0, 10),
-                    augment_views=10)),  # configs/RN50/configs_proker/caltech101.yaml, main.py --augment-epoch
-])
+@pytest.mark.parametrize(
+    "name, verified",
+    [
+        ("gda", dict(alpha=0.1, search=True, augment_views=10)),  # main_few_shots.py:69-70, configs augment_epoch
+        (
+            "proker",
+            dict(
+                beta=None, lam=None, search=True, beta_grid=(0.5, 3.0, 20), lam_grid=(0.001, 1.0, 10), augment_views=10
+            ),
+        ),  # configs/RN50/configs_proker/caltech101.yaml, main.py --augment-epoch
+    ],
+)
 def test_defaults_are_the_verified_ones(name, verified):
     assert create(name).get_params() == verified
 
@@ -92,8 +100,9 @@ def test_proker_solution_satisfies_its_normal_equations(problem):
     Y = F.one_hot(problem.support.labels.repeat(3), problem.task.num_classes).double()
     R = Y - S @ problem.task.classifier.double().T
     torch.testing.assert_close(K / 0.3 @ alpha + alpha, R, atol=1e-4, rtol=1e-4)  # (K/λ + I) α = Y − F_S Tᵀ
-    torch.testing.assert_close(alpha, torch.linalg.solve(K / 0.3 + torch.eye(len(K), dtype=K.dtype), R),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        alpha, torch.linalg.solve(K / 0.3 + torch.eye(len(K), dtype=K.dtype), R), atol=1e-4, rtol=1e-4
+    )
     f = torch.from_numpy(normalised_embeddings(problem.task, problem.test.features))
     expected = f @ problem.task.classifier.double().T + torch.exp(-2.0 * (1 - f @ S.T)) @ alpha
     torch.testing.assert_close(m.logits(problem.test.features).double(), expected, atol=1e-4, rtol=1e-4)
@@ -108,8 +117,9 @@ def test_proker_vanishing_lambda_is_zero_shot_cosine(problem):
 def test_proker_search_is_the_originals_loop(problem):
     grid = dict(beta_grid=(0.5, 4.0, 3), lam_grid=(0.01, 1.0, 4))
     m = create("proker", augment_views=2, **grid).fit(problem.task, problem.support, problem.val)
-    S = torch.cat([torch.from_numpy(normalised_embeddings(problem.task, problem.support.views.view(t)))
-                   for t in range(2)])
+    S = torch.cat(
+        [torch.from_numpy(normalised_embeddings(problem.task, problem.support.views.view(t))) for t in range(2)]
+    )
     Y = F.one_hot(problem.support.labels.repeat(2), problem.task.num_classes).double()
     R = Y - S @ problem.task.classifier.double().T
     f = torch.from_numpy(normalised_embeddings(problem.task, problem.val.features))
@@ -167,13 +177,30 @@ def test_bench_records_cost_and_the_report_shows_it_with_the_protocol_card(tmp_p
     from prolip.bench.records import read_records
     from prolip.bench.report import write_report
 
-    raw = {"model": "test-vit-tiny", "pretrained": "none", "data_root": str(shared_data / "dtd10"),
-           "datasets": ["dtd"], "shots": [1], "seeds": [1], "views": 3, "cache_dir": str(tmp_path / "cache"),
-           "out": str(tmp_path / "res"), "protocol": "fewshot-val",
-           "methods": ["zeroshot", "gda", {"name": "proker", "beta_grid": [0.5, 3.0, 3], "lam_grid": [0.01, 1.0, 3]},
-                       {"name": "prolip", "grid": False, "steps": 3, "label": "prolip, validation-free"}]}
-    records = {r["label"]: r for r in read_records(run_experiment(parse_experiment(raw, "t.yaml"),
-                                                                  echo=lambda line: None, backbone=tiny_vit))}
+    raw = {
+        "model": "test-vit-tiny",
+        "pretrained": "none",
+        "data_root": str(shared_data / "dtd10"),
+        "datasets": ["dtd"],
+        "shots": [1],
+        "seeds": [1],
+        "views": 3,
+        "cache_dir": str(tmp_path / "cache"),
+        "out": str(tmp_path / "res"),
+        "protocol": "fewshot-val",
+        "methods": [
+            "zeroshot",
+            "gda",
+            {"name": "proker", "beta_grid": [0.5, 3.0, 3], "lam_grid": [0.01, 1.0, 3]},
+            {"name": "prolip", "grid": False, "steps": 3, "label": "prolip, validation-free"},
+        ],
+    }
+    records = {
+        r["label"]: r
+        for r in read_records(
+            run_experiment(parse_experiment(raw, "t.yaml"), echo=lambda line: None, backbone=tiny_vit)
+        )
+    }
     gda, proker = records["gda"], records["proker"]
     # 10 classes × 1 shot: 3 views read, plus the 10 validation images
     assert gda["forward_passes"] == 3 * 10 + 10 and gda["trainable_parameters"] == 10 * 32 + 10

@@ -14,12 +14,20 @@ from prolip.cli import main
 
 
 def _experiment(tmp_path, shared_data, **overrides):
-    spec = {"model": "test-vit-tiny", "pretrained": "none", "data_root": str(shared_data / "dtd10"),
-            "datasets": ["dtd"], "shots": [1, 2], "seeds": [1], "views": 2, "cache_dir": str(tmp_path / "cache"),
-            "out": str(tmp_path / "res"),
-            # zero-shot (no support features), ProLIP (its views), the linear probe (the support's center crops),
-            # CLAP (views of its own augmentation)
-            "methods": ["zeroshot", {"name": "prolip", "steps": 3}, "linear-probe", {"name": "clap", "epochs": 1}]}
+    spec = {
+        "model": "test-vit-tiny",
+        "pretrained": "none",
+        "data_root": str(shared_data / "dtd10"),
+        "datasets": ["dtd"],
+        "shots": [1, 2],
+        "seeds": [1],
+        "views": 2,
+        "cache_dir": str(tmp_path / "cache"),
+        "out": str(tmp_path / "res"),
+        # zero-shot (no support features), ProLIP (its views), the linear probe (the support's center crops),
+        # CLAP (views of its own augmentation)
+        "methods": ["zeroshot", {"name": "prolip", "steps": 3}, "linear-probe", {"name": "clap", "epochs": 1}],
+    }
     spec.update(overrides)
     return parse_experiment(spec)
 
@@ -41,16 +49,23 @@ def _run_passes(exp, backbone, monkeypatch) -> int:
 LIGHT = ["zeroshot", {"name": "prolip", "steps": 2}]
 
 
-@pytest.mark.parametrize("protocol, overrides", [
-    ("fewshot", {"shots": [1]}),
-    ("fewshot-val", {"shots": [1], "methods": [{"name": "prolip", "steps": 1}]}),
-    ("base2new", {"shots": [2], "methods": LIGHT}),
-    ("sensitivity", {"methods": [{"name": "prolip", "steps": 2}], "sensitivity": {"lrs": [1e-3], "lams": [0.0, 1.0]}}),
-    ("cross-dataset", {"targets": ["dtd"], "shots": [1], "methods": LIGHT}),
-    ("tta", {"shots": [1], "methods": LIGHT, "tta": {"views": 3, "max_images": 4}}),
-])
-def test_plan_counts_the_forward_passes_the_run_makes(tmp_path, shared_data, tiny_vit, monkeypatch, protocol,
-                                                      overrides):
+@pytest.mark.parametrize(
+    "protocol, overrides",
+    [
+        ("fewshot", {"shots": [1]}),
+        ("fewshot-val", {"shots": [1], "methods": [{"name": "prolip", "steps": 1}]}),
+        ("base2new", {"shots": [2], "methods": LIGHT}),
+        (
+            "sensitivity",
+            {"methods": [{"name": "prolip", "steps": 2}], "sensitivity": {"lrs": [1e-3], "lams": [0.0, 1.0]}},
+        ),
+        ("cross-dataset", {"targets": ["dtd"], "shots": [1], "methods": LIGHT}),
+        ("tta", {"shots": [1], "methods": LIGHT, "tta": {"views": 3, "max_images": 4}}),
+    ],
+)
+def test_plan_counts_the_forward_passes_the_run_makes(
+    tmp_path, shared_data, tiny_vit, monkeypatch, protocol, overrides
+):
     exp = _experiment(tmp_path, shared_data, protocol=protocol, **overrides)
     plan = plan_experiment(exp, tiny_vit, time_batch=False)
     assert plan.survey.forward_passes > 0 and plan.survey.cached_passes == 0
@@ -76,13 +91,20 @@ def test_plan_leaves_out_what_is_cached_and_recorded(tmp_path, shared_data, tiny
 
 
 def test_cli_plan_prints_and_writes_nothing(tmp_path, shared_data):
-    spec = {"model": "test-vit-tiny", "pretrained": "none", "data_root": str(shared_data / "dtd10"),
-            "datasets": ["dtd"], "shots": [1], "seeds": [1], "views": 2, "cache_dir": str(tmp_path / "cache"),
-            "methods": ["zeroshot", {"name": "prolip", "steps": 2}]}
+    spec = {
+        "model": "test-vit-tiny",
+        "pretrained": "none",
+        "data_root": str(shared_data / "dtd10"),
+        "datasets": ["dtd"],
+        "shots": [1],
+        "seeds": [1],
+        "views": 2,
+        "cache_dir": str(tmp_path / "cache"),
+        "methods": ["zeroshot", {"name": "prolip", "steps": 2}],
+    }
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(spec))
-    r = CliRunner().invoke(main, ["bench", str(path), "--out", str(tmp_path / "res"), "--plan"],
-                           catch_exceptions=False)
+    r = CliRunner().invoke(main, ["bench", str(path), "--out", str(tmp_path / "res"), "--plan"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "forward passes:" in r.output and "reference code's structure" in r.output and "cache:" in r.output
     assert not (tmp_path / "res").exists() and not (tmp_path / "cache").exists()

@@ -1,6 +1,7 @@
 """`prolip report` on hand-written records: aggregation over seeds and datasets, base-to-new harmonic means as the
 paper takes them, group rows, paper numbers only on an exact match, cells that could not be scored, numeric
 ordering of lr and λ, and the plots (one colour scale, captioned error bars)."""
+
 import csv
 import json
 import re
@@ -16,17 +17,58 @@ TEN_SEEDS = tuple(range(1, 11))
 
 
 def prolip_hp(lr=1e-5, lam="1/N", precision="reference", **extra):
-    return {"lr": lr, "lam": lam, "steps": 300, "precision": precision, "grid": False, "grid_chunk": None,
-            "tie_rule": "first", **extra}
+    return {
+        "lr": lr,
+        "lam": lam,
+        "steps": 300,
+        "precision": precision,
+        "grid": False,
+        "grid_chunk": None,
+        "tie_rule": "first",
+        **extra,
+    }
 
 
-def rec(dataset, seed, acc, *, protocol="fewshot", model="RN50", weights="openai", random=False, label="prolip",
-        method="prolip", shots=1, hp=None, templates=None, **extra):
-    return {"protocol": protocol, "model": model, "weights": weights, "random_weights": random, "sampler": "lpp",
-            "templates_name": "dataset", "templates": list(templates or PAPER_TEMPLATES.get(dataset, ["{}."])),
-            "source": None, "label": label, "method": method, "shots": shots, "dataset": dataset, "seed": seed,
-            "views": 300, "aug_seed": 0, "validation": False, "setting": None, "fingerprint": "f", "group": None,
-            "accuracy": acc, "hyperparameters": prolip_hp() if hp is None else hp, **extra}
+def rec(
+    dataset,
+    seed,
+    acc,
+    *,
+    protocol="fewshot",
+    model="RN50",
+    weights="openai",
+    random=False,
+    label="prolip",
+    method="prolip",
+    shots=1,
+    hp=None,
+    templates=None,
+    **extra,
+):
+    return {
+        "protocol": protocol,
+        "model": model,
+        "weights": weights,
+        "random_weights": random,
+        "sampler": "lpp",
+        "templates_name": "dataset",
+        "templates": list(templates or PAPER_TEMPLATES.get(dataset, ["{}."])),
+        "source": None,
+        "label": label,
+        "method": method,
+        "shots": shots,
+        "dataset": dataset,
+        "seed": seed,
+        "views": 300,
+        "aug_seed": 0,
+        "validation": False,
+        "setting": None,
+        "fingerprint": "f",
+        "group": None,
+        "accuracy": acc,
+        "hyperparameters": prolip_hp() if hp is None else hp,
+        **extra,
+    }
 
 
 def eleven(seeds=TEN_SEEDS, datasets=ELEVEN, **kw):
@@ -38,11 +80,15 @@ def _average(rows, **match):
 
 
 def _dataset_row(rows, dataset, **match):
-    return next(r for r in rows if r["kind"] == "dataset" and r["dataset"] == dataset
-                and all(r.get(k) == v for k, v in match.items()))
+    return next(
+        r
+        for r in rows
+        if r["kind"] == "dataset" and r["dataset"] == dataset and all(r.get(k) == v for k, v in match.items())
+    )
 
 
 # ----------------------------------------------------------------------------------------------- aggregation
+
 
 def test_mean_and_std_over_seeds_then_over_datasets():
     rows = aggregate([rec("A", 1, 60.0), rec("A", 2, 62.0), rec("B", 1, 70.0), rec("B", 2, 80.0)])
@@ -84,14 +130,19 @@ def test_base2new_harmonic_mean_of_the_averaged_accuracies_not_of_each_seed():
     assert "70.00 ± 10.00 / 60.00 ± 20.00 / 64.62" in table and "75.00 ± 10.00 / 60.00 ± 15.00 / 66.67" in table
 
 
-def _lr_group(lam="1/N", precision="reference", group="prolip λ=1/N, mean over lr", lrs=(1e-2, 1e-3, 1e-4, 1e-5),
-              shots=1, datasets=ELEVEN):
+def _lr_group(
+    lam="1/N",
+    precision="reference",
+    group="prolip λ=1/N, mean over lr",
+    lrs=(1e-2, 1e-3, 1e-4, 1e-5),
+    shots=1,
+    datasets=ELEVEN,
+):
     out = []
     for k, lr in enumerate(lrs):
         hp = prolip_hp(lr=lr, lam=lam, precision=precision)
-        out += eleven(label=f"prolip lr {lr:g} {lam} {precision}", hp=hp, group=group, shots=shots,
-                      datasets=datasets)
-        for r in out[-len(datasets) * len(TEN_SEEDS):]:
+        out += eleven(label=f"prolip lr {lr:g} {lam} {precision}", hp=hp, group=group, shots=shots, datasets=datasets)
+        for r in out[-len(datasets) * len(TEN_SEEDS) :]:
             r["accuracy"] += k  # lr k adds k points everywhere
     return out
 
@@ -118,8 +169,10 @@ def test_the_paper_lr_average_matches_the_group_row_and_only_it():
     rows = aggregate(records)
     lr_average = {64.33, 75.46}
     shown = [r for r in rows if r.get("paper") in lr_average]
-    assert [(r["kind"], r["label"], r["shots"]) for r in shown] == \
-        [("average", "prolip λ=1/N, mean over lr", 1), ("average", "prolip λ=1/N, mean over lr", 16)]
+    assert [(r["kind"], r["label"], r["shots"]) for r in shown] == [
+        ("average", "prolip λ=1/N, mean over lr", 1),
+        ("average", "prolip λ=1/N, mean over lr", 16),
+    ]
     # The lr 1e-5 member keeps its own number; the group's rows per dataset get none.
     assert _average(rows, label="prolip lr 1e-05 1/N reference", shots=1)["paper"] == 64.28
     assert not any(r.get("paper") for r in rows if r["kind"] == "group")
@@ -129,6 +182,7 @@ def test_the_paper_lr_average_matches_the_group_row_and_only_it():
 
 
 # ----------------------------------------------------------------------------------------------- exact matches
+
 
 def _with(records, **changes):
     return [{**r, **changes} for r in records]
@@ -184,8 +238,20 @@ def test_per_dataset_zero_shot_and_test_time_references():
     zs = _average(aggregate(eleven(label="zeroshot", method="zeroshot", hp={}, shots=8)))
     assert zs["paper"] == 58.89
     tta_setting = {"tta": {"views": 64, "ratio": 0.1, "steps": 1, "lr": 1e-4, "seed": 0, "max_images": None}}
-    tta = [rec(d, None, 50.0 + i, protocol="tta", label="tta+zeroshot", method="zeroshot", shots=0, hp={},
-               setting=tta_setting) for i, d in enumerate(["ImageNet", *sorted(OOD)])]
+    tta = [
+        rec(
+            d,
+            None,
+            50.0 + i,
+            protocol="tta",
+            label="tta+zeroshot",
+            method="zeroshot",
+            shots=0,
+            hp={},
+            setting=tta_setting,
+        )
+        for i, d in enumerate(["ImageNet", *sorted(OOD)])
+    ]
     rows = aggregate(tta)
     assert _average(rows, subset="ImageNet variants")["paper"] == 47.44
     assert "paper" not in _average(rows, subset=None)  # the paper quotes no five-dataset average
@@ -196,8 +262,11 @@ def test_per_dataset_zero_shot_and_test_time_references():
 
 def test_base2new_references_need_their_templates():
     def b2n(**kw):
-        return [rec(d, s, 80.0, protocol="base2new", model="ViT-B-16", shots=16, base=85.0, new=75.0, hm=79.69, **kw)
-                for d in sorted(ELEVEN) for s in TEN_SEEDS]
+        return [
+            rec(d, s, 80.0, protocol="base2new", model="ViT-B-16", shots=16, base=85.0, new=75.0, hm=79.69, **kw)
+            for d in sorted(ELEVEN)
+            for s in TEN_SEEDS
+        ]
 
     avg = _average(aggregate(b2n()))
     assert (avg["paper_base"], avg["paper_new"], avg["paper_hm"]) == (84.01, 73.86, 78.61)
@@ -212,11 +281,22 @@ def test_base2new_references_need_their_templates():
 
 # ----------------------------------------------------------------------------------------------- not scored
 
+
 def test_cells_that_could_not_be_scored_are_labelled_and_kept_out_of_averages():
     records = eleven(seeds=(1, 2))
-    records += [rec(d, s, None if d == "EuroSAT" else 50.0, label="tip-adapter", method="tip-adapter", hp={},
-                    note="tip-adapter cannot score another dataset's classes" if d == "EuroSAT" else None)
-                for d in sorted(ELEVEN) for s in (1, 2)]
+    records += [
+        rec(
+            d,
+            s,
+            None if d == "EuroSAT" else 50.0,
+            label="tip-adapter",
+            method="tip-adapter",
+            hp={},
+            note="tip-adapter cannot score another dataset's classes" if d == "EuroSAT" else None,
+        )
+        for d in sorted(ELEVEN)
+        for s in (1, 2)
+    ]
     rows = aggregate(records)
     tip = _average(rows, label="tip-adapter")
     assert tip["mean"] is None and "EuroSAT" in tip["missing"][0] and "cannot score" in tip["missing"][0]
@@ -239,8 +319,9 @@ def test_a_partly_scored_dataset_is_flagged_and_blocks_the_average():
 
 
 def test_an_average_is_only_over_the_tables_datasets():
-    records = eleven(seeds=(1, 2)) + [r for r in eleven(seeds=(1, 2), label="other", method="zeroshot", hp={})
-                                      if r["dataset"] != "ImageNet"]
+    records = eleven(seeds=(1, 2)) + [
+        r for r in eleven(seeds=(1, 2), label="other", method="zeroshot", hp={}) if r["dataset"] != "ImageNet"
+    ]
     rows = aggregate(records)
     other = _average(rows, label="other")
     assert other["mean"] is None and other["missing"] == ["no records for ImageNet"]
@@ -249,14 +330,28 @@ def test_an_average_is_only_over_the_tables_datasets():
 
 # ----------------------------------------------------------------------------------------------- order, plots
 
+
 def test_lr_and_lambda_are_sorted_numerically():
-    assert [format_number(x) for x in (1e-5, 1e-2, 0.0, 0.3, 1.0, 10, "1/N")] == \
-        ["1e-5", "1e-2", "0", "0.3", "1", "10", "1/N"]
+    assert [format_number(x) for x in (1e-5, 1e-2, 0.0, 0.3, 1.0, 10, "1/N")] == [
+        "1e-5",
+        "1e-2",
+        "0",
+        "0.3",
+        "1",
+        "10",
+        "1/N",
+    ]
     lrs, lams = (1e-2, 1e-6, 1e-4), (1.0, 0.0, 1e-1)
-    records = [rec(d, s, 50.0, protocol="sensitivity", hp=prolip_hp(lr=lr, lam=lam))
-               for d in ("A", "B") for s in (1, 2) for lr in lrs for lam in lams]
-    records += [rec("A", s, 50.0, label=f"p {lam}", hp=prolip_hp(lam=lam)) for s in (1, 2)
-                for lam in ("1/N", 0.5, "1/N2", 1e-3)]  # rules keep their run order, after the numbers
+    records = [
+        rec(d, s, 50.0, protocol="sensitivity", hp=prolip_hp(lr=lr, lam=lam))
+        for d in ("A", "B")
+        for s in (1, 2)
+        for lr in lrs
+        for lam in lams
+    ]
+    records += [
+        rec("A", s, 50.0, label=f"p {lam}", hp=prolip_hp(lam=lam)) for s in (1, 2) for lam in ("1/N", 0.5, "1/N2", 1e-3)
+    ]  # rules keep their run order, after the numbers
     table = markdown(aggregate(records))
     assert "| lr \\ λ | 0 | 1e-1 | 1 |" in table
     lines = [line.split(" |")[0] for line in table.splitlines() if line.startswith("| 1e-") and "±" in line]
@@ -268,10 +363,23 @@ def test_lr_and_lambda_are_sorted_numerically():
 
 
 def test_the_heatmap_has_one_colour_scale_and_one_labelled_colour_bar():
-    records = [rec(d, s, 40.0 + 100 * lr * (1 + k) + lam, protocol="sensitivity", shots=k,
-                   hp=prolip_hp(lr=lr, lam=lam, precision=p), label=f"prolip {p}")
-               for d in ("A", "B") for s in (1, 2) for k in (1, 4) for lr in (1e-3, 1e-2) for lam in (0.0, 1.0)
-               for p in ("reference", "fp32")]
+    records = [
+        rec(
+            d,
+            s,
+            40.0 + 100 * lr * (1 + k) + lam,
+            protocol="sensitivity",
+            shots=k,
+            hp=prolip_hp(lr=lr, lam=lam, precision=p),
+            label=f"prolip {p}",
+        )
+        for d in ("A", "B")
+        for s in (1, 2)
+        for k in (1, 4)
+        for lr in (1e-3, 1e-2)
+        for lam in (0.0, 1.0)
+        for p in ("reference", "fp32")
+    ]
     fig = sensitivity_figure(aggregate(records))
     images = [im for ax in fig.axes for im in ax.images]
     assert len(images) == 4 and len({(im.norm.vmin, im.norm.vmax) for im in images}) == 1
@@ -292,11 +400,25 @@ def test_the_shots_plot_says_what_its_error_bars_are():
 
 def test_report_files_label_random_weights_and_paper(tmp_path):
     records = eleven() + eleven(model="test-vit-tiny", weights="none", random=True)
-    records += [rec(d, 1, 40.0 + lr * 100 + lam, protocol="sensitivity", shots=1,
-                    hp=prolip_hp(lr=lr, lam=lam), model="test-vit-tiny", weights="none", random=True)
-                for d in ("A", "B") for lr in (1e-3, 1e-2) for lam in (0.0, 1.0)]
-    records += [rec("A", s, 50.0, shots=k, model="test-vit-tiny", weights="none", random=True)
-                for s in (1, 2) for k in (2, 4)]
+    records += [
+        rec(
+            d,
+            1,
+            40.0 + lr * 100 + lam,
+            protocol="sensitivity",
+            shots=1,
+            hp=prolip_hp(lr=lr, lam=lam),
+            model="test-vit-tiny",
+            weights="none",
+            random=True,
+        )
+        for d in ("A", "B")
+        for lr in (1e-3, 1e-2)
+        for lam in (0.0, 1.0)
+    ]
+    records += [
+        rec("A", s, 50.0, shots=k, model="test-vit-tiny", weights="none", random=True) for s in (1, 2) for k in (2, 4)
+    ]
     paths = write_report(records, tmp_path / "rep")
     md = paths["markdown"].read_text()
     assert "(paper 64.28)" in md and len(re.findall(r"\(paper \d", md)) == 1

@@ -1,4 +1,5 @@
 """Saved run directories: round trip, atomic writes, no silent overwrite."""
+
 import json
 
 import pytest
@@ -6,14 +7,28 @@ import torch
 
 from prolip.run import Run, RunError
 
-MANIFEST = {"backbone": {"family": "open_clip", "arch": "test-vit-tiny", "weights": "none", "random_weights": True,
-                         "fingerprint": "f" * 64},
-            "method": {"method": "prolip", "hyperparameters": {"lr": 1e-5}}, "fit": {"shots": 4}, "logit_scale": 100.0}
+MANIFEST = {
+    "backbone": {
+        "family": "open_clip",
+        "arch": "test-vit-tiny",
+        "weights": "none",
+        "random_weights": True,
+        "fingerprint": "f" * 64,
+    },
+    "method": {"method": "prolip", "hyperparameters": {"lr": 1e-5}},
+    "fit": {"shots": 4},
+    "logit_scale": 100.0,
+}
 
 
 def _run():
-    return Run(manifest=json.loads(json.dumps(MANIFEST)), method_state={"W": torch.randn(6, 4)},
-               classifier=torch.randn(3, 4), classnames=["a", "b", "c"], templates=["a photo of a {}."])
+    return Run(
+        manifest=json.loads(json.dumps(MANIFEST)),
+        method_state={"W": torch.randn(6, 4)},
+        classifier=torch.randn(3, 4),
+        classnames=["a", "b", "c"],
+        templates=["a photo of a {}."],
+    )
 
 
 def test_round_trip(tmp_path):

@@ -6,6 +6,7 @@ The full regeneration (about a minute on one core) is kept out of the default su
 
     PROLIP_REGENERATE_TINY=1 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/test_tiny_clip.py -m slow
 """
+
 from __future__ import annotations
 
 import json
@@ -119,14 +120,17 @@ def test_adapts_exports_and_adapts_at_test_time_unchanged(tmp_path, tiny):
     exported = export_open_clip(tiny, W, tmp_path / "adapted.safetensors")
     assert torch.equal(load_file(str(exported))["visual.proj"], W)
     task = result.episode.task
-    logits = tta_logits(tiny, W, task.bias, task.classifier, task.logit_scale,
-                        [it.path for it in images.items[:3]], views=8)
+    logits = tta_logits(
+        tiny, W, task.bias, task.classifier, task.logit_scale, [it.path for it in images.items[:3]], views=8
+    )
     assert logits.shape == (3, 10)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("PROLIP_REGENERATE_TINY"),
-                    reason="regenerating the shipped weights takes about a minute; set PROLIP_REGENERATE_TINY=1")
+@pytest.mark.skipif(
+    not os.environ.get("PROLIP_REGENERATE_TINY"),
+    reason="regenerating the shipped weights takes about a minute; set PROLIP_REGENERATE_TINY=1",
+)
 def test_pretrain_tiny_regenerates_the_shipped_weights_bit_for_bit(tmp_path):
     from click.testing import CliRunner
 

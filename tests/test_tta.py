@@ -1,11 +1,20 @@
 """Test-time ProLIP: batched = one at a time = torch.optim.AdamW per image; reset; selection; lr 0; TPT; end to end."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from prolip.functional import clip_logits, entropy
-from prolip.tta import (TTAConfig, adapt_projection, marginal_entropy, select_confident, tpt_logits, tta_logits,
-                        view_ensemble_logits, view_features)
+from prolip.tta import (
+    TTAConfig,
+    adapt_projection,
+    marginal_entropy,
+    select_confident,
+    tpt_logits,
+    tta_logits,
+    view_ensemble_logits,
+    view_features,
+)
 
 
 def problem(B=5, V=20, D_pre=24, D=12, C=6, seed=0):
@@ -38,7 +47,7 @@ def test_batched_equals_sequential_and_torch_adamw(with_bias):
     cfg = TTAConfig(views=20, ratio=0.25, steps=3, lr=1e-2)
     logits, W = adapt_projection(z, W0, bias, T, 30.0, cfg)
     for b in range(z.shape[0]):
-        one_logits, one_W = adapt_projection(z[b:b + 1], W0, bias, T, 30.0, cfg)
+        one_logits, one_W = adapt_projection(z[b : b + 1], W0, bias, T, 30.0, cfg)
         assert torch.allclose(one_W[0], W[b], atol=1e-6) and torch.allclose(one_logits[0], logits[b], atol=1e-5)
         ref_logits, ref_W = reference_one_image(z[b], W0, T, 30.0, cfg, bias)
         assert torch.allclose(ref_W, W[b], atol=1e-6) and torch.allclose(ref_logits, logits[b], atol=1e-4)

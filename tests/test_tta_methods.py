@@ -1,6 +1,7 @@
 """ZERO and TDA pinned to their rules on hand-checkable inputs, and their rows in the bench's tta protocol: ZERO is
 the confident views' argmax vote; TDA's caches hold what its update rule says, its logits are the cache formula,
 and its stream orders are seeded, recorded and summarised (mean and worst)."""
+
 from __future__ import annotations
 
 import math
@@ -126,8 +127,9 @@ def test_tda_settings_are_its_configs_and_orders_are_seeded():
     assert (sketch.positive_alpha, sketch.positive_beta, sketch.views) == (2.363, 7.45, 64)
     folder, source = tda_settings("my_folder")
     assert (folder.positive_alpha, folder.positive_beta) == (2.0, 5.0) and "imagenet.yaml" in source
-    assert torch.equal(stream_order(50, 3), stream_order(50, 3)) and not torch.equal(stream_order(50, 3),
-                                                                                      stream_order(50, 4))
+    assert torch.equal(stream_order(50, 3), stream_order(50, 3)) and not torch.equal(
+        stream_order(50, 3), stream_order(50, 4)
+    )
     assert order_digest(stream_order(50, 3)) == order_digest(stream_order(50, 3))
 
 
@@ -139,19 +141,29 @@ def test_tta_protocol_runs_zero_and_tda_with_recorded_stream_orders(tmp_path, sh
     from prolip.bench.protocols import run_experiment
     from prolip.bench.records import read_records
 
-    raw = {"model": "test-vit-tiny", "pretrained": "none", "data_root": str(shared_data / "dtd10"),
-           "datasets": ["dtd"], "shots": [1], "seeds": [1], "views": 2, "cache_dir": str(tmp_path / "cache"),
-           "out": str(tmp_path / "res"), "methods": ["zeroshot"], "protocol": "tta",
-           "tta": {"views": 4, "max_images": 8, "zeroshot": True, "zero": True, "tda": True, "tda_orders": [1, 2, 5]}}
-    records = read_records(run_experiment(parse_experiment(raw, "t.yaml"), echo=lambda line: None,
-                                          backbone=tiny_vit))
+    raw = {
+        "model": "test-vit-tiny",
+        "pretrained": "none",
+        "data_root": str(shared_data / "dtd10"),
+        "datasets": ["dtd"],
+        "shots": [1],
+        "seeds": [1],
+        "views": 2,
+        "cache_dir": str(tmp_path / "cache"),
+        "out": str(tmp_path / "res"),
+        "methods": ["zeroshot"],
+        "protocol": "tta",
+        "tta": {"views": 4, "max_images": 8, "zeroshot": True, "zero": True, "tda": True, "tda_orders": [1, 2, 5]},
+    }
+    records = read_records(run_experiment(parse_experiment(raw, "t.yaml"), echo=lambda line: None, backbone=tiny_vit))
     by_label = {r["label"]: r for r in records}
     assert set(by_label) == {"tta+zeroshot", "zeroshot", "zero", "tda"}
     assert by_label["zeroshot"]["accuracy"] == by_label["tta+zeroshot"]["start_accuracy"]
     tda = by_label["tda"]
     orders = tda["stream_orders"]
-    assert [o["seed"] for o in orders] == [1, 2, 5] and all(o["digest"] == order_digest(stream_order(8, o["seed"]))
-                                                            for o in orders)
+    assert [o["seed"] for o in orders] == [1, 2, 5] and all(
+        o["digest"] == order_digest(stream_order(8, o["seed"])) for o in orders
+    )
     assert tda["accuracy"] == pytest.approx(sum(o["accuracy"] for o in orders) / 3)
     assert tda["accuracy_worst"] == min(o["accuracy"] for o in orders)
     assert tda["selected"]["positive_alpha"] == 2.0 and tda["forward_passes"] == 8  # DTD: one view per image

@@ -8,6 +8,7 @@ check) and two shifted domains the model never saw, a severe one where zero-shot
 still knows a lot. Each domain runs the path a user's folder takes: image folder → few-shot sampling → feature cache →
 training → evaluation (``pipeline.fit``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -61,7 +62,7 @@ def split_pool_and_test(images, pool_per_class: int, test_per_class: int, seed: 
     for c in range(len(images.classnames)):
         idx = rng.permutation(np.flatnonzero(labels == c))
         test.extend(idx[:test_per_class].tolist())
-        pool.extend(idx[test_per_class:test_per_class + pool_per_class].tolist())
+        pool.extend(idx[test_per_class : test_per_class + pool_per_class].tolist())
     return images.subset(sorted(pool)), images.subset(sorted(test))
 
 
@@ -72,8 +73,10 @@ def choose_backbone(config: DemoConfig, echo: Echo):
     try:
         return load_backbone(config.model, config.pretrained)
     except BackboneLoadError:
-        echo(f"Pretrained {config.model}/{config.pretrained} weights are not available here; using {TINY_LABEL} "
-             f"instead (pass --pretrained /path/to/weights.safetensors to use real CLIP weights).")
+        echo(
+            f"Pretrained {config.model}/{config.pretrained} weights are not available here; using {TINY_LABEL} "
+            f"instead (pass --pretrained /path/to/weights.safetensors to use real CLIP weights)."
+        )
         return load_tiny()
 
 
@@ -110,17 +113,39 @@ def _default_lr(backbone) -> float:
 def curves(config: DemoConfig, lr: float) -> list[Curve]:
     """ProLIP (λ = 1/N) at the demo's lr, at the high lr if that differs, λ = 0 at the high lr, the baselines."""
     high = config.high_lr
-    out = [Curve(f"ProLIP (lr {lr:g}, λ = 1/N)", "prolip", {"lr": lr, "lam": "1/N"},
-                 dict(color="tab:blue", marker="o", linewidth=2.6))]
+    out = [
+        Curve(
+            f"ProLIP (lr {lr:g}, λ = 1/N)",
+            "prolip",
+            {"lr": lr, "lam": "1/N"},
+            dict(color="tab:blue", marker="o", linewidth=2.6),
+        )
+    ]
     if lr != high:
-        out.append(Curve(f"ProLIP (lr {high:g}, λ = 1/N)", "prolip", {"lr": high, "lam": "1/N"},
-                         dict(color="tab:cyan", marker="o", linestyle="--")))
-    out.append(Curve(f"ProLIP (lr {high:g}, λ = 0)", "prolip", {"lr": high, "lam": 0.0},
-                     dict(color="tab:red", marker="x", linestyle="--")))
-    baseline_styles = [dict(color="tab:orange", marker="^", linewidth=1.2),
-                       dict(color="tab:purple", marker="v", linewidth=1.2)]
-    out += [Curve(f"{_BASELINE_NAMES.get(name, name)} (baseline)", name, {}, baseline_styles[i % 2])
-            for i, name in enumerate(config.baselines)]
+        out.append(
+            Curve(
+                f"ProLIP (lr {high:g}, λ = 1/N)",
+                "prolip",
+                {"lr": high, "lam": "1/N"},
+                dict(color="tab:cyan", marker="o", linestyle="--"),
+            )
+        )
+    out.append(
+        Curve(
+            f"ProLIP (lr {high:g}, λ = 0)",
+            "prolip",
+            {"lr": high, "lam": 0.0},
+            dict(color="tab:red", marker="x", linestyle="--"),
+        )
+    )
+    baseline_styles = [
+        dict(color="tab:orange", marker="^", linewidth=1.2),
+        dict(color="tab:purple", marker="v", linewidth=1.2),
+    ]
+    out += [
+        Curve(f"{_BASELINE_NAMES.get(name, name)} (baseline)", name, {}, baseline_styles[i % 2])
+        for i, name in enumerate(config.baselines)
+    ]
     return out
 
 
@@ -148,8 +173,13 @@ def run_domain(backbone, cache, folder: Path, config: DemoConfig, lr: float, ech
     for shots in config.shots:
         row: dict = {"shots": shots}
         for i, curve in enumerate(curves(config, lr)):
-            fit_config = pipeline.FitConfig(shots=shots, seed=config.seed, views=config.views, method=curve.method,
-                                            hyperparameters=curve.hyperparameters)
+            fit_config = pipeline.FitConfig(
+                shots=shots,
+                seed=config.seed,
+                views=config.views,
+                method=curve.method,
+                hyperparameters=curve.hyperparameters,
+            )
             result = pipeline.fit(backbone, splits, cache, fit_config, data_spec=str(folder))
             row["zero-shot"] = result.metrics["zero_shot_accuracy"]
             row[curve.label] = result.metrics["accuracy"]
@@ -172,8 +202,9 @@ def clean_zero_shot(backbone, cache, folder: Path, config: DemoConfig) -> float:
     return accuracy(clip_logits(test.features, task.W0, task.bias, task.classifier, task.logit_scale), test.labels)
 
 
-def run_demo(workdir: Path, config: DemoConfig | None = None, cache_dir: Path | None = None,
-             echo: Echo = print) -> dict:
+def run_demo(
+    workdir: Path, config: DemoConfig | None = None, cache_dir: Path | None = None, echo: Echo = print
+) -> dict:
     """Run the demo; returns {"domains": {name: rows}, "clean_zero_shot", "table", "caption", "plot", "runs",
     "backbone", "lr"}."""
     from prolip.features import FeatureCache
@@ -185,24 +216,35 @@ def run_demo(workdir: Path, config: DemoConfig | None = None, cache_dir: Path | 
     cache = FeatureCache(cache_dir if cache_dir is not None else workdir / "cache", backbone, progress=False)
     with _threads_for(backbone):
         clean = clean_zero_shot(backbone, cache, write_digit_folder(workdir / "digits-clean", "clean"), config)
-    echo(f"Model {backbone.info.describe()}: zero-shot {clean:.1f}% on clean held-out digits. Adapting to "
-         f"{' and '.join(config.domains)} digits: {config.pool_per_class} support-pool and {config.test_per_class} "
-         f"test images per class, {config.views} augmented views, shots {list(config.shots)}, seed "
-         f"{config.seed}, 300 steps, templates {DIGIT_TEMPLATES}.")
+    echo(
+        f"Model {backbone.info.describe()}: zero-shot {clean:.1f}% on clean held-out digits. Adapting to "
+        f"{' and '.join(config.domains)} digits: {config.pool_per_class} support-pool and {config.test_per_class} "
+        f"test images per class, {config.views} augmented views, shots {list(config.shots)}, seed "
+        f"{config.seed}, 300 steps, templates {DIGIT_TEMPLATES}."
+    )
     domains = {}
     with _threads_for(backbone):
         for domain in config.domains:
             folder = write_digit_folder(workdir / f"digits-{domain}", domain)
             domains[domain] = run_domain(backbone, cache, folder, config, lr, echo)
     random_note = " (RANDOM weights)" if backbone.info.random_weights else ""
-    caption = (f"{backbone.info.describe()}{random_note}\nheld-out digits, LP++ sampler seed {config.seed}, "
-               f"{config.test_per_class * len(DIGIT_NAMES)} test images per domain, {config.views} augmented views "
-               f"per support image, 300 steps")
+    caption = (
+        f"{backbone.info.describe()}{random_note}\nheld-out digits, LP++ sampler seed {config.seed}, "
+        f"{config.test_per_class * len(DIGIT_NAMES)} test images per domain, {config.views} augmented views "
+        f"per support image, 300 steps"
+    )
     plot = workdir / "demo.png"
     plot_domains(domains, clean, plot, caption, curves(config, lr))
-    return {"domains": domains, "clean_zero_shot": clean, "table": tables(domains), "caption": caption,
-            "plot": plot, "runs": [workdir / f"run-digits-{d}" for d in config.domains],
-            "backbone": backbone.info.describe(), "lr": lr}
+    return {
+        "domains": domains,
+        "clean_zero_shot": clean,
+        "table": tables(domains),
+        "caption": caption,
+        "plot": plot,
+        "runs": [workdir / f"run-digits-{d}" for d in config.domains],
+        "backbone": backbone.info.describe(),
+        "lr": lr,
+    }
 
 
 def tables(domains: dict[str, list[dict]]) -> str:
@@ -210,17 +252,25 @@ def tables(domains: dict[str, list[dict]]) -> str:
     out = []
     for domain, rows in domains.items():
         columns = [k for k in rows[0] if k != "shots"]
-        out.append(f"{domain} digits, top-1 %\n\n| shots | " + " | ".join(columns) + " |\n|---:|"
-                   + "---:|" * len(columns) + "\n"
-                   + "".join(f"| {r['shots']} | " + " | ".join(f"{r[c]:.1f}" for c in columns) + " |\n" for r in rows))
+        out.append(
+            f"{domain} digits, top-1 %\n\n| shots | "
+            + " | ".join(columns)
+            + " |\n|---:|"
+            + "---:|" * len(columns)
+            + "\n"
+            + "".join(f"| {r['shots']} | " + " | ".join(f"{r[c]:.1f}" for c in columns) + " |\n" for r in rows)
+        )
     return "\n".join(out)
 
 
 def regulariser_verdict(rows: list[dict], lines: list[Curve]) -> str:
     """Which of λ = 1/N and λ = 0 (at the same high lr) did better here, on average over the shot counts."""
     zero = next(c for c in lines if c.hyperparameters.get("lam") == 0.0)
-    paired = next(c for c in lines if c.hyperparameters.get("lam") == "1/N" and c.hyperparameters["lr"]
-                  == zero.hyperparameters["lr"])
+    paired = next(
+        c
+        for c in lines
+        if c.hyperparameters.get("lam") == "1/N" and c.hyperparameters["lr"] == zero.hyperparameters["lr"]
+    )
     gap = mean(r[paired.label] - r[zero.label] for r in rows)
     lr = f"lr {zero.hyperparameters['lr']:g}"
     if gap >= 0:
@@ -239,17 +289,26 @@ def plot_domains(domains: dict[str, list[dict]], clean: float, path: Path, capti
     for ax, (domain, rows) in zip(axes[0], domains.items(), strict=True):
         shots = [r["shots"] for r in rows]
         ax.axhline(clean, color="grey", linewidth=1, linestyle=":")
-        ax.text(shots[-1], clean - 1.5, f"zero-shot on clean digits: {clean:.0f}%", fontsize=8, color="dimgrey",
-                ha="right", va="top")
-        ax.plot(shots, [r["zero-shot"] for r in rows], color="black", linestyle="--", linewidth=1.4,
-                label="zero-shot")
+        ax.text(
+            shots[-1],
+            clean - 1.5,
+            f"zero-shot on clean digits: {clean:.0f}%",
+            fontsize=8,
+            color="dimgrey",
+            ha="right",
+            va="top",
+        )
+        ax.plot(shots, [r["zero-shot"] for r in rows], color="black", linestyle="--", linewidth=1.4, label="zero-shot")
         for curve in lines:
             ax.plot(shots, [r[curve.label] for r in rows], label=curve.label, **curve.style)
         ax.set_xscale("log", base=2)
         ax.set_xticks(shots, [str(s) for s in shots])
         ax.set_xlabel("shots per class")
-        ax.set_title(f"{domain} digits (not seen in pretraining): zero-shot {rows[0]['zero-shot']:.0f}%\n"
-                     f"{regulariser_verdict(rows, lines)}", fontsize=9)
+        ax.set_title(
+            f"{domain} digits (not seen in pretraining): zero-shot {rows[0]['zero-shot']:.0f}%\n"
+            f"{regulariser_verdict(rows, lines)}",
+            fontsize=9,
+        )
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("top-1 accuracy (%)")

@@ -4,6 +4,7 @@ The computations are pure (logits and labels in, plain numbers and lists out, JS
 --out`` writes from them (a per-class CSV, a confusion-matrix picture readable at 10 and at 1000 classes) are at
 the end, the only part that touches matplotlib or the disk.
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,8 +24,10 @@ PICTURED_PAIRS = 15
 
 # ---- computations (pure) -----------------------------------------------------------------------------------------
 
-def confusion_matrix(predictions: Sequence[int] | Tensor, labels: Sequence[int] | Tensor,
-                     num_classes: int) -> list[list[int]]:
+
+def confusion_matrix(
+    predictions: Sequence[int] | Tensor, labels: Sequence[int] | Tensor, num_classes: int
+) -> list[list[int]]:
     """Counts [true class][predicted class]."""
     pred = torch.as_tensor(predictions, dtype=torch.long).reshape(-1)
     true = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
@@ -64,8 +67,17 @@ def per_class(confusion: list[list[int]], classnames: Sequence[str]) -> list[Cla
         images, correct = sum(row), row[i]
         wrong = [(count, j) for j, count in enumerate(row) if j != i and count]
         count, j = max(wrong, key=lambda cj: (cj[0], -cj[1])) if wrong else (0, None)
-        out.append(ClassResult(i, classnames[i], images, correct, 100.0 * correct / images if images else None,
-                               classnames[j] if j is not None else None, count))
+        out.append(
+            ClassResult(
+                i,
+                classnames[i],
+                images,
+                correct,
+                100.0 * correct / images if images else None,
+                classnames[j] if j is not None else None,
+                count,
+            )
+        )
     return out
 
 
@@ -86,8 +98,10 @@ def most_confused(confusion: list[list[int]], classnames: Sequence[str], n: int 
     the true class's images that is (ties: class order)."""
     pairs = [(count, i, j) for i, row in enumerate(confusion) for j, count in enumerate(row) if i != j and count]
     pairs.sort(key=lambda p: (-p[0], p[1], p[2]))
-    return [{"true": classnames[i], "predicted": classnames[j], "count": count,
-             "share": 100.0 * count / sum(confusion[i])} for count, i, j in pairs[:n]]
+    return [
+        {"true": classnames[i], "predicted": classnames[j], "count": count, "share": 100.0 * count / sum(confusion[i])}
+        for count, i, j in pairs[:n]
+    ]
 
 
 def diagnose(logits: Tensor, labels: Sequence[int] | Tensor, classnames: Sequence[str]) -> dict[str, Any]:
@@ -96,13 +110,15 @@ def diagnose(logits: Tensor, labels: Sequence[int] | Tensor, classnames: Sequenc
     confusion = confusion_matrix(logits.argmax(dim=-1), labels, len(classnames))
     rows = per_class(confusion, classnames)
     correct = sum(confusion[i][i] for i in range(len(confusion)))
-    return {"accuracy": 100.0 * correct / len(labels) if len(labels) else None,
-            "top5_accuracy": topk_accuracy(logits, labels, TOP_K),
-            "mean_per_class_accuracy": mean_per_class_accuracy(rows),
-            "worst_classes": [_brief(r) for r in worst_classes(rows)],
-            "most_confused": most_confused(confusion, classnames),
-            "per_class": [asdict(r) for r in rows],
-            "confusion_matrix": confusion}
+    return {
+        "accuracy": 100.0 * correct / len(labels) if len(labels) else None,
+        "top5_accuracy": topk_accuracy(logits, labels, TOP_K),
+        "mean_per_class_accuracy": mean_per_class_accuracy(rows),
+        "worst_classes": [_brief(r) for r in worst_classes(rows)],
+        "most_confused": most_confused(confusion, classnames),
+        "per_class": [asdict(r) for r in rows],
+        "confusion_matrix": confusion,
+    }
 
 
 def _brief(row: ClassResult) -> dict[str, Any]:
@@ -111,10 +127,13 @@ def _brief(row: ClassResult) -> dict[str, Any]:
 
 def summary_lines(diagnosis: dict[str, Any]) -> list[str]:
     """The worst classes and the most confused pairs, one line each, as ``prolip eval`` prints them."""
-    worst = ", ".join(f"{w['class']} {w['accuracy']:.1f}% ({w['correct']}/{w['images']})"
-                      for w in diagnosis["worst_classes"])
-    confused = ", ".join(f"{c['true']} → {c['predicted']} {c['count']}× ({c['share']:.0f}% of {c['true']})"
-                         for c in diagnosis["most_confused"])
+    worst = ", ".join(
+        f"{w['class']} {w['accuracy']:.1f}% ({w['correct']}/{w['images']})" for w in diagnosis["worst_classes"]
+    )
+    confused = ", ".join(
+        f"{c['true']} → {c['predicted']} {c['count']}× ({c['share']:.0f}% of {c['true']})"
+        for c in diagnosis["most_confused"]
+    )
     return [f"worst classes: {worst or '-'}", f"most confused (true → predicted): {confused or 'none'}"]
 
 
@@ -129,8 +148,9 @@ def write_per_class_csv(diagnosis: dict[str, Any], path: Path) -> None:
         w.writeheader()
         for row in diagnosis["per_class"]:
             acc = row["accuracy"]
-            w.writerow({**row, "accuracy": "" if acc is None else f"{acc:.2f}", "confused_with": row["confused_with"]
-                        or ""})
+            w.writerow(
+                {**row, "accuracy": "" if acc is None else f"{acc:.2f}", "confused_with": row["confused_with"] or ""}
+            )
 
 
 def pictured_classes(confusion: list[list[int]], pairs: int = PICTURED_PAIRS) -> list[int]:
@@ -140,8 +160,10 @@ def pictured_classes(confusion: list[list[int]], pairs: int = PICTURED_PAIRS) ->
     n = len(confusion)
     if n <= FULL_MATRIX_UP_TO:
         return list(range(n))
-    found = sorted(((count, i, j) for i, row in enumerate(confusion) for j, count in enumerate(row)
-                    if i != j and count), key=lambda p: (-p[0], p[1], p[2]))[:pairs]
+    found = sorted(
+        ((count, i, j) for i, row in enumerate(confusion) for j, count in enumerate(row) if i != j and count),
+        key=lambda p: (-p[0], p[1], p[2]),
+    )[:pairs]
     order: list[int] = []
     for _, i, j in found:
         for c in (i, j):
@@ -159,15 +181,26 @@ def confusion_figure(diagnosis: dict[str, Any], title: str = ""):
     shown = pictured_classes(confusion)
     full = len(shown) == len(confusion)
     size = max(4.5, 0.26 * len(shown) + 2.5)
-    fig, axes = plt.subplots(1, 1 if full else 2, figsize=(size if full else size + 5.0, size), squeeze=False,
-                             layout="constrained", width_ratios=[size, 5.0] if not full else None)
+    fig, axes = plt.subplots(
+        1,
+        1 if full else 2,
+        figsize=(size if full else size + 5.0, size),
+        squeeze=False,
+        layout="constrained",
+        width_ratios=[size, 5.0] if not full else None,
+    )
     _matrix_panel(axes[0][0], confusion, names, shown, annotate=len(shown) <= 15)
     if not full:
         _pairs_panel(axes[0][1], diagnosis["most_confused_pictured"])
-    scope = (f"all {len(confusion)} classes" if full else
-             f"the {len(shown)} classes of the {PICTURED_PAIRS} largest confusions, of {len(confusion)} classes")
-    fig.suptitle(f"{title + ': ' if title else ''}confusion matrix, {scope}; colour = share of the true class's "
-                 "images", fontsize=9)
+    scope = (
+        f"all {len(confusion)} classes"
+        if full
+        else f"the {len(shown)} classes of the {PICTURED_PAIRS} largest confusions, of {len(confusion)} classes"
+    )
+    fig.suptitle(
+        f"{title + ': ' if title else ''}confusion matrix, {scope}; colour = share of the true class's images",
+        fontsize=9,
+    )
     return fig
 
 
@@ -178,8 +211,15 @@ def _matrix_panel(ax, confusion, names, shown, annotate: bool) -> None:
         for a, i in enumerate(shown):
             for b, j in enumerate(shown):
                 if confusion[i][j]:
-                    ax.text(b, a, str(confusion[i][j]), ha="center", va="center", fontsize=7,
-                            color="white" if shares[a][b] > 55 else "black")
+                    ax.text(
+                        b,
+                        a,
+                        str(confusion[i][j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if shares[a][b] > 55 else "black",
+                    )
     labels = [names[i] for i in shown]
     fontsize = 8 if len(shown) <= 15 else 6
     ax.set_xticks(range(len(shown)), labels, rotation=60, ha="right", rotation_mode="anchor", fontsize=fontsize)
@@ -194,8 +234,13 @@ def _pairs_panel(ax, pairs: list[dict[str, Any]]) -> None:
     counts = [p["count"] for p in pairs][::-1]
     bars = ax.barh(range(len(pairs)), counts, color="tab:blue")
     for bar, p in zip(bars, pairs[::-1], strict=True):
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {p['count']} ({p['share']:.0f}%)",
-                va="center", fontsize=7)
+        ax.text(
+            bar.get_width(),
+            bar.get_y() + bar.get_height() / 2,
+            f" {p['count']} ({p['share']:.0f}%)",
+            va="center",
+            fontsize=7,
+        )
     ax.set_yticks(range(len(pairs)), labels, fontsize=7)
     ax.set_xlabel("images (share of the true class)")
     ax.set_title(f"the {len(pairs)} largest confusions (true → predicted)", fontsize=9)
@@ -215,9 +260,12 @@ def write_eval_files(diagnosis: dict[str, Any], folder: Path, title: str = "") -
     """``per_class.csv`` and ``confusion_matrix.png`` in ``folder``; the paths written."""
     csv_path, png_path = folder / "per_class.csv", folder / "confusion_matrix.png"
     write_per_class_csv(diagnosis, csv_path)
-    pictured = {**diagnosis, "most_confused_pictured": most_confused(diagnosis["confusion_matrix"],
-                                                                     [r["name"] for r in diagnosis["per_class"]],
-                                                                     PICTURED_PAIRS)}
+    pictured = {
+        **diagnosis,
+        "most_confused_pictured": most_confused(
+            diagnosis["confusion_matrix"], [r["name"] for r in diagnosis["per_class"]], PICTURED_PAIRS
+        ),
+    }
     fig = confusion_figure(pictured, title)
     fig.savefig(png_path, dpi=130)
     _pyplot().close(fig)

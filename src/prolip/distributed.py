@@ -2,6 +2,7 @@
 
 Outside torchrun (or with one process) every helper here is a no-op, so the rest of prolip never branches on it.
 """
+
 from __future__ import annotations
 
 import atexit

@@ -133,24 +133,34 @@ def _check_data(splits: DatasetSplits, spec: EpisodeSpec) -> LabeledImages:
     if train is None or not len(train):
         raise EpisodeError(f"dataset {splits.name!r} has no training images to sample shots from")
     if len(splits.classnames) < 2:
-        raise EpisodeError(f"dataset {splits.name!r} has a single class ({splits.classnames}): every prediction "
-                           "would be right, so accuracy would mean nothing; give it at least two classes")
+        raise EpisodeError(
+            f"dataset {splits.name!r} has a single class ({splits.classnames}): every prediction "
+            "would be right, so accuracy would mean nothing; give it at least two classes"
+        )
     if spec.sampler not in SAMPLERS:
         raise EpisodeError(f"unknown sampler {spec.sampler!r}; use one of {', '.join(SAMPLERS)}")
     largest = max(train.labels.count(c) for c in set(train.labels))
     if spec.shots > largest:
-        raise EpisodeError(f"--shots {spec.shots} exceeds the largest class of {splits.name!r} ({largest} training "
-                           f"images): even with --allow-fewer no class could give that many distinct images")
+        raise EpisodeError(
+            f"--shots {spec.shots} exceeds the largest class of {splits.name!r} ({largest} training "
+            f"images): even with --allow-fewer no class could give that many distinct images"
+        )
     return train
 
 
 def draw_images(splits: DatasetSplits, spec: EpisodeSpec) -> EpisodeImages:
     """Support, N-shot validation and evaluation images of one episode; validation never overlaps evaluation."""
     train = _check_data(splits, spec)
-    few = sample_few_shot(train.labels, spec.shots, spec.seed, convention=spec.sampler, allow_fewer=spec.allow_fewer,
-                          val_labels=splits.val.labels if splits.val is not None else None,
-                          imagenet_style=splits.name == "ImageNet" and spec.sampler == "lpp",
-                          classnames=splits.classnames)
+    few = sample_few_shot(
+        train.labels,
+        spec.shots,
+        spec.seed,
+        convention=spec.sampler,
+        allow_fewer=spec.allow_fewer,
+        val_labels=splits.val.labels if splits.val is not None else None,
+        imagenet_style=splits.name == "ImageNet" and spec.sampler == "lpp",
+        classnames=splits.classnames,
+    )
     support = train.subset(few.train_indices)
     validation = (splits.val if few.val_from == "val" and splits.val is not None else train).subset(few.val_indices)
     if splits.test is not None and len(splits.test):
@@ -171,8 +181,15 @@ def draw_images(splits: DatasetSplits, spec: EpisodeSpec) -> EpisodeImages:
 class EpisodeBuilder:
     """Builds episodes on one backbone and feature cache, memoising text classifiers and center features."""
 
-    def __init__(self, backbone: Backbone, cache, *, views: int = 300, aug_seed: int = 0,
-                 announce: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        cache,
+        *,
+        views: int = 300,
+        aug_seed: int = 0,
+        announce: Callable[[str], None] | None = None,
+    ):
         self.backbone, self.cache, self.views, self.aug_seed = backbone, cache, views, aug_seed
         self.announce = announce
         self._text: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -190,8 +207,7 @@ class EpisodeBuilder:
     def classifier(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
         return self.text(classnames, templates)[0]
 
-    def task(self, classnames: Sequence[str], templates: Sequence[str], shots: int, *, text_side: bool = False
-             ) -> Task:
+    def task(self, classnames: Sequence[str], templates: Sequence[str], shots: int, *, text_side: bool = False) -> Task:
         """The frozen CLIP pieces of one classification task."""
         classifier, text_mean = self.text(classnames, templates)
         task = task_for(self.backbone, classifier, shots)
@@ -209,18 +225,27 @@ class EpisodeBuilder:
             self._center[key] = Features(result.features, labels, images.subset(result.kept), list(result.skipped))
         return self._center[key]
 
-    def support(self, images: LabeledImages, augmentation: str = "prolip"
-                ) -> tuple[Support, LabeledImages, list[tuple[Path, str]]]:
+    def support(
+        self, images: LabeledImages, augmentation: str = "prolip"
+    ) -> tuple[Support, LabeledImages, list[tuple[Path, str]]]:
         """The support set: cached augmented views, labels, and (on first use) the center crops of the same images."""
-        views = self.cache.views([it.path for it in images.items], self.views, aug_seed=self.aug_seed,
-                                 augmentation=augmentation)
+        views = self.cache.views(
+            [it.path for it in images.items], self.views, aug_seed=self.aug_seed, augmentation=augmentation
+        )
         kept = images.subset(views.kept)
         labels = torch.tensor(kept.labels, dtype=torch.long)
         support = Support(views=views, labels=labels, center=lambda: self.center(kept).features, images=kept)
         return support, kept, list(views.skipped)
 
-    def build(self, splits: DatasetSplits, spec: EpisodeSpec, *, templates: Sequence[str] | None = None,
-              eval_images: LabeledImages | None = None, text_side: bool = False) -> Episode:
+    def build(
+        self,
+        splits: DatasetSplits,
+        spec: EpisodeSpec,
+        *,
+        templates: Sequence[str] | None = None,
+        eval_images: LabeledImages | None = None,
+        text_side: bool = False,
+    ) -> Episode:
         """The whole episode; ``eval_images`` replaces the evaluation set (a user's separate folder)."""
         drawn = draw_images(splits, spec)
         if eval_images is not None:
@@ -234,9 +259,9 @@ class EpisodeBuilder:
             validation, skipped = Validation(val.features, val.labels), skipped + val.skipped
         evaluation = self.center(drawn.evaluation) if len(drawn.evaluation) else _empty(drawn.evaluation, self.backbone)
         task = self.task(classnames, templates or splits.templates, spec.shots, text_side=text_side)
-        return Episode(task, support, validation, evaluation, drawn, skipped + evaluation.skipped, self,
-                       spec.augmentation)
-
+        return Episode(
+            task, support, validation, evaluation, drawn, skipped + evaluation.skipped, self, spec.augmentation
+        )
 
     def preflight(self, drawn: EpisodeImages, spec: EpisodeSpec) -> None:
         """Say what extraction will do at most, and refuse up front when the cache's disk cannot hold it."""
@@ -246,13 +271,17 @@ class EpisodeBuilder:
         root = _existing_ancestor(Path(self.cache.root))
         free = shutil.disk_usage(root).free
         if need > free:
-            raise EpisodeError(f"caching {self.views} views of {len(drawn.support)} support images needs up to "
-                               f"{_size(need)} in {self.cache.root}, which has {_size(free)} free: lower --views or "
-                               "pass another --cache-dir")
+            raise EpisodeError(
+                f"caching {self.views} views of {len(drawn.support)} support images needs up to "
+                f"{_size(need)} in {self.cache.root}, which has {_size(free)} free: lower --views or "
+                "pass another --cache-dir"
+            )
         if self.announce is not None:
-            self.announce(f"features: up to {passes:,} forward passes ({len(drawn.support)} support images × "
-                          f"{self.views} views + {centers} center crops; cached ones are reused), up to {_size(need)} "
-                          f"in {self.cache.root}")
+            self.announce(
+                f"features: up to {passes:,} forward passes ({len(drawn.support)} support images × "
+                f"{self.views} views + {centers} center crops; cached ones are reused), up to {_size(need)} "
+                f"in {self.cache.root}"
+            )
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -284,6 +313,10 @@ def _empty(images: LabeledImages, backbone: Backbone) -> Features:
 def task_for(backbone: Backbone, classifier: Tensor, shots: int) -> Task:
     """A task from a backbone's projection and a given text classifier (a saved run's, or a new one)."""
     site = backbone.projection()
-    return Task(W0=site.weight.detach().float().cpu(),
-                bias=None if site.bias is None else site.bias.detach().float().cpu(),
-                classifier=classifier.detach().float().cpu(), logit_scale=float(backbone.logit_scale), shots=shots)
+    return Task(
+        W0=site.weight.detach().float().cpu(),
+        bias=None if site.bias is None else site.bias.detach().float().cpu(),
+        classifier=classifier.detach().float().cpu(),
+        logit_scale=float(backbone.logit_scale),
+        shots=shots,
+    )

@@ -8,6 +8,7 @@ state dict, so the export loads with ``open_clip.create_model(arch, pretrained=p
 Every writer here goes through :mod:`prolip.outputs`: it never overwrites what prolip did not write, and an export
 folder carries a ``prolip-export.json`` marker listing its files so a later ``--force`` may replace them.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,19 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from prolip.backbones.base import Backbone
-from prolip.outputs import (EXPORT_FORMAT, EXPORT_MARKER, HEAD_FILES, RUN_CARD, OutputExistsError, check_writable,
-                            is_exported_checkpoint, output_lock, replace_atomically,
-                            write_directory, write_file)
+from prolip.outputs import (
+    EXPORT_FORMAT,
+    EXPORT_MARKER,
+    HEAD_FILES,
+    RUN_CARD,
+    OutputExistsError,
+    check_writable,
+    is_exported_checkpoint,
+    output_lock,
+    replace_atomically,
+    write_directory,
+    write_file,
+)
 
 HEAD_WEIGHTS, HEAD_META = HEAD_FILES
 
@@ -38,8 +49,10 @@ def checkpoint_changes(backbone: Backbone, adapted: Adapted) -> dict[str, Tensor
     site = backbone.projection()
     W = torch.as_tensor(adapted)
     if W.shape != site.weight.shape:
-        raise ValueError(f"adapted projection has shape {tuple(W.shape)}, but {backbone.info.describe()} expects "
-                         f"{tuple(site.weight.shape)} (right layout [D_pre, D]); was it fitted on another backbone?")
+        raise ValueError(
+            f"adapted projection has shape {tuple(W.shape)}, but {backbone.info.describe()} expects "
+            f"{tuple(site.weight.shape)} (right layout [D_pre, D]); was it fitted on another backbone?"
+        )
     return {site.param_name: site.to_native(W.detach().cpu())}
 
 
@@ -48,12 +61,16 @@ def merged_state_dict(backbone: Backbone, adapted: Adapted) -> dict[str, Tensor]
     state = {k: v.detach().cpu() for k, v in backbone.model.state_dict().items()}
     for name, value in checkpoint_changes(backbone, adapted).items():
         if name not in state:
-            raise ValueError(f"{name!r} is not a tensor of {backbone.info.describe()}'s checkpoint; was the run fitted "
-                             "on another backbone?")
+            raise ValueError(
+                f"{name!r} is not a tensor of {backbone.info.describe()}'s checkpoint; was the run fitted "
+                "on another backbone?"
+            )
         if tuple(value.shape) != tuple(state[name].shape):
-            raise ValueError(f"adapted tensor {name!r} has shape {tuple(value.shape)}, but "
-                             f"{backbone.info.describe()} stores {tuple(state[name].shape)}; was it fitted on another "
-                             "backbone?")
+            raise ValueError(
+                f"adapted tensor {name!r} has shape {tuple(value.shape)}, but "
+                f"{backbone.info.describe()} stores {tuple(state[name].shape)}; was it fitted on another "
+                "backbone?"
+            )
         state[name] = value.detach().cpu().to(state[name].dtype)
     return state
 
@@ -75,38 +92,66 @@ def _write_marker(folder: Path, files: Iterable[str]) -> None:
 def _listed(folder: Path) -> set[str]:
     try:
         marker = json.loads((folder / EXPORT_MARKER).read_text(encoding="utf-8"))
-        return {f for f in marker.get("files", []) if isinstance(f, str)} if marker.get("format") == EXPORT_FORMAT \
+        return (
+            {f for f in marker.get("files", []) if isinstance(f, str)}
+            if marker.get("format") == EXPORT_FORMAT
             else set()
+        )
     except (OSError, ValueError, AttributeError):
         return set()
 
 
-def export_open_clip(backbone: Backbone, adapted: Adapted, path: str | Path, *, force: bool = False,
-                     data_paths: Iterable[str | Path] = ()) -> Path:
+def export_open_clip(
+    backbone: Backbone,
+    adapted: Adapted,
+    path: str | Path,
+    *,
+    force: bool = False,
+    data_paths: Iterable[str | Path] = (),
+) -> Path:
     """Write a full open_clip state dict (.safetensors) with ``adapted`` merged in; returns the path written.
 
     An existing file is replaced only with ``force`` and only if it is an earlier prolip export.
     """
     if backbone.info.family != "open_clip":
-        raise ValueError(f"open_clip export needs an open_clip backbone, got {backbone.info.describe()}; "
-                         f"use export_hf (CLI: --format hf) for Hugging Face models")
+        raise ValueError(
+            f"open_clip export needs an open_clip backbone, got {backbone.info.describe()}; "
+            f"use export_hf (CLI: --format hf) for Hugging Face models"
+        )
     state = {k: v.contiguous() for k, v in merged_state_dict(backbone, adapted).items()}
-    metadata = {"format": "pt", "arch": backbone.info.arch, "adapted": _adapted_names(backbone, adapted),
-                "exported_by": "prolip"}
-    return write_file(path, lambda tmp: save_file(state, str(tmp), metadata=metadata), force=force,
-                      is_ours=is_exported_checkpoint, data_paths=data_paths)
+    metadata = {
+        "format": "pt",
+        "arch": backbone.info.arch,
+        "adapted": _adapted_names(backbone, adapted),
+        "exported_by": "prolip",
+    }
+    return write_file(
+        path,
+        lambda tmp: save_file(state, str(tmp), metadata=metadata),
+        force=force,
+        is_ours=is_exported_checkpoint,
+        data_paths=data_paths,
+    )
 
 
-def export_hf(backbone: Backbone, adapted: Adapted, out_dir: str | Path, *, force: bool = False,
-              data_paths: Iterable[str | Path] = ()) -> Path:
+def export_hf(
+    backbone: Backbone,
+    adapted: Adapted,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    data_paths: Iterable[str | Path] = (),
+) -> Path:
     """Write ``save_pretrained`` output (weights, config, tokenizer, image processor) with ``adapted`` merged in.
 
     The directory is written whole and atomically; an existing one is replaced only with ``force`` and only if it
     is empty or an earlier prolip export.
     """
     if backbone.info.family != "hf":
-        raise ValueError(f"Hugging Face export needs an HF backbone (--model hf:<id or dir>); "
-                         f"{backbone.info.describe()} is an open_clip model: export it with format open_clip")
+        raise ValueError(
+            f"Hugging Face export needs an HF backbone (--model hf:<id or dir>); "
+            f"{backbone.info.describe()} is an open_clip model: export it with format open_clip"
+        )
     state = merged_state_dict(backbone, adapted)
 
     def fill(folder: Path) -> None:
@@ -120,9 +165,15 @@ def export_hf(backbone: Backbone, adapted: Adapted, out_dir: str | Path, *, forc
     return write_directory(out_dir, fill, force=force, data_paths=data_paths, kind="export")
 
 
-def save_classifier_head(classifier: Tensor, classnames: Sequence[str], templates: Sequence[str],
-                         out_dir: str | Path, *, force: bool = False,
-                         data_paths: Iterable[str | Path] = ()) -> tuple[Path, Path]:
+def save_classifier_head(
+    classifier: Tensor,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    data_paths: Iterable[str | Path] = (),
+) -> tuple[Path, Path]:
     """Save the text classifier T [C, D] (safetensors) and its class names / templates (JSON) in out_dir.
 
     ``out_dir`` may be new, empty or an export folder (typically the one just written); existing head files
@@ -130,8 +181,10 @@ def save_classifier_head(classifier: Tensor, classnames: Sequence[str], template
     """
     out_dir = Path(out_dir)
     if classifier.dim() != 2 or classifier.shape[0] != len(classnames):
-        raise ValueError(f"classifier has shape {tuple(classifier.shape)} but there are {len(classnames)} "
-                         f"class names; expected [C, D]")
+        raise ValueError(
+            f"classifier has shape {tuple(classifier.shape)} but there are {len(classnames)} "
+            f"class names; expected [C, D]"
+        )
     weights, meta = out_dir / HEAD_WEIGHTS, out_dir / HEAD_META
     with output_lock(out_dir):
         check_writable(out_dir, force, data_paths, kind="export", update=True)
@@ -141,8 +194,9 @@ def save_classifier_head(classifier: Tensor, classnames: Sequence[str], template
         out_dir.mkdir(parents=True, exist_ok=True)
         tensor = {"classifier": classifier.detach().float().cpu().contiguous()}
         replace_atomically(weights, lambda tmp: save_file(tensor, str(tmp)))
-        text = json.dumps({"classnames": list(classnames), "templates": list(templates),
-                           "shape": list(classifier.shape)}, indent=2)
+        text = json.dumps(
+            {"classnames": list(classnames), "templates": list(templates), "shape": list(classifier.shape)}, indent=2
+        )
         replace_atomically(meta, lambda tmp: tmp.write_text(text))
         _write_marker(out_dir, [HEAD_WEIGHTS, HEAD_META])
     return weights, meta

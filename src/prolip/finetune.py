@@ -99,9 +99,12 @@ def training_steps(num_images: int, settings: FinetuneSettings) -> list[tuple[in
         epochs = settings.epochs
     else:
         epochs = math.ceil(settings.iterations / math.ceil(num_images / settings.batch_size))
-    steps = [(epoch, indices) for epoch, batches in
-             enumerate(epoch_batches(num_images, settings.batch_size, epochs, settings.seed)) for indices in batches]
-    return steps if settings.iterations is None else steps[:settings.iterations]
+    steps = [
+        (epoch, indices)
+        for epoch, batches in enumerate(epoch_batches(num_images, settings.batch_size, epochs, settings.seed))
+        for indices in batches
+    ]
+    return steps if settings.iterations is None else steps[: settings.iterations]
 
 
 def step_lr(settings: FinetuneSettings, step: int, total: int) -> float:
@@ -208,8 +211,9 @@ def encoder_with(backbone: Backbone, tensors: Mapping[str, Tensor]) -> Backbone:
     with torch.no_grad():
         for name, p in trained_parameters(encoder, list(tensors)).items():
             if tuple(p.shape) != tuple(tensors[name].shape):
-                raise ValueError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, the model's is "
-                                 f"{tuple(p.shape)}")
+                raise ValueError(
+                    f"tensor {name!r} has shape {tuple(tensors[name].shape)}, the model's is {tuple(p.shape)}"
+                )
             p.copy_(tensors[name].to(p.dtype))
     return frozen_result(encoder, list(tensors))
 
@@ -220,8 +224,14 @@ def encoder_with(backbone: Backbone, tensors: Mapping[str, Tensor]) -> Backbone:
 class AugmentedSupport:
     """The support images, decoded once, and their seeded augmented views: view e of image i is the cache's."""
 
-    def __init__(self, paths: Sequence[Path | str], backbone: Backbone, aug_seed: int, workers: int = 0,
-                 augmentation: str = "prolip"):
+    def __init__(
+        self,
+        paths: Sequence[Path | str],
+        backbone: Backbone,
+        aug_seed: int,
+        workers: int = 0,
+        augmentation: str = "prolip",
+    ):
         self.images = [load_image(p) for p in paths]
         self.keys = [image_key(p) for p in paths]
         self.prep, self.aug_seed = backbone.preprocessing, aug_seed
@@ -233,8 +243,10 @@ class AugmentedSupport:
 
     def batch(self, indices: Tensor, epoch: int) -> Tensor:
         """Views [B, 3, H, W] of the images ``indices`` for ``epoch``."""
+
         def make(i: Tensor) -> Tensor:
             return self.view(int(i), epoch)
+
         return torch.stack(list(self.pool.map(make, indices) if self.pool else map(make, indices)))
 
     def close(self) -> None:
@@ -261,9 +273,16 @@ def _optimizer(params: Sequence[Tensor], settings: FinetuneSettings) -> torch.op
     return torch.optim.Adam(params, lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay)
 
 
-def train_image_encoder(backbone: Backbone, choose: ParameterChooser, paths: Sequence[Path | str], labels: Tensor,
-                        classifier: Tensor | ClassifierFn, logit_scale: float, settings: FinetuneSettings,
-                        adapt: Adapter | None = None) -> Backbone:
+def train_image_encoder(
+    backbone: Backbone,
+    choose: ParameterChooser,
+    paths: Sequence[Path | str],
+    labels: Tensor,
+    classifier: Tensor | ClassifierFn,
+    logit_scale: float,
+    settings: FinetuneSettings,
+    adapt: Adapter | None = None,
+) -> Backbone:
     """A copy of ``backbone`` with the parameters ``choose(backbone)`` names (and those of the modules ``adapt``
     installs) trained on the images ``paths`` (labels [N]) against the text classifier [C, D], or the one
     ``classifier(copy)`` computes at each step; the given backbone is left as it was."""
@@ -281,8 +300,9 @@ def train_image_encoder(backbone: Backbone, choose: ParameterChooser, paths: Seq
     for module in adapters:
         module.train()
     try:
-        for step, (epoch, indices) in enumerate(tqdm(steps, desc="fine-tuning", unit="step", disable=None,
-                                                     leave=False)):
+        for step, (epoch, indices) in enumerate(
+            tqdm(steps, desc="fine-tuning", unit="step", disable=None, leave=False)
+        ):
             for group in optimizer.param_groups:
                 group["lr"] = step_lr(settings, step, len(steps))
             T = fixed if fixed is not None else classifier(encoder)  # type: ignore[operator]
@@ -298,8 +318,16 @@ def train_image_encoder(backbone: Backbone, choose: ParameterChooser, paths: Seq
     return frozen_result(encoder, names)
 
 
-def _loss(encoder: Backbone, images: Tensor, labels: Tensor, classifier: Tensor, logit_scale: float,
-          settings: FinetuneSettings, params: Mapping[str, Tensor], originals: Mapping[str, Tensor]) -> Tensor:
+def _loss(
+    encoder: Backbone,
+    images: Tensor,
+    labels: Tensor,
+    classifier: Tensor,
+    logit_scale: float,
+    settings: FinetuneSettings,
+    params: Mapping[str, Tensor],
+    originals: Mapping[str, Tensor],
+) -> Tensor:
     W, bias = projection_parameters(encoder)
     z = encode_pre_with_grad(encoder, images)
     if settings.head == "clip":

@@ -6,6 +6,7 @@ Conventions used across prolip:
   (open_clip ViT stores it this way; nn.Linear sites store the transpose and are converted at load/export).
 - ``classifier``: the text classifier T, shape [C, D], rows L2-normalised.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F

@@ -82,7 +82,14 @@ def adam_step(
 
 
 def fused_adam_step(
-    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float, *, eps: float,
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: int,
+    lr: float,
+    *,
+    eps: float,
     betas: tuple[float, float] = ADAM_BETAS,
 ) -> None:
     """:func:`adam_step` (no weight decay, one float ``lr``) as torch's fused kernel, ``Adam(fused=True)``'s: one
@@ -94,8 +101,21 @@ def fused_adam_step(
         adam_step(param, grad, exp_avg, exp_avg_sq, step, lr, eps=eps, betas=betas)
         return
     step_count = torch.tensor(float(step), device=param.device)
-    torch._fused_adam_([param], [grad], [exp_avg], [exp_avg_sq], [], [step_count], lr=lr, beta1=betas[0],
-                       beta2=betas[1], weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+    torch._fused_adam_(
+        [param],
+        [grad],
+        [exp_avg],
+        [exp_avg_sq],
+        [],
+        [step_count],
+        lr=lr,
+        beta1=betas[0],
+        beta2=betas[1],
+        weight_decay=0.0,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+    )
 
 
 def _fused_adam_runs(device: torch.device) -> bool:
@@ -130,7 +150,7 @@ def train_full_batch(
             p.requires_grad_(True)
         grads = torch.autograd.grad(loss_at(t), list(params))
         with torch.no_grad():
-            for p, g, (m, v) in zip(params, grads, moments):
+            for p, g, (m, v) in zip(params, grads, moments, strict=True):
                 adam_step(p, g, m, v, t + 1, cosine_lr(lr, t, steps), eps=eps, weight_decay=weight_decay)
     for p in params:
         p.requires_grad_(False)

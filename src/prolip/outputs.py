@@ -11,6 +11,7 @@
 Writers assemble a directory under a temporary name beside the target and rename it into place, so an interrupted
 write never leaves a half-written output; files and directories get the permissions the user's umask gives.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,6 +51,7 @@ class OutputExistsError(OutputError, FileExistsError):
 
 # ---- what a directory is ---------------------------------------------------------------------------------------
 
+
 def kind_of(path: Path | str) -> str | None:
     """What a directory is to prolip: "empty", "run", "export", "bench" or "eval" (one it may take over), else None."""
     path = Path(path)
@@ -79,8 +81,10 @@ def _is_run(path: Path, entries) -> bool:
     if not (isinstance(manifest, dict) and manifest.get("format") == RUN_FORMAT):
         return False
     # Only run files: a run directory someone put other things into is no longer ours to delete.
-    return all(e.is_file(follow_symlinks=False) and (e.name.endswith((".json", ".safetensors")) or e.name == RUN_CARD)
-               for e in entries)
+    return all(
+        e.is_file(follow_symlinks=False) and (e.name.endswith((".json", ".safetensors")) or e.name == RUN_CARD)
+        for e in entries
+    )
 
 
 def _is_eval(path: Path, entries) -> bool:
@@ -144,6 +148,7 @@ def _is_bench(path: Path, entries) -> bool:
 
 # ---- the checks ------------------------------------------------------------------------------------------------
 
+
 def ensure_outside_data(out: Path | str, data_paths: Iterable[Path | str] = (), *, may_contain: bool = False) -> None:
     """Refuse an output equal to, inside, or (unless ``may_contain``) containing a data path being read."""
     out = Path(out).expanduser()
@@ -155,8 +160,10 @@ def ensure_outside_data(out: Path | str, data_paths: Iterable[Path | str] = (), 
         if target == read:
             raise OutputError(f"output {out} is the data being read ({data}); choose another output path")
         if target.is_relative_to(read):
-            raise OutputError(f"output {out} is inside the data being read ({data}): it would become part of "
-                              f"the data; choose a path outside it")
+            raise OutputError(
+                f"output {out} is inside the data being read ({data}): it would become part of "
+                f"the data; choose a path outside it"
+            )
         if read.is_relative_to(target) and not may_contain:
             raise OutputError(f"output {out} contains the data being read ({data}); choose a path outside it")
 
@@ -174,8 +181,14 @@ def _check_parent(out: Path) -> None:
 
 def _describe(path: Path) -> str:
     mode = os.lstat(path).st_mode
-    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+    for test, name in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISREG, "a file"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+    ):
         if test(mode):
             return name
     return "not a folder"
@@ -187,15 +200,24 @@ def _check_existing(out: Path, force: bool, kind: str, update: bool) -> None:
     found = kind_of(out)
     if found not in ("empty", kind):
         what = f"a prolip {found}, not a {kind}" if found else "not empty and not written by prolip"
-        raise OutputError(f"will not write into {out}: it is {what}; prolip only replaces an empty folder or one "
-                          f"of its own {kind} folders: choose another output path")
+        raise OutputError(
+            f"will not write into {out}: it is {what}; prolip only replaces an empty folder or one "
+            f"of its own {kind} folders: choose another output path"
+        )
     if not force and not update:
-        raise OutputExistsError(f"{out} already exists; pass --force to overwrite it (CLI) or force=True, "
-                                f"or choose another output path")
+        raise OutputExistsError(
+            f"{out} already exists; pass --force to overwrite it (CLI) or force=True, or choose another output path"
+        )
 
 
-def check_writable(out: Path | str, force: bool = False, data_paths: Iterable[Path | str] = (), *,
-                   kind: str = "run", update: bool = False) -> Path:
+def check_writable(
+    out: Path | str,
+    force: bool = False,
+    data_paths: Iterable[Path | str] = (),
+    *,
+    kind: str = "run",
+    update: bool = False,
+) -> Path:
     """Pre-flight for an output directory, cheap enough to run before any extraction or training.
 
     ``kind`` is what will be written there ("run", "export" or "bench"). ``update``: the writer adds or rewrites
@@ -258,8 +280,9 @@ def output_lock(out: Path | str) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        raise OutputError(f"another prolip process is writing {out}; wait for it to finish or choose another "
-                          f"output path") from None
+        raise OutputError(
+            f"another prolip process is writing {out}; wait for it to finish or choose another output path"
+        ) from None
     except OSError as e:
         raise OutputError(f"cannot lock {out}: {e}") from None
     _HELD[key] = 1
@@ -271,8 +294,15 @@ def output_lock(out: Path | str) -> Iterator[None]:
 
 
 @contextmanager
-def reserve(out: Path | str, force: bool = False, data_paths: Iterable[Path | str] = (), *, kind: str = "run",
-            update: bool = False, lock: bool = True) -> Iterator[Path]:
+def reserve(
+    out: Path | str,
+    force: bool = False,
+    data_paths: Iterable[Path | str] = (),
+    *,
+    kind: str = "run",
+    update: bool = False,
+    lock: bool = True,
+) -> Iterator[Path]:
     """:func:`check_writable` under the output's lock, held until the block ends (a command's whole run)."""
     held = output_lock(out) if lock else _nothing()
     with held:
@@ -286,8 +316,15 @@ def _nothing() -> Iterator[None]:
 
 # ---- atomic writes ---------------------------------------------------------------------------------------------
 
-def write_directory(out: Path | str, fill: Callable[[Path], None], *, force: bool = False,
-                    data_paths: Iterable[Path | str] = (), kind: str = "run") -> Path:
+
+def write_directory(
+    out: Path | str,
+    fill: Callable[[Path], None],
+    *,
+    force: bool = False,
+    data_paths: Iterable[Path | str] = (),
+    kind: str = "run",
+) -> Path:
     """Create or replace the directory ``out`` with what ``fill(tmp)`` writes into a fresh temporary directory.
 
     ``out`` is always either its old complete content or the new complete one (atomic swap where the OS has it).
@@ -307,8 +344,14 @@ def write_directory(out: Path | str, fill: Callable[[Path], None], *, force: boo
     return out
 
 
-def write_file(path: Path | str, fill: Callable[[Path], None], *, force: bool = False,
-               is_ours: Callable[[Path], bool], data_paths: Iterable[Path | str] = ()) -> Path:
+def write_file(
+    path: Path | str,
+    fill: Callable[[Path], None],
+    *,
+    force: bool = False,
+    is_ours: Callable[[Path], bool],
+    data_paths: Iterable[Path | str] = (),
+) -> Path:
     """Create or (with force, if ``is_ours``) replace the file ``path`` with what ``fill(tmp)`` writes."""
     path = Path(path).expanduser()
     with output_lock(path):
@@ -415,7 +458,7 @@ def _exchange(a: Path, b: Path) -> bool:
 def _sweep_dead_temporaries(out: Path) -> None:
     """Remove temporaries of earlier writes of ``out`` whose writer died (kill -9, power loss)."""
     for leftover in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = leftover.name[len(f".{out.name}.tmp-"):].split("-", 1)[0]
+        pid = leftover.name[len(f".{out.name}.tmp-") :].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             _remove(leftover)
 

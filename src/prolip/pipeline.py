@@ -40,9 +40,16 @@ class FitConfig:
     use_validation: bool = False
 
     def episode_spec(self, augmentation: str = "prolip") -> EpisodeSpec:
-        return EpisodeSpec(shots=self.shots, seed=self.seed, sampler=self.sampler, views=self.views,
-                           aug_seed=self.aug_seed, allow_fewer=self.allow_fewer, validation=self.use_validation,
-                           augmentation=augmentation)
+        return EpisodeSpec(
+            shots=self.shots,
+            seed=self.seed,
+            sampler=self.sampler,
+            views=self.views,
+            aug_seed=self.aug_seed,
+            allow_fewer=self.allow_fewer,
+            validation=self.use_validation,
+            augmentation=augmentation,
+        )
 
 
 @dataclass
@@ -63,15 +70,26 @@ def evaluate(method: Method, episode: Episode) -> dict[str, Any]:
         zero_shot = clip_logits(ev.features, task.W0, task.bias, task.classifier, task.logit_scale)
         logits = method_logits(method, ev)
     diagnosis = diagnose(logits, ev.labels, ev.images.classnames)
-    return {"accuracy": accuracy(logits, ev.labels), "zero_shot_accuracy": accuracy(zero_shot, ev.labels),
-            "eval_images": len(ev), "eval_set": episode.images.eval_set,
-            **{k: diagnosis[k] for k in ("top5_accuracy", "mean_per_class_accuracy", "worst_classes",
-                                         "most_confused")}}
+    return {
+        "accuracy": accuracy(logits, ev.labels),
+        "zero_shot_accuracy": accuracy(zero_shot, ev.labels),
+        "eval_images": len(ev),
+        "eval_set": episode.images.eval_set,
+        **{k: diagnosis[k] for k in ("top5_accuracy", "mean_per_class_accuracy", "worst_classes", "most_confused")},
+    }
 
 
-def fit(backbone: Backbone, splits: DatasetSplits, cache, config: FitConfig, *,
-        eval_images: LabeledImages | None = None, data_spec: str | None = None,
-        announce: Callable[[str], None] | None = None, command: str | None = None) -> FitResult:
+def fit(
+    backbone: Backbone,
+    splits: DatasetSplits,
+    cache,
+    config: FitConfig,
+    *,
+    eval_images: LabeledImages | None = None,
+    data_spec: str | None = None,
+    announce: Callable[[str], None] | None = None,
+    command: str | None = None,
+) -> FitResult:
     """Sample, cache, train and evaluate one adaptation; returns the run (not yet saved) and its metrics.
 
     ``announce`` hears what extraction will do before it starts; ``command`` (how the fit was asked for) goes
@@ -79,14 +97,19 @@ def fit(backbone: Backbone, splits: DatasetSplits, cache, config: FitConfig, *,
     method = configure(config.method, config.hyperparameters, validate=config.use_validation, dataset=splits.name)
     builder = EpisodeBuilder(backbone, cache, views=config.views, aug_seed=config.aug_seed, announce=announce)
     started = time.perf_counter()
-    episode = builder.build(splits, config.episode_spec(method.augmentation), eval_images=eval_images,
-                            text_side=method.uses_text_side)
+    episode = builder.build(
+        splits, config.episode_spec(method.augmentation), eval_images=eval_images, text_side=method.uses_text_side
+    )
     extract_seconds = time.perf_counter() - started
     started = time.perf_counter()
     method.fit(episode.task, episode.support, episode.validation, seed=config.seed)
     train_seconds = time.perf_counter() - started
-    metrics = {"extract_seconds": round(extract_seconds, 3), "train_seconds": round(train_seconds, 3),
-               "forward_passes": cache.stats.forward_passes, **evaluate(method, episode)}
+    metrics = {
+        "extract_seconds": round(extract_seconds, 3),
+        "train_seconds": round(train_seconds, 3),
+        "forward_passes": cache.stats.forward_passes,
+        **evaluate(method, episode),
+    }
     manifest = {
         "prolip_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -94,18 +117,29 @@ def fit(backbone: Backbone, splits: DatasetSplits, cache, config: FitConfig, *,
         "logit_scale": episode.task.logit_scale,
         "method": method.config(),
         "fit": asdict(config),
-        "data": {"spec": data_spec, "name": splits.name, "num_classes": len(splits.classnames),
-                 "train_images": len(splits.train) if splits.train is not None else 0,
-                 "class_ids": splits.train.class_ids if splits.train is not None else None,
-                 "support": _listing(episode.images.support), "support_digest": episode.images.support_digest(),
-                 "validation": _listing(episode.images.validation) if config.use_validation else [],
-                 "eval_set": episode.images.eval_set, "augmentation": method.augmentation},
+        "data": {
+            "spec": data_spec,
+            "name": splits.name,
+            "num_classes": len(splits.classnames),
+            "train_images": len(splits.train) if splits.train is not None else 0,
+            "class_ids": splits.train.class_ids if splits.train is not None else None,
+            "support": _listing(episode.images.support),
+            "support_digest": episode.images.support_digest(),
+            "validation": _listing(episode.images.validation) if config.use_validation else [],
+            "eval_set": episode.images.eval_set,
+            "augmentation": method.augmentation,
+        },
         "skipped_images": [[str(p), r] for p, r in episode.skipped],
         "metrics": metrics,
     }
-    run = Run(manifest=manifest, method_state=method.state_dict(), classifier=episode.task.classifier,
-              classnames=list(splits.classnames), templates=list(splits.templates),
-              card=runcard.render({"format": RUN_FORMAT, **manifest}, command))
+    run = Run(
+        manifest=manifest,
+        method_state=method.state_dict(),
+        classifier=episode.task.classifier,
+        classnames=list(splits.classnames),
+        templates=list(splits.templates),
+        card=runcard.render({"format": RUN_FORMAT, **manifest}, command),
+    )
     return FitResult(run=run, method=method, metrics=metrics, episode=episode)
 
 
@@ -139,4 +173,5 @@ def check_backbone_matches(backbone: Backbone, run: Run) -> None:
         raise RunError(
             f"run {run.path} was fitted on {run.manifest['backbone']['arch']} weights with fingerprint "
             f"{expected[:16]}…, but the loaded backbone ({backbone.info.describe()}) has "
-            f"{backbone.info.fingerprint[:16]}…; pass the same --model/--pretrained as at fit time")
+            f"{backbone.info.fingerprint[:16]}…; pass the same --model/--pretrained as at fit time"
+        )

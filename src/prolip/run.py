@@ -14,6 +14,7 @@ into place, so an interrupted ``fit`` never leaves a half-written run), never ov
 or an earlier run, and one writer at a time. Loads validate everything in one place (:func:`validate_run`), so a
 damaged or tampered run is a RunError naming the file and key, never a crash further on.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,8 +80,9 @@ class Run:
 
     def _write_files(self, folder: Path) -> None:
         _write_json(folder / "manifest.json", {"format": FORMAT, **self.manifest})
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.method_state.items()},
-                  str(folder / "method.safetensors"))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.method_state.items()}, str(folder / "method.safetensors")
+        )
         save_file({"classifier": self.classifier.detach().contiguous().cpu()}, str(folder / "classifier.safetensors"))
         _write_json(folder / "classnames.json", self.classnames)
         _write_json(folder / "templates.json", self.templates)
@@ -96,14 +98,21 @@ class Run:
         classifier = _read_tensors(path / "classifier.safetensors")
         if "classifier" not in classifier:
             raise RunError(f"{path / 'classifier.safetensors'} has no 'classifier' tensor")
-        run = cls(manifest=_read_json(path / "manifest.json"), method_state=_read_tensors(path / "method.safetensors"),
-                  classifier=classifier["classifier"], classnames=_read_json(path / "classnames.json"),
-                  templates=_read_json(path / "templates.json"), path=path, card=_read_card(path))
+        run = cls(
+            manifest=_read_json(path / "manifest.json"),
+            method_state=_read_tensors(path / "method.safetensors"),
+            classifier=classifier["classifier"],
+            classnames=_read_json(path / "classnames.json"),
+            templates=_read_json(path / "templates.json"),
+            path=path,
+            card=_read_card(path),
+        )
         validate_run(run, path)
         return run
 
 
 # ---- validation: the one place that decides what a run may hold -----------------------------------------------
+
 
 def validate_run(run: Run, where: Path, *, manifest: dict | None = None) -> None:
     """Raise RunError naming the file and key at fault, for a run as loaded from (or about to be saved to) ``where``.
@@ -171,8 +180,9 @@ def _check_classifier(classifier: Any, num_classes: int, file: Path) -> None:
         shape = tuple(classifier.shape) if isinstance(classifier, torch.Tensor) else type(classifier).__name__
         raise RunError(f"{file}: tensor 'classifier' must be 2-D [classes, dim], got {shape}")
     if classifier.shape[0] != num_classes:
-        raise RunError(f"{file}: tensor 'classifier' has {classifier.shape[0]} rows but there are {num_classes} "
-                       f"class names")
+        raise RunError(
+            f"{file}: tensor 'classifier' has {classifier.shape[0]} rows but there are {num_classes} class names"
+        )
     _check_finite({"classifier": classifier}, file)
 
 
@@ -181,18 +191,23 @@ def _check_finite(tensors: dict[str, torch.Tensor], file: Path) -> None:
         if not isinstance(t, torch.Tensor):
             raise RunError(f"{file}: '{name}' is a {type(t).__name__}, not a tensor")
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
-            raise RunError(f"{file}: tensor '{name}' holds NaN or Inf values; a run must hold finite numbers "
-                           f"(a diverged fit? lower the learning rate)")
+            raise RunError(
+                f"{file}: tensor '{name}' holds NaN or Inf values; a run must hold finite numbers "
+                f"(a diverged fit? lower the learning rate)"
+            )
 
 
 # ---- files -------------------------------------------------------------------------------------------------------
+
 
 def _require_complete(path: Path) -> None:
     if not path.is_dir():
         aside = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
         if aside:
-            raise RunError(f"run directory {path} does not exist, but an interrupted overwrite left the previous "
-                           f"run at {aside[-1]}: rename it to {path} to use it")
+            raise RunError(
+                f"run directory {path} does not exist, but an interrupted overwrite left the previous "
+                f"run at {aside[-1]}: rename it to {path} to use it"
+            )
         raise RunError(f"run directory {path} does not exist (create one with `prolip fit ... --out {path}`)")
     for needed in RUN_FILES:
         if not (path / needed).is_file():  # is_file(): a FIFO in its place is missing too, never opened

@@ -4,6 +4,7 @@ chosen, zero-shot against adapted accuracy, the top confusions, and the command 
 
 Rendered from the run's manifest alone (pure), so every number in it is one the manifest records.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,12 @@ import shlex
 import sys
 from typing import Any
 
-HOW_CHOSEN = {"validation": "selected on the N-shot validation set", "rule": "set by the method's rule for this data",
-              "given": "as given", "loaded": "as loaded"}
+HOW_CHOSEN = {
+    "validation": "selected on the N-shot validation set",
+    "rule": "set by the method's rule for this data",
+    "given": "as given",
+    "loaded": "as loaded",
+}
 
 
 def command_line(argv: list[str] | None = None) -> str:
@@ -29,21 +34,30 @@ def _percent(value: Any) -> str:
 
 def _model_lines(manifest: dict) -> list[str]:
     b = manifest["backbone"]
-    weights = f"`{b['weights']}`" + (": **RANDOM weights**, every number below means nothing about CLIP"
-                                     if b.get("random_weights") else "")
-    return ["## Model", "", f"- backbone: {b['family']} `{b['arch']}`, weights {weights}",
-            f"- weights fingerprint: `{b['fingerprint'][:16]}…` (a run only applies to these weights)",
-            f"- method: `{manifest['method']['method']}`", ""]
+    weights = f"`{b['weights']}`" + (
+        ": **RANDOM weights**, every number below means nothing about CLIP" if b.get("random_weights") else ""
+    )
+    return [
+        "## Model",
+        "",
+        f"- backbone: {b['family']} `{b['arch']}`, weights {weights}",
+        f"- weights fingerprint: `{b['fingerprint'][:16]}…` (a run only applies to these weights)",
+        f"- method: `{manifest['method']['method']}`",
+        "",
+    ]
 
 
 def _data_lines(manifest: dict) -> list[str]:
     data, fit, metrics = manifest.get("data", {}), manifest.get("fit", {}), manifest.get("metrics", {})
     size = f", {data['train_images']} training images" if data.get("train_images") is not None else ""
-    lines = ["## Data", "", f"- `--data {data.get('spec')}` ({data.get('name')}: {data.get('num_classes')} "
-             f"classes{size})",
-             f"- {fit.get('shots')} shots per class ({len(data.get('support', []))} support images), seed "
-             f"{fit.get('seed')}, sampler `{fit.get('sampler')}`, {fit.get('views')} cached augmented views "
-             f"(`{data.get('augmentation')}`, augmentation seed {fit.get('aug_seed')})"]
+    lines = [
+        "## Data",
+        "",
+        f"- `--data {data.get('spec')}` ({data.get('name')}: {data.get('num_classes')} classes{size})",
+        f"- {fit.get('shots')} shots per class ({len(data.get('support', []))} support images), seed "
+        f"{fit.get('seed')}, sampler `{fit.get('sampler')}`, {fit.get('views')} cached augmented views "
+        f"(`{data.get('augmentation')}`, augmentation seed {fit.get('aug_seed')})",
+    ]
     if fit.get("use_validation"):
         lines.append(f"- validation: {len(data.get('validation', []))} images ({fit.get('shots')} per class)")
     lines.append(f"- evaluated on {metrics.get('eval_images', 0)} {data.get('eval_set', 'images')}")
@@ -93,15 +107,27 @@ def _result_lines(manifest: dict) -> list[str]:
     if m.get("accuracy") is None:
         return ["## Results", "", f"Not evaluated: no {m.get('eval_set', 'images')} were left.", ""]
     gain = m["accuracy"] - m["zero_shot_accuracy"]
-    lines = ["## Results", "", "| | top-1 | top-5 | mean per-class |", "|---|---:|---:|---:|",
-             f"| zero-shot CLIP | {_percent(m['zero_shot_accuracy'])} | | |",
-             f"| adapted | {_percent(m['accuracy'])} ({gain:+.2f}) | {_percent(m.get('top5_accuracy'))} | "
-             f"{_percent(m.get('mean_per_class_accuracy'))} |", ""]
+    lines = [
+        "## Results",
+        "",
+        "| | top-1 | top-5 | mean per-class |",
+        "|---|---:|---:|---:|",
+        f"| zero-shot CLIP | {_percent(m['zero_shot_accuracy'])} | | |",
+        f"| adapted | {_percent(m['accuracy'])} ({gain:+.2f}) | {_percent(m.get('top5_accuracy'))} | "
+        f"{_percent(m.get('mean_per_class_accuracy'))} |",
+        "",
+    ]
     if m.get("most_confused"):
-        lines += ["Most confused classes (true → predicted, adapted model):", "",
-                  "| true | predicted | images | share of the true class |", "|---|---|---:|---:|"]
-        lines += [f"| {_cell(c['true'])} | {_cell(c['predicted'])} | {c['count']} | {c['share']:.0f}% |"
-                  for c in m["most_confused"]]
+        lines += [
+            "Most confused classes (true → predicted, adapted model):",
+            "",
+            "| true | predicted | images | share of the true class |",
+            "|---|---|---:|---:|",
+        ]
+        lines += [
+            f"| {_cell(c['true'])} | {_cell(c['predicted'])} | {c['count']} | {c['share']:.0f}% |"
+            for c in m["most_confused"]
+        ]
         lines.append("")
     if m.get("worst_classes"):
         worst = ", ".join(f"{w['class']} ({_percent(w['accuracy'])})" for w in m["worst_classes"])
@@ -113,13 +139,19 @@ def render(manifest: dict[str, Any], command: str | None = None) -> str:
     """The run card of a run with this manifest; ``command``: how it was made (None: through the Python API)."""
     data, shots = manifest.get("data", {}), manifest.get("fit", {}).get("shots")
     title = f"# {manifest['method']['method']} on {data.get('name', 'data')}, {shots}-shot"
-    lines = [title, "", f"A prolip run (prolip {manifest.get('prolip_version', '?')}, {manifest.get('created', '')}): "
-             "few-shot CLIP adaptation. Everything here is read from `manifest.json` beside it.", ""]
+    lines = [
+        title,
+        "",
+        f"A prolip run (prolip {manifest.get('prolip_version', '?')}, {manifest.get('created', '')}): "
+        "few-shot CLIP adaptation. Everything here is read from `manifest.json` beside it.",
+        "",
+    ]
     lines += _model_lines(manifest) + _data_lines(manifest) + _hyperparameter_lines(manifest) + _result_lines(manifest)
     lines += ["## Reproduce", ""]
     if command:
         lines += ["```bash", command, "```"]
     else:
-        lines += ["Fitted through the Python API (`prolip.pipeline.fit`) with the settings under `fit` in "
-                  "`manifest.json`."]
+        lines += [
+            "Fitted through the Python API (`prolip.pipeline.fit`) with the settings under `fit` in `manifest.json`."
+        ]
     return "\n".join(lines) + "\n"

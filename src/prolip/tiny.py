@@ -10,6 +10,7 @@ the backbone reads "prolip-tiny (trained in-house on digits, not OpenAI CLIP)". 
 
 Fifty digits per class are held out of pretraining (a fixed split); the demo and the behavioural tests use only those.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,9 @@ def load_digit_scans() -> tuple[np.ndarray, np.ndarray]:
 def held_out_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(pretraining indices, held-out indices): HELD_OUT_PER_CLASS digits of each class never seen in pretraining."""
     rng = np.random.default_rng(SPLIT_SEED)
-    held = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:HELD_OUT_PER_CLASS]
-                           for c in range(len(DIGIT_NAMES))])
+    held = np.concatenate(
+        [rng.permutation(np.flatnonzero(labels == c))[:HELD_OUT_PER_CLASS] for c in range(len(DIGIT_NAMES))]
+    )
     return np.setdiff1d(np.arange(len(labels)), held), np.sort(held)
 
 
@@ -189,8 +191,7 @@ def new_model(seed: int):
         logging.disable(logging.NOTSET)
 
 
-def pretrain(config: PretrainConfig = PretrainConfig(), echo: Callable[[str], None] | None = None
-             ) -> dict[str, Tensor]:
+def pretrain(config: PretrainConfig = PretrainConfig(), echo: Callable[[str], None] | None = None) -> dict[str, Tensor]:
     """Pretrain prolip-tiny-vit on the non-held-out digits; returns its state dict. Deterministic for a config."""
     import open_clip
 
@@ -218,8 +219,9 @@ def _preprocessing(cfg: dict):
     return Preprocessing(int(size), tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic"))
 
 
-def _train(model, images: Tensor, labels: Tensor, tokens: Tensor, config: PretrainConfig,
-           echo: Callable[[str], None] | None) -> None:
+def _train(
+    model, images: Tensor, labels: Tensor, tokens: Tensor, config: PretrainConfig, echo: Callable[[str], None] | None
+) -> None:
     generator = torch.Generator().manual_seed(config.seed + 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     per_class = len(CAPTION_TEMPLATES)
@@ -289,9 +291,12 @@ def save_tiny_weights(state: dict[str, Tensor], path: Path, config: PretrainConf
 
     from prolip.backbones import PROVENANCE_KEY
 
-    metadata = {PROVENANCE_KEY: TINY_LABEL, "prolip.model": TINY_MODEL,
-                "prolip.pretrain": json.dumps(asdict(config), sort_keys=True),
-                "prolip.regenerate": f"prolip pretrain-tiny --out DIR --seed {config.seed}"}
+    metadata = {
+        PROVENANCE_KEY: TINY_LABEL,
+        "prolip.model": TINY_MODEL,
+        "prolip.pretrain": json.dumps(asdict(config), sort_keys=True),
+        "prolip.regenerate": f"prolip pretrain-tiny --out DIR --seed {config.seed}",
+    }
     return write_safetensors(shipping_state(state, open_clip.get_tokenizer(TINY_MODEL)), path, metadata)
 
 
@@ -314,6 +319,7 @@ def held_out_zero_shot(backbone) -> float:
     with torch.no_grad():
         z = backbone.encode_pre(images)
         site = backbone.projection()
-        logits = clip_logits(z, site.weight, site.bias, backbone.encode_text(DIGIT_NAMES, DIGIT_TEMPLATES),
-                             backbone.logit_scale)
+        logits = clip_logits(
+            z, site.weight, site.bias, backbone.encode_text(DIGIT_NAMES, DIGIT_TEMPLATES), backbone.logit_scale
+        )
     return float(accuracy(logits, y))

@@ -1,4 +1,6 @@
-"""Image transforms: the test-time center crop and the seeded augmented views cached for training (the reference's augmentations)."""
+"""Image transforms: the test-time center crop and the seeded augmented views cached for training (the reference's
+augmentations)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -6,8 +8,8 @@ import math
 
 import torch
 from torchvision import transforms as T
-from torchvision.transforms import functional as TF
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from prolip.backbones.base import Preprocessing
 
@@ -32,8 +34,9 @@ class ResizeCenterCrop:
     64x the output (13 MB at 224 px).
     """
 
-    def __init__(self, size: int, interpolation: InterpolationMode = InterpolationMode.BICUBIC,
-                 max_ratio: float = 64.0):
+    def __init__(
+        self, size: int, interpolation: InterpolationMode = InterpolationMode.BICUBIC, max_ratio: float = 64.0
+    ):
         self.size, self.interpolation, self.max_ratio = size, interpolation, max_ratio
 
     def __call__(self, image):
@@ -66,8 +69,15 @@ class SeededCropFlip:
     makes views safe to prepare in parallel threads (seeding the global RNG per view would race between threads).
     """
 
-    def __init__(self, size: int, scale: tuple[float, float], interpolation: InterpolationMode,
-                 mean, std, ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float],
+        interpolation: InterpolationMode,
+        mean,
+        std,
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    ):
         self.size, self.scale, self.ratio, self.interpolation = size, scale, ratio, interpolation
         self.normalize = T.Compose(_normalize_from(mean, std))
 
@@ -113,8 +123,7 @@ def augment_transform(prep: Preprocessing, augmentation: str = "prolip") -> Seed
     """RandomResizedCrop (bicubic, the named scale range) + horizontal flip + CLIP normalisation."""
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augmentation!r}; known: {', '.join(AUGMENTATIONS)}")
-    return SeededCropFlip(prep.image_size, AUGMENTATIONS[augmentation], InterpolationMode.BICUBIC, prep.mean,
-                          prep.std)
+    return SeededCropFlip(prep.image_size, AUGMENTATIONS[augmentation], InterpolationMode.BICUBIC, prep.mean, prep.std)
 
 
 def augmented_view(image, prep: Preprocessing, seed: int, transform: SeededCropFlip | None = None) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Test-time adaptation (paper §4.6, README "A short tour"): test-time ProLIP, batched across images, TPT as the baseline, and the
-no-update view ensemble as an ablation.
+"""Test-time adaptation (paper §4.6, README "A short tour"): test-time ProLIP, batched across images, TPT as the
+baseline, and the no-update view ensemble as an ablation.
 
 Per test image: V views (view 0 = the original, center-cropped; views 1..V−1 = random-resized-crop + flip as in the
 reference's test-time code, TPT's torchvision defaults: scale 0.08–1, bilinear); keep the
@@ -7,12 +7,13 @@ reference's test-time code, TPT's torchvision defaults: scale 0.08–1, bilinear
 ``steps`` AdamW steps on W; predict view 0 with the adapted W; reset. B images adapt B independent copies of W in one
 batched computation (W as [B, D_pre, D]); the per-image result is the same as adapting one image at a time.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +58,14 @@ def batched_logits(z: Tensor, W: Tensor, bias: Tensor | None, classifier: Tensor
     return cosine_logits(project(z, W, bias), classifier, logit_scale)
 
 
-def adapt_projection(z_views: Tensor, W_start: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float,
-                     cfg: TTAConfig = TTAConfig()) -> tuple[Tensor, Tensor]:
+def adapt_projection(
+    z_views: Tensor,
+    W_start: Tensor,
+    bias: Tensor | None,
+    classifier: Tensor,
+    logit_scale: float,
+    cfg: TTAConfig = TTAConfig(),
+) -> tuple[Tensor, Tensor]:
     """Test-time ProLIP for B images at once: returns (logits of view 0 [B, C], adapted W [B, D_pre, D])."""
     B = z_views.shape[0]
     W_start = W_start.detach().float()
@@ -73,15 +80,17 @@ def adapt_projection(z_views: Tensor, W_start: Tensor, bias: Tensor | None, clas
         loss = marginal_entropy(batched_logits(z_sel, W, bias, classifier, logit_scale)).sum()
         (grad,) = torch.autograd.grad(loss, W)
         W = W.detach()
-        adam_step(W, grad, exp_avg, exp_avg_sq, step, cfg.lr, eps=cfg.eps, betas=cfg.betas,
-                  weight_decay=cfg.weight_decay)
+        adam_step(
+            W, grad, exp_avg, exp_avg_sq, step, cfg.lr, eps=cfg.eps, betas=cfg.betas, weight_decay=cfg.weight_decay
+        )
     with torch.no_grad():
         logits = batched_logits(z_views[:, :1], W, bias, classifier, logit_scale)[:, 0]
     return logits, W
 
 
-def view_ensemble_logits(z_views: Tensor, W: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float,
-                         ratio: float = 0.1) -> Tensor:
+def view_ensemble_logits(
+    z_views: Tensor, W: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float, ratio: float = 0.1
+) -> Tensor:
     """Ablation without any update: log of the mean probability over the ``ratio`` lowest-entropy views ([B, C]);
     ``ratio=1`` averages all views."""
     logits = batched_logits(z_views, W, bias, classifier, logit_scale)
@@ -98,8 +107,9 @@ def tta_view_transform(prep, scale: tuple[float, float] = (0.08, 1.0)):
     return SeededCropFlip(prep.image_size, scale, T.InterpolationMode.BILINEAR, prep.mean, prep.std)
 
 
-def view_features(backbone, paths: Sequence[Path | str], views: int, seed: int = 0,
-                  crop_scale: tuple[float, float] = (0.08, 1.0)) -> Tensor:
+def view_features(
+    backbone, paths: Sequence[Path | str], views: int, seed: int = 0, crop_scale: tuple[float, float] = (0.08, 1.0)
+) -> Tensor:
     """Pre-projection features [B, V, D_pre]: view 0 center-cropped, the rest augmented views seeded per
     (seed, image, view), so an image gets the same views whatever batch it is in."""
     from prolip.features.extraction import Extractor, image_key, test_time_views
@@ -111,9 +121,22 @@ def view_features(backbone, paths: Sequence[Path | str], views: int, seed: int =
     return extractor.encode([(Path(p), image_key(p)) for p in paths], views, make_view).features
 
 
-def tta_logits(backbone, W: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float,
-               paths: Sequence[Path | str], *, views: int = 64, ratio: float = 0.1, steps: int = 1,
-               lr: float = 1e-4, seed: int = 0, batch_size: int | None = None, **options) -> Tensor:
+def tta_logits(
+    backbone,
+    W: Tensor,
+    bias: Tensor | None,
+    classifier: Tensor,
+    logit_scale: float,
+    paths: Sequence[Path | str],
+    *,
+    views: int = 64,
+    ratio: float = 0.1,
+    steps: int = 1,
+    lr: float = 1e-4,
+    seed: int = 0,
+    batch_size: int | None = None,
+    **options,
+) -> Tensor:
     """Test-time ProLIP logits [N, C] for image files, starting from W (W0 or a few-shot ProLIP W).
 
     ``views`` per image (view 0 the center crop), the ``ratio`` lowest-entropy of them kept, ``steps`` AdamW steps
@@ -123,8 +146,10 @@ def tta_logits(backbone, W: Tensor, bias: Tensor | None, classifier: Tensor, log
     on GPU, where one batched step amortises kernel launches. Results do not depend on it.
     """
     if views < 1 or not 0 < ratio <= 1 or steps < 0 or lr < 0:
-        raise ValueError(f"test-time adaptation: need views >= 1, ratio in (0, 1], steps >= 0 and lr >= 0 "
-                         f"(got views={views}, ratio={ratio}, steps={steps}, lr={lr})")
+        raise ValueError(
+            f"test-time adaptation: need views >= 1, ratio in (0, 1], steps >= 0 and lr >= 0 "
+            f"(got views={views}, ratio={ratio}, steps={steps}, lr={lr})"
+        )
     cfg = TTAConfig(views=views, ratio=ratio, steps=steps, lr=lr, seed=seed, **options)
     device = torch.device(backbone.device)
     if batch_size is None:
@@ -134,16 +159,26 @@ def tta_logits(backbone, W: Tensor, bias: Tensor | None, classifier: Tensor, log
     out = []
     with tqdm(total=len(paths), desc="test-time adaptation", unit="image", disable=None, leave=False) as bar:
         for i in range(0, len(paths), batch_size):
-            z = view_features(backbone, paths[i:i + batch_size], cfg.views, cfg.seed, cfg.crop_scale).to(device)
+            z = view_features(backbone, paths[i : i + batch_size], cfg.views, cfg.seed, cfg.crop_scale).to(device)
             out.append(adapt_projection(z, W, bias, classifier, logit_scale, cfg)[0].cpu())
             bar.update(z.shape[0])
     return torch.cat(out)
 
 
 # -- TPT baseline --------------------------------------------------------------------------------------------------
-def tpt_logits(backbone, z_views: Tensor, W: Tensor, bias: Tensor | None, classnames: Sequence[str],
-               logit_scale: float, *, ctx_init: str = "a photo of a", lr: float = 5e-3, ratio: float = 0.1,
-               steps: int = 1) -> Tensor:
+def tpt_logits(
+    backbone,
+    z_views: Tensor,
+    W: Tensor,
+    bias: Tensor | None,
+    classnames: Sequence[str],
+    logit_scale: float,
+    *,
+    ctx_init: str = "a photo of a",
+    lr: float = 5e-3,
+    ratio: float = 0.1,
+    steps: int = 1,
+) -> Tensor:
     """TPT (Shu et al. 2022): tune the context token embeddings of ``ctx_init`` per image through the text encoder,
     same view selection and entropy objective, one image at a time; returns logits of view 0 [B, C]."""
     prompts = [f"{ctx_init} {c.replace('_', ' ')}." for c in classnames]

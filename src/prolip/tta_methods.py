@@ -104,10 +104,21 @@ class TDASettings:
 
 # configs/<dataset>.yaml positive (alpha, beta), by the readers' dataset names.
 TDA_POSITIVE = {
-    "Caltech101": (5.0, 5.0), "DescribableTextures": (2.0, 3.0), "EuroSAT": (4.0, 8.0), "FGVCAircraft": (2.0, 2.0),
-    "Food101": (1.0, 1.0), "ImageNet": (2.0, 5.0), "OxfordFlowers": (1.0, 5.0), "OxfordPets": (2.0, 7.0),
-    "StanfordCars": (1.0, 7.0), "SUN397": (2.0, 3.0), "UCF101": (3.0, 8.0), "ImageNetA": (2.0, 5.0),
-    "ImageNetR": (1.0, 8.0), "ImageNetSketch": (2.363, 7.45), "ImageNetV2": (1.0, 8.0),
+    "Caltech101": (5.0, 5.0),
+    "DescribableTextures": (2.0, 3.0),
+    "EuroSAT": (4.0, 8.0),
+    "FGVCAircraft": (2.0, 2.0),
+    "Food101": (1.0, 1.0),
+    "ImageNet": (2.0, 5.0),
+    "OxfordFlowers": (1.0, 5.0),
+    "OxfordPets": (2.0, 7.0),
+    "StanfordCars": (1.0, 7.0),
+    "SUN397": (2.0, 3.0),
+    "UCF101": (3.0, 8.0),
+    "ImageNetA": (2.0, 5.0),
+    "ImageNetR": (1.0, 8.0),
+    "ImageNetSketch": (2.363, 7.45),
+    "ImageNetV2": (1.0, 8.0),
 }
 MANY_VIEWS = ("ImageNetA", "ImageNetR", "ImageNetSketch", "ImageNetV2")  # utils.py:162-165
 
@@ -200,7 +211,7 @@ def tda_stream(inputs: TDAInputs, order: Tensor, settings: TDASettings) -> tuple
     positive, negative = TDACache(settings.positive_capacity), TDACache(settings.negative_capacity)
     classes = inputs.logits.shape[1]
     low, high = settings.entropy_window
-    mask = ((inputs.probabilities > settings.mask_window[0]) & (inputs.probabilities < settings.mask_window[1]))
+    mask = (inputs.probabilities > settings.mask_window[0]) & (inputs.probabilities < settings.mask_window[1])
     normalised_entropy = inputs.entropies / math.log2(classes)
     out = torch.empty_like(inputs.logits)
     for index in order.tolist():
@@ -215,7 +226,8 @@ def tda_stream(inputs: TDAInputs, order: Tensor, settings: TDASettings) -> tuple
         logits = inputs.logits[index].index_add(0, inputs.predictions[cached], weights)
         cached = negative.indices()
         if cached:
-            logits = logits - _affinity_term(f, inputs.embeddings[cached], mask[cached].to(f.dtype),
-                                             settings.negative_alpha, settings.negative_beta)
+            logits = logits - _affinity_term(
+                f, inputs.embeddings[cached], mask[cached].to(f.dtype), settings.negative_alpha, settings.negative_beta
+            )
         out[index] = logits
     return out, positive, negative

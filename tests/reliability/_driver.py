@@ -6,6 +6,7 @@ delay, or by itself (SIGKILL, no cleanup of any kind) at a seeded random I/O or 
 code: between creating and filling a lock, mid unit write, after the rename but before the unlock, mid-batch.
 Results go to stdout as one JSON object.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,6 +40,7 @@ def _instrument(kill_at: int | None, counter: list[int]) -> None:
             if kill_at is not None and counter[0] == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             return fn(*a, **k)
+
         return wrapped
 
     for name in ("open", "write", "close", "fsync", "replace", "unlink"):
@@ -91,8 +93,10 @@ def snapshot(cache_dir) -> dict[str, list]:
             meta = h.metadata()
             data = h.get_tensor("features").contiguous().numpy().tobytes()
         ok = meta.get("checksum") == hashlib.blake2b(data, digest_size=16).hexdigest()
-        out[str(f.relative_to(cache_dir))] = [hashlib.sha256(json.dumps(meta, sort_keys=True).encode() + data)
-                                              .hexdigest() if ok else "CORRUPT", len(json.loads(meta["keys"]))]
+        out[str(f.relative_to(cache_dir))] = [
+            hashlib.sha256(json.dumps(meta, sort_keys=True).encode() + data).hexdigest() if ok else "CORRUPT",
+            len(json.loads(meta["keys"])),
+        ]
     return out
 
 
@@ -122,12 +126,22 @@ def main() -> None:
             after = snapshot(cache)
             lost = [u for u, v in before.items() if after.get(u) != v]
             corrupt = [u for u, v in after.items() if v[0] == "CORRUPT"]
-            attempts.append({"how": how, "cache": cache.name, "signal": status, "lost": lost, "corrupt": corrupt,
-                             "units_done": len(after)})
+            attempts.append(
+                {
+                    "how": how,
+                    "cache": cache.name,
+                    "signal": status,
+                    "lost": lost,
+                    "corrupt": corrupt,
+                    "units_done": len(after),
+                }
+            )
         report["attempts"] = attempts
         for name in ("cache", "cache_timed"):
-            report[name] = {"images_cached_before_resume": sum(n for _, n in snapshot(work / name).values()),
-                            "resume_status": fork(work / name, result=str(work / f"out_{name}"))}
+            report[name] = {
+                "images_cached_before_resume": sum(n for _, n in snapshot(work / name).values()),
+                "resume_status": fork(work / name, result=str(work / f"out_{name}")),
+            }
         report["reference_events"] = events
     elif mode == "concurrent":
         pids = []

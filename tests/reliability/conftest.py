@@ -11,6 +11,7 @@ they found lost (``tally.lost``, counted only where a test measured it).
 With ``PROLIP_TALLY_OUT=<file>`` each finished test appends one JSON line there; ``tests/reliability/tally.py``
 runs the suite and sums those lines, so every number it prints comes from tests that actually ran.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,11 @@ def _kind(item) -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
-    bad = [item.nodeid for item in items
-           if Path(str(item.path)).resolve().is_relative_to(HERE) and _kind(item) not in KINDS]
+    bad = [
+        item.nodeid
+        for item in items
+        if Path(str(item.path)).resolve().is_relative_to(HERE) and _kind(item) not in KINDS
+    ]
     if bad:
         raise pytest.UsageError(f"reliability tests need pytest.mark.reliability(one of {KINDS}): {bad}")
 
@@ -125,12 +129,25 @@ def pytest_runtest_makereport(item, call):
     # One line per test: from the call phase, or from setup when the test never got to run (skip / fixture error).
     if report.when == "call" or (report.when == "setup" and not report.passed):
         t: Tally = getattr(item, "_tally", None) or Tally()
-        line = json.dumps({"test": item.nodeid, "kind": _kind(item), "outcome": report.outcome,
-                           "inputs": len(t.inputs), "faults": len(t.faults), "handled": len(t.handled),
-                           "accepted": len(t.accepted),
-                           "lost": t.lost_items, "loss_checks": t.loss_checks,
-                           "skip_reason": str(report.longrepr[-1]) if report.skipped and
-                           isinstance(report.longrepr, tuple) else None}) + "\n"
+        line = (
+            json.dumps(
+                {
+                    "test": item.nodeid,
+                    "kind": _kind(item),
+                    "outcome": report.outcome,
+                    "inputs": len(t.inputs),
+                    "faults": len(t.faults),
+                    "handled": len(t.handled),
+                    "accepted": len(t.accepted),
+                    "lost": t.lost_items,
+                    "loss_checks": t.loss_checks,
+                    "skip_reason": str(report.longrepr[-1])
+                    if report.skipped and isinstance(report.longrepr, tuple)
+                    else None,
+                }
+            )
+            + "\n"
+        )
         # O_APPEND + one write per line: xdist workers can share the file without interleaving.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -141,14 +158,32 @@ def pytest_runtest_makereport(item, call):
         # A teardown failure (e.g. a leftover mount) fails the suite too.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            os.write(fd, (json.dumps({"test": item.nodeid, "kind": _kind(item), "outcome": "failed",
-                                      "inputs": 0, "faults": 0, "handled": 0, "accepted": 0, "lost": 0,
-                                      "loss_checks": 0, "skip_reason": None}) + "\n").encode())
+            os.write(
+                fd,
+                (
+                    json.dumps(
+                        {
+                            "test": item.nodeid,
+                            "kind": _kind(item),
+                            "outcome": "failed",
+                            "inputs": 0,
+                            "faults": 0,
+                            "handled": 0,
+                            "accepted": 0,
+                            "lost": 0,
+                            "loss_checks": 0,
+                            "skip_reason": None,
+                        }
+                    )
+                    + "\n"
+                ).encode(),
+            )
         finally:
             os.close(fd)
 
 
 # ---- shared helpers for the reliability tests ------------------------------------------------------------------
+
 
 def make_images(root: Path, n=12, size=40, seed=0) -> list[Path]:
     """n random PNGs named img_000.png… under root."""
@@ -307,13 +342,25 @@ def fake_run(path: Path | None = None, *, classes=("a", "b", "c"), seed: int = 0
     from prolip.run import Run
 
     g = torch.Generator().manual_seed(seed)
-    manifest = {"backbone": {"family": "open_clip", "arch": "test-vit-tiny", "weights": "none", "random_weights": True,
-                             "fingerprint": "0" * 64},
-                "method": {"method": "prolip", "hyperparameters": {"lr": 1e-5}}, "fit": {"shots": 2},
-                "logit_scale": 100.0}
-    run = Run(manifest=manifest, method_state={"W": torch.randn(8, 4, generator=g), "b": torch.zeros(4)},
-              classifier=torch.randn(len(classes), 4, generator=g), classnames=list(classes),
-              templates=["a photo of a {}."])
+    manifest = {
+        "backbone": {
+            "family": "open_clip",
+            "arch": "test-vit-tiny",
+            "weights": "none",
+            "random_weights": True,
+            "fingerprint": "0" * 64,
+        },
+        "method": {"method": "prolip", "hyperparameters": {"lr": 1e-5}},
+        "fit": {"shots": 2},
+        "logit_scale": 100.0,
+    }
+    run = Run(
+        manifest=manifest,
+        method_state={"W": torch.randn(8, 4, generator=g), "b": torch.zeros(4)},
+        classifier=torch.randn(len(classes), 4, generator=g),
+        classnames=list(classes),
+        templates=["a photo of a {}."],
+    )
     if path is not None:
         run.save(path)
     return run

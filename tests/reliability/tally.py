@@ -5,6 +5,7 @@
 Every number comes from the JSON lines the tests themselves write (see conftest.py), so a test that did not run
 counts for nothing. Exits non-zero if a test failed, pytest itself failed, or any data was lost.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,18 @@ ROOT = Path(__file__).resolve().parents[2]
 # data never written over; determinism: same inputs, same bits; output: where and how results are written
 # (overwrite rules, locks, permissions); resource: time and memory bounded on hostile inputs (FIFOs, extreme images).
 KINDS = ("bad_input", "fault", "safety", "determinism", "output", "resource")
-COLUMNS = (("tests", "tests"), ("passed", "passed"), ("failed", "failed"), ("skipped", "skipped"),
-           ("inputs", "inputs tried"), ("faults", "faults injected"), ("handled", "failed w/ clear msg"),
-           ("accepted", "handled, no error"),
-           ("lost", "data lost"), ("loss_checks", "loss checks"))
+COLUMNS = (
+    ("tests", "tests"),
+    ("passed", "passed"),
+    ("failed", "failed"),
+    ("skipped", "skipped"),
+    ("inputs", "inputs tried"),
+    ("faults", "faults injected"),
+    ("handled", "failed w/ clear msg"),
+    ("accepted", "handled, no error"),
+    ("lost", "data lost"),
+    ("loss_checks", "loss checks"),
+)
 
 
 def summarize(records: list[dict]) -> dict[str, dict[str, int]]:
@@ -45,7 +54,9 @@ def table(rows: dict[str, dict[str, int]]) -> str:
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 
     def fmt(line):
-        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+        return "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        )
 
     rule = "-" * len(fmt(header))
     return "\n".join([fmt(header), rule, *map(fmt, body[:-1]), rule, fmt(body[-1])])
@@ -69,8 +80,20 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "tally.jsonl"
         env = {**os.environ, "PROLIP_TALLY_OUT": str(out), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadfile", "-p", "no:cacheprovider",
-               "tests/reliability", *argv]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-n",
+            "2",
+            "--dist",
+            "loadfile",
+            "-p",
+            "no:cacheprovider",
+            "tests/reliability",
+            *argv,
+        ]
         code = subprocess.run(cmd, cwd=ROOT, env=env).returncode
         records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     rows = summarize(records)

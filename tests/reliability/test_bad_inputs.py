@@ -1,4 +1,5 @@
 """Every kind of bad input the data layer meets: each gives a clear error naming the culprit, or a correct decode."""
+
 import io
 import json
 import warnings
@@ -8,8 +9,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prolip.data import (DataError, NotEnoughImagesError, load_benchmark, read_image_folder, read_image_list,
-                         read_templates, resolve_data, sample_few_shot)
+from prolip.data import (
+    DataError,
+    NotEnoughImagesError,
+    load_benchmark,
+    read_image_folder,
+    read_image_list,
+    read_templates,
+    resolve_data,
+    sample_few_shot,
+)
 from prolip.data.images import BadImageError, load_image
 
 pytestmark = pytest.mark.reliability("bad_input")
@@ -33,14 +42,18 @@ def encoded(fmt: str) -> bytes:
 
 # ---- decoding ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,content", [
-    ("truncated.jpg", encoded("JPEG")[:400]),
-    ("truncated.png", encoded("PNG")[:300]),
-    ("corrupt.jpg", encoded("JPEG")[:20] + b"\x00" * 500),
-    ("corrupt.png", encoded("PNG")[:33] + b"garbage" * 50),
-    ("zero.jpg", b""),
-    ("text.jpg", b"<html>not an image</html>\n"),
-])
+
+@pytest.mark.parametrize(
+    "name,content",
+    [
+        ("truncated.jpg", encoded("JPEG")[:400]),
+        ("truncated.png", encoded("PNG")[:300]),
+        ("corrupt.jpg", encoded("JPEG")[:20] + b"\x00" * 500),
+        ("corrupt.png", encoded("PNG")[:33] + b"garbage" * 50),
+        ("zero.jpg", b""),
+        ("text.jpg", b"<html>not an image</html>\n"),
+    ],
+)
 def test_undecodable_files_raise_bad_image_error_naming_the_file(tmp_path, name, content, tally):
     path = tmp_path / name
     path.write_bytes(content)
@@ -61,7 +74,7 @@ def test_cmyk_and_grayscale_decode_to_rgb(tmp_path, tally):
     assert cmyk.mode == "RGB" and np.allclose(np.asarray(cmyk)[8, 8], (200, 30, 30), atol=12)
     gray = load_image(save(tmp_path / "gray.png", Image.new("L", (5, 5), 77)))
     assert gray.mode == "RGB" and (np.asarray(gray) == 77).all()
-    tally.input('CMYK JPEG', 'grayscale PNG')
+    tally.input("CMYK JPEG", "grayscale PNG")
     tally.handled_ok("decoded or reported correctly")
 
 
@@ -73,7 +86,7 @@ def test_16_bit_is_rescaled_not_clipped(tmp_path, tally):
     out = np.asarray(load_image(path))
     assert out.shape == (6, 6, 3)
     assert abs(int(out[3, 3, 0]) - 128) <= 1 and (out[0, 0] == 255).all()
-    tally.input('16-bit PNG')
+    tally.input("16-bit PNG")
     tally.handled_ok("decoded or reported correctly")
 
 
@@ -93,7 +106,7 @@ def test_transparency_is_composited_on_white(tmp_path, tally):
     assert (out[0, 0] == 255).all() and tuple(out[2, 2]) == (10, 200, 10)
     plain_pal = np.asarray(load_image(save(tmp_path / "pal.gif", pal)))
     assert tuple(plain_pal[0, 0]) == (0, 0, 0)
-    tally.input('RGBA PNG', 'LA PNG', 'palette PNG with transparency', 'palette GIF')
+    tally.input("RGBA PNG", "LA PNG", "palette PNG with transparency", "palette GIF")
     tally.handled_ok("decoded or reported correctly")
 
 
@@ -107,7 +120,7 @@ def test_exif_orientation_is_applied(tmp_path, tally):
     assert out.size == (2, 4)
     a = np.asarray(out)
     assert a[0, 1].min() > 200 and a[0, 0].max() < 50  # the marker moved to the top-right corner
-    tally.input('EXIF-rotated image')
+    tally.input("EXIF-rotated image")
     tally.handled_ok("decoded or reported correctly")
 
 
@@ -118,7 +131,7 @@ def test_animated_gif_gives_first_frame(tmp_path, tally):
     assert Image.open(path).n_frames == 2
     out = np.asarray(load_image(path))
     assert out[4, 4, 0] > 200 and out[4, 4, 2] < 50
-    tally.input('animated GIF')
+    tally.input("animated GIF")
     tally.handled_ok("decoded or reported correctly")
 
 
@@ -135,6 +148,7 @@ def test_decompression_bomb_is_a_bad_image_not_a_warning(tmp_path, monkeypatch, 
 
 
 # ---- image folders --------------------------------------------------------------------------------------------
+
 
 def folder(root: Path, classes=("a", "b"), n=2) -> Path:
     for c in classes:
@@ -155,7 +169,7 @@ def test_hidden_and_stray_files_are_ignored_and_reported(tmp_path, tally):
     images = read_image_folder(root)
     assert images.classnames == ["a", "b"] and len(images) == 4
     assert images.ignored_files == [root / "a" / "labels.csv"]
-    tally.input('hidden file', 'stray non-image file', 'hidden folder', 'top-level stray file')
+    tally.input("hidden file", "stray non-image file", "hidden folder", "top-level stray file")
     tally.handled_ok("decoded or reported correctly")
 
 
@@ -183,9 +197,13 @@ def test_symlink_loop_terminates(tmp_path, tally):
     (root / "b" / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
     images = read_image_folder(root)
     assert [(it.path.parent.name, it.path.name, it.label) for it in images.items] == [
-        ("a", "0.jpg", 0), ("a", "1.jpg", 0), ("b", "0.jpg", 1), ("b", "1.jpg", 1)]
+        ("a", "0.jpg", 0),
+        ("a", "1.jpg", 0),
+        ("b", "0.jpg", 1),
+        ("b", "1.jpg", 1),
+    ]
     assert images.ignored_files == [root / "b" / "dangling.jpg"]
-    tally.input('symlink loop', 'symlink to the root', 'dangling symlink')
+    tally.input("symlink loop", "symlink to the root", "dangling symlink")
     tally.handled_ok("decoded or reported correctly")
 
 
@@ -195,10 +213,11 @@ def test_unicode_and_spaces(tmp_path, tally):
     images = read_image_folder(root)
     assert images.classnames == ["crème brûlée", "北京 烤鸭"] and len(images) == 5
     assert load_image(root / "crème brûlée" / "photo 1 ü.jpg").size == (4, 4)
-    (tmp_path / "names.json").write_text(json.dumps({"crème brûlée": "creme brulee", "北京 烤鸭": "peking duck"}),
-                                         encoding="utf-8")
+    (tmp_path / "names.json").write_text(
+        json.dumps({"crème brûlée": "creme brulee", "北京 烤鸭": "peking duck"}), encoding="utf-8"
+    )
     assert read_image_folder(root, tmp_path / "names.json").classnames == ["creme brulee", "peking duck"]
-    tally.input('unicode and spaces in paths')
+    tally.input("unicode and spaces in paths")
     tally.handled_ok("decoded or reported correctly")
 
 
@@ -228,6 +247,7 @@ def test_templates_without_placeholder(tmp_path, tally):
 
 # ---- image lists and split files ------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def list_root(tmp_path):
     for n in ("a.jpg", "b.jpg"):
@@ -235,36 +255,58 @@ def list_root(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("name,content,error", [
-    ("unknown.csv", "path,classname\nimg/a.jpg,cat\nimg/b.jpg,dog\n", r"unknown.csv, row 2: unknown class 'dog'"),
-    ("nocols.csv", "file,label\nimg/a.jpg,0\n", r"nocols.csv: needs a header with a 'path' column"),
-    ("nolabel.csv", "path,comment\nimg/a.jpg,x\n", r"nolabel.csv: needs a header.*'label' or 'classname'"),
-    ("badlabel.csv", "path,label\nimg/a.jpg,0\nimg/b.jpg,cat\n", r"badlabel.csv, row 2: label 'cat' is not an integer"),
-    ("blank.csv", "path,label,classname\nimg/a.jpg,,\n", r"blank.csv, row 1: needs a 'label' or a 'classname'"),
-    ("dotdot.csv", "path,label\nimg/../../outside.jpg,0\n", r"dotdot.csv, row 1: path .* escapes the dataset root"),
-    ("abs.csv", "path,label\n/etc/hostname,0\n", r"abs.csv, row 1: path '/etc/hostname' escapes"),
-    ("missing.csv", "path,label\nimg/a.jpg,0\nimg/zzz.jpg,0\n", r"missing.csv, row 2: image .*zzz.jpg does not exist"),
-    ("conflict.csv", "path,label,classname\nimg/a.jpg,0,cat\nimg/b.jpg,0,dog\n", r"conflict.csv, row \d: label 0"),
-    ("unknown.json", [{"path": "img/a.jpg", "classname": "cat"}, {"path": "img/b.jpg", "classname": "emu"}],
-     r"unknown.json, row 2: unknown class 'emu'"),
-    ("nocols.json", [{"path": "img/a.jpg", "label": 0}, {"file": "img/b.jpg"}], r"nocols.json, row 2: missing image path"),
-    ("shape.json", [["img/a.jpg", 0, "cat"], "img/b.jpg"], r"shape.json, row 2: expected"),
-    ("escape.json", [["../x.jpg", 0, "cat"]], r"escape.json, row 1: path '../x.jpg' escapes"),
-    ("split.json", {"train": [], "val": [], "test": []}, r"split.json is a CoOp split file"),
-    ("broken.json", "{[", r"broken.json: not valid JSON"),
-    ("list.txt", "img/a.jpg 0\n", r"list.txt: unsupported image list format"),
-    # Found by the property tests: each used to escape as another exception type, or to exhaust memory.
-    ("huge.csv", "path,label\nimg/a.jpg,99999999999999\n", r"huge.csv, row 1: label 99999999999999 is outside 0.."),
-    ("negative.csv", "path,label\nimg/a.jpg,-1\n", r"negative.csv, row 1: label -1 is outside 0.."),
-    ("latin1.csv", b"path,classname\nimg/a.jpg,caf\xe9\n", r"image list .*latin1.csv is not UTF-8 text"),
-    ("nul.csv", "path,label\nimg/a.jpg\0,0\n", r"nul.csv, row 1: path .* is not a usable file name"),
-    ("longfield.csv", "path,label\n" + "x" * 200_000 + ",0\n", r"longfield.csv: not a readable CSV file near line 2"),
-    ("inf.json", "[[\"img/a.jpg\", Infinity]]", r"inf.json, row 1: label inf is not an integer"),
-    ("float.json", [["img/a.jpg", 1.5]], r"float.json, row 1: label 1.5 is not an integer"),
-    ("bool.json", [["img/a.jpg", True]], r"bool.json, row 1: label True is not an integer"),
-    ("surrogate.json", "[[\"img/\\ud800.jpg\", 0]]", r"surrogate.json, row 1: path .* is not a usable file name"),
-    ("deep.json", "[" * 100_000, r"deep.json: not valid JSON \(nested too deeply\)"),
-])
+@pytest.mark.parametrize(
+    "name,content,error",
+    [
+        ("unknown.csv", "path,classname\nimg/a.jpg,cat\nimg/b.jpg,dog\n", r"unknown.csv, row 2: unknown class 'dog'"),
+        ("nocols.csv", "file,label\nimg/a.jpg,0\n", r"nocols.csv: needs a header with a 'path' column"),
+        ("nolabel.csv", "path,comment\nimg/a.jpg,x\n", r"nolabel.csv: needs a header.*'label' or 'classname'"),
+        (
+            "badlabel.csv",
+            "path,label\nimg/a.jpg,0\nimg/b.jpg,cat\n",
+            r"badlabel.csv, row 2: label 'cat' is not an integer",
+        ),
+        ("blank.csv", "path,label,classname\nimg/a.jpg,,\n", r"blank.csv, row 1: needs a 'label' or a 'classname'"),
+        ("dotdot.csv", "path,label\nimg/../../outside.jpg,0\n", r"dotdot.csv, row 1: path .* escapes the dataset root"),
+        ("abs.csv", "path,label\n/etc/hostname,0\n", r"abs.csv, row 1: path '/etc/hostname' escapes"),
+        (
+            "missing.csv",
+            "path,label\nimg/a.jpg,0\nimg/zzz.jpg,0\n",
+            r"missing.csv, row 2: image .*zzz.jpg does not exist",
+        ),
+        ("conflict.csv", "path,label,classname\nimg/a.jpg,0,cat\nimg/b.jpg,0,dog\n", r"conflict.csv, row \d: label 0"),
+        (
+            "unknown.json",
+            [{"path": "img/a.jpg", "classname": "cat"}, {"path": "img/b.jpg", "classname": "emu"}],
+            r"unknown.json, row 2: unknown class 'emu'",
+        ),
+        (
+            "nocols.json",
+            [{"path": "img/a.jpg", "label": 0}, {"file": "img/b.jpg"}],
+            r"nocols.json, row 2: missing image path",
+        ),
+        ("shape.json", [["img/a.jpg", 0, "cat"], "img/b.jpg"], r"shape.json, row 2: expected"),
+        ("escape.json", [["../x.jpg", 0, "cat"]], r"escape.json, row 1: path '../x.jpg' escapes"),
+        ("split.json", {"train": [], "val": [], "test": []}, r"split.json is a CoOp split file"),
+        ("broken.json", "{[", r"broken.json: not valid JSON"),
+        ("list.txt", "img/a.jpg 0\n", r"list.txt: unsupported image list format"),
+        # Found by the property tests: each used to escape as another exception type, or to exhaust memory.
+        ("huge.csv", "path,label\nimg/a.jpg,99999999999999\n", r"huge.csv, row 1: label 99999999999999 is outside 0.."),
+        ("negative.csv", "path,label\nimg/a.jpg,-1\n", r"negative.csv, row 1: label -1 is outside 0.."),
+        ("latin1.csv", b"path,classname\nimg/a.jpg,caf\xe9\n", r"image list .*latin1.csv is not UTF-8 text"),
+        ("nul.csv", "path,label\nimg/a.jpg\0,0\n", r"nul.csv, row 1: path .* is not a usable file name"),
+        (
+            "longfield.csv",
+            "path,label\n" + "x" * 200_000 + ",0\n",
+            r"longfield.csv: not a readable CSV file near line 2",
+        ),
+        ("inf.json", '[["img/a.jpg", Infinity]]', r"inf.json, row 1: label inf is not an integer"),
+        ("float.json", [["img/a.jpg", 1.5]], r"float.json, row 1: label 1.5 is not an integer"),
+        ("bool.json", [["img/a.jpg", True]], r"bool.json, row 1: label True is not an integer"),
+        ("surrogate.json", '[["img/\\ud800.jpg", 0]]', r"surrogate.json, row 1: path .* is not a usable file name"),
+        ("deep.json", "[" * 100_000, r"deep.json: not valid JSON \(nested too deeply\)"),
+    ],
+)
 def test_bad_image_lists(list_root, name, content, error, tally):
     path = list_root / name
     if isinstance(content, bytes):
@@ -287,16 +329,21 @@ def test_split_file_paths_escaping_the_image_root(tmp_path, tally):
         load_benchmark("dtd", tmp_path)
 
 
-@pytest.mark.parametrize("split,error", [
-    ([], r"expected a JSON object with 'train', 'val' and 'test' lists, got a list"),
-    ({"train": 5}, r"'train' must be a list of \[path, label, classname\] entries"),
-    ({"train": [["banded/x.jpg", 0]]}, r"train entry 0: expected \[path, label, classname\]"),
-    ({"train": [["banded/x.jpg", "zero", "banded"]]}, r"train entry 0: label 'zero' is not an integer"),
-    ({"train": [["banded/x.jpg", 10**14, "banded"]]}, r"train entry 0: label 100000000000000 is outside"),
-    # One label, two names: reading it would merge two classes without a word.
-    ({"train": [["banded/x.jpg", 0, "banded"]], "test": [["dotted/y.jpg", 0, "dotted"]]},
-     r"test entry 0: label 0 is 'dotted' here but 'banded' elsewhere"),
-])
+@pytest.mark.parametrize(
+    "split,error",
+    [
+        ([], r"expected a JSON object with 'train', 'val' and 'test' lists, got a list"),
+        ({"train": 5}, r"'train' must be a list of \[path, label, classname\] entries"),
+        ({"train": [["banded/x.jpg", 0]]}, r"train entry 0: expected \[path, label, classname\]"),
+        ({"train": [["banded/x.jpg", "zero", "banded"]]}, r"train entry 0: label 'zero' is not an integer"),
+        ({"train": [["banded/x.jpg", 10**14, "banded"]]}, r"train entry 0: label 100000000000000 is outside"),
+        # One label, two names: reading it would merge two classes without a word.
+        (
+            {"train": [["banded/x.jpg", 0, "banded"]], "test": [["dotted/y.jpg", 0, "dotted"]]},
+            r"test entry 0: label 0 is 'dotted' here but 'banded' elsewhere",
+        ),
+    ],
+)
 def test_malformed_split_files(tmp_path, split, error, tally):
     (tmp_path / "dtd").mkdir()
     (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
@@ -328,16 +375,20 @@ def test_resolve_data_bad_specs(tmp_path, tally):
 
 # ---- shot counts ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("convention", ["lpp", "coop"])
 def test_shots_out_of_range(convention, tally):
     labels = [0] * 8 + [1] * 2
     with tally.raises(ValueError, match="--shots must be a positive number"):
         sample_few_shot(labels, 0, 0, convention)
-    with tally.raises(NotEnoughImagesError, match=r"class 'rare' has 2 training images but 3 are needed.*--allow-fewer"):
+    with tally.raises(
+        NotEnoughImagesError, match=r"class 'rare' has 2 training images but 3 are needed.*--allow-fewer"
+    ):
         sample_few_shot(labels, 3, 0, convention, classnames=["common", "rare"])
 
 
 # ---- the feature cache --------------------------------------------------------------------------------------------
+
 
 def test_cache_bad_image_error_and_skip(tmp_path, tiny_vit, tally):
     from prolip.features import FeatureCache

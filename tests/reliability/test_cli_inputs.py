@@ -2,6 +2,7 @@
 
 Never a silent change of the class set.
 """
+
 import json
 
 import pytest
@@ -12,8 +13,23 @@ pytestmark = pytest.mark.reliability("bad_input")
 
 
 def fit(data, tmp_path, *extra):
-    return cli("fit", "--data", data, "--shots", 3, "--views", 2, "--steps", 5, "--cache-dir", tmp_path / "cache",
-               "--out", tmp_path / "run", *TINY, *extra)
+    return cli(
+        "fit",
+        "--data",
+        data,
+        "--shots",
+        3,
+        "--views",
+        2,
+        "--steps",
+        5,
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out",
+        tmp_path / "run",
+        *TINY,
+        *extra,
+    )
 
 
 @pytest.fixture
@@ -71,8 +87,9 @@ def test_eval_skip_is_counted_and_listed(tmp_path, tally):
     tally.input("zero-byte image at eval", "stray file at eval")
     r = cli("eval", tmp_path / "run", "--data", data, "--cache-dir", tmp_path / "cache")
     tally.cli_error(r, rf"fox/{bad.name}: empty file \(0 bytes\)")
-    r = cli("eval", tmp_path / "run", "--data", data, "--cache-dir", tmp_path / "cache", "--on-bad-image", "skip",
-            "--json")
+    r = cli(
+        "eval", tmp_path / "run", "--data", data, "--cache-dir", tmp_path / "cache", "--on-bad-image", "skip", "--json"
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["eval_images"] == evaluated - 1 and out["skipped_count"] == 1 and out["ignored_count"] == 1
@@ -89,14 +106,17 @@ def test_eval_on_data_with_other_classes_is_refused(tmp_path, tally):
     tally.cli_error(r, "classes differ from the run's", input="eval data with another class set")
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--shots", 0], r"--shots.*(positive|range x>=1)"),
-    (["--shots", 99], r"--allow-fewer"),
-    (["--views", -1], r"--views"),
-    (["--lam", "lots"], r"(--lam|lam must be a number)"),
-    (["--method", "nope"], r"nope"),
-    (["--classnames", "MISSING"], r"MISSING does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--shots", 0], r"--shots.*(positive|range x>=1)"),
+        (["--shots", 99], r"--allow-fewer"),
+        (["--views", -1], r"--views"),
+        (["--lam", "lots"], r"(--lam|lam must be a number)"),
+        (["--method", "nope"], r"nope"),
+        (["--classnames", "MISSING"], r"MISSING does not exist"),
+    ],
+)
 def test_bad_options_name_the_option(tmp_path, tally, args, expected):
     data = make_folder(tmp_path / "data", per_class=4)
     r = fit(data, tmp_path, *[str(tmp_path / a) if a == "MISSING" else a for a in args])
@@ -104,14 +124,17 @@ def test_bad_options_name_the_option(tmp_path, tally, args, expected):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("body,expected", [
-    ("datasets: [dtd]\nmethods: [prolip]\nshot: [1]\n", r"unknown key.*'shot'"),
-    ("datasets: [dtd]\nmethods: [prolip]\nviews: many\n", r"'views' must be an integer"),
-    ("datasets: [dtd]\nmethods: [prolip]\nseeds: [one]\n", r"'seeds'"),
-    ("datasets: dtd\nmethods: [prolip]\n", r"'datasets' must be a list"),
-    ("- just\n- a list\n", r"mapping|dict|keys"),
-    ("datasets: [dtd\n", r"YAML|yaml"),
-])
+@pytest.mark.parametrize(
+    "body,expected",
+    [
+        ("datasets: [dtd]\nmethods: [prolip]\nshot: [1]\n", r"unknown key.*'shot'"),
+        ("datasets: [dtd]\nmethods: [prolip]\nviews: many\n", r"'views' must be an integer"),
+        ("datasets: [dtd]\nmethods: [prolip]\nseeds: [one]\n", r"'seeds'"),
+        ("datasets: dtd\nmethods: [prolip]\n", r"'datasets' must be a list"),
+        ("- just\n- a list\n", r"mapping|dict|keys"),
+        ("datasets: [dtd\n", r"YAML|yaml"),
+    ],
+)
 def test_bad_experiment_files_name_the_key(tmp_path, tally, body, expected):
     exp = tmp_path / "exp.yaml"
     exp.write_text(body)

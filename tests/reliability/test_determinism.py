@@ -2,6 +2,7 @@
 
 (Resumed vs uninterrupted extraction is also checked after every kind of fault in test_faults.py.)
 """
+
 import subprocess
 import sys
 
@@ -20,18 +21,56 @@ def test_repeated_fits_in_fresh_caches_are_bitwise_equal(tmp_path, tally):
     data = make_folder(tmp_path / "data", per_class=4)
     outs = []
     for i in range(2):
-        r = cli("fit", "--data", data, "--shots", 2, "--views", 3, "--steps", 20, "--lr", 1e-3, "--seed", 5,
-                "--cache-dir", tmp_path / f"cache{i}", "--out", tmp_path / f"run{i}", "--json", *TINY)
+        r = cli(
+            "fit",
+            "--data",
+            data,
+            "--shots",
+            2,
+            "--views",
+            3,
+            "--steps",
+            20,
+            "--lr",
+            1e-3,
+            "--seed",
+            5,
+            "--cache-dir",
+            tmp_path / f"cache{i}",
+            "--out",
+            tmp_path / f"run{i}",
+            "--json",
+            *TINY,
+        )
         assert r.exit_code == 0, r.output
         outs.append(json.loads(r.stdout))
     a, b = (load_file(str(tmp_path / f"run{i}" / "method.safetensors")) for i in range(2))
     differing = [k for k in a if not torch.equal(a[k], b[k])]
     assert tally.lost(len(differing)) == 0, differing
-    assert {k: v for k, v in outs[0].items() if "seconds" not in k} == \
-        {k: v for k, v in outs[1].items() if "seconds" not in k}
+    assert {k: v for k, v in outs[0].items() if "seconds" not in k} == {
+        k: v for k, v in outs[1].items() if "seconds" not in k
+    }
     assert unit_contents(tmp_path / "cache0") == unit_contents(tmp_path / "cache1")
-    r = cli("fit", "--data", data, "--shots", 2, "--views", 3, "--steps", 20, "--lr", 1e-3, "--seed", 6,
-            "--cache-dir", tmp_path / "cache0", "--out", tmp_path / "run_other", *TINY)
+    r = cli(
+        "fit",
+        "--data",
+        data,
+        "--shots",
+        2,
+        "--views",
+        3,
+        "--steps",
+        20,
+        "--lr",
+        1e-3,
+        "--seed",
+        6,
+        "--cache-dir",
+        tmp_path / "cache0",
+        "--out",
+        tmp_path / "run_other",
+        *TINY,
+    )
     assert r.exit_code == 0, r.output
     other = load_file(str(tmp_path / "run_other" / "method.safetensors"))
     assert not torch.equal(other["W"], a["W"])  # the comparison above can fail: another seed differs
@@ -93,13 +132,28 @@ def test_torchrun_two_processes_make_the_same_cache_as_one(tmp_path, tally):
     from prolip.features import extract_dataset
 
     paths = make_images(tmp_path / "img", n=80)  # 3 units of 32 images: ranks split them
-    extract_dataset(load_backbone("test-vit-tiny", "none"), paths, num_views=2, cache_dir=tmp_path / "one",
-                    batch_size=4)
+    extract_dataset(
+        load_backbone("test-vit-tiny", "none"), paths, num_views=2, cache_dir=tmp_path / "one", batch_size=4
+    )
     script = tmp_path / "dist.py"
     script.write_text(DIST)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(free_port()), str(script), str(tmp_path / "img"), str(tmp_path / "two")],
-                       capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(script),
+            str(tmp_path / "img"),
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     per_rank = sorted(int((tmp_path / f"two.rank{r}").read_text()) for r in range(2))
     assert len(per_rank) == 2 and all(n > 0 for n in per_rank) and sum(per_rank) == 80 * 2

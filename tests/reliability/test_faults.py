@@ -2,6 +2,7 @@
 
 Nothing computed may be lost and nothing corrupt may ever be read back.
 """
+
 import json
 import os
 import resource
@@ -29,16 +30,31 @@ def cache_of(root, backbone, **kw):
 
 
 def drive(spec: dict, timeout=180) -> dict:
-    r = subprocess.run([sys.executable, str(DRIVER), json.dumps(spec)], capture_output=True, text=True,
-                       timeout=timeout, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    r = subprocess.run(
+        [sys.executable, str(DRIVER), json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def test_kill_minus_nine_at_random_points_then_resume_is_bitwise_equal(tmp_path, tally):
     make_images(tmp_path / "img", n=16)
-    report = drive({"mode": "kill", "images": str(tmp_path / "img"), "work": str(tmp_path), "seed": 7, "kills": 9,
-                    "views": 3, "unit_images": 2, "batch_size": 4})
+    report = drive(
+        {
+            "mode": "kill",
+            "images": str(tmp_path / "img"),
+            "work": str(tmp_path),
+            "seed": 7,
+            "kills": 9,
+            "views": 3,
+            "unit_images": 2,
+            "batch_size": 4,
+        }
+    )
     killed = [a for a in report["attempts"] if a["signal"] == signal.SIGKILL]
     tally.fault(*(a["how"] for a in killed))
     at_events = [a for a in killed if a["cache"] == "cache"]
@@ -58,8 +74,16 @@ def test_kill_minus_nine_at_random_points_then_resume_is_bitwise_equal(tmp_path,
 
 def test_two_processes_share_one_cache(tmp_path, tally):
     make_images(tmp_path / "img", n=12)
-    report = drive({"mode": "concurrent", "images": str(tmp_path / "img"), "work": str(tmp_path), "views": 3,
-                    "unit_images": 2, "batch_size": 4})
+    report = drive(
+        {
+            "mode": "concurrent",
+            "images": str(tmp_path / "img"),
+            "work": str(tmp_path),
+            "views": 3,
+            "unit_images": 2,
+            "batch_size": 4,
+        }
+    )
     tally.fault("two concurrent writers")
     assert report["statuses"] == [0, 0]
     a, b = (json.loads((tmp_path / f"{n}.json").read_text())["forward"] for n in "ab")
@@ -146,8 +170,19 @@ def test_full_tmpfs_then_resume_after_the_limit_is_lifted(tmp_path, tiny_vit, ta
         assert unit_contents(cache_dir) == unit_contents(tmp_path / "ref") and leftovers(cache_dir) == []
 
 
-EXTRACT_CLI = [sys.executable, "-c", "from prolip.cli import main; main()", "extract", "--split", "train", *TINY,
-               "--views", "3", "--batch-size", "4"]
+EXTRACT_CLI = [
+    sys.executable,
+    "-c",
+    "from prolip.cli import main; main()",
+    "extract",
+    "--split",
+    "train",
+    *TINY,
+    "--views",
+    "3",
+    "--batch-size",
+    "4",
+]
 
 
 def _limited(limit: int):
@@ -155,6 +190,7 @@ def _limited(limit: int):
         # A real per-file size limit (ulimit -f): writes past it fail with EFBIG instead of killing the process.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return preexec
 
 
@@ -167,13 +203,23 @@ def test_file_size_limit_is_a_full_disk_then_resume(tmp_path, tally):
     args = [*EXTRACT_CLI, "--data", str(data), "--cache-dir", str(cache_dir)]
     tally.fault("RLIMIT_FSIZE 2 KiB")
     r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=180, preexec_fn=_limited(2048))
-    tally.cli_error(r, rf"feature cache directory {cache_dir}\S* is full \(File too large\)", "another cache directory", r"\(--cache-dir\)")
+    tally.cli_error(
+        r,
+        rf"feature cache directory {cache_dir}\S* is full \(File too large\)",
+        "another cache directory",
+        r"\(--cache-dir\)",
+    )
     assert leftovers(cache_dir) == [] and unit_contents(cache_dir) == {}
     r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "27 forward passes" in r.stderr  # 9 images x 3 views, all of them computed once the limit is gone
-    ref = subprocess.run([*EXTRACT_CLI, "--data", str(data), "--cache-dir", str(tmp_path / "ref")],
-                         capture_output=True, text=True, env=env, timeout=180)
+    ref = subprocess.run(
+        [*EXTRACT_CLI, "--data", str(data), "--cache-dir", str(tmp_path / "ref")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
     assert ref.returncode == 0, ref.stderr[-2000:]
     assert tally.lost(int(unit_contents(cache_dir) != unit_contents(tmp_path / "ref"))) == 0
 
@@ -197,14 +243,22 @@ def test_lock_and_temporary_of_a_killed_writer_block_nothing(tmp_path, tiny_vit,
     from prolip.features.storage import unit_file
 
     target = unit_file(ns, sorted(image_key(p) for p in paths), 1)
-    holder = subprocess.Popen([sys.executable, "-c", f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import sys, time
 from filelock import FileLock
 FileLock({str(target.with_suffix(".lock"))!r}).acquire()
 open({str(target.with_name(f".{target.name}.999999.tmp"))!r}, "wb").write(b"half a unit")
 print("locked", flush=True)
 time.sleep(600)
-"""], stdout=subprocess.PIPE, text=True)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         holder.kill()  # SIGKILL: no cleanup of any kind
@@ -229,14 +283,22 @@ def test_a_unit_written_while_waiting_for_its_lock_is_not_recomputed(tmp_path, t
     ns = c.namespace_dir("center", 0)
     ns.mkdir(parents=True)
     target = unit_file(ns, sorted(image_key(p) for p in paths), 1)
-    writer = subprocess.Popen([sys.executable, "-c", f"""
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import shutil, time
 from filelock import FileLock
 with FileLock({str(target.with_suffix(".lock"))!r}):
     print("locked", flush=True)
     time.sleep(1.0)
     shutil.copyfile({str(unit)!r}, {str(target)!r})
-"""], stdout=subprocess.PIPE, text=True)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert writer.stdout.readline().strip() == "locked"
     tally.fault("unit written by another process while waiting")
     got = c.center(paths).features
@@ -246,13 +308,23 @@ with FileLock({str(target.with_suffix(".lock"))!r}):
 
 # ---- runs and exports ------------------------------------------------------------------------------------------
 
+
 def _run():
     from prolip.run import Run
 
-    manifest = {"backbone": {"family": "open_clip", "arch": "test-vit-tiny", "weights": "none", "fingerprint": "f"},
-                "method": {"method": "prolip", "hyperparameters": {}}, "fit": {"shots": 1}, "logit_scale": 100.0}
-    return Run(manifest=manifest, method_state={"W": torch.randn(8, 4)}, classifier=torch.randn(3, 4),
-               classnames=["a", "b", "c"], templates=["a photo of a {}."])
+    manifest = {
+        "backbone": {"family": "open_clip", "arch": "test-vit-tiny", "weights": "none", "fingerprint": "f"},
+        "method": {"method": "prolip", "hyperparameters": {}},
+        "fit": {"shots": 1},
+        "logit_scale": 100.0,
+    }
+    return Run(
+        manifest=manifest,
+        method_state={"W": torch.randn(8, 4)},
+        classifier=torch.randn(3, 4),
+        classnames=["a", "b", "c"],
+        templates=["a photo of a {}."],
+    )
 
 
 def _killed_save(out: Path, run, kill_at: int, force: bool, exchange: bool = True) -> int:
@@ -273,6 +345,7 @@ def _killed_save(out: Path, run, kill_at: int, force: bool, exchange: bool = Tru
                 if count[0] == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
                 return fn(*a, **k)
+
             return wrapped
 
         run_mod.save_file = hook(run_mod.save_file)
@@ -311,8 +384,9 @@ def test_fit_killed_while_saving_never_leaves_a_half_written_run(tmp_path, tally
         _killed_save(tmp_path / "again", first, kill_at, force=False)
     assert any(p.name.startswith(".again.") for p in tmp_path.iterdir())
     second.save(tmp_path / "again", force=True)
-    assert tally.lost(int(not torch.equal(Run.load(tmp_path / "again").method_state["W"],
-                                          second.method_state["W"]))) == 0
+    assert (
+        tally.lost(int(not torch.equal(Run.load(tmp_path / "again").method_state["W"], second.method_state["W"]))) == 0
+    )
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".again.")] == []
 
 
@@ -326,8 +400,11 @@ def test_overwrite_killed_between_the_two_renames_points_at_the_old_run(tmp_path
     # 5 file writes, then os.replace(out, aside) is operation 6 and os.replace(tmp, out) operation 7.
     assert _killed_save(out, second, 7, force=True, exchange=False) == signal.SIGKILL
     tally.fault("kill -9 between the two renames of an overwrite")
-    with tally.raises(RunError, match=rf"{out} does not exist, but an interrupted overwrite left the previous run "
-                                      rf"at .*\.r\.old-\d+: rename it to {out}"):
+    with tally.raises(
+        RunError,
+        match=rf"{out} does not exist, but an interrupted overwrite left the previous run "
+        rf"at .*\.r\.old-\d+: rename it to {out}",
+    ):
         Run.load(out)
     (aside,) = tmp_path.glob(".r.old-*")
     assert tally.lost(int(not torch.equal(Run.load(aside).method_state["W"], first.method_state["W"]))) == 0

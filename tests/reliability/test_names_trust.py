@@ -22,8 +22,27 @@ def fitted(tmp_path_factory):
     names = root / "names.txt"
     names.write_text("\n".join(NAMES) + "\n")
     val = make_folder(root / "val", classes=WNIDS, per_class=2, seed=1)
-    r = cli("fit", "--data", data, "--classnames", names, "--val", val, "--shots", 2, "--views", 2, "--steps", 3,
-            "--cache-dir", root / "cache", "--out", root / "run", "--json", *TINY)
+    r = cli(
+        "fit",
+        "--data",
+        data,
+        "--classnames",
+        names,
+        "--val",
+        val,
+        "--shots",
+        2,
+        "--views",
+        2,
+        "--steps",
+        3,
+        "--cache-dir",
+        root / "cache",
+        "--out",
+        root / "run",
+        "--json",
+        *TINY,
+    )
     assert r.exit_code == 0, r.output
     return root, data, names, json.loads(r.stdout)
 
@@ -39,8 +58,9 @@ def test_the_run_keeps_the_names_and_what_the_data_called_them(fitted, tally):
 def test_eval_maps_folder_names_through_the_run_without_the_names_file(fitted, tally):
     root, data, names, _ = fitted
     without = cli("eval", root / "run", "--data", data, "--cache-dir", root / "cache", "--json")
-    with_names = cli("eval", root / "run", "--data", data, "--classnames", names, "--cache-dir", root / "cache",
-                     "--json")
+    with_names = cli(
+        "eval", root / "run", "--data", data, "--classnames", names, "--cache-dir", root / "cache", "--json"
+    )
     assert without.exit_code == 0 and with_names.exit_code == 0, without.output + with_names.output
     assert json.loads(without.stdout)["accuracy"] == json.loads(with_names.stdout)["accuracy"]
     tally.input("eval on WordNet folders without --classnames")
@@ -54,10 +74,13 @@ def test_the_val_folder_takes_the_names_file_too(fitted, tally):
     tally.handled_ok("--val renamed like --data")
 
 
-@pytest.mark.parametrize("classes, message", [
-    (("n01440764", "n01443537", "n99999999"), r"not in the run: \['n99999999'\]"),
-    (("n01440764", "n01443537"), r"the run's classes missing here: \['great white shark'\]"),
-])
+@pytest.mark.parametrize(
+    "classes, message",
+    [
+        (("n01440764", "n01443537", "n99999999"), r"not in the run: \['n99999999'\]"),
+        (("n01440764", "n01443537"), r"the run's classes missing here: \['great white shark'\]"),
+    ],
+)
 def test_eval_on_other_classes_names_the_classes_at_fault(fitted, classes, message, tmp_path, tally):
     root, *_ = fitted
     other = make_folder(tmp_path / "other", classes=classes, per_class=2)

@@ -37,22 +37,30 @@ def _bad_numbers(constraint: Number) -> list:
     return bad
 
 
-NUMERIC = [(name, key, value) for name in available()
-           for key, c in method_class(name).constraints.items() if isinstance(c, Number)
-           for value in _bad_numbers(c)]
+NUMERIC = [
+    (name, key, value)
+    for name in available()
+    for key, c in method_class(name).constraints.items()
+    if isinstance(c, Number)
+    for value in _bad_numbers(c)
+]
 
 
 @pytest.mark.parametrize("name, key, value", NUMERIC, ids=lambda x: str(x))
 def test_every_bad_numeric_hyperparameter_is_refused_naming_method_and_key(name, key, value, tally):
-    with tally.raises(HyperparameterError, match=re.escape(f"{name}: hyperparameter {key} "),
-                      input=f"{name} {key}={value!r}"):
+    with tally.raises(
+        HyperparameterError, match=re.escape(f"{name}: hyperparameter {key} "), input=f"{name} {key}={value!r}"
+    ):
         create(name, **{key: value})
 
 
 @pytest.mark.parametrize("name", available())
 def test_unknown_hyperparameter_is_refused_listing_the_known_ones(name, tally):
-    with tally.raises(HyperparameterError, match=re.escape(f"{name}: unknown hyperparameter") + ".*its hyperparameters are",
-                      input=f"{name} learning_rate=1"):
+    with tally.raises(
+        HyperparameterError,
+        match=re.escape(f"{name}: unknown hyperparameter") + ".*its hyperparameters are",
+        input=f"{name} learning_rate=1",
+    ):
         create(name, learning_rate=1)
 
 
@@ -64,15 +72,19 @@ def test_validation_is_what_each_method_declares(name, tally):
         assert all(method.get_params()[k] == v for k, v in cls.validation_params.items())
         tally.handled_ok(f"{name} --validate selects {cls.selects}")
     else:
-        with tally.raises(HyperparameterError, match=re.escape(f"{name} selects nothing on a validation set"),
-                          input=f"{name} --validate"):
+        with tally.raises(
+            HyperparameterError,
+            match=re.escape(f"{name} selects nothing on a validation set"),
+            input=f"{name} --validate",
+        ):
             configure(name, {}, validate=True)
 
 
 @pytest.mark.parametrize("name", [n for n in available() if "lr" in method_class(n).param_names()])
 def test_an_absurd_learning_rate_is_refused_before_training(name, tally):
-    with tally.raises(HyperparameterError, match=re.escape(f"{name}: hyperparameter lr must be <= 10"),
-                      input=f"{name} lr=1e38"):
+    with tally.raises(
+        HyperparameterError, match=re.escape(f"{name}: hyperparameter lr must be <= 10"), input=f"{name} lr=1e38"
+    ):
         create(name, lr=1e38)
 
 
@@ -101,8 +113,21 @@ def data(tmp_path_factory):
 
 
 def fit(data, out, *extra):
-    return cli("fit", "--data", data, "--shots", 2, "--views", 2, "--cache-dir", out.parent / "cache", "--out", out,
-               *TINY, *extra)
+    return cli(
+        "fit",
+        "--data",
+        data,
+        "--shots",
+        2,
+        "--views",
+        2,
+        "--cache-dir",
+        out.parent / "cache",
+        "--out",
+        out,
+        *TINY,
+        *extra,
+    )
 
 
 @pytest.mark.parametrize("name", available())
@@ -110,26 +135,42 @@ def test_fit_validate_on_every_method(name, data, tmp_path, tally):
     hp = [arg for k, v in SHORT.items() if k in method_class(name).param_names() for arg in ("--hp", f"{k}={v}")]
     r = fit(data, tmp_path / "run", "--method", name, "--validate", *hp)
     if not method_class(name).selects:
-        tally.cli_error(r, re.escape(f"{name} selects nothing on a validation set"), input=f"fit --method {name} --validate")
+        tally.cli_error(
+            r, re.escape(f"{name} selects nothing on a validation set"), input=f"fit --method {name} --validate"
+        )
         assert not (tmp_path / "cache").exists()  # refused before any extraction
         return
     assert r.exit_code == 0, r.output
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["data"]["validation"] and manifest["method"]["selected"]["how"] == "validation" or \
-        manifest["method"]["selected"].get("epoch", {}).get("how") == "validation"
+    assert (
+        manifest["data"]["validation"]
+        and manifest["method"]["selected"]["how"] == "validation"
+        or manifest["method"]["selected"].get("epoch", {}).get("how") == "validation"
+    )
     tally.handled_ok(f"fit --method {name} --validate")
 
 
 BAD_OPTIONS = [
-    (("--shots", "0"), "--shots"), (("--shots", "-3"), "--shots"), (("--views", "0"), "--views"),
-    (("--batch-size", "0"), "--batch-size"), (("--workers", "-1"), "--workers"),
-    (("--lr", "nan"), "hyperparameter lr must be finite"), (("--lr", "-1e-3"), "hyperparameter lr must be >"),
-    (("--lr", "inf"), "hyperparameter lr must be finite"), (("--lam", "-1"), "hyperparameter lam must be >= 0"),
-    (("--lam", "inf"), "hyperparameter lam must be finite"), (("--lam", "one"), "hyperparameter lam must be a number"),
-    (("--steps", "-5"), "hyperparameter steps must be >= 0"), (("--hp", "steps"), "expected key=value"),
-    (("--hp", "steps=[1,"), "not valid YAML"), (("--hp", "stepz=3"), "unknown hyperparameter"),
-    (("--hp", "lr=1e-3", "--lr", "1e-2"), "given twice"), (("--device", "bogus"), "--device"),
-    (("--device", "cuda:7"), "--device"), (("--device", "mps"), "--device"), (("--method", "prolipp"), "unknown method"),
+    (("--shots", "0"), "--shots"),
+    (("--shots", "-3"), "--shots"),
+    (("--views", "0"), "--views"),
+    (("--batch-size", "0"), "--batch-size"),
+    (("--workers", "-1"), "--workers"),
+    (("--lr", "nan"), "hyperparameter lr must be finite"),
+    (("--lr", "-1e-3"), "hyperparameter lr must be >"),
+    (("--lr", "inf"), "hyperparameter lr must be finite"),
+    (("--lam", "-1"), "hyperparameter lam must be >= 0"),
+    (("--lam", "inf"), "hyperparameter lam must be finite"),
+    (("--lam", "one"), "hyperparameter lam must be a number"),
+    (("--steps", "-5"), "hyperparameter steps must be >= 0"),
+    (("--hp", "steps"), "expected key=value"),
+    (("--hp", "steps=[1,"), "not valid YAML"),
+    (("--hp", "stepz=3"), "unknown hyperparameter"),
+    (("--hp", "lr=1e-3", "--lr", "1e-2"), "given twice"),
+    (("--device", "bogus"), "--device"),
+    (("--device", "cuda:7"), "--device"),
+    (("--device", "mps"), "--device"),
+    (("--method", "prolipp"), "unknown method"),
 ]
 
 
@@ -159,12 +200,18 @@ def run_dir(data, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("args, message", [
-    (("eval", "--split", "val"), "has no val split"), (("eval", "--templates", "t.txt"), "No such option"),
-    (("eval", "--tta", "--tta-views", "0"), "--tta-views"), (("predict", "--top-k", "0"), "--top-k"),
-    (("predict", "--top-k", "-2"), "--top-k"), (("predict", "--tta", "--tta-views", "-1"), "--tta-views"),
-    (("predict", "--device", "nope"), "--device"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("eval", "--split", "val"), "has no val split"),
+        (("eval", "--templates", "t.txt"), "No such option"),
+        (("eval", "--tta", "--tta-views", "0"), "--tta-views"),
+        (("predict", "--top-k", "0"), "--top-k"),
+        (("predict", "--top-k", "-2"), "--top-k"),
+        (("predict", "--tta", "--tta-views", "-1"), "--tta-views"),
+        (("predict", "--device", "nope"), "--device"),
+    ],
+)
 def test_bad_eval_and_predict_options(args, message, run_dir, data, tally):
     command, *rest = args
     target = ["--data", data] if command == "eval" else [data / "cat" / "0.jpg"]
@@ -183,8 +230,12 @@ def test_views_beyond_the_cache_disk_are_refused_before_extraction(data, tmp_pat
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))  # 1 MB free
     r = fit(data, tmp_path / "run", "--views", 100000)
-    tally.cli_error(r, r"caching 100000 views of 6 support images needs up to .* which has 1\.0 MB free",
-                    "lower --views", input="--views 100000 on a 1 MB disk")
+    tally.cli_error(
+        r,
+        r"caching 100000 views of 6 support images needs up to .* which has 1\.0 MB free",
+        "lower --views",
+        input="--views 100000 on a 1 MB disk",
+    )
     assert not (tmp_path / "cache").exists()
 
 

@@ -2,6 +2,7 @@
 around the data it reads, checks --out before any work, lets one process at a time write an output, and gives
 run and export files the permissions of the user's umask.
 """
+
 import json
 import os
 import re
@@ -23,11 +24,27 @@ pytestmark = pytest.mark.reliability("output")
 
 
 def fit(data, out, cache, *extra):
-    return cli("fit", "--data", data, "--shots", 1, "--views", 1, "--steps", 2, "--cache-dir", cache, "--out", out,
-               *TINY, *extra)
+    return cli(
+        "fit",
+        "--data",
+        data,
+        "--shots",
+        1,
+        "--views",
+        1,
+        "--steps",
+        2,
+        "--cache-dir",
+        cache,
+        "--out",
+        out,
+        *TINY,
+        *extra,
+    )
 
 
 # ---- fit --out [--force]: what may be replaced -------------------------------------------------------------------
+
 
 def _targets(tmp: Path, data: Path) -> dict[str, tuple[Path, str]]:
     """name -> (--out, what the refusal must say): outputs prolip must refuse, even with --force."""
@@ -55,9 +72,17 @@ def _targets(tmp: Path, data: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
-TARGET_NAMES = ["the data folder", "a folder holding the data", "a new folder inside the data",
-                "a folder of runs and a user's file", "a user's folder", "a run a user added a file to",
-                "an existing file", "a path under a file", "a symlink to a run"]
+TARGET_NAMES = [
+    "the data folder",
+    "a folder holding the data",
+    "a new folder inside the data",
+    "a folder of runs and a user's file",
+    "a user's folder",
+    "a run a user added a file to",
+    "an existing file",
+    "a path under a file",
+    "a symlink to a run",
+]
 
 
 @pytest.mark.parametrize("target", TARGET_NAMES)
@@ -87,6 +112,7 @@ def test_fit_force_replaces_an_earlier_run_or_an_empty_folder(tmp_path, tally):
 
 # ---- the same rule in the library writers --------------------------------------------------------------------------
 
+
 def test_run_save_with_force_refuses_foreign_folders_and_the_data(tmp_path, tally):
     from prolip.outputs import OutputError
 
@@ -109,15 +135,18 @@ def test_exports_with_force_refuse_files_and_folders_prolip_did_not_write(tmp_pa
     W = tiny_vit.projection().weight
     attempts = {
         "export_hf over a user's folder": lambda: export_hf(tiny_hf, tiny_hf.projection().weight, user, force=True),
-        "export_open_clip over a foreign file": lambda: export_open_clip(tiny_vit, W, tmp_path / "weights.safetensors",
-                                                                         force=True),
-        "classifier head into a user's folder": lambda: save_classifier_head(torch.ones(2, 3), ["a", "b"], ["{}"],
-                                                                             user, force=True),
+        "export_open_clip over a foreign file": lambda: export_open_clip(
+            tiny_vit, W, tmp_path / "weights.safetensors", force=True
+        ),
+        "classifier head into a user's folder": lambda: save_classifier_head(
+            torch.ones(2, 3), ["a", "b"], ["{}"], user, force=True
+        ),
     }
     for name, attempt in attempts.items():
         before = digest(tmp_path)
-        with tally.raises(OutputError, match=r"(not empty and not written by prolip|prolip did not write it)",
-                          input=name):
+        with tally.raises(
+            OutputError, match=r"(not empty and not written by prolip|prolip did not write it)", input=name
+        ):
             attempt()
         assert tally.lost(int(digest(tmp_path) != before)) == 0
     # What prolip wrote, it may replace with force.
@@ -130,9 +159,21 @@ def test_exports_with_force_refuse_files_and_folders_prolip_did_not_write(tmp_pa
 
 
 # Entries a directory may hold before a forced save: run files, the files of a user, folders.
-ENTRIES = ["manifest.json", "method.safetensors", "classifier.safetensors", "classnames.json", "templates.json",
-           "extra.json", "notes.txt", "photo.jpg", "sub/", "sub/x.jpg", ".hidden", "records.jsonl",
-           "classifier_head.json"]
+ENTRIES = [
+    "manifest.json",
+    "method.safetensors",
+    "classifier.safetensors",
+    "classnames.json",
+    "templates.json",
+    "extra.json",
+    "notes.txt",
+    "photo.jpg",
+    "sub/",
+    "sub/x.jpg",
+    ".hidden",
+    "records.jsonl",
+    "classifier_head.json",
+]
 MANIFESTS = [{"format": "prolip-run/1"}, {"format": "other/1"}, "not json", ["format", "prolip-run/1"]]
 
 
@@ -158,8 +199,11 @@ def test_a_forced_save_replaces_only_empty_folders_and_runs(entries, manifest, t
         before = digest(Path(d))
         tally.input(f"forced save over {sorted(entries)}")
         top = {e.split("/")[0] for e in entries}
-        a_run = "manifest.json" in top and manifest == MANIFESTS[0] and \
-            all(e.endswith((".json", ".safetensors")) for e in top)
+        a_run = (
+            "manifest.json" in top
+            and manifest == MANIFESTS[0]
+            and all(e.endswith((".json", ".safetensors")) for e in top)
+        )
         try:
             fake_run().save(out, force=True)
         except OutputError as e:
@@ -173,6 +217,7 @@ def test_a_forced_save_replaces_only_empty_folders_and_runs(entries, manifest, t
 
 
 # ---- pre-flight: before any work -----------------------------------------------------------------------------------
+
 
 def test_an_unwritable_out_is_refused_before_any_work(tmp_path, tally):
     from .conftest import tmpfs
@@ -190,18 +235,34 @@ def test_bench_and_report_refuse_a_results_folder_that_is_not_theirs(tmp_path, t
     user.mkdir()
     (user / "results.txt").write_text("my results")
     exp = tmp_path / "exp.yaml"
-    exp.write_text(f"datasets: [{data}]\nmethods: [zeroshot]\nmodel: test-vit-tiny\npretrained: none\nshots: [1]\n"
-                   f"seeds: [1]\nviews: 1\ncache_dir: {tmp_path / 'cache'}\n")
+    exp.write_text(
+        f"datasets: [{data}]\nmethods: [zeroshot]\nmodel: test-vit-tiny\npretrained: none\nshots: [1]\n"
+        f"seeds: [1]\nviews: 1\ncache_dir: {tmp_path / 'cache'}\n"
+    )
     records = tmp_path / "res"
     records.mkdir()
-    (records / "records.jsonl").write_text(json.dumps({"cell": "c1", "protocol": "fewshot", "dataset": "d",
-                                                       "label": "zeroshot", "method": "zeroshot", "shots": 1,
-                                                       "seed": 1, "accuracy": 50.0}) + "\n")
+    (records / "records.jsonl").write_text(
+        json.dumps(
+            {
+                "cell": "c1",
+                "protocol": "fewshot",
+                "dataset": "d",
+                "label": "zeroshot",
+                "method": "zeroshot",
+                "shots": 1,
+                "seed": 1,
+                "accuracy": 50.0,
+            }
+        )
+        + "\n"
+    )
     before = digest(tmp_path)
-    for args, why in ((["bench", exp, "--out", user], "not empty and not written by prolip"),
-                      (["bench", exp, "--out", data / "results"], "inside the data being read"),
-                      (["report", records, "--out", user], "not empty and not written by prolip"),
-                      (["report", records, "--out", exp], "it exists and is a file")):
+    for args, why in (
+        (["bench", exp, "--out", user], "not empty and not written by prolip"),
+        (["bench", exp, "--out", data / "results"], "inside the data being read"),
+        (["report", records, "--out", user], "not empty and not written by prolip"),
+        (["report", records, "--out", exp], "it exists and is a file"),
+    ):
         r = cli(*args)
         tally.cli_error(r, re.escape(why), input=" ".join(map(str, args[:1] + args[2:])))
     assert tally.lost(int(digest(tmp_path) != before)) == 0
@@ -228,8 +289,10 @@ def test_export_refuses_the_run_it_reads_and_folders_inside_it(fitted, tally):
 
 # ---- one writer per output -----------------------------------------------------------------------------------------
 
-HOLD = "import sys, time\nfrom prolip.outputs import output_lock\nwith output_lock(sys.argv[1]):\n" \
-       "    print('held', flush=True)\n    time.sleep(120)\n"
+HOLD = (
+    "import sys, time\nfrom prolip.outputs import output_lock\nwith output_lock(sys.argv[1]):\n"
+    "    print('held', flush=True)\n    time.sleep(120)\n"
+)
 
 
 def test_a_second_writer_is_refused_at_the_start_and_a_killed_one_blocks_nobody(tmp_path, tally):
@@ -266,6 +329,7 @@ def test_the_lock_is_reentrant_within_a_thread_and_leaves_nothing_beside_the_out
 
 # ---- permissions ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_runs_and_exports_get_the_permissions_of_the_umask(tmp_path, umask, tiny_vit, tiny_hf, tally):
     from prolip.export import export_hf, export_open_clip, save_classifier_head
@@ -280,8 +344,11 @@ def test_runs_and_exports_get_the_permissions_of_the_umask(tmp_path, umask, tiny
     finally:
         os.umask(previous)
     written = [p for name in ("run", "export", "hf") for p in [tmp_path / name, *(tmp_path / name).rglob("*")]]
-    wrong = {str(p): oct(p.stat().st_mode & 0o777) for p in written
-             if p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~umask}
+    wrong = {
+        str(p): oct(p.stat().st_mode & 0o777)
+        for p in written
+        if p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~umask
+    }
     tally.input(f"umask {oct(umask)}")
     assert wrong == {}
     tally.handled_ok(f"{len(written)} paths with the umask's permissions")

@@ -6,6 +6,7 @@ another exception. Sampler: exactly K distinct support images per class, all fro
 documented; the same draw for the same seed, and for any renaming of the labels (classes are visited in order
 of first appearance).
 """
+
 import csv
 import io
 import json
@@ -17,8 +18,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prolip.data import (DataError, FewShotSplit, NotEnoughImagesError, read_image_folder, read_image_list,
-                         sample_few_shot)
+from prolip.data import (
+    DataError,
+    FewShotSplit,
+    NotEnoughImagesError,
+    read_image_folder,
+    read_image_list,
+    sample_few_shot,
+)
 from prolip.data.benchmarks import load_benchmark_folder
 from prolip.data.folder import read_classnames
 from prolip.data.images import IMAGE_EXTENSIONS
@@ -26,20 +33,23 @@ from prolip.data.images import IMAGE_EXTENSIONS
 pytestmark = pytest.mark.reliability("bad_input")
 
 # The tally fixture is shared by a test's examples on purpose: it accumulates every input tried.
-PROPS = settings(max_examples=60, deadline=None,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+PROPS = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 
 
 # ---- image folders -----------------------------------------------------------------------------------------------
 
 # Any name a Linux filesystem accepts: unicode, spaces (leading/trailing too), shell metacharacters; no '/' or NUL.
-fs_name = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"), min_size=1, max_size=16)\
-    .filter(lambda s: s not in (".", "..") and len(s.encode()) <= 200)
+fs_name = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"), min_size=1, max_size=16
+).filter(lambda s: s not in (".", "..") and len(s.encode()) <= 200)
 extensions = st.sampled_from([".jpg", ".JPG", ".png", ".jpeg", ".Tiff", ".webp", ".txt", ".csv", ".jpg.bak", ""])
 # A file inside a class folder: (sub-folder or "", stem, extension); hidden stems and sub-folders are generated too.
 SUBDIRS = ["", "sub", "sub/deeper", ".hidden_dir", "ünï cödé"]
-class_file = st.tuples(st.sampled_from(SUBDIRS), fs_name.filter(lambda s: s not in ("sub", "deeper", *SUBDIRS)),
-                       extensions)
+class_file = st.tuples(
+    st.sampled_from(SUBDIRS), fs_name.filter(lambda s: s not in ("sub", "deeper", *SUBDIRS)), extensions
+)
 
 
 @PROPS
@@ -71,8 +81,9 @@ def test_any_class_folder_tree_reads_back_its_classes_and_files(tree, tally):
             return
         data = read_image_folder(root)
         assert data.classnames == visible
-        assert {(data.classnames[it.label], it.path) for it in data.items} == \
-            {(c, p) for c, paths in images.items() for p in paths}
+        assert {(data.classnames[it.label], it.path) for it in data.items} == {
+            (c, p) for c, paths in images.items() for p in paths
+        }
         assert len(data.items) == sum(map(len, images.values()))  # no file read twice
         assert set(data.ignored_files) == ignored
         assert read_image_folder(root).items == data.items  # the same order every time
@@ -89,17 +100,42 @@ NAMES = ["cat", "dog", "crème brûlée"]
 good_row = st.tuples(st.sampled_from(IMAGES), st.integers(0, len(NAMES) - 1))  # (path, class index)
 # Values that reach every error branch: bad paths, labels and class names.
 bad_paths = st.sampled_from(["missing.png", "../up.png", "/etc/hostname", "", " ", "a\0.png", "sub/", "sub"])
-bad_labels = st.one_of(st.integers(-3, 5), st.sampled_from(["-1", "1.5", "x", "", "٣", "²", "1e3", "99999999999999",
-                                                            1.7, float("inf"), float("nan"), True, None, [1],
-                                                            {"a": 1}, 10**30]))
+bad_labels = st.one_of(
+    st.integers(-3, 5),
+    st.sampled_from(
+        [
+            "-1",
+            "1.5",
+            "x",
+            "",
+            "٣",
+            "²",
+            "1e3",
+            "99999999999999",
+            1.7,
+            float("inf"),
+            float("nan"),
+            True,
+            None,
+            [1],
+            {"a": 1},
+            10**30,
+        ]
+    ),
+)
 bad_names = st.one_of(st.sampled_from(["", "0", "bird", *NAMES]), st.none(), st.integers(0, 2))
-json_values = st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=8),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
-                                                                                       max_size=4), max_leaves=12)
-bad_row = st.one_of(st.lists(st.one_of(bad_paths, bad_labels, bad_names, st.sampled_from(IMAGES)), max_size=4),
-                    st.fixed_dictionaries({"path": bad_paths | st.sampled_from(IMAGES)},
-                                          optional={"label": bad_labels, "classname": bad_names}),
-                    json_values)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+bad_row = st.one_of(
+    st.lists(st.one_of(bad_paths, bad_labels, bad_names, st.sampled_from(IMAGES)), max_size=4),
+    st.fixed_dictionaries(
+        {"path": bad_paths | st.sampled_from(IMAGES)}, optional={"label": bad_labels, "classname": bad_names}
+    ),
+    json_values,
+)
 # How an input departs from a valid one; "clean" twice, so valid inputs are a good share of the examples.
 modes = st.sampled_from(["clean", "clean", "bad rows", "junk after", "any JSON"])
 good_rows = st.lists(good_row, min_size=1, max_size=8)
@@ -128,8 +164,11 @@ def _write(f: Path, text: str, junk) -> None:
 
 def _apply(mode: str, good: list, bad: list, junk, any_json):
     """The rows to write, the junk to append, and the JSON document to write instead (or None), for ``mode``."""
-    return (_mix(good, bad) if mode == "bad rows" else good, junk if mode == "junk after" else None,
-            any_json if mode == "any JSON" else None)
+    return (
+        _mix(good, bad) if mode == "bad rows" else good,
+        junk if mode == "junk after" else None,
+        any_json if mode == "any JSON" else None,
+    )
 
 
 def _in_two_classes(rows) -> bool:
@@ -158,7 +197,7 @@ def _check_parsed(images, root: Path, good: list, columns: set, clean: bool) -> 
         assert 0 <= it.label < len(images.classnames)
     if clean:
         assert [it.path for it in images.items] == [(root / p).resolve() for p, _ in good]
-        for (_, c), it in zip(good, images.items):
+        for (_, c), it in zip(good, images.items, strict=True):
             if "classname" in columns:
                 assert images.classnames[it.label] == NAMES[c]
             if "label" in columns:
@@ -166,9 +205,23 @@ def _check_parsed(images, root: Path, good: list, columns: set, clean: bool) -> 
 
 
 @PROPS
-@given(header=st.sampled_from([["path", "label"], ["path", "classname"], ["path", "label", "classname"],
-                               ["classname", "other", "path"], ["path"], ["file", "label"], []]),
-       mode=modes, good=good_rows, bad=bad_rows, junk=junk)
+@given(
+    header=st.sampled_from(
+        [
+            ["path", "label"],
+            ["path", "classname"],
+            ["path", "label", "classname"],
+            ["classname", "other", "path"],
+            ["path"],
+            ["file", "label"],
+            [],
+        ]
+    ),
+    mode=modes,
+    good=good_rows,
+    bad=bad_rows,
+    junk=junk,
+)
 def test_csv_lists_parse_or_raise_data_error(header, mode, good, bad, junk, tally):
     mode = "bad rows" if mode == "any JSON" else mode
     cell = {"path": lambda p, c: p, "label": lambda p, c: str(c), "classname": lambda p, c: NAMES[c]}
@@ -184,8 +237,12 @@ def test_csv_lists_parse_or_raise_data_error(header, mode, good, bad, junk, tall
         f = root / "list.csv"
         _write(f, out.getvalue(), junk)
         images = _parse_or_data_error(lambda: read_image_list(f), f, tally)
-        clean = mode == "clean" and "path" in header and bool({"label", "classname"} & set(header)) \
+        clean = (
+            mode == "clean"
+            and "path" in header
+            and bool({"label", "classname"} & set(header))
             and not _in_two_classes(good)
+        )
         assert images is not None or not clean, "a valid list was refused"
         if images is not None:
             _check_parsed(images, root, good, set(header), clean)
@@ -193,15 +250,25 @@ def test_csv_lists_parse_or_raise_data_error(header, mode, good, bad, junk, tall
 
 
 @PROPS
-@given(form=st.sampled_from(["[path, label, classname]", "[path, label]", "{path, label}", "{path, classname}",
-                             "{path, label, classname}"]),
-       mode=modes, good=good_rows, bad=bad_rows, junk=junk, any_json=json_values)
+@given(
+    form=st.sampled_from(
+        ["[path, label, classname]", "[path, label]", "{path, label}", "{path, classname}", "{path, label, classname}"]
+    ),
+    mode=modes,
+    good=good_rows,
+    bad=bad_rows,
+    junk=junk,
+    any_json=json_values,
+)
 def test_json_lists_and_class_name_files_parse_or_raise_data_error(form, mode, good, bad, junk, any_json, tally):
     columns = {c for c in ("label", "classname") if c in form}
-    render = {"[path, label, classname]": lambda p, c: [p, c, NAMES[c]], "[path, label]": lambda p, c: [p, c],
-              "{path, label}": lambda p, c: {"path": p, "label": c},
-              "{path, classname}": lambda p, c: {"path": p, "classname": NAMES[c]},
-              "{path, label, classname}": lambda p, c: {"path": p, "label": c, "classname": NAMES[c]}}[form]
+    render = {
+        "[path, label, classname]": lambda p, c: [p, c, NAMES[c]],
+        "[path, label]": lambda p, c: [p, c],
+        "{path, label}": lambda p, c: {"path": p, "label": c},
+        "{path, classname}": lambda p, c: {"path": p, "classname": NAMES[c]},
+        "{path, label, classname}": lambda p, c: {"path": p, "label": c, "classname": NAMES[c]},
+    }[form]
     rows, junk, top = _apply(mode, [render(p, c) for p, c in good], bad, junk, any_json)
     doc = rows if top is None else top
     with tempfile.TemporaryDirectory() as d:
@@ -221,16 +288,28 @@ def test_json_lists_and_class_name_files_parse_or_raise_data_error(form, mode, g
 
 DTD = ["banded", "dotted", "lined", "zigzagged"]
 good_entry = st.tuples(st.sampled_from(["a/1.jpg", "b/2.jpg", "c d/ü.jpg", "a/../b/3.jpg"]), st.integers(0, 3))
-bad_entry = st.one_of(st.tuples(st.sampled_from(["../x.jpg", "/etc/passwd", "a\0", "", "a/1.jpg"]),
-                                st.integers(0, 3) | bad_labels, st.sampled_from([*DTD, "other", 3])).map(list),
-                      bad_row)
+bad_entry = st.one_of(
+    st.tuples(
+        st.sampled_from(["../x.jpg", "/etc/passwd", "a\0", "", "a/1.jpg"]),
+        st.integers(0, 3) | bad_labels,
+        st.sampled_from([*DTD, "other", 3]),
+    ).map(list),
+    bad_row,
+)
 good_entries = st.lists(good_entry, max_size=6)
 
 
 @PROPS
-@given(mode=modes, train=good_entries, val=good_entries, test=good_entries, bad_part=st.sampled_from(["train", "val",
-       "test"]), bad=st.lists(st.tuples(st.integers(0, 6), bad_entry), min_size=1, max_size=2), junk=junk,
-       any_json=json_values)
+@given(
+    mode=modes,
+    train=good_entries,
+    val=good_entries,
+    test=good_entries,
+    bad_part=st.sampled_from(["train", "val", "test"]),
+    bad=st.lists(st.tuples(st.integers(0, 6), bad_entry), min_size=1, max_size=2),
+    junk=junk,
+    any_json=json_values,
+)
 def test_split_files_parse_or_raise_data_error(mode, train, val, test, bad_part, bad, junk, any_json, tally):
     parts = {"train": train, "val": val, "test": test}
     split = {name: [[p, c, DTD[c]] for p, c in good] for name, good in parts.items()}
@@ -253,13 +332,14 @@ def test_split_files_parse_or_raise_data_error(mode, train, val, test, bad_part,
         for name in parts if top is None else ():
             got = getattr(splits, name)
             assert (got is None) == (not split[name])
-            for (rel, _, cname), it in zip(split[name], got.items if got else []):
+            for (rel, _, cname), it in zip(split[name], got.items if got else [], strict=True):
                 assert 0 <= it.label < C and splits.classnames[it.label] == cname  # the class named, no other
                 assert it.path == (ds / "images" / rel).resolve()
         tally.handled_ok("parsed")
 
 
 # ---- the few-shot sampler ----------------------------------------------------------------------------------------
+
 
 def _groups(labels):
     out = {}
@@ -275,16 +355,22 @@ def label_lists(draw, max_per_class=14):
     return draw(st.permutations([c for c, n in enumerate(counts) for _ in range(n)]))
 
 
-sampler_args = dict(labels=label_lists(), shots=st.integers(1, 5), seed=st.integers(0, 2**32 - 1),
-                    convention=st.sampled_from(["lpp", "coop"]), val_labels=st.one_of(st.none(), label_lists(6)),
-                    imagenet_style=st.booleans())
+sampler_args = dict(
+    labels=label_lists(),
+    shots=st.integers(1, 5),
+    seed=st.integers(0, 2**32 - 1),
+    convention=st.sampled_from(["lpp", "coop"]),
+    val_labels=st.one_of(st.none(), label_lists(6)),
+    imagenet_style=st.booleans(),
+)
 
 
 @pytest.mark.reliability("determinism")
 @PROPS
 @given(**sampler_args, perm=st.permutations(range(6)))
-def test_sampler_draws_k_distinct_per_class_deterministically(labels, shots, seed, convention, val_labels,
-                                                              imagenet_style, perm, tally):
+def test_sampler_draws_k_distinct_per_class_deterministically(
+    labels, shots, seed, convention, val_labels, imagenet_style, perm, tally
+):
     imagenet_style = imagenet_style and convention == "lpp"
     kw = dict(val_labels=None if imagenet_style else val_labels, imagenet_style=imagenet_style)
     groups = _groups(labels)
@@ -321,9 +407,14 @@ def test_sampler_draws_k_distinct_per_class_deterministically(labels, shots, see
     # Deterministic per seed, exchangeable as JSON, and blind to what the labels are called.
     assert s == sample_few_shot(labels, shots, seed, convention, **kw)
     assert FewShotSplit.from_json(s.to_json()) == s
-    renamed = sample_few_shot([perm[y] for y in labels], shots, seed, convention,
-                              val_labels=None if kw["val_labels"] is None else [perm[y] for y in kw["val_labels"]],
-                              imagenet_style=imagenet_style)
+    renamed = sample_few_shot(
+        [perm[y] for y in labels],
+        shots,
+        seed,
+        convention,
+        val_labels=None if kw["val_labels"] is None else [perm[y] for y in kw["val_labels"]],
+        imagenet_style=imagenet_style,
+    )
     assert (renamed.train_indices, renamed.val_indices) == (s.train_indices, s.val_indices)
     tally.handled_ok("sampled")
 

@@ -2,6 +2,7 @@
 BOM-prefixed CSVs, one image under two classes, duplicate or non-string class names, class-folder symlinks back
 to the root, --classnames on every kind of source, and prompt templates with anything but one ``{}``.
 """
+
 import csv
 import io
 import json
@@ -34,10 +35,17 @@ def listed(root: Path, names=("a.png", "b.png", "c.png")) -> Path:
 
 # ---- CSV with a byte-order mark ------------------------------------------------------------------------------------
 
+
 @PROPS
-@given(rows=st.lists(st.tuples(st.sampled_from(["a.png", "b.png", "c.png"]), st.sampled_from(["cat", "dog", "émeu"])),
-                     min_size=1, max_size=6, unique_by=lambda r: r[0]),
-       header=st.sampled_from([["path", "classname"], ["classname", "path"]]))
+@given(
+    rows=st.lists(
+        st.tuples(st.sampled_from(["a.png", "b.png", "c.png"]), st.sampled_from(["cat", "dog", "émeu"])),
+        min_size=1,
+        max_size=6,
+        unique_by=lambda r: r[0],
+    ),
+    header=st.sampled_from([["path", "classname"], ["classname", "path"]]),
+)
 def test_a_csv_with_a_byte_order_mark_reads_like_one_without(rows, header, tally):
     with tempfile.TemporaryDirectory() as d:
         root = listed(Path(d))
@@ -65,6 +73,7 @@ def test_class_names_and_templates_files_with_a_byte_order_mark(tmp_path, tally)
 
 # ---- one image, two classes ----------------------------------------------------------------------------------------
 
+
 def _alias(root: Path, how: str) -> str:
     """Another name for img/a.png."""
     if how == "same path":
@@ -90,8 +99,11 @@ def test_a_list_naming_one_image_under_two_classes_is_refused(tmp_path, fmt, how
         path = root / "list.json"
         doc = [list(r) for r in rows] if fmt == "json rows" else [{"path": p, "label": y} for p, y, _ in rows]
         path.write_text(json.dumps(doc))
-    with tally.raises(DataError, match=r"list\.(csv|json): rows 1 and 3 put the same image .*a\.png.* in two classes",
-                      input=f"{fmt}: one image under two classes ({how})"):
+    with tally.raises(
+        DataError,
+        match=r"list\.(csv|json): rows 1 and 3 put the same image .*a\.png.* in two classes",
+        input=f"{fmt}: one image under two classes ({how})",
+    ):
         read_image_list(path)
 
 
@@ -106,11 +118,17 @@ def test_a_list_naming_one_image_twice_in_one_class_is_read(tmp_path, tally):
 def test_a_split_file_naming_one_image_under_two_classes_is_refused(tmp_path, tally):
     ds = tmp_path / "dtd"
     (ds / "images").mkdir(parents=True)
-    split = {"train": [["x/1.jpg", 0, "banded"], ["y/2.jpg", 1, "dotted"]], "val": [],
-             "test": [["x/1.jpg", 1, "dotted"]]}
+    split = {
+        "train": [["x/1.jpg", 0, "banded"], ["y/2.jpg", 1, "dotted"]],
+        "val": [],
+        "test": [["x/1.jpg", 1, "dotted"]],
+    }
     (ds / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
-    with tally.raises(DataError, match=r"train entry 0 and test entry 0 put the same image .*1\.jpg in two classes "
-                                       r"\('banded' and 'dotted'\)"):
+    with tally.raises(
+        DataError,
+        match=r"train entry 0 and test entry 0 put the same image .*1\.jpg in two classes "
+        r"\('banded' and 'dotted'\)",
+    ):
         load_benchmark_folder(ds)
 
 
@@ -141,13 +159,16 @@ def test_class_names_files_refuse_duplicates(names, form, tally):
         tally.clear_error(e.value, f.name, f"class name {dup!r} is given twice")
 
 
-@pytest.mark.parametrize("content,error", [
-    ([1, "b", "c"], r"class name 0 is 1, not a string"),
-    (["a", None, "c"], r"class name 1 is None, not a string"),
-    (["a", ["b"], "c"], r"class name 1 is \['b'\], not a string"),
-    ({"a": "A", "b": 2, "c": "C"}, r"class name 1 is 2, not a string"),
-    (["a", " ", "c"], r"class name 1 is blank"),
-])
+@pytest.mark.parametrize(
+    "content,error",
+    [
+        ([1, "b", "c"], r"class name 0 is 1, not a string"),
+        (["a", None, "c"], r"class name 1 is None, not a string"),
+        (["a", ["b"], "c"], r"class name 1 is \['b'\], not a string"),
+        ({"a": "A", "b": 2, "c": "C"}, r"class name 1 is 2, not a string"),
+        (["a", " ", "c"], r"class name 1 is blank"),
+    ],
+)
 def test_non_string_class_names_in_a_json_names_file_are_refused(tmp_path, content, error, tally):
     root = make_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=1)
     (tmp_path / "names.json").write_text(json.dumps(content))
@@ -191,6 +212,7 @@ def test_benchmark_files_giving_two_classes_one_name_are_refused(tmp_path, tally
 
 # ---- class folders that are symlinks -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("target", ["root", "parent of root"])
 def test_a_class_folder_linking_back_to_the_root_is_not_a_class(tmp_path, target, tally):
     root = make_folder(tmp_path / "data", per_class=2)
@@ -216,6 +238,7 @@ def test_two_class_folders_that_are_one_folder_are_refused(tmp_path, tally):
 
 # ---- --classnames on every source ----------------------------------------------------------------------------------
 
+
 def _sources(tmp: Path) -> dict[str, Path]:
     root = listed(tmp / "list")
     (root / "l.csv").write_text("path,classname\nimg/a.png,cat\nimg/b.png,dog\nimg/c.png,fox\n")
@@ -225,8 +248,12 @@ def _sources(tmp: Path) -> dict[str, Path]:
     (ds / "images").mkdir(parents=True)
     split = {"train": [["a/1.jpg", 0, "cat"], ["b/1.jpg", 1, "dog"], ["c/1.jpg", 2, "fox"]], "val": [], "test": []}
     (ds / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
-    return {"folder": make_folder(tmp / "folder", per_class=1), "csv list": root / "l.csv",
-            "json list": root / "l.json", "benchmark folder": ds}
+    return {
+        "folder": make_folder(tmp / "folder", per_class=1),
+        "csv list": root / "l.csv",
+        "json list": root / "l.json",
+        "benchmark folder": ds,
+    }
 
 
 @pytest.mark.parametrize("source", ["folder", "csv list", "json list", "benchmark folder"])
@@ -242,11 +269,28 @@ def test_classnames_file_renames_the_classes_of_every_source(tmp_path, source, n
 
 def test_fit_uses_the_classnames_file_with_a_list(tmp_path, tally):
     data = make_folder(tmp_path / "data", per_class=2)
-    (tmp_path / "l.csv").write_text("path,classname\n" + "".join(
-        f"data/{c}/{i}.jpg,{c}\n" for c in ("cat", "dog", "fox") for i in range(2)))
+    (tmp_path / "l.csv").write_text(
+        "path,classname\n" + "".join(f"data/{c}/{i}.jpg,{c}\n" for c in ("cat", "dog", "fox") for i in range(2))
+    )
     (tmp_path / "names.txt").write_text("tabby cat\nbeagle\nred fox\n")
-    r = cli("fit", "--data", tmp_path / "l.csv", "--classnames", tmp_path / "names.txt", "--shots", 1, "--views", 1,
-            "--steps", 2, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run", *TINY)
+    r = cli(
+        "fit",
+        "--data",
+        tmp_path / "l.csv",
+        "--classnames",
+        tmp_path / "names.txt",
+        "--shots",
+        1,
+        "--views",
+        1,
+        "--steps",
+        2,
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out",
+        tmp_path / "run",
+        *TINY,
+    )
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "run" / "classnames.json").read_text()) == ["tabby cat", "beagle", "red fox"]
     assert data.is_dir()
@@ -255,6 +299,7 @@ def test_fit_uses_the_classnames_file_with_a_list(tmp_path, tally):
 
 
 # ---- prompt templates ----------------------------------------------------------------------------------------------
+
 
 def _one_placeholder(t: str) -> bool:
     """Independent oracle: with literal braces ({{ and }}) removed, exactly one {} and no other brace."""
@@ -282,8 +327,20 @@ def test_templates_need_exactly_one_placeholder_and_nothing_else(template, tally
         tally.clear_error(e.value, "t.txt, line 2", "template")
 
 
-@pytest.mark.parametrize("template", ["a {0} photo", "a {name}.", "{} and {}", "a photo", "a {!r} photo",
-                                      "a {:>9} photo", "a {} photo }", "a { photo {}", "{}{0}"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "a {0} photo",
+        "a {name}.",
+        "{} and {}",
+        "a photo",
+        "a {!r} photo",
+        "a {:>9} photo",
+        "a {} photo }",
+        "a { photo {}",
+        "{}{0}",
+    ],
+)
 def test_each_kind_of_bad_template_is_named(tmp_path, template, tally):
     (tmp_path / "t.txt").write_text(template + "\n")
     with tally.raises(DataError, match=r"t\.txt, line 1: template .* (must contain exactly one '\{\}'|is not a valid)"):

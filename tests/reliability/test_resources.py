@@ -2,6 +2,7 @@
 the decoder, fit or predict (only regular files are opened), and an absurdly elongated image is cropped before it
 is resized, so its transform takes megabytes, not gigabytes, while ordinary images keep bitwise the same pixels.
 """
+
 import json
 import re
 import subprocess
@@ -54,15 +55,23 @@ def test_lists_and_split_files_refuse_images_that_are_not_regular(tmp_path, kind
     # A link to a device resolves outside the dataset, which the readers refuse first.
     refused = "escapes the dataset root" if kind == "device" else "is a .*, not a regular file"
     for name in ("l.csv", "l.json"):
-        with deadline(LIMIT), tally.raises(DataError, match=rf"{name}, row 2: (image|path) .*b\.png.* {refused}",
-                                           input=f"{name} naming a {kind}"):
+        with (
+            deadline(LIMIT),
+            tally.raises(
+                DataError, match=rf"{name}, row 2: (image|path) .*b\.png.* {refused}", input=f"{name} naming a {kind}"
+            ),
+        ):
             read_image_list(tmp_path / name)
     ds = tmp_path / "dtd"
     (ds / "images" / "x").mkdir(parents=True)
     special_file(ds / "images" / "x" / "1.jpg", kind)
     (ds / "split_zhou_DescribableTextures.json").write_text(json.dumps({"train": [["x/1.jpg", 0, "banded"]]}))
-    with deadline(LIMIT), tally.raises(DataError, match=rf"train entry 0: (image|path) .*1\.jpg.* {refused}",
-                                       input=f"split file naming a {kind}"):
+    with (
+        deadline(LIMIT),
+        tally.raises(
+            DataError, match=rf"train entry 0: (image|path) .*1\.jpg.* {refused}", input=f"split file naming a {kind}"
+        ),
+    ):
         load_benchmark_folder(ds)
 
 
@@ -82,18 +91,30 @@ def test_imagenet_style_folders_skip_and_list_files_that_are_not_regular(tmp_pat
 @pytest.mark.parametrize("kind", SPECIAL_KINDS)
 def test_text_inputs_that_are_not_regular_files_are_refused(tmp_path, kind, tally):
     root = make_folder(tmp_path / "data", classes=("a", "b"), per_class=1)
-    readers = {"templates.txt": lambda p: read_templates(p), "names.txt": lambda p: read_classnames(p, ["a", "b"]),
-               "list.csv": lambda p: read_image_list(p), "names.json": lambda p: read_image_folder(root, p)}
+    readers = {
+        "templates.txt": lambda p: read_templates(p),
+        "names.txt": lambda p: read_classnames(p, ["a", "b"]),
+        "list.csv": lambda p: read_image_list(p),
+        "names.json": lambda p: read_image_folder(root, p),
+    }
     for name, read in readers.items():
         path = special_file(tmp_path / name, kind)
-        with deadline(LIMIT), tally.raises(DataError, match=rf"{name} is a .*, not a regular file",
-                                           input=f"{kind} as {name}"):
+        with (
+            deadline(LIMIT),
+            tally.raises(DataError, match=rf"{name} is a .*, not a regular file", input=f"{kind} as {name}"),
+        ):
             read(path)
     ds = tmp_path / "dtd"
     ds.mkdir()
     special_file(ds / "split_zhou_DescribableTextures.json", kind)
-    with deadline(LIMIT), tally.raises(DataError, match=r"split_zhou_DescribableTextures\.json is a .*, not a regular",
-                                       input=f"{kind} as a split file"):
+    with (
+        deadline(LIMIT),
+        tally.raises(
+            DataError,
+            match=r"split_zhou_DescribableTextures\.json is a .*, not a regular",
+            input=f"{kind} as a split file",
+        ),
+    ):
         load_benchmark("dtd", tmp_path)
 
 
@@ -101,8 +122,22 @@ def test_fit_and_predict_never_hang_on_a_fifo(tmp_path, tally):
     data = make_folder(tmp_path / "data", per_class=3)
     fifo = special_file(data / "dog" / "zz_pipe.jpg", "fifo")
     with deadline(120):
-        r = cli("fit", "--data", data, "--shots", 1, "--views", 1, "--steps", 2, "--cache-dir", tmp_path / "cache",
-                "--out", tmp_path / "run", *TINY)
+        r = cli(
+            "fit",
+            "--data",
+            data,
+            "--shots",
+            1,
+            "--views",
+            1,
+            "--steps",
+            2,
+            "--cache-dir",
+            tmp_path / "cache",
+            "--out",
+            tmp_path / "run",
+            *TINY,
+        )
     assert r.exit_code == 0, r.output
     assert str(fifo) in json.loads((tmp_path / "run" / "manifest.json").read_text())["ignored_files"]
     tally.input("FIFO in the data of fit")
@@ -140,8 +175,9 @@ PROBE = textwrap.dedent("""
 
 def test_extremely_elongated_images_transform_in_bounded_memory(tally):
     sizes = [[40000, 1], [1, 40000], [20000, 1], [1, 20000], [5000, 3]]
-    child = subprocess.run([sys.executable, "-c", PROBE, json.dumps(sizes)], capture_output=True, text=True,
-                           timeout=300)
+    child = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(sizes)], capture_output=True, text=True, timeout=300
+    )
     tally.input(*(f"{w}x{h} image" for w, h in sizes))
     assert child.returncode == 0, child.stderr[-2000:]
     report = json.loads(child.stdout)
@@ -151,8 +187,9 @@ def test_extremely_elongated_images_transform_in_bounded_memory(tally):
 
 
 @pytest.mark.reliability("determinism")
-@pytest.mark.parametrize("size", [(500, 375), (375, 500), (224, 224), (225, 224), (1000, 20), (20, 1000), (31, 7),
-                                  (640, 480), (4000, 3000)])
+@pytest.mark.parametrize(
+    "size", [(500, 375), (375, 500), (224, 224), (225, 224), (1000, 20), (20, 1000), (31, 7), (640, 480), (4000, 3000)]
+)
 def test_the_center_transform_is_bitwise_torchvisions_on_ordinary_images(size, tally):
     from torchvision import transforms as T
     from torchvision.transforms import InterpolationMode
@@ -161,8 +198,14 @@ def test_the_center_transform_is_bitwise_torchvisions_on_ordinary_images(size, t
     from prolip.transforms import center_transform
 
     prep = Preprocessing(224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-    reference = T.Compose([T.Resize(224, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
-                           T.Normalize(prep.mean, prep.std)])
+    reference = T.Compose(
+        [
+            T.Resize(224, interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(224),
+            T.ToTensor(),
+            T.Normalize(prep.mean, prep.std),
+        ]
+    )
     w, h = size
     image = Image.fromarray(np.random.default_rng(w * h).integers(0, 255, (h, w, 3), dtype=np.uint8))
     tally.input(f"{w}x{h} image")

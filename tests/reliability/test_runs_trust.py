@@ -2,6 +2,7 @@
 fault (missing manifest keys, wrong types, class names, templates, classifier shape, NaN/Inf in any tensor);
 Run.save refuses to write what Run.load would refuse. Never a crash further on, in predict or eval.
 """
+
 import json
 import math
 import re
@@ -61,49 +62,74 @@ def test_each_missing_manifest_key_is_named(saved, key, tally):
         Run.load(saved)
 
 
-@pytest.mark.parametrize("key,value", [
-    ("backbone", "open_clip"), ("backbone.fingerprint", 12), ("backbone.arch", None), ("method.method", ["prolip"]),
-    ("method.hyperparameters", "lr=1"), ("fit.shots", "16"), ("fit.shots", True), ("fit.shots", 1.5),
-    ("logit_scale", "100"), ("logit_scale", float("nan")), ("logit_scale", -1.0), ("logit_scale", float("inf")),
-    ("logit_scale", False),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("backbone", "open_clip"),
+        ("backbone.fingerprint", 12),
+        ("backbone.arch", None),
+        ("method.method", ["prolip"]),
+        ("method.hyperparameters", "lr=1"),
+        ("fit.shots", "16"),
+        ("fit.shots", True),
+        ("fit.shots", 1.5),
+        ("logit_scale", "100"),
+        ("logit_scale", float("nan")),
+        ("logit_scale", -1.0),
+        ("logit_scale", float("inf")),
+        ("logit_scale", False),
+    ],
+)
 def test_each_mistyped_manifest_key_is_named(saved, key, value, tally):
     _edit_manifest(saved, key, value)
     with tally.raises(RunError, match=rf"manifest\.json: key '{re.escape(key)}' must be", input=f"{key}={value!r}"):
         Run.load(saved)
 
 
-@pytest.mark.parametrize("content,error", [
-    ({"not": "a list"}, r"class names must be a list"),
-    (["a", "b", "a"], r"class name 'a' is given twice \(classes 0 and 2\)"),
-    (["a", 2, "c"], r"class name 1 is 2, not a string"),
-    (["a", "b", ""], r"class name 2 is blank"),
-])
+@pytest.mark.parametrize(
+    "content,error",
+    [
+        ({"not": "a list"}, r"class names must be a list"),
+        (["a", "b", "a"], r"class name 'a' is given twice \(classes 0 and 2\)"),
+        (["a", 2, "c"], r"class name 1 is 2, not a string"),
+        (["a", "b", ""], r"class name 2 is blank"),
+    ],
+)
 def test_bad_class_names_are_named(saved, content, error, tally):
     (saved / "classnames.json").write_text(json.dumps(content))
     with tally.raises(RunError, match=r"classnames\.json: " + error):
         Run.load(saved)
 
 
-@pytest.mark.parametrize("content,error", [
-    ([], r"templates must be a non-empty list"), ("a photo of a {}.", r"templates must be a non-empty list"),
-    (["a photo of a {0}."], r"template 0: template 'a photo of a \{0\}\.' must contain exactly one"),
-    (["{name}"], r"must contain exactly one"), (["no placeholder"], r"must contain exactly one"),
-    (["{} {}"], r"must contain exactly one"), (["a {"], r"is not a valid format string"), ([3], r"is not a string"),
-])
+@pytest.mark.parametrize(
+    "content,error",
+    [
+        ([], r"templates must be a non-empty list"),
+        ("a photo of a {}.", r"templates must be a non-empty list"),
+        (["a photo of a {0}."], r"template 0: template 'a photo of a \{0\}\.' must contain exactly one"),
+        (["{name}"], r"must contain exactly one"),
+        (["no placeholder"], r"must contain exactly one"),
+        (["{} {}"], r"must contain exactly one"),
+        (["a {"], r"is not a valid format string"),
+        ([3], r"is not a string"),
+    ],
+)
 def test_bad_templates_are_named(saved, content, error, tally):
     (saved / "templates.json").write_text(json.dumps(content))
     with tally.raises(RunError, match=r"templates\.json.*" + error):
         Run.load(saved)
 
 
-@pytest.mark.parametrize("tensor,error", [
-    (torch.zeros(3), r"tensor 'classifier' must be 2-D \[classes, dim\], got \(3,\)"),
-    (torch.zeros(3, 4, 1), r"tensor 'classifier' must be 2-D"),
-    (torch.zeros(2, 4), r"tensor 'classifier' has 2 rows but there are 3 class names"),
-    (torch.tensor([[1.0, float("nan")]] * 3), r"tensor 'classifier' holds NaN or Inf"),
-    (torch.tensor([[1.0, float("-inf")]] * 3), r"tensor 'classifier' holds NaN or Inf"),
-])
+@pytest.mark.parametrize(
+    "tensor,error",
+    [
+        (torch.zeros(3), r"tensor 'classifier' must be 2-D \[classes, dim\], got \(3,\)"),
+        (torch.zeros(3, 4, 1), r"tensor 'classifier' must be 2-D"),
+        (torch.zeros(2, 4), r"tensor 'classifier' has 2 rows but there are 3 class names"),
+        (torch.tensor([[1.0, float("nan")]] * 3), r"tensor 'classifier' holds NaN or Inf"),
+        (torch.tensor([[1.0, float("-inf")]] * 3), r"tensor 'classifier' holds NaN or Inf"),
+    ],
+)
 def test_a_bad_classifier_is_named(saved, tensor, error, tally):
     save_file({"classifier": tensor}, str(saved / "classifier.safetensors"))
     with tally.raises(RunError, match=r"classifier\.safetensors: " + error):
@@ -121,25 +147,33 @@ def test_non_finite_method_tensors_are_named(saved, name, bad, tally):
 
 
 def test_save_refuses_what_load_would_refuse_and_writes_nothing(tmp_path, tally):
-    cases = {"NaN in W": lambda r: r.method_state["W"].view(-1).__setitem__(0, float("nan")),
-             "Inf in the classifier": lambda r: r.classifier.view(-1).__setitem__(3, float("inf")),
-             "duplicate class names": lambda r: r.classnames.__setitem__(2, "a"),
-             "a template with {0}": lambda r: r.templates.__setitem__(0, "a {0}"),
-             "no backbone key": lambda r: r.manifest.pop("backbone")}
+    cases = {
+        "NaN in W": lambda r: r.method_state["W"].view(-1).__setitem__(0, float("nan")),
+        "Inf in the classifier": lambda r: r.classifier.view(-1).__setitem__(3, float("inf")),
+        "duplicate class names": lambda r: r.classnames.__setitem__(2, "a"),
+        "a template with {0}": lambda r: r.templates.__setitem__(0, "a {0}"),
+        "no backbone key": lambda r: r.manifest.pop("backbone"),
+    }
     for name, spoil in cases.items():
         run = fake_run()
         spoil(run)
-        with tally.raises(ValueError, match=r"(tensor '(W|classifier)' holds NaN or Inf|given twice|exactly one|"
-                                            r"key 'backbone' is missing)", input=f"Run.save with {name}"):
+        with tally.raises(
+            ValueError,
+            match=r"(tensor '(W|classifier)' holds NaN or Inf|given twice|exactly one|"
+            r"key 'backbone' is missing)",
+            input=f"Run.save with {name}",
+        ):
             run.save(tmp_path / "run")
         assert not (tmp_path / "run").exists() and list(tmp_path.iterdir()) == []
 
 
 # ---- generated damage --------------------------------------------------------------------------------------------
 
-json_values = st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=6),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
-                                                                                       max_size=3), max_leaves=6)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -164,18 +198,34 @@ def test_any_value_at_any_required_key_loads_validly_or_is_a_run_error(tmp_path_
 
 # ---- through the CLI -----------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("trust_run")
     data = make_folder(root / "data", per_class=3)
-    r = cli("fit", "--data", data, "--shots", 1, "--views", 1, "--steps", 2, "--cache-dir", root / "cache",
-            "--out", root / "run", *TINY)
+    r = cli(
+        "fit",
+        "--data",
+        data,
+        "--shots",
+        1,
+        "--views",
+        1,
+        "--steps",
+        2,
+        "--cache-dir",
+        root / "cache",
+        "--out",
+        root / "run",
+        *TINY,
+    )
     assert r.exit_code == 0, r.output
     return root / "run"
 
 
-@pytest.mark.parametrize("damage", ["no logit_scale", "classnames not distinct", "template {0}", "NaN in W",
-                                    "classifier rows"])
+@pytest.mark.parametrize(
+    "damage", ["no logit_scale", "classnames not distinct", "template {0}", "NaN in W", "classifier rows"]
+)
 def test_predict_and_eval_on_a_damaged_run_name_the_file(fitted, tmp_path, damage, tally):
     run = tmp_path / "run"
     shutil.copytree(fitted, run)
@@ -195,7 +245,9 @@ def test_predict_and_eval_on_a_damaged_run_name_the_file(fitted, tmp_path, damag
         save_file(state, str(path))
     before = digest(run)
     image = next((fitted.parent / "data" / "cat").iterdir())
-    for args in (("predict", run, image), ("eval", run, "--data", fitted.parent / "data", "--cache-dir",
-                                           tmp_path / "cache")):
+    for args in (
+        ("predict", run, image),
+        ("eval", run, "--data", fitted.parent / "data", "--cache-dir", tmp_path / "cache"),
+    ):
         tally.cli_error(cli(*args), re.escape(str(run)), input=f"{args[0]} with {damage}")
     assert tally.lost(int(digest(run) != before)) == 0

@@ -2,6 +2,7 @@
 exports never overwrite without --force (nor, even with it, anything prolip did not write), and no user string ever
 reaches a shell.
 """
+
 import ast
 import hashlib
 import json
@@ -69,18 +70,36 @@ def tiny_run(tmp_path_factory) -> Path:
     """A run fitted once through the CLI, with its feature cache."""
     root = tmp_path_factory.mktemp("safety_run")
     data = make_folder(root / "data", per_class=4)
-    r = cli("fit", "--data", data, "--shots", 2, "--views", 2, "--steps", 5, "--cache-dir", root / "cache",
-            "--out", root / "run", *TINY)
+    r = cli(
+        "fit",
+        "--data",
+        data,
+        "--shots",
+        2,
+        "--views",
+        2,
+        "--steps",
+        5,
+        "--cache-dir",
+        root / "cache",
+        "--out",
+        root / "run",
+        *TINY,
+    )
     assert r.exit_code == 0, r.output
     return root / "run"
 
 
 # ---- pickles -----------------------------------------------------------------------------------------------------
 
+
 def test_malicious_pickle_checkpoints_are_refused_and_never_run(tmp_path, tally):
     for checkpoint, marker in evil_pickles(tmp_path):
-        with tally.raises(BackboneLoadError, match=rf"refusing to load {checkpoint}: .*would run code",
-                          input=f"pickle with code: {checkpoint.name}"):
+        with tally.raises(
+            BackboneLoadError,
+            match=rf"refusing to load {checkpoint}: .*would run code",
+            input=f"pickle with code: {checkpoint.name}",
+        ):
             load_backbone("test-vit-tiny", str(checkpoint))
         assert not marker.exists()
     assert markers_in(tmp_path) == []
@@ -89,8 +108,19 @@ def test_malicious_pickle_checkpoints_are_refused_and_never_run(tmp_path, tally)
 def test_malicious_pickle_through_the_cli_is_a_clean_refusal(tmp_path, tally):
     data = make_folder(tmp_path / "data", per_class=2)
     for checkpoint, marker in evil_pickles(tmp_path):
-        r = cli("extract", "--data", data, "--views", 1, "--cache-dir", tmp_path / "cache", "--model",
-                "test-vit-tiny", "--pretrained", checkpoint)
+        r = cli(
+            "extract",
+            "--data",
+            data,
+            "--views",
+            1,
+            "--cache-dir",
+            tmp_path / "cache",
+            "--model",
+            "test-vit-tiny",
+            "--pretrained",
+            checkpoint,
+        )
         tally.cli_error(r, rf"refusing to load {checkpoint}", "safetensors", input=f"--pretrained {checkpoint.name}")
         assert not marker.exists()
     assert markers_in(tmp_path) == [] and not (tmp_path / "cache").exists()
@@ -122,7 +152,7 @@ def test_run_artifacts_are_only_safetensors_and_json(tiny_run, tally):
             json.loads(p.read_text())
         else:
             raw = p.read_bytes()
-            header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])  # safetensors: u64 size + JSON
+            header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])  # safetensors: u64 size + JSON
             assert isinstance(header, dict)
             with safe_open(str(p), framework="pt") as f:
                 assert list(f.keys())
@@ -142,8 +172,9 @@ def test_a_tampered_run_is_a_clear_run_error_and_never_unpickled(tiny_run, tmp_p
         run = tmp_path / name.replace(".", "_")
         shutil.copytree(tiny_run, run)
         tamper(run / name)
-        with tally.raises(RunError, match=rf"{run / name} is not (a )?valid (safetensors|JSON).*damaged",
-                          input=f"tampered {name}"):
+        with tally.raises(
+            RunError, match=rf"{run / name} is not (a )?valid (safetensors|JSON).*damaged", input=f"tampered {name}"
+        ):
             Run.load(run)
         image = next((tiny_run.parent / "data" / "cat").iterdir())
         tally.cli_error(cli("predict", run, image), rf"{run / name}", "damaged", input=f"predict with tampered {name}")
@@ -163,6 +194,7 @@ def test_a_run_pointing_at_a_malicious_checkpoint_is_refused(tiny_run, tmp_path,
 
 
 # ---- export never overwrites ---------------------------------------------------------------------------------------
+
 
 def digest(root: Path) -> dict[str, str]:
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
@@ -194,8 +226,13 @@ def test_export_refuses_to_overwrite_without_force(tiny_run, tmp_path, tally):
 
 # ---- no shell ------------------------------------------------------------------------------------------------------
 
-SHELL_FUNCTIONS = {("os", "system"), ("os", "popen"), ("subprocess", "getoutput"), ("subprocess", "getstatusoutput"),
-                   ("pty", "spawn")}
+SHELL_FUNCTIONS = {
+    ("os", "system"),
+    ("os", "popen"),
+    ("subprocess", "getoutput"),
+    ("subprocess", "getstatusoutput"),
+    ("pty", "spawn"),
+}
 
 
 def shell_calls(source: str, filename: str = "<src>") -> list[str]:
@@ -208,8 +245,13 @@ def shell_calls(source: str, filename: str = "<src>") -> list[str]:
         if not isinstance(node, ast.Call):
             continue
         f = node.func
-        name = ((f.value.id, f.attr) if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name)
-                else imported.get(f.id, (None, f.id)) if isinstance(f, ast.Name) else (None, None))
+        name = (
+            (f.value.id, f.attr)
+            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name)
+            else imported.get(f.id, (None, f.id))
+            if isinstance(f, ast.Name)
+            else (None, None)
+        )
         where = f"{filename}:{node.lineno}"
         if name in SHELL_FUNCTIONS or (name[0] == "os" and name[1].startswith(("exec", "spawn"))):
             found.append(f"{where} {name[0]}.{name[1]}")
@@ -222,11 +264,19 @@ def shell_calls(source: str, filename: str = "<src>") -> list[str]:
 
 
 def test_the_shell_call_check_finds_each_kind_of_call():
-    bad = ("import os, subprocess\nfrom os import popen as p\nos.system('x')\np('x')\nos.execvp('sh', [])\n"
-           "subprocess.run('x', shell=True)\nsubprocess.run(['x'], shell=flag)\neval('1')\n"
-           "subprocess.run(['ls'], shell=False)\nmodel.eval()\n")
+    bad = (
+        "import os, subprocess\nfrom os import popen as p\nos.system('x')\np('x')\nos.execvp('sh', [])\n"
+        "subprocess.run('x', shell=True)\nsubprocess.run(['x'], shell=flag)\neval('1')\n"
+        "subprocess.run(['ls'], shell=False)\nmodel.eval()\n"
+    )
     assert [c.split(" ", 1)[1] for c in shell_calls(bad)] == [
-        "os.system", "os.popen", "os.execvp", "shell=True", "shell=flag", "eval()"]
+        "os.system",
+        "os.popen",
+        "os.execvp",
+        "shell=True",
+        "shell=flag",
+        "eval()",
+    ]
 
 
 def test_no_source_file_hands_a_string_to_a_shell(tally):
@@ -243,8 +293,22 @@ def test_shell_metacharacters_in_paths_and_class_names_stay_plain_strings(tmp_pa
     data = make_folder(tmp_path / f"data{names[0]}", classes=names[1:], per_class=3)
     run, out = tmp_path / f"run {names[1]}", tmp_path / f"export{names[3]}"
     tally.input(*(f"path/class name {n!r}" for n in names))
-    r = cli("fit", "--data", data, "--shots", 1, "--views", 1, "--steps", 2, "--cache-dir",
-            tmp_path / f"cache{names[2]}", "--out", run, *TINY)
+    r = cli(
+        "fit",
+        "--data",
+        data,
+        "--shots",
+        1,
+        "--views",
+        1,
+        "--steps",
+        2,
+        "--cache-dir",
+        tmp_path / f"cache{names[2]}",
+        "--out",
+        run,
+        *TINY,
+    )
     assert r.exit_code == 0, r.output
     assert json.loads((run / "classnames.json").read_text()) == sorted(names[1:])  # passed through verbatim
     image = tmp_path / f"img {names[1]}.jpg"

@@ -2,6 +2,7 @@
 the shard, sample, row or split at fault: truncated or damaged tars, compressed shards, a missing label member, labels
 out of range or not integers, no class names, a split that does not exist, unlabelled rows, a Hub name without a
 local copy (refused at once, nothing downloaded), and corrupt images inside a container, skipped and listed."""
+
 from __future__ import annotations
 
 import io
@@ -50,6 +51,7 @@ def good(n: int = 6) -> list[tuple[str, dict[str, bytes]]]:
 
 # ---- tar shards ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("cut", ["mid-member", "at a member boundary", "mid-header"])
 def test_a_truncated_shard_is_refused_not_silently_shortened(cut, tmp_path, tally):
     path = shard(tmp_path / "s" / "a.tar", good())
@@ -57,8 +59,11 @@ def test_a_truncated_shard_is_refused_not_silently_shortened(cut, tmp_path, tall
     with tarfile.open(path) as tar:
         members = tar.getmembers()
     third = members[3]
-    end = {"mid-member": third.offset_data + third.size // 2, "at a member boundary": third.offset,
-           "mid-header": third.offset + 100}[cut]
+    end = {
+        "mid-member": third.offset_data + third.size // 2,
+        "at a member boundary": third.offset,
+        "mid-header": third.offset + 100,
+    }[cut]
     path.write_bytes(data[:end])
     with tally.raises(DataError, match=r"a\.tar.*(truncated|cut short|unexpected end)", input=f"tar truncated {cut}"):
         resolve_data(str(path))
@@ -69,7 +74,7 @@ def test_a_damaged_header_in_the_middle_is_refused(tmp_path, tally):
     data = bytearray(path.read_bytes())
     with tarfile.open(path) as tar:
         fourth = tar.getmembers()[4]
-    data[fourth.offset:fourth.offset + 100] = b"x" * 100  # the name field and beyond: the checksum no longer holds
+    data[fourth.offset : fourth.offset + 100] = b"x" * 100  # the name field and beyond: the checksum no longer holds
     path.write_bytes(bytes(data))
     with tally.raises(DataError, match="damaged header", input="tar with a damaged header"):
         resolve_data(str(path))
@@ -80,8 +85,11 @@ def test_a_missing_label_member_names_the_sample_and_the_option(tmp_path, tally)
     del samples[2][1]["cls"]
     samples[2][1]["json"] = b"{}"
     path = shard(tmp_path / "s" / "a.tar", samples)
-    with tally.raises(DataError, match=r"sample s002 has no 'cls' member \(it has: json, png\); pass --label-key",
-                      input="sample without its label member"):
+    with tally.raises(
+        DataError,
+        match=r"sample s002 has no 'cls' member \(it has: json, png\); pass --label-key",
+        input="sample without its label member",
+    ):
         resolve_data(str(path))
     r = cli("fit", "--data", path, "--out", tmp_path / "run", *TINY)
     tally.cli_error(r, "sample s002 has no 'cls' member", input="fit on shards with a missing label member")
@@ -89,10 +97,16 @@ def test_a_missing_label_member_names_the_sample_and_the_option(tmp_path, tally)
         resolve_data(str(shard(tmp_path / "t" / "b.tar", good())), label_key="label")
 
 
-@pytest.mark.parametrize("label,match", [(b"3", r"label 3 is outside 0\.\.2 \(3 classes in"),
-                                         (b"-1", "not an integer class index|outside"),
-                                         (b"1.5", "not an integer class index"), (b"cat", "not an integer class index"),
-                                         (b"\xff\xfe", "is not text")])
+@pytest.mark.parametrize(
+    "label,match",
+    [
+        (b"3", r"label 3 is outside 0\.\.2 \(3 classes in"),
+        (b"-1", "not an integer class index|outside"),
+        (b"1.5", "not an integer class index"),
+        (b"cat", "not an integer class index"),
+        (b"\xff\xfe", "is not text"),
+    ],
+)
 def test_a_label_that_is_no_class_index_of_the_names_is_refused(label, match, tmp_path, tally):
     samples = good()
     samples[4][1]["cls"] = label
@@ -119,8 +133,9 @@ def test_shards_without_class_names_or_compressed_or_missing_are_refused(tmp_pat
     (empty.parent / "classnames.txt").write_text("\n".join(CLASSES))
     with tally.raises(DataError, match="not a readable tar file", input="an empty file named .tar"):
         resolve_data(str(empty))
-    with tally.raises(DataError, match="only tar shards and hf: datasets have label keys",
-                      input="--label-key on an image folder"):
+    with tally.raises(
+        DataError, match="only tar shards and hf: datasets have label keys", input="--label-key on an image folder"
+    ):
         resolve_data(str(tmp_path), label_key="cls")
 
 
@@ -136,8 +151,22 @@ def test_a_corrupt_or_vanished_member_is_a_bad_image_named_by_its_member(tmp_pat
     with tally.raises(BadImageError, match="has no member s999.png", input="a member the shard does not hold"):
         load_image(f"{path}::s999.png")
     clean = shard(tmp_path / "clean" / "a.tar", good())
-    r = cli("fit", "--data", clean, "--shots", 1, "--views", 1, "--steps", 2, "--cache-dir", tmp_path / "c", "--out",
-            tmp_path / "run", *TINY)
+    r = cli(
+        "fit",
+        "--data",
+        clean,
+        "--shots",
+        1,
+        "--views",
+        1,
+        "--steps",
+        2,
+        "--cache-dir",
+        tmp_path / "c",
+        "--out",
+        tmp_path / "run",
+        *TINY,
+    )
     assert r.exit_code == 0, r.output
     r = cli("eval", tmp_path / "run", "--data", path, "--on-bad-image", "skip", "--cache-dir", tmp_path / "c", "--json")
     assert r.exit_code == 0, r.output
@@ -148,6 +177,7 @@ def test_a_corrupt_or_vanished_member_is_a_bad_image_named_by_its_member(tmp_pat
 
 # ---- Hugging Face datasets --------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def saved(tmp_path):
     datasets = pytest.importorskip("datasets")
@@ -155,24 +185,31 @@ def saved(tmp_path):
     def save(labels, *, split_names=("train", "test"), label_feature=None, images=None):
         feature = label_feature or datasets.ClassLabel(names=list(CLASSES))
         rows = {"image": images or [{"bytes": png(i), "path": None} for i in range(len(labels))], "label": labels}
-        ds = datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image(),
-                                                                           "label": feature}))
+        ds = datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image(), "label": feature}))
         out = tmp_path / f"ds{len(list(tmp_path.iterdir()))}"
         datasets.DatasetDict({name: ds for name in split_names}).save_to_disk(str(out))
         return out
+
     return save
 
 
 def test_a_split_that_does_not_exist_is_refused_naming_the_splits_there(saved, tmp_path, tally):
     root = saved([0, 1, 2, 0, 1, 2])
-    with tally.raises(DataError, match=r"--split validation: hf:.* has no split 'validation' \(its splits: train, "
-                      r"test\)", input="--split naming no split"):
+    with tally.raises(
+        DataError,
+        match=r"--split validation: hf:.* has no split 'validation' \(its splits: train, "
+        r"test\)",
+        input="--split naming no split",
+    ):
         resolve_data(f"hf:{root}", split="validation")
     r = cli("fit", "--data", f"hf:{root}", "--split", "nope", "--out", tmp_path / "run", *TINY)
     tally.cli_error(r, "has no split 'nope'", input="fit --split nope")
     odd = saved([0, 1, 2], split_names=("training", "holdout"))
-    with tally.raises(DataError, match=r"none of its splits \(training, holdout\) is named train; pass --split",
-                      input="splits without a train split"):
+    with tally.raises(
+        DataError,
+        match=r"none of its splits \(training, holdout\) is named train; pass --split",
+        input="splits without a train split",
+    ):
         resolve_data(f"hf:{odd}")
     assert len(resolve_data(f"hf:{odd}", split="training").train) == 3
     with tally.raises(DataError, match="only a Hugging Face dataset", input="--split on a tar shard"):
@@ -186,8 +223,11 @@ def test_unlabelled_and_out_of_range_rows_are_refused_by_row(saved, tally):
     plain = saved([0, 1, 7], label_feature=datasets.Value("int64"))
     with tally.raises(DataError, match="no ClassLabel column", input="an integer label column, no --label-key"):
         resolve_data(f"hf:{plain}")
-    with tally.raises(DataError, match="is not a ClassLabel, so it names no classes; pass --classnames",
-                      input="an integer label column without names"):
+    with tally.raises(
+        DataError,
+        match="is not a ClassLabel, so it names no classes; pass --classnames",
+        input="an integer label column without names",
+    ):
         resolve_data(f"hf:{plain}", label_key="label")
     names = plain / "names.txt"
     names.write_text("\n".join(CLASSES))
@@ -197,9 +237,10 @@ def test_unlabelled_and_out_of_range_rows_are_refused_by_row(saved, tally):
 
 def test_no_classlabel_column_and_a_wrong_label_key(saved, tally, tmp_path):
     datasets = pytest.importorskip("datasets")
-    ds = datasets.Dataset.from_dict({"image": [{"bytes": png(0), "path": None}], "caption": ["a cat"]},
-                                    features=datasets.Features({"image": datasets.Image(),
-                                                                "caption": datasets.Value("string")}))
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": png(0), "path": None}], "caption": ["a cat"]},
+        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}),
+    )
     ds.to_parquet(str(tmp_path / "captions.parquet"))
     with tally.raises(DataError, match=r"no ClassLabel column \(columns: image, caption\)", input="no label column"):
         resolve_data(f"hf:{tmp_path / 'captions.parquet'}")
@@ -212,8 +253,13 @@ def test_a_hub_name_without_a_local_copy_fails_fast_and_downloads_nothing(tmp_pa
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # even online, a dataset is never fetched
     started = time.perf_counter()
     r = cli("fit", "--data", "hf:someone/imagenet-1k", "--out", tmp_path / "run", *TINY)
-    tally.cli_error(r, "cannot get dataset someone/imagenet-1k", "never downloads data", "--data hf:/path/to/dir",
-                    input="a Hub dataset name with no local copy")
+    tally.cli_error(
+        r,
+        "cannot get dataset someone/imagenet-1k",
+        "never downloads data",
+        "--data hf:/path/to/dir",
+        input="a Hub dataset name with no local copy",
+    )
     assert time.perf_counter() - started < 10
     assert not (tmp_path / "empty-cache").exists() or not any((tmp_path / "empty-cache").rglob("*.parquet"))
 
@@ -223,9 +269,16 @@ def test_damaged_dataset_files_and_corrupt_row_images(saved, tmp_path, tally):
     broken.write_bytes(b"PAR1 this is not parquet")
     with tally.raises(DataError, match="broken.parquet", input="a damaged parquet file"):
         resolve_data(f"hf:{broken}")
-    root = saved([0, 1, 2, 0], images=[{"bytes": png(0), "path": None}, {"bytes": b"not an image", "path": None},
-                                        {"bytes": png(2), "path": None}, {"bytes": png(3), "path": None}],
-                 split_names=("train",))
+    root = saved(
+        [0, 1, 2, 0],
+        images=[
+            {"bytes": png(0), "path": None},
+            {"bytes": b"not an image", "path": None},
+            {"bytes": png(2), "path": None},
+            {"bytes": png(3), "path": None},
+        ],
+        split_names=("train",),
+    )
     items = resolve_data(f"hf:{root}").train.items
     with tally.raises(BadImageError, match=r"\.arrow::1: not an image", input="a row whose image is garbage"):
         load_image(items[1].path)

@@ -3,6 +3,7 @@
 ``load_backbone(model, pretrained)`` builds one from an open_clip architecture (+ pretrained tag, local
 checkpoint file, or "none" for a seeded random init) or from a Hugging Face ``CLIPModel`` ("hf:<id or dir>").
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,13 +15,32 @@ import open_clip
 import torch
 
 from prolip.backbones.base import Backbone, BackboneInfo, Preprocessing, ProjectionSite
-from prolip.backbones.loading import (HOW_TO_PASS_LOCAL, BackboneLoadError, fingerprint, hub_available,
-                                      load_into, read_state_dict)
+from prolip.backbones.loading import (
+    HOW_TO_PASS_LOCAL,
+    BackboneLoadError,
+    fingerprint,
+    hub_available,
+    load_into,
+    read_state_dict,
+)
 from prolip.backbones.openclip import OpenClipBackbone, OpenClipResNet, OpenClipViT
 
-__all__ = ["Backbone", "BackboneInfo", "BackboneLoadError", "Preprocessing", "ProjectionSite", "OpenClipBackbone",
-           "OpenClipViT", "OpenClipResNet", "RandomWeightsWarning", "available_models", "load_backbone",
-           "MODEL_CONFIG_DIR", "PROVENANCE_KEY", "LabelledBackboneInfo"]
+__all__ = [
+    "Backbone",
+    "BackboneInfo",
+    "BackboneLoadError",
+    "Preprocessing",
+    "ProjectionSite",
+    "OpenClipBackbone",
+    "OpenClipViT",
+    "OpenClipResNet",
+    "RandomWeightsWarning",
+    "available_models",
+    "load_backbone",
+    "MODEL_CONFIG_DIR",
+    "PROVENANCE_KEY",
+    "LabelledBackboneInfo",
+]
 
 # Tiny architectures for tests and demos ("test-vit-tiny", "test-rn-tiny"), registered with open_clip.
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
@@ -64,9 +84,16 @@ class RandomWeightsWarning(UserWarning):
 
 def _supported(cfg: dict) -> bool:
     vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
-    return not (cfg.get("custom_text") or "multimodal_cfg" in cfg or "timm_model_name" in vision
-                or "hf_model_name" in text or "hf_tokenizer_name" in text or vision.get("attentional_pool")
-                or vision.get("no_ln_pre") or text.get("embed_cls"))
+    return not (
+        cfg.get("custom_text")
+        or "multimodal_cfg" in cfg
+        or "timm_model_name" in vision
+        or "hf_model_name" in text
+        or "hf_tokenizer_name" in text
+        or vision.get("attentional_pool")
+        or vision.get("no_ln_pre")
+        or text.get("embed_cls")
+    )
 
 
 def available_models() -> list[str]:
@@ -77,8 +104,9 @@ def available_models() -> list[str]:
     return [m for m in open_clip.list_models() if _supported(open_clip.get_model_config(m) or {})]
 
 
-def load_backbone(model: str = "ViT-B-16", pretrained: str = "openai", *, device: str | torch.device = "cpu"
-                  ) -> Backbone:
+def load_backbone(
+    model: str = "ViT-B-16", pretrained: str = "openai", *, device: str | torch.device = "cpu"
+) -> Backbone:
     """Build a frozen backbone.
 
     model: an open_clip architecture (see :func:`available_models`), or "hf:<hub id or local dir>".
@@ -91,11 +119,15 @@ def load_backbone(model: str = "ViT-B-16", pretrained: str = "openai", *, device
 
         return load_hf_backbone(model[3:], device)
     if open_clip.get_model_config(model) is None:
-        raise BackboneLoadError(f"unknown model {model!r}: use one of available_models() (e.g. ViT-B-16, RN50, "
-                                f"test-vit-tiny) or hf:<hub id or local dir> for a Hugging Face CLIPModel")
+        raise BackboneLoadError(
+            f"unknown model {model!r}: use one of available_models() (e.g. ViT-B-16, RN50, "
+            f"test-vit-tiny) or hf:<hub id or local dir> for a Hugging Face CLIPModel"
+        )
     if not _supported(open_clip.get_model_config(model)):
-        raise BackboneLoadError(f"{model} is not an OpenAI-style CLIP architecture (it uses a timm/HF tower, "
-                                f"attentional pooling or a multimodal decoder); use one of available_models()")
+        raise BackboneLoadError(
+            f"{model} is not an OpenAI-style CLIP architecture (it uses a timm/HF tower, "
+            f"attentional pooling or a multimodal decoder); use one of available_models()"
+        )
     path = None if pretrained.lower() == "none" else _checkpoint_path(model, pretrained)
     with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG untouched
         torch.manual_seed(RANDOM_INIT_SEED)
@@ -107,16 +139,25 @@ def load_backbone(model: str = "ViT-B-16", pretrained: str = "openai", *, device
     clip.eval()
     if path is None:
         weights, random_weights = "none", True
-        warnings.warn(f"{model} has RANDOM weights (pretrained='none', seed {RANDOM_INIT_SEED}); its features and "
-                      f"accuracies mean nothing", RandomWeightsWarning, stacklevel=2)
+        warnings.warn(
+            f"{model} has RANDOM weights (pretrained='none', seed {RANDOM_INIT_SEED}); its features and "
+            f"accuracies mean nothing",
+            RandomWeightsWarning,
+            stacklevel=2,
+        )
     else:
         load_into(clip, read_state_dict(path), str(path))
         # a tag stays a tag; a file is recorded absolute so saved runs reload it from any directory
         is_tag = bool(open_clip.get_pretrained_cfg(model, pretrained)) and not Path(pretrained).exists()
         weights, random_weights = (pretrained if is_tag else str(path.resolve())), False
     cfg = {"arch": model, "config": open_clip.get_model_config(model)}
-    info = BackboneInfo(family="open_clip", arch=model, weights=weights, random_weights=random_weights,
-                        fingerprint=fingerprint(cfg, clip.state_dict()))
+    info = BackboneInfo(
+        family="open_clip",
+        arch=model,
+        weights=weights,
+        random_weights=random_weights,
+        fingerprint=fingerprint(cfg, clip.state_dict()),
+    )
     provenance = "" if path is None else declared_provenance(path)
     if provenance:
         info = LabelledBackboneInfo(**vars(info), provenance=provenance)
@@ -130,15 +171,19 @@ def _checkpoint_path(model: str, pretrained: str) -> Path:
     cfg = open_clip.get_pretrained_cfg(model, pretrained)
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(model)
-        raise BackboneLoadError(f"unknown pretrained tag {pretrained!r} for {model} ({'known tags: ' + ', '.join(tags) if tags else 'it has no pretrained tags'}); "
-                                f"use 'none' for random weights, or {HOW_TO_PASS_LOCAL}")
+        known = "known tags: " + ", ".join(tags) if tags else "it has no pretrained tags"
+        raise BackboneLoadError(
+            f"unknown pretrained tag {pretrained!r} for {model} ({known}); "
+            f"use 'none' for random weights, or {HOW_TO_PASS_LOCAL}"
+        )
     cached = _cached_hub_file(cfg.get("hf_hub", ""))
     if cached is not None:
         return cached
     if not hub_available():
         raise BackboneLoadError(
             f"cannot get {model}/{pretrained} weights: the Hugging Face Hub is offline (HF_HUB_OFFLINE) or "
-            f"unreachable and they are not in the local cache; {HOW_TO_PASS_LOCAL}")
+            f"unreachable and they are not in the local cache; {HOW_TO_PASS_LOCAL}"
+        )
     try:
         return Path(open_clip.download_pretrained(cfg))
     except Exception as e:  # network stacks raise many types; all mean the same thing here

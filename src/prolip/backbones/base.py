@@ -1,9 +1,11 @@
 """The small interface every CLIP backbone exposes to the rest of prolip."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -85,7 +87,7 @@ class Backbone(ABC):
         """Pre-projection text features [C, n_templates, D_text_pre] and the text projection [D_text_pre, D]."""
 
     def encode_text(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
-        """Text classifier T [C, D] as CLIP builds it (paper §3) (underscores → spaces, template ensemble, normalised)."""
+        """Text classifier T [C, D] as CLIP builds it (paper §3): underscores → spaces, templates ensembled, normed."""
         from prolip.functional import ensemble_classifier
 
         names = [c.replace("_", " ") for c in classnames]

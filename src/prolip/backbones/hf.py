@@ -1,16 +1,16 @@
 """Hugging Face ``transformers.CLIPModel`` backbones (transformers is imported lazily, only for hf:<...> models)."""
+
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from prolip.backbones.base import Backbone, BackboneInfo, Preprocessing, ProjectionSite
-from prolip.backbones.loading import (HOW_TO_PASS_LOCAL, BackboneLoadError, fingerprint, hub_available,
-                                     refused_pickle)
+from prolip.backbones.loading import HOW_TO_PASS_LOCAL, BackboneLoadError, fingerprint, hub_available, refused_pickle
 
 TEXT_BATCH = 256
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -22,8 +22,15 @@ MIN_VOCAB = 1000
 class HFClipBackbone(Backbone):
     """A frozen ``CLIPModel``: z = vision pooler_output (post_layernorm CLS); W = visual_projection.weight (no bias)."""
 
-    def __init__(self, model, tokenizer, info: BackboneInfo, preprocessing: Preprocessing,
-                 device: torch.device | str = "cpu", image_processor=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        info: BackboneInfo,
+        preprocessing: Preprocessing,
+        device: torch.device | str = "cpu",
+        image_processor=None,
+    ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -41,15 +48,18 @@ class HFClipBackbone(Backbone):
         return out.pooler_output.float()
 
     def projection(self) -> ProjectionSite:
-        return ProjectionSite(weight=self.model.visual_projection.weight.detach().t(), bias=None,
-                              param_name="visual_projection.weight", native_layout="linear")
+        return ProjectionSite(
+            weight=self.model.visual_projection.weight.detach().t(),
+            bias=None,
+            param_name="visual_projection.weight",
+            native_layout="linear",
+        )
 
     # --- text side -------------------------------------------------------------------------------------
 
     def tokenize(self, texts: Sequence[str]) -> Tensor:
         length = self.model.config.text_config.max_position_embeddings
-        enc = self.tokenizer(list(texts), padding="max_length", max_length=length, truncation=True,
-                             return_tensors="pt")
+        enc = self.tokenizer(list(texts), padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         return enc["input_ids"].to(self.device)
 
     def _eot_index(self, tokens: Tensor) -> Tensor:
@@ -88,15 +98,21 @@ class HFClipBackbone(Backbone):
         names = [c.replace("_", " ") for c in classnames]
         texts = [t.format(n) for n in names for t in templates]
         with torch.no_grad():
-            pre = torch.cat([self._text_pre_from_embeddings(*self.prompt_embeddings(texts[i:i + TEXT_BATCH])).float()
-                             for i in range(0, len(texts), TEXT_BATCH)])
+            pre = torch.cat(
+                [
+                    self._text_pre_from_embeddings(*self.prompt_embeddings(texts[i : i + TEXT_BATCH])).float()
+                    for i in range(0, len(texts), TEXT_BATCH)
+                ]
+            )
         return pre.reshape(len(names), len(templates), -1).cpu(), self.text_projection().detach().float().cpu()
 
     @torch.no_grad()
     def encode_text_templates(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
         texts = [t.format(c) for c in classnames for t in templates]
-        out = [self.encode_text_embeddings(*self.prompt_embeddings(texts[i:i + TEXT_BATCH])).float()
-               for i in range(0, len(texts), TEXT_BATCH)]
+        out = [
+            self.encode_text_embeddings(*self.prompt_embeddings(texts[i : i + TEXT_BATCH])).float()
+            for i in range(0, len(texts), TEXT_BATCH)
+        ]
         return torch.cat(out).reshape(len(classnames), len(templates), -1).cpu()
 
 
@@ -122,15 +138,22 @@ def load_hf_backbone(source: str, device: torch.device | str = "cpu") -> HFClipB
     if len(tokenizer) < MIN_VOCAB:
         raise BackboneLoadError(
             f"the tokenizer of {where} has only {len(tokenizer)} tokens (a real CLIP tokenizer has ~49k): its "
-            f"vocab.json/merges.txt are missing or were not found offline; save the tokenizer next to the model")
+            f"vocab.json/merges.txt are missing or were not found offline; save the tokenizer next to the model"
+        )
     try:
         image_processor = CLIPImageProcessor.from_pretrained(source, local_files_only=offline)
     except (OSError, ValueError):
         image_processor = None
-    info = BackboneInfo(family="hf", arch=source, weights=source, random_weights=False,
-                        fingerprint=fingerprint(_config_for_hash(model.config), model.state_dict()))
-    return HFClipBackbone(model, tokenizer, info, _preprocessing(model.config, image_processor), device,
-                          image_processor)
+    info = BackboneInfo(
+        family="hf",
+        arch=source,
+        weights=source,
+        random_weights=False,
+        fingerprint=fingerprint(_config_for_hash(model.config), model.state_dict()),
+    )
+    return HFClipBackbone(
+        model, tokenizer, info, _preprocessing(model.config, image_processor), device, image_processor
+    )
 
 
 def _config_for_hash(config) -> dict:
@@ -143,5 +166,6 @@ def _preprocessing(config, image_processor) -> Preprocessing:
         return Preprocessing(image_size=config.vision_config.image_size, mean=OPENAI_MEAN, std=OPENAI_STD)
     crop = image_processor.crop_size  # a dict, a SizeDict or an int depending on the transformers version
     size = crop if isinstance(crop, int) else (crop["height"] if isinstance(crop, dict) else crop.height)
-    return Preprocessing(image_size=int(size), mean=tuple(image_processor.image_mean),
-                         std=tuple(image_processor.image_std))
+    return Preprocessing(
+        image_size=int(size), mean=tuple(image_processor.image_mean), std=tuple(image_processor.image_std)
+    )

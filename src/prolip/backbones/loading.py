@@ -1,4 +1,5 @@
 """Reading weights safely and telling, within seconds, whether the Hugging Face Hub can serve them."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,9 +13,11 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
-HOW_TO_PASS_LOCAL = ("pass a local file instead, e.g. `--pretrained /path/to/weights.safetensors` "
-                     "(Python: load_backbone(model, pretrained='/path/to/weights.safetensors')), "
-                     "or for Hugging Face models a local save_pretrained directory (`--model hf:/path/to/dir`)")
+HOW_TO_PASS_LOCAL = (
+    "pass a local file instead, e.g. `--pretrained /path/to/weights.safetensors` "
+    "(Python: load_backbone(model, pretrained='/path/to/weights.safetensors')), "
+    "or for Hugging Face models a local save_pretrained directory (`--model hf:/path/to/dir`)"
+)
 
 # Keys OpenAI's original checkpoints carry next to the weights; open_clip models have no such parameters.
 _NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -32,7 +35,8 @@ def refused_pickle(what: str | Path, e: pickle.UnpicklingError) -> BackboneLoadE
     return BackboneLoadError(
         f"refusing to load {what}: it is not a plain tensor state dict (unpickling it would run code or build "
         f"arbitrary Python objects; torch said: {first}). Convert it to .safetensors in a trusted "
-        f"environment, or save only model.state_dict()")
+        f"environment, or save only model.state_dict()"
+    )
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -62,8 +66,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict) or not all(isinstance(v, Tensor) for v in checkpoint.values()):
-        raise BackboneLoadError(f"checkpoint {path} does not hold a state dict of tensors "
-                                f"(got {type(checkpoint).__name__})")
+        raise BackboneLoadError(
+            f"checkpoint {path} does not hold a state dict of tensors (got {type(checkpoint).__name__})"
+        )
     state = {k.removeprefix("module."): v for k, v in checkpoint.items() if k not in _NON_WEIGHT_KEYS}
     if not state:
         raise BackboneLoadError(f"checkpoint {path} holds no tensors")
@@ -75,13 +80,17 @@ def load_into(model: torch.nn.Module, state: dict[str, Tensor], source: str) -> 
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                   if k in state and state[k].shape != v.shape]
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or wrong_shape:
         raise BackboneLoadError(
             f"weights in {source} do not match the architecture: {len(missing)} missing (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong_shape)} with the wrong shape "
-            f"(e.g. {wrong_shape[:3]}); check that --model names the architecture the checkpoint was trained with")
+            f"(e.g. {wrong_shape[:3]}); check that --model names the architecture the checkpoint was trained with"
+        )
     model.load_state_dict(state, strict=True)
 
 

@@ -1,7 +1,8 @@
 """open_clip (and OpenAI-format) CLIP models: ViT and ModifiedResNet image towers, the standard text tower."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import open_clip
 import torch
@@ -28,23 +29,28 @@ class OpenClipBackbone(Backbone):
         size = cfg.get("size", model.visual.image_size)
         size = size if isinstance(size, int) else size[0]
         self.preprocessing = Preprocessing(
-            image_size=int(size), mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+            image_size=int(size),
+            mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
             std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
-            interpolation=cfg.get("interpolation", "bicubic"))
+            interpolation=cfg.get("interpolation", "bicubic"),
+        )
 
     @staticmethod
-    def for_model(model: torch.nn.Module, info: BackboneInfo, device: torch.device | str = "cpu") -> "OpenClipBackbone":
+    def for_model(model: torch.nn.Module, info: BackboneInfo, device: torch.device | str = "cpu") -> OpenClipBackbone:
         """The backbone class matching the model's image tower, or a clear error for unsupported ones."""
         if type(model) is not open_clip.model.CLIP:
             raise BackboneLoadError(
                 f"{info.arch} builds a {type(model).__name__}; prolip supports OpenAI-style open_clip CLIP models "
-                f"(ViT-*, RN*) and Hugging Face CLIPModel (hf:<id>)")
+                f"(ViT-*, RN*) and Hugging Face CLIPModel (hf:<id>)"
+            )
         if isinstance(model.visual, VisionTransformer) and model.visual.proj is not None:
             return OpenClipViT(model, info, device)
         if isinstance(model.visual, ModifiedResNet):
             return OpenClipResNet(model, info, device)
-        raise BackboneLoadError(f"{info.arch}: image tower {type(model.visual).__name__} has no supported "
-                                f"last projection (need a ViT with visual.proj or a ModifiedResNet)")
+        raise BackboneLoadError(
+            f"{info.arch}: image tower {type(model.visual).__name__} has no supported "
+            f"last projection (need a ViT with visual.proj or a ModifiedResNet)"
+        )
 
     @property
     def logit_scale(self) -> float:
@@ -91,7 +97,7 @@ class OpenClipBackbone(Backbone):
     def _text_pre(self, texts: list[str]) -> Tensor:
         out = []
         for i in range(0, len(texts), TEXT_BATCH):
-            embeds, eot = self.prompt_embeddings(texts[i:i + TEXT_BATCH])
+            embeds, eot = self.prompt_embeddings(texts[i : i + TEXT_BATCH])
             out.append(self._text_pre_from_embeddings(embeds, eot).float())
         return torch.cat(out)
 
@@ -108,8 +114,10 @@ class OpenClipBackbone(Backbone):
     @torch.no_grad()
     def encode_text_templates(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
         texts = [t.format(c) for c in classnames for t in templates]
-        out = [self.encode_text_embeddings(*self.prompt_embeddings(texts[i:i + TEXT_BATCH])).float()
-               for i in range(0, len(texts), TEXT_BATCH)]
+        out = [
+            self.encode_text_embeddings(*self.prompt_embeddings(texts[i : i + TEXT_BATCH])).float()
+            for i in range(0, len(texts), TEXT_BATCH)
+        ]
         return torch.cat(out).reshape(len(classnames), len(templates), -1).cpu()
 
 
@@ -124,8 +132,9 @@ class OpenClipViT(OpenClipBackbone):
         return pooled.float()
 
     def projection(self) -> ProjectionSite:
-        return ProjectionSite(weight=self.model.visual.proj.detach(), bias=None, param_name="visual.proj",
-                              native_layout="right")
+        return ProjectionSite(
+            weight=self.model.visual.proj.detach(), bias=None, param_name="visual.proj", native_layout="right"
+        )
 
 
 class OpenClipResNet(OpenClipBackbone):
@@ -140,8 +149,12 @@ class OpenClipResNet(OpenClipBackbone):
 
     def projection(self) -> ProjectionSite:
         c_proj = self.model.visual.attnpool.c_proj
-        return ProjectionSite(weight=c_proj.weight.detach().t(), bias=c_proj.bias.detach(),
-                              param_name="visual.attnpool.c_proj.weight", native_layout="linear")
+        return ProjectionSite(
+            weight=c_proj.weight.detach().t(),
+            bias=c_proj.bias.detach(),
+            param_name="visual.attnpool.c_proj.weight",
+            native_layout="linear",
+        )
 
 
 def attention_pool_pre_projection(pool: torch.nn.Module, x: Tensor) -> Tensor:
@@ -155,11 +168,24 @@ def attention_pool_pre_projection(pool: torch.nn.Module, x: Tensor) -> Tensor:
     x = x + pool.positional_embedding[:, None, :].to(x.dtype)
     dim = x.shape[-1]
     x, _ = F.multi_head_attention_forward(
-        query=x, key=x, value=x, embed_dim_to_check=dim, num_heads=pool.num_heads,
-        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
-        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
-        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+        query=x,
+        key=x,
+        value=x,
+        embed_dim_to_check=dim,
+        num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight,
+        k_proj_weight=pool.k_proj.weight,
+        v_proj_weight=pool.v_proj.weight,
+        in_proj_weight=None,
+        in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None,
+        bias_v=None,
+        add_zero_attn=False,
+        dropout_p=0.0,
         out_proj_weight=torch.eye(dim, dtype=x.dtype, device=x.device),
         out_proj_bias=torch.zeros(dim, dtype=x.dtype, device=x.device),
-        use_separate_proj_weight=True, training=False, need_weights=False)
+        use_separate_proj_weight=True,
+        training=False,
+        need_weights=False,
+    )
     return x[0]

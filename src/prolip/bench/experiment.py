@@ -3,6 +3,7 @@
 Validation is strict (unknown keys, wrong types, unknown methods or hyperparameters fail before any work starts, and
 the message names the file and the key), because a typo in a sweep that runs for hours should cost seconds.
 """
+
 from __future__ import annotations
 
 import re
@@ -125,28 +126,53 @@ class Experiment:
 # key -> (accepted types, description for the message)
 _NUM = (int, float)
 _TOP = {
-    "datasets": ("list[str]", "a list of dataset names or folders"), "methods": (list, "a list of methods"),
-    "protocol": (str, "a string"), "model": (str, "a string"), "pretrained": (str, "a string"),
-    "device": (str, "a string"), "data_root": (str, "a path"), "targets": ("list[str]", "a list of dataset names"),
-    "shots": ("list[int]", "a list of positive integers"), "seeds": ("list[int]", "a list of integers"),
-    "views": (int, "an integer"), "aug_seed": (int, "an integer"), "sampler": (str, "'lpp' or 'coop'"),
-    "validation": (bool, "true or false"), "templates": ("templates", "'dataset', 'single' or a list of templates"),
-    "allow_fewer": (bool, "true or false"), "cache_dir": (str, "a path"), "batch_size": (int, "an integer"),
-    "workers": (int, "an integer"), "on_bad_image": (str, "'error' or 'skip'"), "out": (str, "a path"),
-    "description": (str, "a string"), "sensitivity": (dict, "a mapping"), "tta": (dict, "a mapping"),
+    "datasets": ("list[str]", "a list of dataset names or folders"),
+    "methods": (list, "a list of methods"),
+    "protocol": (str, "a string"),
+    "model": (str, "a string"),
+    "pretrained": (str, "a string"),
+    "device": (str, "a string"),
+    "data_root": (str, "a path"),
+    "targets": ("list[str]", "a list of dataset names"),
+    "shots": ("list[int]", "a list of positive integers"),
+    "seeds": ("list[int]", "a list of integers"),
+    "views": (int, "an integer"),
+    "aug_seed": (int, "an integer"),
+    "sampler": (str, "'lpp' or 'coop'"),
+    "validation": (bool, "true or false"),
+    "templates": ("templates", "'dataset', 'single' or a list of templates"),
+    "allow_fewer": (bool, "true or false"),
+    "cache_dir": (str, "a path"),
+    "batch_size": (int, "an integer"),
+    "workers": (int, "an integer"),
+    "on_bad_image": (str, "'error' or 'skip'"),
+    "out": (str, "a path"),
+    "description": (str, "a string"),
+    "sensitivity": (dict, "a mapping"),
+    "tta": (dict, "a mapping"),
 }
 _SENSITIVITY = {"lrs": ("list[num]", "a list of numbers"), "lams": ("list[num]", "a list of numbers")}
-_TTA = {"views": (int, "an integer"), "ratio": (_NUM, "a number"), "steps": (int, "an integer"),
-        "lr": (_NUM, "a number"), "seed": (int, "an integer"), "max_images": (int, "an integer"),
-        "tpt": (bool, "true or false"), "ensemble": (bool, "true or false"), "train_on": (str, "a dataset name"),
-        "zeroshot": (bool, "true or false"), "zero": (bool, "true or false"), "zero_gamma": (_NUM, "a number"),
-        "tda": (bool, "true or false"),
-        "tda_orders": ("list[int]", "a list of integer seeds")}
+_TTA = {
+    "views": (int, "an integer"),
+    "ratio": (_NUM, "a number"),
+    "steps": (int, "an integer"),
+    "lr": (_NUM, "a number"),
+    "seed": (int, "an integer"),
+    "max_images": (int, "an integer"),
+    "tpt": (bool, "true or false"),
+    "ensemble": (bool, "true or false"),
+    "train_on": (str, "a dataset name"),
+    "zeroshot": (bool, "true or false"),
+    "zero": (bool, "true or false"),
+    "zero_gamma": (_NUM, "a number"),
+    "tda": (bool, "true or false"),
+    "tda_orders": ("list[int]", "a list of integer seeds"),
+}
 
 
 def _type_ok(value: Any, kind: Any) -> bool:
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-    is_num = lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool))
+    is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     if kind == "list[str]":
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == "list[int]":
@@ -154,8 +180,9 @@ def _type_ok(value: Any, kind: Any) -> bool:
     if kind == "list[num]":
         return isinstance(value, list) and all(is_num(v) for v in value)
     if kind == "templates":
-        return value in ("dataset", "single") or (isinstance(value, list) and bool(value) and
-                                                   all(isinstance(v, str) and "{}" in v for v in value))
+        return value in ("dataset", "single") or (
+            isinstance(value, list) and bool(value) and all(isinstance(v, str) and "{}" in v for v in value)
+        )
     if kind is int:
         return is_int(value)
     if kind is _NUM:
@@ -184,8 +211,9 @@ def _method(entry: Any, where: str) -> MethodSpec:
         if group is not None and not isinstance(group, str):
             raise ExperimentError(f"{where}: 'group' must be a string, got {group!r}")
         return MethodSpec(entry["name"], str(entry.get("label", entry["name"])), hp, group)
-    raise ExperimentError(f"{where}: each method is a name or a mapping with 'name' (and hyperparameters), "
-                          f"got {entry!r}")
+    raise ExperimentError(
+        f"{where}: each method is a name or a mapping with 'name' (and hyperparameters), got {entry!r}"
+    )
 
 
 def _apply_overrides(raw: dict, overrides: dict, source: str) -> dict:
@@ -195,8 +223,7 @@ def _apply_overrides(raw: dict, overrides: dict, source: str) -> dict:
         if "." in key:
             section, sub = key.split(".", 1)
             if section not in ("sensitivity", "tta"):
-                raise ExperimentError(f"{source}: --set {key}: only the 'sensitivity' and 'tta' sections have "
-                                      f"sub-keys")
+                raise ExperimentError(f"{source}: --set {key}: only the 'sensitivity' and 'tta' sections have sub-keys")
             current = raw.get(section) or {}
             if not isinstance(current, dict):
                 raise ExperimentError(f"{source}: '{section}' must be a mapping, got {current!r}")
@@ -231,8 +258,9 @@ def parse_experiment(raw: dict, source: str = "<experiment>", overrides: dict | 
     labels = [m.label for m in methods]
     duplicates = sorted({x for x in labels if labels.count(x) > 1})
     if duplicates:
-        raise ExperimentError(f"{source}: method label(s) {duplicates} appear twice; give each variant a "
-                              f"distinct 'label'")
+        raise ExperimentError(
+            f"{source}: method label(s) {duplicates} appear twice; give each variant a distinct 'label'"
+        )
     sensitivity = Sensitivity(**(raw.pop("sensitivity", None) or {}))
     tta = TTA(**(raw.pop("tta", None) or {}))
     exp = Experiment(methods=methods, sensitivity=sensitivity, tta=tta, **raw)
@@ -259,27 +287,33 @@ def _check_values(exp: Experiment, source: str) -> None:
     if exp.protocol == "cross-dataset" and not exp.targets:
         raise ExperimentError(f"{source}: protocol cross-dataset needs 'targets' (the datasets to evaluate on)")
     if exp.protocol in ("cross-dataset", "domain-generalisation") and len(exp.datasets) != 1:
-        raise ExperimentError(f"{source}: protocol {exp.protocol} trains on one source dataset; 'datasets' has "
-                              f"{len(exp.datasets)}")
+        raise ExperimentError(
+            f"{source}: protocol {exp.protocol} trains on one source dataset; 'datasets' has {len(exp.datasets)}"
+        )
     if exp.protocol == "sensitivity":
         if not exp.sensitivity.lrs or not exp.sensitivity.lams:
             raise ExperimentError(f"{source}: sensitivity: 'lrs' and 'lams' must not be empty")
         for i, m in enumerate(exp.methods):
             swept = {"lr", "lam"}
             if not swept <= set(method_class(m.name).param_names()) or (swept | {"grid"}) & set(m.hyperparameters):
-                raise ExperimentError(f"{source}: methods[{i}] ({m.label}): the sensitivity protocol sweeps a "
-                                      f"method's lr and lam (set them under 'sensitivity'): list methods that have "
-                                      f"both, without setting them or a grid")
+                raise ExperimentError(
+                    f"{source}: methods[{i}] ({m.label}): the sensitivity protocol sweeps a "
+                    f"method's lr and lam (set them under 'sensitivity'): list methods that have "
+                    f"both, without setting them or a grid"
+                )
     if exp.protocol == "tta":
         if exp.tta.views < 1 or not 0 < exp.tta.ratio <= 1:
             raise ExperimentError(f"{source}: tta: 'views' must be ≥ 1 and 'ratio' in (0, 1]")
         if not 0 < exp.tta.zero_gamma <= 1 or (exp.tta.tda and not exp.tta.tda_orders):
-            raise ExperimentError(f"{source}: tta: 'zero_gamma' must be in (0, 1] and 'tda_orders' must list at least "
-                                  f"one seed")
+            raise ExperimentError(
+                f"{source}: tta: 'zero_gamma' must be in (0, 1] and 'tda_orders' must list at least one seed"
+            )
         for i, m in enumerate(exp.methods):
             if not method_class(m.name).exposes_projection:
-                raise ExperimentError(f"{source}: methods[{i}]: the tta protocol adapts a projection W, so it starts "
-                                      f"from a method that exposes one (zeroshot's W0, prolip's W), not {m.name!r}")
+                raise ExperimentError(
+                    f"{source}: methods[{i}]: the tta protocol adapts a projection W, so it starts "
+                    f"from a method that exposes one (zeroshot's W0, prolip's W), not {m.name!r}"
+                )
 
 
 def load_experiment(path: Path | str, overrides: dict | None = None) -> Experiment:

@@ -103,9 +103,21 @@ def plan_experiment(exp: Experiment, backbone=None, *, name: str = "experiment",
         if todo:
             _group_requests(protocol, b, group, todo, tally, probe)
     survey = b.cache.survey(tally.requests)
-    plan = Plan(name, exp.protocol, cells, cells - b.skipped, survey, tally.reference, _passes(tally.requests),
-                tally.tta, tally.encoder_cells, b.cache.root, _tree_bytes(b.cache.root), device=str(b.backbone.device),
-                notes=probe.notes)
+    plan = Plan(
+        name,
+        exp.protocol,
+        cells,
+        cells - b.skipped,
+        survey,
+        tally.reference,
+        _passes(tally.requests),
+        tally.tta,
+        tally.encoder_cells,
+        b.cache.root,
+        _tree_bytes(b.cache.root),
+        device=str(b.backbone.device),
+        notes=probe.notes,
+    )
     sample = [p for r in tally.requests for p in r.paths] + tally.tta_paths
     if time_batch and survey.forward_passes + tally.tta and sample:
         plan.seconds_per_pass, plan.timed_batch = _time_one_batch(b, sample)
@@ -134,8 +146,9 @@ def _group_requests(protocol, b: Bench, group: Group, todo: list[Cell], tally: _
     tally.add(shared, per_cell)
 
 
-def _episode_requests(b: Bench, splits, shots: int, seed: int | None, classes=None
-                      ) -> tuple[EpisodeImages, list[Request]]:
+def _episode_requests(
+    b: Bench, splits, shots: int, seed: int | None, classes=None
+) -> tuple[EpisodeImages, list[Request]]:
     """The requests of ``EpisodeBuilder.build``: the support's views, then validation and evaluation center crops."""
     assert seed is not None
     spec = b.spec(shots, seed, classes)
@@ -173,8 +186,9 @@ def _test_time_requests(b: Bench, group: Group, todo: list[Cell], tally: _Tally,
     for cell in todo:
         own: list[Request] = []
         if cell.extra["kind"] == "tta" and method_class(cell.method.name).learns:
-            drawn, episode = _episode_requests(b, b.splits(t.train_on or group.dataset), cell.extra["shots"],
-                                               cell.extra["seed"])
+            drawn, episode = _episode_requests(
+                b, b.splits(t.train_on or group.dataset), cell.extra["shots"], cell.extra["seed"]
+            )
             own = episode + _method_requests(b, cell, drawn, probe, tally)
         per_cell.append(own)
     tally.tta += len(images) * t.views
@@ -208,8 +222,9 @@ class _CenterProbe:
         try:
             create(m.name, **hyperparameters).fit(task, support, val if self.b.validates(m) else None, seed=0)
         except Exception as e:  # noqa: BLE001 - any failure: count the crops, and say so
-            self.notes.append(f"{m.label}: could not tell whether it reads the support's center crops ({e}); "
-                              "counted them")
+            self.notes.append(
+                f"{m.label}: could not tell whether it reads the support's center crops ({e}); counted them"
+            )
             return True
         return bool(read)
 
@@ -221,8 +236,14 @@ def _tiny_problem(on_center: Callable[[], None]) -> tuple[Task, Support, Validat
     classifier = F.normalize(torch.randn(classes, d, generator=g), dim=-1)
     labels = torch.arange(classes).repeat_interleave(shots)
     z = torch.randn(2, classes * shots, d_pre, generator=g)
-    task = Task(W0=torch.randn(d_pre, d, generator=g) * 0.3, bias=None, classifier=classifier, logit_scale=100.0,
-                shots=shots, text_mean=classifier * 10.0)
+    task = Task(
+        W0=torch.randn(d_pre, d, generator=g) * 0.3,
+        bias=None,
+        classifier=classifier,
+        logit_scale=100.0,
+        shots=shots,
+        text_mean=classifier * 10.0,
+    )
     task.text_proj = torch.eye(d) + 0.01 * torch.randn(d, d, generator=g)
     task.text_pre = classifier[:, None, :].repeat(1, 2, 1)
 
@@ -256,22 +277,28 @@ def _tree_bytes(root: Path) -> int:
 
 def format_plan(plan: Plan) -> str:
     s = plan.survey
-    lines = [f"plan for {plan.experiment} (protocol {plan.protocol}): {plan.cells} cells, "
-             f"{plan.cells - plan.pending} already recorded, {plan.pending} to run",
-             f"images: {s.images:,} distinct image files need features",
-             f"forward passes: {s.forward_passes:,} to compute, {s.cached_passes:,} already cached "
-             f"({plan.requested_passes:,} requested in all; each (image, view) is encoded once)",
-             f"  the reference code's structure (every run extracts what it uses): {plan.reference_passes:,} "
-             f"({plan.reference_passes / max(s.forward_passes + s.cached_passes, 1):.1f}x)"]
+    lines = [
+        f"plan for {plan.experiment} (protocol {plan.protocol}): {plan.cells} cells, "
+        f"{plan.cells - plan.pending} already recorded, {plan.pending} to run",
+        f"images: {s.images:,} distinct image files need features",
+        f"forward passes: {s.forward_passes:,} to compute, {s.cached_passes:,} already cached "
+        f"({plan.requested_passes:,} requested in all; each (image, view) is encoded once)",
+        f"  the reference code's structure (every run extracts what it uses): {plan.reference_passes:,} "
+        f"({plan.reference_passes / max(s.forward_passes + s.cached_passes, 1):.1f}x)",
+    ]
     if plan.tta_passes:
         lines.append(f"  plus {plan.tta_passes:,} test-time views, encoded directly (not cached)")
     if plan.encoder_cells:
-        lines.append(f"  plus the image-encoder passes of {plan.encoder_cells} cells of methods that train inside "
-                     "the encoder (not counted)")
+        lines.append(
+            f"  plus the image-encoder passes of {plan.encoder_cells} cells of methods that train inside "
+            "the encoder (not counted)"
+        )
     if s.unreadable:
         lines.append(f"  {len(s.unreadable)} images not found: {s.unreadable[0][0]} ...")
-    lines.append(f"cache: {plan.cache_root} holds {_size(plan.cache_bytes)} ({_size(s.disk_bytes())} in this "
-                 f"experiment's namespaces); this run adds about {_size(s.forward_passes * s.bytes_per_pass)}")
+    lines.append(
+        f"cache: {plan.cache_root} holds {_size(plan.cache_bytes)} ({_size(s.disk_bytes())} in this "
+        f"experiment's namespaces); this run adds about {_size(s.forward_passes * s.bytes_per_pass)}"
+    )
     lines.append(_time_line(plan))
     return "\n".join(lines + plan.notes)
 
@@ -283,8 +310,10 @@ def _time_line(plan: Plan) -> str:
     if plan.seconds_per_pass is None:
         return "estimated extraction time: not timed"
     seconds = passes * plan.seconds_per_pass
-    return (f"estimated extraction time: {_duration(seconds)} at {plan.seconds_per_pass * 1000:.1f} ms per forward "
-            f"pass (one timed batch of {plan.timed_batch} on {plan.device}); training and scoring not included")
+    return (
+        f"estimated extraction time: {_duration(seconds)} at {plan.seconds_per_pass * 1000:.1f} ms per forward "
+        f"pass (one timed batch of {plan.timed_batch} on {plan.device}); training and scoring not included"
+    )
 
 
 def _size(nbytes: float) -> str:

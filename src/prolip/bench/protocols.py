@@ -95,8 +95,14 @@ class Bench:
         if self.backbone.info.random_weights:
             echo(f"WARNING: {self.backbone.info.describe()}: every number of this run comes from RANDOM weights.")
         cache_dir = None if exp.cache_dir is None else Path(exp.cache_dir).expanduser()
-        self.cache = FeatureCache(cache_dir, self.backbone, batch_size=exp.batch_size, num_workers=exp.workers,
-                                  on_bad_image=exp.on_bad_image, progress=False)
+        self.cache = FeatureCache(
+            cache_dir,
+            self.backbone,
+            batch_size=exp.batch_size,
+            num_workers=exp.workers,
+            on_bad_image=exp.on_bad_image,
+            progress=False,
+        )
         self.builder = EpisodeBuilder(self.backbone, self.cache, views=exp.views, aug_seed=exp.aug_seed)
         self.ran = self.skipped = 0
         self._splits: dict[str, DatasetSplits] = {}
@@ -119,14 +125,22 @@ class Bench:
         return self.exp.templates_for(splits.templates)
 
     def spec(self, shots: int, seed: int, classes: tuple[int, ...] | None = None) -> EpisodeSpec:
-        return EpisodeSpec(shots=shots, seed=seed, sampler=self.exp.sampler, views=self.exp.views,
-                           aug_seed=self.exp.aug_seed, allow_fewer=self.exp.allow_fewer,
-                           validation=self.uses_validation, classes=classes)
+        return EpisodeSpec(
+            shots=shots,
+            seed=seed,
+            sampler=self.exp.sampler,
+            views=self.exp.views,
+            aug_seed=self.exp.aug_seed,
+            allow_fewer=self.exp.allow_fewer,
+            validation=self.uses_validation,
+            classes=classes,
+        )
 
     def episode(self, splits: DatasetSplits, shots: int, seed: int, classes=None) -> Episode:
         text_side = any(method_class(m.name).uses_text_side for m in self.exp.methods)
-        return self.builder.build(splits, self.spec(shots, seed, classes), templates=self.templates(splits)[1],
-                                  text_side=text_side)
+        return self.builder.build(
+            splits, self.spec(shots, seed, classes), templates=self.templates(splits)[1], text_side=text_side
+        )
 
     # -- methods ---------------------------------------------------------------------------------------------
     def validates(self, m: MethodSpec) -> bool:
@@ -137,8 +151,9 @@ class Bench:
         """The method as this experiment runs it on ``dataset``: its original's per-dataset settings, what it selects
         on validation (when the protocol gives it a validation set) and the experiment's own settings."""
         hp = m.hyperparameters if hyperparameters is None else hyperparameters
-        return configure(m.name, dict(hp), validate=self.uses_validation, dataset=dataset,
-                         refuse_useless_validation=False)
+        return configure(
+            m.name, dict(hp), validate=self.uses_validation, dataset=dataset, refuse_useless_validation=False
+        )
 
     def fit(self, m: MethodSpec, hp: dict, episode: Episode, seed: int) -> tuple[Method, float]:
         started = time.perf_counter()
@@ -155,17 +170,42 @@ class Bench:
         return dict(self.costs.get(id(method), {}))
 
     # -- records ---------------------------------------------------------------------------------------------
-    def record(self, m: MethodSpec, *, dataset: str, shots: int, seed: int | None, templates: tuple[str, list[str]],
-               hyperparameters: dict | None = None, **extra: Any) -> dict[str, Any]:
+    def record(
+        self,
+        m: MethodSpec,
+        *,
+        dataset: str,
+        shots: int,
+        seed: int | None,
+        templates: tuple[str, list[str]],
+        hyperparameters: dict | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         info = self.backbone.info
-        rec = {"protocol": self.exp.protocol, "dataset": dataset, "source": None, "model": self.exp.model,
-               "weights": self.exp.pretrained, "random_weights": info.random_weights, "fingerprint": info.fingerprint,
-               "sampler": self.exp.sampler, "seed": seed, "shots": shots, "views": self.exp.views,
-               "aug_seed": self.exp.aug_seed, "label": m.label, "method": m.name,
-               "hyperparameters": self.method(m, extra.get("source") or dataset, hyperparameters).get_params(),
-               "validation": self.uses_validation, "selects": method_class(m.name).selects or None,
-               "augmentation": method_class(m.name).augmentation,
-               "templates_name": templates[0], "templates": templates[1], "setting": None, "group": m.group}
+        rec = {
+            "protocol": self.exp.protocol,
+            "dataset": dataset,
+            "source": None,
+            "model": self.exp.model,
+            "weights": self.exp.pretrained,
+            "random_weights": info.random_weights,
+            "fingerprint": info.fingerprint,
+            "sampler": self.exp.sampler,
+            "seed": seed,
+            "shots": shots,
+            "views": self.exp.views,
+            "aug_seed": self.exp.aug_seed,
+            "label": m.label,
+            "method": m.name,
+            "hyperparameters": self.method(m, extra.get("source") or dataset, hyperparameters).get_params(),
+            "validation": self.uses_validation,
+            "selects": method_class(m.name).selects or None,
+            "augmentation": method_class(m.name).augmentation,
+            "templates_name": templates[0],
+            "templates": templates[1],
+            "setting": None,
+            "group": m.group,
+        }
         rec.update(extra)
         rec["cell"] = cell_id(rec)
         return rec
@@ -183,8 +223,11 @@ class Bench:
         acc = rec.get("accuracy")
         where = rec["dataset"] if rec.get("source") is None else f"{rec['source']}→{rec['dataset']}"
         seed = "" if rec["seed"] is None else f" seed {rec['seed']}"
-        point = "" if rec["protocol"] != "sensitivity" else \
-            f" lr {rec['hyperparameters']['lr']:g} λ {rec['hyperparameters']['lam']}"
+        point = (
+            ""
+            if rec["protocol"] != "sensitivity"
+            else f" lr {rec['hyperparameters']['lr']:g} λ {rec['hyperparameters']['lam']}"
+        )
         score = rec.get("note", "not scored") if acc is None else format(acc, ".2f")
         self.echo(f"{where} {rec['shots']}-shot{seed} {rec['label']}{point}: {score}")
 
@@ -309,8 +352,12 @@ def fit_cost(method: Method, features_read: int, memory: PeakMemory) -> dict[str
     passes = None if method.encodes_images and own is None else features_read + (own or 0)
     # Method.fit reads view 0 to check the features are finite; a method that learns nothing needs none of them.
     passes = passes if method.learns else 0
-    return {"forward_passes": passes, "peak_memory_mb": None if memory.mb is None else round(memory.mb, 1),
-            "memory_measure": memory.measure, "trainable_parameters": trainable_parameters(method)}
+    return {
+        "forward_passes": passes,
+        "peak_memory_mb": None if memory.mb is None else round(memory.mb, 1),
+        "memory_measure": memory.measure,
+        "trainable_parameters": trainable_parameters(method),
+    }
 
 
 def score(method: Method, features: Features, classifier: torch.Tensor | None = None) -> float | None:
@@ -339,8 +386,10 @@ class Protocol:
 
     def _method_cells(self, splits: DatasetSplits, shots: int, seed: int) -> list[Cell]:
         t = self.b.templates(splits)
-        return [Cell(m, self.b.record(m, dataset=splits.name, shots=shots, seed=seed, templates=t))
-                for m in self.exp.methods]
+        return [
+            Cell(m, self.b.record(m, dataset=splits.name, shots=shots, seed=seed, templates=t))
+            for m in self.exp.methods
+        ]
 
     def score(self, group: Group, cells: list[Cell]) -> Iterator[tuple[Cell, float]]:
         raise NotImplementedError
@@ -363,9 +412,14 @@ class FewShot(Protocol):
         for cell in cells:
             method, seconds = self.b.fit(cell.method, cell.record["hyperparameters"], episode, group.seed)
             acc = score(method, episode.evaluation)
-            cell.record.update(accuracy=acc, selected=method.selected_, eval_images=len(episode.evaluation),
-                               eval_set=episode.images.eval_set, support_digest=episode.images.support_digest(),
-                               **self.b.cost(method))
+            cell.record.update(
+                accuracy=acc,
+                selected=method.selected_,
+                eval_images=len(episode.evaluation),
+                eval_set=episode.images.eval_set,
+                support_digest=episode.images.support_digest(),
+                **self.b.cost(method),
+            )
             if acc is None:
                 cell.record["note"] = NOTHING_TO_SCORE
             yield cell, seconds
@@ -385,8 +439,9 @@ class Sensitivity(Protocol):
                 for lr in sweep.lrs:
                     for lam in sweep.lams:
                         hp = {**base_hp, "lr": float(lr), "lam": float(lam)}
-                        rec = self.b.record(m, dataset=splits.name, shots=shots, seed=seed, templates=t,
-                                            hyperparameters=hp)
+                        rec = self.b.record(
+                            m, dataset=splits.name, shots=shots, seed=seed, templates=t, hyperparameters=hp
+                        )
                         out.append(Cell(m, rec, extra={"lr": float(lr), "lam": float(lam)}))
             return out
 
@@ -403,9 +458,13 @@ class Sensitivity(Protocol):
             method = create(m.name, **mine[0].record["hyperparameters"])
             fitted = method.fit_each(episode.task, episode.support_for(method), [c.extra for c in mine], group.seed)
             seconds = (time.perf_counter() - started) / len(mine)
-            for cell, method in zip(mine, fitted):
-                cell.record.update(accuracy=score(method, episode.evaluation), selected=method.selected_,
-                                   eval_images=len(episode.evaluation), eval_set=episode.images.eval_set)
+            for cell, method in zip(mine, fitted, strict=True):
+                cell.record.update(
+                    accuracy=score(method, episode.evaluation),
+                    selected=method.selected_,
+                    eval_images=len(episode.evaluation),
+                    eval_set=episode.images.eval_set,
+                )
                 yield cell, seconds
 
 
@@ -427,8 +486,16 @@ class BaseToNew(Protocol):
             base_acc = score(method, episode.evaluation)
             new_acc = score(method, new_features, T_new) if method.accepts_classifier else None
             hm = None if new_acc is None or base_acc is None else harmonic_mean(base_acc, new_acc)
-            cell.record.update(base=base_acc, new=new_acc, hm=hm, accuracy=hm, selected=method.selected_,
-                               base_classes=len(base), new_classes=len(new), **self.b.cost(method))
+            cell.record.update(
+                base=base_acc,
+                new=new_acc,
+                hm=hm,
+                accuracy=hm,
+                selected=method.selected_,
+                base_classes=len(base),
+                new_classes=len(new),
+                **self.b.cost(method),
+            )
             if not method.accepts_classifier:
                 cell.record["note"] = f"{cell.method.name} cannot score classes it was not trained on"
             yield cell, seconds
@@ -445,9 +512,22 @@ class Transfer(Protocol):
         targets = [source if spec is None else self.b.splits(spec) for spec in specs]
         for shots in self.exp.shots:
             for seed in self.exp.seeds:
-                cells = [Cell(m, self.b.record(m, dataset=target.name, source=source.name, shots=shots, seed=seed,
-                                               templates=self.b.templates(target)), target=spec)
-                         for m in self.exp.methods for spec, target in zip(specs, targets)]
+                cells = [
+                    Cell(
+                        m,
+                        self.b.record(
+                            m,
+                            dataset=target.name,
+                            source=source.name,
+                            shots=shots,
+                            seed=seed,
+                            templates=self.b.templates(target),
+                        ),
+                        target=spec,
+                    )
+                    for m in self.exp.methods
+                    for spec, target in zip(specs, targets, strict=True)
+                ]
                 yield Group(source.name, shots, seed, cells)
 
     def score(self, group: Group, cells: list[Cell]) -> Iterator[tuple[Cell, float]]:
@@ -469,9 +549,13 @@ class Transfer(Protocol):
                 acc = score(method, features, T) if method.accepts_classifier else None
                 if not method.accepts_classifier:
                     cell.record["note"] = f"{cell.method.name} cannot score another dataset's classes"
-            cell.record.update(accuracy=acc, selected=method.selected_, eval_images=len(features),
-                               num_classes=len(self.b.splits(cell.target or source.name).classnames),
-                               **self.b.cost(method))
+            cell.record.update(
+                accuracy=acc,
+                selected=method.selected_,
+                eval_images=len(features),
+                num_classes=len(self.b.splits(cell.target or source.name).classnames),
+                **self.b.cost(method),
+            )
             yield cell, seconds + time.perf_counter() - started
 
 
@@ -488,19 +572,29 @@ class TestTime(Protocol):
             templates = self.b.templates(splits)
             cells = []
             for m in self.exp.methods:
-                starts = [(s, seed) for s in self.exp.shots for seed in self.exp.seeds] \
-                    if method_class(m.name).learns else [(0, None)]
+                starts = (
+                    [(s, seed) for s in self.exp.shots for seed in self.exp.seeds]
+                    if method_class(m.name).learns
+                    else [(0, None)]
+                )
                 for shots, seed in starts:
                     spec = MethodSpec(m.name, f"tta+{m.label}", m.hyperparameters)
-                    rec = self.b.record(spec, dataset=splits.name, shots=shots, seed=seed, templates=templates,
-                                        setting=setting)
+                    rec = self.b.record(
+                        spec, dataset=splits.name, shots=shots, seed=seed, templates=templates, setting=setting
+                    )
                     cells.append(Cell(m, rec, extra={"kind": "tta", "shots": shots, "seed": seed}))
-            for kind, on in (("zeroshot", t.zeroshot), ("tpt", t.tpt), ("ensemble", t.ensemble), ("zero", t.zero),
-                             ("tda", t.tda)):
+            for kind, on in (
+                ("zeroshot", t.zeroshot),
+                ("tpt", t.tpt),
+                ("ensemble", t.ensemble),
+                ("zero", t.zero),
+                ("tda", t.tda),
+            ):
                 if on:
                     spec = MethodSpec("zeroshot", kind)
-                    rec = self.b.record(spec, dataset=splits.name, shots=0, seed=None, templates=templates,
-                                        setting=setting)
+                    rec = self.b.record(
+                        spec, dataset=splits.name, shots=0, seed=None, templates=templates, setting=setting
+                    )
                     cells.append(Cell(spec, rec, extra={"kind": kind, "shots": 0, "seed": None}))
             yield Group(dataset, 0, None, cells)
 
@@ -511,8 +605,13 @@ class TestTime(Protocol):
 
 
 PROTOCOLS: dict[str, type[Protocol]] = {
-    "fewshot": FewShot, "fewshot-val": FewShot, "sensitivity": Sensitivity, "base2new": BaseToNew,
-    "cross-dataset": Transfer, "domain-generalisation": Transfer, "tta": TestTime,
+    "fewshot": FewShot,
+    "fewshot-val": FewShot,
+    "sensitivity": Sensitivity,
+    "base2new": BaseToNew,
+    "cross-dataset": Transfer,
+    "domain-generalisation": Transfer,
+    "tta": TestTime,
 }
 
 

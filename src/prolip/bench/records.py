@@ -1,15 +1,33 @@
 """Results as JSON lines: one record per finished cell, appended atomically; a finished cell is never re-run."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 # What defines a cell: the same values mean the same numbers (same seed, same numbers), so a re-run skips it.
-CELL_FIELDS = ("protocol", "dataset", "source", "model", "fingerprint", "sampler", "seed", "shots", "views", "aug_seed",
-               "label", "method", "hyperparameters", "validation", "templates", "setting")
+CELL_FIELDS = (
+    "protocol",
+    "dataset",
+    "source",
+    "model",
+    "fingerprint",
+    "sampler",
+    "seed",
+    "shots",
+    "views",
+    "aug_seed",
+    "label",
+    "method",
+    "hyperparameters",
+    "validation",
+    "templates",
+    "setting",
+)
 
 
 def cell_id(record: dict[str, Any]) -> str:
@@ -45,8 +63,10 @@ def read_records(path: Path | str) -> list[dict[str, Any]]:
         elif first_bad is None:
             first_bad = number
     if not out and first_bad is not None:
-        raise RecordsError(f"{path}: line {first_bad} is not a bench record (records are JSON objects with "
-                           f"{', '.join(REQUIRED)}, one per line, as `prolip bench` writes them)")
+        raise RecordsError(
+            f"{path}: line {first_bad} is not a bench record (records are JSON objects with "
+            f"{', '.join(REQUIRED)}, one per line, as `prolip bench` writes them)"
+        )
     return out
 
 

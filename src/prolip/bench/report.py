@@ -8,6 +8,7 @@ base-to-new the harmonic mean is taken of the averaged base and new accuracies (
 datasets: over datasets), as the paper does; the mean of the per-seed harmonic means is kept as ``hm_seed_mean``.
 The paper's numbers (reference.py) are attached only where the setting matches exactly.
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,6 +37,7 @@ RANDOM_NOTE = "RANDOM weights: numbers from a randomly initialised model, they s
 
 
 # ----------------------------------------------------------------------------------------------- small pieces
+
 
 def harmonic_mean(base: float, new: float) -> float:
     return 0.0 if base + new == 0 else 2 * base * new / (base + new)
@@ -96,6 +98,7 @@ def _is_transfer_source(row: dict) -> bool:
 
 # ----------------------------------------------------------------------------------------------- summaries
 
+
 def summarise(row: dict) -> dict:
     """Fill a row's metrics from its ``by_seed`` values: mean, std and how many seeds were scored."""
     seeds = list(row["by_seed"].values())
@@ -140,10 +143,13 @@ def _mean_of(records: list[dict], key: str) -> float | None:
 def _cost(records: list[dict]) -> dict:
     """A dataset row's cost over its seeds: mean seconds, forward passes and trainable parameters, peak memory."""
     memory = [r["peak_memory_mb"] for r in records if r.get("peak_memory_mb") is not None]
-    return {"seconds": _mean_of(records, "seconds"), "forward_passes": _mean_of(records, "forward_passes"),
-            "trainable_parameters": _mean_of(records, "trainable_parameters"),
-            "peak_memory_mb": max(memory) if memory else None,
-            "memory_measure": _agreed(r.get("memory_measure") for r in records if r.get("memory_measure"))}
+    return {
+        "seconds": _mean_of(records, "seconds"),
+        "forward_passes": _mean_of(records, "forward_passes"),
+        "trainable_parameters": _mean_of(records, "trainable_parameters"),
+        "peak_memory_mb": max(memory) if memory else None,
+        "memory_measure": _agreed(r.get("memory_measure") for r in records if r.get("memory_measure")),
+    }
 
 
 def _selection_hows(selected: Any) -> list[str]:
@@ -161,14 +167,21 @@ def _card(records: list[dict]) -> dict:
     for r in records:
         for how in set(_selection_hows(r.get("selected"))) or {"not recorded"}:
             hows[how] += 1
-    extras = {key: _agreed((r.get("selected") or {}).get(key) for r in records)
-              for key in ("source", "template") if any(key in (r.get("selected") or {}) for r in records)}
+    extras = {
+        key: _agreed((r.get("selected") or {}).get(key) for r in records)
+        for key in ("source", "template")
+        if any(key in (r.get("selected") or {}) for r in records)
+    }
     orders = sorted({o["seed"] for r in records for o in r.get("stream_orders") or []})
     if orders:
         extras["stream orders"] = f"seeds {', '.join(map(str, orders))} (accuracy: their mean; worst shown apart)"
-    return {"hows": dict(hows), "selects": _agreed(r.get("selects") for r in records),
-            "validation": any(r.get("validation") for r in records),
-            "templates": {r["dataset"]: len(r.get("templates") or []) for r in records}, **extras}
+    return {
+        "hows": dict(hows),
+        "selects": _agreed(r.get("selects") for r in records),
+        "validation": any(r.get("validation") for r in records),
+        "templates": {r["dataset"]: len(r.get("templates") or []) for r in records},
+        **extras,
+    }
 
 
 def _normalised(record: dict) -> dict:
@@ -187,6 +200,7 @@ def dataset_rows(records: Iterable[dict]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- combining rows
+
 
 def _scoring_problem(row: dict, metric: str) -> str | None:
     """Why ``row`` cannot enter a combination for ``metric`` (None: it can)."""
@@ -221,8 +235,10 @@ def combine(rows: list[dict], expected: Iterable[str], name_of: Callable[[dict],
         usable[m] = not blocked_everywhere and not found
         problems += [p for p in _grouped_problems(found) if p not in problems]
     common = sorted(set.intersection(*map(set, seed_sets)) if rows else set(), key=_seed_order)
-    by_seed = {s: {m: statistics.fmean(r["by_seed"][s][m] for r in rows) if usable[m] else None for m in metrics}
-               for s in common}
+    by_seed = {
+        s: {m: statistics.fmean(r["by_seed"][s][m] for r in rows) if usable[m] else None for m in metrics}
+        for s in common
+    }
     return by_seed, problems
 
 
@@ -240,10 +256,10 @@ def _merged_templates(rows: list[dict]) -> dict:
 def _split_hyperparameters(hps: list[dict]) -> tuple[dict, dict]:
     """(the hyperparameters all members share, {key: sorted distinct values} for the others)."""
     keys = set().union(*hps)
-    common = {k: hps[0][k] for k in keys
-              if all(k in h and canonical(h[k]) == canonical(hps[0][k]) for h in hps)}
-    varying = {k: sorted({canonical(h.get(k)): h.get(k) for h in hps}.values(), key=numeric_order)
-               for k in keys - set(common)}
+    common = {k: hps[0][k] for k in keys if all(k in h and canonical(h[k]) == canonical(hps[0][k]) for h in hps)}
+    varying = {
+        k: sorted({canonical(h.get(k)): h.get(k) for h in hps}.values(), key=numeric_order) for k in keys - set(common)
+    }
     return common, varying
 
 
@@ -253,10 +269,20 @@ def _group_row(rows: list[dict], group: str, members: list[dict]) -> dict:
     first = rows[0]
     row = {k: first.get(k) for k in LINE + ("dataset",)}
     members = sorted(members, key=line_order(members))
-    row.update(kind="group", label=group, group=group, members=[m["label"] for m in members],
-               method=_agreed(m["method"] for m in members), hyperparameters=common, varying=varying,
-               templates=_merged_templates(rows), by_seed=by_seed, seeds=_agreed_seeds(rows), notes=[],
-               missing=problems)
+    row.update(
+        kind="group",
+        label=group,
+        group=group,
+        members=[m["label"] for m in members],
+        method=_agreed(m["method"] for m in members),
+        hyperparameters=common,
+        varying=varying,
+        templates=_merged_templates(rows),
+        by_seed=by_seed,
+        seeds=_agreed_seeds(rows),
+        notes=[],
+        missing=problems,
+    )
     return summarise(row)
 
 
@@ -278,9 +304,18 @@ def _average_row(rows: list[dict], datasets: frozenset, title: str, subset: str 
     by_seed, problems = combine(rows, datasets, name_of=lambda r: r["dataset"])
     first = rows[0]
     row = {k: first.get(k) for k in COPIED}
-    row.update(kind="average", of=first["kind"], dataset=title, datasets=sorted(datasets), subset=subset,
-               templates=_merged_templates(rows), by_seed=by_seed, seeds=_agreed_seeds(rows), notes=[],
-               missing=problems)
+    row.update(
+        kind="average",
+        of=first["kind"],
+        dataset=title,
+        datasets=sorted(datasets),
+        subset=subset,
+        templates=_merged_templates(rows),
+        by_seed=by_seed,
+        seeds=_agreed_seeds(rows),
+        notes=[],
+        missing=problems,
+    )
     return summarise(row)
 
 
@@ -403,8 +438,10 @@ def _cell(row: dict | None, notes: Footnotes) -> str:
 
 def _differing_fields(rows: list[dict]) -> list[tuple[str, str]]:
     """Hyperparameters (then settings) whose values differ among rows that share a label."""
-    keys = sorted(set().union(*(r.get("hyperparameters") or {} for r in rows)),
-                  key=lambda k: (HP_SORT_KEYS.index(k) if k in HP_SORT_KEYS else len(HP_SORT_KEYS), k))
+    keys = sorted(
+        set().union(*(r.get("hyperparameters") or {} for r in rows)),
+        key=lambda k: (HP_SORT_KEYS.index(k) if k in HP_SORT_KEYS else len(HP_SORT_KEYS), k),
+    )
     out = [("hp", k) for k in keys if len({canonical((r.get("hyperparameters") or {}).get(k)) for r in rows}) > 1]
     out += [("setting", f) for f in SETTING if len({canonical(r.get(f)) for r in rows}) > 1]
     return out
@@ -451,8 +488,13 @@ def line_order(rows: list[dict]) -> Callable[[dict], tuple]:
     def key(r: dict) -> tuple:
         hp = r.get("hyperparameters") or {}
         derived = r["kind"] == "group" or r.get("of") == "group"
-        return (numeric_order(r["shots"]), rank.get(canonical(r.get("method")), len(rank)), derived,
-                tuple(value_key(k, hp.get(k)) for k in HP_SORT_KEYS), r["label"])
+        return (
+            numeric_order(r["shots"]),
+            rank.get(canonical(r.get("method")), len(rank)),
+            derived,
+            tuple(value_key(k, hp.get(k)) for k in HP_SORT_KEYS),
+            r["label"],
+        )
 
     return key
 
@@ -486,8 +528,13 @@ def _shots_table(rows: list[dict], names: dict, notes: Footnotes) -> list[str]:
     if len({without_shots(r) for r in averages}) == len(averages):
         return []  # no method at more than one shot count: nothing to lay out by shots
     cells = {(without_shots(r), r["shots"]): r for r in averages}
-    out = ["", f"{averages[0]['dataset'].capitalize()} by shots:", "",
-           "| method | " + " | ".join(f"{s}-shot" for s in shots) + " |", "|---|" + "---:|" * len(shots)]
+    out = [
+        "",
+        f"{averages[0]['dataset'].capitalize()} by shots:",
+        "",
+        "| method | " + " | ".join(f"{s}-shot" for s in shots) + " |",
+        "|---|" + "---:|" * len(shots),
+    ]
     for key, r in _lines(averages, without_shots):
         out.append(f"| {names[_line_key(r)]} | " + " | ".join(_cell(cells.get((key, s)), notes) for s in shots) + " |")
     return out
@@ -504,8 +551,13 @@ def _sensitivity_tables(rows: list[dict], notes: Footnotes) -> list[str]:
         title = next(iter(grid.values()))["dataset"]
         lrs = sorted({json.loads(k[0]) for k in grid}, key=numeric_order)
         lams = sorted({json.loads(k[1]) for k in grid}, key=numeric_order)
-        out += ["", f"{label}, {shots}-shot, {title}: lr (rows) × λ (columns):", "",
-                "| lr \\ λ | " + " | ".join(format_number(x) for x in lams) + " |", "|---|" + "---:|" * len(lams)]
+        out += [
+            "",
+            f"{label}, {shots}-shot, {title}: lr (rows) × λ (columns):",
+            "",
+            "| lr \\ λ | " + " | ".join(format_number(x) for x in lams) + " |",
+            "|---|" + "---:|" * len(lams),
+        ]
         for lr in lrs:
             values = [_cell(grid.get((canonical(lr), canonical(lam))), notes) for lam in lams]
             out.append(f"| {format_number(lr)} | " + " | ".join(values) + " |")
@@ -526,8 +578,11 @@ def _section_notes(key: tuple, rows: list[dict]) -> list[str]:
         out += ["Cells: base / new / harmonic mean (of the averaged base and new accuracies).", ""]
     if protocol in TRANSFER:
         sources = ", ".join(sorted({str(r.get("source")) for r in rows}))
-        out += [f"Trained on {sources}; the other columns use each target's own classifier, and the target "
-                "average leaves the source out.", ""]
+        out += [
+            f"Trained on {sources}; the other columns use each target's own classifier, and the target "
+            "average leaves the source out.",
+            "",
+        ]
     return out
 
 
@@ -535,10 +590,13 @@ def _group_notes(rows: list[dict]) -> list[str]:
     groups = {r["label"]: r for r in rows if r["kind"] == "group"}
     out = []
     for name, r in sorted(groups.items()):
-        varying = "; ".join(f"{HP_SYMBOLS.get(k, k)} ∈ {{{', '.join(map(format_number, v))}}}"
-                            for k, v in sorted((r.get("varying") or {}).items()))
-        out.append(f"- *{name}*: mean of {', '.join(r['members'])} per dataset and seed"
-                   + (f" ({varying})" if varying else ""))
+        varying = "; ".join(
+            f"{HP_SYMBOLS.get(k, k)} ∈ {{{', '.join(map(format_number, v))}}}"
+            for k, v in sorted((r.get("varying") or {}).items())
+        )
+        out.append(
+            f"- *{name}*: mean of {', '.join(r['members'])} per dataset and seed" + (f" ({varying})" if varying else "")
+        )
     return ["", "Group rows:", ""] + out if out else []
 
 
@@ -560,6 +618,7 @@ def _section(key: tuple, rows: list[dict]) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------- cost and card
 
+
 def _short(value: float | None, unit: str = "") -> str:
     """1234567 → "1.23M", 0.5 → "0.5", None → "–"."""
     if value is None:
@@ -575,9 +634,13 @@ def _line_cost(dataset_rows_: list[dict]) -> dict:
     costs = [r["cost"] for r in dataset_rows_ if r.get("cost")]
     mean = lambda k: statistics.fmean(vs) if (vs := [c[k] for c in costs if c.get(k) is not None]) else None
     peaks = [c["peak_memory_mb"] for c in costs if c.get("peak_memory_mb") is not None]
-    return {"seconds": mean("seconds"), "forward_passes": mean("forward_passes"),
-            "trainable_parameters": mean("trainable_parameters"), "peak_memory_mb": max(peaks) if peaks else None,
-            "memory_measure": _agreed(c.get("memory_measure") for c in costs if c.get("memory_measure"))}
+    return {
+        "seconds": mean("seconds"),
+        "forward_passes": mean("forward_passes"),
+        "trainable_parameters": mean("trainable_parameters"),
+        "peak_memory_mb": max(peaks) if peaks else None,
+        "memory_measure": _agreed(c.get("memory_measure") for c in costs if c.get("memory_measure")),
+    }
 
 
 def _cost_table(rows: list[dict], names: dict, notes: Footnotes) -> list[str]:
@@ -591,9 +654,13 @@ def _cost_table(rows: list[dict], names: dict, notes: Footnotes) -> list[str]:
     if not lines:
         return []
     averages = {_line_key(r): r for r in rows if r["kind"] == "average" and r.get("subset") is None}
-    out = ["", "Accuracy and cost (cost: mean per cell over datasets and seeds; memory: the largest peak):", "",
-           "| method | shots | accuracy | seconds | forward passes | peak memory | trainable parameters |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "",
+        "Accuracy and cost (cost: mean per cell over datasets and seeds; memory: the largest peak):",
+        "",
+        "| method | shots | accuracy | seconds | forward passes | peak memory | trainable parameters |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for key, r in _lines([rs[0] for rs in lines.values()]):
         cost, average = _line_cost(lines[key]), averages.get(key)
         accuracy = _value(average if average is not None else r, "accuracy", notes)  # the paper's number: above
@@ -602,14 +669,21 @@ def _cost_table(rows: list[dict], names: dict, notes: Footnotes) -> list[str]:
         memory = "–" if cost["peak_memory_mb"] is None else f"{cost['peak_memory_mb']:.0f} MB"
         if cost["peak_memory_mb"] is not None and isinstance(cost["memory_measure"], str):
             memory += notes.mark(f"peak memory: {cost['memory_measure']}")
-        out.append(f"| {names[key]} | {r['shots']} | {accuracy} | {_short(cost['seconds'], ' s')} | "
-                   f"{_short(cost['forward_passes'])} | {memory} | {_short(cost['trainable_parameters'])} |")
+        out.append(
+            f"| {names[key]} | {r['shots']} | {accuracy} | {_short(cost['seconds'], ' s')} | "
+            f"{_short(cost['forward_passes'])} | {memory} | {_short(cost['trainable_parameters'])} |"
+        )
     return out
 
 
-HOW_WORDS = {"validation": "selected on the N-shot validation set", "rule": "no selection (a fixed rule or the "
-             "original's settings)", "given": "given by the experiment", "last": "the last epoch",
-             "loaded": "loaded from a saved run", "not recorded": "not recorded"}
+HOW_WORDS = {
+    "validation": "selected on the N-shot validation set",
+    "rule": "no selection (a fixed rule or the original's settings)",
+    "given": "given by the experiment",
+    "last": "the last epoch",
+    "loaded": "loaded from a saved run",
+    "not recorded": "not recorded",
+}
 
 
 def _card_line(name: str, cards: list[dict]) -> str:
@@ -618,8 +692,10 @@ def _card_line(name: str, cards: list[dict]) -> str:
         for how, count in card["hows"].items():
             hows[how] += count
     total = sum(hows.values())
-    how_text = "; ".join(f"{HOW_WORDS.get(h, h)}" + (f" ({n} of {total} cells)" if len(hows) > 1 else "")
-                         for h, n in sorted(hows.items()))
+    how_text = "; ".join(
+        f"{HOW_WORDS.get(h, h)}" + (f" ({n} of {total} cells)" if len(hows) > 1 else "")
+        for h, n in sorted(hows.items())
+    )
     selects = _agreed(c["selects"] for c in cards)
     what = f"can select {selects}" if isinstance(selects, str) and selects else "selects nothing"
     if "validation" in hows:
@@ -628,8 +704,9 @@ def _card_line(name: str, cards: list[dict]) -> str:
         given = "a validation set was there, unused" if any(c["validation"] for c in cards) else "no validation set"
     counts = sorted({n for c in cards for n in c["templates"].values()})
     templates = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
-    extras = "".join(f"; {k}: {v!r}" for c in cards[:1] for k, v in c.items() if k in ("source", "template")
-                     and isinstance(v, str))
+    extras = "".join(
+        f"; {k}: {v!r}" for c in cards[:1] for k, v in c.items() if k in ("source", "template") and isinstance(v, str)
+    )
     extras += "".join(f"; stream orders: {c['stream orders']}" for c in cards[:1] if "stream orders" in c)
     return f"- *{name}*: {what}; {how_text}; {given}; templates per dataset: {templates}{extras}"
 
@@ -644,11 +721,15 @@ def _protocol_card(rows: list[dict], names: dict) -> list[str]:
             lines[without_shots(r)].append(r)
     if not lines:
         return []
-    seeds = sorted({str(s) for rs in lines.values() for r in rs for s in r["seeds"] if s is not None},
-                   key=numeric_order) or ["none (nothing drawn)"]
+    seeds = sorted(
+        {str(s) for rs in lines.values() for r in rs for s in r["seeds"] if s is not None}, key=numeric_order
+    ) or ["none (nothing drawn)"]
     templates = sorted({str(r.get("templates_name")) for r in rows})
-    out = ["", f"Protocol card (seeds {', '.join(seeds)}; templates: {', '.join(templates)}; no method sees test "
-           "labels):", ""]
+    out = [
+        "",
+        f"Protocol card (seeds {', '.join(seeds)}; templates: {', '.join(templates)}; no method sees test labels):",
+        "",
+    ]
     for key, r in _lines([rs[0] for rs in lines.values()], without_shots):
         out.append(_card_line(names[_line_key(r)], [x["card"] for x in lines[key]]))
     return out
@@ -665,6 +746,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- plots
+
 
 def _pyplot():
     import matplotlib
@@ -690,13 +772,21 @@ def _shot_curves(rows: list[dict], protocol: str) -> dict[str, dict[str, list[di
     group's one curve (the table has them one by one); a curve with no average shown at all is left out."""
     panels: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     names = display_names(rows)
-    averages = [r for r in rows if r["kind"] == "average" and r["subset"] is None and r["protocol"] == protocol
-                and not (r.get("group") and r["of"] == "dataset")]
+    averages = [
+        r
+        for r in rows
+        if r["kind"] == "average"
+        and r["subset"] is None
+        and r["protocol"] == protocol
+        and not (r.get("group") and r["of"] == "dataset")
+    ]
     order = line_order(rows)
     for r in sorted(averages, key=lambda r: order({**r, "shots": 0})):
         panels[_panel_title(r)][names[_line_key(r)]].append(r)
-    return {title: {name: pts for name, pts in curves.items() if any(r["mean"] is not None for r in pts)}
-            for title, curves in panels.items()}
+    return {
+        title: {name: pts for name, pts in curves.items() if any(r["mean"] is not None for r in pts)}
+        for title, curves in panels.items()
+    }
 
 
 def _draw_curves(ax, curves: dict[str, list[dict]]) -> bool:
@@ -706,13 +796,28 @@ def _draw_curves(ax, curves: dict[str, list[dict]]) -> bool:
         points = sorted(points, key=lambda r: r["shots"])
         means = [math.nan if r["mean"] is None else r["mean"] for r in points]
         gaps |= any(math.isnan(m) for m in means)
-        line = ax.errorbar([r["shots"] for r in points], means, yerr=[r.get("std") or 0.0 for r in points],
-                           marker="o", ms=4, capsize=3, lw=1.4, label=name)
+        line = ax.errorbar(
+            [r["shots"] for r in points],
+            means,
+            yerr=[r.get("std") or 0.0 for r in points],
+            marker="o",
+            ms=4,
+            capsize=3,
+            lw=1.4,
+            label=name,
+        )
         handles.append(line)
         paper = [(r["shots"], r["paper"]) for r in points if r.get("paper") is not None]
         if paper:
-            handles += ax.plot(*zip(*paper), "o", ms=9, mfc="none", mew=1.4, color=line[0].get_color(),
-                               label=f"{name}: paper")
+            handles += ax.plot(
+                *zip(*paper, strict=True),
+                "o",
+                ms=9,
+                mfc="none",
+                mew=1.4,
+                color=line[0].get_color(),
+                label=f"{name}: paper",
+            )
     all_shots = sorted({r["shots"] for pts in curves.values() for r in pts})
     ax.set_xscale("log", base=2)
     ax.set_xticks(all_shots, [str(s) for s in all_shots])
@@ -731,19 +836,21 @@ def shots_figure(rows: list[dict[str, Any]], protocol: str = "fewshot"):
     if not panels:
         return None
     plt = _pyplot()
-    height = 4.2 + 0.16 * max(len(c) + sum(any(r.get("paper") for r in p) for p in c.values())
-                             for c in panels.values())
+    height = 4.2 + 0.16 * max(len(c) + sum(any(r.get("paper") for r in p) for p in c.values()) for c in panels.values())
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), height), squeeze=False, layout="constrained")
     shown = [r for curves in panels.values() for pts in curves.values() for r in pts if r["mean"] is not None]
     gaps = False
-    for ax, (title, curves) in zip(axes[0], sorted(panels.items())):
+    for ax, (title, curves) in zip(axes[0], sorted(panels.items()), strict=False):
         n = len(next(iter(curves.values()))[0]["datasets"])
         gaps |= _draw_curves(ax, curves)
         ax.set_ylabel(f"top-1 accuracy (%), mean over {n} datasets")
         ax.set_title(title, fontsize=9)
-    caption = (f"Error bars: population std over seeds (n = {_seed_counts(shown)}) of the per-seed mean over datasets"
-               + (" and the group's members" if any(r["of"] == "group" for r in shown) else "") + "."
-               + (" Gaps: averages not shown, a dataset was not scored (see results.md)." if gaps else ""))
+    caption = (
+        f"Error bars: population std over seeds (n = {_seed_counts(shown)}) of the per-seed mean over datasets"
+        + (" and the group's members" if any(r["of"] == "group" for r in shown) else "")
+        + "."
+        + (" Gaps: averages not shown, a dataset was not scored (see results.md)." if gaps else "")
+    )
     caption = textwrap.fill(caption, width=int(16 * fig.get_figwidth()))  # about 16 characters an inch at 8 pt
     fig.suptitle(caption, fontsize=8, y=0.005, va="bottom")
     bottom = (0.35 + 0.14 * caption.count("\n")) / fig.get_figheight()  # room for the caption, in inches
@@ -777,13 +884,19 @@ def _heatmap(ax, grid: dict, norm, cmap) -> None:
     lrs = sorted({k[0] for k in grid}, key=numeric_order)
     lams = sorted({k[1] for k in grid}, key=numeric_order)
     values = [[grid.get((lr, lam)) for lam in lams] for lr in lrs]
-    ax.imshow([[float("nan") if v is None else v for v in row] for row in values], cmap=cmap, norm=norm,
-              aspect="auto")
+    ax.imshow([[float("nan") if v is None else v for v in row] for row in values], cmap=cmap, norm=norm, aspect="auto")
     for i, row in enumerate(values):
         for j, v in enumerate(row):
             dark = v is not None and norm(v) < 0.55  # light text on the dark end of the scale
-            ax.text(j, i, "–" if v is None else f"{v:.1f}", ha="center", va="center", fontsize=7,
-                    color="white" if dark else "black")
+            ax.text(
+                j,
+                i,
+                "–" if v is None else f"{v:.1f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if dark else "black",
+            )
     ax.set_xticks(range(len(lams)), [format_number(x) for x in lams], fontsize=7)
     ax.set_yticks(range(len(lrs)), [format_number(x) for x in lrs], fontsize=7)
     ax.set_xlabel("λ", fontsize=8)
@@ -803,9 +916,14 @@ def sensitivity_figure(rows: list[dict[str, Any]]):
 
     norm, cmap = Normalize(min(values), max(values)), plt.get_cmap("viridis").with_extremes(bad="0.85")
     shots = sorted({s for by_shots in panels.values() for s in by_shots}, key=numeric_order)
-    fig, axes = plt.subplots(len(panels), len(shots), figsize=(2.9 * len(shots) + 1.4, 2.7 * len(panels) + 0.6),
-                             squeeze=False, layout="constrained")
-    for i, ((title, label), by_shots) in enumerate(sorted(panels.items())):
+    fig, axes = plt.subplots(
+        len(panels),
+        len(shots),
+        figsize=(2.9 * len(shots) + 1.4, 2.7 * len(panels) + 0.6),
+        squeeze=False,
+        layout="constrained",
+    )
+    for i, ((_, label), by_shots) in enumerate(sorted(panels.items())):
         for j, s in enumerate(shots):
             if s in by_shots:
                 _heatmap(axes[i][j], by_shots[s], norm, cmap)
@@ -813,8 +931,12 @@ def sensitivity_figure(rows: list[dict[str, Any]]):
             else:
                 axes[i][j].set_axis_off()
     datasets = {len(r["datasets"]) for r in rows if r["kind"] == "average" and r["protocol"] == "sensitivity"}
-    fig.colorbar(ScalarMappable(norm, cmap), ax=axes, shrink=0.85,
-                 label=f"top-1 accuracy (%), mean over {'/'.join(map(str, sorted(datasets)))} datasets and seeds")
+    fig.colorbar(
+        ScalarMappable(norm, cmap),
+        ax=axes,
+        shrink=0.85,
+        label=f"top-1 accuracy (%), mean over {'/'.join(map(str, sorted(datasets)))} datasets and seeds",
+    )
     fig.suptitle(" · ".join(sorted({t for t, _ in panels})), fontsize=9)
     return fig
 
@@ -824,6 +946,7 @@ def plot_sensitivity(rows: list[dict[str, Any]], path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- per dataset
+
 
 def _learns(method: Any) -> bool | None:
     """Whether a row's method learns from the shots (zero-shot CLIP does not); None when the row mixes methods or
@@ -844,14 +967,25 @@ def zero_shot_gains(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per dataset and shots, each learning line's mean accuracy minus zero-shot CLIP's on the same dataset, shots,
     backbone, protocol, sampler and templates (both means over seeds); lines without such a zero-shot row are left
     out."""
-    base = {_baseline_key(r): r for r in rows
-            if r["kind"] == "dataset" and r.get("mean") is not None and _learns(r.get("method")) is False}
+    base = {
+        _baseline_key(r): r
+        for r in rows
+        if r["kind"] == "dataset" and r.get("mean") is not None and _learns(r.get("method")) is False
+    }
     gains = []
     for r in rows:
         zero = base.get(_baseline_key(r)) if r["kind"] in ("dataset", "group") else None
         if zero is not None and r.get("mean") is not None and _learns(r.get("method")):
-            gains.append({"row": r, "dataset": r["dataset"], "shots": r["shots"], "accuracy": r["mean"],
-                          "zero_shot": zero["mean"], "gain": r["mean"] - zero["mean"]})
+            gains.append(
+                {
+                    "row": r,
+                    "dataset": r["dataset"],
+                    "shots": r["shots"],
+                    "accuracy": r["mean"],
+                    "zero_shot": zero["mean"],
+                    "gain": r["mean"] - zero["mean"],
+                }
+            )
     return gains
 
 
@@ -860,8 +994,13 @@ def _dataset_table(rows: list[dict], dataset: str, names: dict, gains: dict, not
     shots = sorted({r["shots"] for r in here}, key=numeric_order)
     without_shots = lambda r: _line_key(r)[:-1]  # shots is the last field of a line
     cells = {(without_shots(r), canonical(r["shots"])): r for r in here}
-    out = ["", f"### {dataset}", "", "| method | " + " | ".join(f"{s}-shot" for s in shots) + " |",
-           "|---|" + "---:|" * len(shots)]
+    out = [
+        "",
+        f"### {dataset}",
+        "",
+        "| method | " + " | ".join(f"{s}-shot" for s in shots) + " |",
+        "|---|" + "---:|" * len(shots),
+    ]
     for key, r in _lines(here, without_shots):
         values = []
         for s in shots:
@@ -880,8 +1019,13 @@ def per_dataset_markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r["kind"] in ("dataset", "group"):
             sections[_section_key(r)].append(r)
-    out = ["", "# Per dataset", "", "Top-1 accuracy (%) on each dataset: mean ± population std over seeds; in brackets "
-           "the gain over zero-shot CLIP (percentage points) at the same shots and setting."]
+    out = [
+        "",
+        "# Per dataset",
+        "",
+        "Top-1 accuracy (%) on each dataset: mean ± population std over seeds; in brackets "
+        "the gain over zero-shot CLIP (percentage points) at the same shots and setting.",
+    ]
     for key in sorted(sections, key=str):
         notes, names, rs = Footnotes(), display_names(sections[key]), sections[key]
         out += ["", f"## {_section_title(key)}"]
@@ -906,12 +1050,23 @@ def _gain_panels(rows: list[dict]) -> dict[tuple, dict[str, dict[tuple[str, str]
 
 def _gain_heatmap(ax, lines: dict[str, dict[str, float]], columns: list[str], norm, cmap, span: float) -> None:
     grid = [[gains.get(d) for d in columns] for gains in lines.values()]
-    ax.imshow([[math.nan if v is None else v for v in row] for row in grid], cmap=cmap.with_extremes(bad="0.85"),
-              norm=norm, aspect="auto")
+    ax.imshow(
+        [[math.nan if v is None else v for v in row] for row in grid],
+        cmap=cmap.with_extremes(bad="0.85"),
+        norm=norm,
+        aspect="auto",
+    )
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
-            ax.text(j, i, "–" if v is None else f"{v:+.1f}", ha="center", va="center", fontsize=7,
-                    color="white" if v is not None and abs(v) > 0.6 * span else "black")
+            ax.text(
+                j,
+                i,
+                "–" if v is None else f"{v:+.1f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if v is not None and abs(v) > 0.6 * span else "black",
+            )
     ax.set_xticks(range(len(columns)), columns, rotation=35, ha="right", rotation_mode="anchor", fontsize=7)
     ax.set_yticks(range(len(lines)), list(lines), fontsize=7)
 
@@ -933,14 +1088,23 @@ def gain_figure(rows: list[dict[str, Any]]):
     columns = sorted({d for lines in panels.values() for gains in lines.values() for d in gains} - {"average"})
     columns.append("average")
     height = max(len(lines) for lines in panels.values())
-    fig, axes = plt.subplots(len(panels), 1, figsize=(4.0 + 0.75 * len(columns), (0.45 * height + 1.6) * len(panels)),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(4.0 + 0.75 * len(columns), (0.45 * height + 1.6) * len(panels)),
+        squeeze=False,
+        layout="constrained",
+    )
     order = sorted(panels, key=lambda k: (k[0], numeric_order(k[1])))
     for ax, (title, shots) in zip(axes[:, 0], order, strict=True):
         _gain_heatmap(ax, panels[(title, shots)], columns, norm, cmap, span)
         ax.set_title(f"{title}, {shots}-shot", fontsize=9)
-    fig.colorbar(ScalarMappable(norm, cmap), ax=axes, shrink=0.8,
-                 label="gain over zero-shot CLIP (percentage points), mean over seeds")
+    fig.colorbar(
+        ScalarMappable(norm, cmap),
+        ax=axes,
+        shrink=0.8,
+        label="gain over zero-shot CLIP (percentage points), mean over seeds",
+    )
     return fig
 
 
@@ -950,23 +1114,69 @@ def plot_gains(rows: list[dict[str, Any]], path: Path) -> bool:
 
 # ----------------------------------------------------------------------------------------------- files
 
-CSV_FIELDS = ["protocol", "model", "weights", "random_weights", "sampler", "templates_name", "source", "kind",
-              "dataset", "datasets", "label", "method", "group", "shots", "lr", "lam", "precision", "varying", "seeds",
-              "mean", "std", "base", "base_std", "new", "new_std", "hm", "hm_seed_mean", "hm_seed_std",
-              "start_accuracy", "start_accuracy_std", "paper", "paper_base", "paper_new", "paper_hm",
-              "paper_source", "notes", "missing", "seconds", "forward_passes", "peak_memory_mb",
-              "trainable_parameters", "selection"]
+CSV_FIELDS = [
+    "protocol",
+    "model",
+    "weights",
+    "random_weights",
+    "sampler",
+    "templates_name",
+    "source",
+    "kind",
+    "dataset",
+    "datasets",
+    "label",
+    "method",
+    "group",
+    "shots",
+    "lr",
+    "lam",
+    "precision",
+    "varying",
+    "seeds",
+    "mean",
+    "std",
+    "base",
+    "base_std",
+    "new",
+    "new_std",
+    "hm",
+    "hm_seed_mean",
+    "hm_seed_std",
+    "start_accuracy",
+    "start_accuracy_std",
+    "paper",
+    "paper_base",
+    "paper_new",
+    "paper_hm",
+    "paper_source",
+    "notes",
+    "missing",
+    "seconds",
+    "forward_passes",
+    "peak_memory_mb",
+    "trainable_parameters",
+    "selection",
+]
 
 
 def _csv_row(row: dict) -> dict:
     hp = row.get("hyperparameters") or {}
     as_text = lambda v: " ".join(map(str, v)) if isinstance(v, list) else v
-    return {**{k: as_text(row.get(k)) for k in CSV_FIELDS}, "lr": hp.get("lr"), "lam": hp.get("lam"),
-            "precision": hp.get("precision"), "varying": canonical(row["varying"]) if row.get("varying") else "",
-            "notes": "; ".join(row.get("notes") or []), "missing": "; ".join(row.get("missing") or []),
-            **{k: (row.get("cost") or {}).get(k) for k in ("seconds", "forward_passes", "peak_memory_mb",
-                                                          "trainable_parameters")},
-            "selection": canonical((row.get("card") or {}).get("hows")) if row.get("card") else ""}
+    return {
+        **{k: as_text(row.get(k)) for k in CSV_FIELDS},
+        "lr": hp.get("lr"),
+        "lam": hp.get("lam"),
+        "precision": hp.get("precision"),
+        "varying": canonical(row["varying"]) if row.get("varying") else "",
+        "notes": "; ".join(row.get("notes") or []),
+        "missing": "; ".join(row.get("missing") or []),
+        **{
+            k: (row.get("cost") or {}).get(k)
+            for k in ("seconds", "forward_passes", "peak_memory_mb", "trainable_parameters")
+        },
+        "selection": canonical((row.get("card") or {}).get("hows")) if row.get("card") else "",
+    }
 
 
 def write_report(records: list[dict[str, Any]], out: Path | str) -> dict[str, Path]:
@@ -979,8 +1189,9 @@ def write_report(records: list[dict[str, Any]], out: Path | str) -> dict[str, Pa
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(map(_csv_row, rows))
-    paths["json"].write_text(json.dumps([{k: v for k, v in r.items() if k != "by_seed"} for r in rows], indent=2,
-                                        default=str))
+    paths["json"].write_text(
+        json.dumps([{k: v for k, v in r.items() if k != "by_seed"} for r in rows], indent=2, default=str)
+    )
     for protocol, name in (("fewshot", "accuracy_vs_shots.png"), ("fewshot-val", "accuracy_vs_shots_val.png")):
         if plot_shots(rows, out / name, protocol):
             paths[f"plot_{protocol}"] = out / name

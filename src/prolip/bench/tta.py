@@ -94,8 +94,7 @@ def _row_logits(kind: str, b: Bench, scene: Scene, z: Tensor, tally: Tally) -> T
     if kind == "tta":
         return adapt_projection(z, W, scene.bias, scene.classifier, scene.scale, cfg)[0]
     if kind == "tpt":
-        return tpt_logits(b.backbone, z, W, scene.bias, scene.classnames, scene.scale, ratio=cfg.ratio,
-                          steps=cfg.steps)
+        return tpt_logits(b.backbone, z, W, scene.bias, scene.classnames, scene.scale, ratio=cfg.ratio, steps=cfg.steps)
     if kind == "zero":
         return zero_votes(batched_logits(z, W, scene.bias, scene.classifier, scene.scale), scene.zero_gamma)
     if kind == "tda":
@@ -110,10 +109,16 @@ def _scene(b: Bench, dataset: str) -> Scene:
     splits = b.splits(dataset)
     bias = b.backbone.projection().bias
     settings, source = tda_settings(splits.name)
-    return Scene(classifier=b.builder.classifier(splits.classnames, b.templates(splits)[1]),
-                 bias=None if bias is None else bias.detach().float().cpu(), scale=float(b.backbone.logit_scale),
-                 cfg=TTAConfig(views=t.views, ratio=t.ratio, steps=t.steps, lr=t.lr, seed=t.seed),
-                 classnames=list(splits.classnames), zero_gamma=t.zero_gamma, tda=settings, tda_source=source)
+    return Scene(
+        classifier=b.builder.classifier(splits.classnames, b.templates(splits)[1]),
+        bias=None if bias is None else bias.detach().float().cpu(),
+        scale=float(b.backbone.logit_scale),
+        cfg=TTAConfig(views=t.views, ratio=t.ratio, steps=t.steps, lr=t.lr, seed=t.seed),
+        classnames=list(splits.classnames),
+        zero_gamma=t.zero_gamma,
+        tda=settings,
+        tda_source=source,
+    )
 
 
 def _tda_record(b: Bench, tally: Tally, scene: Scene, labels: Tensor) -> dict:
@@ -126,8 +131,12 @@ def _tda_record(b: Bench, tally: Tally, scene: Scene, labels: Tensor) -> dict:
         accuracy = 100.0 * int((logits.argmax(-1) == labels).sum()) / len(labels)
         orders.append({"seed": seed, "digest": order_digest(order), "accuracy": accuracy})
     accuracies = [o["accuracy"] for o in orders]
-    return {"accuracy": sum(accuracies) / len(accuracies), "accuracy_worst": min(accuracies), "stream_orders": orders,
-            "selected": {"how": "rule", "source": scene.tda_source, **scene.tda.as_record()}}
+    return {
+        "accuracy": sum(accuracies) / len(accuracies),
+        "accuracy_worst": min(accuracies),
+        "stream_orders": orders,
+        "selected": {"how": "rule", "source": scene.tda_source, **scene.tda.as_record()},
+    }
 
 
 def _forward_passes(kind: str, scene: Scene, images: int) -> dict:
@@ -140,8 +149,9 @@ def _forward_passes(kind: str, scene: Scene, images: int) -> dict:
     return out
 
 
-def _score_batches(b: Bench, scene: Scene, cells: list[Cell], tallies: dict[str, Tally], paths: list,
-                   labels: Tensor, dataset: str) -> float:
+def _score_batches(
+    b: Bench, scene: Scene, cells: list[Cell], tallies: dict[str, Tally], paths: list, labels: Tensor, dataset: str
+) -> float:
     """Every row on every batch of images; returns the seconds spent extracting the shared views."""
     extraction = 0.0
     bar = tqdm(total=len(paths), desc=f"test-time adaptation on {dataset}", unit="image", disable=None, leave=False)
@@ -154,8 +164,9 @@ def _score_batches(b: Bench, scene: Scene, cells: list[Cell], tallies: dict[str,
             tally = tallies[cell.record["cell"]]
             started = time.perf_counter()
             with torch.no_grad():
-                tally.before += int((clip_logits(z[:, 0], tally.W, scene.bias, scene.classifier, scene.scale)
-                                     .argmax(-1) == y).sum())
+                tally.before += int(
+                    (clip_logits(z[:, 0], tally.W, scene.bias, scene.classifier, scene.scale).argmax(-1) == y).sum()
+                )
             logits = _row_logits(cell.extra["kind"], b, scene, z, tally)
             if logits is not None:
                 tally.correct += int((logits.argmax(-1) == y).sum())
@@ -174,17 +185,24 @@ def run_tta_group(b: Bench, group: Group, cells: list[Cell]) -> Iterator[tuple[C
     paths, labels = [it.path for it in images.items], torch.tensor(images.labels)
     with PeakMemory(b.backbone.device) as memory:
         shared += _score_batches(b, scene, cells, tallies, paths, labels, group.dataset)
-        tda = {c.record["cell"]: _tda_stream_timed(b, tallies[c.record["cell"]], scene, labels)
-               for c in cells if c.extra["kind"] == "tda"}
+        tda = {
+            c.record["cell"]: _tda_stream_timed(b, tallies[c.record["cell"]], scene, labels)
+            for c in cells
+            if c.extra["kind"] == "tda"
+        }
     n = len(paths)
     for cell in cells:
         key, kind = cell.record["cell"], cell.extra["kind"]
         tally = tallies[key]
-        cell.record.update(accuracy=100.0 * tally.correct / n, start_accuracy=100.0 * tally.before / n, eval_images=n,
-                           peak_memory_mb=None if memory.mb is None else round(memory.mb, 1),
-                           memory_measure=f"{memory.measure}, every row of this dataset",
-                           trainable_parameters=_adapted_per_image(b, kind, tally.W),
-                           **_forward_passes(kind, scene, n))
+        cell.record.update(
+            accuracy=100.0 * tally.correct / n,
+            start_accuracy=100.0 * tally.before / n,
+            eval_images=n,
+            peak_memory_mb=None if memory.mb is None else round(memory.mb, 1),
+            memory_measure=f"{memory.measure}, every row of this dataset",
+            trainable_parameters=_adapted_per_image(b, kind, tally.W),
+            **_forward_passes(kind, scene, n),
+        )
         cell.record.update(tda.get(key, {}))  # TDA: its accuracy is the mean over stream orders
         cell.record.setdefault("selected", {"how": "rule"})  # fixed settings, from each original
         yield cell, tally.seconds + shared / len(cells)

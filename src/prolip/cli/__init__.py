@@ -1,19 +1,27 @@
 """The `prolip` command line: thin wrappers over the Python API."""
+
 from __future__ import annotations
 
 import click
 
 from prolip import __version__
 
-
 # Errors that mean "your input or environment is wrong", each with a message naming the file/option at fault:
 # the user gets that message, not a traceback. Anything else is a bug and keeps its traceback.
-_USER_ERRORS = (("prolip.features.storage", "CacheError"), ("prolip.data.images", "BadImageError"),
-                ("prolip.data.folder", "DataError"), ("prolip.data.sampling", "NotEnoughImagesError"),
-                ("prolip.run", "RunError"), ("prolip.backbones", "BackboneLoadError"),
-                ("prolip.methods.params", "HyperparameterError"), ("prolip.methods.base", "FitError"),
-                ("prolip.episode", "EpisodeError"), ("prolip.bench.experiment", "ExperimentError"),
-                ("prolip.bench.records", "RecordsError"), ("prolip.outputs", "OutputError"))
+_USER_ERRORS = (
+    ("prolip.features.storage", "CacheError"),
+    ("prolip.data.images", "BadImageError"),
+    ("prolip.data.folder", "DataError"),
+    ("prolip.data.sampling", "NotEnoughImagesError"),
+    ("prolip.run", "RunError"),
+    ("prolip.backbones", "BackboneLoadError"),
+    ("prolip.methods.params", "HyperparameterError"),
+    ("prolip.methods.base", "FitError"),
+    ("prolip.episode", "EpisodeError"),
+    ("prolip.bench.experiment", "ExperimentError"),
+    ("prolip.bench.records", "RecordsError"),
+    ("prolip.outputs", "OutputError"),
+)
 # The library names values, not flags; where one option is the fix, the message says which.
 _FLAG_FOR = {"CacheError": "--cache-dir"}
 

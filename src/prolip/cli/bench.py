@@ -1,4 +1,5 @@
 """`prolip bench EXPERIMENT.yaml` and `prolip report RECORDS`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,11 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
         try:
             out[key] = load_yaml(value)
         except yaml.YAMLError as e:
-            raise click.BadParameter(f"{pair!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote "
-                                     "it, e.g. --set 'shots=[1, 4]'", param_hint="--set") from None
+            raise click.BadParameter(
+                f"{pair!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote "
+                "it, e.g. --set 'shots=[1, 4]'",
+                param_hint="--set",
+            ) from None
     return out
 
 
@@ -44,8 +48,12 @@ def _experiment_data(exp) -> list:
 @click.option("--set", "sets", multiple=True, help="override a key of the experiment file, e.g. --set shots=[1,4]")
 @click.option("--out", default=None, help="results directory (records.jsonl is appended there)")
 @click.option("--report/--no-report", default=False, help="also write the report to OUT/report when done")
-@click.option("--plan", is_flag=True, help="only say what the run needs (images, forward passes after sharing and "
-              "the cache, disk, an estimated time from one timed batch); extract nothing, write nothing")
+@click.option(
+    "--plan",
+    is_flag=True,
+    help="only say what the run needs (images, forward passes after sharing and "
+    "the cache, disk, an estimated time from one timed batch); extract nothing, write nothing",
+)
 def bench_cmd(experiment, sets, out, report, plan):
     """Run a paper protocol over datasets × shots × seeds × methods; finished cells are skipped on re-runs.
 
@@ -70,7 +78,7 @@ def bench_cmd(experiment, sets, out, report, plan):
             warnings.simplefilter("ignore", RandomWeightsWarning)
             records = run_experiment(exp, echo=click.echo)
     except (ExperimentError, BackboneLoadError, ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from e
     if report:
         from prolip.bench.records import read_records
         from prolip.bench.report import write_report

@@ -1,4 +1,5 @@
 """`prolip fit | eval | predict | export | extract`: the product path, as thin wrappers over the Python API."""
+
 from __future__ import annotations
 
 import json
@@ -21,40 +22,88 @@ def _fail(message: str) -> None:
 
 def backbone_options(f):
     f = click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda")(f)
-    f = click.option("--pretrained", default="openai", show_default=True,
-                     help="open_clip pretrained tag, a local checkpoint file, or 'none' for random init")(f)
-    f = click.option("--model", default="ViT-B-16", show_default=True,
-                     help="open_clip architecture (ViT-B-16, RN50, ...) or hf:<hub id or local dir>")(f)
+    f = click.option(
+        "--pretrained",
+        default="openai",
+        show_default=True,
+        help="open_clip pretrained tag, a local checkpoint file, or 'none' for random init",
+    )(f)
+    f = click.option(
+        "--model",
+        default="ViT-B-16",
+        show_default=True,
+        help="open_clip architecture (ViT-B-16, RN50, ...) or hf:<hub id or local dir>",
+    )(f)
     return f
 
 
 def cache_options(f):
-    f = click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default="error", show_default=True,
-                     help="stop at an unreadable image, or skip it (skips are counted and listed in the run)")(f)
-    f = click.option("--extract-dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-                     help="what the backbone computes in while caching features (auto: bf16 on CUDA, fp32 on CPU)")(f)
-    f = click.option("--workers", type=click.IntRange(min=0), default=None,
-                     help="image-decoding threads [default: 0 on CPU, up to 16 on CUDA]")(f)
-    f = click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-                     help="images per backbone forward pass")(f)
-    f = click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-                     help="feature cache directory [default: $PROLIP_CACHE_DIR or ~/.cache/prolip]")(f)
+    f = click.option(
+        "--on-bad-image",
+        type=click.Choice(["error", "skip"]),
+        default="error",
+        show_default=True,
+        help="stop at an unreadable image, or skip it (skips are counted and listed in the run)",
+    )(f)
+    f = click.option(
+        "--extract-dtype",
+        type=click.Choice(["auto", "fp32", "bf16"]),
+        default="auto",
+        show_default=True,
+        help="what the backbone computes in while caching features (auto: bf16 on CUDA, fp32 on CPU)",
+    )(f)
+    f = click.option(
+        "--workers",
+        type=click.IntRange(min=0),
+        default=None,
+        help="image-decoding threads [default: 0 on CPU, up to 16 on CUDA]",
+    )(f)
+    f = click.option(
+        "--batch-size",
+        type=click.IntRange(min=1),
+        default=64,
+        show_default=True,
+        help="images per backbone forward pass",
+    )(f)
+    f = click.option(
+        "--cache-dir",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="feature cache directory [default: $PROLIP_CACHE_DIR or ~/.cache/prolip]",
+    )(f)
     return f
 
 
 def label_key_option(f):
-    return click.option("--label-key", default=None,
-                        help="tar shards: the member holding each sample's class index [default: cls]; hf: datasets: "
-                             "the label column [default: its ClassLabel column]")(f)
+    return click.option(
+        "--label-key",
+        default=None,
+        help="tar shards: the member holding each sample's class index [default: cls]; hf: datasets: "
+        "the label column [default: its ClassLabel column]",
+    )(f)
 
 
 def data_options(f):
-    f = click.option("--templates", "templates_file", type=click.Path(path_type=Path), default=None,
-                     help="prompt templates file, one per line, each containing {}")(f)
-    f = click.option("--classnames", "classnames_file", type=click.Path(path_type=Path), default=None,
-                     help="class names file (one per line, in sorted folder order)")(f)
-    f = click.option("--data-root", type=click.Path(path_type=Path), default=None,
-                     help="root folder of the benchmark datasets (CoOp layout) when --data names a benchmark")(f)
+    f = click.option(
+        "--templates",
+        "templates_file",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="prompt templates file, one per line, each containing {}",
+    )(f)
+    f = click.option(
+        "--classnames",
+        "classnames_file",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="class names file (one per line, in sorted folder order)",
+    )(f)
+    f = click.option(
+        "--data-root",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="root folder of the benchmark datasets (CoOp layout) when --data names a benchmark",
+    )(f)
     return f
 
 
@@ -70,8 +119,9 @@ def _load_backbone(model: str, pretrained: str, device: str):
     except BackboneLoadError as e:
         _fail(str(e))
     if backbone.info.random_weights:
-        click.secho(f"WARNING: {backbone.info.describe()}: every number below comes from RANDOM weights.",
-                    fg="yellow", err=True)
+        click.secho(
+            f"WARNING: {backbone.info.describe()}: every number below comes from RANDOM weights.", fg="yellow", err=True
+        )
     return backbone
 
 
@@ -93,16 +143,24 @@ def _reserve_out(out: Path, force: bool, data_paths, kind: str) -> None:
 def _data_read(data, data_root, classnames_file=None, templates_file=None, *more) -> list:
     from prolip.data import paths_read
 
-    return [*paths_read(str(data), root=data_root, classnames_file=classnames_file, templates_file=templates_file),
-            *(p for p in more if p is not None)]
+    return [
+        *paths_read(str(data), root=data_root, classnames_file=classnames_file, templates_file=templates_file),
+        *(p for p in more if p is not None),
+    ]
 
 
 def _cache(backbone, cache_dir, batch_size, workers, on_bad_image, extract_dtype="auto"):
     from prolip.features import FeatureCache
 
     try:
-        return FeatureCache(cache_dir, backbone, batch_size=batch_size, num_workers=workers, on_bad_image=on_bad_image,
-                            compute_dtype=extract_dtype)
+        return FeatureCache(
+            cache_dir,
+            backbone,
+            batch_size=batch_size,
+            num_workers=workers,
+            on_bad_image=on_bad_image,
+            compute_dtype=extract_dtype,
+        )
     except ValueError as e:
         _fail(str(e))
 
@@ -111,8 +169,14 @@ def _resolve(data, data_root, classnames_file, templates_file, split=None, label
     from prolip.data import resolve_data
 
     try:
-        return resolve_data(str(data), root=data_root, classnames_file=classnames_file, templates_file=templates_file,
-                            split=split, label_key=label_key)
+        return resolve_data(
+            str(data),
+            root=data_root,
+            classnames_file=classnames_file,
+            templates_file=templates_file,
+            split=split,
+            label_key=label_key,
+        )
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
 
@@ -133,7 +197,9 @@ def _hyperparameters(shortcuts: dict, pairs: tuple[str, ...]) -> dict:
         try:
             hp[key.strip()] = load_yaml(value)
         except yaml.YAMLError as e:
-            raise click.BadParameter(f"{pair!r}: the value is not valid YAML ({e.problem})", param_hint="--hp") from None
+            raise click.BadParameter(
+                f"{pair!r}: the value is not valid YAML ({e.problem})", param_hint="--hp"
+            ) from None
     return hp
 
 
@@ -146,52 +212,126 @@ def check_device(device: str) -> None:
     except RuntimeError as e:
         raise click.BadParameter(f"{device!r} is not a torch device ({e})", param_hint="--device") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter(f"{device!r}: no CUDA device is available here; use --device cpu",
-                                 param_hint="--device")
+        raise click.BadParameter(
+            f"{device!r}: no CUDA device is available here; use --device cpu", param_hint="--device"
+        )
     if kind not in ("cpu", "cuda"):
         raise click.BadParameter(f"{device!r}: prolip runs on cpu or cuda", param_hint="--device")
 
 
 @click.command("fit")
-@click.option("--data", required=True,
-              help="image folder, CSV/JSON image list, CoOp dataset folder, benchmark name, tar shards "
-                   "('shards/train-{000000..000009}.tar') or a Hugging Face dataset on disk (hf:/path)")
-@click.option("--split", "train_split", default=None,
-              help="hf: datasets: the split to draw the shots from [default: train] (its test split is evaluated)")
-@click.option("--shots", type=click.IntRange(min=1), default=16, show_default=True,
-              help="labelled images per class (N)")
+@click.option(
+    "--data",
+    required=True,
+    help="image folder, CSV/JSON image list, CoOp dataset folder, benchmark name, tar shards "
+    "('shards/train-{000000..000009}.tar') or a Hugging Face dataset on disk (hf:/path)",
+)
+@click.option(
+    "--split",
+    "train_split",
+    default=None,
+    help="hf: datasets: the split to draw the shots from [default: train] (its test split is evaluated)",
+)
+@click.option(
+    "--shots", type=click.IntRange(min=1), default=16, show_default=True, help="labelled images per class (N)"
+)
 @click.option("--seed", default=1, show_default=True, help="few-shot sampling and training seed")
 @click.option("--method", default="prolip", show_default=True, help="adaptation method (see `prolip methods`)")
-@click.option("--views", type=click.IntRange(min=1), default=300, show_default=True,
-              help="augmented views cached per support image")
-@click.option("--hp", "hp_pairs", multiple=True, metavar="KEY=VALUE",
-              help="any hyperparameter of the method (see `prolip methods -v`), e.g. --hp alpha=0.5; repeatable")
+@click.option(
+    "--views",
+    type=click.IntRange(min=1),
+    default=300,
+    show_default=True,
+    help="augmented views cached per support image",
+)
+@click.option(
+    "--hp",
+    "hp_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="any hyperparameter of the method (see `prolip methods -v`), e.g. --hp alpha=0.5; repeatable",
+)
 @click.option("--lr", type=float, default=None, help="shortcut for --hp lr=... [prolip default: 1e-5]")
 @click.option("--lam", default=None, help="shortcut for --hp lam=...: a number, '1/N' (prolip's default) or '1/N2'")
 @click.option("--steps", type=int, default=None, help="shortcut for --hp steps=... [prolip default: 300]")
-@click.option("--precision", type=click.Choice(["fp32", "reference"]), default=None,
-              help="shortcut for --hp precision=...: fp32 master weights (default) or the reference's float16")
-@click.option("--validate", is_flag=True,
-              help="select what the method selects (prolip: lr and λ on the 49-point grid) on an N-shot validation set")
-@click.option("--sampler", type=click.Choice(["lpp", "coop"]), default="lpp", show_default=True,
-              help="few-shot sampling convention (LP++/ProLIP or CoOp)")
-@click.option("--allow-fewer", is_flag=True,
-              help="let classes with fewer than --shots images take part: the coop sampler uses all a short class "
-                   "has; the lpp sampler draws --shots with repeats, as the LP++/ProLIP code does")
-@click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
-              help="image folder to evaluate on (default: the test split, or the images not used for training)")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "reference"]),
+    default=None,
+    help="shortcut for --hp precision=...: fp32 master weights (default) or the reference's float16",
+)
+@click.option(
+    "--validate",
+    is_flag=True,
+    help="select what the method selects (prolip: lr and λ on the 49-point grid) on an N-shot validation set",
+)
+@click.option(
+    "--sampler",
+    type=click.Choice(["lpp", "coop"]),
+    default="lpp",
+    show_default=True,
+    help="few-shot sampling convention (LP++/ProLIP or CoOp)",
+)
+@click.option(
+    "--allow-fewer",
+    is_flag=True,
+    help="let classes with fewer than --shots images take part: the coop sampler uses all a short class "
+    "has; the lpp sampler draws --shots with repeats, as the LP++/ProLIP code does",
+)
+@click.option(
+    "--val",
+    "val_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="image folder to evaluate on (default: the test split, or the images not used for training)",
+)
 @click.option("--aug-seed", default=0, show_default=True, help="seed of the cached augmentations")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True,
-              help="run directory to write")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("runs/latest"),
+    show_default=True,
+    help="run directory to write",
+)
 @click.option("--force", is_flag=True, help="replace --out if it is an earlier prolip run (or empty)")
 @click.option("--json", "as_json", is_flag=True, help="print the metrics as JSON")
 @label_key_option
 @data_options
 @cache_options
 @backbone_options
-def fit_cmd(data, train_split, shots, seed, method, views, hp_pairs, lr, lam, steps, precision, validate, sampler,
-            allow_fewer, val_dir, aug_seed, out, force, as_json, label_key, data_root, classnames_file, templates_file,
-            cache_dir, batch_size, workers, extract_dtype, on_bad_image, model, pretrained, device):
+def fit_cmd(
+    data,
+    train_split,
+    shots,
+    seed,
+    method,
+    views,
+    hp_pairs,
+    lr,
+    lam,
+    steps,
+    precision,
+    validate,
+    sampler,
+    allow_fewer,
+    val_dir,
+    aug_seed,
+    out,
+    force,
+    as_json,
+    label_key,
+    data_root,
+    classnames_file,
+    templates_file,
+    cache_dir,
+    batch_size,
+    workers,
+    extract_dtype,
+    on_bad_image,
+    model,
+    pretrained,
+    device,
+):
     """Cache features, train a method on N shots per class, evaluate, and save a run directory."""
     from prolip import pipeline, runcard
     from prolip.methods import configure
@@ -205,12 +345,28 @@ def fit_cmd(data, train_split, shots, seed, method, views, hp_pairs, lr, lam, st
     rank, _ = init_from_env(device)  # under torchrun: extraction and the grid search are split across processes
     backbone = _load_backbone(model, pretrained, device)
     cache = _cache(backbone, cache_dir, batch_size, workers, on_bad_image, extract_dtype)
-    config = pipeline.FitConfig(shots=shots, seed=seed, method=method, hyperparameters=hp, views=views,
-                                aug_seed=aug_seed, sampler=sampler, allow_fewer=allow_fewer, use_validation=validate)
+    config = pipeline.FitConfig(
+        shots=shots,
+        seed=seed,
+        method=method,
+        hyperparameters=hp,
+        views=views,
+        aug_seed=aug_seed,
+        sampler=sampler,
+        allow_fewer=allow_fewer,
+        use_validation=validate,
+    )
     try:
-        result = pipeline.fit(backbone, splits, cache, config, eval_images=eval_images, data_spec=str(data),
-                              announce=lambda line: click.echo(line, err=True) if rank == 0 else None,
-                              command=runcard.command_line())
+        result = pipeline.fit(
+            backbone,
+            splits,
+            cache,
+            config,
+            eval_images=eval_images,
+            data_spec=str(data),
+            announce=lambda line: click.echo(line, err=True) if rank == 0 else None,
+            command=runcard.command_line(),
+        )
     except ValueError as e:
         _fail(str(e))
     _report_skips(result.run.manifest, [splits.train, eval_images], on_bad_image, out, splits.classnames)
@@ -240,8 +396,10 @@ def _report_metrics(metrics, backbone, as_json, out=None):
         return
     note = " (RANDOM weights)" if backbone.info.random_weights else ""
     if "accuracy" in metrics:
-        click.echo(f"accuracy {metrics['accuracy']:.2f}%  zero-shot {metrics['zero_shot_accuracy']:.2f}%  "
-                   f"on {metrics['eval_images']} {metrics['eval_set']}{note}")
+        click.echo(
+            f"accuracy {metrics['accuracy']:.2f}%  zero-shot {metrics['zero_shot_accuracy']:.2f}%  "
+            f"on {metrics['eval_images']} {metrics['eval_set']}{note}"
+        )
     else:
         click.echo(f"not evaluated: no {metrics['eval_set']} left (every image was used for support or validation)")
     if out is not None:
@@ -250,28 +408,67 @@ def _report_metrics(metrics, backbone, as_json, out=None):
 
 @click.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--data", required=True,
-              help="image folder, image list, CoOp dataset folder, benchmark name, tar shards or hf:/path")
-@click.option("--split", type=click.Choice(["test", "val", "train"]), default=None,
-              help="which split of a benchmark, CLIP_benchmark shard folder or hf: dataset to evaluate [default: "
-                   "test] (val: an hf: dataset's validation, valid or dev split; a plain folder has only its images)")
+@click.option(
+    "--data",
+    required=True,
+    help="image folder, image list, CoOp dataset folder, benchmark name, tar shards or hf:/path",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["test", "val", "train"]),
+    default=None,
+    help="which split of a benchmark, CLIP_benchmark shard folder or hf: dataset to evaluate [default: "
+    "test] (val: an hf: dataset's validation, valid or dev split; a plain folder has only its images)",
+)
 @click.option("--tta", is_flag=True, help="test-time ProLIP on each image (64 views, one step)")
-@click.option("--tta-views", type=click.IntRange(min=1), default=64, show_default=True,
-              help="views per image for --tta")
-@click.option("--json", "as_json", is_flag=True,
-              help="print JSON: the metrics, the per-class table and the confusion matrix")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="also write eval.json, per_class.csv and confusion_matrix.png into this folder")
+@click.option(
+    "--tta-views", type=click.IntRange(min=1), default=64, show_default=True, help="views per image for --tta"
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="print JSON: the metrics, the per-class table and the confusion matrix"
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="also write eval.json, per_class.csv and confusion_matrix.png into this folder",
+)
 @click.option("--force", is_flag=True, help="replace --out if it is an earlier prolip evaluation (or empty)")
 @label_key_option
-@click.option("--classnames", "classnames_file", type=click.Path(path_type=Path), default=None,
-              help="class names file (one per line, in sorted folder order)")
-@click.option("--data-root", type=click.Path(path_type=Path), default=None,
-              help="root folder of the benchmark datasets (CoOp layout) when --data names a benchmark")
+@click.option(
+    "--classnames",
+    "classnames_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="class names file (one per line, in sorted folder order)",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="root folder of the benchmark datasets (CoOp layout) when --data names a benchmark",
+)
 @cache_options
 @click.option("--device", default="cpu", show_default=True)
-def eval_cmd(run_dir, data, split, tta, tta_views, as_json, out, force, label_key, classnames_file, data_root,
-             cache_dir, batch_size, workers, extract_dtype, on_bad_image, device):
+def eval_cmd(
+    run_dir,
+    data,
+    split,
+    tta,
+    tta_views,
+    as_json,
+    out,
+    force,
+    label_key,
+    classnames_file,
+    data_root,
+    cache_dir,
+    batch_size,
+    workers,
+    extract_dtype,
+    on_bad_image,
+    device,
+):
     """Evaluate a saved run on a dataset (the run's own support and validation images are left out): top-1, top-5,
     mean per-class accuracy, the worst classes and the most confused pairs."""
     from prolip.episode import EpisodeBuilder, method_logits
@@ -292,8 +489,14 @@ def eval_cmd(run_dir, data, split, tta, tta_views, as_json, out, force, label_ke
         cache = _cache(backbone, cache_dir, batch_size, workers, on_bad_image, extract_dtype)
         features = EpisodeBuilder(backbone, cache).center(images)
         logits, labels, skipped = method_logits(method, features), features.labels, features.skipped
-    metrics = {"accuracy": accuracy(logits, labels), "eval_images": int(len(labels)), "split": split or "test",
-               "eval_set": _eval_set_name(splits, split, excluded), "excluded_run_images": excluded, "tta": tta}
+    metrics = {
+        "accuracy": accuracy(logits, labels),
+        "eval_images": int(len(labels)),
+        "split": split or "test",
+        "eval_set": _eval_set_name(splits, split, excluded),
+        "excluded_run_images": excluded,
+        "tta": tta,
+    }
     skips = {"skipped_images": [[str(p), r] for p, r in skipped]}
     _report_skips(skips, [images], on_bad_image)
     metrics.update(skips)
@@ -321,8 +524,10 @@ def _echo_eval(report: dict, backbone) -> None:
     note = " (RANDOM weights)" if backbone.info.random_weights else ""
     click.echo(f"accuracy {report['accuracy']:.2f}% on {report['eval_images']} {report['eval_set']}{note}")
     top5, mean = report["top5_accuracy"], report["mean_per_class_accuracy"]
-    click.echo(f"top-5 {'n/a (5 classes or fewer)' if top5 is None else f'{top5:.2f}%'}  mean per-class "
-               f"{'n/a' if mean is None else f'{mean:.2f}%'}")
+    click.echo(
+        f"top-5 {'n/a (5 classes or fewer)' if top5 is None else f'{top5:.2f}%'}  mean per-class "
+        f"{'n/a' if mean is None else f'{mean:.2f}%'}"
+    )
     for line in summary_lines(report):
         click.echo(line)
 
@@ -348,14 +553,17 @@ def _eval_images(splits, split, run, data):
     and validation images, so a run is never scored on what it trained or selected on."""
     available = {name: getattr(splits, name) for name in ("train", "val", "test") if getattr(splits, name)}
     if split is not None and split != "train" and split not in available:
-        _fail(f"--split {split}: --data {data} has no {split} split (it has: {', '.join(available)}); "
-              "a plain folder or list is evaluated whole, without --split")
+        _fail(
+            f"--split {split}: --data {data} has no {split} split (it has: {', '.join(available)}); "
+            "a plain folder or list is evaluated whole, without --split"
+        )
     images = _in_run_classes(available.get(split or "test") or splits.train, run, data)
     seen = {p for key in ("support", "validation") for p, _ in run.manifest["data"].get(key, [])}
     keep = [i for i, it in enumerate(images.items) if str(it.path) not in seen]
     if not keep:
-        _fail(f"--data {data}: every image is one of the run's support or validation images; nothing is left to "
-              "evaluate")
+        _fail(
+            f"--data {data}: every image is one of the run's support or validation images; nothing is left to evaluate"
+        )
     return images.subset(keep), len(images) - len(keep)
 
 
@@ -371,16 +579,26 @@ def _in_run_classes(images, run, data):
         return LabeledImages(images.items, list(run.classnames), images.templates, images.name, class_ids=ids)
     known = set(run.classnames) | set(ids or [])
     extra = [c for c in names if c not in known]
-    missing = [c for c, i in zip(run.classnames, ids or run.classnames) if c not in names and i not in names]
-    detail = (f"not in the run: {extra[:5]}; the run's classes missing here: {missing[:5]}" if extra or missing
-              else "the same classes in another order")
-    _fail(f"--data {data}: its {len(names)} classes differ from the run's {len(run.classnames)} "
-          f"({run.path / 'classnames.json'}): {detail}")
+    missing = [
+        c for c, i in zip(run.classnames, ids or run.classnames, strict=False) if c not in names and i not in names
+    ]
+    detail = (
+        f"not in the run: {extra[:5]}; the run's classes missing here: {missing[:5]}"
+        if extra or missing
+        else "the same classes in another order"
+    )
+    _fail(
+        f"--data {data}: its {len(names)} classes differ from the run's {len(run.classnames)} "
+        f"({run.path / 'classnames.json'}): {detail}"
+    )
 
 
 def _eval_set_name(splits, split, excluded: int) -> str:
-    name = f"{split or 'test'} split" if (split or "test") in ("val", "test") and getattr(splits, split or "test") \
+    name = (
+        f"{split or 'test'} split"
+        if (split or "test") in ("val", "test") and getattr(splits, split or "test")
         else "images"
+    )
     return f"{name} ({excluded} support/validation images of the run left out)" if excluded else name
 
 
@@ -419,17 +637,21 @@ def _backbone_for_run(run, device):
 
 def _adapted_W(method, run):
     if not method.exposes_projection:
-        _fail(f"run {run.path} used method {method.name!r}, whose predictions are not CLIP's with an adapted "
-              "projection W: test-time adaptation needs one (prolip, zeroshot)")
+        _fail(
+            f"run {run.path} used method {method.name!r}, whose predictions are not CLIP's with an adapted "
+            "projection W: test-time adaptation needs one (prolip, zeroshot)"
+        )
     return method.projection()
 
 
 def _checkpoint_tensors(method, run, backbone):
     tensors = method.checkpoint_tensors(backbone)
     if tensors is None:
-        _fail(f"run {run.path} used method {method.name!r}, which learns a head of its own rather than changing the "
-              "CLIP model: there is no checkpoint to export (export takes methods that adapt the model itself, "
-              "e.g. prolip, full-ft, last-layer-ft)")
+        _fail(
+            f"run {run.path} used method {method.name!r}, which learns a head of its own rather than changing the "
+            "CLIP model: there is no checkpoint to export (export takes methods that adapt the model itself, "
+            "e.g. prolip, full-ft, last-layer-ft)"
+        )
     return tensors
 
 
@@ -439,8 +661,15 @@ def _tta_logits(backbone, method, run, images, views):
     from prolip import tta
 
     W = _adapted_W(method, run)
-    logits = tta.tta_logits(backbone, W, backbone.projection().bias, run.classifier,
-                            float(run.manifest["logit_scale"]), [it.path for it in images.items], views=views)
+    logits = tta.tta_logits(
+        backbone,
+        W,
+        backbone.projection().bias,
+        run.classifier,
+        float(run.manifest["logit_scale"]),
+        [it.path for it in images.items],
+        views=views,
+    )
     return logits, torch.tensor(images.labels)
 
 
@@ -449,8 +678,9 @@ def _tta_logits(backbone, method, run, images, views):
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", "-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--tta", is_flag=True, help="test-time ProLIP on each image")
-@click.option("--tta-views", type=click.IntRange(min=1), default=64, show_default=True,
-              help="views per image for --tta")
+@click.option(
+    "--tta-views", type=click.IntRange(min=1), default=64, show_default=True, help="views per image for --tta"
+)
 @click.option("--json", "as_json", is_flag=True, help="print predictions as JSON")
 @click.option("--device", default="cpu", show_default=True)
 def predict_cmd(run_dir, images, top_k, tta, tta_views, as_json, device):
@@ -467,9 +697,15 @@ def predict_cmd(run_dir, images, top_k, tta, tta_views, as_json, device):
         if tta:
             from prolip import tta as tta_mod
 
-            logits = tta_mod.tta_logits(backbone, _adapted_W(method, run), backbone.projection().bias,
-                                        run.classifier, float(run.manifest["logit_scale"]), paths,
-                                        views=tta_views)
+            logits = tta_mod.tta_logits(
+                backbone,
+                _adapted_W(method, run),
+                backbone.projection().bias,
+                run.classifier,
+                float(run.manifest["logit_scale"]),
+                paths,
+                views=tta_views,
+            )
         elif method.encodes_images:
             logits = method.image_logits(paths)
         else:
@@ -478,24 +714,36 @@ def predict_cmd(run_dir, images, top_k, tta, tta_views, as_json, device):
         _fail(str(e))
     probs = logits.float().softmax(dim=-1)
     top = probs.topk(min(top_k, probs.shape[1]), dim=-1)
-    results = [{"image": str(p), "predictions": [{"class": run.classnames[int(i)], "index": int(i),
-                                                   "probability": round(float(v), 6)}
-                                                  for v, i in zip(vals, idx)]}
-               for p, vals, idx in zip(paths, top.values, top.indices)]
+    results = [
+        {
+            "image": str(p),
+            "predictions": [
+                {"class": run.classnames[int(i)], "index": int(i), "probability": round(float(v), 6)}
+                for v, i in zip(vals, idx, strict=True)
+            ],
+        }
+        for p, vals, idx in zip(paths, top.values, top.indices, strict=True)
+    ]
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
     for r in results:
         click.echo(r["image"])
         for pred in r["predictions"]:
-            click.echo(f"  {pred['probability']*100:6.2f}%  {pred['class']}")
+            click.echo(f"  {pred['probability'] * 100:6.2f}%  {pred['class']}")
 
 
 @click.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="directory to write")
-@click.option("--format", "fmt", type=click.Choice(["auto", "open_clip", "hf"]), default="auto", show_default=True,
-              help="open_clip state dict (safetensors) or Hugging Face save_pretrained directory")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "open_clip", "hf"]),
+    default="auto",
+    show_default=True,
+    help="open_clip state dict (safetensors) or Hugging Face save_pretrained directory",
+)
 @click.option("--force", is_flag=True, help="replace --out if it is an earlier prolip export (or empty)")
 @click.option("--device", default="cpu", show_default=True)
 def export_cmd(run_dir, out, fmt, force, device):
@@ -527,19 +775,47 @@ def export_cmd(run_dir, out, fmt, force, device):
 @click.command("extract")
 @click.option("--data", required=True)
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="all", show_default=True)
-@click.option("--views", type=click.IntRange(min=0), default=300, show_default=True,
-              help="augmented views per training image (0: center only)")
+@click.option(
+    "--views",
+    type=click.IntRange(min=0),
+    default=300,
+    show_default=True,
+    help="augmented views per training image (0: center only)",
+)
 @click.option("--aug-seed", default=0, show_default=True)
-@click.option("--data-root", type=click.Path(path_type=Path), default=None,
-              help="root folder of the benchmark datasets (CoOp layout) when --data names a benchmark")
-@click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default=None,
-              help="what computes the features on the CPU [default: $PROLIP_ENGINE or torch]; onnxruntime needs the "
-                   "onnx extra and caches apart from torch (equal to float32 rounding, not bitwise)")
+@click.option(
+    "--data-root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="root folder of the benchmark datasets (CoOp layout) when --data names a benchmark",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["torch", "onnxruntime"]),
+    default=None,
+    help="what computes the features on the CPU [default: $PROLIP_ENGINE or torch]; onnxruntime needs the "
+    "onnx extra and caches apart from torch (equal to float32 rounding, not bitwise)",
+)
 @label_key_option
 @cache_options
 @backbone_options
-def extract_cmd(data, split, views, aug_seed, data_root, label_key, cache_dir, batch_size, workers, extract_dtype,
-                on_bad_image, model, pretrained, device, engine=None):
+def extract_cmd(
+    data,
+    split,
+    views,
+    aug_seed,
+    data_root,
+    label_key,
+    cache_dir,
+    batch_size,
+    workers,
+    extract_dtype,
+    on_bad_image,
+    model,
+    pretrained,
+    device,
+    engine=None,
+):
     """Fill the feature cache ahead of time (works under torchrun: images are sharded across processes)."""
     from prolip.features import extract_dataset
 
@@ -548,8 +824,10 @@ def extract_cmd(data, split, views, aug_seed, data_root, label_key, cache_dir, b
     splits = _resolve(data, data_root, None, None, label_key=label_key)
     wanted = ["train", "val", "test"] if split == "all" else [split]
     if split != "all" and getattr(splits, split) is None:
-        _fail(f"--split {split}: --data {data} has no {split} split (a plain folder or list has only its images: "
-              "use --split train or all)")
+        _fail(
+            f"--split {split}: --data {data} has no {split} split (a plain folder or list has only its images: "
+            "use --split train or all)"
+        )
     rank, world = init_from_env(device)
     backbone = _load_backbone(model, pretrained, device)
     for name in wanted:
@@ -557,9 +835,18 @@ def extract_cmd(data, split, views, aug_seed, data_root, label_key, cache_dir, b
         if images is None:
             continue
         paths = [it.path for it in images.items]
-        stats = extract_dataset(backbone, paths, num_views=views if name == "train" else 0, cache_dir=cache_dir,
-                                aug_seed=aug_seed, batch_size=batch_size, num_workers=workers,
-                                on_bad_image=on_bad_image, compute_dtype=extract_dtype, engine=engine)
+        stats = extract_dataset(
+            backbone,
+            paths,
+            num_views=views if name == "train" else 0,
+            cache_dir=cache_dir,
+            aug_seed=aug_seed,
+            batch_size=batch_size,
+            num_workers=workers,
+            on_bad_image=on_bad_image,
+            compute_dtype=extract_dtype,
+            engine=engine,
+        )
         who = f"rank {rank}/{world} " if world > 1 else ""
         click.echo(f"{who}{name}: {len(paths)} images, {stats}", err=True)
 
@@ -587,15 +874,20 @@ def methods_cmd(verbose):
             params = ", ".join(f"{k}={v!r}" for k, v in cls.defaults().items()) or "(none)"
             click.echo(f"  hyperparameters: {params}")
             click.echo(f"  selects on validation: {cls.selects or 'nothing (validation-free)'}")
-            can = [what for what, flag in (("scores other class sets", cls.accepts_classifier),
-                                           ("exposes an adapted projection (TTA)", cls.exposes_projection),
-                                           ("trains inside the image encoder", cls.encodes_images),
-                                           ("uses the text side", cls.uses_text_side)) if flag]
+            can = [
+                what
+                for what, flag in (
+                    ("scores other class sets", cls.accepts_classifier),
+                    ("exposes an adapted projection (TTA)", cls.exposes_projection),
+                    ("trains inside the image encoder", cls.encodes_images),
+                    ("uses the text side", cls.uses_text_side),
+                )
+                if flag
+            ]
             click.echo(f"  can: {', '.join(can) or '-'}")
 
 
-def _report_skips(report: dict, datasets, on_bad_image: str, out: Path | None = None,
-                  classnames=None) -> None:
+def _report_skips(report: dict, datasets, on_bad_image: str, out: Path | None = None, classnames=None) -> None:
     """Count and list, in ``report`` and on stderr, the files left out: never a silent change of the data.
 
     ``report`` already holds the cache's ``skipped_images`` ([path, reason]); the readers' ignored (non-image)
@@ -608,8 +900,9 @@ def _report_skips(report: dict, datasets, on_bad_image: str, out: Path | None = 
     report["skipped_count"], report["ignored_count"] = len(skipped), len(ignored)
     where = f", listed in {out / 'manifest.json'}" if out is not None else ""
     if skipped:
-        click.secho(f"skipped {len(skipped)} unreadable image(s) (--on-bad-image {on_bad_image}){where}:",
-                    fg="yellow", err=True)
+        click.secho(
+            f"skipped {len(skipped)} unreadable image(s) (--on-bad-image {on_bad_image}){where}:", fg="yellow", err=True
+        )
         _echo_some(f"{p}: {r}" for p, r in skipped)
     if ignored:
         click.secho(f"ignored {len(ignored)} non-image file(s) in the class folders{where}:", fg="yellow", err=True)
@@ -622,9 +915,11 @@ def _report_skips(report: dict, datasets, on_bad_image: str, out: Path | None = 
             left[label] = left.get(label, 0) + (path not in bad)
         empty = sorted(label for label, n in left.items() if n == 0)
         if empty:
-            _fail(f"every support image of class(es) {[classnames[i] if classnames else i for i in empty]} is unreadable "
-                  f"and was skipped, which would silently drop the class: replace those images (listed above) "
-                  f"or remove the class folder")
+            _fail(
+                f"every support image of class(es) {[classnames[i] if classnames else i for i in empty]} is unreadable "
+                f"and was skipped, which would silently drop the class: replace those images (listed above) "
+                f"or remove the class folder"
+            )
 
 
 def _echo_some(lines, limit: int = 20) -> None:

@@ -1,4 +1,5 @@
 """`prolip demo` (no arguments, no network) and `prolip pretrain-tiny` (the demo model's weights, regenerated)."""
+
 from __future__ import annotations
 
 import time
@@ -8,14 +9,28 @@ import click
 
 
 @click.command("demo")
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("prolip-demo"), show_default=True,
-              help="where the digit folders, cache, run and plot are written")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path("prolip-demo"),
+    show_default=True,
+    help="where the digit folders, cache, run and plot are written",
+)
 @click.option("--model", default="ViT-B-16", show_default=True)
-@click.option("--pretrained", default="openai", show_default=True,
-              help="real CLIP weights (tag or file); when they cannot be had, the in-house prolip-tiny model is used; "
-                   "'none' for random weights")
-@click.option("--views", default=8, show_default=True, type=click.IntRange(1, 300),
-              help="augmented views per support image (kept small for CPU)")
+@click.option(
+    "--pretrained",
+    default="openai",
+    show_default=True,
+    help="real CLIP weights (tag or file); when they cannot be had, the in-house prolip-tiny model is used; "
+    "'none' for random weights",
+)
+@click.option(
+    "--views",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 300),
+    help="augmented views per support image (kept small for CPU)",
+)
 def demo_cmd(workdir, model, pretrained, views):
     """ProLIP vs zero-shot, λ = 0 and two baselines on digits in two unseen domains at 1–16 shots; prints tables,
     writes a plot."""
@@ -31,8 +46,12 @@ def demo_cmd(workdir, model, pretrained, views):
 
 
 @click.command("pretrain-tiny")
-@click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="folder for prolip-tiny-vit.safetensors (created if needed)")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="folder for prolip-tiny-vit.safetensors (created if needed)",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="0 regenerates the shipped weights bit for bit")
 @click.option("--steps", default=300, show_default=True, type=click.IntRange(1, 100_000))
 def pretrain_tiny_cmd(out, seed, steps):
@@ -48,5 +67,7 @@ def pretrain_tiny_cmd(out, seed, steps):
     state = pretrain(config, echo=click.echo)
     path = save_tiny_weights(state, out / f"{TINY_MODEL}.safetensors", config)
     backbone = load_tiny(path)
-    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - started:.0f} s): "
-               f"{backbone.info.describe()}; zero-shot {held_out_zero_shot(backbone):.1f}% on the held-out digits")
+    click.echo(
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - started:.0f} s): "
+        f"{backbone.info.describe()}; zero-shot {held_out_zero_shot(backbone):.1f}% on the held-out digits"
+    )

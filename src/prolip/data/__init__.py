@@ -1,11 +1,18 @@
 """Datasets: image decoding, folders and lists, CoOp benchmark readers, few-shot samplers."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from prolip.data.benchmarks import BENCHMARKS, TEMPLATES, canonical_name, load_benchmark, load_benchmark_folder
-from prolip.data.folder import (DataError, is_image_file, read_classnames, read_image_folder, read_image_list,
-                                read_templates)
+from prolip.data.folder import (
+    DataError,
+    is_image_file,
+    read_classnames,
+    read_image_folder,
+    read_image_list,
+    read_templates,
+)
 from prolip.data.hf_datasets import hf_read, is_hf_spec, load_hf
 from prolip.data.images import BadImageError, load_image
 from prolip.data.sampling import FewShotSplit, NotEnoughImagesError, base_new_split, relabel, sample_few_shot
@@ -13,8 +20,15 @@ from prolip.data.types import DatasetSplits, ImageItem, LabeledImages, Member, m
 from prolip.data.webdataset import is_shard_spec, load_shards, shards_read
 
 
-def resolve_data(spec: str, *, root: Path | str | None = None, classnames_file=None, templates_file=None,
-                 split: str | None = None, label_key: str | None = None) -> DatasetSplits:
+def resolve_data(
+    spec: str,
+    *,
+    root: Path | str | None = None,
+    classnames_file=None,
+    templates_file=None,
+    split: str | None = None,
+    label_key: str | None = None,
+) -> DatasetSplits:
     """What ``--data`` names: a CoOp dataset folder, an image folder, a CSV/JSON list, a benchmark name,
     WebDataset tar shards (``shards/train-{000000..000009}.tar`` or a folder of them) or a Hugging Face dataset
     on disk (``hf:/path``).
@@ -24,16 +38,20 @@ def resolve_data(spec: str, *, root: Path | str | None = None, classnames_file=N
     on; ``label_key`` the shards' label member (default ``cls``) or the dataset's label column.
     """
     if is_hf_spec(spec):
-        return load_hf(spec, split=split, label_key=label_key, classnames_file=classnames_file,
-                       templates_file=templates_file)
+        return load_hf(
+            spec, split=split, label_key=label_key, classnames_file=classnames_file, templates_file=templates_file
+        )
     if split is not None:
-        raise DataError(f"--split {split}: only a Hugging Face dataset (--data hf:...) has named splits to choose "
-                        "from; other data keeps its splits by its layout")
+        raise DataError(
+            f"--split {split}: only a Hugging Face dataset (--data hf:...) has named splits to choose "
+            "from; other data keeps its splits by its layout"
+        )
     if is_shard_spec(spec):
         return load_shards(spec, label_key=label_key, classnames_file=classnames_file, templates_file=templates_file)
     if label_key is not None:
-        raise DataError(f"--label-key {label_key}: only tar shards and hf: datasets have label keys; --data {spec} "
-                        "is neither")
+        raise DataError(
+            f"--label-key {label_key}: only tar shards and hf: datasets have label keys; --data {spec} is neither"
+        )
     path = Path(spec)
     if path.is_dir():
         if any(path.glob("split_zhou_*.json")) or (path / "variants.txt").is_file():
@@ -60,8 +78,9 @@ def _require_benchmark(spec: str, root) -> None:
     try:
         canonical_name(spec)
     except DataError:
-        raise DataError(f"--data {spec}: no such file or folder, and not a benchmark name "
-                        f"({', '.join(BENCHMARKS)})") from None
+        raise DataError(
+            f"--data {spec}: no such file or folder, and not a benchmark name ({', '.join(BENCHMARKS)})"
+        ) from None
     if root is None:
         raise DataError(f"--data {spec} names a benchmark: pass --data-root, the folder holding the datasets")
 
@@ -102,7 +121,27 @@ def paths_read(spec: str, *, root: Path | str | None = None, classnames_file=Non
     return paths
 
 
-__all__ = ["BENCHMARKS", "TEMPLATES", "BadImageError", "DataError", "DatasetSplits", "FewShotSplit", "ImageItem",
-           "LabeledImages", "Member", "NotEnoughImagesError", "base_new_split", "is_image_file", "load_benchmark",
-           "load_image", "member_of", "paths_read", "read_image_folder", "read_image_list", "read_templates", "relabel",
-           "resolve_data", "sample_few_shot"]
+__all__ = [
+    "BENCHMARKS",
+    "TEMPLATES",
+    "BadImageError",
+    "DataError",
+    "DatasetSplits",
+    "FewShotSplit",
+    "ImageItem",
+    "LabeledImages",
+    "Member",
+    "NotEnoughImagesError",
+    "base_new_split",
+    "is_image_file",
+    "load_benchmark",
+    "load_image",
+    "member_of",
+    "paths_read",
+    "read_image_folder",
+    "read_image_list",
+    "read_templates",
+    "relabel",
+    "resolve_data",
+    "sample_few_shot",
+]

@@ -1,4 +1,5 @@
 """Readers for the 11 few-shot benchmarks and the ImageNet variants in CoOp's layout (README "Data")."""
+
 from __future__ import annotations
 
 import os
@@ -6,14 +7,29 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from prolip.data.folder import (DataError, check_classnames, class_index, file_kind, inside, is_image_file,
-                                read_json, read_text)
+from prolip.data.folder import (
+    DataError,
+    check_classnames,
+    class_index,
+    file_kind,
+    inside,
+    is_image_file,
+    read_json,
+    read_text,
+)
 from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
 
 WHERE = "see CoOp's DATASETS.md (github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md) for how to obtain it"
 
-IMAGENET_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-                      "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
+IMAGENET_TEMPLATES = [
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+]
 
 
 @dataclass(frozen=True)
@@ -30,34 +46,66 @@ def _b(name, folder, image_dir, split, template):
     return Benchmark(name, folder, image_dir, split, templates)
 
 
-BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
-    _b("Caltech101", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", "a photo of a {}."),
-    _b("OxfordPets", "oxford_pets", "images", "split_zhou_OxfordPets.json", "a photo of a {}, a type of pet."),
-    _b("StanfordCars", "stanford_cars", "", "split_zhou_StanfordCars.json", "a photo of a {}."),
-    _b("OxfordFlowers", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", "a photo of a {}, a type of flower."),
-    _b("Food101", "food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food."),
-    _b("FGVCAircraft", "fgvc_aircraft", "images", None, "a photo of a {}, a type of aircraft."),
-    _b("SUN397", "sun397", "SUN397", "split_zhou_SUN397.json", "a photo of a {}."),
-    _b("DescribableTextures", "dtd", "images", "split_zhou_DescribableTextures.json", "{} texture."),
-    _b("EuroSAT", "eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}."),
-    _b("UCF101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {}."),
-    _b("ImageNet", "imagenet", "images", None, IMAGENET_TEMPLATES),
-    _b("ImageNetV2", "imagenetv2", "", None, IMAGENET_TEMPLATES),
-    _b("ImageNetSketch", "imagenet-sketch", "images", None, IMAGENET_TEMPLATES),
-    _b("ImageNetA", "imagenet-adversarial", "imagenet-a", None, IMAGENET_TEMPLATES),
-    _b("ImageNetR", "imagenet-rendition", "imagenet-r", None, IMAGENET_TEMPLATES),
-]}
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in [
+        _b("Caltech101", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", "a photo of a {}."),
+        _b("OxfordPets", "oxford_pets", "images", "split_zhou_OxfordPets.json", "a photo of a {}, a type of pet."),
+        _b("StanfordCars", "stanford_cars", "", "split_zhou_StanfordCars.json", "a photo of a {}."),
+        _b(
+            "OxfordFlowers",
+            "oxford_flowers",
+            "jpg",
+            "split_zhou_OxfordFlowers.json",
+            "a photo of a {}, a type of flower.",
+        ),
+        _b("Food101", "food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food."),
+        _b("FGVCAircraft", "fgvc_aircraft", "images", None, "a photo of a {}, a type of aircraft."),
+        _b("SUN397", "sun397", "SUN397", "split_zhou_SUN397.json", "a photo of a {}."),
+        _b("DescribableTextures", "dtd", "images", "split_zhou_DescribableTextures.json", "{} texture."),
+        _b("EuroSAT", "eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}."),
+        _b("UCF101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {}."),
+        _b("ImageNet", "imagenet", "images", None, IMAGENET_TEMPLATES),
+        _b("ImageNetV2", "imagenetv2", "", None, IMAGENET_TEMPLATES),
+        _b("ImageNetSketch", "imagenet-sketch", "images", None, IMAGENET_TEMPLATES),
+        _b("ImageNetA", "imagenet-adversarial", "imagenet-a", None, IMAGENET_TEMPLATES),
+        _b("ImageNetR", "imagenet-rendition", "imagenet-r", None, IMAGENET_TEMPLATES),
+    ]
+}
 
-ALIASES = {"caltech101": "Caltech101", "caltech-101": "Caltech101", "oxford_pets": "OxfordPets", "pets": "OxfordPets",
-           "oxfordpets": "OxfordPets", "stanford_cars": "StanfordCars", "cars": "StanfordCars",
-           "stanfordcars": "StanfordCars", "oxford_flowers": "OxfordFlowers", "flowers": "OxfordFlowers",
-           "flowers102": "OxfordFlowers", "oxfordflowers": "OxfordFlowers", "food101": "Food101",
-           "food-101": "Food101", "fgvc_aircraft": "FGVCAircraft", "aircraft": "FGVCAircraft",
-           "fgvcaircraft": "FGVCAircraft", "sun397": "SUN397", "dtd": "DescribableTextures",
-           "describabletextures": "DescribableTextures", "eurosat": "EuroSAT", "ucf101": "UCF101",
-           "imagenet": "ImageNet", "imagenetv2": "ImageNetV2", "imagenet-v2": "ImageNetV2",
-           "imagenet-sketch": "ImageNetSketch", "imagenetsketch": "ImageNetSketch", "imagenet-a": "ImageNetA",
-           "imageneta": "ImageNetA", "imagenet-r": "ImageNetR", "imagenetr": "ImageNetR"}
+ALIASES = {
+    "caltech101": "Caltech101",
+    "caltech-101": "Caltech101",
+    "oxford_pets": "OxfordPets",
+    "pets": "OxfordPets",
+    "oxfordpets": "OxfordPets",
+    "stanford_cars": "StanfordCars",
+    "cars": "StanfordCars",
+    "stanfordcars": "StanfordCars",
+    "oxford_flowers": "OxfordFlowers",
+    "flowers": "OxfordFlowers",
+    "flowers102": "OxfordFlowers",
+    "oxfordflowers": "OxfordFlowers",
+    "food101": "Food101",
+    "food-101": "Food101",
+    "fgvc_aircraft": "FGVCAircraft",
+    "aircraft": "FGVCAircraft",
+    "fgvcaircraft": "FGVCAircraft",
+    "sun397": "SUN397",
+    "dtd": "DescribableTextures",
+    "describabletextures": "DescribableTextures",
+    "eurosat": "EuroSAT",
+    "ucf101": "UCF101",
+    "imagenet": "ImageNet",
+    "imagenetv2": "ImageNetV2",
+    "imagenet-v2": "ImageNetV2",
+    "imagenet-sketch": "ImageNetSketch",
+    "imagenetsketch": "ImageNetSketch",
+    "imagenet-a": "ImageNetA",
+    "imageneta": "ImageNetA",
+    "imagenet-r": "ImageNetR",
+    "imagenetr": "ImageNetR",
+}
 
 TEMPLATES: dict[str, list[str]] = {name: list(b.templates) for name, b in BENCHMARKS.items()}
 
@@ -105,8 +153,10 @@ def _from_split_json(b: Benchmark, ds_root: Path) -> DatasetSplits:
     split_path = _require(ds_root / b.split_file, "split file", b.name)
     split = read_json(split_path, "split file")
     if not isinstance(split, dict):
-        raise DataError(f"{split_path}: expected a JSON object with 'train', 'val' and 'test' lists, "
-                        f"got a {type(split).__name__}; re-download it ({WHERE})")
+        raise DataError(
+            f"{split_path}: expected a JSON object with 'train', 'val' and 'test' lists, "
+            f"got a {type(split).__name__}; re-download it ({WHERE})"
+        )
     image_root = ds_root / b.image_dir if b.image_dir else ds_root
     names: dict[int, str] = {}
     seen: dict[Path, tuple[str, int]] = {}  # image -> (where first listed, label)
@@ -114,8 +164,10 @@ def _from_split_json(b: Benchmark, ds_root: Path) -> DatasetSplits:
     for part in ("train", "val", "test"):
         entries = split.get(part, [])
         if not isinstance(entries, list):
-            raise DataError(f"{split_path}: '{part}' must be a list of [path, label, classname] entries, "
-                            f"got a {type(entries).__name__}")
+            raise DataError(
+                f"{split_path}: '{part}' must be a list of [path, label, classname] entries, "
+                f"got a {type(entries).__name__}"
+            )
         items = []
         for i, entry in enumerate(entries):
             where = f"{split_path}: {part} entry {i}"
@@ -125,8 +177,10 @@ def _from_split_json(b: Benchmark, ds_root: Path) -> DatasetSplits:
                 raise DataError(f"{where}: label {label} is {classname!r} here but {names[label]!r} elsewhere")
             first, label0 = seen.setdefault(path, (f"{part} entry {i}", label))
             if label0 != label:
-                raise DataError(f"{split_path}: {first} and {part} entry {i} put the same image {path} in two "
-                                f"classes ({names[label0]!r} and {classname!r}); an image belongs to one class")
+                raise DataError(
+                    f"{split_path}: {first} and {part} entry {i} put the same image {path} in two "
+                    f"classes ({names[label0]!r} and {classname!r}); an image belongs to one class"
+                )
             items.append(ImageItem(path, label))
         out[part] = items
     # Labels are distinct and non-negative, so they cover 0..C-1 exactly when the largest is C-1.
@@ -153,8 +207,9 @@ def _aircraft(b: Benchmark, ds_root: Path) -> DatasetSplits:
             image_id, _, variant = line.strip().partition(" ")
             if variant not in index:
                 raise DataError(f"{f}, line {n}: variant {variant!r} is not listed in {ds_root / 'variants.txt'}")
-            items.append(ImageItem(_image_path(ds_root / b.image_dir, f"{image_id}.jpg", f"{f}, line {n}"),
-                                   index[variant]))
+            items.append(
+                ImageItem(_image_path(ds_root / b.image_dir, f"{image_id}.jpg", f"{f}, line {n}"), index[variant])
+            )
         parts[part] = LabeledImages(items, variants, list(b.templates), b.name)
     return DatasetSplits(b.name, variants, list(b.templates), parts["train"], parts["val"], parts["test"])
 
@@ -185,8 +240,9 @@ def _scan(folder: Path, classes: list[str], bench: str) -> tuple[list[ImageItem]
     return items, ignored
 
 
-def _images(scanned: tuple[list[ImageItem], list[Path]], names: list[str], templates: list[str],
-            name: str) -> LabeledImages:
+def _images(
+    scanned: tuple[list[ImageItem], list[Path]], names: list[str], templates: list[str], name: str
+) -> LabeledImages:
     items, ignored = scanned
     return LabeledImages(items, names, templates, name, ignored)
 
@@ -204,8 +260,9 @@ def _imagenet_family(b: Benchmark, root: Path) -> DatasetSplits:
         # The matched-frequency release unpacks to a single folder holding 0..999.
         subdirs = [p for p in image_root.iterdir() if p.is_dir()]
         folder = image_root if (image_root / "0").is_dir() else (subdirs[0] if len(subdirs) == 1 else image_root)
-        test = _scan(folder, [str(i) for i in range(1000)] if len(wnids) == 1000 else
-                     [str(i) for i in range(len(wnids))], b.name)
+        test = _scan(
+            folder, [str(i) for i in range(1000)] if len(wnids) == 1000 else [str(i) for i in range(len(wnids))], b.name
+        )
         return DatasetSplits(b.name, names, t, test=_images(test, names, t, b.name))
     if b.name == "ImageNetSketch":
         test = _scan(image_root, wnids, b.name)

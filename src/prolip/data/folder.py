@@ -1,4 +1,5 @@
 """Image folders (``<root>/<class>/<image>``) and image lists (CSV / JSON), with errors that name the culprit."""
+
 from __future__ import annotations
 
 import csv
@@ -88,14 +89,19 @@ def check_template(template, where: str) -> str:
     try:
         fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
     except ValueError as e:  # a single '{' or '}'
-        raise DataError(f"{where}: template {template!r} is not a valid format string ({e}); write a literal "
-                        f"brace as '{{{{' or '}}}}'") from None
+        raise DataError(
+            f"{where}: template {template!r} is not a valid format string ({e}); write a literal "
+            f"brace as '{{{{' or '}}}}'"
+        ) from None
     if fields.count(("", "", None)) != 1 or len(fields) != 1:
-        others = [f"{{{n}{'!' + c if c else ''}{':' + s if s else ''}}}" for n, s, c in fields
-                  if (n, s, c) != ("", "", None)]
+        others = [
+            f"{{{n}{'!' + c if c else ''}{':' + s if s else ''}}}" for n, s, c in fields if (n, s, c) != ("", "", None)
+        ]
         found = f"; found {', '.join(others)}" if others else ""
-        raise DataError(f"{where}: template {template!r} must contain exactly one '{{}}' where the class name goes "
-                        f"and no other format field{found}")
+        raise DataError(
+            f"{where}: template {template!r} must contain exactly one '{{}}' where the class name goes "
+            f"and no other format field{found}"
+        )
     return template
 
 
@@ -110,8 +116,10 @@ def check_classnames(names, where: str) -> list[str]:
         if not name.strip():
             raise DataError(f"{where}: class name {i} is blank")
         if name in first:
-            raise DataError(f"{where}: class name {name!r} is given twice (classes {first[name]} and {i}); "
-                            f"every class needs its own name")
+            raise DataError(
+                f"{where}: class name {name!r} is given twice (classes {first[name]} and {i}); "
+                f"every class needs its own name"
+            )
         first[name] = i
     return names
 
@@ -136,8 +144,9 @@ def read_classnames(path: Path | str, classes: list[str]) -> list[str]:
     if path.suffix.lower() == ".json":
         obj = read_json(path, "class names file")
         if not isinstance(obj, (list, dict)):
-            raise DataError(f"{where}: expected a JSON list of names or a {{class: name}} object, "
-                            f"got a {type(obj).__name__}")
+            raise DataError(
+                f"{where}: expected a JSON list of names or a {{class: name}} object, got a {type(obj).__name__}"
+            )
         if isinstance(obj, dict):
             missing = [c for c in classes if c not in obj]
             if missing:
@@ -169,15 +178,19 @@ def _class_folders(root: Path) -> tuple[list[str], list[Path]]:
             ignored.append(p)
             continue
         if real in owners:
-            raise DataError(f"class folders {root / owners[real]} and {p} are the same folder (a symlink): its "
-                            f"images would belong to two classes; remove one of them")
+            raise DataError(
+                f"class folders {root / owners[real]} and {p} are the same folder (a symlink): its "
+                f"images would belong to two classes; remove one of them"
+            )
         owners[real] = p.name
         folders.append(p.name)
     for real, name in owners.items():
         outer = next((owners[a] for a in real.parents if a in owners), None)
         if outer is not None:
-            raise DataError(f"class folder {root / name} is inside class folder {root / outer} (a symlink): its "
-                            f"images would belong to two classes; remove one of them")
+            raise DataError(
+                f"class folder {root / name} is inside class folder {root / outer} (a symlink): its "
+                f"images would belong to two classes; remove one of them"
+            )
     return folders, ignored
 
 
@@ -207,8 +220,9 @@ def _class_images(folder: Path) -> tuple[list[Path], list[Path]]:
     return found, ignored
 
 
-def read_image_folder(root: Path | str, classnames_file: Path | str | None = None,
-                      templates_file: Path | str | None = None) -> LabeledImages:
+def read_image_folder(
+    root: Path | str, classnames_file: Path | str | None = None, templates_file: Path | str | None = None
+) -> LabeledImages:
     """Read ``root/<class>/<image>``: classes in sorted folder order; hidden and non-image files are ignored."""
     root = Path(root)
     if not root.exists():
@@ -222,14 +236,17 @@ def read_image_folder(root: Path | str, classnames_file: Path | str | None = Non
     for label, folder in enumerate(folders):
         found, skipped = _class_images(root / folder)
         if not found:
-            raise DataError(f"class folder {root / folder} has no images (supported: "
-                            f"{', '.join(sorted(IMAGE_EXTENSIONS))}); remove it or add images")
+            raise DataError(
+                f"class folder {root / folder} has no images (supported: "
+                f"{', '.join(sorted(IMAGE_EXTENSIONS))}); remove it or add images"
+            )
         items.extend(ImageItem(p, label) for p in found)
         ignored.extend(skipped)
     classnames = read_classnames(classnames_file, folders) if classnames_file else folders
     templates = read_templates(templates_file) if templates_file else list(DEFAULT_TEMPLATES)
-    return LabeledImages(items, classnames, templates, root.name, ignored,
-                         class_ids=folders if classnames != folders else None)
+    return LabeledImages(
+        items, classnames, templates, root.name, ignored, class_ids=folders if classnames != folders else None
+    )
 
 
 def inside(root: Path, rel: str, where: str) -> Path:
@@ -263,10 +280,12 @@ def _csv_rows(path: Path) -> list[Row]:
     try:
         cols = set(reader.fieldnames or [])
         if "path" not in cols or not ({"label", "classname"} & cols):
-            raise DataError(f"{path}: needs a header with a 'path' column and a 'label' or 'classname' column, "
-                            f"found {sorted(cols)}")
-        return [_row(path, i, row.get("path"), row.get("label"), row.get("classname"))
-                for i, row in enumerate(reader, 1)]
+            raise DataError(
+                f"{path}: needs a header with a 'path' column and a 'label' or 'classname' column, found {sorted(cols)}"
+            )
+        return [
+            _row(path, i, row.get("path"), row.get("label"), row.get("classname")) for i, row in enumerate(reader, 1)
+        ]
     except csv.Error as e:  # a NUL byte, an over-long field
         raise DataError(f"{path}: not a readable CSV file near line {reader.line_num + 1} ({e})") from None
 
@@ -274,8 +293,10 @@ def _csv_rows(path: Path) -> list[Row]:
 def _json_rows(path: Path) -> list[Row]:
     data = read_json(path, "image list")
     if isinstance(data, dict) and {"train", "val", "test"} & set(data):
-        raise DataError(f"{path} is a CoOp split file, not an image list: pass the dataset folder holding it "
-                        f"(or the benchmark name with --data-root)")
+        raise DataError(
+            f"{path} is a CoOp split file, not an image list: pass the dataset folder holding it "
+            f"(or the benchmark name with --data-root)"
+        )
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of images, got a {type(data).__name__}")
     rows = []
@@ -285,8 +306,10 @@ def _json_rows(path: Path) -> list[Row]:
         elif isinstance(row, list) and 2 <= len(row) <= 3:
             rows.append(_row(path, i, row[0], row[1], row[2] if len(row) > 2 else None))
         else:
-            raise DataError(f"{path}, row {i}: expected {{'path', 'label'|'classname'}} or "
-                            f"[path, label, classname], got {str(row)[:80]}")
+            raise DataError(
+                f"{path}, row {i}: expected {{'path', 'label'|'classname'}} or "
+                f"[path, label, classname], got {str(row)[:80]}"
+            )
     return rows
 
 
@@ -324,21 +347,28 @@ def _list_items(path: Path, root: Path, rows: list[Row], classnames: list[str]) 
         if not 0 <= int(label) < len(classnames):
             raise DataError(f"{where}: label {label} is outside 0..{len(classnames) - 1}")
         if classname is not None and classnames[label] != classname:
-            raise DataError(f"{where}: label {label} is class {classnames[label]!r} elsewhere, "
-                            f"but this row names it {classname!r}")
+            raise DataError(
+                f"{where}: label {label} is class {classnames[label]!r} elsewhere, but this row names it {classname!r}"
+            )
         # One image under two labels would be trained toward both: refused, naming both rows.
         row0, label0, p0 = first_seen.setdefault(_image_file(p, where), (i, int(label), p))
         if label0 != label:
             same = p0 if p0 == p else f"{p0} (row {i}: {p}, the same file)"
-            raise DataError(f"{path}: rows {row0} and {i} put the same image {same} in two classes "
-                            f"({classnames[label0]!r} and {classnames[label]!r}); an image belongs to one class")
+            raise DataError(
+                f"{path}: rows {row0} and {i} put the same image {same} in two classes "
+                f"({classnames[label0]!r} and {classnames[label]!r}); an image belongs to one class"
+            )
         items.append(ImageItem(p, int(label)))
     return items
 
 
-def read_image_list(path: Path | str, root: Path | str | None = None, classnames: list[str] | None = None,
-                    templates_file: Path | str | None = None,
-                    classnames_file: Path | str | None = None) -> LabeledImages:
+def read_image_list(
+    path: Path | str,
+    root: Path | str | None = None,
+    classnames: list[str] | None = None,
+    templates_file: Path | str | None = None,
+    classnames_file: Path | str | None = None,
+) -> LabeledImages:
     """Read a CSV (columns ``path`` and ``label`` or ``classname``) or JSON list of images.
 
     JSON: a list of ``{"path", "label"|"classname"}`` objects or CoOp-style ``[path, label, classname]`` rows.
@@ -353,8 +383,11 @@ def read_image_list(path: Path | str, root: Path | str | None = None, classnames
         regular_file(path, "image list")
         raise DataError(f"{path}: unsupported image list format (use .csv or .json)")
     rows = _csv_rows(path) if suffix == ".csv" else _json_rows(path)
-    classnames = check_classnames(list(classnames), f"image list {path}") if classnames is not None \
+    classnames = (
+        check_classnames(list(classnames), f"image list {path}")
+        if classnames is not None
         else _list_classnames(path, rows)
+    )
     items = _list_items(path, root, rows, classnames)
     if not items:
         raise DataError(f"image list {path} is empty")
@@ -362,5 +395,6 @@ def read_image_list(path: Path | str, root: Path | str | None = None, classnames
     if classnames_file:
         classnames = read_classnames(classnames_file, classnames)
     templates = read_templates(templates_file) if templates_file else list(DEFAULT_TEMPLATES)
-    return LabeledImages(items, list(classnames), templates, path.stem,
-                         class_ids=class_ids if list(classnames) != class_ids else None)
+    return LabeledImages(
+        items, list(classnames), templates, path.stem, class_ids=class_ids if list(classnames) != class_ids else None
+    )

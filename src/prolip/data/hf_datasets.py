@@ -6,6 +6,7 @@ or ``.arrow`` file, or a Hub name whose copy is already in the local Hugging Fac
 ``ImageItem`` at ``<data file>::<row>`` (``prolip.data.types.Member``), decoded from the row's image bytes; its
 label comes from the ``ClassLabel`` column and the class names from that feature.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -43,6 +44,7 @@ def _pyarrow():
 
 # ---- where the data files are ----------------------------------------------------------------------------------
 
+
 def local_root(name: str) -> Path:
     """The dataset's folder or file: the path itself, or a Hub name's copy in the local Hugging Face cache.
 
@@ -58,10 +60,12 @@ def local_root(name: str) -> Path:
             return Path(snapshot_download(name, repo_type="dataset", local_files_only=True))
         except Exception:  # not cached (LocalEntryNotFoundError), or no huggingface_hub: the same answer
             pass
-    raise DataError(f"cannot get dataset {name}: it is neither a local folder or file nor in the local Hugging Face "
-                    "cache, and prolip never downloads data (it reads the Hub offline, as it does weights); pass a "
-                    "local copy instead, e.g. `--data hf:/path/to/dir` saved with datasets' save_to_disk, or a "
-                    "folder of its parquet files")
+    raise DataError(
+        f"cannot get dataset {name}: it is neither a local folder or file nor in the local Hugging Face "
+        "cache, and prolip never downloads data (it reads the Hub offline, as it does weights); pass a "
+        "local copy instead, e.g. `--data hf:/path/to/dir` saved with datasets' save_to_disk, or a "
+        "folder of its parquet files"
+    )
 
 
 def split_files(root: Path) -> dict[str, list[Path]]:
@@ -81,8 +85,10 @@ def split_files(root: Path) -> dict[str, list[Path]]:
     for f in sorted(p for p in root.rglob("*") if p.suffix.lower() in DATA_SUFFIXES and p.is_file()):
         found.setdefault(_split_of(f), []).append(f)
     if not found:
-        raise DataError(f"hf:{root} holds no Hugging Face dataset: no dataset_dict.json or state.json "
-                        f"(save_to_disk), and no .parquet or .arrow files")
+        raise DataError(
+            f"hf:{root} holds no Hugging Face dataset: no dataset_dict.json or state.json "
+            f"(save_to_disk), and no .parquet or .arrow files"
+        )
     return found
 
 
@@ -91,8 +97,10 @@ def _saved_files(folder: Path) -> list[Path]:
     files = [folder / d["filename"] for d in state.get("_data_files", []) if isinstance(d, dict) and "filename" in d]
     missing = [f for f in files if not f.is_file()]
     if not files or missing:
-        raise DataError(f"{folder / 'state.json'} names data files that are missing ({missing[:3] or 'none listed'}); "
-                        "save the dataset again")
+        raise DataError(
+            f"{folder / 'state.json'} names data files that are missing ({missing[:3] or 'none listed'}); "
+            "save the dataset again"
+        )
     return files
 
 
@@ -125,6 +133,7 @@ def _roles(found: dict[str, list[Path]], split: str | None, spec: str) -> dict[s
 
 
 # ---- what the columns are ----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Columns:
@@ -170,13 +179,16 @@ def columns(schema, label_key: str | None, where: str) -> Columns:
     elif labels:
         raise DataError(f"{where}: several ClassLabel columns ({', '.join(labels)}); pass --label-key NAME")
     else:
-        raise DataError(f"{where}: no ClassLabel column (columns: {', '.join(schema.names)}); pass --label-key "
-                        "with the column of class indices, and --classnames with their names")
+        raise DataError(
+            f"{where}: no ClassLabel column (columns: {', '.join(schema.names)}); pass --label-key "
+            "with the column of class indices, and --classnames with their names"
+        )
     names = features.get(label, {}).get("names") if _kind(features.get(label)) == "ClassLabel" else None
     return Columns(image_column(schema, where), label, list(names) if names is not None else None)
 
 
 # ---- reading -----------------------------------------------------------------------------------------------------
+
 
 def _schema(file: Path):
     pa = _pyarrow()
@@ -208,8 +220,10 @@ def _checked_label(value, where: str, num_classes: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise DataError(f"{where}: label {value!r} is not an integer class index")
     if value == -1:
-        raise DataError(f"{where} has label -1, datasets' 'no label': this split is unlabelled, so it can be neither "
-                        "trained nor scored on; use a labelled split (--split)")
+        raise DataError(
+            f"{where} has label -1, datasets' 'no label': this split is unlabelled, so it can be neither "
+            "trained nor scored on; use a labelled split (--split)"
+        )
     if not 0 <= value < num_classes:
         raise DataError(f"{where}: label {value} is outside 0..{num_classes - 1}")
     return value
@@ -220,8 +234,10 @@ def _file_items(file: Path, cols: Columns, num_classes: int) -> list[ImageItem]:
         values = _label_values(file, cols.label)
     except (OSError, ValueError) as e:  # a damaged file: pyarrow's errors are both
         raise DataError(f"{file} cannot be read ({e})") from None
-    return [ImageItem(Member(file, str(row)).path, _checked_label(v, f"{file}, row {row}", num_classes))
-            for row, v in enumerate(values)]
+    return [
+        ImageItem(Member(file, str(row)).path, _checked_label(v, f"{file}, row {row}", num_classes))
+        for row, v in enumerate(values)
+    ]
 
 
 def _read_split(files: list[Path], label_key: str | None, where: str) -> tuple[Columns, list[Path]]:
@@ -245,8 +261,10 @@ def _class_names(cols: Columns, classnames_file, where: str) -> tuple[list[str],
 
     if cols.names is None:
         if classnames_file is None:
-            raise DataError(f"{where}: label column {cols.label!r} is not a ClassLabel, so it names no classes; pass "
-                            "--classnames FILE (one name per line, in label order)")
+            raise DataError(
+                f"{where}: label column {cols.label!r} is not a ClassLabel, so it names no classes; pass "
+                "--classnames FILE (one name per line, in label order)"
+            )
         return names_list(Path(classnames_file)), None
     if classnames_file is None:
         return cols.names, None
@@ -254,11 +272,12 @@ def _class_names(cols: Columns, classnames_file, where: str) -> tuple[list[str],
     return names, (cols.names if names != cols.names else None)
 
 
-def load_hf(spec: str, *, split: str | None = None, label_key: str | None = None, classnames_file=None,
-            templates_file=None) -> DatasetSplits:
+def load_hf(
+    spec: str, *, split: str | None = None, label_key: str | None = None, classnames_file=None, templates_file=None
+) -> DatasetSplits:
     """``--data hf:<path>``: its train / validation / test splits (``split``: the one to train on)."""
     _pyarrow()
-    root = local_root(spec[len(PREFIX):])
+    root = local_root(spec[len(PREFIX) :])
     found = split_files(root)
     parts: dict[str, LabeledImages] = {}
     names = ids = None
@@ -279,11 +298,12 @@ def load_hf(spec: str, *, split: str | None = None, label_key: str | None = None
 
 def hf_read(spec: str) -> list[Path]:
     """What ``--data hf:...`` reads (no output may overwrite it): the local folder or file."""
-    path = Path(spec[len(PREFIX):]).expanduser()
+    path = Path(spec[len(PREFIX) :]).expanduser()
     return [path] if path.exists() else []
 
 
 # ---- one row's image (what load_image decodes) --------------------------------------------------------------------
+
 
 class _Rows:
     """The image column of one data file: an arrow file memory-mapped, a parquet file one row group at a time."""

@@ -3,6 +3,7 @@
 An image may also be a member of a container file (a WebDataset tar shard, a row of a Hugging Face dataset file,
 ``prolip.data.types.Member``): it is decoded from the container's bytes, never extracted to disk.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,8 +51,13 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def file_kind(mode: int) -> str:
     """What a non-regular file is, in words, for messages."""
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return name
     return "not a regular file"

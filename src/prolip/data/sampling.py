@@ -1,4 +1,5 @@
-"""Few-shot sampling in the two conventions the field uses (LP++/ProLIP and CoOp), deterministic per seed and exchangeable as JSON.
+"""Few-shot sampling in the two conventions the field uses (LP++/ProLIP and CoOp), deterministic per seed and
+exchangeable as JSON.
 
 - "lpp" (LP++ / ProLIP): ``random.seed(seed)``; per class K support and K validation images (drawn with replacement
   when a class is short and ``allow_fewer``); with ``imagenet_style`` 2K are drawn from train, first K support, last K
@@ -6,14 +7,15 @@
 - "coop" (CoOp): ``random.seed(seed)``; per class K without replacement (a short class keeps all it has);
   validation = min(K, 4) per class from the validation split.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 
 class NotEnoughImagesError(ValueError):
@@ -33,14 +35,14 @@ class FewShotSplit:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "FewShotSplit":
+    def from_json(cls, text: str) -> FewShotSplit:
         return cls(**json.loads(text))
 
     def save(self, path: Path | str) -> None:
         Path(path).write_text(self.to_json())
 
     @classmethod
-    def load(cls, path: Path | str) -> "FewShotSplit":
+    def load(cls, path: Path | str) -> FewShotSplit:
         return cls.from_json(Path(path).read_text())
 
 
@@ -57,13 +59,23 @@ def _check(groups: dict[int, list[int]], need: int, allow_fewer: bool, classname
     for c, idx in groups.items():
         if len(idx) < need and not allow_fewer:
             name = classnames[c] if classnames is not None else c
-            raise NotEnoughImagesError(f"class {name!r} has {len(idx)} {what} images but {need} are needed; "
-                                       f"lower --shots or pass --allow-fewer")
+            raise NotEnoughImagesError(
+                f"class {name!r} has {len(idx)} {what} images but {need} are needed; "
+                f"lower --shots or pass --allow-fewer"
+            )
 
 
-def sample_few_shot(labels: Sequence[int], shots: int, seed: int, convention: str = "lpp", *,
-                    allow_fewer: bool = False, val_labels: Sequence[int] | None = None,
-                    imagenet_style: bool = False, classnames: Sequence[str] | None = None) -> FewShotSplit:
+def sample_few_shot(
+    labels: Sequence[int],
+    shots: int,
+    seed: int,
+    convention: str = "lpp",
+    *,
+    allow_fewer: bool = False,
+    val_labels: Sequence[int] | None = None,
+    imagenet_style: bool = False,
+    classnames: Sequence[str] | None = None,
+) -> FewShotSplit:
     """Pick ``shots`` support images per class (indices into ``labels``) and a validation set.
 
     Validation indices index ``val_labels`` when given, else ``labels`` (then disjoint from the support when the
@@ -82,12 +94,12 @@ def sample_few_shot(labels: Sequence[int], shots: int, seed: int, convention: st
         for idx in groups.values():
             train.extend(rng.sample(idx, shots) if len(idx) >= shots else list(idx))
         k_val = min(shots, 4)
-        for c, idx in (val_groups or {}).items():
+        for idx in (val_groups or {}).values():
             val.extend(rng.sample(idx, k_val) if len(idx) >= k_val else list(idx))
     else:
         need = 2 * shots if imagenet_style else shots
         _check(groups, need, allow_fewer, classnames, "training")
-        for c, idx in groups.items():
+        for idx in groups.values():
             drawn = rng.sample(idx, need) if len(idx) >= need else rng.choices(idx, k=need)
             train.extend(drawn[:shots])
             if imagenet_style:

@@ -1,10 +1,11 @@
 """Plain data types shared by readers, samplers, the feature cache and the CLI."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 # What separates a container file from the image inside it in a member's path: "shard.tar::sample01.jpg".
 MEMBER_SEPARATOR = "::"
@@ -39,7 +40,7 @@ def member_of(path: Path | str) -> Member | None:
     text = os.fspath(path)
     start = text.find(MEMBER_SEPARATOR)
     while start >= 0:
-        name = text[start + len(MEMBER_SEPARATOR):]
+        name = text[start + len(MEMBER_SEPARATOR) :]
         if text[:start].lower().endswith(CONTAINER_SUFFIXES) and name:
             return Member(Path(text[:start]), name)
         start = text.find(MEMBER_SEPARATOR, start + 1)
@@ -75,10 +76,16 @@ class LabeledImages:
     def labels(self) -> list[int]:
         return [it.label for it in self.items]
 
-    def subset(self, indices: Sequence[int]) -> "LabeledImages":
+    def subset(self, indices: Sequence[int]) -> LabeledImages:
         # The files the reader left out stay listed: they were left out of the data a subset is taken from.
-        return LabeledImages([self.items[i] for i in indices], self.classnames, self.templates, self.name,
-                             self.ignored_files, class_ids=self.class_ids)
+        return LabeledImages(
+            [self.items[i] for i in indices],
+            self.classnames,
+            self.templates,
+            self.name,
+            self.ignored_files,
+            class_ids=self.class_ids,
+        )
 
 
 @dataclass

@@ -11,6 +11,7 @@ Shards are indexed with the standard library's tarfile (headers only: the image 
 decoded, with one seek), which lets the feature cache read exactly the images it needs in any order; webdataset's
 own reader streams whole shards, which suits training loops, not a cache that wants 16 images of a shard.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,18 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from prolip.data.folder import (DEFAULT_TEMPLATES, DataError, check_classnames, class_index, is_image_file,
-                                read_classnames, read_json, read_templates, read_text, regular_file)
+from prolip.data.folder import (
+    DEFAULT_TEMPLATES,
+    DataError,
+    check_classnames,
+    class_index,
+    is_image_file,
+    read_classnames,
+    read_json,
+    read_templates,
+    read_text,
+    regular_file,
+)
 from prolip.data.images import BadImageError
 from prolip.data.types import DatasetSplits, ImageItem, LabeledImages, Member
 
@@ -35,6 +46,7 @@ _BLOCK = tarfile.BLOCKSIZE
 
 
 # ---- which --data values are shards --------------------------------------------------------------------------
+
 
 def expand_braces(pattern: str) -> list[str]:
     """Shell-style brace expansion as webdataset's shard lists use it: ``{000..009}`` (zero-padded numeric ranges)
@@ -53,13 +65,13 @@ def _expand(pattern: str, count: int) -> list[str]:
         return [pattern]
     choices = _choices(match.group(1))
     if choices is None:  # not a range or a list: literal braces, then what follows them
-        head = pattern[:match.end()]
-        return [head + rest for rest in _expand(pattern[match.end():], count)]
+        head = pattern[: match.end()]
+        return [head + rest for rest in _expand(pattern[match.end() :], count)]
     if count + len(choices) > MAX_SHARDS:
         raise DataError(f"shard pattern {pattern!r} expands to more than {MAX_SHARDS} shards")
     out: list[str] = []
     for choice in choices:
-        out += _expand(pattern[:match.start()] + choice + pattern[match.end():], count + len(out))
+        out += _expand(pattern[: match.start()] + choice + pattern[match.end() :], count + len(out))
         if len(out) > MAX_SHARDS:
             raise DataError(f"shard pattern {pattern!r} expands to more than {MAX_SHARDS} shards")
     return out
@@ -113,8 +125,10 @@ def shard_paths(spec: str) -> list[Path]:
     paths = [Path(p).expanduser() for p in expand_braces(spec)]
     for p in paths:
         if p.name.lower().endswith((".tar.gz", ".tgz")):
-            raise DataError(f"shard {p} is compressed: members cannot be read one by one from a compressed tar; "
-                            f"decompress it (gunzip) and pass the .tar")
+            raise DataError(
+                f"shard {p} is compressed: members cannot be read one by one from a compressed tar; "
+                f"decompress it (gunzip) and pass the .tar"
+            )
         if not p.name.lower().endswith(".tar"):
             raise DataError(f"shard {p} is not a .tar file")
         regular_file(p, "shard")
@@ -122,6 +136,7 @@ def shard_paths(spec: str) -> list[Path]:
 
 
 # ---- the index of one shard ----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -151,8 +166,10 @@ def _index(path: str, size: int, mtime_ns: int) -> dict[str, Entry]:
                 if not info.isreg():
                     continue
                 if info.offset_data + info.size > size:
-                    raise DataError(f"shard {path} is truncated: member {info.name} is cut short (the file ends at "
-                                    f"byte {size}); copy the shard again")
+                    raise DataError(
+                        f"shard {path} is truncated: member {info.name} is cut short (the file ends at "
+                        f"byte {size}); copy the shard again"
+                    )
                 if info.name in entries:
                     raise DataError(f"shard {path} holds two members named {info.name}; rebuild the shard")
                 entries[info.name] = Entry(info.offset_data, info.size)
@@ -163,11 +180,15 @@ def _index(path: str, size: int, mtime_ns: int) -> dict[str, Entry]:
         raise DataError(f"shard {path} is not a readable tar file ({e})") from None
     after = f"after member {last}" if last else "at its start"
     if len(trailer) < _BLOCK:
-        raise DataError(f"shard {path} is truncated {after} (no end-of-archive marker): the file was cut short; "
-                        "copy the shard again")
+        raise DataError(
+            f"shard {path} is truncated {after} (no end-of-archive marker): the file was cut short; "
+            "copy the shard again"
+        )
     if trailer.strip(b"\0"):
-        raise DataError(f"shard {path} has a damaged header at byte {end} ({after}); the samples from there on "
-                        "cannot be read; rebuild or copy the shard again")
+        raise DataError(
+            f"shard {path} has a damaged header at byte {end} ({after}); the samples from there on "
+            "cannot be read; rebuild or copy the shard again"
+        )
     return entries
 
 
@@ -195,6 +216,7 @@ def member_bytes(member: Member) -> bytes:
 
 # ---- samples -------------------------------------------------------------------------------------------------
 
+
 def sample_parts(name: str) -> tuple[str, str]:
     """(key, extension) of a member name as webdataset splits it: ``a/b.seg.png`` → (``a/b``, ``seg.png``)."""
     folder, _, base = name.rpartition("/")
@@ -213,24 +235,27 @@ def samples(index: dict[str, Entry]) -> dict[str, dict[str, str]]:
 
 def _label(read, where: str, members: dict[str, str], label_key: str, num_classes: int, names_from: str) -> int:
     if label_key not in members:
-        raise DataError(f"{where} has no '{label_key}' member (it has: {', '.join(sorted(members))}); pass "
-                        f"--label-key with the member that holds the class index")
+        raise DataError(
+            f"{where} has no '{label_key}' member (it has: {', '.join(sorted(members))}); pass "
+            f"--label-key with the member that holds the class index"
+        )
     try:
         text = read(members[label_key]).decode("utf-8").strip()
     except UnicodeDecodeError:
         raise DataError(f"{where}: its '{label_key}' member is not text") from None
     label = class_index(text, where)
     if label >= num_classes:
-        raise DataError(f"{where}: label {label} is outside 0..{num_classes - 1} ({num_classes} classes in "
-                        f"{names_from})")
+        raise DataError(
+            f"{where}: label {label} is outside 0..{num_classes - 1} ({num_classes} classes in {names_from})"
+        )
     return label
 
 
-def _shard_items(shard: Path, label_key: str, num_classes: int, names_from: str
-                 ) -> tuple[list[ImageItem], list[Path]]:
+def _shard_items(shard: Path, label_key: str, num_classes: int, names_from: str) -> tuple[list[ImageItem], list[Path]]:
     index = shard_index(shard)
     items, ignored = [], []
     with open(shard, "rb") as f:  # one handle for the labels of the whole shard
+
         def read(name: str) -> bytes:
             f.seek(index[name].offset)
             return f.read(index[name].size)
@@ -246,6 +271,7 @@ def _shard_items(shard: Path, label_key: str, num_classes: int, names_from: str
 
 
 # ---- class names and templates --------------------------------------------------------------------------------
+
 
 def _dataset_file(shards: list[Path], name: str) -> Path | None:
     """A metadata file beside the first shard or one folder up (CLIP_benchmark keeps it above the split folders)."""
@@ -271,8 +297,10 @@ def shard_classnames(shards: list[Path], classnames_file) -> tuple[list[str], li
     """(names shown and prompted, what the shards' own metadata calls the classes when renamed, where from)."""
     own = _dataset_file(shards, NAMES_FILE)
     if own is None and classnames_file is None:
-        raise DataError(f"shards {shards[0]}...: no class names: pass --classnames FILE (one name per line, in label "
-                        f"order) or put {NAMES_FILE} beside the shards")
+        raise DataError(
+            f"shards {shards[0]}...: no class names: pass --classnames FILE (one name per line, in label "
+            f"order) or put {NAMES_FILE} beside the shards"
+        )
     if own is None:
         return names_list(Path(classnames_file)), None, str(classnames_file)
     ids = names_list(own)
@@ -282,8 +310,14 @@ def shard_classnames(shards: list[Path], classnames_file) -> tuple[list[str], li
     return names, (ids if names != ids else None), str(own)
 
 
-def read_shards(shards: list[Path], *, label_key: str = LABEL_KEY, classnames_file=None, templates_file=None,
-                name: str | None = None) -> LabeledImages:
+def read_shards(
+    shards: list[Path],
+    *,
+    label_key: str = LABEL_KEY,
+    classnames_file=None,
+    templates_file=None,
+    name: str | None = None,
+) -> LabeledImages:
     """The labelled images of some shards (one split), in shard order then sample order."""
     names, ids, names_from = shard_classnames(shards, classnames_file)
     items: list[ImageItem] = []
@@ -293,24 +327,29 @@ def read_shards(shards: list[Path], *, label_key: str = LABEL_KEY, classnames_fi
         items += found
         ignored += skipped
     if not items:
-        raise DataError(f"shards {shards[0]}...: no sample holds an image (looked for members ending in "
-                        f"{', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(
+            f"shards {shards[0]}...: no sample holds an image (looked for members ending in "
+            f"{', '.join(IMAGE_EXTENSIONS)})"
+        )
     own_templates = _dataset_file(shards, TEMPLATES_FILE)
     template_file = templates_file or own_templates
     templates = read_templates(template_file) if template_file else list(DEFAULT_TEMPLATES)
     return LabeledImages(items, names, templates, name or shards[0].parent.name, ignored, class_ids=ids)
 
 
-def load_shards(spec: str, *, label_key: str | None = None, classnames_file=None,
-                templates_file=None) -> DatasetSplits:
+def load_shards(spec: str, *, label_key: str | None = None, classnames_file=None, templates_file=None) -> DatasetSplits:
     """``--data`` naming shards: a pattern (``train-{000000..000009}.tar``, one split) or a folder of shards
     (``*.tar`` in it, one split, or in ``train/``, ``val/``, ``test/`` sub-folders)."""
     label_key = label_key or LABEL_KEY
     path = Path(spec).expanduser()
     by_split = _shard_folders(path) if path.is_dir() else {"train": shard_paths(spec)}
     name = path.name if path.is_dir() else None
-    parts = {split: read_shards(shards, label_key=label_key, classnames_file=classnames_file,
-                                templates_file=templates_file, name=name) for split, shards in by_split.items()}
+    parts = {
+        split: read_shards(
+            shards, label_key=label_key, classnames_file=classnames_file, templates_file=templates_file, name=name
+        )
+        for split, shards in by_split.items()
+    }
     first = next(iter(parts.values()))
     if "train" not in parts and len(parts) == 1:  # only test (or val) shards: read as the data's one split
         parts = {"train": first}

@@ -10,6 +10,7 @@ unit is written atomically. An interrupted extraction therefore resumes with exa
 features). torchrun ranks split the units between them; processes that merely share the directory take each unit
 under its lock (locking.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,22 @@ from prolip.features.extraction import Extractor, ViewMaker, augmented_views, ce
 from prolip.features.locking import remove_finished_locks, unit_lock
 from prolip.features.storage import CacheError, Entry
 
-__all__ = ["AUGMENT_VERSION", "CacheError", "CacheStats", "CachedViews", "CenterFeatures", "FeatureCache", "Lookup",
-           "Request", "Survey", "default_cache_dir", "extract_dataset", "image_key", "plan_units", "rank_share"]
+__all__ = [
+    "AUGMENT_VERSION",
+    "CacheError",
+    "CacheStats",
+    "CachedViews",
+    "CenterFeatures",
+    "FeatureCache",
+    "Lookup",
+    "Request",
+    "Survey",
+    "default_cache_dir",
+    "extract_dataset",
+    "image_key",
+    "plan_units",
+    "rank_share",
+]
 
 AUGMENT_VERSION = "augment:v1"  # bump when the augmentation changes, so stale views are never reused
 
@@ -51,8 +66,10 @@ class CacheStats:
     images_reused: int = 0
 
     def __str__(self) -> str:
-        return (f"{self.forward_passes} forward passes, {self.images_extracted} images extracted, "
-                f"{self.images_reused} reused from cache")
+        return (
+            f"{self.forward_passes} forward passes, {self.images_extracted} images extracted, "
+            f"{self.images_reused} reused from cache"
+        )
 
 
 class CachedViews:
@@ -105,6 +122,7 @@ class CenterFeatures:
 @dataclass(frozen=True)
 class Lookup:
     """Where the features of a request's usable images are (``entries[j]`` for image ``kept[j]``)."""
+
     entries: list[Entry]
     kept: list[int]
     skipped: Skipped
@@ -114,7 +132,7 @@ class Lookup:
 def plan_units(keys: Sequence[str], unit_images: int) -> list[list[str]]:
     """Sorted image keys chunked into units: the same request always gives the same units."""
     keys = sorted(keys)
-    return [keys[i:i + unit_images] for i in range(0, len(keys), unit_images)]
+    return [keys[i : i + unit_images] for i in range(0, len(keys), unit_images)]
 
 
 def rank_share(units: list[list[str]], todo: list[list[str]], rank: int, world: int) -> list[list[str]]:
@@ -136,6 +154,7 @@ def _cached(index: dict[str, Entry], key: str, num_views: int) -> bool:
 @dataclass(frozen=True)
 class Request:
     """Features a run will ask the cache for: ``views`` augmented views of each image (0: the center crop)."""
+
     paths: tuple[Path, ...]
     views: int = 0
     aug_seed: int = 0
@@ -146,6 +165,7 @@ class Request:
 class Survey:
     """What a set of requests needs from the cache, found without extracting or writing anything: per namespace,
     the distinct images requested, those whose features are not there yet, and how many views each needs."""
+
     requested: dict[Path, set[str]]
     missing: dict[Path, set[str]]
     views: dict[Path, int]
@@ -190,9 +210,19 @@ def _read_only_index(namespace: Path) -> dict[str, Entry]:
 class FeatureCache:
     """Features of image files, computed once per (image, view) and kept on disk (README, "Large extractions")."""
 
-    def __init__(self, cache_dir: Path | str | None, backbone, *, batch_size: int = 64, num_workers: int | None = None,
-                 on_bad_image: str = "error", progress: bool = True, unit_images: int = 32,
-                 compute_dtype: str = "auto", engine: str | None = None):
+    def __init__(
+        self,
+        cache_dir: Path | str | None,
+        backbone,
+        *,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        on_bad_image: str = "error",
+        progress: bool = True,
+        unit_images: int = 32,
+        compute_dtype: str = "auto",
+        engine: str | None = None,
+    ):
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
         if unit_images <= 0:
@@ -201,8 +231,12 @@ class FeatureCache:
         self.engine = resolve_engine(engine)  # torch, or ONNX Runtime (engine.py; $PROLIP_ENGINE)
         if self.engine != "torch" and compute_dtype == "bf16":
             raise ValueError(f"compute_dtype bf16 is PyTorch's autocast; engine {self.engine!r} computes in fp32")
-        self.extractor = Extractor(encoder_for(backbone, self.engine, self.root), batch_size=batch_size,
-                                   num_workers=num_workers, compute_dtype=compute_dtype)
+        self.extractor = Extractor(
+            encoder_for(backbone, self.engine, self.root),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            compute_dtype=compute_dtype,
+        )
         self.backbone, self.on_bad_image = backbone, on_bad_image
         self.progress, self.unit_images = progress, unit_images
         self.stats = CacheStats()  # cumulative over this object's requests
@@ -221,9 +255,16 @@ class FeatureCache:
         return self.extractor.compute_dtype
 
     # -- public API -------------------------------------------------------------------------------------------------
-    def views(self, paths: Sequence[Path | str], num_views: int, aug_seed: int = 0, *, augmentation: str = "prolip",
-              rank: int | None = None,
-              world: int | None = None) -> CachedViews:
+    def views(
+        self,
+        paths: Sequence[Path | str],
+        num_views: int,
+        aug_seed: int = 0,
+        *,
+        augmentation: str = "prolip",
+        rank: int | None = None,
+        world: int | None = None,
+    ) -> CachedViews:
         """Features of ``num_views`` augmented views of each image (view t seeded per image and t), streamed from
         disk. Under torchrun the missing units are split between the ranks (default: the current process group)."""
         if num_views <= 0:
@@ -238,9 +279,16 @@ class FeatureCache:
             return CenterFeatures(torch.empty(0, self.backbone.dim_pre), found.kept, found.skipped)
         return CenterFeatures(CachedViews(found.entries, 1, found.kept).view(0), found.kept, found.skipped)
 
-    def fill(self, paths: Sequence[Path | str], num_views: int = 0, aug_seed: int = 0, *, augmentation: str = "prolip",
-             rank: int | None = None,
-             world: int | None = None) -> Lookup:
+    def fill(
+        self,
+        paths: Sequence[Path | str],
+        num_views: int = 0,
+        aug_seed: int = 0,
+        *,
+        augmentation: str = "prolip",
+        rank: int | None = None,
+        world: int | None = None,
+    ) -> Lookup:
         """Cache ``num_views`` augmented views of each image (0: the center crop) and say where they are."""
         if num_views < 0:
             raise ValueError(f"num_views must be >= 0, got {num_views}")
@@ -268,10 +316,15 @@ class FeatureCache:
 
     def namespace_dir(self, kind: str, aug_seed: int, augmentation: str = "prolip") -> Path:
         prep = self.backbone.preprocessing
-        ident = json.dumps({"weights": self.backbone.info.fingerprint, "prep": [prep.image_size, list(prep.mean),
-                            list(prep.std), prep.interpolation],
-                            "kind": AUGMENT_VERSION if kind == "augment" else "center:v1",
-                            "aug_seed": aug_seed if kind == "augment" else None}, sort_keys=True)
+        ident = json.dumps(
+            {
+                "weights": self.backbone.info.fingerprint,
+                "prep": [prep.image_size, list(prep.mean), list(prep.std), prep.interpolation],
+                "kind": AUGMENT_VERSION if kind == "augment" else "center:v1",
+                "aug_seed": aug_seed if kind == "augment" else None,
+            },
+            sort_keys=True,
+        )
         if kind == "augment" and augmentation != "prolip":  # other views; the reference's keep their old names
             ident += f"|augmentation:{augmentation}"
         if self.compute_dtype != "fp32":  # other numerics, other features; fp32 namespaces keep their old names
@@ -327,11 +380,23 @@ class FeatureCache:
                 index = {k: e for k, e in index.items() if e.file != f}
         return index
 
-    def _compute(self, ns: Path, units: list[list[str]], key_to_path: dict[str, Path], num_views: int,
-                 make_view: ViewMaker, skipped: Skipped, kind: str) -> set[str]:
+    def _compute(
+        self,
+        ns: Path,
+        units: list[list[str]],
+        key_to_path: dict[str, Path],
+        num_views: int,
+        make_view: ViewMaker,
+        skipped: Skipped,
+        kind: str,
+    ) -> set[str]:
         """Compute and write this process's units (each the list of its missing keys); the keys found unreadable."""
-        bar = tqdm(total=sum(map(len, units)) * num_views, desc=f"extracting {kind} features", unit="view",
-                   disable=not self.progress or not units)
+        bar = tqdm(
+            total=sum(map(len, units)) * num_views,
+            desc=f"extracting {kind} features",
+            unit="view",
+            disable=not self.progress or not units,
+        )
         bad: set[str] = set()
         for missing in units:
             bad |= self._compute_unit(ns, missing, key_to_path, num_views, make_view, skipped, bar)
@@ -347,8 +412,13 @@ class FeatureCache:
                 return set()
             storage.discard_temporaries(target)  # of a writer killed mid-write: only the lock holder may
             before = self.extractor.forward_passes
-            encoded = self.extractor.encode([(key_to_path[k], k) for k in missing], num_views, make_view,
-                                            skip_bad=self.on_bad_image == "skip", progress=bar.update)
+            encoded = self.extractor.encode(
+                [(key_to_path[k], k) for k in missing],
+                num_views,
+                make_view,
+                skip_bad=self.on_bad_image == "skip",
+                progress=bar.update,
+            )
             self.stats.forward_passes += self.extractor.forward_passes - before
             self.stats.images_extracted += len(encoded.kept)
             skipped.extend(encoded.skipped)
@@ -373,12 +443,30 @@ class FeatureCache:
         return Lookup(entries, kept, skipped)
 
 
-def extract_dataset(backbone, paths, *, num_views: int, cache_dir=None, aug_seed: int = 0, batch_size: int = 64,
-                    num_workers: int | None = None, on_bad_image: str = "error",
-                    compute_dtype: str = "auto", engine: str | None = None) -> CacheStats:
+def extract_dataset(
+    backbone,
+    paths,
+    *,
+    num_views: int,
+    cache_dir=None,
+    aug_seed: int = 0,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    on_bad_image: str = "error",
+    compute_dtype: str = "auto",
+    engine: str | None = None,
+) -> CacheStats:
     """Fill the cache for ``paths`` (num_views 0: center crops only); under torchrun the ranks split the units."""
     rank, world = rank_world()
-    cache = FeatureCache(cache_dir, backbone, batch_size=batch_size, num_workers=num_workers,
-                         on_bad_image=on_bad_image, progress=rank == 0, compute_dtype=compute_dtype, engine=engine)
+    cache = FeatureCache(
+        cache_dir,
+        backbone,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        on_bad_image=on_bad_image,
+        progress=rank == 0,
+        compute_dtype=compute_dtype,
+        engine=engine,
+    )
     cache.fill(paths, num_views, aug_seed, rank=rank, world=world)
     return cache.stats

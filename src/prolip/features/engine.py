@@ -58,9 +58,16 @@ def export_onnx(backbone, path: Path) -> Path:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants; fine here
-            torch.onnx.export(_PreProjection(backbone).eval(), (example,), str(tmp), dynamo=False, opset_version=17,
-                              input_names=["images"], output_names=["z"],
-                              dynamic_axes={"images": {0: "batch"}, "z": {0: "batch"}})
+            torch.onnx.export(
+                _PreProjection(backbone).eval(),
+                (example,),
+                str(tmp),
+                dynamo=False,
+                opset_version=17,
+                input_names=["images"],
+                output_names=["z"],
+                dynamic_axes={"images": {0: "batch"}, "z": {0: "batch"}},
+            )
         os.replace(tmp, path)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

@@ -5,6 +5,7 @@ through the backbone in fixed batches, so the same request always meets the same
 computed exactly as an uninterrupted one). On a GPU, batches go through pinned memory, channels_last and, by
 default, bf16 autocast (README, "Large extractions").
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,6 +62,7 @@ def test_time_views(prep, seed: int, augment: SeededCropFlip) -> ViewMaker:
 
     def make(image, key, t):
         return center(image) if t == 0 else augmented_view(image, prep, view_seed(seed, key, t), augment)
+
     return make
 
 
@@ -75,8 +77,7 @@ class Encoded:
 class Extractor:
     """Encodes images with one backbone; ``forward_passes`` counts the views it has put through the backbone."""
 
-    def __init__(self, backbone, *, batch_size: int = 64, num_workers: int | None = None,
-                 compute_dtype: str = "auto"):
+    def __init__(self, backbone, *, batch_size: int = 64, num_workers: int | None = None, compute_dtype: str = "auto"):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if num_workers is not None and num_workers < 0:
@@ -91,8 +92,15 @@ class Extractor:
         self.num_workers = num_workers if num_workers is not None else (min(16, os.cpu_count() or 1) if on_gpu else 0)
         self.forward_passes = 0
 
-    def encode(self, images: Sequence[tuple[Path, Hashable]], num_views: int, make_view: ViewMaker, *,
-               skip_bad: bool = False, progress: Callable[[int], None] | None = None) -> Encoded:
+    def encode(
+        self,
+        images: Sequence[tuple[Path, Hashable]],
+        num_views: int,
+        make_view: ViewMaker,
+        *,
+        skip_bad: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> Encoded:
         """Features of views 0..num_views-1 of each (path, key) image, image-major.
 
         An image that cannot be decoded raises its BadImageError, or with ``skip_bad`` is left out and listed.
@@ -135,8 +143,10 @@ class Extractor:
             images = images.pin_memory().to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         else:
             images = images.to(device)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                    enabled=self.compute_dtype == "bf16"):
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == "bf16"),
+        ):
             z = self.backbone.encode_pre(images)
         self.forward_passes += len(batch)
         if progress is not None:
@@ -147,8 +157,11 @@ class Extractor:
 def view_jobs(num_images: int, num_views: int, batch_size: int) -> list[tuple[int, range]]:
     """(image index, views) work items of at most one batch of views each, in order: decoding threads then
     prepare the next batches while the backbone runs, and the order of views never depends on the threads."""
-    return [(i, range(t, min(t + batch_size, num_views)))
-            for i in range(num_images) for t in range(0, num_views, batch_size)]
+    return [
+        (i, range(t, min(t + batch_size, num_views)))
+        for i in range(num_images)
+        for t in range(0, num_views, batch_size)
+    ]
 
 
 def _preparer(images: Sequence[tuple[Path, Hashable]], make_view: ViewMaker):
@@ -170,6 +183,7 @@ def _preparer(images: Sequence[tuple[Path, Hashable]], make_view: ViewMaker):
         if isinstance(image, BadImageError):
             return i, image
         return i, [make_view(image, images[i][1], t) for t in views]
+
     return prepare
 
 
@@ -192,8 +206,14 @@ def ordered_map(fn, items: Iterable, workers: int):
             yield pending.popleft().result()
 
 
-def encode_images(backbone, paths: Sequence[Path | str], batch_size: int = 32, *, num_workers: int | None = None,
-                  compute_dtype: str = "auto") -> Tensor:
+def encode_images(
+    backbone,
+    paths: Sequence[Path | str],
+    batch_size: int = 32,
+    *,
+    num_workers: int | None = None,
+    compute_dtype: str = "auto",
+) -> Tensor:
     """Center-crop pre-projection features [N, D_pre] float32 of image files, without the cache (one-off
     predictions). An unreadable image raises its BadImageError."""
     extractor = Extractor(backbone, batch_size=batch_size, num_workers=num_workers, compute_dtype=compute_dtype)

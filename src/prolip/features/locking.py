@@ -3,6 +3,7 @@
 ``filelock`` takes a kernel lock (flock) on ``<unit>.lock``; the kernel releases it when its holder dies, kill -9
 included, so a dead writer never blocks anyone and there is no stale-lock logic.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

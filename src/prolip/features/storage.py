@@ -6,6 +6,7 @@ contiguous, so streaming view t reads one run of bytes) and, as safetensors meta
 rebuilt from the headers, so there is no separate mutable index to corrupt; a unit that fails to open or fails its
 checksum is set aside and its images are recomputed.
 """
+
 from __future__ import annotations
 
 import errno
@@ -31,6 +32,7 @@ class CacheError(OSError):
 @dataclass(frozen=True)
 class Entry:
     """Where one image's features live: its unit file, its row there, and how many views the unit holds."""
+
     file: Path
     row: int
     views: int
@@ -132,14 +134,14 @@ def make_dir(namespace: Path) -> None:
     try:
         namespace.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CacheError(f"cannot create feature cache directory {namespace}: {e.strerror}; use a writable cache "
-                         f"directory") from None
+        raise CacheError(
+            f"cannot create feature cache directory {namespace}: {e.strerror}; use a writable cache directory"
+        ) from None
 
 
 def write_unit(target: Path, features: torch.Tensor, keys: Sequence[str], num_views: int) -> None:
     """Write a unit atomically: a temporary beside it, fsync, then rename over the name (readers see all or none)."""
-    meta = {"keys": json.dumps(list(keys)), "views": str(num_views),
-            "checksum": checksum(features.numpy().tobytes())}
+    meta = {"keys": json.dumps(list(keys)), "views": str(num_views), "checksum": checksum(features.numpy().tobytes())}
     data = safetensors_bytes({FEATURES: features}, metadata=meta)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
@@ -162,7 +164,9 @@ def discard_temporaries(target: Path) -> None:
 def write_error(directory: Path, e: OSError) -> CacheError:
     # EFBIG: a file-size limit (ulimit -f, RLIMIT_FSIZE) is a full disk as far as the user is concerned.
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return CacheError(f"feature cache directory {directory} is full ({e.strerror}); free space or use another "
-                          f"cache directory")
-    return CacheError(f"feature cache directory {directory} is not writable ({e.strerror}); use a writable cache "
-                      f"directory")
+        return CacheError(
+            f"feature cache directory {directory} is full ({e.strerror}); free space or use another cache directory"
+        )
+    return CacheError(
+        f"feature cache directory {directory} is not writable ({e.strerror}); use a writable cache directory"
+    )

@@ -39,8 +39,14 @@ def create(name: str, **hyperparameters: Any) -> Method:
     return method
 
 
-def configure(name: str, hyperparameters: dict[str, Any], *, validate: bool = False, dataset: str | None = None,
-              refuse_useless_validation: bool = True) -> Method:
+def configure(
+    name: str,
+    hyperparameters: dict[str, Any],
+    *,
+    validate: bool = False,
+    dataset: str | None = None,
+    refuse_useless_validation: bool = True,
+) -> Method:
     """The method as the harness and the CLI run it: its original's settings for ``dataset`` (if any), then, with
     ``validate``, the hyperparameters that switch on what it selects on a validation set, then the caller's.
 
@@ -50,8 +56,9 @@ def configure(name: str, hyperparameters: dict[str, Any], *, validate: bool = Fa
     cls = method_class(name)
     if validate and not cls.selects:
         if refuse_useless_validation:
-            raise HyperparameterError(f"{name} selects nothing on a validation set (it is validation-free by "
-                                      "design); drop --validate")
+            raise HyperparameterError(
+                f"{name} selects nothing on a validation set (it is validation-free by design); drop --validate"
+            )
         validate = False
     per_dataset = cls.dataset_defaults.get(dataset, {}) if dataset is not None else {}
     return create(name, **{**per_dataset, **(cls.validation_params if validate else {}), **hyperparameters})

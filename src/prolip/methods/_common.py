@@ -1,4 +1,5 @@
 """Pieces the baselines share: post-projection embeddings of the cached views, a mini-batch trainer, checks."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -20,8 +21,10 @@ def embed(task: Task, z: Tensor) -> Tensor:
 def text_mean(task: Task, method: str) -> Tensor:
     """The unnormalised mean text embedding the originals of TaskRes, ZS-LP and CLAP start from."""
     if task.text_mean is None:
-        raise ValueError(f"{method} starts from the unnormalised mean text embedding: build the task with "
-                         "text_mean (the episode always does)")
+        raise ValueError(
+            f"{method} starts from the unnormalised mean text embedding: build the task with "
+            "text_mean (the episode always does)"
+        )
     return task.text_mean
 
 
@@ -38,8 +41,9 @@ def mean_view_embedding(task: Task, support: Support, num_views: int) -> Tensor:
     return embed(task, mean_z)
 
 
-def fresh_view_per_epoch(task: Task, support: Support,
-                         num_views: int | None = None) -> Callable[[int], tuple[Tensor, Tensor]]:
+def fresh_view_per_epoch(
+    task: Task, support: Support, num_views: int | None = None
+) -> Callable[[int], tuple[Tensor, Tensor]]:
     """Epoch e trains on view e mod V of every support image (V = all cached views, or ``num_views``): the
     cached stand-in for a data loader that re-augments each image every epoch. Embedded lazily, one view per
     epoch, so memory stays at one view whatever the cache holds."""
@@ -62,11 +66,22 @@ def dassl_lr(base_lr: float, epoch: int, epochs: int, warmup_epochs: int = 1, wa
     return float(cosine_lr(base_lr, epoch - warmup_epochs, epochs))
 
 
-def train_minibatch(params: Iterable[Tensor], loss_fn: Callable[[Tensor, Tensor], Tensor],
-                    epoch_data: Callable[[int], tuple[Tensor, Tensor]], *, epochs: int, batch_size: int,
-                    optimizer: str, lr: float, seed: int, schedule: str = "dassl", drop_last: bool = False,
-                    batches_per_epoch: int | None = None, on_epoch_end: Callable[[int], None] | None = None,
-                    **optimizer_kwargs) -> None:
+def train_minibatch(
+    params: Iterable[Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    epoch_data: Callable[[int], tuple[Tensor, Tensor]],
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: str,
+    lr: float,
+    seed: int,
+    schedule: str = "dassl",
+    drop_last: bool = False,
+    batches_per_epoch: int | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+    **optimizer_kwargs,
+) -> None:
     """Shuffled mini-batch training. ``epoch_data(e)`` gives the (samples, labels) epoch e draws from.
 
     Per epoch: ``batches_per_epoch`` batches if given (CLAP draws a loader's worth of batches from a larger
@@ -89,7 +104,7 @@ def train_minibatch(params: Iterable[Tensor], loss_fn: Callable[[Tensor, Tensor]
             rate = dassl_lr(lr, e, epochs) if schedule == "dassl" else cosine_lr(lr, iteration, total)
             for group in opt.param_groups:
                 group["lr"] = rate
-            idx = order[b * batch_size:(b + 1) * batch_size]
+            idx = order[b * batch_size : (b + 1) * batch_size]
             loss = loss_fn(x[idx], y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -102,4 +117,3 @@ def train_minibatch(params: Iterable[Tensor], loss_fn: Callable[[Tensor, Tensor]
 def cosine_head_logits(e: Tensor, prototypes: Tensor, logit_scale: float) -> Tensor:
     """``s · normalize(e) · normalize(P)ᵀ``: the head of ZS-LP, CLAP and TaskRes."""
     return logit_scale * F.normalize(e, dim=-1) @ F.normalize(prototypes, dim=-1).T
-

@@ -41,8 +41,8 @@ from prolip.methods import register
 from prolip.methods._common import cosine_head_logits, embed, fresh_view_per_epoch, text_mean, train_minibatch
 from prolip.methods.base import Method, Support, Task, Validation
 from prolip.methods.params import (
-    LEARNING_RATE,
     FRACTION,
+    LEARNING_RATE,
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
     POSITIVE_INT,
@@ -55,8 +55,9 @@ from prolip.optim import train_full_batch, view_for_step
 
 
 def residual_mlp(dim: int, reduction: int = 4) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, dim // reduction, bias=False), nn.ReLU(),
-                         nn.Linear(dim // reduction, dim, bias=False), nn.ReLU())
+    return nn.Sequential(
+        nn.Linear(dim, dim // reduction, bias=False), nn.ReLU(), nn.Linear(dim // reduction, dim, bias=False), nn.ReLU()
+    )
 
 
 class _ResidualMLPMethod(Method):
@@ -95,19 +96,27 @@ class CLIPAdapter(_ResidualMLPMethod):
     name = "clip-adapter"
     augmentation = "dassl"  # Dassl's random_resized_crop (INPUT.RRCROP_SCALE 0.08–1) + random_flip
     constraints = {
-        "ratio": FRACTION, "reduction": POSITIVE_INT, "lr": LEARNING_RATE, "epochs": NON_NEGATIVE_INT,
-        "batch_size": POSITIVE_INT, "weight_decay": NON_NEGATIVE, "momentum": NON_NEGATIVE,
+        "ratio": FRACTION,
+        "reduction": POSITIVE_INT,
+        "lr": LEARNING_RATE,
+        "epochs": NON_NEGATIVE_INT,
+        "batch_size": POSITIVE_INT,
+        "weight_decay": NON_NEGATIVE,
+        "momentum": NON_NEGATIVE,
         "views": Number(low=1, integer=True, optional=True),
     }
 
-    def __init__(self, ratio: float = 0.2,  # clip_adapter.py: ``ratio = 0.2`` in CustomCLIP.forward
-                 reduction: int = 4,  # clip_adapter.py: ``Adapter(1024, 4)``
-                 lr: float = 2e-3,  # CoOp rn50.yaml OPTIM.LR (the config the released Dassl trainer reads)
-                 epochs: int = 200,  # CoOp rn50.yaml OPTIM.MAX_EPOCH
-                 batch_size: int = 32,  # CoOp rn50.yaml DATALOADER.TRAIN_X.BATCH_SIZE
-                 weight_decay: float = 5e-4,  # Dassl defaults.py OPTIM.WEIGHT_DECAY (not overridden)
-                 momentum: float = 0.9,  # Dassl defaults.py OPTIM.MOMENTUM
-                 views: int | None = None):
+    def __init__(
+        self,
+        ratio: float = 0.2,  # clip_adapter.py: ``ratio = 0.2`` in CustomCLIP.forward
+        reduction: int = 4,  # clip_adapter.py: ``Adapter(1024, 4)``
+        lr: float = 2e-3,  # CoOp rn50.yaml OPTIM.LR (the config the released Dassl trainer reads)
+        epochs: int = 200,  # CoOp rn50.yaml OPTIM.MAX_EPOCH
+        batch_size: int = 32,  # CoOp rn50.yaml DATALOADER.TRAIN_X.BATCH_SIZE
+        weight_decay: float = 5e-4,  # Dassl defaults.py OPTIM.WEIGHT_DECAY (not overridden)
+        momentum: float = 0.9,  # Dassl defaults.py OPTIM.MOMENTUM
+        views: int | None = None,
+    ):
         self.ratio, self.reduction, self.lr, self.epochs, self.batch_size = ratio, reduction, lr, epochs, batch_size
         self.weight_decay, self.momentum, self.views = weight_decay, momentum, views
 
@@ -118,9 +127,19 @@ class CLIPAdapter(_ResidualMLPMethod):
     def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
         self.mlp = self._new_mlp(task, seed)
         loss_fn = lambda x, y: F.cross_entropy(cosine_logits(self._adapt(x), task.classifier, task.logit_scale), y)
-        train_minibatch(self.mlp.parameters(), loss_fn, fresh_view_per_epoch(task, support, self.views),
-                        epochs=self.epochs, batch_size=self.batch_size, optimizer="sgd", lr=self.lr, seed=seed,
-                        drop_last=True, momentum=self.momentum, weight_decay=self.weight_decay)
+        train_minibatch(
+            self.mlp.parameters(),
+            loss_fn,
+            fresh_view_per_epoch(task, support, self.views),
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            optimizer="sgd",
+            lr=self.lr,
+            seed=seed,
+            drop_last=True,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )
         self.mlp.requires_grad_(False)
         self.selected_ = {"how": "rule"}
 
@@ -128,13 +147,20 @@ class CLIPAdapter(_ResidualMLPMethod):
 @register
 class CLIPAdapterProLIP(_ResidualMLPMethod):
     name = "clip-adapter-prolip"
-    constraints = {"alpha": FRACTION, "reduction": POSITIVE_INT, "lr": LEARNING_RATE,
-                                          "steps": Number(low=0, integer=True)}
+    constraints = {
+        "alpha": FRACTION,
+        "reduction": POSITIVE_INT,
+        "lr": LEARNING_RATE,
+        "steps": Number(low=0, integer=True),
+    }
 
-    def __init__(self, alpha: float = 0.5,  # CLIP_ADAPTER.py ``alpha`` (configs CA_lr*_alpha_*.yaml: 0 … 0.9)
-                 lr: float = 1e-3,  # ``lr_adapter`` (configs: 1e-2 … 1e-5)
-                 steps: int = 300,  # ``train_epoch``: one full-batch step per cached view
-                 reduction: int = 4):  # CLIP_ADAPTER.py: ``Adapter(D, 4)``
+    def __init__(
+        self,
+        alpha: float = 0.5,  # CLIP_ADAPTER.py ``alpha`` (configs CA_lr*_alpha_*.yaml: 0 … 0.9)
+        lr: float = 1e-3,  # ``lr_adapter`` (configs: 1e-2 … 1e-5)
+        steps: int = 300,  # ``train_epoch``: one full-batch step per cached view
+        reduction: int = 4,
+    ):  # CLIP_ADAPTER.py: ``Adapter(D, 4)``
         self.alpha, self.lr, self.steps, self.reduction = alpha, lr, steps, reduction
 
     def _adapt(self, e: Tensor) -> Tensor:
@@ -165,16 +191,23 @@ class TaskRes(Method):
     # train_regular.sh: RESIDUAL_SCALE 1.0 for Flowers (0.5 elsewhere); the adam_lr2e-4 configs for ImageNet.
     dataset_defaults = {"OxfordFlowers": {"alpha": 1.0}, "ImageNet": {"lr": 2e-4}}
     constraints = {
-        "alpha": NON_NEGATIVE, "lr": LEARNING_RATE, "epochs": Number(low=0, integer=True, optional=True),
-        "batch_size": POSITIVE_INT, "weight_decay": NON_NEGATIVE, "views": Number(low=1, integer=True, optional=True),
+        "alpha": NON_NEGATIVE,
+        "lr": LEARNING_RATE,
+        "epochs": Number(low=0, integer=True, optional=True),
+        "batch_size": POSITIVE_INT,
+        "weight_decay": NON_NEGATIVE,
+        "views": Number(low=1, integer=True, optional=True),
     }
 
-    def __init__(self, alpha: float = 0.5,  # train_regular.sh RESIDUAL_SCALE (1.0 only for Flowers)
-                 lr: float = 2e-3,  # adam_lr2e-3_B256_ep*.yaml OPTIM.LR (ImageNet: adam_lr2e-4)
-                 epochs: int | None = None,  # None = taskres_epochs(shots): 100 for ≤ 4 shots, else 200
-                 batch_size: int = 256,  # DATALOADER.TRAIN_X.BATCH_SIZE
-                 weight_decay: float = 5e-4,  # Dassl defaults.py OPTIM.WEIGHT_DECAY, passed to Adam
-                 views: int | None = None):
+    def __init__(
+        self,
+        alpha: float = 0.5,  # train_regular.sh RESIDUAL_SCALE (1.0 only for Flowers)
+        lr: float = 2e-3,  # adam_lr2e-3_B256_ep*.yaml OPTIM.LR (ImageNet: adam_lr2e-4)
+        epochs: int | None = None,  # None = taskres_epochs(shots): 100 for ≤ 4 shots, else 200
+        batch_size: int = 256,  # DATALOADER.TRAIN_X.BATCH_SIZE
+        weight_decay: float = 5e-4,  # Dassl defaults.py OPTIM.WEIGHT_DECAY, passed to Adam
+        views: int | None = None,
+    ):
         self.alpha, self.lr, self.epochs, self.batch_size = alpha, lr, epochs, batch_size
         self.weight_decay, self.views = weight_decay, views
         self.base: Tensor | None = None
@@ -184,11 +217,19 @@ class TaskRes(Method):
         base = text_mean(task, self.name)
         residual = torch.zeros_like(base, requires_grad=True)
         epochs = self.epochs if self.epochs is not None else taskres_epochs(task.shots)
-        loss_fn = lambda x, y: F.cross_entropy(cosine_head_logits(x, base + self.alpha * residual,
-                                                                  task.logit_scale), y)
-        train_minibatch([residual], loss_fn, fresh_view_per_epoch(task, support, self.views), epochs=epochs,
-                        batch_size=self.batch_size, optimizer="adam", lr=self.lr, seed=seed, drop_last=True,
-                        weight_decay=self.weight_decay)
+        loss_fn = lambda x, y: F.cross_entropy(cosine_head_logits(x, base + self.alpha * residual, task.logit_scale), y)
+        train_minibatch(
+            [residual],
+            loss_fn,
+            fresh_view_per_epoch(task, support, self.views),
+            epochs=epochs,
+            batch_size=self.batch_size,
+            optimizer="adam",
+            lr=self.lr,
+            seed=seed,
+            drop_last=True,
+            weight_decay=self.weight_decay,
+        )
         self.base, self.residual = base, residual.detach()
         self.selected_ = {"epochs": epochs, "how": "rule"}
 

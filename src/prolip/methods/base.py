@@ -180,16 +180,16 @@ class Method(ABC):
     def fit(self, task: Task, support: Support, val: Validation | None = None, seed: int = 0) -> Method:
         self.check_params()
         if self.uses_text_side and (task.text_pre is None or task.text_proj is None):
-            raise ValueError(f"{self.name} needs the text side (task.text_pre, task.text_proj): build the task with "
-                             "text_side=True")
+            raise ValueError(
+                f"{self.name} needs the text side (task.text_pre, task.text_proj): build the task with text_side=True"
+            )
         _check_inputs_finite(self.name, support, val)
         self.task, self.selected_ = task, {}
         self._fit(task, support, val, seed)
         self._check_finite("training")
         return self
 
-    def fit_each(self, task: Task, support: Support, settings: Sequence[dict[str, Any]], seed: int = 0
-                 ) -> list[Method]:
+    def fit_each(self, task: Task, support: Support, settings: Sequence[dict[str, Any]], seed: int = 0) -> list[Method]:
         """One fitted copy per hyperparameter setting (a validation-free sweep); methods that can train several
         settings in one computation override this."""
         return [type(self)(**{**self.get_params(), **s}).fit(task, support, None, seed) for s in settings]
@@ -203,8 +203,10 @@ class Method(ABC):
         if self.task is None:
             raise RuntimeError(f"{self.name}: call fit() or load_state_dict() before logits()")
         if classifier is not None and not self.accepts_classifier:
-            raise ValueError(f"{self.name} learns class-specific weights from the support set; it cannot score "
-                             "another class set with another text classifier")
+            raise ValueError(
+                f"{self.name} learns class-specific weights from the support set; it cannot score "
+                "another class set with another text classifier"
+            )
         return self._logits(z.float(), self.task.classifier if classifier is None else classifier)
 
     @abstractmethod
@@ -252,9 +254,11 @@ class Method(ABC):
             if key not in state:
                 raise ValueError(f"{self.name} state has no tensor {key!r} (it holds {sorted(state)})")
             got = tuple(state[key].shape)
-            if len(got) != len(shape) or any(want not in (-1, have) for want, have in zip(shape, got)):
-                raise ValueError(f"{self.name} state tensor {key!r} has shape {got}, expected {shape} (-1: any) for "
-                                 "this backbone and class set")
+            if len(got) != len(shape) or any(want not in (-1, have) for want, have in zip(shape, got, strict=True)):
+                raise ValueError(
+                    f"{self.name} state tensor {key!r} has shape {got}, expected {shape} (-1: any) for "
+                    "this backbone and class set"
+                )
         self.task, self.selected_ = task, {"how": "loaded"}
         self._load(task, {k: v.float() for k, v in state.items()})
         self._check_finite("the saved state")
@@ -262,6 +266,7 @@ class Method(ABC):
 
     def _load(self, task: Task, state: dict[str, Tensor]) -> None:
         """Set the fitted tensors from a checked state (methods with state override this)."""
+        return None
 
     def _check_finite(self, what: str) -> None:
         bad = [k for k, v in self.state_dict().items() if not torch.isfinite(v).all()]
@@ -281,8 +286,10 @@ def _check_inputs_finite(name: str, support: Support, val: Validation | None) ->
         parts["validation features"] = val.features
     bad = [what for what, x in parts.items() if not torch.isfinite(x).all()]
     if bad:
-        raise FitError(f"{name}: the {' and '.join(bad)} contain non-finite values (NaN/Inf); the feature cache or "
-                       "the backbone produced them, so clear that cache entry or check the model")
+        raise FitError(
+            f"{name}: the {' and '.join(bad)} contain non-finite values (NaN/Inf); the feature cache or "
+            "the backbone produced them, so clear that cache entry or check the model"
+        )
 
 
 __all__ = ["FitError", "HyperparameterError", "Method", "Support", "Task", "TensorViews", "Validation", "ViewSource"]

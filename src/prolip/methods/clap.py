@@ -18,6 +18,7 @@ raw text-encoder outputs, one template or the ImageNet ensemble), ``task.text_me
 but SGD and the penalty are not, so the norm matters. Validation-free by design: ``selected_``
 records ``how: "rule"``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,17 +59,24 @@ class ZSLP(Method):
     augmentation = "dassl"  # Dassl's random_resized_crop (INPUT.RRCROP_SCALE 0.08–1) + random_flip
     constrained = False
     constraints = {
-        "lr": LEARNING_RATE, "epochs": NON_NEGATIVE_INT, "batch_size": POSITIVE_INT, "views": POSITIVE_INT,
-        "momentum": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+        "lr": LEARNING_RATE,
+        "epochs": NON_NEGATIVE_INT,
+        "batch_size": POSITIVE_INT,
+        "views": POSITIVE_INT,
+        "momentum": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE,
         "adaptive": Flag(),
     }
 
-    def __init__(self, lr: float = 0.1,  # SGD_lr1e-1_B256_ep300.yaml OPTIM.LR
-                 epochs: int = 300,  # OPTIM.MAX_EPOCH
-                 batch_size: int = 256,  # DATALOADER.TRAIN_X.BATCH_SIZE
-                 views: int = 20,  # adapters.py AdapterMethod.epochs_aumentation
-                 momentum: float = 0.9,  # Dassl defaults.py OPTIM.MOMENTUM
-                 weight_decay: float = 0.0):  # OPTIM.WEIGHT_DECAY: 0.0 in the CLAP config
+    def __init__(
+        self,
+        lr: float = 0.1,  # SGD_lr1e-1_B256_ep300.yaml OPTIM.LR
+        epochs: int = 300,  # OPTIM.MAX_EPOCH
+        batch_size: int = 256,  # DATALOADER.TRAIN_X.BATCH_SIZE
+        views: int = 20,  # adapters.py AdapterMethod.epochs_aumentation
+        momentum: float = 0.9,  # Dassl defaults.py OPTIM.MOMENTUM
+        weight_decay: float = 0.0,
+    ):  # OPTIM.WEIGHT_DECAY: 0.0 in the CLAP config
         self.lr, self.epochs, self.batch_size, self.views, self.momentum = lr, epochs, batch_size, views, momentum
         self.weight_decay = weight_decay
         self.adaptive = False
@@ -98,10 +106,20 @@ class ZSLP(Method):
                     violation = (prototypes - anchor).pow(2).sum(-1)
                 state["alpha"], state["rho"] = phr_update(violation, state["alpha"], state["rho"])
 
-        train_minibatch([prototypes], loss_fn, lambda e: (pool, pool_labels), epochs=self.epochs,
-                        batch_size=self.batch_size, optimizer="sgd", lr=self.lr, seed=seed,
-                        batches_per_epoch=dassl_batches_per_epoch(support.labels.shape[0], self.batch_size),
-                        momentum=self.momentum, weight_decay=self.weight_decay, on_epoch_end=outer_step)
+        train_minibatch(
+            [prototypes],
+            loss_fn,
+            lambda e: (pool, pool_labels),
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            optimizer="sgd",
+            lr=self.lr,
+            seed=seed,
+            batches_per_epoch=dassl_batches_per_epoch(support.labels.shape[0], self.batch_size),
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            on_epoch_end=outer_step,
+        )
         self.prototypes = prototypes.detach()
         self.selected_ = {"how": "rule"}
         if self.constrained:
@@ -126,7 +144,15 @@ class CLAP(ZSLP):
     name = "clap"
     constrained = True
 
-    def __init__(self, lr: float = 0.1, epochs: int = 300, batch_size: int = 256, views: int = 20,
-                 momentum: float = 0.9, weight_decay: float = 0.0, adaptive: bool = False):
+    def __init__(
+        self,
+        lr: float = 0.1,
+        epochs: int = 300,
+        batch_size: int = 256,
+        views: int = 20,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        adaptive: bool = False,
+    ):
         super().__init__(lr, epochs, batch_size, views, momentum, weight_decay)
         self.adaptive = adaptive

@@ -29,8 +29,16 @@ from prolip.functional import cosine_logits, proximal_penalty
 from prolip.methods import register
 from prolip.methods._common import embed
 from prolip.methods.base import Method, Support, Task, Validation
-from prolip.methods.params import LEARNING_RATE, NON_NEGATIVE, POSITIVE_INT, Choice, Flag, Lambda, Number
-from prolip.methods.params import resolve_lambda
+from prolip.methods.params import (
+    LEARNING_RATE,
+    NON_NEGATIVE,
+    POSITIVE_INT,
+    Choice,
+    Flag,
+    Lambda,
+    Number,
+    resolve_lambda,
+)
 from prolip.optim import train_full_batch, view_for_step
 
 STEPS = Number(low=0, integer=True)
@@ -56,21 +64,33 @@ def embed_with(task: Task, W: Tensor, z: Tensor) -> Tensor:
 class ProLIPTipAdapterF(Method):
     name = "prolip+tip-adapter-f"
     constraints = {
-        "lr": LEARNING_RATE, "lam": Lambda(), "steps": STEPS, "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE,
-        "augment_views": POSITIVE_INT, "weight_decay": NON_NEGATIVE, "affinity_projection": Choice(("current",
-                                                                                                    "pretrained")),
+        "lr": LEARNING_RATE,
+        "lam": Lambda(),
+        "steps": STEPS,
+        "alpha": NON_NEGATIVE,
+        "beta": NON_NEGATIVE,
+        "augment_views": POSITIVE_INT,
+        "weight_decay": NON_NEGATIVE,
+        "affinity_projection": Choice(("current", "pretrained")),
     }
 
-    def __init__(self, lr: float = 1e-4,  # prolip_tip.yaml lr_v
-                 lam: str | float = "1/N",  # prolip_tip.yaml lambda_funct_1_N
-                 steps: int = 300,  # train_epoch
-                 alpha: float = 1.0,  # init_alpha
-                 beta: float = 1.0,  # init_beta
-                 augment_views: int = 1,  # augment_epoch
-                 weight_decay: float = 0.01,  # torch.optim.AdamW's default (ProLIP_Tip.py passes none)
-                 affinity_projection: str = "current"):
+    def __init__(
+        self,
+        lr: float = 1e-4,  # prolip_tip.yaml lr_v
+        lam: str | float = "1/N",  # prolip_tip.yaml lambda_funct_1_N
+        steps: int = 300,  # train_epoch
+        alpha: float = 1.0,  # init_alpha
+        beta: float = 1.0,  # init_beta
+        augment_views: int = 1,  # augment_epoch
+        weight_decay: float = 0.01,  # torch.optim.AdamW's default (ProLIP_Tip.py passes none)
+        affinity_projection: str = "current",
+    ):
         self.lr, self.lam, self.steps, self.alpha, self.beta = lr, lam, steps, alpha, beta
-        self.augment_views, self.weight_decay, self.affinity_projection = augment_views, weight_decay, affinity_projection
+        self.augment_views, self.weight_decay, self.affinity_projection = (
+            augment_views,
+            weight_decay,
+            affinity_projection,
+        )
         self.W: Tensor | None = None
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
@@ -117,9 +137,13 @@ class ProLIPTaskRes(Method):
     name = "prolip+taskres"
     constraints = {"lr": LEARNING_RATE, "lam": Lambda(), "steps": STEPS, "scale": NON_NEGATIVE}
 
-    def __init__(self, lr: float = 1e-4,  # prolip_taskres.yaml lr_v
-                 lam: str | float = "1/N", steps: int = 300,
-                 scale: float = 0.1):  # ProLIP_TaskRes.py line 43: ``0.1 * 100 * ... @ R``
+    def __init__(
+        self,
+        lr: float = 1e-4,  # prolip_taskres.yaml lr_v
+        lam: str | float = "1/N",
+        steps: int = 300,
+        scale: float = 0.1,
+    ):  # ProLIP_TaskRes.py line 43: ``0.1 * 100 * ... @ R``
         self.lr, self.lam, self.steps, self.scale = lr, lam, steps, scale
         self.W: Tensor | None = None
         self.residual: Tensor | None = None
@@ -169,11 +193,15 @@ def text_classifier(text_pre: Tensor, text_proj: Tensor, normalise_templates: bo
 class ProLIPText(Method):
     name = "prolip-text"
     uses_text_side = True
-    constraints = {"lr": LEARNING_RATE, "lam": Lambda(), "steps": STEPS,
-                                          "normalise_templates": Flag()}
+    constraints = {"lr": LEARNING_RATE, "lam": Lambda(), "steps": STEPS, "normalise_templates": Flag()}
 
-    def __init__(self, lr: float = 1e-5,  # prolip_text_lr{1e-2,1e-3,1e-4,1e-5}_lambda_1_N.yaml
-                 lam: str | float = "1/N", steps: int = 300, normalise_templates: bool = False):
+    def __init__(
+        self,
+        lr: float = 1e-5,  # prolip_text_lr{1e-2,1e-3,1e-4,1e-5}_lambda_1_N.yaml
+        lam: str | float = "1/N",
+        steps: int = 300,
+        normalise_templates: bool = False,
+    ):
         self.lr, self.lam, self.steps, self.normalise_templates = lr, lam, steps, normalise_templates
         self.P: Tensor | None = None
         self.class_weights: Tensor | None = None

@@ -72,20 +72,32 @@ class EncoderFinetune(Method):
     def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
         backbone = _backbone(self.name, task)
         if support.images is None:
-            raise ValueError(f"{self.name} trains on the support images, but this support set holds only features "
-                             "(build it with prolip.episode.EpisodeBuilder)")
+            raise ValueError(
+                f"{self.name} trains on the support images, but this support set holds only features "
+                "(build it with prolip.episode.EpisodeBuilder)"
+            )
         on_gpu = torch.device(backbone.device).type == "cuda"
-        settings = FinetuneSettings(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size, eps=self.eps,
-                                    seed=seed, aug_seed=self.aug_seed, proximal=self.proximal_weight(task),
-                                    workers=min(8, os.cpu_count() or 1) if on_gpu else 0)
+        settings = FinetuneSettings(
+            lr=self.lr,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            eps=self.eps,
+            seed=seed,
+            aug_seed=self.aug_seed,
+            proximal=self.proximal_weight(task),
+            workers=min(8, os.cpu_count() or 1) if on_gpu else 0,
+        )
         paths = [it.path for it in support.images.items]
-        self.encoder = train_image_encoder(backbone, self.trainable, paths, support.labels, task.classifier,
-                                           task.logit_scale, settings)
+        self.encoder = train_image_encoder(
+            backbone, self.trainable, paths, support.labels, task.classifier, task.logit_scale, settings
+        )
         self.selected_ = {"how": "rule", "trained_tensors": len(self.trainable(backbone)), "shuffle_seed": seed}
 
     def _logits(self, z: Tensor, classifier: Tensor) -> Tensor:
-        raise ValueError(f"{self.name} trains inside the image encoder, so features of the frozen encoder cannot show "
-                         "what it learned: score the images with image_logits(paths)")
+        raise ValueError(
+            f"{self.name} trains inside the image encoder, so features of the frozen encoder cannot show "
+            "what it learned: score the images with image_logits(paths)"
+        )
 
     def image_logits(self, paths: Sequence[Any], classifier: Tensor | None = None) -> Tensor:
         if self.task is None or self.encoder is None:
@@ -113,8 +125,10 @@ class EncoderFinetune(Method):
 
 def _backbone(name: str, task: Task) -> Backbone:
     if task.backbone is None:
-        raise ValueError(f"{name} trains inside the image encoder and needs the frozen backbone (task.backbone); "
-                         "build the task with prolip.episode.EpisodeBuilder or pipeline.task_from_run")
+        raise ValueError(
+            f"{name} trains inside the image encoder and needs the frozen backbone (task.backbone); "
+            "build the task with prolip.episode.EpisodeBuilder or pipeline.task_from_run"
+        )
     return task.backbone
 
 
@@ -133,14 +147,22 @@ class FullFinetune(EncoderFinetune):
     """
 
     name = "full-ft"
-    constraints = {"lr": LEARNING_RATE, "epochs": NON_NEGATIVE_INT, "batch_size": POSITIVE_INT, "eps": POSITIVE,
-                   "aug_seed": Number(integer=True)}
+    constraints = {
+        "lr": LEARNING_RATE,
+        "epochs": NON_NEGATIVE_INT,
+        "batch_size": POSITIVE_INT,
+        "eps": POSITIVE,
+        "aug_seed": Number(integer=True),
+    }
 
-    def __init__(self, lr: float = 1e-5,  # full_ft.yaml:11
-                 epochs: int = 300,  # full_ft.yaml:12 train_epoch
-                 batch_size: int = 16,  # full_ft.yaml:13 (ImageNet: 256, main_imagenet.py:161-163)
-                 eps: float = REFERENCE_EPS,  # Full_FT.py:58
-                 aug_seed: int = 0):
+    def __init__(
+        self,
+        lr: float = 1e-5,  # full_ft.yaml:11
+        epochs: int = 300,  # full_ft.yaml:12 train_epoch
+        batch_size: int = 16,  # full_ft.yaml:13 (ImageNet: 256, main_imagenet.py:161-163)
+        eps: float = REFERENCE_EPS,  # Full_FT.py:58
+        aug_seed: int = 0,
+    ):
         self.lr, self.epochs, self.batch_size, self.eps, self.aug_seed = lr, epochs, batch_size, eps, aug_seed
         self.encoder = None
 
@@ -169,13 +191,16 @@ class LastLayerFinetune(EncoderFinetune):
     name = "last-layer-ft"
     constraints = {**FullFinetune.constraints, "lam": Lambda(), "penalty": Choice(PENALTIES)}
 
-    def __init__(self, lr: float = 1e-5,  # last_layer_ft_lr1e-5.yaml:11 (last_layer_ft_lr1e-4.yaml:11: 1e-4)
-                 epochs: int = 300,  # last_layer_ft_lr1e-5.yaml:12 train_epoch
-                 batch_size: int = 16,  # last_layer_ft_lr1e-5.yaml:13 (ImageNet: 256, main_imagenet.py:161-163)
-                 eps: float = REFERENCE_EPS,  # Last_Layer_FT.py:71
-                 aug_seed: int = 0,
-                 lam: str | float = "1/N",  # Last_Layer_FT.py:78 lambda_v = 1/shots
-                 penalty: str = "reference"):  # Last_Layer_FT.py:104-122 (no effect on the gradient)
+    def __init__(
+        self,
+        lr: float = 1e-5,  # last_layer_ft_lr1e-5.yaml:11 (last_layer_ft_lr1e-4.yaml:11: 1e-4)
+        epochs: int = 300,  # last_layer_ft_lr1e-5.yaml:12 train_epoch
+        batch_size: int = 16,  # last_layer_ft_lr1e-5.yaml:13 (ImageNet: 256, main_imagenet.py:161-163)
+        eps: float = REFERENCE_EPS,  # Last_Layer_FT.py:71
+        aug_seed: int = 0,
+        lam: str | float = "1/N",  # Last_Layer_FT.py:78 lambda_v = 1/shots
+        penalty: str = "reference",
+    ):  # Last_Layer_FT.py:104-122 (no effect on the gradient)
         self.lr, self.epochs, self.batch_size, self.eps, self.aug_seed = lr, epochs, batch_size, eps, aug_seed
         self.lam, self.penalty = lam, penalty
         self.encoder = None
@@ -190,6 +215,13 @@ class LastLayerFinetune(EncoderFinetune):
     def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
         super()._fit(task, support, val, seed)
         lam = resolve_lambda(self.lam, task.shots)
-        self.selected_.update({"lam": lam, "lam_rule": str(self.lam), "penalty": self.penalty,
-                               "penalty_effect": "none (the reference's detached state_dict penalty)"
-                               if self.penalty == "reference" else "λ·Σ‖θ−θ0‖² on the trained parameters"})
+        self.selected_.update(
+            {
+                "lam": lam,
+                "lam_rule": str(self.lam),
+                "penalty": self.penalty,
+                "penalty_effect": "none (the reference's detached state_dict penalty)"
+                if self.penalty == "reference"
+                else "λ·Σ‖θ−θ0‖² on the trained parameters",
+            }
+        )

@@ -96,9 +96,12 @@ class GDA(Method):
     selects = "α, the weight of the GDA logits (main_few_shots.py:70's 7-point grid)"
     constraints = {"alpha": NON_NEGATIVE, "search": Flag(), "augment_views": POSITIVE_INT}
 
-    def __init__(self, alpha: float = 0.1,  # main_few_shots.py:69 best_alpha's starting value
-                 search: bool = True,  # main_few_shots.py:67-76: α is always searched
-                 augment_views: int = 10):  # configs/few_shots/*.yaml augment_epoch
+    def __init__(
+        self,
+        alpha: float = 0.1,  # main_few_shots.py:69 best_alpha's starting value
+        search: bool = True,  # main_few_shots.py:67-76: α is always searched
+        augment_views: int = 10,
+    ):  # configs/few_shots/*.yaml augment_epoch
         self.alpha, self.search, self.augment_views = alpha, search, augment_views
         self.weights: Tensor | None = None
         self.biases: Tensor | None = None

@@ -10,15 +10,15 @@ One documented difference: CoOp's script feeds raw ``clip_model.visual`` feature
 re-implementation, ``methods/linear_probe.py``) they are L2-normalised, which makes C's scale dataset-independent.
 Without validation, C = 1 (scikit-learn's default) — recorded as ``how: "rule"``.
 """
+
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from collections.abc import Callable
-
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor
@@ -48,11 +48,11 @@ def coop_c_search(val_score: Callable[[float], float], steps: int) -> float:
     left, right = np.log10(peak) - 1, np.log10(peak) + 1
     chosen = peak
     for _ in range(steps):
-        acc_left, acc_right = val_score(10 ** left), val_score(10 ** right)
+        acc_left, acc_right = val_score(10**left), val_score(10**right)
         if acc_left < acc_right:
-            chosen, left = 10 ** right, (left + right) / 2
+            chosen, left = 10**right, (left + right) / 2
         else:
-            chosen, right = 10 ** left, (left + right) / 2
+            chosen, right = 10**left, (left + right) / 2
     return float(chosen)
 
 
@@ -66,8 +66,12 @@ class LinearProbe(Method):
         "max_iter": POSITIVE_INT,
     }
 
-    def __init__(self, C: float | None = None, search_steps: int = 8,  # lpclip/linear_probe.py --num_step
-                 max_iter: int = 1000):  # lpclip/linear_probe.py LogisticRegression(max_iter=1000)
+    def __init__(
+        self,
+        C: float | None = None,
+        search_steps: int = 8,  # lpclip/linear_probe.py --num_step
+        max_iter: int = 1000,
+    ):  # lpclip/linear_probe.py LogisticRegression(max_iter=1000)
         self.C, self.search_steps, self.max_iter = C, search_steps, max_iter
         self.coef: Tensor | None = None
         self.intercept: Tensor | None = None
@@ -75,8 +79,10 @@ class LinearProbe(Method):
     def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
         x, y = _features(task, support.center_features()), support.labels.numpy()
         if len(set(y.tolist())) != task.num_classes:
-            raise ValueError(f"linear-probe: the support set has {len(set(y.tolist()))} distinct labels but the task "
-                             f"has {task.num_classes} classes; every class needs at least one support image")
+            raise ValueError(
+                f"linear-probe: the support set has {len(set(y.tolist()))} distinct labels but the task "
+                f"has {task.num_classes} classes; every class needs at least one support image"
+            )
         if self.C is not None or val is None:
             C, how = (self.C if self.C is not None else 1.0), ("given" if self.C is not None else "rule")
         else:

@@ -64,8 +64,15 @@ from prolip.methods.params import (
 
 ENCODERS = ("both", "vision", "text")
 # loralib/utils.py:10-20: blocks of a 12-block tower; "all" is every block of any tower.
-POSITIONS = {"bottom": (0, 1, 2, 3), "mid": (4, 5, 6, 7), "up": (8, 9, 10, 11), "half-up": (6, 7, 8, 9, 10, 11),
-             "half-bottom": (0, 1, 2, 3, 4, 5), "top3": (9, 10, 11), "all": ()}
+POSITIONS = {
+    "bottom": (0, 1, 2, 3),
+    "mid": (4, 5, 6, 7),
+    "up": (8, 9, 10, 11),
+    "half-up": (6, 7, 8, 9, 10, 11),
+    "half-bottom": (0, 1, 2, 3, 4, 5),
+    "top3": (9, 10, 11),
+    "all": (),
+}
 MATRICES = ("q", "k", "v", "o")
 HF_PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
 
@@ -94,8 +101,16 @@ class SeededDropout(nn.Module):
 class LowRank(nn.Module):
     """The adapter of one projection: ``s · dropout(x) Aᵀ Bᵀ``, A kaiming-uniform, B zero."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float, dropout: float,
-                 generator: torch.Generator, like: Tensor):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        scaling: float,
+        dropout: float,
+        generator: torch.Generator,
+        like: Tensor,
+    ):
         super().__init__()
         self.A = nn.Parameter(torch.empty(rank, in_features, dtype=like.dtype, device=like.device))
         self.B = nn.Parameter(torch.zeros(out_features, rank, dtype=like.dtype, device=like.device))
@@ -136,27 +151,42 @@ class LoRAMultiheadAttention(nn.Module):
         super().__init__()
         if not attention._qkv_same_embed_dim or attention.bias_k is not None:
             raise ValueError("CLIP-LoRA adapts self-attention with one packed in_proj_weight")
-        self.embed_dim, self.num_heads, self.batch_first = attention.embed_dim, attention.num_heads, \
-            attention.batch_first
-        self.in_proj_weight, self.in_proj_bias, self.out_proj = attention.in_proj_weight, attention.in_proj_bias, \
-            attention.out_proj
+        self.embed_dim, self.num_heads, self.batch_first = (
+            attention.embed_dim,
+            attention.num_heads,
+            attention.batch_first,
+        )
+        self.in_proj_weight, self.in_proj_bias, self.out_proj = (
+            attention.in_proj_weight,
+            attention.in_proj_bias,
+            attention.out_proj,
+        )
         self.lora = nn.ModuleDict(adapters)
 
     def _project(self, x: Tensor, which: str, weight: Tensor, bias: Tensor | None) -> Tensor:
         out = F.linear(x, weight, bias)
         return out + self.lora[which](x) if which in self.lora else out
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, need_weights: bool = False,
-                attn_mask: Tensor | None = None, key_padding_mask: Tensor | None = None, **_: Any
-                ) -> tuple[Tensor, None]:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        need_weights: bool = False,
+        attn_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        **_: Any,
+    ) -> tuple[Tensor, None]:
         if key_padding_mask is not None:
             raise ValueError("CLIP's attention has no key padding mask")
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         E, H = self.embed_dim, self.num_heads
         W, b = self.in_proj_weight, self.in_proj_bias
-        parts = [self._project(x, which, W[i * E:(i + 1) * E], None if b is None else b[i * E:(i + 1) * E])
-                 for i, (which, x) in enumerate((("q", query), ("k", key), ("v", value)))]
+        parts = [
+            self._project(x, which, W[i * E : (i + 1) * E], None if b is None else b[i * E : (i + 1) * E])
+            for i, (which, x) in enumerate((("q", query), ("k", key), ("v", value)))
+        ]
         N, L = query.shape[:2]
         q, k, v = (p.reshape(N, -1, H, E // H).transpose(1, 2) for p in parts)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=_float_mask(attn_mask, q, N, H))
@@ -197,9 +227,11 @@ def attention_sites(backbone: Backbone, encoder: str, position: str) -> list[tup
             towers.append(("transformer.resblocks", model.transformer.resblocks, "attn"))
         if encoder in ("both", "vision"):
             if not hasattr(model.visual, "transformer"):
-                raise HyperparameterError(f"clip-lora adapts ViT image encoders only (loralib/utils.py "
-                                          f"INDEX_POSITIONS_VISION); {backbone.info.arch} is a ResNet: use "
-                                          f"encoder: text")
+                raise HyperparameterError(
+                    f"clip-lora adapts ViT image encoders only (loralib/utils.py "
+                    f"INDEX_POSITIONS_VISION); {backbone.info.arch} is a ResNet: use "
+                    f"encoder: text"
+                )
             towers.append(("visual.transformer.resblocks", model.visual.transformer.resblocks, "attn"))
     else:
         if encoder in ("both", "text"):
@@ -222,8 +254,9 @@ class LoRAInstaller:
     """The ``adapt`` hook of the image-level path: installs CLIP-LoRA's adapters on a trainable copy and names
     their parameters; ``seed`` draws the A matrices."""
 
-    def __init__(self, encoder: str, position: str, matrices: Sequence[str], rank: int, alpha: float,
-                 dropout: float, seed: int):
+    def __init__(
+        self, encoder: str, position: str, matrices: Sequence[str], rank: int, alpha: float, dropout: float, seed: int
+    ):
         self.encoder, self.position, self.matrices = encoder, position, tuple(matrices)
         self.rank, self.scaling, self.dropout, self.seed = rank, alpha / math.sqrt(rank), dropout, seed
 
@@ -247,8 +280,15 @@ class LoRAInstaller:
 
     def _adapter(self, in_features: int, out_features: int, generator: torch.Generator, like: Tensor) -> LowRank:
         # Drawn on the CPU, so the same seed gives the same adapters on any device.
-        adapter = LowRank(in_features, out_features, self.rank, self.scaling, self.dropout, generator,
-                          torch.empty(0, dtype=like.dtype))
+        adapter = LowRank(
+            in_features,
+            out_features,
+            self.rank,
+            self.scaling,
+            self.dropout,
+            generator,
+            torch.empty(0, dtype=like.dtype),
+        )
         return adapter.to(like.device).eval()  # the model is in eval mode; training turns the adapters' dropout on
 
 
@@ -286,24 +326,36 @@ class CLIPLoRA(Method):
     encodes_images = True
     accepts_classifier = False
     dataset_defaults = {"ImageNet": {"template": "a photo of a {}."}}  # CLIP-LoRA datasets/imagenet.py:188
-    constraints = {"rank": POSITIVE_INT, "alpha": POSITIVE, "dropout": Number(low=0, high=1), "encoder":
-                   Choice(ENCODERS), "position": Choice(tuple(POSITIONS)), "lr": LEARNING_RATE,
-                   "batch_size": POSITIVE_INT, "steps": POSITIVE_INT, "weight_decay": NON_NEGATIVE,
-                   "min_lr": NON_NEGATIVE, "aug_seed": Number(integer=True)}
+    constraints = {
+        "rank": POSITIVE_INT,
+        "alpha": POSITIVE,
+        "dropout": Number(low=0, high=1),
+        "encoder": Choice(ENCODERS),
+        "position": Choice(tuple(POSITIONS)),
+        "lr": LEARNING_RATE,
+        "batch_size": POSITIVE_INT,
+        "steps": POSITIVE_INT,
+        "weight_decay": NON_NEGATIVE,
+        "min_lr": NON_NEGATIVE,
+        "aug_seed": Number(integer=True),
+    }
 
-    def __init__(self, rank: int = 2,  # run_utils.py:29 --r
-                 alpha: float = 1,  # run_utils.py:30 --alpha
-                 dropout: float = 0.25,  # run_utils.py:31 --dropout_rate
-                 encoder: str = "both",  # run_utils.py:27 --encoder
-                 position: str = "all",  # run_utils.py:26 --position
-                 matrices: Sequence[str] = ("q", "k", "v"),  # run_utils.py:28 --params
-                 lr: float = 2e-4,  # run_utils.py:22 --lr
-                 batch_size: int = 32,  # run_utils.py:24 --batch_size
-                 steps: int = 500,  # run_utils.py:23 --n_iters, per shot (lora.py:66)
-                 weight_decay: float = 1e-2,  # lora.py:68 AdamW weight_decay
-                 min_lr: float = 1e-6,  # lora.py:69 CosineAnnealingLR eta_min
-                 template: str | None = None,  # lora.py:94 dataset.template[0]
-                 aug_seed: int = 0):
+    def __init__(
+        self,
+        rank: int = 2,  # run_utils.py:29 --r
+        alpha: float = 1,  # run_utils.py:30 --alpha
+        dropout: float = 0.25,  # run_utils.py:31 --dropout_rate
+        encoder: str = "both",  # run_utils.py:27 --encoder
+        position: str = "all",  # run_utils.py:26 --position
+        matrices: Sequence[str] = ("q", "k", "v"),  # run_utils.py:28 --params
+        lr: float = 2e-4,  # run_utils.py:22 --lr
+        batch_size: int = 32,  # run_utils.py:24 --batch_size
+        steps: int = 500,  # run_utils.py:23 --n_iters, per shot (lora.py:66)
+        weight_decay: float = 1e-2,  # lora.py:68 AdamW weight_decay
+        min_lr: float = 1e-6,  # lora.py:69 CosineAnnealingLR eta_min
+        template: str | None = None,  # lora.py:94 dataset.template[0]
+        aug_seed: int = 0,
+    ):
         self.rank, self.alpha, self.dropout, self.encoder, self.position = rank, alpha, dropout, encoder, position
         self.matrices, self.lr, self.batch_size, self.steps = matrices, lr, batch_size, steps
         self.weight_decay, self.min_lr, self.template, self.aug_seed = weight_decay, min_lr, template, aug_seed
@@ -314,53 +366,84 @@ class CLIPLoRA(Method):
         super().check_params()
         matrices = self.matrices
         if isinstance(matrices, str) or not matrices or any(m not in MATRICES for m in matrices):
-            raise HyperparameterError(f"clip-lora: hyperparameter matrices must be a non-empty list of {MATRICES}, "
-                                      f"got {matrices!r}")
+            raise HyperparameterError(
+                f"clip-lora: hyperparameter matrices must be a non-empty list of {MATRICES}, got {matrices!r}"
+            )
         if self.template is not None and (not isinstance(self.template, str) or "{}" not in self.template):
             raise HyperparameterError(f"clip-lora: hyperparameter template must hold '{{}}', got {self.template!r}")
 
     def installer(self, seed: int) -> LoRAInstaller:
-        return LoRAInstaller(self.encoder, self.position, list(self.matrices), self.rank, self.alpha, self.dropout,
-                             seed)
+        return LoRAInstaller(
+            self.encoder, self.position, list(self.matrices), self.rank, self.alpha, self.dropout, seed
+        )
 
     def _settings(self, task: Task, backbone: Backbone, seed: int) -> FinetuneSettings:
         on_gpu = torch.device(backbone.device).type == "cuda"
-        return FinetuneSettings(lr=self.lr, epochs=0, batch_size=self.batch_size, eps=1e-8, seed=seed,
-                                aug_seed=self.aug_seed, workers=min(8, os.cpu_count() or 1) if on_gpu else 0,
-                                optimizer="adamw", weight_decay=self.weight_decay, min_lr=self.min_lr,
-                                iterations=self.steps * task.shots, head="clip", augmentation="dassl")
+        return FinetuneSettings(
+            lr=self.lr,
+            epochs=0,
+            batch_size=self.batch_size,
+            eps=1e-8,
+            seed=seed,
+            aug_seed=self.aug_seed,
+            workers=min(8, os.cpu_count() or 1) if on_gpu else 0,
+            optimizer="adamw",
+            weight_decay=self.weight_decay,
+            min_lr=self.min_lr,
+            iterations=self.steps * task.shots,
+            head="clip",
+            augmentation="dassl",
+        )
 
     def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
         backbone = _backbone(task)
         if support.images is None:
-            raise ValueError("clip-lora trains on the support images, but this support set holds only features "
-                             "(build it with prolip.episode.EpisodeBuilder)")
+            raise ValueError(
+                "clip-lora trains on the support images, but this support set holds only features "
+                "(build it with prolip.episode.EpisodeBuilder)"
+            )
         classnames = list(support.images.classnames)
         template = self.template or (support.images.templates or ["a photo of a {}."])[0]
         text_trains = self.encoder in ("both", "text")
-        classifier = (lambda enc: one_prompt_classifier(enc, classnames, template)) if text_trains \
-            else task.classifier
+        classifier = (lambda enc: one_prompt_classifier(enc, classnames, template)) if text_trains else task.classifier
         settings = self._settings(task, backbone, seed)
         paths = [it.path for it in support.images.items]
-        self.adapted = train_image_encoder(backbone, lambda b: [], paths, support.labels, classifier,
-                                           task.logit_scale, settings, adapt=self.installer(seed))
+        self.adapted = train_image_encoder(
+            backbone,
+            lambda b: [],
+            paths,
+            support.labels,
+            classifier,
+            task.logit_scale,
+            settings,
+            adapt=self.installer(seed),
+        )
         with torch.no_grad():
             self.text_classifier = one_prompt_classifier(self.adapted, classnames, template).cpu()
         steps = training_steps(len(paths), settings)
         self.forward_passes_ = sum(len(i) for _, i in steps) + len(classnames) * (len(steps) * text_trains + 1)
-        self.selected_ = {"how": "rule", "iterations": len(steps), "template": template, "init_seed": seed,
-                          "train_augmentation": "RandomResizedCrop 0.08-1 + flip, on the fly"}
+        self.selected_ = {
+            "how": "rule",
+            "iterations": len(steps),
+            "template": template,
+            "init_seed": seed,
+            "train_augmentation": "RandomResizedCrop 0.08-1 + flip, on the fly",
+        }
 
     def _logits(self, z: Tensor, classifier: Tensor) -> Tensor:
-        raise ValueError("clip-lora trains inside the encoders, so features of the frozen encoder cannot show what "
-                         "it learned: score the images with image_logits(paths)")
+        raise ValueError(
+            "clip-lora trains inside the encoders, so features of the frozen encoder cannot show what "
+            "it learned: score the images with image_logits(paths)"
+        )
 
     def image_logits(self, paths: Sequence[Any], classifier: Tensor | None = None) -> Tensor:
         if self.task is None or self.adapted is None or self.text_classifier is None:
             raise RuntimeError("clip-lora: call fit() or load_state_dict() before image_logits()")
         if classifier is not None:
-            raise ValueError("clip-lora predicts with its adapted text encoder's classifier; it cannot score another "
-                             "class set with another text classifier")
+            raise ValueError(
+                "clip-lora predicts with its adapted text encoder's classifier; it cannot score another "
+                "class set with another text classifier"
+            )
         return encoder_logits(self.adapted, paths, self.text_classifier, self.task.logit_scale)
 
     def trainable_parameters(self) -> int:
@@ -376,8 +459,7 @@ class CLIPLoRA(Method):
     def state_shapes(self, task: Task) -> dict[str, tuple[int, ...]]:
         encoder, names = adapted_copy(_backbone(task), [], self.installer(0))
         params = model_parameters(encoder)
-        return {**{n: tuple(params[n].shape) for n in names}, "text_classifier": (task.num_classes,
-                                                                                   task.W0.shape[1])}
+        return {**{n: tuple(params[n].shape) for n in names}, "text_classifier": (task.num_classes, task.W0.shape[1])}
 
     def _load(self, task: Task, state: dict[str, Tensor]) -> None:
         encoder, names = adapted_copy(_backbone(task), [], self.installer(0))
@@ -394,6 +476,8 @@ class CLIPLoRA(Method):
 
 def _backbone(task: Task) -> Backbone:
     if task.backbone is None:
-        raise ValueError("clip-lora trains inside the encoders and needs the frozen backbone (task.backbone); build "
-                         "the task with prolip.episode.EpisodeBuilder or pipeline.task_from_run")
+        raise ValueError(
+            "clip-lora trains inside the encoders and needs the frozen backbone (task.backbone); build "
+            "the task with prolip.episode.EpisodeBuilder or pipeline.task_from_run"
+        )
     return task.backbone

@@ -13,6 +13,7 @@ like the original, α's gradient accumulated since the start (it is never zeroed
 view 0 of the cache. With a validation set the epoch with the best validation accuracy is kept (ties → later, as
 the original's ``>=``; the original selects on its few-shot val set too); without one, the last epoch.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prolip.methods import register
 from prolip.functional import accuracy
+from prolip.methods import register
 from prolip.methods._common import embed
 from prolip.methods.base import Method, Support, Task, Validation
 from prolip.methods.params import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
@@ -51,9 +52,12 @@ class LPPlusPlus(Method):
     selects = "the training epoch (best validation accuracy)"
     constraints = {"epochs": NON_NEGATIVE_INT, "alpha_every": POSITIVE_INT, "init_scale": POSITIVE}
 
-    def __init__(self, epochs: int = 300,  # configs/base.yaml train_epoch
-                 alpha_every: int = 10,  # linear_probe_p2.py: α step when (epoch + 1) % 10 == 0
-                 init_scale: float = 250.0):  # linear_probe_p2.py calculate_init_alpha: 250 / shots × shots·mean
+    def __init__(
+        self,
+        epochs: int = 300,  # configs/base.yaml train_epoch
+        alpha_every: int = 10,  # linear_probe_p2.py: α step when (epoch + 1) % 10 == 0
+        init_scale: float = 250.0,
+    ):  # linear_probe_p2.py calculate_init_alpha: 250 / shots × shots·mean
         self.epochs, self.alpha_every, self.init_scale = epochs, alpha_every, init_scale
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None

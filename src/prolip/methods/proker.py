@@ -58,11 +58,16 @@ DENSE_COPIES = 4
 def _grids() -> dict[str, dict[str, tuple[float, float, int]]]:
     """configs/RN50/configs_proker/<dataset>.yaml: β and λ as ``torch.linspace(start, stop, num)``."""
     table = {  # dataset: (beta, lmbda)
-        "Caltech101": ((0.5, 3.0, 20), (0.001, 1.0, 10)), "DescribableTextures": ((0.1, 10.0, 20), (0.001, 10.0, 100)),
-        "EuroSAT": ((0.5, 3.0, 20), (0.001, 1.0, 100)), "FGVCAircraft": ((0.5, 3.0, 20), (0.001, 1.0, 10)),
-        "Food101": ((0.5, 3.0, 20), (0.001, 1.0, 10)), "ImageNet": ((1.5, 3.0, 10), (0.05, 0.25, 10)),
-        "OxfordFlowers": ((0.1, 10.0, 20), (0.001, 10.0, 100)), "OxfordPets": ((0.01, 5.0, 40), (0.01, 0.3, 20)),
-        "StanfordCars": ((0.1, 10.0, 5), (0.01, 1.0, 5)), "SUN397": ((0.1, 10.0, 20), (0.01, 10.0, 10)),
+        "Caltech101": ((0.5, 3.0, 20), (0.001, 1.0, 10)),
+        "DescribableTextures": ((0.1, 10.0, 20), (0.001, 10.0, 100)),
+        "EuroSAT": ((0.5, 3.0, 20), (0.001, 1.0, 100)),
+        "FGVCAircraft": ((0.5, 3.0, 20), (0.001, 1.0, 10)),
+        "Food101": ((0.5, 3.0, 20), (0.001, 1.0, 10)),
+        "ImageNet": ((1.5, 3.0, 10), (0.05, 0.25, 10)),
+        "OxfordFlowers": ((0.1, 10.0, 20), (0.001, 10.0, 100)),
+        "OxfordPets": ((0.01, 5.0, 40), (0.01, 0.3, 20)),
+        "StanfordCars": ((0.1, 10.0, 5), (0.01, 1.0, 5)),
+        "SUN397": ((0.1, 10.0, 20), (0.01, 10.0, 10)),
         "UCF101": ((0.5, 3.0, 20), (0.001, 1.0, 10)),
     }
     return {name: {"beta_grid": beta, "lam_grid": lam} for name, (beta, lam) in table.items()}
@@ -71,8 +76,10 @@ def _grids() -> dict[str, dict[str, tuple[float, float, int]]]:
 PROKER_GRIDS = _grids()
 # configs/RN50/configs_proker/hyperparameters.json: (β, λ) per shot count, transferred from ImageNet.
 TRANSFERRED = {1: (3.0, 0.05), 2: (2.6, 0.05), 4: (1.5, 0.05), 8: (1.66, 0.07), 16: (1.7, 0.1)}
-TRANSFER_SOURCE = ("configs/RN50/configs_proker/hyperparameters.json: selected by ProKeR's authors on ImageNet, "
-                   "whose validation set is its test set in their main.py")
+TRANSFER_SOURCE = (
+    "configs/RN50/configs_proker/hyperparameters.json: selected by ProKeR's authors on ImageNet, "
+    "whose validation set is its test set in their main.py"
+)
 
 
 # ----------------------------------------------------------------------------------------------- pure maths
@@ -114,9 +121,11 @@ def check_dense_fits(samples: int, views: int, device: torch.device) -> None:
     need = DENSE_COPIES * samples**2 * 8
     free = free_memory_bytes(device)
     if free is not None and need > free:
-        raise FitError(f"proker: its kernel system has M = {samples:,} support vectors ({views} views per image), "
-                       f"whose dense solve needs about {need / 1e9:.1f} GB but {free / 1e9:.1f} GB are free; lower "
-                       f"augment_views (ProKeR's ImageNet settings use 1)")
+        raise FitError(
+            f"proker: its kernel system has M = {samples:,} support vectors ({views} views per image), "
+            f"whose dense solve needs about {need / 1e9:.1f} GB but {free / 1e9:.1f} GB are free; lower "
+            f"augment_views (ProKeR's ImageNet settings use 1)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- the Method
@@ -134,18 +143,26 @@ class ProKeR(Method):
 
     name = "proker"
     selects = "β and λ on its per-dataset linspace grids (configs/RN50/configs_proker/)"
-    dataset_defaults = {**{name: dict(grids) for name, grids in PROKER_GRIDS.items()},
-                        "ImageNet": {**PROKER_GRIDS["ImageNet"], "augment_views": 1}}
-    constraints = {"beta": Number(low=0, open_low=True, optional=True), "lam": Number(low=0, open_low=True,
-                                                                                       optional=True),
-                   "search": Flag(), "augment_views": POSITIVE_INT}
+    dataset_defaults = {
+        **{name: dict(grids) for name, grids in PROKER_GRIDS.items()},
+        "ImageNet": {**PROKER_GRIDS["ImageNet"], "augment_views": 1},
+    }
+    constraints = {
+        "beta": Number(low=0, open_low=True, optional=True),
+        "lam": Number(low=0, open_low=True, optional=True),
+        "search": Flag(),
+        "augment_views": POSITIVE_INT,
+    }
 
-    def __init__(self, beta: float | None = None,  # None: hyperparameters.json, per shot count
-                 lam: float | None = None,  # None: hyperparameters.json, per shot count
-                 search: bool = True,  # proker.py:31-49 searches whenever a validation set is given
-                 beta_grid: tuple[float, float, int] = (0.5, 3.0, 20),  # caltech101/fgvc/food101/ucf101.yaml beta
-                 lam_grid: tuple[float, float, int] = (0.001, 1.0, 10),  # caltech101/fgvc/food101/ucf101.yaml lmbda
-                 augment_views: int = 10):  # main.py --augment-epoch (utils.py:35)
+    def __init__(
+        self,
+        beta: float | None = None,  # None: hyperparameters.json, per shot count
+        lam: float | None = None,  # None: hyperparameters.json, per shot count
+        search: bool = True,  # proker.py:31-49 searches whenever a validation set is given
+        beta_grid: tuple[float, float, int] = (0.5, 3.0, 20),  # caltech101/fgvc/food101/ucf101.yaml beta
+        lam_grid: tuple[float, float, int] = (0.001, 1.0, 10),  # caltech101/fgvc/food101/ucf101.yaml lmbda
+        augment_views: int = 10,
+    ):  # main.py --augment-epoch (utils.py:35)
         self.beta, self.lam, self.search = beta, lam, search
         self.beta_grid, self.lam_grid, self.augment_views = beta_grid, lam_grid, augment_views
         self.support_embeddings: Tensor | None = None
@@ -211,8 +228,16 @@ class ProKeR(Method):
         assert self.task is not None and self.support_embeddings is not None and self.dual is not None
         beta = self.selected_["beta"]
         f = F.normalize(embed(self.task, z), dim=-1)
-        return torch.cat([rows @ self.task.classifier.T + rbf_kernel(rows, self.support_embeddings, beta) @ self.dual
-                          for rows in f.split(ROW_CHUNK)]) if len(f) else f @ self.task.classifier.T
+        return (
+            torch.cat(
+                [
+                    rows @ self.task.classifier.T + rbf_kernel(rows, self.support_embeddings, beta) @ self.dual
+                    for rows in f.split(ROW_CHUNK)
+                ]
+            )
+            if len(f)
+            else f @ self.task.classifier.T
+        )
 
     def trainable_parameters(self) -> int:
         """What the fit solves for: the dual coefficients (nothing is trained by gradient)."""
@@ -222,8 +247,11 @@ class ProKeR(Method):
     def state_dict(self) -> dict[str, Tensor]:
         if self.support_embeddings is None or self.dual is None:
             return {}
-        return {"support_embeddings": self.support_embeddings, "dual": self.dual,
-                "beta_lam": torch.tensor([self.selected_["beta"], self.selected_["lam"]])}
+        return {
+            "support_embeddings": self.support_embeddings,
+            "dual": self.dual,
+            "beta_lam": torch.tensor([self.selected_["beta"], self.selected_["lam"]]),
+        }
 
     def state_shapes(self, task: Task) -> dict[str, tuple[int, ...]]:
         # One support vector per image and view: a number only the saved state knows, checked for consistency.
@@ -232,8 +260,10 @@ class ProKeR(Method):
     def _load(self, task: Task, state: dict[str, Tensor]) -> None:
         self.support_embeddings, self.dual = state["support_embeddings"], state["dual"]
         if self.support_embeddings.shape[0] != self.dual.shape[0]:
-            raise ValueError(f"{self.name} state: {self.support_embeddings.shape[0]} support vectors but "
-                             f"{self.dual.shape[0]} dual coefficients")
+            raise ValueError(
+                f"{self.name} state: {self.support_embeddings.shape[0]} support vectors but "
+                f"{self.dual.shape[0]} dual coefficients"
+            )
         beta, lam = state["beta_lam"].tolist()
         self.selected_ = {"beta": beta, "lam": lam, "how": "loaded"}
 
@@ -243,8 +273,13 @@ def _classifier(task: Task, device: torch.device) -> Tensor:
 
 
 def _check_grid(key: str, grid: Any) -> None:
-    ok = isinstance(grid, (list, tuple)) and len(grid) == 3 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in grid)
+    ok = (
+        isinstance(grid, (list, tuple))
+        and len(grid) == 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in grid)
+    )
     if not ok or POSITIVE.problem(grid[0]) or POSITIVE.problem(grid[1]) or POSITIVE_INT.problem(grid[2]):
-        raise HyperparameterError(f"proker: hyperparameter {key} must be [start, stop, num] with start, stop > 0 and "
-                                  f"num a positive integer, got {grid!r}")
+        raise HyperparameterError(
+            f"proker: hyperparameter {key} must be [start, stop, num] with start, stop > 0 and "
+            f"num a positive integer, got {grid!r}"
+        )

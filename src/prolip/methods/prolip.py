@@ -47,7 +47,13 @@ TIE_RULES = ("first", "conservative")
 
 
 def packed_loss_and_grad(
-    z: Tensor, Wp: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float, labels: Tensor, W0: Tensor,
+    z: Tensor,
+    Wp: Tensor,
+    bias: Tensor | None,
+    classifier: Tensor,
+    logit_scale: float,
+    labels: Tensor,
+    W0: Tensor,
     lam: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Loss [G] and gradient of the ProLIP loss for G projections packed side by side, Wp [D_pre, G, D].
@@ -75,7 +81,13 @@ def packed_loss_and_grad(
 
 
 def prolip_loss_and_grad(
-    z: Tensor, W: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float, labels: Tensor, W0: Tensor,
+    z: Tensor,
+    W: Tensor,
+    bias: Tensor | None,
+    classifier: Tensor,
+    logit_scale: float,
+    labels: Tensor,
+    W0: Tensor,
     lam: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Loss [G] and gradient [G, D_pre, D] for W [G, D_pre, D] (the unpacked layout of ``packed_loss_and_grad``)."""
@@ -85,8 +97,16 @@ def prolip_loss_and_grad(
 
 
 def train_projection(
-    W0: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float, views: ViewSource, labels: Tensor,
-    lrs: Sequence[float] | Tensor, lams: Sequence[float] | Tensor, steps: int, precision: str = "fp32",
+    W0: Tensor,
+    bias: Tensor | None,
+    classifier: Tensor,
+    logit_scale: float,
+    views: ViewSource,
+    labels: Tensor,
+    lrs: Sequence[float] | Tensor,
+    lams: Sequence[float] | Tensor,
+    steps: int,
+    precision: str = "fp32",
 ) -> Tensor:
     """Train G projections from W0 at once, config g with lr ``lrs[g]`` and λ ``lams[g]``: returns [G, D_pre, D].
 
@@ -123,7 +143,12 @@ class _StepBuffers:
 
 
 def _embedding_grad(
-    z: Tensor, Wp: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float, buf: _StepBuffers,
+    z: Tensor,
+    Wp: Tensor,
+    bias: Tensor | None,
+    classifier: Tensor,
+    logit_scale: float,
+    buf: _StepBuffers,
 ) -> Tensor:
     """d(mean CE)/d(zW + b), [N, G·D], for packed Wp [D_pre, G·D]; the same arithmetic, op for op, as
     ``packed_loss_and_grad`` (so the two agree to the last bit up to GEMM kernels), without its temporaries."""
@@ -153,8 +178,15 @@ def _gradient_into(grad: Tensor, z: Tensor, de: Tensor, Wp: Tensor, W0p: Tensor,
 
 
 def _train_one(
-    W0: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float, views: ViewSource, labels: Tensor,
-    lr: float, lam: Tensor, steps: int,
+    W0: Tensor,
+    bias: Tensor | None,
+    classifier: Tensor,
+    logit_scale: float,
+    views: ViewSource,
+    labels: Tensor,
+    lr: float,
+    lam: Tensor,
+    steps: int,
 ) -> Tensor:
     """One configuration: every buffer allocated once, Adam as one fused pass over W and its moments."""
     buf = _StepBuffers(views.num_images, 1, W0.shape[1], labels, classifier.shape[0])
@@ -170,8 +202,15 @@ def _train_one(
 
 
 def _train_packed(
-    W0: Tensor, bias: Tensor | None, classifier: Tensor, logit_scale: float, views: ViewSource, labels: Tensor,
-    lrs: Tensor, lams: Tensor, steps: int,
+    W0: Tensor,
+    bias: Tensor | None,
+    classifier: Tensor,
+    logit_scale: float,
+    views: ViewSource,
+    labels: Tensor,
+    lrs: Tensor,
+    lams: Tensor,
+    steps: int,
 ) -> Tensor:
     """G configurations packed side by side (W [D_pre, G, D]): each product one plain GEMM for all of them."""
     (D_pre, D), G = W0.shape, len(lrs)
@@ -185,8 +224,17 @@ def _train_packed(
         z = views.view(view_for_step(t, views.num_views)).float()
         de = _embedding_grad(z, W.view(D_pre, G * D), bias, classifier, logit_scale, buf)
         _gradient_into(grad, z, de, W, W0p, two_lam)
-        adam_step(W, grad, exp_avg, exp_avg_sq, t + 1, cosine_lr(lrs, t, steps), eps=REFERENCE_EPS, group_dim=1,
-                  scratch=scratch)
+        adam_step(
+            W,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            t + 1,
+            cosine_lr(lrs, t, steps),
+            eps=REFERENCE_EPS,
+            group_dim=1,
+            scratch=scratch,
+        )
     return W.transpose(0, 1).contiguous()
 
 
@@ -221,8 +269,9 @@ def grid_accuracies(W: Tensor, bias: Tensor | None, classifier: Tensor, logit_sc
     return (logits.argmax(-1) == val.labels).float().mean(-1) * 100
 
 
-def grid_chunk_size(device: str, configs: int, n: int, d_pre: int, d: int, num_classes: int,
-                    free_bytes: int | None = None) -> int:
+def grid_chunk_size(
+    device: str, configs: int, n: int, d_pre: int, d: int, num_classes: int, free_bytes: int | None = None
+) -> int:
     """How many of ``configs`` (lr, λ) configurations to train per batched computation, for N support images,
     W [d_pre, d] and ``num_classes`` classes.
 
@@ -283,8 +332,14 @@ class ProLIP(Method):
     }
 
     def __init__(
-        self, lr: float = 1e-5, lam: str | float = "1/N", steps: int = 300, precision: str = "fp32",
-        grid: bool | list = False, grid_chunk: int | None = None, tie_rule: str = "first",
+        self,
+        lr: float = 1e-5,
+        lam: str | float = "1/N",
+        steps: int = 300,
+        precision: str = "fp32",
+        grid: bool | list = False,
+        grid_chunk: int | None = None,
+        tie_rule: str = "first",
     ):
         self.lr, self.lam, self.steps, self.precision = lr, lam, steps, precision
         self.grid, self.grid_chunk, self.tie_rule = grid, grid_chunk, tie_rule
@@ -302,18 +357,30 @@ class ProLIP(Method):
         return [p[0] for p in points], [p[1] for p in points]
 
     def _train(self, task: Task, support: Support, lrs: Sequence[float], lams: Sequence[float]) -> Tensor:
-        return train_projection(task.W0, task.bias, task.classifier, task.logit_scale, support.views, support.labels,
-                                lrs, lams, self.steps, self.precision)
+        return train_projection(
+            task.W0,
+            task.bias,
+            task.classifier,
+            task.logit_scale,
+            support.views,
+            support.labels,
+            lrs,
+            lams,
+            self.steps,
+            self.precision,
+        )
 
-    def _train_in_chunks(self, task: Task, support: Support, lrs: Sequence[float], lams: Sequence[float]
-                         ) -> Iterator[tuple[list[int], Tensor]]:
+    def _train_in_chunks(
+        self, task: Task, support: Support, lrs: Sequence[float], lams: Sequence[float]
+    ) -> Iterator[tuple[list[int], Tensor]]:
         """(indices, W [len(indices), D_pre, D]) for consecutive chunks of the configurations, each chunk one
         batched computation of ``grid_chunk`` configurations (None: :func:`grid_chunk_size`'s choice)."""
         device = task.W0.device
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         d_pre, d = task.W0.shape
-        size = self.grid_chunk or grid_chunk_size(device.type, len(lrs), support.views.num_images, d_pre, d,
-                                                  task.num_classes, free_bytes=free)
+        size = self.grid_chunk or grid_chunk_size(
+            device.type, len(lrs), support.views.num_images, d_pre, d, task.num_classes, free_bytes=free
+        )
         for start in range(0, len(lrs), size):
             chunk = list(range(start, min(start + size, len(lrs))))
             yield chunk, self._train(task, support, [lrs[i] for i in chunk], [lams[i] for i in chunk])
@@ -326,8 +393,10 @@ class ProLIP(Method):
             self.selected_ = {"lr": self.lr, "lam": lam, "lam_rule": str(self.lam), "how": "rule"}
             return
         if val is None:
-            raise ValueError("prolip grid search needs a few-shot validation set (CLI: --validate); or drop grid "
-                             "to use the validation-free λ = 1/N")
+            raise ValueError(
+                "prolip grid search needs a few-shot validation set (CLI: --validate); or drop grid "
+                "to use the validation-free λ = 1/N"
+            )
         self._fit_grid(task, support, val)
 
     def _fit_grid(self, task: Task, support: Support, val: Validation) -> None:
@@ -342,7 +411,7 @@ class ProLIP(Method):
             for chunk, W in self._train_in_chunks(task, support, [lrs[g] for g in mine], [lams[g] for g in mine]):
                 chunk = [mine[i] for i in chunk]
                 accs[chunk] = grid_accuracies(W, task.bias, task.classifier, task.logit_scale, val).float().cpu()
-                trained.update(zip(chunk, W))
+                trained.update(zip(chunk, W, strict=True))
                 bar.update(len(chunk))
         accs = all_reduce_sum(accs)
         best = select_config(accs, lrs, lams, self.tie_rule)
@@ -351,10 +420,16 @@ class ProLIP(Method):
         winner = trained[best].float() if best in trained else torch.empty_like(task.W0, dtype=torch.float32)
         self.W = broadcast(winner, src=best % world)
         self.selected_ = {
-            "lr": lrs[best], "lam": lams[best], "how": "validation", "val_accuracy": accs[best].item(),
-            "tie_rule": self.tie_rule, "retrained": "winner's grid W reused (identical to retraining from W0)",
+            "lr": lrs[best],
+            "lam": lams[best],
+            "how": "validation",
+            "val_accuracy": accs[best].item(),
+            "tie_rule": self.tie_rule,
+            "retrained": "winner's grid W reused (identical to retraining from W0)",
             "grid_ranks": world,
-            "grid": [{"lr": lr, "lam": lam, "val_accuracy": a} for lr, lam, a in zip(lrs, lams, accs.tolist())],
+            "grid": [
+                {"lr": lr, "lam": lam, "val_accuracy": a} for lr, lam, a in zip(lrs, lams, accs.tolist(), strict=True)
+            ],
         }
 
     def fit_each(self, task: Task, support: Support, settings: Sequence[dict[str, Any]], seed: int = 0) -> list[Method]:
@@ -366,7 +441,7 @@ class ProLIP(Method):
             m.check_params()
         lams = [resolve_lambda(m.lam, task.shots) for m in methods]
         Ws = [W for _, chunk in self._train_in_chunks(task, support, [m.lr for m in methods], lams) for W in chunk]
-        for m, W, lam in zip(methods, Ws, lams):
+        for m, W, lam in zip(methods, Ws, lams, strict=True):
             m.task, m.W = task, W.float()
             m.selected_ = {"lr": m.lr, "lam": lam, "lam_rule": str(m.lam), "how": "rule"}
             m._check_finite("training")
@@ -401,8 +476,9 @@ def _check_grid(grid: Any) -> None:
     if isinstance(grid, bool):
         return
     if not isinstance(grid, (list, tuple)) or not grid:
-        raise HyperparameterError(f"prolip: hyperparameter grid must be true, false or a list of [lr, lam] pairs, "
-                                  f"got {grid!r}")
+        raise HyperparameterError(
+            f"prolip: hyperparameter grid must be true, false or a list of [lr, lam] pairs, got {grid!r}"
+        )
     for point in grid:
         if not isinstance(point, (list, tuple)) or len(point) != 2:
             raise HyperparameterError(f"prolip: grid point {point!r} is not an [lr, lam] pair")

@@ -15,6 +15,7 @@ iteration, every epoch re-augmented (here: cached view e mod V), then searches �
 keys. The original keeps the epoch with the best *test* accuracy; here the epoch with the best validation
 accuracy (ties → earliest, as its strict ">") when a validation set is given, otherwise the last epoch.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,12 +24,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prolip.functional import cosine_logits
+from prolip.functional import accuracy, cosine_logits
 from prolip.methods import register
-from prolip.functional import accuracy
 from prolip.methods._common import embed, fresh_view_per_epoch, mean_view_embedding, train_minibatch
 from prolip.methods.base import Method, Support, Task, Validation
-from prolip.methods.params import LEARNING_RATE, NON_NEGATIVE, POSITIVE, NON_NEGATIVE_INT, POSITIVE_INT, Flag, Number, Pair
+from prolip.methods.params import (
+    LEARNING_RATE,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Flag,
+    Number,
+    Pair,
+)
 
 
 def search_grid(scale: float, steps: int) -> tuple[float, ...]:
@@ -41,8 +50,14 @@ def cache_logits(f_norm: Tensor, keys: Tensor, values: Tensor, beta: float | Ten
     return torch.exp(-beta * (1 - f_norm @ keys.T)) @ values
 
 
-def search_alpha_beta(zs_logits: Tensor, affinity: Tensor, values: Tensor, labels: Tensor,
-                      betas: tuple[float, ...], alphas: tuple[float, ...]) -> tuple[float, float, float]:
+def search_alpha_beta(
+    zs_logits: Tensor,
+    affinity: Tensor,
+    values: Tensor,
+    labels: Tensor,
+    betas: tuple[float, ...],
+    alphas: tuple[float, ...],
+) -> tuple[float, float, float]:
     """Grid search of (α, β) by accuracy, vectorised over α; returns (alpha, beta, accuracy %)."""
     alpha_t = torch.tensor(alphas)
     best = (-1.0, alphas[0], betas[0])
@@ -60,15 +75,22 @@ def _tip_configs() -> dict[str, dict[str, Any]]:
     """Tip-Adapter's ``configs/<dataset>.yaml`` (gaopengcuhk/Tip-Adapter, lines 17-31): init_alpha, search_scale
     [β, α] and train_epoch per dataset; init_beta 1, search_step [200, 20], lr 1e-3, augment_epoch 10 everywhere."""
     table = {  # dataset: (init_alpha, search_scale, train_epoch)
-        "Caltech101": (3.0, (12.0, 5.0), 20), "DescribableTextures": (2.0, (13.0, 13.0), 20),
-        "EuroSAT": (2.0, (12.0, 10.0), 100), "FGVCAircraft": (5.0, (30.0, 30.0), 20),
-        "Food101": (1.17, (10.0, 10.0), 20), "ImageNet": (1.17, (7.0, 3.0), 20),
-        "OxfordFlowers": (10.0, (50.0, 50.0), 20), "OxfordPets": (1.17, (7.0, 3.0), 20),
-        "StanfordCars": (3.0, (20.0, 10.0), 20), "SUN397": (1.17, (12.0, 10.0), 20),
+        "Caltech101": (3.0, (12.0, 5.0), 20),
+        "DescribableTextures": (2.0, (13.0, 13.0), 20),
+        "EuroSAT": (2.0, (12.0, 10.0), 100),
+        "FGVCAircraft": (5.0, (30.0, 30.0), 20),
+        "Food101": (1.17, (10.0, 10.0), 20),
+        "ImageNet": (1.17, (7.0, 3.0), 20),
+        "OxfordFlowers": (10.0, (50.0, 50.0), 20),
+        "OxfordPets": (1.17, (7.0, 3.0), 20),
+        "StanfordCars": (3.0, (20.0, 10.0), 20),
+        "SUN397": (1.17, (12.0, 10.0), 20),
         "UCF101": (3.0, (7.0, 3.0), 20),
     }
-    return {name: {"alpha": alpha, "search_scale": scale, "epochs": epochs}
-            for name, (alpha, scale, epochs) in table.items()}
+    return {
+        name: {"alpha": alpha, "search_scale": scale, "epochs": epochs}
+        for name, (alpha, scale, epochs) in table.items()
+    }
 
 
 TIP_CONFIGS = _tip_configs()
@@ -80,16 +102,23 @@ class TipAdapter(Method):
     selects = "α and β (search_hp's grid)"
     dataset_defaults = {name: {k: v for k, v in c.items() if k != "epochs"} for name, c in TIP_CONFIGS.items()}
     constraints = {
-        "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "search": Flag(), "search_scale": Pair(POSITIVE),
-        "search_step": Pair(POSITIVE_INT), "augment_views": POSITIVE_INT,
+        "alpha": NON_NEGATIVE,
+        "beta": NON_NEGATIVE,
+        "search": Flag(),
+        "search_scale": Pair(POSITIVE),
+        "search_step": Pair(POSITIVE_INT),
+        "augment_views": POSITIVE_INT,
     }
 
-    def __init__(self, alpha: float = 1.17,  # configs/imagenet.yaml init_alpha
-                 beta: float = 1.0,  # configs/*.yaml init_beta
-                 search: bool = True,  # configs/*.yaml search_hp
-                 search_scale: tuple[float, float] = (7.0, 3.0),  # configs/imagenet.yaml search_scale (β, α)
-                 search_step: tuple[int, int] = (200, 20),  # configs/*.yaml search_step (β, α)
-                 augment_views: int = 10):  # configs/*.yaml augment_epoch
+    def __init__(
+        self,
+        alpha: float = 1.17,  # configs/imagenet.yaml init_alpha
+        beta: float = 1.0,  # configs/*.yaml init_beta
+        search: bool = True,  # configs/*.yaml search_hp
+        search_scale: tuple[float, float] = (7.0, 3.0),  # configs/imagenet.yaml search_scale (β, α)
+        search_step: tuple[int, int] = (200, 20),  # configs/*.yaml search_step (β, α)
+        augment_views: int = 10,
+    ):  # configs/*.yaml augment_epoch
         self.alpha, self.beta, self.search, self.augment_views = alpha, beta, search, augment_views
         self.search_scale, self.search_step = search_scale, search_step
         self.keys: Tensor | None = None
@@ -125,8 +154,11 @@ class TipAdapter(Method):
     def state_dict(self) -> dict[str, Tensor]:
         if self.keys is None or self.values is None:
             return {}
-        return {"keys": self.keys, "values": self.values,
-                "alpha_beta": torch.tensor([self.selected_["alpha"], self.selected_["beta"]])}
+        return {
+            "keys": self.keys,
+            "values": self.values,
+            "alpha_beta": torch.tensor([self.selected_["alpha"], self.selected_["beta"]]),
+        }
 
     def state_shapes(self, task: Task) -> dict[str, tuple[int, ...]]:
         # The cache holds one key per support image, a number only the saved state knows: checked for consistency.
@@ -145,16 +177,27 @@ class TipAdapterF(TipAdapter):
     name = "tip-adapter-f"
     selects = "α and β (search_hp's grid) and the training epoch"
     dataset_defaults = TIP_CONFIGS
-    constraints = {**TipAdapter.constraints, "lr": LEARNING_RATE, "epochs": NON_NEGATIVE_INT, "batch_size": POSITIVE_INT,
-                   "views": Number(low=1, integer=True, optional=True)}
+    constraints = {
+        **TipAdapter.constraints,
+        "lr": LEARNING_RATE,
+        "epochs": NON_NEGATIVE_INT,
+        "batch_size": POSITIVE_INT,
+        "views": Number(low=1, integer=True, optional=True),
+    }
 
-    def __init__(self, alpha: float = 1.17, beta: float = 1.0, search: bool = True,
-                 search_scale: tuple[float, float] = (7.0, 3.0), search_step: tuple[int, int] = (200, 20),
-                 augment_views: int = 10,
-                 lr: float = 1e-3,  # configs/*.yaml lr
-                 epochs: int = 20,  # configs/*.yaml train_epoch (EuroSAT: 100)
-                 batch_size: int = 256,  # main.py train_loader_F batch_size
-                 views: int | None = None):
+    def __init__(
+        self,
+        alpha: float = 1.17,
+        beta: float = 1.0,
+        search: bool = True,
+        search_scale: tuple[float, float] = (7.0, 3.0),
+        search_step: tuple[int, int] = (200, 20),
+        augment_views: int = 10,
+        lr: float = 1e-3,  # configs/*.yaml lr
+        epochs: int = 20,  # configs/*.yaml train_epoch (EuroSAT: 100)
+        batch_size: int = 256,  # main.py train_loader_F batch_size
+        views: int | None = None,
+    ):
         super().__init__(alpha, beta, search, search_scale, search_step, augment_views)
         self.lr, self.epochs, self.batch_size, self.views = lr, epochs, batch_size, views
 
@@ -176,9 +219,20 @@ class TipAdapterF(TipAdapter):
 
         # main.py run_tip_adapter_F: AdamW(lr, eps=1e-4) with PyTorch's default weight decay (0.01), cosine over
         # train_epoch × len(train_loader_F) iterations; the loader keeps its last partial batch.
-        train_minibatch([keys], loss_fn, fresh_view_per_epoch(self.task, support, self.views), epochs=self.epochs,
-                        batch_size=self.batch_size, optimizer="adamw", lr=self.lr, seed=seed, schedule="iteration",
-                        eps=1e-4, weight_decay=0.01, on_epoch_end=keep_best)
+        train_minibatch(
+            [keys],
+            loss_fn,
+            fresh_view_per_epoch(self.task, support, self.views),
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            optimizer="adamw",
+            lr=self.lr,
+            seed=seed,
+            schedule="iteration",
+            eps=1e-4,
+            weight_decay=0.01,
+            on_epoch_end=keep_best,
+        )
         if val_e is None:
             self.keys = keys.detach()
             self.selected_["epoch"] = {"value": self.epochs - 1, "how": "last"}
