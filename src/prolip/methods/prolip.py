@@ -275,7 +275,7 @@ def grid_chunk_size(
     """How many of ``configs`` (lr, λ) configurations to train per batched computation, for N support images,
     W [d_pre, d] and ``num_classes`` classes.
 
-    CPU: one. Measured (benchmarks/bench_grid.py --chunks, README "Grid chunk"): with the fused one-configuration
+    CPU: one. Measured (benchmarks/bench_grid.py --chunks; benchmarks/README.md, "49-point grid"): with the fused
     step, a batch of k configurations was slower per configuration than one at a time for every k > 1 tried, at
     4-shot × 10-class, 16 × 47 and 16 × 1000 (768 → 512): a CPU step has no launch cost to amortise, and k copies of
     W and its Adam state (6 MB each at 768 × 512) leave the caches. GPU: every configuration whose working set
