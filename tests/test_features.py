@@ -179,3 +179,32 @@ def test_results_report_kept_and_skipped_per_request_and_leave_no_lock_or_tempor
     assert views.kept == [0, 1, 3] and [p for p, _ in views.skipped] == [paths[2]]
     assert not hasattr(c, "skipped") and not hasattr(c, "last_kept")
     assert [p for p in (tmp_path / "cache").rglob("*") if p.suffix in (".lock", ".tmp")] == []
+
+
+def test_extraction_keeps_only_the_features_not_the_tensors_they_are_views_of(tmp_path, tiny_vit, monkeypatch):
+    """open_clip's pooled feature is a view of the whole token tensor (197 × its size on ViT-B/16); a unit that kept
+    its batches as they came held all their tokens until it was written. Each batch's tokens must be freed before
+    the next batch is encoded, and the features must be the same."""
+    import gc
+
+    from prolip.features.extraction import Extractor, augmented_views
+
+    paths = make_images(tmp_path / "img", n=3)
+    make_view = augmented_views(tiny_vit.preprocessing, 0)
+    expected = Extractor(tiny_vit, batch_size=4).encode([(p, str(p)) for p in paths], 5, make_view).features
+    original, held_at_next_batch, made = tiny_vit.encode_pre, [], set()
+
+    def ours(o) -> bool:  # a live tensor on one of the stand-in token tensors' storage
+        return isinstance(o, torch.Tensor) and (o.untyped_storage().data_ptr(), o.untyped_storage().nbytes()) in made
+
+    def pooled_view_of_tokens(images):
+        gc.collect()
+        held_at_next_batch.append(sum(map(ours, gc.get_objects())))
+        whole = torch.stack([original(images)] * 50, dim=1)  # [B, 50, D], standing in for the token tensor
+        made.add((whole.untyped_storage().data_ptr(), whole.untyped_storage().nbytes()))
+        return whole[:, 0]
+
+    monkeypatch.setattr(tiny_vit, "encode_pre", pooled_view_of_tokens)
+    got = Extractor(tiny_vit, batch_size=4).encode([(p, str(p)) for p in paths], 5, make_view).features
+    assert held_at_next_batch == [0, 0, 0, 0]
+    assert torch.equal(got, expected)

@@ -17,6 +17,7 @@ same data, shots, seed and sampler always give the same support images and the s
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -264,7 +265,9 @@ class EpisodeBuilder:
         )
 
     def preflight(self, drawn: EpisodeImages, spec: EpisodeSpec) -> None:
-        """Say what extraction will do at most, and refuse up front when the cache's disk cannot hold it."""
+        """Say what extraction will do at most, and refuse up front when the cache's disk cannot hold it or one
+        image's views cannot be held in memory while they are computed."""
+        self._check_memory(len(drawn.support))
         centers = len(drawn.evaluation) + (len(drawn.validation) if spec.validation else 0) + len(drawn.support)
         passes = len(drawn.support) * self.views + centers
         need = passes * self.backbone.dim_pre * 2  # float16 features
@@ -282,6 +285,34 @@ class EpisodeBuilder:
                 f"{self.views} views + {centers} center crops; cached ones are reused), up to {_size(need)} "
                 f"in {self.cache.root}"
             )
+
+    def _check_memory(self, support_images: int) -> None:
+        # A unit's views are written into one float32 block, then copied to float16 for the write: 6 bytes a value at
+        # the peak (features/extraction.py, Extractor.encode); a unit holds one image at the least.
+        per_image = self.views * self.backbone.dim_pre * 6
+        available = available_memory()
+        if support_images and available is not None and per_image > available // 2:
+            raise EpisodeError(
+                f"--views {self.views} holds {_size(per_image)} of features per image in memory while they are "
+                f"computed ({self.views:,} views × {self.backbone.dim_pre} values), more than half of the "
+                f"{_size(available)} available: lower --views (ProLIP uses one view per step; 300 is the paper's)"
+            )
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now: Linux's MemAvailable (free plus reclaimable page cache), else the free pages
+    the system reports, else None where it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -239,6 +239,49 @@ def test_views_beyond_the_cache_disk_are_refused_before_extraction(data, tmp_pat
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("available_mb", [1, 40])
+def test_views_one_image_cannot_hold_in_memory_are_refused_before_extraction(
+    data, tmp_path, monkeypatch, tally, available_mb
+):
+    """``--views 1000000`` once grew one unit's features to 12 GB in memory before anything said so."""
+    from prolip import episode
+
+    monkeypatch.setattr(episode, "available_memory", lambda: available_mb * 10**6)
+    r = fit(data, tmp_path / "run", "--views", 100000)
+    tally.cli_error(
+        r,
+        r"--views 100000 holds .* of features per image in memory",
+        f"{available_mb}.0 MB available",
+        "lower --views",
+        input=f"--views 100000 with {available_mb} MB of memory",
+    )
+    assert not (tmp_path / "cache").exists()
+
+
+def test_units_hold_fewer_images_when_their_views_would_not_fit_in_memory(data, tmp_path, monkeypatch):
+    """Units shrink (to one image at the least) so a unit's features stay bounded; the features are the same."""
+    import warnings
+
+    from prolip.backbones import load_backbone
+    from prolip.data import read_image_folder
+    from prolip.features import FeatureCache, cache
+    from prolip.features.cache import unit_images_for
+
+    assert unit_images_for(32, 300, 768) == 32  # ordinary requests keep their units (and existing caches)
+    assert unit_images_for(32, 10**6, 768) == 1 and unit_images_for(32, 1000, 64) == 32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbone = load_backbone("test-vit-tiny", "none")
+    paths = [it.path for it in read_image_folder(data).items[:5]]
+    default = FeatureCache(tmp_path / "default", backbone, progress=False).views(paths, 3)
+    monkeypatch.setattr(cache, "UNIT_BYTES", 4 * 3 * backbone.dim_pre * 2)  # two images' views per unit
+    small = FeatureCache(tmp_path / "small", backbone, progress=False).views(paths, 3)
+    assert len(list((tmp_path / "small").rglob("*.safetensors"))) == 3  # 5 images in units of 2, 2, 1
+    assert len(list((tmp_path / "default").rglob("*.safetensors"))) == 1
+    for t in range(3):
+        assert torch.equal(small.view(t), default.view(t))
+
+
 def test_fit_says_what_extraction_will_do(data, tmp_path, tally):
     r = fit(data, tmp_path / "run", "--views", 3, "--steps", 2)
     assert r.exit_code == 0, r.output

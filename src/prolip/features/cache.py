@@ -4,7 +4,8 @@ Layout: ``<cache_dir>/<namespace>/<unit>.safetensors`` (the unit format is in st
 backbone's weight fingerprint, its preprocessing, the transform kind, the augmentation seed and (for bf16) the
 compute dtype.
 
-Work is planned deterministically: the requested images, sorted by key, are chunked into units of ``unit_images``;
+Work is planned deterministically: the requested images, sorted by key, are chunked into units of ``unit_images``
+(fewer where their views would not fit ``UNIT_BYTES`` in memory while the unit is computed: ``--views 1000000``);
 a unit whose images are all cached is skipped, otherwise its missing images are encoded (extraction.py) and the
 unit is written atomically. An interrupted extraction therefore resumes with exactly the same units (bitwise-equal
 features). torchrun ranks split the units between them; processes that merely share the directory take each unit
@@ -48,8 +49,10 @@ __all__ = [
     "image_key",
     "plan_units",
     "rank_share",
+    "unit_images_for",
 ]
 
+UNIT_BYTES = 1 << 29  # float32 features of one unit in memory (1.5× that at the peak, with its float16 copy)
 AUGMENT_VERSION = "augment:v1"  # bump when the augmentation changes, so stale views are never reused
 
 Skipped = list[tuple[Path, str]]  # (path, reason) of the unreadable images a request left out
@@ -133,6 +136,12 @@ def plan_units(keys: Sequence[str], unit_images: int) -> list[list[str]]:
     """Sorted image keys chunked into units: the same request always gives the same units."""
     keys = sorted(keys)
     return [keys[i : i + unit_images] for i in range(0, len(keys), unit_images)]
+
+
+def unit_images_for(limit: int, num_views: int, dim: int) -> int:
+    """Images per unit: ``limit``, or fewer (at least one) where their float32 views would pass ``UNIT_BYTES``.
+    Ordinary requests (32 images × 300 views × 768 = 30 MB) keep ``limit``, so their units never change."""
+    return max(1, min(limit, UNIT_BYTES // (4 * max(num_views, 1) * dim)))
 
 
 def rank_share(units: list[list[str]], todo: list[list[str]], rank: int, world: int) -> list[list[str]]:
@@ -302,7 +311,7 @@ class FeatureCache:
         wanted = sorted({k for k in keys if k is not None})
         index = self._checked_index(ns, wanted, views)
         self.stats.images_reused += sum(_cached(index, k, views) for k in wanted)
-        units = plan_units(wanted, self.unit_images)
+        units = plan_units(wanted, unit_images_for(self.unit_images, views, self.backbone.dim_pre))
         todo = [u for u in units if not all(_cached(index, k, views) for k in u)]
         mine = [[k for k in u if not _cached(index, k, views)] for u in rank_share(units, todo, rank, world)]
         prep = self.backbone.preprocessing

@@ -109,7 +109,7 @@ class Extractor:
         kept: list[int] = []
         failed: dict[int, BadImageError] = {}
         batch: list[Tensor] = []
-        out: list[Tensor] = []
+        out = _Rows(len(images) * num_views)
         for i, views in ordered_map(_preparer(images, make_view), jobs, self.num_workers):
             if i in failed:
                 continue
@@ -123,15 +123,15 @@ class Extractor:
             for view in views:
                 batch.append(view)
                 if len(batch) == self.batch_size:  # fixed batches, whatever images they straddle
-                    out.append(self._forward(batch, progress))
+                    out.add(self._forward(batch, progress))
                     batch = []
         if batch:
-            out.append(self._forward(batch, progress))
+            out.add(self._forward(batch, progress))
         skipped = [(e.path, e.reason) for _, e in sorted(failed.items())]
-        if not out:
+        if out.filled == 0:
             return Encoded(torch.empty(0, num_views, self.backbone.dim_pre), kept, skipped)
-        # One copy back per call: the batches' outputs stay on the device until here.
-        features = torch.cat(out).float().cpu().reshape(len(kept), num_views, -1)
+        # One copy back per call: the rows stay on the device until here.
+        features = out.rows().float().cpu().reshape(len(kept), num_views, -1)
         return Encoded(features, kept, skipped)
 
     def _forward(self, batch: list[Tensor], progress) -> Tensor:
@@ -152,6 +152,26 @@ class Extractor:
         if progress is not None:
             progress(len(batch))
         return z
+
+
+class _Rows:
+    """Batches of features written into one preallocated [capacity, D] block as they come. Keeping the batches
+    themselves would keep what they are views of: open_clip's pooled feature is x[:, 0] of the whole token tensor,
+    197 times its size on ViT-B/16 (5.8 GB held for a unit of 32 images × 300 views)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.filled = capacity, 0
+        self.block: Tensor | None = None
+
+    def add(self, z: Tensor) -> None:
+        if self.block is None:
+            self.block = torch.empty(self.capacity, z.shape[-1], dtype=z.dtype, device=z.device)
+        self.block[self.filled : self.filled + len(z)] = z
+        self.filled += len(z)
+
+    def rows(self) -> Tensor:
+        assert self.block is not None
+        return self.block[: self.filled]
 
 
 def view_jobs(num_images: int, num_views: int, batch_size: int) -> list[tuple[int, range]]:
