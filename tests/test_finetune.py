@@ -204,6 +204,24 @@ def test_saved_run_reloads_predicts_and_exports(tiny_rn, tiny_image_folder, tmp_
     torch.testing.assert_close(got, logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["full-ft", "last-layer-ft", "clip-lora", "zeroshot"])
+def test_image_level_methods_extract_no_augmented_views(method, tiny_vit, tiny_image_folder, tmp_path):
+    """They train on the images (zero-shot trains on nothing); caching --views augmented views of the support would
+    be work thrown away (300 forward passes per support image at the default)."""
+    from prolip import pipeline
+    from prolip.data import resolve_data
+    from prolip.features import FeatureCache
+
+    splits = resolve_data(str(tiny_image_folder))
+    cache, said = FeatureCache(tmp_path / "cache", tiny_vit, progress=False), []
+    hp = {"full-ft": {"epochs": 0}, "last-layer-ft": {"epochs": 0}, "clip-lora": {"steps": 1}, "zeroshot": {}}[method]
+    config = pipeline.FitConfig(shots=2, views=50, method=method, hyperparameters=hp)
+    result = pipeline.fit(tiny_vit, splits, cache, config, announce=said.append)
+    images = len(list(tiny_image_folder.rglob("*.jpg")))
+    assert cache.stats.forward_passes == images  # the center crop of every image, once; no augmented view
+    assert "× 0 views" in said[0] and result.run.manifest["data"]["augmentation"] == "none"
+
+
 def center_crop(backbone, path):
     from prolip.transforms import center_transform
 

@@ -54,6 +54,10 @@ LIGHT = ["zeroshot", {"name": "prolip", "steps": 2}]
     [
         ("fewshot", {"shots": [1]}),
         ("fewshot-val", {"shots": [1], "methods": [{"name": "prolip", "steps": 1}]}),
+        # methods that train on the images: the support's center crops, no cached views (alone and beside ProLIP)
+        ("fewshot", {"shots": [1], "methods": ["zeroshot", {"name": "last-layer-ft", "epochs": 1}]}),
+        ("fewshot", {"shots": [1], "methods": [{"name": "full-ft", "epochs": 1}, {"name": "prolip", "steps": 2}]}),
+        ("fewshot", {"shots": [1], "methods": ["zeroshot"]}),
         ("base2new", {"shots": [2], "methods": LIGHT}),
         (
             "sensitivity",
@@ -108,3 +112,14 @@ def test_cli_plan_prints_and_writes_nothing(tmp_path, shared_data):
     assert r.exit_code == 0, r.output
     assert "forward passes:" in r.output and "reference code's structure" in r.output and "cache:" in r.output
     assert not (tmp_path / "res").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    "methods", [["zeroshot"], ["zeroshot", {"name": "last-layer-ft", "epochs": 1}], [{"name": "clip-lora", "steps": 1}]]
+)
+def test_experiments_whose_methods_train_on_no_cached_views_extract_none(tmp_path, shared_data, tiny_vit, methods):
+    """Zero-shot and the image-level methods read center crops (or nothing): no augmented view is planned, so none
+    is extracted (plan = run above); before, every episode cached --views views of its support regardless."""
+    exp = _experiment(tmp_path, shared_data, protocol="fewshot", shots=[1], views=50, methods=methods)
+    survey = plan_experiment(exp, tiny_vit, time_batch=False).survey
+    assert survey.forward_passes and set(survey.views.values()) == {1}

@@ -29,8 +29,9 @@ from torch import Tensor
 from prolip.backbones.base import Backbone
 from prolip.data import sample_few_shot
 from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
+from prolip.features.cache import CachedViews
 from prolip.functional import ensemble_classifier
-from prolip.methods.base import Method, Support, Task, Validation
+from prolip.methods.base import NO_CACHED_VIEWS, Method, Support, Task, Validation
 
 EVAL_TEST_SPLIT, EVAL_HELD_OUT = "test split", "held-out images"
 SAMPLERS = ("lpp", "coop")
@@ -95,8 +96,9 @@ class Episode:
     _other_supports: dict[str, Support] = field(default_factory=dict)
 
     def support_for(self, method: Method) -> Support:
-        """The support set as ``method`` trains on it: the same images, in its augmentation's cached views."""
-        if method.augmentation == self.augmentation:
+        """The support set as ``method`` trains on it: the same images, in its augmentation's cached views (a method
+        that learns nothing, zero-shot, reads none and gets the episode's own)."""
+        if method.augmentation == self.augmentation or not method.learns:
             return self.support
         if method.augmentation not in self._other_supports:
             assert self.builder is not None
@@ -229,10 +231,14 @@ class EpisodeBuilder:
     def support(
         self, images: LabeledImages, augmentation: str = "prolip"
     ) -> tuple[Support, LabeledImages, list[tuple[Path, str]]]:
-        """The support set: cached augmented views, labels, and (on first use) the center crops of the same images."""
-        views = self.cache.views(
-            [it.path for it in images.items], self.views, aug_seed=self.aug_seed, augmentation=augmentation
-        )
+        """The support set: cached augmented views, labels, and (on first use) the center crops of the same images.
+        With NO_CACHED_VIEWS (a method that trains on the images) its one view is the center crop, cached as such."""
+        paths = [it.path for it in images.items]
+        if augmentation == NO_CACHED_VIEWS:
+            found = self.cache.fill(paths)
+            views = CachedViews(found.entries, 1, found.kept, found.skipped)
+        else:
+            views = self.cache.views(paths, self.views, aug_seed=self.aug_seed, augmentation=augmentation)
         kept = images.subset(views.kept)
         labels = torch.tensor(kept.labels, dtype=torch.long)
         support = Support(views=views, labels=labels, center=lambda: self.center(kept).features, images=kept)
@@ -267,36 +273,42 @@ class EpisodeBuilder:
     def preflight(self, drawn: EpisodeImages, spec: EpisodeSpec) -> None:
         """Say what extraction will do at most, and refuse up front when the cache's disk cannot hold it or one
         image's views cannot be held in memory while they are computed."""
-        self._check_memory(len(drawn.support))
+        views = support_views(spec.augmentation, self.views)
+        self._check_memory(len(drawn.support), views)
         centers = len(drawn.evaluation) + (len(drawn.validation) if spec.validation else 0) + len(drawn.support)
-        passes = len(drawn.support) * self.views + centers
+        passes = len(drawn.support) * views + centers
         need = passes * self.backbone.dim_pre * 2  # float16 features
         root = _existing_ancestor(Path(self.cache.root))
         free = shutil.disk_usage(root).free
         if need > free:
             raise EpisodeError(
-                f"caching {self.views} views of {len(drawn.support)} support images needs up to "
+                f"caching {views} views of {len(drawn.support)} support images needs up to "
                 f"{_size(need)} in {self.cache.root}, which has {_size(free)} free: lower --views or "
                 "pass another --cache-dir"
             )
         if self.announce is not None:
             self.announce(
                 f"features: up to {passes:,} forward passes ({len(drawn.support)} support images × "
-                f"{self.views} views + {centers} center crops; cached ones are reused), up to {_size(need)} "
+                f"{views} views + {centers} center crops; cached ones are reused), up to {_size(need)} "
                 f"in {self.cache.root}"
             )
 
-    def _check_memory(self, support_images: int) -> None:
+    def _check_memory(self, support_images: int, views: int) -> None:
         # A unit's views are written into one float32 block, then copied to float16 for the write: 6 bytes a value at
         # the peak (features/extraction.py, Extractor.encode); a unit holds one image at the least.
-        per_image = self.views * self.backbone.dim_pre * 6
+        per_image = views * self.backbone.dim_pre * 6
         available = available_memory()
         if support_images and available is not None and per_image > available // 2:
             raise EpisodeError(
-                f"--views {self.views} holds {_size(per_image)} of features per image in memory while they are "
-                f"computed ({self.views:,} views × {self.backbone.dim_pre} values), more than half of the "
+                f"--views {views} holds {_size(per_image)} of features per image in memory while they are "
+                f"computed ({views:,} views × {self.backbone.dim_pre} values), more than half of the "
                 f"{_size(available)} available: lower --views (ProLIP uses one view per step; 300 is the paper's)"
             )
+
+
+def support_views(augmentation: str, views: int) -> int:
+    """Augmented views extracted per support image: ``views``, or none for a method that trains on the images."""
+    return 0 if augmentation == NO_CACHED_VIEWS else views
 
 
 def available_memory() -> int | None:

@@ -40,7 +40,7 @@ from prolip.bench.protocols import (
 )
 from prolip.bench.records import done_cells, read_records
 from prolip.data.sampling import base_new_split
-from prolip.episode import EpisodeImages, draw_images, evaluation_images, restrict
+from prolip.episode import EpisodeImages, draw_images, evaluation_images, restrict, support_views
 from prolip.features.cache import Request, Survey
 from prolip.features.extraction import center_views
 from prolip.methods import create, method_class
@@ -153,7 +153,9 @@ def _episode_requests(
     assert seed is not None
     spec = b.spec(shots, seed, classes)
     drawn = draw_images(splits, spec)
-    requests = [Request(_paths(drawn.support), spec.views, spec.aug_seed, spec.augmentation)]
+    requests = [
+        Request(_paths(drawn.support), support_views(spec.augmentation, spec.views), spec.aug_seed, spec.augmentation)
+    ]
     if spec.validation:
         requests.append(Request(_paths(drawn.validation)))
     if len(drawn.evaluation):
@@ -167,8 +169,8 @@ def _method_requests(b: Bench, cell: Cell, drawn: EpisodeImages, probe: _CenterP
     cls = method_class(cell.method.name)
     support = _paths(drawn.support)
     out = []
-    if cls.augmentation != "prolip":
-        out.append(Request(support, b.exp.views, b.exp.aug_seed, cls.augmentation))
+    if cls.learns and cls.augmentation != b.augmentation:
+        out.append(Request(support, support_views(cls.augmentation, b.exp.views), b.exp.aug_seed, cls.augmentation))
     if cls.encodes_images:
         tally.encoder_cells += 1
     elif probe.reads_center(cell.method, cell.record["hyperparameters"]):

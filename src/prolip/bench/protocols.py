@@ -32,7 +32,7 @@ from prolip.episode import (
 )
 from prolip.functional import accuracy
 from prolip.methods import Method, configure, create, method_class
-from prolip.methods.base import Support, ViewSource
+from prolip.methods.base import NO_CACHED_VIEWS, Support, ViewSource
 
 
 def harmonic_mean(base: float, new: float) -> float:
@@ -134,7 +134,15 @@ class Bench:
             allow_fewer=self.exp.allow_fewer,
             validation=self.uses_validation,
             classes=classes,
+            augmentation=self.augmentation,
         )
+
+    @property
+    def augmentation(self) -> str:
+        """The views an episode's support is cached in: those of the first method that learns (the others get
+        theirs from ``Episode.support_for``), or none when no method learns (a zero-shot-only experiment)."""
+        learners = (method_class(m.name) for m in self.exp.methods)
+        return next((c.augmentation for c in learners if c.learns), NO_CACHED_VIEWS)
 
     def episode(self, splits: DatasetSplits, shots: int, seed: int, classes=None) -> Episode:
         text_side = any(method_class(m.name).uses_text_side for m in self.exp.methods)

@@ -33,6 +33,8 @@ from torch import Tensor
 
 from prolip.methods.params import Constraint, HyperparameterError, check, check_known
 
+NO_CACHED_VIEWS = "none"  # a method's ``augmentation`` when it trains on the images, not on cached views
+
 
 class ViewSource(Protocol):
     """Augmented views of the support set's pre-projection features: V views of N images, each [N, D_pre].
@@ -140,7 +142,8 @@ class Method(ABC):
     learns: ClassVar[bool] = True
     encodes_images: ClassVar[bool] = False
     # Which cached augmented views it trains on (prolip.transforms.AUGMENTATIONS): "prolip" (RandomResizedCrop
-    # scale 0.5–1, the ProLIP reference's) or "dassl" (scale 0.08–1, what the Dassl-based originals train on).
+    # scale 0.5–1, the ProLIP reference's) or "dassl" (scale 0.08–1, what the Dassl-based originals train on); or
+    # NO_CACHED_VIEWS for a method that trains on the images themselves (its support's views are the center crops).
     augmentation: ClassVar[str] = "prolip"
     selects: ClassVar[str] = ""
     validation_params: ClassVar[dict[str, Any]] = {}

@@ -27,7 +27,7 @@ from prolip.finetune import (
     train_image_encoder,
 )
 from prolip.methods import register
-from prolip.methods.base import Method, Support, Task, Validation
+from prolip.methods.base import NO_CACHED_VIEWS, Method, Support, Task, Validation
 from prolip.methods.params import (
     LEARNING_RATE,
     NON_NEGATIVE_INT,
@@ -50,6 +50,7 @@ class EncoderFinetune(Method):
     the trained encoder, and a state made of the trained parameters. Subclasses choose the parameters."""
 
     encodes_images = True
+    augmentation = NO_CACHED_VIEWS  # trains on the images (with its own on-the-fly augmentation)
     accepts_classifier = True
     exposes_projection = False
     selects = ""

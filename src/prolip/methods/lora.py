@@ -51,7 +51,7 @@ from prolip.finetune import (
     training_steps,
 )
 from prolip.methods import register
-from prolip.methods.base import Method, Support, Task, Validation
+from prolip.methods.base import NO_CACHED_VIEWS, Method, Support, Task, Validation
 from prolip.methods.params import (
     LEARNING_RATE,
     NON_NEGATIVE,
@@ -324,6 +324,7 @@ class CLIPLoRA(Method):
 
     name = "clip-lora"
     encodes_images = True
+    augmentation = NO_CACHED_VIEWS  # trains on the images (RandomResizedCrop 0.08–1 + flip, on the fly)
     accepts_classifier = False
     dataset_defaults = {"ImageNet": {"template": "a photo of a {}."}}  # CLIP-LoRA datasets/imagenet.py:188
     constraints = {

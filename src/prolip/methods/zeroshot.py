@@ -6,7 +6,7 @@ from torch import Tensor
 
 from prolip.functional import clip_logits
 from prolip.methods import register
-from prolip.methods.base import Method, Support, Task, Validation
+from prolip.methods.base import NO_CACHED_VIEWS, Method, Support, Task, Validation
 
 
 @register
@@ -15,6 +15,7 @@ class ZeroShot(Method):
     accepts_classifier = True
     exposes_projection = True
     learns = False
+    augmentation = NO_CACHED_VIEWS  # reads no support views
 
     def __init__(self) -> None:
         pass
