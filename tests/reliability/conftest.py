@@ -250,6 +250,17 @@ def cli(*args, env=None):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True, env=env)
 
 
+def fit_cli(data, out, cache, *extra, shots=2, views=2, steps=5):
+    """`prolip fit` as a user types it, on the tiny random ViT with a small budget (None leaves an option out)."""
+    budget = [
+        x
+        for flag, v in (("--shots", shots), ("--views", views), ("--steps", steps))
+        if v is not None
+        for x in (flag, v)
+    ]
+    return cli("fit", "--data", data, *budget, "--cache-dir", cache, "--out", out, *extra, *TINY)
+
+
 @contextmanager
 def tmpfs(mountpoint: Path, size: str, *, read_only: bool = False):
     """A size-limited tmpfs at mountpoint (a real full disk); skips the test where mounting is not permitted."""

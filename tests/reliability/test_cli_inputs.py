@@ -7,29 +7,13 @@ import json
 
 import pytest
 
-from .conftest import TINY, cli, make_folder
+from .conftest import cli, fit_cli, make_folder
 
 pytestmark = pytest.mark.reliability("bad_input")
 
 
 def fit(data, tmp_path, *extra):
-    return cli(
-        "fit",
-        "--data",
-        data,
-        "--shots",
-        3,
-        "--views",
-        2,
-        "--steps",
-        5,
-        "--cache-dir",
-        tmp_path / "cache",
-        "--out",
-        tmp_path / "run",
-        *TINY,
-        *extra,
-    )
+    return fit_cli(data, tmp_path / "run", tmp_path / "cache", *extra, shots=3, views=2, steps=5)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import TINY, cli, free_port, make_folder, make_images, unit_contents
+from .conftest import fit_cli, free_port, make_folder, make_images, unit_contents
 
 pytestmark = pytest.mark.reliability("determinism")
 
@@ -21,26 +21,18 @@ def test_repeated_fits_in_fresh_caches_are_bitwise_equal(tmp_path, tally):
     data = make_folder(tmp_path / "data", per_class=4)
     outs = []
     for i in range(2):
-        r = cli(
-            "fit",
-            "--data",
+        r = fit_cli(
             data,
-            "--shots",
-            2,
-            "--views",
-            3,
-            "--steps",
-            20,
+            tmp_path / f"run{i}",
+            tmp_path / f"cache{i}",
             "--lr",
             1e-3,
             "--seed",
             5,
-            "--cache-dir",
-            tmp_path / f"cache{i}",
-            "--out",
-            tmp_path / f"run{i}",
             "--json",
-            *TINY,
+            shots=2,
+            views=3,
+            steps=20,
         )
         assert r.exit_code == 0, r.output
         outs.append(json.loads(r.stdout))
@@ -51,25 +43,8 @@ def test_repeated_fits_in_fresh_caches_are_bitwise_equal(tmp_path, tally):
         k: v for k, v in outs[1].items() if "seconds" not in k
     }
     assert unit_contents(tmp_path / "cache0") == unit_contents(tmp_path / "cache1")
-    r = cli(
-        "fit",
-        "--data",
-        data,
-        "--shots",
-        2,
-        "--views",
-        3,
-        "--steps",
-        20,
-        "--lr",
-        1e-3,
-        "--seed",
-        6,
-        "--cache-dir",
-        tmp_path / "cache0",
-        "--out",
-        tmp_path / "run_other",
-        *TINY,
+    r = fit_cli(
+        data, tmp_path / "run_other", tmp_path / "cache0", "--lr", 1e-3, "--seed", 6, shots=2, views=3, steps=20
     )
     assert r.exit_code == 0, r.output
     other = load_file(str(tmp_path / "run_other" / "method.safetensors"))

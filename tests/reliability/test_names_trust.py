@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from .conftest import TINY, cli, make_folder
+from .conftest import cli, fit_cli, make_folder
 
 pytestmark = pytest.mark.reliability("bad_input")
 
@@ -22,26 +22,8 @@ def fitted(tmp_path_factory):
     names = root / "names.txt"
     names.write_text("\n".join(NAMES) + "\n")
     val = make_folder(root / "val", classes=WNIDS, per_class=2, seed=1)
-    r = cli(
-        "fit",
-        "--data",
-        data,
-        "--classnames",
-        names,
-        "--val",
-        val,
-        "--shots",
-        2,
-        "--views",
-        2,
-        "--steps",
-        3,
-        "--cache-dir",
-        root / "cache",
-        "--out",
-        root / "run",
-        "--json",
-        *TINY,
+    r = fit_cli(
+        data, root / "run", root / "cache", "--classnames", names, "--val", val, "--json", shots=2, views=2, steps=3
     )
     assert r.exit_code == 0, r.output
     return root, data, names, json.loads(r.stdout)

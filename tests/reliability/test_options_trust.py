@@ -17,7 +17,7 @@ from prolip.methods import HyperparameterError, available, configure, create, me
 from prolip.methods.base import FitError
 from prolip.methods.params import Number
 
-from .conftest import TINY, cli, make_folder
+from .conftest import TINY, cli, fit_cli, make_folder
 
 pytestmark = pytest.mark.reliability("bad_input")
 
@@ -113,21 +113,7 @@ def data(tmp_path_factory):
 
 
 def fit(data, out, *extra):
-    return cli(
-        "fit",
-        "--data",
-        data,
-        "--shots",
-        2,
-        "--views",
-        2,
-        "--cache-dir",
-        out.parent / "cache",
-        "--out",
-        out,
-        *TINY,
-        *extra,
-    )
+    return fit_cli(data, out, out.parent / "cache", *extra, shots=2, views=2, steps=None)
 
 
 @pytest.mark.parametrize("name", available())

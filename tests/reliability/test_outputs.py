@@ -18,29 +18,13 @@ from hypothesis import strategies as st
 
 from prolip.run import Run
 
-from .conftest import TINY, cli, digest, fake_run, make_folder
+from .conftest import cli, digest, fake_run, fit_cli, make_folder
 
 pytestmark = pytest.mark.reliability("output")
 
 
 def fit(data, out, cache, *extra):
-    return cli(
-        "fit",
-        "--data",
-        data,
-        "--shots",
-        1,
-        "--views",
-        1,
-        "--steps",
-        2,
-        "--cache-dir",
-        cache,
-        "--out",
-        out,
-        *TINY,
-        *extra,
-    )
+    return fit_cli(data, out, cache, *extra, shots=1, views=1, steps=2)
 
 
 # ---- fit --out [--force]: what may be replaced -------------------------------------------------------------------

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from prolip.data import DataError, read_image_folder, read_image_list, read_templates, resolve_data
 from prolip.data.benchmarks import load_benchmark_folder
 
-from .conftest import TINY, cli, make_folder
+from .conftest import fit_cli, make_folder
 
 pytestmark = pytest.mark.reliability("bad_input")
 
@@ -273,23 +273,15 @@ def test_fit_uses_the_classnames_file_with_a_list(tmp_path, tally):
         "path,classname\n" + "".join(f"data/{c}/{i}.jpg,{c}\n" for c in ("cat", "dog", "fox") for i in range(2))
     )
     (tmp_path / "names.txt").write_text("tabby cat\nbeagle\nred fox\n")
-    r = cli(
-        "fit",
-        "--data",
+    r = fit_cli(
         tmp_path / "l.csv",
+        tmp_path / "run",
+        tmp_path / "cache",
         "--classnames",
         tmp_path / "names.txt",
-        "--shots",
-        1,
-        "--views",
-        1,
-        "--steps",
-        2,
-        "--cache-dir",
-        tmp_path / "cache",
-        "--out",
-        tmp_path / "run",
-        *TINY,
+        shots=1,
+        views=1,
+        steps=2,
     )
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "run" / "classnames.json").read_text()) == ["tabby cat", "beagle", "red fox"]

@@ -18,7 +18,7 @@ from prolip.data import BadImageError, DataError, load_image, read_image_folder,
 from prolip.data.benchmarks import load_benchmark, load_benchmark_folder
 from prolip.data.folder import read_classnames
 
-from .conftest import SPECIAL_KINDS, TINY, cli, deadline, make_folder, special_file
+from .conftest import SPECIAL_KINDS, cli, deadline, fit_cli, make_folder, special_file
 
 pytestmark = pytest.mark.reliability("resource")
 
@@ -122,22 +122,7 @@ def test_fit_and_predict_never_hang_on_a_fifo(tmp_path, tally):
     data = make_folder(tmp_path / "data", per_class=3)
     fifo = special_file(data / "dog" / "zz_pipe.jpg", "fifo")
     with deadline(120):
-        r = cli(
-            "fit",
-            "--data",
-            data,
-            "--shots",
-            1,
-            "--views",
-            1,
-            "--steps",
-            2,
-            "--cache-dir",
-            tmp_path / "cache",
-            "--out",
-            tmp_path / "run",
-            *TINY,
-        )
+        r = fit_cli(data, tmp_path / "run", tmp_path / "cache", shots=1, views=1, steps=2)
     assert r.exit_code == 0, r.output
     assert str(fifo) in json.loads((tmp_path / "run" / "manifest.json").read_text())["ignored_files"]
     tally.input("FIFO in the data of fit")

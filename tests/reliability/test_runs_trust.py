@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from prolip.run import MANIFEST_SCHEMA, Run, RunError
 
-from .conftest import TINY, cli, digest, fake_run, make_folder
+from .conftest import cli, digest, fake_run, fit_cli, make_folder
 
 pytestmark = pytest.mark.reliability("bad_input")
 
@@ -203,22 +203,7 @@ def test_any_value_at_any_required_key_loads_validly_or_is_a_run_error(tmp_path_
 def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("trust_run")
     data = make_folder(root / "data", per_class=3)
-    r = cli(
-        "fit",
-        "--data",
-        data,
-        "--shots",
-        1,
-        "--views",
-        1,
-        "--steps",
-        2,
-        "--cache-dir",
-        root / "cache",
-        "--out",
-        root / "run",
-        *TINY,
-    )
+    r = fit_cli(data, root / "run", root / "cache", shots=1, views=1, steps=2)
     assert r.exit_code == 0, r.output
     return root / "run"
 

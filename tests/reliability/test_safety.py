@@ -17,7 +17,7 @@ from safetensors import safe_open
 from prolip.backbones import BackboneLoadError, load_backbone
 from prolip.run import Run, RunError
 
-from .conftest import TINY, cli, make_folder
+from .conftest import cli, fit_cli, make_folder
 
 pytestmark = pytest.mark.reliability("safety")
 
@@ -70,22 +70,7 @@ def tiny_run(tmp_path_factory) -> Path:
     """A run fitted once through the CLI, with its feature cache."""
     root = tmp_path_factory.mktemp("safety_run")
     data = make_folder(root / "data", per_class=4)
-    r = cli(
-        "fit",
-        "--data",
-        data,
-        "--shots",
-        2,
-        "--views",
-        2,
-        "--steps",
-        5,
-        "--cache-dir",
-        root / "cache",
-        "--out",
-        root / "run",
-        *TINY,
-    )
+    r = fit_cli(data, root / "run", root / "cache", shots=2, views=2, steps=5)
     assert r.exit_code == 0, r.output
     return root / "run"
 
@@ -293,22 +278,7 @@ def test_shell_metacharacters_in_paths_and_class_names_stay_plain_strings(tmp_pa
     data = make_folder(tmp_path / f"data{names[0]}", classes=names[1:], per_class=3)
     run, out = tmp_path / f"run {names[1]}", tmp_path / f"export{names[3]}"
     tally.input(*(f"path/class name {n!r}" for n in names))
-    r = cli(
-        "fit",
-        "--data",
-        data,
-        "--shots",
-        1,
-        "--views",
-        1,
-        "--steps",
-        2,
-        "--cache-dir",
-        tmp_path / f"cache{names[2]}",
-        "--out",
-        run,
-        *TINY,
-    )
+    r = fit_cli(data, run, tmp_path / f"cache{names[2]}", shots=1, views=1, steps=2)
     assert r.exit_code == 0, r.output
     assert json.loads((run / "classnames.json").read_text()) == sorted(names[1:])  # passed through verbatim
     image = tmp_path / f"img {names[1]}.jpg"

@@ -17,7 +17,7 @@ from PIL import Image
 
 from prolip.data import BadImageError, DataError, load_image, resolve_data
 
-from .conftest import TINY, cli
+from .conftest import TINY, cli, fit_cli
 
 pytestmark = pytest.mark.reliability("bad_input")
 
@@ -151,22 +151,7 @@ def test_a_corrupt_or_vanished_member_is_a_bad_image_named_by_its_member(tmp_pat
     with tally.raises(BadImageError, match="has no member s999.png", input="a member the shard does not hold"):
         load_image(f"{path}::s999.png")
     clean = shard(tmp_path / "clean" / "a.tar", good())
-    r = cli(
-        "fit",
-        "--data",
-        clean,
-        "--shots",
-        1,
-        "--views",
-        1,
-        "--steps",
-        2,
-        "--cache-dir",
-        tmp_path / "c",
-        "--out",
-        tmp_path / "run",
-        *TINY,
-    )
+    r = fit_cli(clean, tmp_path / "run", tmp_path / "c", shots=1, views=1, steps=2)
     assert r.exit_code == 0, r.output
     r = cli("eval", tmp_path / "run", "--data", path, "--on-bad-image", "skip", "--cache-dir", tmp_path / "c", "--json")
     assert r.exit_code == 0, r.output
