@@ -8,6 +8,7 @@ import click
 import yaml
 
 from prolip.bench.experiment import load_yaml
+from prolip.cli.commands import path_option
 
 
 def _overrides(pairs: tuple[str, ...]) -> dict:
@@ -100,7 +101,7 @@ def _print_plan(exp, experiment: Path) -> None:
 
 @click.command("report")
 @click.argument("records", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="folder for tables and plots")
+@path_option("--out", help="folder for tables and plots")
 def report_cmd(records, out):
     """Aggregate bench records: mean ± std over seeds, per dataset and averaged; markdown, CSV, JSON, PNG."""
     from prolip.bench.records import read_records

@@ -20,6 +20,11 @@ def _fail(message: str) -> None:
     raise click.ClickException(message)
 
 
+def path_option(*names: str, help: str):
+    """An optional path option (None when not given)."""
+    return click.option(*names, type=click.Path(path_type=Path), default=None, help=help)
+
+
 def backbone_options(f):
     f = click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda")(f)
     f = click.option(
@@ -65,12 +70,7 @@ def cache_options(f):
         show_default=True,
         help="images per backbone forward pass",
     )(f)
-    f = click.option(
-        "--cache-dir",
-        type=click.Path(path_type=Path),
-        default=None,
-        help="feature cache directory [default: $PROLIP_CACHE_DIR or ~/.cache/prolip]",
-    )(f)
+    f = path_option("--cache-dir", help="feature cache directory [default: $PROLIP_CACHE_DIR or ~/.cache/prolip]")(f)
     return f
 
 
@@ -84,25 +84,12 @@ def label_key_option(f):
 
 
 def data_options(f):
-    f = click.option(
-        "--templates",
-        "templates_file",
-        type=click.Path(path_type=Path),
-        default=None,
-        help="prompt templates file, one per line, each containing {}",
-    )(f)
-    f = click.option(
-        "--classnames",
-        "classnames_file",
-        type=click.Path(path_type=Path),
-        default=None,
-        help="class names file (one per line, in sorted folder order)",
-    )(f)
-    f = click.option(
-        "--data-root",
-        type=click.Path(path_type=Path),
-        default=None,
-        help="root folder of the benchmark datasets (CoOp layout) when --data names a benchmark",
+    f = path_option("--templates", "templates_file", help="prompt templates file, one per line, each containing {}")(f)
+    f = path_option("--classnames", "classnames_file", help="class names file (one per line, in sorted folder order)")(
+        f
+    )
+    f = path_option(
+        "--data-root", help="root folder of the benchmark datasets (CoOp layout) when --data names a benchmark"
     )(f)
     return f
 
@@ -278,11 +265,9 @@ def check_device(device: str) -> None:
     help="let classes with fewer than --shots images take part: the coop sampler uses all a short class "
     "has; the lpp sampler draws --shots with repeats, as the LP++/ProLIP code does",
 )
-@click.option(
+@path_option(
     "--val",
     "val_dir",
-    type=click.Path(path_type=Path),
-    default=None,
     help="image folder to evaluate on (default: the test split, or the images not used for training)",
 )
 @click.option("--aug-seed", default=0, show_default=True, help="seed of the cached augmentations")
@@ -427,27 +412,11 @@ def _report_metrics(metrics, backbone, as_json, out=None):
 @click.option(
     "--json", "as_json", is_flag=True, help="print JSON: the metrics, the per-class table and the confusion matrix"
 )
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="also write eval.json, per_class.csv and confusion_matrix.png into this folder",
-)
+@path_option("--out", help="also write eval.json, per_class.csv and confusion_matrix.png into this folder")
 @click.option("--force", is_flag=True, help="replace --out if it is an earlier prolip evaluation (or empty)")
 @label_key_option
-@click.option(
-    "--classnames",
-    "classnames_file",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="class names file (one per line, in sorted folder order)",
-)
-@click.option(
-    "--data-root",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="root folder of the benchmark datasets (CoOp layout) when --data names a benchmark",
-)
+@path_option("--classnames", "classnames_file", help="class names file (one per line, in sorted folder order)")
+@path_option("--data-root", help="root folder of the benchmark datasets (CoOp layout) when --data names a benchmark")
 @cache_options
 @click.option("--device", default="cpu", show_default=True)
 def eval_cmd(
@@ -783,12 +752,7 @@ def export_cmd(run_dir, out, fmt, force, device):
     help="augmented views per training image (0: center only)",
 )
 @click.option("--aug-seed", default=0, show_default=True)
-@click.option(
-    "--data-root",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="root folder of the benchmark datasets (CoOp layout) when --data names a benchmark",
-)
+@path_option("--data-root", help="root folder of the benchmark datasets (CoOp layout) when --data names a benchmark")
 @click.option(
     "--engine",
     type=click.Choice(["torch", "onnxruntime"]),
