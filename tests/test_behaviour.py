@@ -165,12 +165,15 @@ def test_prolip_beats_zero_shot_on_a_mild_shift(bench):
     """The same claim where zero-shot already knows a lot (noisy digits, zero-shot 64.7% measured): a small gain at
     4 shots, and at 16 shots (lr 1e-2) only "not below zero-shot" holds with a margin."""
 
-    def gain(shots: int) -> float:
-        return over_seeds(lambda s: bench.accuracy(MILD, s, shots, lr=HIGH_LR, lam="1/N") - bench.zero_shot(MILD, s))
+    def gain(shots: int, seeds=SEEDS) -> float:
+        return mean(bench.accuracy(MILD, s, shots, lr=HIGH_LR, lam="1/N") - bench.zero_shot(MILD, s) for s in seeds)
 
-    # Measured mean gain A / B (worst 3 seeds): 4-shot +5.0 / +5.8 (+3.8 / +4.4); 16-shot +3.6 / +2.4 (+2.3 / +0.6).
+    # Measured mean gain A / B (worst 3 seeds): 4-shot +5.0 / +5.8 (+3.8 / +4.4); over seeds 1-3 in six more fresh
+    # folders +3.6 to +5.1. At 16 shots the mean over seeds 1-3 moves with the views drawn (they are seeded per image
+    # file): -1.8 (a clean-clone CI run) to +4.8 over eleven folders, too few seeds for this claim; over seeds 1-8
+    # it was +0.6 to +4.5 in eight fresh folders (median +2.9), so the 16-shot claim is asserted over seeds 1-8.
     assert gain(4) >= 1.5
-    assert gain(16) >= -1.0
+    assert gain(16, seeds=range(1, 9)) >= -1.0
 
 
 @pytest.mark.parametrize("shots", [1, 4])
