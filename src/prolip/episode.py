@@ -97,8 +97,8 @@ class Episode:
 
     def support_for(self, method: Method) -> Support:
         """The support set as ``method`` trains on it: the same images, in its augmentation's cached views (a method
-        that learns nothing, zero-shot, reads none and gets the episode's own)."""
-        if method.augmentation == self.augmentation or not method.learns:
+        that reads no cached views gets the episode's own, and nothing more is extracted for it)."""
+        if method.augmentation in (self.augmentation, NO_CACHED_VIEWS):
             return self.support
         if method.augmentation not in self._other_supports:
             assert self.builder is not None

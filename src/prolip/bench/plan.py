@@ -44,7 +44,7 @@ from prolip.episode import EpisodeImages, draw_images, evaluation_images, restri
 from prolip.features.cache import Request, Survey
 from prolip.features.extraction import center_views
 from prolip.methods import create, method_class
-from prolip.methods.base import Support, Task, TensorViews, Validation
+from prolip.methods.base import NO_CACHED_VIEWS, Support, Task, TensorViews, Validation
 
 
 @dataclass
@@ -169,8 +169,8 @@ def _method_requests(b: Bench, cell: Cell, drawn: EpisodeImages, probe: _CenterP
     cls = method_class(cell.method.name)
     support = _paths(drawn.support)
     out = []
-    if cls.learns and cls.augmentation != b.augmentation:
-        out.append(Request(support, support_views(cls.augmentation, b.exp.views), b.exp.aug_seed, cls.augmentation))
+    if cls.augmentation not in (b.augmentation, NO_CACHED_VIEWS):
+        out.append(Request(support, b.exp.views, b.exp.aug_seed, cls.augmentation))
     if cls.encodes_images:
         tally.encoder_cells += 1
     elif probe.reads_center(cell.method, cell.record["hyperparameters"]):

@@ -139,10 +139,10 @@ class Bench:
 
     @property
     def augmentation(self) -> str:
-        """The views an episode's support is cached in: those of the first method that learns (the others get
-        theirs from ``Episode.support_for``), or none when no method learns (a zero-shot-only experiment)."""
-        learners = (method_class(m.name) for m in self.exp.methods)
-        return next((c.augmentation for c in learners if c.learns), NO_CACHED_VIEWS)
+        """The views an episode's support is cached in: those of the first method that reads cached views (the
+        others get theirs from ``Episode.support_for``), or none when no method does (zero-shot, image-level)."""
+        augmentations = (method_class(m.name).augmentation for m in self.exp.methods)
+        return next((a for a in augmentations if a != NO_CACHED_VIEWS), NO_CACHED_VIEWS)
 
     def episode(self, splits: DatasetSplits, shots: int, seed: int, classes=None) -> Episode:
         text_side = any(method_class(m.name).uses_text_side for m in self.exp.methods)
