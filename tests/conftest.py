@@ -41,6 +41,29 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def dtd10_experiment(tmp_path, shared_data):
+    """A raw experiment on dtd10 with the tiny random ViT (1 shot, seed 1, 2 views, zero-shot), cache and results
+    under tmp_path; keywords replace its keys."""
+
+    def make(**overrides) -> dict:
+        return {
+            "model": "test-vit-tiny",
+            "pretrained": "none",
+            "data_root": str(shared_data / "dtd10"),
+            "datasets": ["dtd"],
+            "shots": [1],
+            "seeds": [1],
+            "views": 2,
+            "cache_dir": str(tmp_path / "cache"),
+            "out": str(tmp_path / "res"),
+            "methods": ["zeroshot"],
+            **overrides,
+        }
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def vit_b16_file(tmp_path_factory) -> Path:
     """A random ViT-B-16 open_clip state dict saved as .safetensors (~600 MB, real architecture)."""

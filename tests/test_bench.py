@@ -43,18 +43,10 @@ def test_experiment_validation():
     assert exp.methods[0].hyperparameters == {"lr": 1e-3} and exp.methods[0].label == "p3"
 
 
-def test_bench_and_report_on_dtd10(tmp_path, shared_data):
-    exp = {
-        "model": "test-vit-tiny",
-        "pretrained": "none",
-        "data_root": str(shared_data / "dtd10"),
-        "datasets": ["dtd"],
-        "shots": [1, 4],
-        "seeds": [1],
-        "views": 2,
-        "cache_dir": str(tmp_path / "cache"),
-        "methods": ["zeroshot", {"name": "prolip", "steps": 20, "lr": 1e-3}, "linear-probe", "tip-adapter"],
-    }
+def test_bench_and_report_on_dtd10(tmp_path, dtd10_experiment):
+    exp = dtd10_experiment(
+        shots=[1, 4], methods=["zeroshot", {"name": "prolip", "steps": 20, "lr": 1e-3}, "linear-probe", "tip-adapter"]
+    )
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(exp))
     runner = CliRunner()

@@ -18,21 +18,8 @@ from prolip.functional import accuracy, clip_logits
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
-def _exp(tmp_path, shared_data, **kw):
-    raw = {
-        "model": "test-vit-tiny",
-        "pretrained": "none",
-        "data_root": str(shared_data / "dtd10"),
-        "datasets": ["dtd"],
-        "shots": [1],
-        "seeds": [1],
-        "views": 2,
-        "cache_dir": str(tmp_path / "cache"),
-        "out": str(tmp_path / "res"),
-        "methods": ["zeroshot"],
-    }
-    raw.update(kw)
-    return parse_experiment(raw, "test.yaml")
+def _exp(dtd10_experiment, **kw):
+    return parse_experiment(dtd10_experiment(**kw), "test.yaml")
 
 
 def _run(exp, backbone):
@@ -127,7 +114,7 @@ def test_append_after_a_truncated_line_keeps_the_new_record(tmp_path):
 # ------------------------------------------------------------------------------------------ protocols
 
 
-def test_validation_grid_sees_only_validation_images(tmp_path, shared_data, tiny_vit, monkeypatch):
+def test_validation_grid_sees_only_validation_images(tmp_path, shared_data, tiny_vit, monkeypatch, dtd10_experiment):
     from prolip.bench.protocols import Bench
 
     seen = []
@@ -139,7 +126,7 @@ def test_validation_grid_sees_only_validation_images(tmp_path, shared_data, tiny
         return method, seconds
 
     monkeypatch.setattr(Bench, "fit", spy)
-    exp = _exp(tmp_path, shared_data, protocol="fewshot-val", methods=[{"name": "prolip", "steps": 3}])
+    exp = _exp(dtd10_experiment, protocol="fewshot-val", methods=[{"name": "prolip", "steps": 3}])
     records, _ = _run(exp, tiny_vit)
     ((name, hp, val, method),) = seen
     assert hp["grid"] is True and records[0]["validation"] is True
@@ -161,12 +148,11 @@ def test_validation_grid_sees_only_validation_images(tmp_path, shared_data, tiny
     assert records[0]["accuracy"] == pytest.approx(accuracy(method.logits(z_test), torch.tensor(splits.test.labels)))
 
 
-def test_sensitivity_sweep_matches_single_runs(tmp_path, shared_data, tiny_vit):
+def test_sensitivity_sweep_matches_single_runs(tiny_vit, dtd10_experiment):
     from prolip.methods import create
 
     exp = _exp(
-        tmp_path,
-        shared_data,
+        dtd10_experiment,
         protocol="sensitivity",
         methods=[{"name": "prolip", "steps": 4}],
         sensitivity={"lrs": [1e-4, 1e-1], "lams": [0.0, 1.0]},
@@ -193,10 +179,9 @@ def test_sensitivity_sweep_matches_single_runs(tmp_path, shared_data, tiny_vit):
     assert b.cache.stats.forward_passes == 0  # everything above came from the shared cache
 
 
-def test_base2new_uses_each_side_its_own_classifier(tmp_path, shared_data, tiny_vit):
+def test_base2new_uses_each_side_its_own_classifier(tiny_vit, dtd10_experiment):
     exp = _exp(
-        tmp_path,
-        shared_data,
+        dtd10_experiment,
         protocol="base2new",
         shots=[2],
         methods=["zeroshot", {"name": "prolip", "steps": 5, "lr": 1e-2}, "linear-probe"],
@@ -235,11 +220,10 @@ def test_base2new_samples_all_classes_then_keeps_the_base_ones(shared_data):
     assert set(base.support.labels) == set(range(5))
 
 
-def test_cross_dataset_evaluates_targets_with_their_classifiers(tmp_path, shared_data, tiny_vit):
+def test_cross_dataset_evaluates_targets_with_their_classifiers(shared_data, tiny_vit, dtd10_experiment):
     target = str(shared_data / "cifar10-sample")
     exp = _exp(
-        tmp_path,
-        shared_data,
+        dtd10_experiment,
         protocol="cross-dataset",
         targets=[target],
         methods=["zeroshot", {"name": "prolip", "steps": 3}, "tip-adapter"],
@@ -261,10 +245,9 @@ def test_cross_dataset_evaluates_targets_with_their_classifiers(tmp_path, shared
     )
 
 
-def test_tta_protocol_and_rerun_skips_everything(tmp_path, shared_data, tiny_vit):
+def test_tta_protocol_and_rerun_skips_everything(tiny_vit, dtd10_experiment):
     exp = _exp(
-        tmp_path,
-        shared_data,
+        dtd10_experiment,
         protocol="tta",
         methods=["zeroshot", {"name": "prolip", "steps": 3}],
         tta={"views": 3, "max_images": 6, "ensemble": True},
@@ -279,24 +262,24 @@ def test_tta_protocol_and_rerun_skips_everything(tmp_path, shared_data, tiny_vit
     assert len(again) == 3 and lines[-1].startswith("0 cells run, 3 already done")
 
 
-def test_fewshot_rerun_does_no_forward_passes_and_new_cells_reuse_features(tmp_path, shared_data, tiny_vit):
-    exp = _exp(tmp_path, shared_data, methods=["zeroshot", {"name": "prolip", "steps": 3}])
+def test_fewshot_rerun_does_no_forward_passes_and_new_cells_reuse_features(tiny_vit, dtd10_experiment):
+    exp = _exp(dtd10_experiment, methods=["zeroshot", {"name": "prolip", "steps": 3}])
     records, lines = _run(exp, tiny_vit)
     assert len(records) == 2 and not re.search(r"\b0 forward passes", lines[-1])
     records, lines = _run(exp, tiny_vit)
     assert len(records) == 2 and "0 cells run, 2 already done" in lines[-1]
     assert re.search(r"cache: 0 forward passes", lines[-1])
     # A new method on the same support set: trained and recorded, with every feature read back from the cache.
-    exp2 = _exp(tmp_path, shared_data, methods=["zeroshot", {"name": "prolip", "steps": 3}, "lp++"])
+    exp2 = _exp(dtd10_experiment, methods=["zeroshot", {"name": "prolip", "steps": 3}, "lp++"])
     records, lines = _run(exp2, tiny_vit)
     assert len(records) == 3 and "1 cells run, 2 already done" in lines[-1]
     assert re.search(r"cache: 0 forward passes", lines[-1])
 
 
-def test_same_seed_same_numbers_in_a_fresh_results_folder(tmp_path, shared_data, tiny_vit):
+def test_same_seed_same_numbers_in_a_fresh_results_folder(tmp_path, tiny_vit, dtd10_experiment):
     methods = [{"name": "prolip", "steps": 3, "lr": 1e-2}, "linear-probe", "tip-adapter-f"]
-    first, _ = _run(_exp(tmp_path, shared_data, methods=methods, seeds=[1, 2]), tiny_vit)
-    second, _ = _run(_exp(tmp_path, shared_data, methods=methods, seeds=[1, 2], out=str(tmp_path / "again")), tiny_vit)
+    first, _ = _run(_exp(dtd10_experiment, methods=methods, seeds=[1, 2]), tiny_vit)
+    second, _ = _run(_exp(dtd10_experiment, methods=methods, seeds=[1, 2], out=str(tmp_path / "again")), tiny_vit)
     key = lambda r: (r["label"], r["seed"])
     assert [(key(r), r["cell"], r["accuracy"]) for r in sorted(first, key=key)] == [
         (key(r), r["cell"], r["accuracy"]) for r in sorted(second, key=key)

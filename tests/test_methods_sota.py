@@ -171,30 +171,22 @@ def test_proker_scores_in_row_chunks(problem, monkeypatch):
 # ----------------------------------------------------------------------------------------------- in the bench
 
 
-def test_bench_records_cost_and_the_report_shows_it_with_the_protocol_card(tmp_path, shared_data, tiny_vit):
+def test_bench_records_cost_and_the_report_shows_it_with_the_protocol_card(tmp_path, tiny_vit, dtd10_experiment):
     from prolip.bench.experiment import parse_experiment
     from prolip.bench.protocols import run_experiment
     from prolip.bench.records import read_records
     from prolip.bench.report import write_report
 
-    raw = {
-        "model": "test-vit-tiny",
-        "pretrained": "none",
-        "data_root": str(shared_data / "dtd10"),
-        "datasets": ["dtd"],
-        "shots": [1],
-        "seeds": [1],
-        "views": 3,
-        "cache_dir": str(tmp_path / "cache"),
-        "out": str(tmp_path / "res"),
-        "protocol": "fewshot-val",
-        "methods": [
+    raw = dtd10_experiment(
+        views=3,
+        protocol="fewshot-val",
+        methods=[
             "zeroshot",
             "gda",
             {"name": "proker", "beta_grid": [0.5, 3.0, 3], "lam_grid": [0.01, 1.0, 3]},
             {"name": "prolip", "grid": False, "steps": 3, "label": "prolip, validation-free"},
         ],
-    }
+    )
     records = {
         r["label"]: r
         for r in read_records(

@@ -13,23 +13,11 @@ from prolip.bench.plan import format_plan, plan_experiment
 from prolip.cli import main
 
 
-def _experiment(tmp_path, shared_data, **overrides):
-    spec = {
-        "model": "test-vit-tiny",
-        "pretrained": "none",
-        "data_root": str(shared_data / "dtd10"),
-        "datasets": ["dtd"],
-        "shots": [1, 2],
-        "seeds": [1],
-        "views": 2,
-        "cache_dir": str(tmp_path / "cache"),
-        "out": str(tmp_path / "res"),
-        # zero-shot (no support features), ProLIP (its views), the linear probe (the support's center crops),
-        # CLAP (views of its own augmentation)
-        "methods": ["zeroshot", {"name": "prolip", "steps": 3}, "linear-probe", {"name": "clap", "epochs": 1}],
-    }
-    spec.update(overrides)
-    return parse_experiment(spec)
+def _experiment(dtd10_experiment, **overrides):
+    # zero-shot (no support features), ProLIP (its views), the linear probe (the support's center crops),
+    # CLAP (views of its own augmentation)
+    methods = ["zeroshot", {"name": "prolip", "steps": 3}, "linear-probe", {"name": "clap", "epochs": 1}]
+    return parse_experiment(dtd10_experiment(**{"shots": [1, 2], "methods": methods, **overrides}))
 
 
 def _run_passes(exp, backbone, monkeypatch) -> int:
@@ -68,9 +56,9 @@ LIGHT = ["zeroshot", {"name": "prolip", "steps": 2}]
     ],
 )
 def test_plan_counts_the_forward_passes_the_run_makes(
-    tmp_path, shared_data, tiny_vit, monkeypatch, protocol, overrides
+    tmp_path, tiny_vit, monkeypatch, protocol, overrides, dtd10_experiment
 ):
-    exp = _experiment(tmp_path, shared_data, protocol=protocol, **overrides)
+    exp = _experiment(dtd10_experiment, protocol=protocol, **overrides)
     plan = plan_experiment(exp, tiny_vit, time_batch=False)
     assert plan.survey.forward_passes > 0 and plan.survey.cached_passes == 0
     assert plan.reference_passes >= plan.survey.forward_passes  # the reference's runs share nothing
@@ -82,9 +70,9 @@ def test_plan_counts_the_forward_passes_the_run_makes(
         assert plan.tta_passes == 4 * 3  # the test-time views, beside the cached count
 
 
-def test_plan_leaves_out_what_is_cached_and_recorded(tmp_path, shared_data, tiny_vit, monkeypatch):
-    _run_passes(_experiment(tmp_path, shared_data, shots=[1], methods=LIGHT), tiny_vit, monkeypatch)
-    more = _experiment(tmp_path, shared_data, shots=[1, 2], seeds=[1, 2], methods=LIGHT)
+def test_plan_leaves_out_what_is_cached_and_recorded(tiny_vit, monkeypatch, dtd10_experiment):
+    _run_passes(_experiment(dtd10_experiment, shots=[1], methods=LIGHT), tiny_vit, monkeypatch)
+    more = _experiment(dtd10_experiment, shots=[1, 2], seeds=[1, 2], methods=LIGHT)
     plan = plan_experiment(more, tiny_vit)
     assert plan.pending == plan.cells - 2  # the two 1-shot seed-1 cells are recorded
     assert plan.survey.cached_passes > 0  # the test set's center crops, at least
@@ -94,18 +82,8 @@ def test_plan_leaves_out_what_is_cached_and_recorded(tmp_path, shared_data, tiny
     assert _run_passes(more, tiny_vit, monkeypatch) == plan.survey.forward_passes
 
 
-def test_cli_plan_prints_and_writes_nothing(tmp_path, shared_data):
-    spec = {
-        "model": "test-vit-tiny",
-        "pretrained": "none",
-        "data_root": str(shared_data / "dtd10"),
-        "datasets": ["dtd"],
-        "shots": [1],
-        "seeds": [1],
-        "views": 2,
-        "cache_dir": str(tmp_path / "cache"),
-        "methods": ["zeroshot", {"name": "prolip", "steps": 2}],
-    }
+def test_cli_plan_prints_and_writes_nothing(tmp_path, dtd10_experiment):
+    spec = dtd10_experiment(methods=["zeroshot", {"name": "prolip", "steps": 2}])
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(spec))
     r = CliRunner().invoke(main, ["bench", str(path), "--out", str(tmp_path / "res"), "--plan"], catch_exceptions=False)
@@ -117,9 +95,9 @@ def test_cli_plan_prints_and_writes_nothing(tmp_path, shared_data):
 @pytest.mark.parametrize(
     "methods", [["zeroshot"], ["zeroshot", {"name": "last-layer-ft", "epochs": 1}], [{"name": "clip-lora", "steps": 1}]]
 )
-def test_experiments_whose_methods_train_on_no_cached_views_extract_none(tmp_path, shared_data, tiny_vit, methods):
+def test_experiments_whose_methods_train_on_no_cached_views_extract_none(tiny_vit, methods, dtd10_experiment):
     """Zero-shot and the image-level methods read center crops (or nothing): no augmented view is planned, so none
     is extracted (plan = run above); before, every episode cached --views views of its support regardless."""
-    exp = _experiment(tmp_path, shared_data, protocol="fewshot", shots=[1], views=50, methods=methods)
+    exp = _experiment(dtd10_experiment, protocol="fewshot", shots=[1], views=50, methods=methods)
     survey = plan_experiment(exp, tiny_vit, time_batch=False).survey
     assert survey.forward_passes and set(survey.views.values()) == {1}

@@ -136,25 +136,15 @@ def test_tda_settings_are_its_configs_and_orders_are_seeded():
 # ----------------------------------------------------------------------------------------------- in the bench
 
 
-def test_tta_protocol_runs_zero_and_tda_with_recorded_stream_orders(tmp_path, shared_data, tiny_vit):
+def test_tta_protocol_runs_zero_and_tda_with_recorded_stream_orders(tmp_path, tiny_vit, dtd10_experiment):
     from prolip.bench.experiment import parse_experiment
     from prolip.bench.protocols import run_experiment
     from prolip.bench.records import read_records
 
-    raw = {
-        "model": "test-vit-tiny",
-        "pretrained": "none",
-        "data_root": str(shared_data / "dtd10"),
-        "datasets": ["dtd"],
-        "shots": [1],
-        "seeds": [1],
-        "views": 2,
-        "cache_dir": str(tmp_path / "cache"),
-        "out": str(tmp_path / "res"),
-        "methods": ["zeroshot"],
-        "protocol": "tta",
-        "tta": {"views": 4, "max_images": 8, "zeroshot": True, "zero": True, "tda": True, "tda_orders": [1, 2, 5]},
-    }
+    raw = dtd10_experiment(
+        protocol="tta",
+        tta={"views": 4, "max_images": 8, "zeroshot": True, "zero": True, "tda": True, "tda_orders": [1, 2, 5]},
+    )
     records = read_records(run_experiment(parse_experiment(raw, "t.yaml"), echo=lambda line: None, backbone=tiny_vit))
     by_label = {r["label"]: r for r in records}
     assert set(by_label) == {"tta+zeroshot", "zeroshot", "zero", "tda"}
