@@ -528,13 +528,7 @@ def _shots_table(rows: list[dict], names: dict, notes: Footnotes) -> list[str]:
     if len({without_shots(r) for r in averages}) == len(averages):
         return []  # no method at more than one shot count: nothing to lay out by shots
     cells = {(without_shots(r), r["shots"]): r for r in averages}
-    out = [
-        "",
-        f"{averages[0]['dataset'].capitalize()} by shots:",
-        "",
-        "| method | " + " | ".join(f"{s}-shot" for s in shots) + " |",
-        "|---|" + "---:|" * len(shots),
-    ]
+    out = _by_shots_head(f"{averages[0]['dataset'].capitalize()} by shots:", shots)
     for key, r in _lines(averages, without_shots):
         out.append(f"| {names[_line_key(r)]} | " + " | ".join(_cell(cells.get((key, s)), notes) for s in shots) + " |")
     return out
@@ -989,18 +983,18 @@ def zero_shot_gains(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return gains
 
 
+def _by_shots_head(title: str, shots: list) -> list[str]:
+    """A titled table with one row per method and one column per shot count: its title and header lines."""
+    header = "| method | " + " | ".join(f"{s}-shot" for s in shots) + " |"
+    return ["", title, "", header, "|---|" + "---:|" * len(shots)]
+
+
 def _dataset_table(rows: list[dict], dataset: str, names: dict, gains: dict, notes: Footnotes) -> list[str]:
     here = [r for r in rows if r["dataset"] == dataset]
     shots = sorted({r["shots"] for r in here}, key=numeric_order)
     without_shots = lambda r: _line_key(r)[:-1]  # shots is the last field of a line
     cells = {(without_shots(r), canonical(r["shots"])): r for r in here}
-    out = [
-        "",
-        f"### {dataset}",
-        "",
-        "| method | " + " | ".join(f"{s}-shot" for s in shots) + " |",
-        "|---|" + "---:|" * len(shots),
-    ]
+    out = _by_shots_head(f"### {dataset}", shots)
     for key, r in _lines(here, without_shots):
         values = []
         for s in shots:
