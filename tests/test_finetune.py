@@ -1,6 +1,6 @@
 """Fine-tuning inside the image encoder (full-ft, last-layer-ft) on the tiny random models and real JPEGs: the first
 steps equal an independent loop written the reference's way (torch.optim.Adam + CosineAnnealingLR on a deep copy
-of the model, open_clip's own forward), the frozen backbone is never touched, only the chosen block moves, the
+of the model), the frozen backbone is never touched, only the chosen block moves, the
 reference's detached penalty changes nothing, and runs save, load, predict and export."""
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from open_clip.modified_resnet import ModifiedResNet
 
+from prolip.backbones.openclip import attention_pool_pre_projection
 from prolip.data.images import load_image
 from prolip.data.types import ImageItem, LabeledImages
 from prolip.episode import task_for
 from prolip.features import encode_images, image_key
 from prolip.finetune import epoch_batches, image_encoder_parameters, last_layer_parameters
-from prolip.functional import clip_logits
+from prolip.functional import clip_logits, project
 from prolip.methods import create
 from prolip.methods.base import Support, TensorViews
 from prolip.transforms import augment_transform, augmented_view, view_seed
@@ -59,11 +61,24 @@ def fit(name, backbone, folder, seed=1, **hp):
     return create(name, **{**FAST, **hp}).fit(task, support, seed=seed)
 
 
+def image_forward(backbone, model, x):
+    """The image embedding (projection included) of ``model`` (a copy of the backbone's). On the ViT it is open_clip's
+    own forward. On the ResNet it is the attention pool with its output projection split off, as prolip trains it:
+    open_clip's fused projection rounds differently (by an ulp), and ReLU kinks amplify that over a few Adam steps
+    into differences up to 5.7e-5 in 1 of 340 view draws (measured), which made this comparison flaky. That the
+    split forward equals open_clip's is tests/test_backbones.py::test_resnet_projection_is_c_proj_with_frozen_bias."""
+    if not isinstance(model.visual, ModifiedResNet):
+        return model.visual(x)
+    v = model.visual
+    z = attention_pool_pre_projection(v.attnpool, v.layer4(v.layer3(v.layer2(v.layer1(v.stem(x))))))
+    return project(z, v.attnpool.c_proj.weight.t(), v.attnpool.c_proj.bias)
+
+
 def reference_loop(backbone, folder, names, *, epochs, batch_size, lr, seed=1, aug_seed=0, penalty=None, lam=0.0):
     """The reference's training (Full_FT.py / Last_Layer_FT.py) in a few lines: a deep copy of the model in eval
     mode, Adam(eps 1e-4) over the parameters with requires_grad, CosineAnnealingLR over epochs × batches stepped
-    per iteration, un-normalised logits from open_clip's own image forward (projection included), and for
-    last-layer-ft the penalty built from ``state_dict()`` ("reference", detached) or from the parameters."""
+    per iteration, un-normalised logits from the image forward (projection included), and for last-layer-ft the
+    penalty built from ``state_dict()`` ("reference", detached) or from the parameters."""
     model = copy.deepcopy(backbone.model).eval().requires_grad_(False)
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
@@ -82,7 +97,7 @@ def reference_loop(backbone, folder, names, *, epochs, batch_size, lr, seed=1, a
             x = torch.stack(
                 [augmented_view(decoded[i], prep, view_seed(aug_seed, keys[i], epoch), transform) for i in idx.tolist()]
             )
-            loss = F.cross_entropy(backbone.logit_scale * model.visual(x) @ T.T, labels[idx])
+            loss = F.cross_entropy(backbone.logit_scale * image_forward(backbone, model, x) @ T.T, labels[idx])
             if penalty is not None:
                 current = model.state_dict() if penalty == "reference" else dict(model.named_parameters())
                 loss = loss + lam * sum(F.mse_loss(current[k], pretrained[k], reduction="sum") for k in pretrained)
@@ -117,6 +132,15 @@ def test_first_steps_equal_the_reference_loop(fixture, name, hp, penalty, reques
     assert all(torch.equal(v, frozen[k]) for k, v in backbone.model.state_dict().items())
     assert not any(p.requires_grad for p in backbone.model.parameters())
     assert method.encoder.info.fingerprint != backbone.info.fingerprint
+
+
+def test_the_comparison_with_the_reference_sees_a_changed_optimiser(tiny_rn, tiny_image_folder):
+    """The tolerance above is no formality: Adam's eps at 1e-3 instead of the reference's 1e-4 moves past it."""
+    method = fit("full-ft", tiny_rn, tiny_image_folder, eps=1e-3)
+    chosen = image_encoder_parameters(tiny_rn)
+    ref = reference_loop(tiny_rn, tiny_image_folder, set(chosen), **FAST)
+    state = method.state_dict()
+    assert not all(torch.allclose(state[k], ref[k], atol=2e-6, rtol=1e-4) for k in chosen)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_vit", "tiny_rn"])
