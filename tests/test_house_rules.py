@@ -63,6 +63,31 @@ def method_name_comparisons(source: str) -> list[str]:
     return found
 
 
+def _names_a_family(node: ast.AST) -> bool:
+    """``family``, ``x.family``, ``info.family``, ``b["family"]``."""
+    if isinstance(node, ast.Name):
+        return node.id == "family"
+    if isinstance(node, ast.Attribute):
+        return node.attr == "family"
+    return isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value == "family"
+
+
+def family_name_comparisons(source: str) -> list[str]:
+    """Comparisons of a backbone's family with a string literal: what a family can do is declared by the family
+    (``backbone.family``'s fields), never decided by its name."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(map(_names_a_family, sides)) and any(
+                isinstance(c, ast.Constant) and isinstance(c.value, str)
+                for side in sides
+                for c in ([side] if not isinstance(side, (ast.Tuple, ast.List, ast.Set)) else side.elts)
+            ):
+                found.append(ast.unparse(node))
+    return found
+
+
 def test_the_checkers_can_fail():
     long = "def f():\n" + "    x = 1\n" * 70
     assert long_functions(long) == [("f", 71)]
@@ -72,6 +97,9 @@ def test_the_checkers_can_fail():
     assert method_name_comparisons("if rec['method'] == 'prolip': pass")
     assert not method_name_comparisons("if kind == 'tta': pass")
     assert not method_name_comparisons("if meta.get('format') == 'prolip': pass")
+    assert family_name_comparisons("if backbone.info.family != 'open_clip': pass")
+    assert family_name_comparisons("x = 1 if b['family'] in ('hf', 'x') else 2")
+    assert not family_name_comparisons("if backbone.family.export_format == 'hf': pass")
 
 
 @pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(SRC)))
@@ -84,6 +112,13 @@ def test_no_function_over_60_lines(path):
 )
 def test_no_method_name_comparisons_outside_methods(path):
     assert method_name_comparisons(path.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in _sources() if "backbones" not in p.parts], ids=lambda p: str(p.relative_to(SRC))
+)
+def test_no_family_name_comparisons_outside_backbones(path):
+    assert family_name_comparisons(path.read_text()) == []
 
 
 def test_docstrings_cite_the_paper_or_the_readme_not_a_missing_spec():

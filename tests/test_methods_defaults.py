@@ -189,3 +189,14 @@ def test_validation_switches_on_what_a_method_selects_and_refuses_methods_that_s
     with pytest.raises(HyperparameterError, match="zeroshot selects nothing on a validation set"):
         configure("zeroshot", {}, validate=True)
     assert configure("zeroshot", {}, validate=True, refuse_useless_validation=False).get_params() == {}
+
+
+def test_register_refuses_a_second_class_under_a_taken_name():
+    from prolip.methods import method_class, register
+
+    existing = method_class("prolip")
+    impostor = type("Impostor", (existing,), {"__module__": "somewhere.else"})
+    with pytest.raises(ValueError, match=r"'prolip' is already registered .*another name"):
+        register(impostor)
+    assert method_class("prolip") is existing
+    assert register(existing) is existing  # the same class again (its module reloaded) is not a duplicate

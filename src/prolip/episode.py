@@ -29,6 +29,7 @@ from torch import Tensor
 from prolip.backbones.base import Backbone
 from prolip.data import sample_few_shot
 from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
+from prolip.errors import ProlipError
 from prolip.features.cache import CachedViews
 from prolip.functional import ensemble_classifier
 from prolip.methods.base import NO_CACHED_VIEWS, Method, Support, Task, Validation
@@ -37,7 +38,7 @@ EVAL_TEST_SPLIT, EVAL_HELD_OUT = "test split", "held-out images"
 SAMPLERS = ("lpp", "coop")
 
 
-class EpisodeError(ValueError):
+class EpisodeError(ProlipError, ValueError):
     """The data cannot make the requested episode; the message names the dataset and the option at fault."""
 
 

@@ -113,7 +113,7 @@ def export_open_clip(
 
     An existing file is replaced only with ``force`` and only if it is an earlier prolip export.
     """
-    if backbone.info.family != "open_clip":
+    if backbone.family.export_format != "open_clip":
         raise ValueError(
             f"open_clip export needs an open_clip backbone, got {backbone.info.describe()}; "
             f"use export_hf (CLI: --format hf) for Hugging Face models"
@@ -147,7 +147,7 @@ def export_hf(
     The directory is written whole and atomically; an existing one is replaced only with ``force`` and only if it
     is empty or an earlier prolip export.
     """
-    if backbone.info.family != "hf":
+    if backbone.family.export_format != "hf":
         raise ValueError(
             f"Hugging Face export needs an HF backbone (--model hf:<id or dir>); "
             f"{backbone.info.describe()} is an open_clip model: export it with format open_clip"

@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from open_clip.modified_resnet import ModifiedResNet
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -132,22 +131,15 @@ def model_parameters(backbone: Backbone) -> dict[str, Tensor]:
 
 
 def image_encoder_parameters(backbone: Backbone) -> list[str]:
-    """Every parameter the image embedding depends on, projection included: open_clip's ``visual.*``, a Hugging
-    Face CLIPModel's ``vision_model.*`` and ``visual_projection.*``."""
-    prefixes = ("visual.",) if backbone.info.family == "open_clip" else ("vision_model.", "visual_projection.")
-    return [n for n in model_parameters(backbone) if n.startswith(prefixes)]
+    """Every parameter the image embedding depends on, projection included (the family's image prefixes: open_clip's
+    ``visual.*``, a Hugging Face CLIPModel's ``vision_model.*`` and ``visual_projection.*``)."""
+    return [n for n in model_parameters(backbone) if n.startswith(backbone.family.image_prefixes)]
 
 
 def last_layer_parameters(backbone: Backbone) -> list[str]:
-    """ResNets: the attention pool (positional embedding, q/k/v/c_proj weights and biases; Last_Layer_FT.py:53-55).
-    ViTs: the last transformer block (Last_Layer_FT.py:57-59); the projection stays W0."""
-    model = backbone.model
-    if backbone.info.family != "open_clip":
-        prefix = f"vision_model.encoder.layers.{len(model.vision_model.encoder.layers) - 1}."
-    elif isinstance(model.visual, ModifiedResNet):
-        prefix = "visual.attnpool."
-    else:
-        prefix = f"visual.transformer.resblocks.{len(model.visual.transformer.resblocks) - 1}."
+    """The parameters of the family's last image block (a ResNet's attention pool, a ViT's last transformer block;
+    Last_Layer_FT.py:53-59); the projection stays W0."""
+    prefix = backbone.family.last_image_block(backbone.model)  # type: ignore[attr-defined]
     return [n for n in model_parameters(backbone) if n.startswith(prefix)]
 
 

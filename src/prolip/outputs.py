@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from prolip.errors import ProlipError
+
 RUN_FORMAT = "prolip-run/1"
 EXPORT_MARKER = "prolip-export.json"
 EXPORT_FORMAT = "prolip-export/1"
@@ -41,7 +43,7 @@ _SAFETENSORS_HEADER_LIMIT = 100 * 2**20  # a larger "header" is not one of our c
 _OUR_TEMPORARY = re.compile(r"\..+\.tmp(-\d+(-[0-9a-f]+)?)?")  # .<name>.tmp[-<pid>[-<token>]], as the writers name them
 
 
-class OutputError(ValueError):
+class OutputError(ProlipError, ValueError):
     """An output path prolip must not write: the message names the path and why."""
 
 

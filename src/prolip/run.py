@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prolip.data.folder import DataError, check_classnames, check_template
+from prolip.errors import ProlipError
 from prolip.outputs import RUN_CARD, RUN_FORMAT, write_directory
 
 FORMAT = RUN_FORMAT
@@ -44,7 +45,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
 }
 
 
-class RunError(ValueError):
+class RunError(ProlipError, ValueError):
     """A run directory that is missing, incomplete, damaged or of an unknown format; names the file and key."""
 
 

@@ -10,6 +10,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from prolip.backbones.families import Family, family_named
+
 
 @dataclass(frozen=True)
 class ProjectionSite:
@@ -47,7 +49,7 @@ class Preprocessing:
 class BackboneInfo:
     """Provenance of a loaded backbone: printed in reports, written in manifests, hashed into cache keys."""
 
-    family: str  # "open_clip" | "hf"
+    family: str  # the name of a registered family (prolip.backbones.families)
     arch: str  # e.g. "ViT-B-16", "RN50", hub id or directory for HF
     weights: str  # pretrained tag, file path, or "none"
     random_weights: bool
@@ -92,6 +94,11 @@ class Backbone(ABC):
 
         names = [c.replace("_", " ") for c in classnames]
         return ensemble_classifier(self.encode_text_templates(names, templates))
+
+    @property
+    def family(self) -> Family:
+        """What this backbone's family can do (its projection site, trainable blocks, export format)."""
+        return family_named(self.info.family)
 
     @property
     def dim_pre(self) -> int:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from prolip.backbones.base import Backbone, BackboneInfo, Preprocessing, ProjectionSite
+from prolip.backbones.families import AttentionTower, Family, register_family
 from prolip.backbones.loading import HOW_TO_PASS_LOCAL, BackboneLoadError, fingerprint, hub_available, refused_pickle
 
 TEXT_BATCH = 256
@@ -169,3 +170,24 @@ def _preprocessing(config, image_processor) -> Preprocessing:
     return Preprocessing(
         image_size=int(size), mean=tuple(image_processor.image_mean), std=tuple(image_processor.image_std)
     )
+
+
+# -- the family ------------------------------------------------------------------------------------------------------
+def _attention_towers(model, arch: str) -> dict[str, AttentionTower | str]:
+    return {
+        "text": ("text_model.encoder.layers", model.text_model.encoder.layers, "self_attn"),
+        "vision": ("vision_model.encoder.layers", model.vision_model.encoder.layers, "self_attn"),
+    }
+
+
+HF_CLIP = register_family(
+    Family(
+        name="hf",
+        prefix="hf:",
+        load=lambda source, pretrained, device: load_hf_backbone(source, device),
+        image_prefixes=("vision_model.", "visual_projection."),
+        last_image_block=lambda model: f"vision_model.encoder.layers.{len(model.vision_model.encoder.layers) - 1}.",
+        attention_towers=_attention_towers,
+        export_format="hf",
+    )
+)

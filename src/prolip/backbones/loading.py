@@ -7,11 +7,15 @@ import json
 import os
 import pickle
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from torch import Tensor
+
+from prolip.backbones.base import BackboneInfo
+from prolip.errors import ProlipError
 
 HOW_TO_PASS_LOCAL = (
     "pass a local file instead, e.g. `--pretrained /path/to/weights.safetensors` "
@@ -23,7 +27,7 @@ HOW_TO_PASS_LOCAL = (
 _NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
-class BackboneLoadError(RuntimeError):
+class BackboneLoadError(ProlipError, RuntimeError):
     """A backbone could not be built: unknown architecture, unreachable or unreadable weights, bad tokenizer."""
 
 
@@ -125,3 +129,36 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def hub_available() -> bool:
     return not hub_offline() and hub_reachable()
+
+
+# A safetensors file may say what its weights are in this metadata entry (prolip's in-house tiny CLIP does), so that
+# every description of the backbone, run manifest and report carries it next to the file's path.
+PROVENANCE_KEY = "prolip.provenance"
+
+
+@dataclass
+class LabelledBackboneInfo(BackboneInfo):
+    """BackboneInfo for weights whose file declares its provenance; ``describe()`` says it beside the path."""
+
+    provenance: str = ""
+
+    def describe(self) -> str:
+        return f"{self.family}:{self.arch} [{self.provenance}: {self.weights}]"
+
+
+def declared_provenance(path: Path) -> str:
+    """The provenance a .safetensors checkpoint declares in its metadata ("" when none or not safetensors)."""
+    if path.suffix != ".safetensors":
+        return ""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get(PROVENANCE_KEY, "")
+
+
+class RandomWeightsWarning(UserWarning):
+    """A backbone was built with random weights: its features and accuracies mean nothing.
+
+    A warning class of its own, so a caller that reports random weights itself (the CLI does, on every command)
+    can silence this one and the user reads the message once.
+    """

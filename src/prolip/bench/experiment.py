@@ -13,12 +13,14 @@ from typing import Any
 
 import yaml
 
+from prolip.errors import ProlipError
+
 PROTOCOLS = ("fewshot", "fewshot-val", "sensitivity", "base2new", "cross-dataset", "domain-generalisation", "tta")
 DOMAIN_TARGETS = ["ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR"]
 SINGLE_TEMPLATE = ["a photo of a {}."]
 
 
-class ExperimentError(ValueError):
+class ExperimentError(ProlipError, ValueError):
     pass
 
 

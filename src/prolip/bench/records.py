@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from prolip.errors import ProlipError
+
 # What defines a cell: the same values mean the same numbers (same seed, same numbers), so a re-run skips it.
 CELL_FIELDS = (
     "protocol",
@@ -39,7 +41,7 @@ def cell_id(record: dict[str, Any]) -> str:
 REQUIRED = ("cell", "protocol", "dataset", "label", "method", "shots")
 
 
-class RecordsError(ValueError):
+class RecordsError(ProlipError, ValueError):
     """A records file that holds no bench records; the message names the file and the first bad line."""
 
 

@@ -5,37 +5,7 @@ from __future__ import annotations
 import click
 
 from prolip import __version__
-
-# Errors that mean "your input or environment is wrong", each with a message naming the file/option at fault:
-# the user gets that message, not a traceback. Anything else is a bug and keeps its traceback.
-_USER_ERRORS = (
-    ("prolip.features.storage", "CacheError"),
-    ("prolip.data.images", "BadImageError"),
-    ("prolip.data.folder", "DataError"),
-    ("prolip.data.sampling", "NotEnoughImagesError"),
-    ("prolip.run", "RunError"),
-    ("prolip.backbones", "BackboneLoadError"),
-    ("prolip.methods.params", "HyperparameterError"),
-    ("prolip.methods.base", "FitError"),
-    ("prolip.episode", "EpisodeError"),
-    ("prolip.bench.experiment", "ExperimentError"),
-    ("prolip.bench.records", "RecordsError"),
-    ("prolip.outputs", "OutputError"),
-)
-# The library names values, not flags; where one option is the fix, the message says which.
-_FLAG_FOR = {"CacheError": "--cache-dir"}
-
-
-def _is_user_error(e: BaseException) -> bool:
-    import sys
-
-    # Looked up in sys.modules, so reporting a usage error never imports torch: an error of a class whose module
-    # was never imported cannot have been raised.
-    for module, name in _USER_ERRORS:
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and isinstance(e, cls):
-            return True
-    return False
+from prolip.errors import ProlipError
 
 
 class _Group(click.Group):
@@ -45,9 +15,8 @@ class _Group(click.Group):
         except click.ClickException:
             raise
         except Exception as e:
-            if _is_user_error(e):
-                flag = _FLAG_FOR.get(type(e).__name__)
-                raise click.ClickException(f"{e} ({flag})" if flag else str(e)) from None
+            if isinstance(e, ProlipError):  # the input or environment is wrong: one line, naming what
+                raise click.ClickException(f"{e} ({e.option})" if e.option else str(e)) from None
             raise
 
 

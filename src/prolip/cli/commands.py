@@ -95,14 +95,21 @@ def data_options(f):
 
 
 def _load_backbone(model: str, pretrained: str, device: str):
+    from prolip.backbones import load_backbone
+
+    return _announced(lambda: load_backbone(model, pretrained, device=device))
+
+
+def _announced(load):
+    """The backbone ``load()`` builds, its load errors as one line, and random weights said once, loudly."""
     import warnings
 
-    from prolip.backbones import BackboneLoadError, RandomWeightsWarning, load_backbone
+    from prolip.backbones import BackboneLoadError, RandomWeightsWarning
 
     try:
         with warnings.catch_warnings():  # the library's warning would repeat the line printed below
             warnings.simplefilter("ignore", RandomWeightsWarning)
-            backbone = load_backbone(model, pretrained, device=device)
+            backbone = load()
     except BackboneLoadError as e:
         _fail(str(e))
     if backbone.info.random_weights:
@@ -592,11 +599,10 @@ def _method_for_run(backbone, run):
 
 def _backbone_for_run(run, device):
     from prolip import pipeline
+    from prolip.backbones import load_backbone_for
     from prolip.run import RunError
 
-    b = run.manifest["backbone"]
-    model = b["arch"] if b["family"] == "open_clip" else f"hf:{b['arch']}"
-    backbone = _load_backbone(model, b["weights"], device)
+    backbone = _announced(lambda: load_backbone_for(run.manifest["backbone"], device=device))
     try:
         pipeline.check_backbone_matches(backbone, run)
     except RunError as e:
@@ -726,7 +732,7 @@ def export_cmd(run_dir, out, fmt, force, device):
     backbone = _backbone_for_run(run, device)
     tensors = _checkpoint_tensors(_method_for_run(backbone, run), run, backbone)
     if fmt == "auto":
-        fmt = "hf" if backbone.info.family == "hf" else "open_clip"
+        fmt = backbone.family.export_format
     try:
         if fmt == "hf":
             written = export.export_hf(backbone, tensors, out, force=force)

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from prolip.data.images import IMAGE_EXTENSIONS, file_kind
 from prolip.data.types import ImageItem, LabeledImages
+from prolip.errors import ProlipError
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 # Numbered classes a list may imply without naming them: a stray huge label must be an error, not a huge list.
 MAX_CLASSES = 100_000
 
 
-class DataError(ValueError):
+class DataError(ProlipError, ValueError):
     """Bad dataset input: the message names the file, folder, row or option at fault."""
 
 

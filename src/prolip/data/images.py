@@ -18,13 +18,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from prolip.data.types import Member, member_of
+from prolip.errors import ProlipError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error)
 
 
-class BadImageError(ValueError):
+class BadImageError(ProlipError, ValueError):
     """An image file that cannot be decoded; the message names the file and the reason."""
 
     def __init__(self, path: Path | str, reason: str):

@@ -17,8 +17,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from prolip.errors import ProlipError
 
-class NotEnoughImagesError(ValueError):
+
+class NotEnoughImagesError(ProlipError, ValueError):
     pass
 
 

@@ -22,11 +22,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from prolip.errors import ProlipError
+
 FEATURES = "features"
 
 
-class CacheError(OSError):
+class CacheError(ProlipError, OSError):
     """The cache directory cannot be used (read-only, full, ...); the message names it."""
+
+    option = "--cache-dir"
 
 
 @dataclass(frozen=True)

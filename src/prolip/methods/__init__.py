@@ -14,6 +14,14 @@ _REGISTRY: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
+    """Add a method under its ``name``; a second class of that name is refused (it would silently replace the
+    first). The same class registered again (its module reloaded) replaces itself."""
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(
+            f"a method named {cls.name!r} is already registered ({existing.__module__}.{existing.__qualname__}); "
+            f"give {cls.__module__}.{cls.__qualname__} another name"
+        )
     _REGISTRY[cls.name] = cls
     return cls
 

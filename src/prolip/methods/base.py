@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
+from prolip.errors import ProlipError
 from prolip.methods.params import Constraint, HyperparameterError, check, check_known
 
 NO_CACHED_VIEWS = "none"  # a method's ``augmentation`` when it trains on the images, not on cached views
@@ -123,7 +124,7 @@ class Validation:
     labels: Tensor
 
 
-class FitError(RuntimeError):
+class FitError(ProlipError, RuntimeError):
     """Training failed in a way the user must hear about (e.g. it produced non-finite weights)."""
 
 

@@ -219,25 +219,17 @@ def _float_mask(mask: Tensor | None, q: Tensor, batch: int, heads: int) -> Tenso
 
 
 def attention_sites(backbone: Backbone, encoder: str, position: str) -> list[tuple[str, nn.Module]]:
-    """(module path, attention module) of every block CLIP-LoRA adapts (loralib/utils.py:108-135)."""
-    model = backbone.model  # type: ignore[attr-defined]
+    """(module path, attention module) of every block CLIP-LoRA adapts (loralib/utils.py:108-135), text tower first;
+    the backbone's family says where its towers' attention modules are, or why a tower cannot be adapted."""
+    available = backbone.family.attention_towers(backbone.model, backbone.info.arch)  # type: ignore[attr-defined]
     towers = []
-    if backbone.info.family == "open_clip":
-        if encoder in ("both", "text"):
-            towers.append(("transformer.resblocks", model.transformer.resblocks, "attn"))
-        if encoder in ("both", "vision"):
-            if not hasattr(model.visual, "transformer"):
-                raise HyperparameterError(
-                    f"clip-lora adapts ViT image encoders only (loralib/utils.py "
-                    f"INDEX_POSITIONS_VISION); {backbone.info.arch} is a ResNet: use "
-                    f"encoder: text"
-                )
-            towers.append(("visual.transformer.resblocks", model.visual.transformer.resblocks, "attn"))
-    else:
-        if encoder in ("both", "text"):
-            towers.append(("text_model.encoder.layers", model.text_model.encoder.layers, "self_attn"))
-        if encoder in ("both", "vision"):
-            towers.append(("vision_model.encoder.layers", model.vision_model.encoder.layers, "self_attn"))
+    for tower in ("text", "vision"):
+        if encoder not in ("both", tower):
+            continue
+        found = available[tower]
+        if isinstance(found, str):
+            raise HyperparameterError(found)
+        towers.append(found)
     sites = []
     for prefix, blocks, attribute in towers:
         chosen = range(len(blocks)) if position == "all" else [i for i in POSITIONS[position] if i < len(blocks)]

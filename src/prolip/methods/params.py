@@ -12,8 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from prolip.errors import ProlipError
 
-class HyperparameterError(ValueError):
+
+class HyperparameterError(ProlipError, ValueError):
     """An unknown hyperparameter or a bad value; the message names the method and the key."""
 
 

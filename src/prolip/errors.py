@@ -1,0 +1,15 @@
+"""The one base class of prolip's user-facing errors (importable without torch).
+
+Every error that means "your input or environment is wrong" derives from :class:`ProlipError` (and keeps the
+built-in class it always had, so ``except ValueError`` and the like still catch it); its message names the file,
+class or value at fault. The CLI shows a ``ProlipError`` as one line, with the option that fixes it when the error
+declares one; any other exception is a bug.
+"""
+
+from __future__ import annotations
+
+
+class ProlipError(Exception):
+    """Bad input or environment, said in one line that names what is at fault."""
+
+    option: str | None = None  # the command-line option that fixes it, when exactly one does
