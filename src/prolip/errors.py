@@ -13,3 +13,8 @@ class ProlipError(Exception):
     """Bad input or environment, said in one line that names what is at fault."""
 
     option: str | None = None  # the command-line option that fixes it, when exactly one does
+
+    def __init__(self, *args: object, option: str | None = None):
+        super().__init__(*args)
+        if option is not None:  # else the class's own (CacheError: --cache-dir)
+            self.option = option

@@ -1,7 +1,8 @@
 """The product path the CLI and the demo share: episode → method → evaluation → a run ready to save.
 
 ``fit`` builds one few-shot episode (:mod:`prolip.episode`), fits a method on it, evaluates it and returns a
-:class:`~prolip.run.Run`; ``method_from_run`` rebuilds a fitted method from a saved run.
+:class:`~prolip.run.Run`. Applying a saved run (``method_from_run``, ``evaluate_run``, ``predict``) is
+:mod:`prolip.inference`, re-exported here.
 """
 
 from __future__ import annotations
@@ -15,14 +16,23 @@ import torch
 
 from prolip import __version__, runcard
 from prolip.backbones.base import Backbone
+from prolip.data.folder import DataError
 from prolip.data.types import DatasetSplits, LabeledImages
 from prolip.diagnostics import diagnose
-from prolip.episode import Episode, EpisodeBuilder, EpisodeSpec, method_logits, task_for
+from prolip.episode import Episode, EpisodeBuilder, EpisodeSpec, method_logits
 from prolip.functional import accuracy, clip_logits
-from prolip.methods import Method, configure, create
-from prolip.methods.base import Task
+from prolip.inference import (
+    backbone_for_run,
+    check_backbone_matches,
+    evaluate_run,
+    left_out,
+    method_from_run,
+    predict,
+    task_from_run,
+)
+from prolip.methods import Method, configure
 from prolip.run import FORMAT as RUN_FORMAT
-from prolip.run import Run, RunError
+from prolip.run import Run
 
 
 @dataclass
@@ -95,12 +105,20 @@ def fit(
     ``announce`` hears what extraction will do before it starts; ``command`` (how the fit was asked for) goes
     into the run card."""
     method = configure(config.method, config.hyperparameters, validate=config.use_validation, dataset=splits.name)
+    if eval_images is not None and list(eval_images.classnames) != list(splits.classnames):
+        differ = sorted(set(eval_images.classnames) ^ set(splits.classnames))[:5]
+        raise DataError(
+            f"the evaluation images ({eval_images.name}): their classes differ from the training "
+            f"classes (e.g. {differ})",
+            option="--val",
+        )
     builder = EpisodeBuilder(backbone, cache, views=config.views, aug_seed=config.aug_seed, announce=announce)
     started = time.perf_counter()
     episode = builder.build(
         splits, config.episode_spec(method.augmentation), eval_images=eval_images, text_side=method.uses_text_side
     )
     extract_seconds = time.perf_counter() - started
+    refuse_emptied_classes(episode, splits.classnames)
     started = time.perf_counter()
     method.fit(episode.task, episode.support, episode.validation, seed=config.seed)
     train_seconds = time.perf_counter() - started
@@ -129,7 +147,7 @@ def fit(
             "eval_set": episode.images.eval_set,
             "augmentation": method.augmentation,
         },
-        "skipped_images": [[str(p), r] for p, r in episode.skipped],
+        **left_out([[str(p), r] for p, r in episode.skipped], [splits.train, eval_images]),
         "metrics": metrics,
     }
     run = Run(
@@ -147,31 +165,32 @@ def _listing(images: LabeledImages) -> list[list]:
     return [[str(it.path), int(it.label)] for it in images.items]
 
 
-def task_from_run(backbone: Backbone, run: Run) -> Task:
-    """The Task a saved run was fitted on, rebuilt without re-encoding text (with the backbone itself, which
-    methods that train inside the image encoder rebuild their encoder from)."""
-    task = task_for(backbone, run.classifier, int(run.manifest["fit"]["shots"]))
-    task.backbone = backbone
-    return task
-
-
-def method_from_run(backbone: Backbone, run: Run) -> Method:
-    """The fitted method of a saved run; a run naming an unknown method or holding bad tensors is a RunError."""
-    cfg = run.manifest["method"]
-    where = run.path / "method.safetensors" if run.path is not None else "the run"
-    try:
-        method = create(cfg["method"], **cfg.get("hyperparameters", {}))
-        return method.load_state_dict(task_from_run(backbone, run), run.method_state)
-    except ValueError as e:  # HyperparameterError included: a tampered or foreign manifest
-        raise RunError(f"{where}: {e}") from None
-
-
-def check_backbone_matches(backbone: Backbone, run: Run) -> None:
-    """Refuse to apply a run to other weights than it was fitted on: the adapted W would be meaningless."""
-    expected = run.manifest["backbone"]["fingerprint"]
-    if backbone.info.fingerprint != expected:
-        raise RunError(
-            f"run {run.path} was fitted on {run.manifest['backbone']['arch']} weights with fingerprint "
-            f"{expected[:16]}…, but the loaded backbone ({backbone.info.describe()}) has "
-            f"{backbone.info.fingerprint[:16]}…; pass the same --model/--pretrained as at fit time"
+def refuse_emptied_classes(episode: Episode, classnames: list[str]) -> None:
+    """A fit where skipping unreadable images emptied a class's support set would train a classifier that silently
+    has one class fewer than the user's data: refused, naming the class and its files."""
+    bad = {str(p) for p, _ in episode.skipped}
+    left: dict[int, int] = {}
+    for it in episode.images.support.items:
+        left[it.label] = left.get(it.label, 0) + (str(it.path) not in bad)
+    empty = sorted(label for label, n in left.items() if n == 0)
+    if empty:
+        files = [str(it.path) for it in episode.images.support.items if it.label in empty][:5]
+        raise DataError(
+            f"every support image of class(es) {[classnames[i] for i in empty]} is unreadable and was skipped "
+            f"(e.g. {files}), which would silently drop the class: replace those images or remove the class folder"
         )
+
+
+__all__ = [
+    "FitConfig",
+    "FitResult",
+    "backbone_for_run",
+    "check_backbone_matches",
+    "evaluate",
+    "evaluate_run",
+    "fit",
+    "method_from_run",
+    "predict",
+    "refuse_emptied_classes",
+    "task_from_run",
+]

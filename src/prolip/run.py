@@ -59,10 +59,28 @@ class Run:
     path: Path | None = None
     extra_json: dict[str, Any] = field(default_factory=dict)
     card: str | None = None  # README.md: the run card, for people (nothing is ever read back from it)
+    _backbones: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # per device, once loaded
 
     @property
     def method_name(self) -> str:
         return self.manifest["method"]["method"]
+
+    def backbone(self, device: str = "cpu"):
+        """The backbone this run was fitted on, rebuilt from the manifest (once per device); other weights than the
+        run's are a RunError."""
+        if device not in self._backbones:
+            from prolip.inference import backbone_for_run  # inference builds on Run, so it is imported on use
+
+            self._backbones[device] = backbone_for_run(self, device)
+        return self._backbones[device]
+
+    def predict(self, paths: Iterable[Path | str], *, top_k: int = 5, tta=None, backbone=None, device: str = "cpu"):
+        """The ``top_k`` classes of each image file with their probabilities (``prolip predict``); ``tta`` (a
+        :class:`prolip.tta.TTAConfig`) adapts the run's W per image first. ``backbone`` defaults to the run's own."""
+        from prolip.inference import predict
+
+        backbone = self.backbone(device) if backbone is None else backbone
+        return predict(self, list(paths), top_k=top_k, tta=tta, backbone=backbone)
 
     def save(self, out: Path | str, *, force: bool = False, data_paths: Iterable[Path | str] = ()) -> Path:
         """Write the run to ``out``; RunError (a ValueError) naming the tensor or key if it could not be loaded.

@@ -333,7 +333,7 @@ def fit_cmd(
     configure(method, hp, validate=validate)  # a bad method or hyperparameter fails before any work
     _reserve_out(out, force, _data_read(data, data_root, classnames_file, templates_file, val_dir), "run")
     splits = _resolve(data, data_root, classnames_file, templates_file, train_split, label_key)
-    eval_images = _val_images(val_dir, classnames_file, splits)
+    eval_images = _val_images(val_dir, classnames_file)
     rank, _ = init_from_env(device)  # under torchrun: extraction and the grid search are split across processes
     backbone = _load_backbone(model, pretrained, device)
     cache = _cache(backbone, cache_dir, batch_size, workers, on_bad_image, extract_dtype)
@@ -361,7 +361,7 @@ def fit_cmd(
         )
     except ValueError as e:
         _fail(str(e))
-    _report_skips(result.run.manifest, [splits.train, eval_images], on_bad_image, out, splits.classnames)
+    _echo_left_out(result.run.manifest, on_bad_image, out)
     if rank == 0:  # every rank holds the same result; one writes it
         try:
             result.run.save(out, force=force)
@@ -370,16 +370,12 @@ def fit_cmd(
         _report_metrics(result.metrics, backbone, as_json, out)
 
 
-def _val_images(val_dir, classnames_file, splits):
+def _val_images(val_dir, classnames_file):
     if val_dir is None:
         return None
     from prolip.data import read_image_folder
 
-    images = read_image_folder(val_dir, classnames_file)
-    if images.classnames != splits.classnames:
-        differ = sorted(set(images.classnames) ^ set(splits.classnames))[:5]
-        _fail(f"--val {val_dir}: its classes differ from the training classes (e.g. {differ})")
-    return images
+    return read_image_folder(val_dir, classnames_file)
 
 
 def _report_metrics(metrics, backbone, as_json, out=None):
@@ -447,51 +443,27 @@ def eval_cmd(
 ):
     """Evaluate a saved run on a dataset (the run's own support and validation images are left out): top-1, top-5,
     mean per-class accuracy, the worst classes and the most confused pairs."""
-    from prolip.episode import EpisodeBuilder, method_logits
-    from prolip.functional import accuracy
+    from prolip.inference import evaluate_run
+    from prolip.tta import TTAConfig
 
     check_device(device)
     run = _load_run(run_dir)
     if out is not None:
         _reserve_out(out, force, [*_data_read(data, data_root, classnames_file), run_dir], "eval")
     splits = _resolve(data, data_root, classnames_file, None, label_key=label_key)
-    images, excluded = _eval_images(splits, split, run, data)
     backbone = _backbone_for_run(run, device)
-    method = _method_for_run(backbone, run)
-    skipped = []
-    if tta:
-        logits, labels = _tta_logits(backbone, method, run, images, tta_views)
-    else:
-        cache = _cache(backbone, cache_dir, batch_size, workers, on_bad_image, extract_dtype)
-        features = EpisodeBuilder(backbone, cache).center(images)
-        logits, labels, skipped = method_logits(method, features), features.labels, features.skipped
-    metrics = {
-        "accuracy": accuracy(logits, labels),
-        "eval_images": int(len(labels)),
-        "split": split or "test",
-        "eval_set": _eval_set_name(splits, split, excluded),
-        "excluded_run_images": excluded,
-        "tta": tta,
-    }
-    skips = {"skipped_images": [[str(p), r] for p, r in skipped]}
-    _report_skips(skips, [images], on_bad_image)
-    metrics.update(skips)
-    report = _eval_report(backbone, run, run_dir, metrics, logits, labels)
+    cache = None if tta else _cache(backbone, cache_dir, batch_size, workers, on_bad_image, extract_dtype)
+    report = evaluate_run(
+        run, splits, split=split, tta=TTAConfig(views=tta_views) if tta else None, backbone=backbone, cache=cache
+    )
+    report["run"] = str(run_dir)
+    _echo_left_out(report, on_bad_image)
     if out is not None:
         _write_eval(report, out, force)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         _echo_eval(report, backbone)
-
-
-def _eval_report(backbone, run, run_dir, metrics, logits, labels) -> dict:
-    """What `eval` reports: the metrics, then the adapted model's diagnostics (per-class table, confusion matrix)."""
-    from prolip.diagnostics import diagnose
-
-    diagnosis = diagnose(logits, labels, run.classnames)
-    diagnosis.pop("accuracy")  # the metrics' own, computed as everywhere else
-    return {"backbone": backbone.info.describe(), "run": str(run_dir), **metrics, **diagnosis}
 
 
 def _echo_eval(report: dict, backbone) -> None:
@@ -524,128 +496,14 @@ def _write_eval(report: dict, out: Path, force: bool) -> None:
     click.echo(f"wrote {out / 'eval.json'}, per_class.csv and confusion_matrix.png", err=True)
 
 
-def _eval_images(splits, split, run, data):
-    """The images ``eval`` scores: the split asked for (refused where the data has none), minus the run's support
-    and validation images, so a run is never scored on what it trained or selected on."""
-    available = {name: getattr(splits, name) for name in ("train", "val", "test") if getattr(splits, name)}
-    if split is not None and split != "train" and split not in available:
-        _fail(
-            f"--split {split}: --data {data} has no {split} split (it has: {', '.join(available)}); "
-            "a plain folder or list is evaluated whole, without --split"
-        )
-    images = _in_run_classes(available.get(split or "test") or splits.train, run, data)
-    seen = {p for key in ("support", "validation") for p, _ in run.manifest["data"].get(key, [])}
-    keep = [i for i, it in enumerate(images.items) if str(it.path) not in seen]
-    if not keep:
-        _fail(
-            f"--data {data}: every image is one of the run's support or validation images; nothing is left to evaluate"
-        )
-    return images.subset(keep), len(images) - len(keep)
-
-
-def _in_run_classes(images, run, data):
-    """``images`` labelled with the run's class names: as they are, or through the names the run was fitted with
-    (data still named by its folders after `fit --classnames`); any other difference names the classes at fault."""
-    names, ids = list(images.classnames), run.manifest["data"].get("class_ids")
-    if names == list(run.classnames):
-        return images
-    if ids is not None and names == list(ids):
-        from prolip.data.types import LabeledImages
-
-        return LabeledImages(images.items, list(run.classnames), images.templates, images.name, class_ids=ids)
-    known = set(run.classnames) | set(ids or [])
-    extra = [c for c in names if c not in known]
-    missing = [
-        c for c, i in zip(run.classnames, ids or run.classnames, strict=False) if c not in names and i not in names
-    ]
-    detail = (
-        f"not in the run: {extra[:5]}; the run's classes missing here: {missing[:5]}"
-        if extra or missing
-        else "the same classes in another order"
-    )
-    _fail(
-        f"--data {data}: its {len(names)} classes differ from the run's {len(run.classnames)} "
-        f"({run.path / 'classnames.json'}): {detail}"
-    )
-
-
-def _eval_set_name(splits, split, excluded: int) -> str:
-    name = (
-        f"{split or 'test'} split"
-        if (split or "test") in ("val", "test") and getattr(splits, split or "test")
-        else "images"
-    )
-    return f"{name} ({excluded} support/validation images of the run left out)" if excluded else name
-
-
 def _load_run(run_dir):
-    from prolip.run import Run, RunError
+    from prolip.run import Run
 
-    try:
-        return Run.load(run_dir)
-    except RunError as e:
-        _fail(str(e))
-
-
-def _method_for_run(backbone, run):
-    from prolip import pipeline
-    from prolip.run import RunError
-
-    try:
-        return pipeline.method_from_run(backbone, run)
-    except RunError as e:
-        _fail(str(e))
+    return Run.load(run_dir)
 
 
 def _backbone_for_run(run, device):
-    from prolip import pipeline
-    from prolip.backbones import load_backbone_for
-    from prolip.run import RunError
-
-    backbone = _announced(lambda: load_backbone_for(run.manifest["backbone"], device=device))
-    try:
-        pipeline.check_backbone_matches(backbone, run)
-    except RunError as e:
-        _fail(str(e))
-    return backbone
-
-
-def _adapted_W(method, run):
-    if not method.exposes_projection:
-        _fail(
-            f"run {run.path} used method {method.name!r}, whose predictions are not CLIP's with an adapted "
-            "projection W: test-time adaptation needs one (prolip, zeroshot)"
-        )
-    return method.projection()
-
-
-def _checkpoint_tensors(method, run, backbone):
-    tensors = method.checkpoint_tensors(backbone)
-    if tensors is None:
-        _fail(
-            f"run {run.path} used method {method.name!r}, which learns a head of its own rather than changing the "
-            "CLIP model: there is no checkpoint to export (export takes methods that adapt the model itself, "
-            "e.g. prolip, full-ft, last-layer-ft)"
-        )
-    return tensors
-
-
-def _tta_logits(backbone, method, run, images, views):
-    import torch
-
-    from prolip import tta
-
-    W = _adapted_W(method, run)
-    logits = tta.tta_logits(
-        backbone,
-        W,
-        backbone.projection().bias,
-        run.classifier,
-        float(run.manifest["logit_scale"]),
-        [it.path for it in images.items],
-        views=views,
-    )
-    return logits, torch.tensor(images.labels)
+    return _announced(lambda: run.backbone(device))
 
 
 @click.command("predict")
@@ -660,45 +518,13 @@ def _tta_logits(backbone, method, run, images, views):
 @click.option("--device", default="cpu", show_default=True)
 def predict_cmd(run_dir, images, top_k, tta, tta_views, as_json, device):
     """Classify image files with a saved run: top-k class names and probabilities."""
-    from prolip.data.images import BadImageError
-    from prolip.features import encode_images
+    from prolip.tta import TTAConfig
 
     check_device(device)
     run = _load_run(run_dir)
     backbone = _backbone_for_run(run, device)
-    method = _method_for_run(backbone, run)
-    paths = [Path(p) for p in images]
-    try:
-        if tta:
-            from prolip import tta as tta_mod
-
-            logits = tta_mod.tta_logits(
-                backbone,
-                _adapted_W(method, run),
-                backbone.projection().bias,
-                run.classifier,
-                float(run.manifest["logit_scale"]),
-                paths,
-                views=tta_views,
-            )
-        elif method.encodes_images:
-            logits = method.image_logits(paths)
-        else:
-            logits = method.logits(encode_images(backbone, paths))
-    except BadImageError as e:
-        _fail(str(e))
-    probs = logits.float().softmax(dim=-1)
-    top = probs.topk(min(top_k, probs.shape[1]), dim=-1)
-    results = [
-        {
-            "image": str(p),
-            "predictions": [
-                {"class": run.classnames[int(i)], "index": int(i), "probability": round(float(v), 6)}
-                for v, i in zip(vals, idx, strict=True)
-            ],
-        }
-        for p, vals, idx in zip(paths, top.values, top.indices, strict=True)
-    ]
+    config = TTAConfig(views=tta_views) if tta else None
+    results = run.predict([Path(p) for p in images], top_k=top_k, tta=config, backbone=backbone)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
@@ -724,13 +550,13 @@ def predict_cmd(run_dir, images, top_k, tta, tta_views, as_json, device):
 def export_cmd(run_dir, out, fmt, force, device):
     """Merge what the run adapted (projection, fine-tuned encoder) into a standard CLIP checkpoint (+ the zero-shot
     head beside it)."""
-    from prolip import export
+    from prolip import export, inference
 
     check_device(device)
     run = _load_run(run_dir)
     _reserve_out(out, force, [run_dir], "export")
     backbone = _backbone_for_run(run, device)
-    tensors = _checkpoint_tensors(_method_for_run(backbone, run), run, backbone)
+    tensors = inference.checkpoint_tensors(inference.method_from_run(backbone, run), run, backbone)
     if fmt == "auto":
         fmt = backbone.family.export_format
     try:
@@ -857,17 +683,10 @@ def methods_cmd(verbose):
             click.echo(f"  can: {', '.join(can) or '-'}")
 
 
-def _report_skips(report: dict, datasets, on_bad_image: str, out: Path | None = None, classnames=None) -> None:
-    """Count and list, in ``report`` and on stderr, the files left out: never a silent change of the data.
-
-    ``report`` already holds the cache's ``skipped_images`` ([path, reason]); the readers' ignored (non-image)
-    files are added. A fit where skipping emptied a class's support set is refused: it would train a
-    classifier that silently has one class fewer than the user's data.
-    """
-    ignored = sorted({str(p) for d in datasets if d is not None for p in getattr(d, "ignored_files", [])})
-    report["ignored_files"] = ignored
-    skipped = report.get("skipped_images", [])
-    report["skipped_count"], report["ignored_count"] = len(skipped), len(ignored)
+def _echo_left_out(report: dict, on_bad_image: str, out: Path | None = None) -> None:
+    """On stderr, the files the library left out of the data (``report`` lists and counts them): never a silent
+    change of the data."""
+    skipped, ignored = report.get("skipped_images", []), report.get("ignored_files", [])
     where = f", listed in {out / 'manifest.json'}" if out is not None else ""
     if skipped:
         click.secho(
@@ -877,19 +696,6 @@ def _report_skips(report: dict, datasets, on_bad_image: str, out: Path | None = 
     if ignored:
         click.secho(f"ignored {len(ignored)} non-image file(s) in the class folders{where}:", fg="yellow", err=True)
         _echo_some(ignored)
-    support = report.get("data", {}).get("support")
-    if support and skipped:
-        bad = {p for p, _ in skipped}
-        left = {}
-        for path, label in support:
-            left[label] = left.get(label, 0) + (path not in bad)
-        empty = sorted(label for label, n in left.items() if n == 0)
-        if empty:
-            _fail(
-                f"every support image of class(es) {[classnames[i] if classnames else i for i in empty]} is unreadable "
-                f"and was skipped, which would silently drop the class: replace those images (listed above) "
-                f"or remove the class folder"
-            )
 
 
 def _echo_some(lines, limit: int = 20) -> None:
