@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from prolip.version import __version__
 
+__all__ = ["__version__", "TTAConfig", "evaluate", "fit", "load_backbone", "load_run"]
 _FRONT_DOOR = ("TTAConfig", "evaluate", "fit", "load_backbone", "load_run")
 
 

@@ -18,3 +18,9 @@ class ProlipError(Exception):
         super().__init__(*args)
         if option is not None:  # else the class's own (CacheError: --cache-dir)
             self.option = option
+
+
+class RunError(ProlipError, ValueError):
+    """A run directory that is missing, incomplete, damaged or of an unknown format, or a run applied where it does
+    not fit (other weights, a method without what is asked of it); names the file and key. Here rather than in
+    :mod:`prolip.run` because applying a run (:mod:`prolip.inference`) raises it too, and ``Run`` calls that."""

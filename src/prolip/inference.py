@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -21,12 +21,15 @@ from prolip.data.folder import DataError
 from prolip.data.types import DatasetSplits, LabeledImages
 from prolip.diagnostics import diagnose
 from prolip.episode import EpisodeBuilder, method_logits, task_for
+from prolip.errors import RunError
 from prolip.features.extraction import encode_images
 from prolip.functional import accuracy
 from prolip.methods import Method, create
 from prolip.methods.base import Task
-from prolip.run import Run, RunError
 from prolip.tta import TTAConfig, tta_logits
+
+if TYPE_CHECKING:  # Run.predict calls this module: the type only, so the two never import each other
+    from prolip.run import Run
 
 SPLITS = ("train", "val", "test")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from prolip import __version__, runcard
+from prolip import runcard
 from prolip.backbones.base import Backbone
 from prolip.data.folder import DataError
 from prolip.data.types import DatasetSplits, LabeledImages
@@ -33,6 +33,7 @@ from prolip.inference import (
 from prolip.methods import Method, configure
 from prolip.run import FORMAT as RUN_FORMAT
 from prolip.run import Run
+from prolip.version import __version__
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prolip.data.folder import DataError, check_classnames, check_template
-from prolip.errors import ProlipError
+from prolip.errors import RunError
 from prolip.outputs import RUN_CARD, RUN_FORMAT, write_directory
 
 FORMAT = RUN_FORMAT
@@ -43,10 +43,6 @@ MANIFEST_SCHEMA: dict[str, Any] = {
     "fit": {"shots": int},
     "logit_scale": float,
 }
-
-
-class RunError(ProlipError, ValueError):
-    """A run directory that is missing, incomplete, damaged or of an unknown format; names the file and key."""
 
 
 @dataclass

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from prolip import __version__
 from prolip.bench.experiment import DOMAIN_TARGETS, Experiment, MethodSpec
 from prolip.bench.records import append_record, cell_id, done_cells, read_records
 from prolip.data.sampling import base_new_split
@@ -33,6 +32,7 @@ from prolip.episode import (
 from prolip.functional import accuracy
 from prolip.methods import Method, configure, create, method_class
 from prolip.methods.base import NO_CACHED_VIEWS, Support, ViewSource
+from prolip.version import __version__
 
 
 def harmonic_mean(base: float, new: float) -> float:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from prolip import __version__
 from prolip.errors import ProlipError
+from prolip.version import __version__
 
 
 class _Group(click.Group):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from prolip.data.folder import DEFAULT_TEMPLATES, DataError, read_classnames, read_json, read_templates
 from prolip.data.images import BadImageError, _open_regular
-from prolip.data.types import DatasetSplits, ImageItem, LabeledImages, Member
+from prolip.data.types import DatasetSplits, ImageItem, LabeledImages, Member, register_container
 
 PREFIX = "hf:"
 # How the Hub names splits → the three parts prolip knows (fit trains on train and evaluates on test).
@@ -355,6 +355,9 @@ def row_bytes(member: Member) -> bytes:
             raise
         raise BadImageError(member.path, str(e)) from None
     return _cell_bytes(member, cell)
+
+
+register_container([".parquet", ".arrow"], row_bytes)
 
 
 def _cell_bytes(member: Member, cell) -> bytes:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from prolip.data.types import Member, member_of
+from prolip.data.types import Member, member_of, member_reader
 from prolip.errors import ProlipError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -100,11 +100,7 @@ def stored_member(path: Path | str) -> Member | None:
 
 def member_bytes(member: Member) -> bytes:
     """The encoded image a member holds; BadImageError naming the member when it cannot be read."""
-    if member.container.suffix.lower() == ".tar":
-        from prolip.data.webdataset import member_bytes as read
-    else:
-        from prolip.data.hf_datasets import row_bytes as read
-    return read(member)
+    return member_reader(member)(member)
 
 
 def member_key(member: Member) -> str:

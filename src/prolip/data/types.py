@@ -3,15 +3,33 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 # What separates a container file from the image inside it in a member's path: "shard.tar::sample01.jpg".
 MEMBER_SEPARATOR = "::"
-# The files that hold images of their own: WebDataset tar shards, and the parquet / arrow files of a Hugging Face
-# dataset.
-CONTAINER_SUFFIXES = (".tar", ".parquet", ".arrow")
+# The files that hold images of their own (WebDataset tar shards, the parquet / arrow files of a Hugging Face
+# dataset): each reader module registers how to read a member of its files, so decoding imports no reader.
+_MEMBER_READERS: dict[str, Callable[[Member], bytes]] = {}
+
+
+def register_container(suffixes: Sequence[str], read: Callable[[Member], bytes]) -> None:
+    """Declare that files ending in ``suffixes`` hold images, read by ``read(member)``; a taken suffix is refused."""
+    for suffix in suffixes:
+        taken = _MEMBER_READERS.get(suffix.lower())
+        if taken is not None and (taken.__module__, taken.__qualname__) != (read.__module__, read.__qualname__):
+            raise ValueError(f"container suffix {suffix!r} is already read by {taken.__module__}.{taken.__qualname__}")
+        _MEMBER_READERS[suffix.lower()] = read
+
+
+def container_suffixes() -> tuple[str, ...]:
+    return tuple(_MEMBER_READERS)
+
+
+def member_reader(member: Member) -> Callable[[Member], bytes]:
+    """How to read ``member``: its container kind's registered reader."""
+    return _MEMBER_READERS[member.container.suffix.lower()]
 
 
 @dataclass(frozen=True)
@@ -41,7 +59,7 @@ def member_of(path: Path | str) -> Member | None:
     start = text.find(MEMBER_SEPARATOR)
     while start >= 0:
         name = text[start + len(MEMBER_SEPARATOR) :]
-        if text[:start].lower().endswith(CONTAINER_SUFFIXES) and name:
+        if text[:start].lower().endswith(container_suffixes()) and name:
             return Member(Path(text[:start]), name)
         start = text.find(MEMBER_SEPARATOR, start + 1)
     return None

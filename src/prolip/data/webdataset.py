@@ -34,7 +34,7 @@ from prolip.data.folder import (
     regular_file,
 )
 from prolip.data.images import BadImageError
-from prolip.data.types import DatasetSplits, ImageItem, LabeledImages, Member
+from prolip.data.types import DatasetSplits, ImageItem, LabeledImages, Member, register_container
 
 LABEL_KEY = "cls"
 # Image members in the order a sample's image is chosen when it has several (CLIP_benchmark's order first).
@@ -212,6 +212,9 @@ def member_bytes(member: Member) -> bytes:
         raise BadImageError(member.path, str(e)) from None
     except OSError as e:
         raise BadImageError(member.path, str(e)) from None
+
+
+register_container([".tar"], member_bytes)
 
 
 # ---- samples -------------------------------------------------------------------------------------------------
