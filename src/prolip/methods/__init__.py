@@ -1,6 +1,7 @@
 """Adaptation methods behind one interface: ProLIP, the paper's complements and the baselines it is compared against.
 
-A new method is one module here: a :class:`Method` subclass decorated with :func:`register`.
+A new method is one module here: a :class:`Method` subclass decorated with :func:`register` (which refuses a taken
+name and a hyperparameter without a constraint); :func:`check_method` runs the interface's contract on it.
 """
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from prolip.methods.base import FitError, Method, Support, Task, TensorViews, Validation, ViewSource
-from prolip.methods.params import HyperparameterError, check_known
+from prolip.methods.checks import check_method
+from prolip.methods.params import HyperparameterError, check_declared, check_known
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -16,6 +18,7 @@ _REGISTRY: dict[str, type[Method]] = {}
 def register(cls: type[Method]) -> type[Method]:
     """Add a method under its ``name``; a second class of that name is refused (it would silently replace the
     first). The same class registered again (its module reloaded) replaces itself."""
+    check_declared(cls.name, cls.param_names(), cls.constraints)
     existing = _REGISTRY.get(cls.name)
     if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
         raise ValueError(
@@ -90,6 +93,7 @@ __all__ = [
     "Method",
     "Support",
     "Task",
+    "check_method",
     "TensorViews",
     "Validation",
     "ViewSource",

@@ -46,6 +46,7 @@ from prolip.methods.params import (
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
     POSITIVE_INT,
+    Flag,
     Lambda,
     Number,
     resolve_lambda,
@@ -253,7 +254,7 @@ class LinearAdapter(Method):
     accepts_classifier = True
     selects = "lr and λ on the reference's 7×7 grid"
     validation_params = {"grid": True}
-    constraints = {"lr": LEARNING_RATE, "lam": Lambda(), "steps": Number(low=0, integer=True)}
+    constraints = {"lr": LEARNING_RATE, "lam": Lambda(), "steps": Number(low=0, integer=True), "grid": Flag()}
 
     def __init__(self, lr: float = 1e-3, lam: str | float = "1/N", steps: int = 300, grid: bool = False):
         self.lr, self.lam, self.steps, self.grid = lr, lam, steps, grid

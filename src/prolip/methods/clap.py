@@ -65,7 +65,6 @@ class ZSLP(Method):
         "views": POSITIVE_INT,
         "momentum": NON_NEGATIVE,
         "weight_decay": NON_NEGATIVE,
-        "adaptive": Flag(),
     }
 
     def __init__(
@@ -143,6 +142,7 @@ class ZSLP(Method):
 class CLAP(ZSLP):
     name = "clap"
     constrained = True
+    constraints = {**ZSLP.constraints, "adaptive": Flag()}
 
     def __init__(
         self,

@@ -60,6 +60,8 @@ from prolip.methods.params import (
     Choice,
     HyperparameterError,
     Number,
+    Subset,
+    Template,
 )
 
 ENCODERS = ("both", "vision", "text")
@@ -330,6 +332,8 @@ class CLIPLoRA(Method):
         "steps": POSITIVE_INT,
         "weight_decay": NON_NEGATIVE,
         "min_lr": NON_NEGATIVE,
+        "matrices": Subset(MATRICES),
+        "template": Template(optional=True),
         "aug_seed": Number(integer=True),
     }
 
@@ -354,16 +358,6 @@ class CLIPLoRA(Method):
         self.weight_decay, self.min_lr, self.template, self.aug_seed = weight_decay, min_lr, template, aug_seed
         self.adapted: Backbone | None = None
         self.text_classifier: Tensor | None = None
-
-    def check_params(self) -> None:
-        super().check_params()
-        matrices = self.matrices
-        if isinstance(matrices, str) or not matrices or any(m not in MATRICES for m in matrices):
-            raise HyperparameterError(
-                f"clip-lora: hyperparameter matrices must be a non-empty list of {MATRICES}, got {matrices!r}"
-            )
-        if self.template is not None and (not isinstance(self.template, str) or "{}" not in self.template):
-            raise HyperparameterError(f"clip-lora: hyperparameter template must hold '{{}}', got {self.template!r}")
 
     def installer(self, seed: int) -> LoRAInstaller:
         return LoRAInstaller(

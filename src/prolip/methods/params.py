@@ -99,6 +99,77 @@ class Pair:
         return next((p for p in map(self.item.problem, value) if p), None)
 
 
+@dataclass(frozen=True)
+class PointGrid:
+    """A validation grid: true (the method's own grid), false (none), or a non-empty list of [lr, lam] pairs."""
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, bool):
+            return None
+        if not isinstance(value, (list, tuple)) or not value:
+            return f"must be true, false or a list of [lr, lam] pairs, got {value!r}"
+        for point in value:
+            if not isinstance(point, (list, tuple)) or len(point) != 2:
+                return f"point {point!r} is not an [lr, lam] pair"
+            problem = LEARNING_RATE.problem(point[0]) or NON_NEGATIVE.problem(point[1])
+            if problem:
+                return f"point {point!r}: lr must be in (0, 10] and lam >= 0 ({problem})"
+        return None
+
+
+@dataclass(frozen=True)
+class Linspace:
+    """A searched range [start, stop, num]: start, stop > 0 and num a positive integer."""
+
+    def problem(self, value: Any) -> str | None:
+        ok = (
+            isinstance(value, (list, tuple))
+            and len(value) == 3
+            and all(_is_number(v) for v in value)
+            and not (POSITIVE.problem(value[0]) or POSITIVE.problem(value[1]) or POSITIVE_INT.problem(value[2]))
+        )
+        return (
+            None if ok else f"must be [start, stop, num] with start, stop > 0 and num a positive integer, got {value!r}"
+        )
+
+
+@dataclass(frozen=True)
+class Subset:
+    """A non-empty list drawn from ``options`` (a string is not a list of its letters)."""
+
+    options: tuple[str, ...]
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+            return f"must be a non-empty list of {self.options}, got {value!r}"
+        bad = [v for v in value if v not in self.options]
+        return f"must be a non-empty list of {self.options}, got {value!r}" if bad else None
+
+
+@dataclass(frozen=True)
+class Template:
+    """A prompt template holding ``{}`` where the class name goes (``optional``: None too)."""
+
+    optional: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if value is None and self.optional:
+            return None
+        return None if isinstance(value, str) and "{}" in value else f"must hold '{{}}', got {value!r}"
+
+
+def check_declared(method: str, params: Sequence[str], constraints: Mapping[str, Constraint]) -> None:
+    """A method declares exactly one constraint per hyperparameter: an unconstrained one would take any value
+    silently, a constraint of no hyperparameter checks nothing. Refused when the method is registered."""
+    missing = [p for p in params if p not in constraints]
+    extra = [k for k in constraints if k not in params]
+    if missing or extra:
+        raise TypeError(
+            f"method {method!r}: every hyperparameter needs a constraint (none for {missing}) and every constraint "
+            f"a hyperparameter (none for {extra})"
+        )
+
+
 def normalise_lambda_rule(rule: str) -> str | None:
     key = rule.replace(" ", "").upper()
     if key == "1/N":

@@ -38,7 +38,6 @@ M = 16,000, about 8 GB.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +46,7 @@ from torch import Tensor
 from prolip.methods import register
 from prolip.methods._common import embed
 from prolip.methods.base import FitError, Method, Support, Task, Validation
-from prolip.methods.params import POSITIVE, POSITIVE_INT, Flag, HyperparameterError, Number
+from prolip.methods.params import POSITIVE_INT, Flag, Linspace, Number
 
 ROW_CHUNK = 4096  # rows of a kernel block against validation or test images built at once
 # M × M float64 matrices alive at the peak of one (β, λ): the kernel, K/λ + I, its Cholesky factor, and the
@@ -151,6 +150,8 @@ class ProKeR(Method):
         "beta": Number(low=0, open_low=True, optional=True),
         "lam": Number(low=0, open_low=True, optional=True),
         "search": Flag(),
+        "beta_grid": Linspace(),
+        "lam_grid": Linspace(),
         "augment_views": POSITIVE_INT,
     }
 
@@ -167,11 +168,6 @@ class ProKeR(Method):
         self.beta_grid, self.lam_grid, self.augment_views = beta_grid, lam_grid, augment_views
         self.support_embeddings: Tensor | None = None
         self.dual: Tensor | None = None
-
-    def check_params(self) -> None:
-        super().check_params()
-        for key in ("beta_grid", "lam_grid"):
-            _check_grid(key, getattr(self, key))
 
     # -- fitting -------------------------------------------------------------------------------------------
     def _support(self, task: Task, support: Support) -> tuple[Tensor, Tensor, int]:
@@ -270,16 +266,3 @@ class ProKeR(Method):
 
 def _classifier(task: Task, device: torch.device) -> Tensor:
     return task.classifier.to(device, torch.float64)
-
-
-def _check_grid(key: str, grid: Any) -> None:
-    ok = (
-        isinstance(grid, (list, tuple))
-        and len(grid) == 3
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in grid)
-    )
-    if not ok or POSITIVE.problem(grid[0]) or POSITIVE.problem(grid[1]) or POSITIVE_INT.problem(grid[2]):
-        raise HyperparameterError(
-            f"proker: hyperparameter {key} must be [start, stop, num] with start, stop > 0 and "
-            f"num a positive integer, got {grid!r}"
-        )

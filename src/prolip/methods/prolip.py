@@ -28,11 +28,10 @@ from prolip.methods import register
 from prolip.methods.base import Method, Support, Task, Validation, ViewSource
 from prolip.methods.params import (
     LEARNING_RATE,
-    NON_NEGATIVE,
     Choice,
-    HyperparameterError,
     Lambda,
     Number,
+    PointGrid,
     resolve_lambda,
 )
 from prolip.optim import REFERENCE_EPS, adam_step, cosine_lr, fused_adam_step, view_for_step
@@ -327,6 +326,7 @@ class ProLIP(Method):
         "lam": Lambda(),
         "steps": Number(low=0, integer=True),
         "precision": Choice(PRECISIONS),
+        "grid": PointGrid(),
         "grid_chunk": Number(low=1, integer=True, optional=True),
         "tie_rule": Choice(TIE_RULES),
     }
@@ -344,10 +344,6 @@ class ProLIP(Method):
         self.lr, self.lam, self.steps, self.precision = lr, lam, steps, precision
         self.grid, self.grid_chunk, self.tie_rule = grid, grid_chunk, tie_rule
         self.W: Tensor | None = None
-
-    def check_params(self) -> None:
-        super().check_params()
-        _check_grid(self.grid)
 
     def grid_points(self) -> tuple[list[float], list[float]]:
         if self.grid is True:
@@ -470,18 +466,3 @@ class ProLIP(Method):
 
     def _load(self, task: Task, state: dict[str, Tensor]) -> None:
         self.W = state["W"]
-
-
-def _check_grid(grid: Any) -> None:
-    if isinstance(grid, bool):
-        return
-    if not isinstance(grid, (list, tuple)) or not grid:
-        raise HyperparameterError(
-            f"prolip: hyperparameter grid must be true, false or a list of [lr, lam] pairs, got {grid!r}"
-        )
-    for point in grid:
-        if not isinstance(point, (list, tuple)) or len(point) != 2:
-            raise HyperparameterError(f"prolip: grid point {point!r} is not an [lr, lam] pair")
-        problem = LEARNING_RATE.problem(point[0]) or NON_NEGATIVE.problem(point[1])
-        if problem:
-            raise HyperparameterError(f"prolip: grid point {point!r}: lr must be in (0, 10] and lam >= 0 ({problem})")

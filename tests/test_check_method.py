@@ -1,0 +1,108 @@
+"""``prolip.methods.check_method``: every registered method keeps the Method contract, and each check catches the
+broken promise it is about (a toy method broken one way at a time)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from prolip.functional import clip_logits
+from prolip.methods import available, check_method, method_class
+from prolip.methods.base import Method
+from prolip.methods.checks import CHECKS, MethodContractError
+from prolip.methods.params import POSITIVE
+
+SHORT = {"linear-adapter": {"steps": 30}}  # its 7×7 validation grid at 300 steps is the slowest check by far
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_registered_method_keeps_the_contract(name):
+    cls = method_class(name)
+    ran = check_method(cls, SHORT.get(name))
+    assert ran == (["declaration"] if cls.encodes_images else list(CHECKS))
+
+
+class Toy(Method):
+    """A correct method: CLIP with W scaled by a learnt per-fit factor (the support's mean norm, so it learns)."""
+
+    name = "toy"
+    accepts_classifier = True
+    exposes_projection = True
+    constraints = {"scale": POSITIVE}
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+        self.W: Tensor | None = None
+
+    def _fit(self, task, support, val, seed):
+        self.W = task.W0 * self.scale * (1 + support.center_features().norm(dim=-1).mean() / 1e3)
+        self.selected_ = {"how": "rule"}
+
+    def _logits(self, z, classifier):
+        return clip_logits(z, self.W, self.task.bias, classifier, self.task.logit_scale)
+
+    def projection(self):
+        return self.W
+
+    def state_dict(self):
+        return {"W": self.W}
+
+    def state_shapes(self, task):
+        return {"W": tuple(task.W0.shape)}
+
+    def _load(self, task, state):
+        self.W = state["W"]
+
+
+def broken(**attributes):
+    return type("Broken", (Toy,), {"__module__": __name__, **attributes})
+
+
+def _init_doubling(self, scale: float = 1.0):
+    self.scale, self.W = scale * 2, None
+
+
+BROKEN = {
+    "an unconstrained hyperparameter": (broken(constraints={}), "needs a constraint"),
+    "a hyperparameter stored under another value": (broken(__init__=_init_doubling), "unchanged under its name"),
+    "logits of the wrong shape": (
+        broken(_logits=lambda self, z, c: torch.zeros(len(z), c.shape[0] + 1)),
+        r"finite \[N, C\]",
+    ),
+    "non-finite logits": (broken(_logits=lambda self, z, c: torch.full((len(z), c.shape[0]), float("nan"))), "finite"),
+    "a fit that ignores its seed": (
+        broken(_logits=lambda self, z, c: torch.randn(len(z), c.shape[0])),
+        "same seed must give the same logits",
+    ),
+    "a state that does not rebuild it": (
+        broken(_load=lambda self, task, state: setattr(self, "W", state["W"] * 2)),
+        "rebuilt from its state_dict",
+    ),
+    "state shapes that miss a tensor": (broken(state_shapes=lambda self, task: {}), "differ from state_shapes"),
+    "a projection that is not what it scores with": (
+        broken(projection=lambda self: self.task.W0),
+        "logits must be CLIP's with projection",
+    ),
+    "another class set scored with its own": (
+        broken(_logits=lambda self, z, c: clip_logits(z, self.W, self.task.bias, self.task.classifier, 100.0)),
+        "accepts_classifier=True",
+    ),
+    "learning while saying it learns nothing": (broken(learns=False), "learns=False"),
+    "selecting without recording how": (broken(selects="everything"), "selected_"),
+    "the text side read without saying so": (
+        broken(_fit=lambda self, task, support, val, seed: setattr(self, "W", task.W0 + task.text_pre.sum() * 0)),
+        "without declaring uses_text_side",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_each_check_catches_its_broken_promise(case):
+    cls, promise = BROKEN[case]
+    with pytest.raises(MethodContractError, match=promise):
+        check_method(cls)
+
+
+def test_the_correct_toy_passes_every_check():
+    assert check_method(Toy) == list(CHECKS)
