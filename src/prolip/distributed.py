@@ -21,8 +21,13 @@ def init_from_env(device: str | torch.device = "cpu") -> tuple[int, int]:
         if cuda:  # one GPU per local rank, before any model or tensor lands on a device
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        atexit.register(_destroy_process_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_world() -> tuple[int, int]:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from safetensors.torch import save_file
@@ -34,6 +35,9 @@ from prolip.outputs import (
     write_directory,
     write_file,
 )
+
+if TYPE_CHECKING:
+    from prolip.backbones.hf import HFClipBackbone
 
 HEAD_WEIGHTS, HEAD_META = HEAD_FILES
 
@@ -153,16 +157,27 @@ def export_hf(
             f"{backbone.info.describe()} is an open_clip model: export it with format open_clip"
         )
     state = merged_state_dict(backbone, adapted)
+    # An "hf" export format means a Hugging Face backbone: a transformers CLIPModel and its tokenizer.
+    hf = cast("HFClipBackbone", backbone)
 
     def fill(folder: Path) -> None:
-        backbone.model.save_pretrained(folder, state_dict=state)
-        backbone.tokenizer.save_pretrained(folder)
+        hf.model.save_pretrained(folder, state_dict=state)
+        hf.tokenizer.save_pretrained(folder)
         processor = getattr(backbone, "image_processor", None)
         if processor is not None:
             processor.save_pretrained(folder)
         _write_marker(folder, [p.name for p in folder.iterdir()])
 
     return write_directory(out_dir, fill, force=force, data_paths=data_paths, kind="export")
+
+
+def _text_writer(text: str, encoding: str | None = None) -> Callable[[Path], None]:
+    """A ``fill`` for :func:`replace_atomically` that writes ``text`` (``Path.write_text`` returns a count)."""
+
+    def fill(tmp: Path) -> None:
+        tmp.write_text(text, encoding=encoding)
+
+    return fill
 
 
 def save_classifier_head(
@@ -197,7 +212,7 @@ def save_classifier_head(
         text = json.dumps(
             {"classnames": list(classnames), "templates": list(templates), "shape": list(classifier.shape)}, indent=2
         )
-        replace_atomically(meta, lambda tmp: tmp.write_text(text))
+        replace_atomically(meta, _text_writer(text))
         _write_marker(out_dir, [HEAD_WEIGHTS, HEAD_META])
     return weights, meta
 
@@ -211,7 +226,7 @@ def save_model_card(card: str, out_dir: str | Path, *, force: bool = False) -> P
         if path.exists() and not force:
             raise OutputExistsError(f"{path} already exists; pass force=True (CLI: --force) to overwrite it")
         out_dir.mkdir(parents=True, exist_ok=True)
-        replace_atomically(path, lambda tmp: tmp.write_text(card, encoding="utf-8"))
+        replace_atomically(path, _text_writer(card, encoding="utf-8"))
         _write_marker(out_dir, [RUN_CARD])
     return path
 

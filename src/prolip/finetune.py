@@ -127,7 +127,7 @@ def squared_distance(params: Mapping[str, Tensor], originals: Mapping[str, Tenso
 
 def model_parameters(backbone: Backbone) -> dict[str, Tensor]:
     """The backbone model's parameters by name (the names of its state dict)."""
-    return dict(backbone.model.named_parameters())  # type: ignore[attr-defined]
+    return dict(backbone.model.named_parameters())
 
 
 def image_encoder_parameters(backbone: Backbone) -> list[str]:
@@ -139,7 +139,7 @@ def image_encoder_parameters(backbone: Backbone) -> list[str]:
 def last_layer_parameters(backbone: Backbone) -> list[str]:
     """The parameters of the family's last image block (a ResNet's attention pool, a ViT's last transformer block;
     Last_Layer_FT.py:53-59); the projection stays W0."""
-    prefix = backbone.family.last_image_block(backbone.model)  # type: ignore[attr-defined]
+    prefix = backbone.family.last_image_block(backbone.model)
     return [n for n in model_parameters(backbone) if n.startswith(prefix)]
 
 
@@ -255,8 +255,13 @@ def adapted_copy(backbone: Backbone, names: Sequence[str], adapt: Adapter | None
 
 def _modules_owning(encoder: Backbone, names: Sequence[str]) -> list[torch.nn.Module]:
     """The modules that directly hold the parameters ``names`` (an installed adapter's own modules)."""
-    modules = dict(encoder.model.named_modules())  # type: ignore[attr-defined]
+    modules = dict(encoder.model.named_modules())
     return list({id(m): m for m in (modules[n.rsplit(".", 1)[0]] for n in names)}.values())
+
+
+def _fixed(classifier: Tensor) -> ClassifierFn:
+    """The same text classifier at every step, whatever the encoder."""
+    return lambda encoder: classifier
 
 
 def _optimizer(params: Sequence[Tensor], settings: FinetuneSettings) -> torch.optim.Optimizer:
@@ -285,7 +290,7 @@ def train_image_encoder(
     adapters = _modules_owning(encoder, [n for n in names if n not in chosen])
     device = torch.device(backbone.device)
     labels = labels.to(device)
-    fixed = None if callable(classifier) else classifier.to(device, torch.float32)
+    classifier_of = classifier if callable(classifier) else _fixed(classifier.to(device, torch.float32))
     steps = training_steps(len(paths), settings)
     optimizer = _optimizer(list(params.values()), settings)
     support = AugmentedSupport(paths, backbone, settings.aug_seed, settings.workers, settings.augmentation)
@@ -297,7 +302,7 @@ def train_image_encoder(
         ):
             for group in optimizer.param_groups:
                 group["lr"] = step_lr(settings, step, len(steps))
-            T = fixed if fixed is not None else classifier(encoder)  # type: ignore[operator]
+            T = classifier_of(encoder)
             images = support.batch(indices, epoch).to(device)
             loss = _loss(encoder, images, labels[indices.to(device)], T, logit_scale, settings, params, originals)
             optimizer.zero_grad(set_to_none=True)

@@ -195,7 +195,13 @@ def eval_images(run: Run, splits: DatasetSplits, split: str | None = None) -> tu
             option="--split",
         )
     wanted = split or "test"
-    images = in_run_classes(available.get(wanted) or splits.train, run)
+    chosen = available.get(wanted) or splits.train
+    if chosen is None:  # "train" asked of, or no split asked of, data with neither that split nor a train split
+        raise DataError(
+            f"split {wanted!r}: the data ({splits.name}) has no {wanted} split (it has: {', '.join(available)})",
+            option="--split",
+        )
+    images = in_run_classes(chosen, run)
     seen = {p for key in ("support", "validation") for p, _ in run.manifest["data"].get(key, [])}
     keep = [i for i, it in enumerate(images.items) if str(it.path) not in seen]
     if not keep:

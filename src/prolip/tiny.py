@@ -49,7 +49,7 @@ def render_digit(pixels: np.ndarray, size: int = RENDER_SIZE):
     from PIL import Image
 
     ink = (255 - pixels * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(ink, mode="L").resize((size, size), Image.BICUBIC).convert("RGB")
+    return Image.fromarray(ink, mode="L").resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
 
 
 def load_digit_scans() -> tuple[np.ndarray, np.ndarray]:

@@ -87,11 +87,13 @@ class SeededCropFlip:
         log_ratio = torch.log(torch.tensor(self.ratio))
         for _ in range(10):
             target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1], generator=generator).item()
-            aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+            aspect = torch.exp(
+                torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]), generator=generator)
+            ).item()
             w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
             if 0 < w <= width and 0 < h <= height:
-                i = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
-                j = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
+                i = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+                j = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
                 break
         else:  # torchvision's fallback: the largest central crop within the ratio range
             in_ratio = width / height

@@ -66,6 +66,9 @@ class Backbone(ABC):
     info: BackboneInfo
     preprocessing: Preprocessing
     device: torch.device
+    # The wrapped model; its parameter names are the checkpoint's (fine-tuning and export address them by name).
+    # Each family's subclass narrows it to its own model class.
+    model: torch.nn.Module
 
     @abstractmethod
     def encode_pre(self, images: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
@@ -19,9 +20,14 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # A real CLIP BPE vocabulary has ~49k entries; transformers offline can hand back a 2-token stub instead.
 MIN_VOCAB = 1000
 
+if TYPE_CHECKING:  # transformers is imported lazily at run time
+    from transformers import CLIPModel, CLIPTextConfig
+
 
 class HFClipBackbone(Backbone):
     """A frozen ``CLIPModel``: z = vision pooler_output (post_layernorm CLS); W = visual_projection.weight (no bias)."""
+
+    model: CLIPModel
 
     def __init__(
         self,
@@ -59,7 +65,9 @@ class HFClipBackbone(Backbone):
     # --- text side -------------------------------------------------------------------------------------
 
     def tokenize(self, texts: Sequence[str]) -> Tensor:
-        length = self.model.config.text_config.max_position_embeddings
+        # CLIPConfig types text_config as what its constructor accepts (dict | CLIPTextConfig | None); a built
+        # config always holds a CLIPTextConfig.
+        length = cast("CLIPTextConfig", self.model.config.text_config).max_position_embeddings
         enc = self.tokenizer(list(texts), padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         return enc["input_ids"].to(self.device)
 

@@ -52,6 +52,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise BackboneLoadError(f"checkpoint {path} does not exist (or is not a file)")
+    checkpoint: object  # whatever the file holds, until checked below
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

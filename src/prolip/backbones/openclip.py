@@ -6,6 +6,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import open_clip
 import torch
@@ -39,6 +40,8 @@ if str(MODEL_CONFIG_DIR) not in map(str, open_clip.factory._MODEL_CONFIG_PATHS):
 
 class OpenClipBackbone(Backbone):
     """A frozen ``open_clip.model.CLIP``; subclasses say where the visual projector sits."""
+
+    model: open_clip.model.CLIP
 
     def __init__(self, model: open_clip.model.CLIP, info: BackboneInfo, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
@@ -185,19 +188,24 @@ def attention_pool_pre_projection(pool: torch.nn.Module, x: Tensor) -> Tensor:
     """
     x = x.reshape(x.shape[0], x.shape[1], -1).permute(2, 0, 1)  # NCHW -> (HW)NC
     x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)  # the mean token is the query that gets pooled
-    x = x + pool.positional_embedding[:, None, :].to(x.dtype)
+    # ``pool`` is an AttentionPool2d, which open_clip leaves untyped: through nn.Module.__getattr__ every attribute
+    # reads as ``Tensor | Module``, so name what AttentionPool2d.__init__ makes them.
+    positional_embedding = cast(torch.nn.Parameter, pool.positional_embedding)
+    num_heads = cast(int, pool.num_heads)
+    q_proj, k_proj, v_proj = (cast(torch.nn.Linear, m) for m in (pool.q_proj, pool.k_proj, pool.v_proj))
+    x = x + positional_embedding[:, None, :].to(x.dtype)
     dim = x.shape[-1]
     x, _ = F.multi_head_attention_forward(
         query=x,
         key=x,
         value=x,
         embed_dim_to_check=dim,
-        num_heads=pool.num_heads,
-        q_proj_weight=pool.q_proj.weight,
-        k_proj_weight=pool.k_proj.weight,
-        v_proj_weight=pool.v_proj.weight,
+        num_heads=num_heads,
+        q_proj_weight=q_proj.weight,
+        k_proj_weight=k_proj.weight,
+        v_proj_weight=v_proj.weight,
         in_proj_weight=None,
-        in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        in_proj_bias=torch.cat([q_proj.bias, k_proj.bias, v_proj.bias]),
         bias_k=None,
         bias_v=None,
         add_zero_attn=False,

@@ -1029,8 +1029,8 @@ def per_dataset_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _gain_panels(rows: list[dict]) -> dict[tuple, dict[str, dict[tuple[str, str], float]]]:
-    """(section title, shots) → line name → {(dataset): gain}, with each line's mean over its datasets."""
+def _gain_panels(rows: list[dict]) -> dict[tuple, dict[str, dict[str, float]]]:
+    """(section title, shots) → line name → {dataset: gain}, with each line's mean over its datasets."""
     panels: dict[tuple, dict] = defaultdict(lambda: defaultdict(dict))
     names = display_names(rows)
     for g in zero_shot_gains(rows):

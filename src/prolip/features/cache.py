@@ -82,7 +82,9 @@ class CachedViews:
     this request left out.
     """
 
-    def __init__(self, entries: Sequence[Entry], num_views: int, kept: Sequence[int], skipped: Skipped = ()):
+    def __init__(
+        self, entries: Sequence[Entry], num_views: int, kept: Sequence[int], skipped: Sequence[tuple[Path, str]] = ()
+    ):
         self.entries, self._num_views = list(entries), num_views
         self.kept, self.skipped = list(kept), list(skipped)
         self._reader = storage.ViewReader()
@@ -108,6 +110,9 @@ class CachedViews:
             if out is None:
                 out = torch.empty(self.num_images, block.shape[-1], dtype=dtype)
             out[dest] = block[rows].to(dtype)
+        # With no images there is no feature width to shape a result; no caller reads views of an empty set
+        # (FeatureCache.center answers an empty request itself, fitting refuses an emptied class).
+        assert out is not None, "CachedViews.view of no images"
         return out
 
     def to_tensor(self) -> Tensor:
@@ -304,9 +309,9 @@ class FeatureCache:
         if rank is None or world is None:
             rank, world = rank_world()
         kind, views = ("augment", num_views) if num_views else ("center", 1)
-        paths = [Path(p) for p in paths]
+        files = [Path(p) for p in paths]
         skipped: Skipped = []
-        keys = [self._key(p, skipped) for p in paths]
+        keys = [self._key(p, skipped) for p in files]
         ns = self.namespace_dir(kind, aug_seed, augmentation)
         wanted = sorted({k for k in keys if k is not None})
         index = self._checked_index(ns, wanted, views)
@@ -316,12 +321,12 @@ class FeatureCache:
         mine = [[k for k in u if not _cached(index, k, views)] for u in rank_share(units, todo, rank, world)]
         prep = self.backbone.preprocessing
         make_view = augmented_views(prep, aug_seed, augmentation) if kind == "augment" else center_views(prep)
-        key_to_path = {k: p for k, p in zip(keys, paths, strict=True) if k is not None}
+        key_to_path = {k: p for k, p in zip(keys, files, strict=True) if k is not None}
         bad = self._compute(ns, mine, key_to_path, views, make_view, skipped, kind)
         remove_finished_locks(ns)
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
-        return self._lookup(ns, keys, paths, views, bad, world, skipped)
+        return self._lookup(ns, keys, files, views, bad, world, skipped)
 
     def namespace_dir(self, kind: str, aug_seed: int, augmentation: str = "prolip") -> Path:
         prep = self.backbone.preprocessing

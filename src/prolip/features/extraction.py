@@ -16,6 +16,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -53,7 +54,8 @@ def center_views(prep) -> ViewMaker:
 def augmented_views(prep, aug_seed: int, augmentation: str = "prolip") -> ViewMaker:
     """The cached training views: view t seeded per (aug_seed, image key, t), so any request gets the same views."""
     transform = augment_transform(prep, augmentation)
-    return lambda image, key, t: augmented_view(image, prep, view_seed(aug_seed, key, t), transform)
+    # The cache asks for augmented views by image key (image_key's string); ViewMaker's keys are any Hashable.
+    return lambda image, key, t: augmented_view(image, prep, view_seed(aug_seed, cast(str, key), t), transform)
 
 
 def test_time_views(prep, seed: int, augment: SeededCropFlip) -> ViewMaker:
