@@ -63,8 +63,7 @@ def resolve_data(
         images = read_image_list(path, templates_file=templates_file, classnames_file=classnames_file)
         return DatasetSplits(images.name, images.classnames, images.templates, train=images)
     else:
-        _require_benchmark(spec, root)
-        splits = load_benchmark(spec, root)
+        splits = load_benchmark(spec, _require_benchmark(spec, root))
     if classnames_file:
         _rename_classes(splits, read_classnames(classnames_file, splits.classnames))
     if templates_file:
@@ -74,7 +73,7 @@ def resolve_data(
     return splits
 
 
-def _require_benchmark(spec: str, root) -> None:
+def _require_benchmark(spec: str, root: Path | str | None) -> Path | str:
     try:
         canonical_name(spec)
     except DataError:
@@ -83,6 +82,7 @@ def _require_benchmark(spec: str, root) -> None:
         ) from None
     if root is None:
         raise DataError(f"--data {spec} names a benchmark: pass --data-root, the folder holding the datasets")
+    return root
 
 
 def _parts(splits: DatasetSplits) -> list[LabeledImages]:

@@ -150,6 +150,7 @@ def _split_entry(entry, where: str) -> tuple[str, int, str]:
 
 
 def _from_split_json(b: Benchmark, ds_root: Path) -> DatasetSplits:
+    assert b.split_file is not None, f"{b.name} is folder-scanned"  # only datasets with a split file come here
     split_path = _require(ds_root / b.split_file, "split file", b.name)
     split = read_json(split_path, "split file")
     if not isinstance(split, dict):

@@ -170,7 +170,9 @@ def _class_folders(root: Path) -> tuple[list[str], list[Path]]:
     symlink), or one inside the other, are refused: their images would belong to two classes.
     """
     real_root = root.resolve()
-    folders, ignored, owners = [], [], {}
+    folders: list[str] = []
+    ignored: list[Path] = []
+    owners: dict[Path, str] = {}  # a class folder's real path → its name
     for p in sorted(root.iterdir(), key=lambda p: p.name):
         if p.name.startswith(".") or not p.is_dir():
             continue
@@ -337,7 +339,8 @@ def _image_file(path: Path, where: str) -> tuple[int, int]:
 
 def _list_items(path: Path, root: Path, rows: list[Row], classnames: list[str]) -> list[ImageItem]:
     index = {c: i for i, c in enumerate(classnames)}
-    items, first_seen = [], {}
+    items: list[ImageItem] = []
+    first_seen: dict[tuple[int, int], tuple[int, int, Path]] = {}  # (device, inode) → (row, label, path)
     for i, (rel, label, classname) in enumerate(rows, 1):
         where = f"{path}, row {i}"
         p = inside(root, rel, where)

@@ -17,6 +17,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prolip.data.folder import DEFAULT_TEMPLATES, DataError, read_classnames, read_json, read_templates
 from prolip.data.images import BadImageError, _open_regular
@@ -321,7 +322,7 @@ class _Rows:
             self.table = _arrow_table(file)
             schema = self.table.schema
         self.column = image_column(schema, str(file))
-        self._group: tuple[int, object] | None = None
+        self._group: tuple[int, Any] | None = None  # (row group, its pyarrow column: untyped)
 
     def __len__(self) -> int:
         return self.starts[-1] if self.parquet else self.table.num_rows

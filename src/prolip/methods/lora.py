@@ -223,7 +223,7 @@ def _float_mask(mask: Tensor | None, q: Tensor, batch: int, heads: int) -> Tenso
 def attention_sites(backbone: Backbone, encoder: str, position: str) -> list[tuple[str, nn.Module]]:
     """(module path, attention module) of every block CLIP-LoRA adapts (loralib/utils.py:108-135), text tower first;
     the backbone's family says where its towers' attention modules are, or why a tower cannot be adapted."""
-    available = backbone.family.attention_towers(backbone.model, backbone.info.arch)  # type: ignore[attr-defined]
+    available = backbone.family.attention_towers(backbone.model, backbone.info.arch)
     towers = []
     for tower in ("text", "vision"):
         if encoder not in ("both", tower):
@@ -261,7 +261,7 @@ class LoRAInstaller:
             if isinstance(attention, nn.MultiheadAttention):
                 E, like = attention.embed_dim, attention.in_proj_weight
                 adapters = {m: self._adapter(E, E, generator, like) for m in self.matrices}
-                _set_module(backbone.model, path, LoRAMultiheadAttention(attention, adapters))  # type: ignore[attr-defined]
+                _set_module(backbone.model, path, LoRAMultiheadAttention(attention, adapters))
                 names += [f"{path}.lora.{m}.{p}" for m in self.matrices for p in ("A", "B")]
                 continue
             for m in self.matrices:  # a Hugging Face attention: one nn.Linear per projection
@@ -289,7 +289,7 @@ class LoRAInstaller:
 def merged_tensors(encoder: Backbone) -> dict[str, Tensor]:
     """Every adapted projection with its adapter merged in (W + s·BA), by its checkpoint name."""
     out = {}
-    for path, module in encoder.model.named_modules():  # type: ignore[attr-defined]
+    for path, module in encoder.model.named_modules():
         if isinstance(module, (LoRAMultiheadAttention, LoRALinear)):
             out.update({f"{path}.{name}": t.detach().float().cpu() for name, t in module.merged().items()})
     return out
