@@ -1,6 +1,7 @@
 """Few-shot samplers (CoOp and LP++ conventions) and property tests over samplers, list parsers and folders."""
 
 import csv
+import dataclasses
 import random
 import tempfile
 from collections import Counter
@@ -171,3 +172,39 @@ def test_csv_list_properties(names):
         assert images.classnames == sorted(set(names))
         assert [images.classnames[y] for y in images.labels] == names
         assert [it.path.name for it in images.items] == [f"{i}.png" for i in range(len(names))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    counts=st.lists(st.integers(1, 5), min_size=2, max_size=4),
+    shots=st.integers(1, 5),
+    seed=st.integers(0, 5),
+    sampler=st.sampled_from(["lpp", "coop"]),
+)
+def test_validate_is_refused_exactly_when_a_class_has_no_validation_image(counts, shots, seed, sampler):
+    """A class whose every image is support leaves validation without it: the episode says so, up front, rather
+    than letting a method select on the other classes (or fail inside scikit-learn on an empty set)."""
+    from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
+    from prolip.episode import EpisodeError, EpisodeSpec, draw_images
+
+    names = [f"c{i}" for i in range(len(counts))]
+    items = [ImageItem(Path(f"/x/{c}/{i}.jpg"), c) for c, n in enumerate(counts) for i in range(n)]
+    train = LabeledImages(items, names)
+    splits = DatasetSplits("toy", names, ["a {}."], train=train)
+    spec = EpisodeSpec(shots=shots, seed=seed, sampler=sampler, validation=True, allow_fewer=True)
+    if shots > max(counts):
+        with pytest.raises(EpisodeError):
+            draw_images(splits, spec)
+        return
+    support = draw_images(splits, dataclasses.replace(spec, validation=False)).support  # the same draw
+    drawn = {it.path for it in support.items}
+    starved = [names[c] for c in range(len(counts)) if {it.path for it in items if it.label == c} <= drawn]
+    if starved:
+        with pytest.raises(NotEnoughImagesError, match=r"--validate needs validation images of every class") as e:
+            draw_images(splits, spec)
+        assert f"{len(starved)} class(es) have none" in str(e.value)
+        assert all(repr(name) in str(e.value) for name in starved[:5])
+    else:
+        episode = draw_images(splits, spec)
+        assert set(episode.validation.labels) == set(range(len(counts)))
+        assert not {it.path for it in episode.validation.items} & drawn

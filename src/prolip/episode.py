@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from prolip.backbones.base import Backbone
-from prolip.data import sample_few_shot
+from prolip.data import NotEnoughImagesError, sample_few_shot
 from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
 from prolip.errors import ProlipError
 from prolip.features.cache import CachedViews
@@ -176,7 +176,26 @@ def draw_images(splits: DatasetSplits, spec: EpisodeSpec) -> EpisodeImages:
         evaluation, eval_set = train.subset([i for i in range(len(train)) if i not in used]), EVAL_HELD_OUT
     if spec.classes is not None:
         support, validation, evaluation = (restrict(x, spec.classes) for x in (support, validation, evaluation))
+    if spec.validation:
+        _check_validation(support, validation, few.val_from)
     return EpisodeImages(support, validation, evaluation, eval_set)
+
+
+def _check_validation(support: LabeledImages, validation: LabeledImages, source: str) -> None:
+    """Selection on a validation set missing a class would select on the other classes only (or on nothing, and
+    fail deep inside a method): refused, naming the classes and how to get validation images for them."""
+    missing = sorted(set(support.labels) - set(validation.labels))
+    if missing:
+        names = [support.classnames[c] for c in missing][:5]
+        where = (
+            "its val split has no image of them"
+            if source == "val"
+            else "every image of theirs is a support image, none is left for validation"
+        )
+        raise NotEnoughImagesError(
+            f"--validate needs validation images of every class, and {len(missing)} class(es) have none "
+            f"({names}): {where}; lower --shots, add images, or fit without --validate"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- features
