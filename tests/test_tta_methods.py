@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from prolip.functional import entropy
-from prolip.tta_methods import (
+from prolip.tta.tda import (
     TDAInputs,
     TDASettings,
     order_digest,
@@ -19,8 +19,8 @@ from prolip.tta_methods import (
     tda_inputs,
     tda_settings,
     tda_stream,
-    zero_votes,
 )
+from prolip.tta.zero import zero_votes
 
 # ----------------------------------------------------------------------------------------------- ZERO
 
@@ -169,8 +169,9 @@ def test_tta_protocol_runs_zero_and_tda_with_recorded_stream_orders(tmp_path, ti
 
 
 def test_records_written_before_the_new_rows_keep_their_cell_ids():
-    from prolip.bench.experiment import TTA
+    from prolip.bench.experiment import TTA, TestTimeSpec
 
     old_keys = {"views", "ratio", "steps", "lr", "seed", "max_images", "tpt", "ensemble", "train_on"}
     assert set(TTA().setting()) == old_keys
-    assert {"zero", "zero_gamma", "tda", "tda_orders"} <= set(TTA(zero=True, tda=True).setting())
+    both = TTA(methods=[TestTimeSpec("zero"), TestTimeSpec("tda")])
+    assert {"zero", "zero_gamma", "tda", "tda_orders"} <= set(both.setting())

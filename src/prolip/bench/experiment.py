@@ -7,7 +7,7 @@ the message names the file and the key), because a typo in a sweep that runs for
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +58,24 @@ class Sensitivity:
 
 
 @dataclass
+class TestTimeSpec:
+    """One test-time method of the tta protocol (:mod:`prolip.tta`) and the settings its entry gives."""
+
+    name: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+# The tta section's own keys: test-time ProLIP's views per image (shared by every row), ratio, steps, lr and view
+# seed, the evaluation cap, where a start W is fitted, and the other test-time methods to run beside it.
+_TTA_OWN = ("views", "ratio", "steps", "lr", "seed", "max_images")
+
+
+@dataclass
 class TTA:
-    """Test-time ProLIP (paper §4.6): views per image, confident ratio, AdamW steps/lr; optional TPT and view-ensemble
-    rows on the same views; ``max_images`` evaluates a class-balanced subset of the test set (CPU budgets)."""
+    """Test-time ProLIP (paper §4.6), always run from every method's W: views per image, confident ratio, AdamW
+    steps/lr; ``methods`` lists other test-time methods run on the same views (TPT, ZERO, TDA, the view ensemble,
+    plain zero-shot; :func:`prolip.tta.available`); ``max_images`` evaluates a class-balanced subset of the test set
+    (CPU budgets)."""
 
     views: int = 64
     ratio: float = 0.1
@@ -68,25 +83,51 @@ class TTA:
     lr: float = 1e-4
     seed: int = 0
     max_images: int | None = None
-    tpt: bool = False
-    ensemble: bool = False
     train_on: str | None = None  # where a prolip start W is fitted (e.g. imagenet for its variants); default: itself
-    zeroshot: bool = False  # a plain zero-shot row (view 0, W0: no adaptation) beside the adapted ones
-    zero: bool = False  # ZERO's row: the confident views' argmax vote (prolip.tta_methods)
-    zero_gamma: float = 0.3  # ZERO's share of confident views (ttas/zero.py:23)
-    tda: bool = False  # TDA's row: dynamic caches over a test stream, per-dataset settings
-    tda_orders: list[int] = field(default_factory=lambda: [1, 2, 3])  # seeds of the stream orders TDA runs
+    methods: list[TestTimeSpec] = field(default_factory=list)
+
+    def rows(self) -> list[TestTimeSpec]:
+        """Every test-time method the protocol runs: test-time ProLIP first, then the listed ones."""
+        from prolip.tta import PROTOCOL_METHOD
+
+        return [TestTimeSpec(PROTOCOL_METHOD), *self.methods]
+
+    def settings_for(self, spec: TestTimeSpec) -> dict[str, Any]:
+        """A method's effective settings: the section's for those it shares, then its entry's own."""
+        from prolip.tta import method_class
+
+        return {**{k: getattr(self, k) for k in method_class(spec.name).shared}, **spec.settings}
 
     def setting(self) -> dict[str, Any]:
-        """What a TTA record says about its setting: every key, except those of the zero-shot, ZERO and TDA rows
-        while those rows are off (so records written before they existed keep their cell ids)."""
-        out = asdict(self)
-        optional_rows = (("zeroshot", ("zeroshot",)), ("zero", ("zero", "zero_gamma")), ("tda", ("tda", "tda_orders")))
-        for row, keys in optional_rows:
-            if not out[row]:
-                for key in keys:
-                    out.pop(key)
+        """What a TTA record says about its setting: the section's own keys; the flag of each method that is
+        ``recorded_when_off`` (TPT, the view ensemble: false while off); each listed method's flag and its
+        recorded settings as ``<name>_<setting>`` (ZERO's ``zero_gamma``, TDA's ``tda_orders``), exactly as the
+        older flags were written, so records made before the methods list existed keep their cell ids."""
+        from prolip.tta import available, method_class
+
+        listed = {spec.name for spec in self.methods}
+        out: dict[str, Any] = {k: getattr(self, k) for k in _TTA_OWN}
+        out.update({name: name in listed for name in available() if method_class(name).recorded_when_off})
+        out["train_on"] = self.train_on
+        for spec in self.methods:
+            out[spec.name] = True
+            out.update({f"{spec.name}_{k}": v for k, v in self._recorded(spec).items()})
         return out
+
+    def _recorded(self, spec: TestTimeSpec) -> dict[str, Any]:
+        """Settings the record names: those the method always records, and those its entry changes from what it
+        would run with anyway (so an entry that restates a default is the same cell as one that does not)."""
+        from prolip.tta import method_class
+
+        cls = method_class(spec.name)
+        implied = {k: _plain(v) for k, v in {**cls.defaults(), **self.settings_for(TestTimeSpec(spec.name))}.items()}
+        effective = {**implied, **{k: _plain(v) for k, v in spec.settings.items()}}
+        return {k: v for k, v in effective.items() if k in cls.recorded or (k in spec.settings and v != implied[k])}
+
+
+def _plain(value: Any) -> Any:
+    """A setting as JSON holds it (tuples are lists), so a default and the same value read from a file agree."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 @dataclass
@@ -161,14 +202,8 @@ _TTA = {
     "lr": (_NUM, "a number"),
     "seed": (int, "an integer"),
     "max_images": (int, "an integer"),
-    "tpt": (bool, "true or false"),
-    "ensemble": (bool, "true or false"),
     "train_on": (str, "a dataset name"),
-    "zeroshot": (bool, "true or false"),
-    "zero": (bool, "true or false"),
-    "zero_gamma": (_NUM, "a number"),
-    "tda": (bool, "true or false"),
-    "tda_orders": ("list[int]", "a list of integer seeds"),
+    "methods": (list, "a list of test-time methods"),
 }
 
 
@@ -218,6 +253,82 @@ def _method(entry: Any, where: str) -> MethodSpec:
     )
 
 
+def _tta_section(raw: dict, where: str) -> TTA:
+    """The tta section: its own keys, ``methods`` (each a name or a one-key mapping name → settings), and the
+    older flags, read as the same list: ``<name>: true`` runs a method and ``<name>_<setting>: value`` sets one of
+    its settings (``tpt: true``, ``zero: true``, ``zero_gamma: 0.5``, ``tda_orders: [1, 2]``)."""
+    own = {k: v for k, v in raw.items() if k in _TTA}
+    _check_section(own, _TTA, where)
+    entries = own.pop("methods", None) or []
+    methods = [_test_time_entry(e, f"{where}: methods[{i}]") for i, e in enumerate(entries)]
+    flat = {k: v for k, v in raw.items() if k not in _TTA}
+    if flat:
+        methods += _flagged(flat, {m.name for m in methods}, where)
+    if methods:
+        _check_listed(methods, where)
+    return TTA(**own, methods=methods)
+
+
+def _test_time_entry(entry: Any, where: str) -> TestTimeSpec:
+    if isinstance(entry, str):
+        return TestTimeSpec(entry)
+    if isinstance(entry, dict) and len(entry) == 1:
+        ((name, settings),) = entry.items()
+        if isinstance(name, str) and (settings is None or isinstance(settings, dict)):
+            return TestTimeSpec(name, dict(settings or {}))
+    raise ExperimentError(
+        f"{where}: each test-time method is a name or a one-key mapping name → settings (e.g. "
+        f"{{tda: {{orders: [1, 2, 3]}}}}), got {entry!r}"
+    )
+
+
+def _flagged(flat: dict, listed: set[str], where: str) -> list[TestTimeSpec]:
+    """The methods the older flags switch on, in the order registered, with their ``<name>_<setting>`` settings.
+    Settings of a method left off are checked, then unused (as ``zero_gamma`` was without ``zero: true``)."""
+    from prolip.tta import PROTOCOL_METHOD, available, create, method_class
+
+    names = [n for n in available() if n != PROTOCOL_METHOD]
+    flat_keys = {f"{n}_{p}": (n, p) for n in names for p in method_class(n).param_names()}
+    unknown = sorted(k for k in flat if k not in names and k not in flat_keys)
+    if unknown:
+        raise ExperimentError(f"{where}: unknown key(s) {unknown}; known keys: {sorted([*_TTA, *names, *flat_keys])}")
+    settings: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if key in names and not isinstance(value, bool):
+            raise ExperimentError(f"{where}: '{key}' must be true or false, got {value!r}")
+        if key in flat_keys:
+            name, param = flat_keys[key]
+            if name in listed:
+                raise ExperimentError(f"{where}: '{key}': set {name}'s {param} in its methods entry instead")
+            settings.setdefault(name, {})[param] = value
+    for name, given in settings.items():
+        try:
+            create(name, **given)
+        except ValueError as e:
+            raise ExperimentError(f"{where}: bad settings: {e}") from None
+    return [TestTimeSpec(n, settings.get(n, {})) for n in names if flat.get(n) is True]
+
+
+def _check_listed(methods: list[TestTimeSpec], where: str) -> None:
+    from prolip.tta import PROTOCOL_METHOD, available
+
+    known = [n for n in available() if n != PROTOCOL_METHOD]
+    names = [m.name for m in methods]
+    for i, name in enumerate(names):
+        if name == PROTOCOL_METHOD:
+            raise ExperimentError(
+                f"{where}: methods[{i}]: {name!r} always runs, from every method's W; set its views, ratio, steps "
+                "and lr in the tta section itself"
+            )
+        if name not in known:
+            raise ExperimentError(
+                f"{where}: methods[{i}]: unknown test-time method {name!r}; choose from {', '.join(known)}"
+            )
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ExperimentError(f"{where}: test-time method(s) {twice} listed twice (once in methods, or as a flag)")
+
+
 def _apply_overrides(raw: dict, overrides: dict, source: str) -> dict:
     """``--set`` values; a dotted key (``tta.views``) sets a key of a section."""
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
@@ -243,7 +354,6 @@ def parse_experiment(raw: dict, source: str = "<experiment>", overrides: dict | 
     raw = _apply_overrides(raw or {}, overrides or {}, source)
     _check_section(raw, _TOP, source)
     _check_section(raw.get("sensitivity") or {}, _SENSITIVITY, f"{source}: sensitivity")
-    _check_section(raw.get("tta") or {}, _TTA, f"{source}: tta")
     for key in ("datasets", "methods"):
         if not raw.get(key):
             raise ExperimentError(f"{source}: '{key}' is required and must not be empty")
@@ -264,7 +374,7 @@ def parse_experiment(raw: dict, source: str = "<experiment>", overrides: dict | 
             f"{source}: method label(s) {duplicates} appear twice; give each variant a distinct 'label'"
         )
     sensitivity = Sensitivity(**(raw.pop("sensitivity", None) or {}))
-    tta = TTA(**(raw.pop("tta", None) or {}))
+    tta = _tta_section(raw.pop("tta", None) or {}, f"{source}: tta")
     exp = Experiment(methods=methods, sensitivity=sensitivity, tta=tta, **raw)
     _check_values(exp, source)
     return exp
@@ -306,10 +416,7 @@ def _check_values(exp: Experiment, source: str) -> None:
     if exp.protocol == "tta":
         if exp.tta.views < 1 or not 0 < exp.tta.ratio <= 1:
             raise ExperimentError(f"{source}: tta: 'views' must be ≥ 1 and 'ratio' in (0, 1]")
-        if not 0 < exp.tta.zero_gamma <= 1 or (exp.tta.tda and not exp.tta.tda_orders):
-            raise ExperimentError(
-                f"{source}: tta: 'zero_gamma' must be in (0, 1] and 'tda_orders' must list at least one seed"
-            )
+        _check_test_time_settings(exp.tta, f"{source}: tta")
         for i, m in enumerate(exp.methods):
             if not method_class(m.name).exposes_projection:
                 raise ExperimentError(
@@ -329,3 +436,14 @@ def load_experiment(path: Path | str, overrides: dict | None = None) -> Experime
     if not isinstance(raw, dict):
         raise ExperimentError(f"{path}: expected a mapping of keys at the top level")
     return parse_experiment(raw, str(path), overrides)
+
+
+def _check_test_time_settings(tta: TTA, where: str) -> None:
+    """Each test-time method's settings (the section's it shares, its entry's own), by its constraints."""
+    from prolip.tta import create
+
+    for spec in tta.rows():
+        try:
+            create(spec.name, **tta.settings_for(spec))
+        except ValueError as e:
+            raise ExperimentError(f"{where}: {spec.name}: bad settings: {e}") from None

@@ -36,15 +36,16 @@ from prolip.bench.protocols import (
     Sensitivity,
     TestTime,
     Transfer,
-    balanced_subset,
 )
 from prolip.bench.records import done_cells, read_records
+from prolip.bench.tta import balanced_subset, starts_from_fit
 from prolip.data.sampling import base_new_split
 from prolip.episode import EpisodeImages, draw_images, evaluation_images, restrict, support_views
 from prolip.features.cache import Request, Survey
 from prolip.features.extraction import center_views
 from prolip.methods import create, method_class
 from prolip.methods.base import NO_CACHED_VIEWS, Support, Task, TensorViews, Validation
+from prolip.tta import create as create_test_time
 
 
 @dataclass
@@ -76,9 +77,11 @@ class _Tally:
     tta_paths: list[Path] = field(default_factory=list)  # the test-time images (timed when nothing else is)
     encoder_cells: int = 0
 
-    def add(self, shared: list[Request], per_cell: list[list[Request]], tta_per_cell: int = 0) -> None:
+    def add(self, shared: list[Request], per_cell: list[list[Request]], tta_per_cell: list[int] | None = None) -> None:
+        """``tta_per_cell``: the test-time views each cell would encode alone."""
         self.requests += shared + [r for own in per_cell for r in own]
-        self.reference += sum(_passes(shared) + _passes(own) + tta_per_cell for own in per_cell)
+        alone = tta_per_cell or [0] * len(per_cell)
+        self.reference += sum(_passes(shared) + _passes(own) + v for own, v in zip(per_cell, alone, strict=True))
 
 
 def _passes(requests: list[Request]) -> int:
@@ -179,23 +182,26 @@ def _method_requests(b: Bench, cell: Cell, drawn: EpisodeImages, probe: _CenterP
 
 
 def _test_time_requests(b: Bench, group: Group, todo: list[Cell], tally: _Tally, probe: _CenterProbe) -> None:
-    """bench/tta.py: learning methods start from a fit on (``tta.train_on`` or the dataset, shots, seed); every
-    cell then adapts on ``tta.views`` views of each evaluation image, encoded directly."""
+    """bench/tta.py: cells that start from a fit fit on (``tta.train_on`` or the dataset, shots, seed); the
+    ``tta.views`` views of each evaluation image are then encoded once, directly, and shared by every cell, of which
+    each reads the views its test-time method declares (what each would encode alone)."""
     t = b.exp.tta
-    images = balanced_subset(evaluation_images(b.splits(group.dataset)), t.max_images)
-    shared: list[Request] = []
-    per_cell = []
+    splits = b.splits(group.dataset)
+    images = balanced_subset(evaluation_images(splits), t.max_images)
+    per_cell, alone = [], []
     for cell in todo:
         own: list[Request] = []
-        if cell.extra["kind"] == "tta" and method_class(cell.method.name).learns:
+        if starts_from_fit(cell):
             drawn, episode = _episode_requests(
                 b, b.splits(t.train_on or group.dataset), cell.extra["shots"], cell.extra["seed"]
             )
             own = episode + _method_requests(b, cell, drawn, probe, tally)
         per_cell.append(own)
+        method = create_test_time(cell.extra["test_time"].name, **t.settings_for(cell.extra["test_time"]))
+        alone.append(len(images) * method.views_read(t.views, splits.name))
     tally.tta += len(images) * t.views
     tally.tta_paths += [it.path for it in images.items]
-    tally.add(shared, per_cell, tta_per_cell=len(images) * t.views)
+    tally.add([], per_cell, tta_per_cell=alone)
 
 
 def _paths(images) -> tuple[Path, ...]:
@@ -209,7 +215,8 @@ class _CenterProbe:
     """Whether a method, with given hyperparameters, reads the support's center crops."""
 
     def __init__(self, b: Bench):
-        self.b, self.notes = b, []
+        self.b = b
+        self.notes: list[str] = []
         self._memo: dict[tuple, bool] = {}
 
     def reads_center(self, m: MethodSpec, hyperparameters: dict[str, Any]) -> bool:

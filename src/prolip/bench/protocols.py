@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
-from prolip.bench.experiment import DOMAIN_TARGETS, Experiment, MethodSpec
+from prolip.bench.experiment import DOMAIN_TARGETS, Experiment, MethodSpec, TestTimeSpec
+from prolip.bench.memory import PeakMemory
 from prolip.bench.records import append_record, cell_id, done_cells, read_records
+from prolip.bench.tta import ZERO_SHOT, balanced_subset, run_tta_group
 from prolip.data.sampling import base_new_split
-from prolip.data.types import DatasetSplits, LabeledImages
+from prolip.data.types import DatasetSplits
 from prolip.episode import (
     Episode,
     EpisodeBuilder,
@@ -32,28 +34,12 @@ from prolip.episode import (
 from prolip.functional import accuracy
 from prolip.methods import Method, configure, create, method_class
 from prolip.methods.base import NO_CACHED_VIEWS, Support, ViewSource
+from prolip.tta import method_class as test_time_class
 from prolip.version import __version__
 
 
 def harmonic_mean(base: float, new: float) -> float:
     return 0.0 if base + new == 0 else 2 * base * new / (base + new)
-
-
-def balanced_subset(images: LabeledImages, max_images: int | None) -> LabeledImages:
-    """At most ``max_images``, taken round-robin over classes in file order (deterministic, class-balanced)."""
-    if max_images is None or len(images) <= max_images:
-        return images
-    by_class: dict[int, list[int]] = {}
-    for i, y in enumerate(images.labels):
-        by_class.setdefault(y, []).append(i)
-    picked: list[int] = []
-    rank = 0
-    while len(picked) < max_images:
-        for idx in by_class.values():
-            if rank < len(idx) and len(picked) < max_images:
-                picked.append(idx[rank])
-        rank += 1
-    return images.subset(sorted(picked))
 
 
 @dataclass
@@ -248,7 +234,8 @@ class CountedViews:
     support image when the cache is cold, the cost of the features the method consumed."""
 
     def __init__(self, views: ViewSource):
-        self.inner, self.read = views, set()
+        self.inner = views
+        self.read: set[int] = set()
 
     @property
     def num_views(self) -> int:
@@ -278,65 +265,6 @@ def counted_support(support: Support) -> tuple[Support, Callable[[], int]]:
 
     counted = replace(support, views=views, center=center)
     return counted, lambda: len(views.read) * views.num_images + (views.num_images if center_read else 0)
-
-
-class PeakMemory:
-    """The memory a block needed at its peak beyond what was held when it started, in MB: on a GPU from the
-    allocator's peak; on a CPU from the process's peak resident set (VmHWM, reset before the block; where it cannot
-    be reset, the lifetime peak, said so). What the process held before (the backbone, cached features) is left out,
-    so a small fit reads as small."""
-
-    def __init__(self, device: Any):
-        self.device = torch.device(device)
-        self.mb: float | None = None
-        self.measure = "none"
-        self._start: float | None = None
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device) / 2**20
-            self.measure = "CUDA allocator peak above the start"
-        else:
-            reset = _reset_peak_rss()
-            self._start = _current_rss_mb() if reset else 0.0
-            self.measure = "process peak RSS above the start" if reset else "process lifetime peak RSS"
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else _peak_rss_mb()
-        self.mb = None if peak is None or self._start is None else max(0.0, peak - self._start)
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def _status_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _current_rss_mb() -> float:
-    return _status_mb("VmRSS") or 0.0
-
-
-def _peak_rss_mb() -> float | None:
-    peak = _status_mb("VmHWM")
-    if peak is not None:
-        return peak
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def trainable_parameters(method: Method) -> int | None:
@@ -568,9 +496,10 @@ class Transfer(Protocol):
 
 
 class TestTime(Protocol):
-    """Test-time ProLIP from a method's projection: W0 for methods that learn nothing (zero-shot), or a few-shot
-    method's adapted W (fitted on ``tta.train_on`` or the dataset itself); optional TPT and no-update view-ensemble
-    rows on the very same views, on a class-balanced (optionally capped) evaluation set."""
+    """Test-time methods (:mod:`prolip.tta`) on the very same views of a class-balanced (optionally capped)
+    evaluation set: test-time ProLIP from every method's projection (W0 for methods that learn nothing, zero-shot;
+    a few-shot method's adapted W, fitted on ``tta.train_on`` or the dataset itself), and each other test-time
+    method the experiment lists (TPT, ZERO, TDA, the no-update view ensemble, plain zero-shot), from W0."""
 
     def groups(self) -> Iterator[Group]:
         t = self.exp.tta
@@ -579,36 +508,32 @@ class TestTime(Protocol):
             splits = self.b.splits(dataset)
             templates = self.b.templates(splits)
             cells = []
-            for m in self.exp.methods:
-                starts = (
-                    [(s, seed) for s in self.exp.shots for seed in self.exp.seeds]
-                    if method_class(m.name).learns
-                    else [(0, None)]
-                )
-                for shots, seed in starts:
-                    spec = MethodSpec(m.name, f"tta+{m.label}", m.hyperparameters)
+            for row in t.rows():
+                from_fit = test_time_class(row.name).starts_from_fit
+                for m, shots, seed in self._starts(row, from_fit):
+                    spec = MethodSpec(m.name, f"{row.name}+{m.label}" if from_fit else m.label, m.hyperparameters)
                     rec = self.b.record(
                         spec, dataset=splits.name, shots=shots, seed=seed, templates=templates, setting=setting
                     )
-                    cells.append(Cell(m, rec, extra={"kind": "tta", "shots": shots, "seed": seed}))
-            for kind, on in (
-                ("zeroshot", t.zeroshot),
-                ("tpt", t.tpt),
-                ("ensemble", t.ensemble),
-                ("zero", t.zero),
-                ("tda", t.tda),
-            ):
-                if on:
-                    spec = MethodSpec("zeroshot", kind)
-                    rec = self.b.record(
-                        spec, dataset=splits.name, shots=0, seed=None, templates=templates, setting=setting
-                    )
-                    cells.append(Cell(spec, rec, extra={"kind": kind, "shots": 0, "seed": None}))
+                    cells.append(Cell(m, rec, extra={"test_time": row, "shots": shots, "seed": seed}))
             yield Group(dataset, 0, None, cells)
 
-    def score(self, group: Group, cells: list[Cell]) -> Iterator[tuple[Cell, float]]:
-        from prolip.bench.tta import run_tta_group
+    def _starts(self, row: TestTimeSpec, from_fit: bool) -> list[tuple[MethodSpec, int, int | None]]:
+        """Where a row's W comes from: for a method that ``starts_from_fit``, each method's own, per shots and seed
+        when it learns (once, at 0 shots, when it does not); for any other, zero-shot CLIP's W0, once."""
+        if not from_fit:
+            return [(MethodSpec(ZERO_SHOT, row.name), 0, None)]
+        return [
+            (m, shots, seed)
+            for m in self.exp.methods
+            for shots, seed in (
+                [(s, seed) for s in self.exp.shots for seed in self.exp.seeds]
+                if method_class(m.name).learns
+                else [(0, None)]
+            )
+        ]
 
+    def score(self, group: Group, cells: list[Cell]) -> Iterator[tuple[Cell, float]]:
         yield from run_tta_group(self.b, group, cells)
 
 

@@ -1,47 +1,67 @@
-"""The test-time protocol's scoring: every start W (zero-shot W0 or a few-shot method's adapted W) adapted per test
-image on the very same views, plus the optional plain zero-shot, TPT, view-ensemble, ZERO and TDA rows.
+"""The test-time protocol's scoring: every test-time method of :mod:`prolip.tta` run on the very same views, each
+from its start W (zero-shot W0, or a few-shot method's adapted W for a method that ``starts_from_fit``).
 
-Each image's views are extracted once and shared by every row. TDA is a stream: its inputs are collected image by
-image, then the stream runs once per seeded order (``tta.tda_orders``); its record holds every order's seed, digest
-and accuracy, their mean (``accuracy``) and their worst (``accuracy_worst``).
+Each image's views are extracted once and shared by every row. Every method is driven through the same calls
+(``start``, ``observe`` per batch, ``finish``); a stream method (TDA) scores in ``finish`` what it collected, and its
+record holds what it declares (TDA: every stream order's seed, digest and accuracy, their mean and their worst).
+Nothing here knows one method from another: what a record reports of its cost, each method declares.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from prolip.bench.protocols import Bench, Cell, Group, PeakMemory, balanced_subset
+from prolip.bench.memory import PeakMemory
+from prolip.data.types import LabeledImages
 from prolip.episode import evaluation_images
-from prolip.functional import clip_logits, project
+from prolip.functional import clip_logits
 from prolip.methods import method_class
-from prolip.tta import TTAConfig, adapt_projection, batched_logits, tpt_logits, view_ensemble_logits, view_features
-from prolip.tta_methods import (
-    TDAInputs,
-    TDASettings,
-    order_digest,
-    stream_order,
-    tda_inputs,
-    tda_settings,
-    tda_stream,
-    zero_votes,
-)
+from prolip.tta import Scene, TestTimeMethod, create, view_features
+from prolip.tta import method_class as test_time_class
+
+if TYPE_CHECKING:  # the protocol passes its bench and cells in; protocols.py imports this module
+    from prolip.bench.protocols import Bench, Cell, Group
 
 IMAGES_PER_BATCH = 16
+# The few-shot method a row that does not start from a fit is recorded under: its W is W0 (the records' "method").
+ZERO_SHOT = "zeroshot"
 
 
-def _start(b: Bench, cell: Cell, dataset: str, memo: dict) -> torch.Tensor:
+def balanced_subset(images: LabeledImages, max_images: int | None) -> LabeledImages:
+    """At most ``max_images``, taken round-robin over classes in file order (deterministic, class-balanced)."""
+    if max_images is None or len(images) <= max_images:
+        return images
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(images.labels):
+        by_class.setdefault(y, []).append(i)
+    picked: list[int] = []
+    rank = 0
+    while len(picked) < max_images:
+        for idx in by_class.values():
+            if rank < len(idx) and len(picked) < max_images:
+                picked.append(idx[rank])
+        rank += 1
+    return images.subset(sorted(picked))
+
+
+def starts_from_fit(cell: Cell) -> bool:
+    """Whether the cell's W is its few-shot method's, fitted on a support set (else zero-shot CLIP's W0)."""
+    return test_time_class(cell.extra["test_time"].name).starts_from_fit and method_class(cell.method.name).learns
+
+
+def _start(b: Bench, cell: Cell, dataset: str, memo: dict) -> Tensor:
     """The W a TTA cell starts from: a learning method's adapted projection (fitted once per train set, shots and
     seed, memoised across datasets), or W0."""
-    kind, shots, seed = cell.extra["kind"], cell.extra["shots"], cell.extra["seed"]
-    if kind != "tta" or not method_class(cell.method.name).learns:
+    if not starts_from_fit(cell):
         return _w0(b)
+    shots, seed = cell.extra["shots"], cell.extra["seed"]
     train_on = b.exp.tta.train_on or dataset
     key = (cell.method.label, train_on, shots, seed)
     if key not in memo:
@@ -57,117 +77,62 @@ def _start(b: Bench, cell: Cell, dataset: str, memo: dict) -> torch.Tensor:
     return W
 
 
-def _w0(b: Bench) -> torch.Tensor:
+def _w0(b: Bench) -> Tensor:
     return b.backbone.projection().weight.detach().float().cpu()
 
 
-@dataclass
-class Scene:
-    """What every row of one dataset shares: the text classifier, the frozen bias, the logit scale, the views."""
-
-    classifier: Tensor
-    bias: Tensor | None
-    scale: float
-    cfg: TTAConfig
-    classnames: list[str]
-    zero_gamma: float
-    tda: TDASettings
-    tda_source: str
+def scene_for(b: Bench, dataset: str) -> Scene:
+    """What every test-time method of ``dataset`` shares: classifier, frozen bias, logit scale, the views."""
+    t = b.exp.tta
+    splits = b.splits(dataset)
+    bias = b.backbone.projection().bias
+    return Scene(
+        classifier=b.builder.classifier(splits.classnames, b.templates(splits)[1]),
+        bias=None if bias is None else bias.detach().float().cpu(),
+        logit_scale=float(b.backbone.logit_scale),
+        classnames=tuple(splits.classnames),
+        backbone=b.backbone,
+        dataset=splits.name,
+        views=t.views,
+        view_seed=t.seed,
+    )
 
 
 @dataclass
 class Tally:
-    """One row's running counts on the stream of batches."""
+    """One row: its test-time method, its start W and its running counts on the stream of batches."""
 
+    method: TestTimeMethod
     W: Tensor
     correct: int = 0
     before: int = 0
     seconds: float = 0.0
-    tda_parts: list[TDAInputs] = field(default_factory=list)
 
 
-def _row_logits(kind: str, b: Bench, scene: Scene, z: Tensor, tally: Tally) -> Tensor | None:
-    """One batch's logits for a row; None for TDA, whose inputs are collected for the stream instead."""
-    W, cfg = tally.W, scene.cfg
-    if kind == "zeroshot":
-        return clip_logits(z[:, 0], W, scene.bias, scene.classifier, scene.scale)
-    if kind == "tta":
-        return adapt_projection(z, W, scene.bias, scene.classifier, scene.scale, cfg)[0]
-    if kind == "tpt":
-        return tpt_logits(b.backbone, z, W, scene.bias, scene.classnames, scene.scale, ratio=cfg.ratio, steps=cfg.steps)
-    if kind == "zero":
-        return zero_votes(batched_logits(z, W, scene.bias, scene.classifier, scene.scale), scene.zero_gamma)
-    if kind == "tda":
-        embeddings = F.normalize(project(z, W, scene.bias), dim=-1)
-        tally.tda_parts.append(tda_inputs(embeddings, scene.scale, scene.classifier, scene.tda))
-        return None
-    return view_ensemble_logits(z, W, scene.bias, scene.classifier, scene.scale, cfg.ratio)
+def _tally(b: Bench, cell: Cell, scene: Scene, dataset: str) -> Tally:
+    """The cell's method, created with the experiment's settings, started on ``dataset`` from the cell's W."""
+    spec = cell.extra["test_time"]
+    method = create(spec.name, **b.exp.tta.settings_for(spec))
+    W = _start(b, cell, dataset, b.tta_starts)
+    method.start(scene, W)
+    return Tally(method, W)
 
 
-def _scene(b: Bench, dataset: str) -> Scene:
-    t = b.exp.tta
-    splits = b.splits(dataset)
-    bias = b.backbone.projection().bias
-    settings, source = tda_settings(splits.name)
-    return Scene(
-        classifier=b.builder.classifier(splits.classnames, b.templates(splits)[1]),
-        bias=None if bias is None else bias.detach().float().cpu(),
-        scale=float(b.backbone.logit_scale),
-        cfg=TTAConfig(views=t.views, ratio=t.ratio, steps=t.steps, lr=t.lr, seed=t.seed),
-        classnames=list(splits.classnames),
-        zero_gamma=t.zero_gamma,
-        tda=settings,
-        tda_source=source,
-    )
-
-
-def _tda_record(b: Bench, tally: Tally, scene: Scene, labels: Tensor) -> dict:
-    """TDA over every seeded stream order: per order its seed, digest and accuracy; their mean and worst."""
-    inputs = TDAInputs.concat(tally.tda_parts)
-    orders = []
-    for seed in b.exp.tta.tda_orders:
-        order = stream_order(len(labels), seed)
-        logits = tda_stream(inputs, order, scene.tda)[0]
-        accuracy = 100.0 * int((logits.argmax(-1) == labels).sum()) / len(labels)
-        orders.append({"seed": seed, "digest": order_digest(order), "accuracy": accuracy})
-    accuracies = [o["accuracy"] for o in orders]
-    return {
-        "accuracy": sum(accuracies) / len(accuracies),
-        "accuracy_worst": min(accuracies),
-        "stream_orders": orders,
-        "selected": {"how": "rule", "source": scene.tda_source, **scene.tda.as_record()},
-    }
-
-
-def _forward_passes(kind: str, scene: Scene, images: int) -> dict:
-    """Image-encoder passes a row needs per evaluation set (TDA reads one view unless its dataset uses many), and
-    TPT's text-encoder passes (one classifier per step, plus the selection and the final prediction)."""
-    views = {"tda": min(scene.tda.views, scene.cfg.views), "zeroshot": 1}.get(kind, scene.cfg.views)
-    out = {"forward_passes": images * views}
-    if kind == "tpt":
-        out["text_forward_passes"] = images * (scene.cfg.steps + 2) * len(scene.classnames)
-    return out
-
-
-def _score_batches(
-    b: Bench, scene: Scene, cells: list[Cell], tallies: dict[str, Tally], paths: list, labels: Tensor, dataset: str
-) -> float:
+def _score_batches(b: Bench, scene: Scene, tallies: list[Tally], paths: list, labels: Tensor, dataset: str) -> float:
     """Every row on every batch of images; returns the seconds spent extracting the shared views."""
     extraction = 0.0
     bar = tqdm(total=len(paths), desc=f"test-time adaptation on {dataset}", unit="image", disable=None, leave=False)
     for i in range(0, len(paths), IMAGES_PER_BATCH):
         started = time.perf_counter()
-        z = view_features(b.backbone, paths[i : i + IMAGES_PER_BATCH], scene.cfg.views, scene.cfg.seed)
+        z = view_features(b.backbone, paths[i : i + IMAGES_PER_BATCH], scene.views, scene.view_seed)
         extraction += time.perf_counter() - started
         y = labels[i : i + IMAGES_PER_BATCH]
-        for cell in cells:
-            tally = tallies[cell.record["cell"]]
+        for tally in tallies:
             started = time.perf_counter()
             with torch.no_grad():
-                tally.before += int(
-                    (clip_logits(z[:, 0], tally.W, scene.bias, scene.classifier, scene.scale).argmax(-1) == y).sum()
-                )
-            logits = _row_logits(cell.extra["kind"], b, scene, z, tally)
+                start = clip_logits(z[:, 0], tally.W, scene.bias, scene.classifier, scene.logit_scale)
+            tally.before += int((start.argmax(-1) == y).sum())
+            logits = tally.method.observe(z)
             if logits is not None:
                 tally.correct += int((logits.argmax(-1) == y).sum())
             tally.seconds += time.perf_counter() - started
@@ -176,51 +141,46 @@ def _score_batches(
     return extraction
 
 
+def _finish(tally: Tally, labels: Tensor) -> dict[str, Any]:
+    """What the method writes once every image is seen (a stream method's accuracy), only the fields it declares."""
+    started = time.perf_counter()
+    fields = tally.method.finish(labels)
+    tally.seconds += time.perf_counter() - started
+    cls = type(tally.method)
+    undeclared = sorted(set(fields) - {"accuracy", *cls.record_fields})
+    if undeclared or (cls.streams and "accuracy" not in fields):
+        raise RuntimeError(
+            f"test-time method {cls.name!r} wrote record field(s) {undeclared} it does not declare in "
+            f"record_fields, or (a stream method) no accuracy"
+        )
+    return fields
+
+
 def run_tta_group(b: Bench, group: Group, cells: list[Cell]) -> Iterator[tuple[Cell, float]]:
-    scene = _scene(b, group.dataset)
+    scene = scene_for(b, group.dataset)
     images = balanced_subset(evaluation_images(b.splits(group.dataset)), b.exp.tta.max_images)
     started = time.perf_counter()
-    tallies = {c.record["cell"]: Tally(_start(b, c, group.dataset, b.tta_starts)) for c in cells}
+    tallies = [_tally(b, c, scene, group.dataset) for c in cells]
     shared = time.perf_counter() - started
     paths, labels = [it.path for it in images.items], torch.tensor(images.labels)
     with PeakMemory(b.backbone.device) as memory:
-        shared += _score_batches(b, scene, cells, tallies, paths, labels, group.dataset)
-        tda = {
-            c.record["cell"]: _tda_stream_timed(b, tallies[c.record["cell"]], scene, labels)
-            for c in cells
-            if c.extra["kind"] == "tda"
-        }
+        shared += _score_batches(b, scene, tallies, paths, labels, group.dataset)
+        finished = [_finish(tally, labels) for tally in tallies]
     n = len(paths)
-    for cell in cells:
-        key, kind = cell.record["cell"], cell.extra["kind"]
-        tally = tallies[key]
+    for cell, tally, fields in zip(cells, tallies, finished, strict=True):
+        method = tally.method
         cell.record.update(
             accuracy=100.0 * tally.correct / n,
             start_accuracy=100.0 * tally.before / n,
             eval_images=n,
             peak_memory_mb=None if memory.mb is None else round(memory.mb, 1),
             memory_measure=f"{memory.measure}, every row of this dataset",
-            trainable_parameters=_adapted_per_image(b, kind, tally.W),
-            **_forward_passes(kind, scene, n),
+            trainable_parameters=method.adapted_per_image(scene, tally.W),
+            forward_passes=n * method.views_read(scene.views, scene.dataset),
         )
-        cell.record.update(tda.get(key, {}))  # TDA: its accuracy is the mean over stream orders
+        text_passes = method.text_passes_per_image(scene)
+        if text_passes is not None:
+            cell.record["text_forward_passes"] = n * text_passes
+        cell.record.update(fields)  # a stream method's accuracy is its own (TDA: the mean over stream orders)
         cell.record.setdefault("selected", {"how": "rule"})  # fixed settings, from each original
         yield cell, tally.seconds + shared / len(cells)
-
-
-def _adapted_per_image(b: Bench, kind: str, W: Tensor) -> int:
-    """Parameters a row adapts for each test image: test-time ProLIP's W, TPT's context token embeddings; ZERO,
-    TDA and the view ensemble adapt none (TDA's caches are features, not parameters)."""
-    if kind == "tta":
-        return W.numel()
-    if kind == "tpt":
-        embeds, eot = b.backbone.prompt_embeddings(["a photo of a"])  # tpt_logits' ctx_init
-        return int(eot[0] - 1) * embeds.shape[-1]
-    return 0
-
-
-def _tda_stream_timed(b: Bench, tally: Tally, scene: Scene, labels: Tensor) -> dict:
-    started = time.perf_counter()
-    record = _tda_record(b, tally, scene, labels)
-    tally.seconds += time.perf_counter() - started
-    return record

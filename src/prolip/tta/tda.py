@@ -1,17 +1,5 @@
-"""Training-free test-time baselines beside test-time ProLIP and TPT, as pure functions on view logits and
-embeddings: ZERO (Farina et al., NeurIPS 2024) and TDA (Karmanov et al., CVPR 2024).
-
-ZERO (github.com/FarinaMatteo/zero, ``ttas/zero.py``, ``ttas/base.py``, ``utils/tools.py``, ``data/augs.py``): per
-test image 64 views (``num_views``, ttas/zero.py:22; view 0 the center crop, the others RandomResizedCrop(224)
-with torchvision's defaults + flip, data/augs.py:38-55: the views of :func:`prolip.tta.view_features`); the
-``gamma`` = 0.3 (ttas/zero.py:23) lowest-entropy views are kept (entropy of softmax at CLIP's temperature,
-``confidence_filter``, ttas/base.py:48-53); the temperature is then set to zero, so each kept view votes for its
-argmax class, and the votes are summed (ttas/zero.py:70-73). No backpropagation. A tie between classes is broken
-greedily (ttas/zero.py:76-86, ``greedy_break``, utils/tools.py:212-218): the first view *not* kept, in increasing
-entropy, whose argmax is one of the tied classes wins; if none is, ``break_sample_tie`` (utils/tools.py:203-209)
-was meant to take the tied class with the largest logit in the first not-kept view, but it masks ``logit[~ties]``
-(a bitwise NOT of the class indices, which indexes from the end); here it does what it was meant to. The winner
-gets one more vote. ``k = int(V · gamma)`` views are kept, at least one (the original would keep none for V < 4).
+"""TDA (Karmanov et al., CVPR 2024), a training-free test-time baseline: dynamic caches over a stream of test
+images, as pure functions on embeddings and logits, and the stream method that runs them in the bench.
 
 TDA (github.com/kdiAAA/TDA, ``tda_runner.py``, ``utils.py``, ``configs/*.yaml``): a stream of test images, one at
 a time (batch 1, shuffled, tda_runner.py:131-133; utils.py:157-171). Per image: its normalised embedding f, CLIP
@@ -38,49 +26,17 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prolip.functional import entropy
-
-ZERO_GAMMA = 0.3  # ttas/zero.py:23
-
-
-# ----------------------------------------------------------------------------------------------- ZERO
-
-
-def zero_votes(logits: Tensor, gamma: float = ZERO_GAMMA) -> Tensor:
-    """ZERO's votes [B, C] for view logits [B, V, C] at CLIP's temperature; the argmax is the prediction."""
-    return torch.stack([_zero_votes_one(image_logits, gamma) for image_logits in logits])
-
-
-def _zero_votes_one(logits: Tensor, gamma: float) -> Tensor:
-    views, classes = logits.shape
-    keep = max(1, int(views * gamma))
-    by_confidence = torch.argsort(entropy(logits), stable=True)
-    votes = F.one_hot(logits[by_confidence[:keep]].argmax(-1), classes).sum(0).float()
-    tied = (votes == votes.max()).nonzero().flatten()
-    if len(tied) > 1:
-        votes[_break_tie(tied, logits[by_confidence[keep:]], logits[by_confidence[0]])] += 1
-    else:
-        votes[tied[0]] += 1
-    return votes
-
-
-def _break_tie(tied: Tensor, rest: Tensor, most_confident: Tensor) -> int:
-    """greedy_break: the first not-kept view (in increasing entropy) voting for a tied class; else the tied class
-    with the largest logit in the first not-kept view (or, when every view was kept, in the most confident)."""
-    for prediction in rest.argmax(-1).tolist():
-        if prediction in tied.tolist():
-            return prediction
-    reference = rest[0] if len(rest) else most_confident
-    return int(tied[reference[tied].argmax()])
-
-
-# ----------------------------------------------------------------------------------------------- TDA
+from prolip.functional import entropy, project
+from prolip.tta.base import Scene, StreamMethod
+from prolip.tta.registry import register
 
 
 @dataclass(frozen=True)
@@ -231,3 +187,58 @@ def tda_stream(inputs: TDAInputs, order: Tensor, settings: TDASettings) -> tuple
             )
         out[index] = logits
     return out, positive, negative
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """A non-empty list of integer seeds."""
+
+    def problem(self, value: Any) -> str | None:
+        ok = isinstance(value, (list, tuple)) and bool(value)
+        ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        return None if ok else f"must list at least one integer seed, got {value!r}"
+
+
+@register
+class TDA(StreamMethod):
+    """The "tda" row, from zero-shot CLIP's W0: its inputs are collected image by image, then the stream runs once
+    per seeded order (``orders``); the record holds every order's seed, digest and accuracy, their mean
+    (``accuracy``) and their worst (``accuracy_worst``), and the dataset's settings (``selected``)."""
+
+    name = "tda"
+    recorded = ("orders",)
+    record_fields = ("accuracy_worst", "stream_orders", "selected")
+    constraints = {"orders": Seeds()}
+
+    def __init__(self, orders: Sequence[int] = (1, 2, 3)) -> None:
+        self.orders = orders
+
+    def views_read(self, views: int, dataset: str) -> int:
+        """One view unless its dataset uses many (utils.py:157-171)."""
+        return min(tda_settings(dataset)[0].views, views)
+
+    def start(self, scene: Scene, W: Tensor) -> None:
+        super().start(scene, W)
+        self.settings, self.source = tda_settings(scene.dataset)
+        self.parts: list[TDAInputs] = []
+
+    def observe(self, z: Tensor) -> None:
+        embeddings = F.normalize(project(z, self.W, self.scene.bias), dim=-1)
+        self.parts.append(tda_inputs(embeddings, self.scene.logit_scale, self.scene.classifier, self.settings))
+
+    def finish(self, labels: Tensor) -> dict[str, Any]:
+        """TDA over every seeded stream order: per order its seed, digest and accuracy; their mean and worst."""
+        inputs = TDAInputs.concat(self.parts)
+        orders: list[dict[str, Any]] = []
+        accuracies: list[float] = []
+        for seed in self.orders:
+            order = stream_order(len(labels), seed)
+            logits = tda_stream(inputs, order, self.settings)[0]
+            accuracies.append(100.0 * int((logits.argmax(-1) == labels).sum()) / len(labels))
+            orders.append({"seed": seed, "digest": order_digest(order), "accuracy": accuracies[-1]})
+        return {
+            "accuracy": sum(accuracies) / len(accuracies),
+            "accuracy_worst": min(accuracies),
+            "stream_orders": orders,
+            "selected": {"how": "rule", "source": self.source, **self.settings.as_record()},
+        }
