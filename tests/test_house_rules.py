@@ -1,6 +1,6 @@
 """The house rules the code review would otherwise have to remember, checked on every run of the suite:
-short functions, no method-name comparisons outside ``methods/``, no references to documents the repository
-does not hold, and test-only helpers kept out of the library."""
+short functions, no method-name comparisons outside ``methods/``, no test-time method names compared outside
+``tta/``, no references to documents the repository does not hold, and test-only helpers kept out of the library."""
 
 from __future__ import annotations
 
@@ -88,6 +88,39 @@ def family_name_comparisons(source: str) -> list[str]:
     return found
 
 
+def _names_a_test_time_method(node: ast.AST) -> bool:
+    """``name``, ``kind``, ``label``, ``method``, ``x.test_time``, ``cell.extra["kind"]`` and the like."""
+    keys = {"name", "kind", "label", "method", "method_name", "test_time"}
+    if isinstance(node, ast.Name):
+        return node.id in keys
+    if isinstance(node, ast.Attribute):
+        return node.attr in keys
+    return isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value in keys
+
+
+def tta_method_comparisons(source: str) -> list[str]:
+    """Comparisons of a name, kind or label with a string literal naming a registered test-time method, or a row
+    label made of one ("tta+prolip"): what a test-time method does is declared by its class (``prolip.tta``), never
+    decided by its name."""
+    from prolip.tta import available
+
+    names = set(available())
+    is_named = lambda v: isinstance(v, str) and (v in names or v.split("+", 1)[0] in names)
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            literals = [
+                c.value
+                for side in sides
+                for c in (side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side])
+                if isinstance(c, ast.Constant)
+            ]
+            if any(map(is_named, literals)) and any(map(_names_a_test_time_method, sides)):
+                found.append(ast.unparse(node))
+    return found
+
+
 def test_the_checkers_can_fail():
     long = "def f():\n" + "    x = 1\n" * 70
     assert long_functions(long) == [("f", 71)]
@@ -100,6 +133,12 @@ def test_the_checkers_can_fail():
     assert family_name_comparisons("if backbone.info.family != 'open_clip': pass")
     assert family_name_comparisons("x = 1 if b['family'] in ('hf', 'x') else 2")
     assert not family_name_comparisons("if backbone.family.export_format == 'hf': pass")
+    assert tta_method_comparisons("if kind == 'tda': pass") == ["kind == 'tda'"]
+    assert tta_method_comparisons("x = cell.extra['kind'] in ('tpt', 'zero')")
+    assert tta_method_comparisons("if spec.name != 'tta': pass")
+    assert tta_method_comparisons("if r['label'] == 'tta+zeroshot': pass")
+    assert not tta_method_comparisons("if exp.protocol == 'tta': pass")
+    assert not tta_method_comparisons("if r['kind'] in ('dataset', 'group'): pass")
 
 
 @pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(SRC)))
@@ -119,6 +158,13 @@ def test_no_method_name_comparisons_outside_methods(path):
 )
 def test_no_family_name_comparisons_outside_backbones(path):
     assert family_name_comparisons(path.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in _sources() if p.relative_to(SRC).parts[0] != "tta"], ids=lambda p: str(p.relative_to(SRC))
+)
+def test_no_test_time_method_name_comparisons_outside_tta(path):
+    assert tta_method_comparisons(path.read_text()) == []
 
 
 def test_docstrings_cite_the_paper_or_the_readme_not_a_missing_spec():
