@@ -49,7 +49,7 @@ class Cell:
     method: MethodSpec
     record: dict[str, Any]
     target: str | None = None  # transfer protocols: the dataset scored, as the experiment names it (None: the source)
-    extra: dict[str, Any] = field(default_factory=dict)  # protocol-specific (sensitivity point, TTA start kind)
+    extra: dict[str, Any] = field(default_factory=dict)  # protocol-specific (sensitivity point; tta row and start)
 
 
 @dataclass
