@@ -175,3 +175,91 @@ def test_docstrings_cite_the_paper_or_the_readme_not_a_missing_spec():
 def test_test_only_helpers_are_not_shipped():
     shipped = "\n".join(p.read_text() for p in _sources())
     assert "def make_problem" not in shipped and "def write_clip_tokenizer_files" not in shipped
+
+
+# ---- import cycles ------------------------------------------------------------------------------------------------
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(module: str, source: str, known: set[str], is_package: bool = False) -> set[str]:
+    """The modules of ``known`` that ``module`` imports anywhere: at the top, or inside a function (an import put
+    there to dodge a cycle is still the cycle); not those under ``if TYPE_CHECKING:``, which never run."""
+    tree = ast.parse(source)
+    type_only = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in known}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = module.split(".") if is_package else module.split(".")[:-1]
+                package = package[: len(package) - node.level + 1]
+                base = ".".join([*package, *([node.module] if node.module else [])])
+            for alias in node.names:  # ``from pkg import submodule`` imports the submodule, else the module itself
+                full = f"{base}.{alias.name}"
+                found |= {full} if full in known else ({base} if base in known else set())
+    return found - {module}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every set of modules that import each other, directly or round a loop (Tarjan's strongly connected
+    components of more than one module)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_the_import_cycle_checker_can_fail():
+    known = {"p", "p.a", "p.b", "p.c"}
+    assert imported_modules("p.a", "def f():\n    from p.b import x\n", known) == {"p.b"}
+    assert imported_modules("p.a", "from p import b, y\n", known) == {"p.b", "p"}
+    assert imported_modules("p.a", "from . import c\nfrom .b import z\n", known) == {"p.c", "p.b"}
+    assert (
+        imported_modules("p.a", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import p.b\n", known) == set()
+    )
+    assert import_cycles({"p.a": {"p.b"}, "p.b": {"p.c"}, "p.c": {"p.a"}}) == [["p.a", "p.b", "p.c"]]
+    assert import_cycles({"p.a": {"p.b"}, "p.b": {"p.c"}, "p.c": set()}) == []
+
+
+def test_no_import_cycles_in_src():
+    sources = {_module_name(p): p for p in _sources()}
+    known = set(sources)
+    graph = {m: imported_modules(m, p.read_text(), known, p.name == "__init__.py") for m, p in sources.items()}
+    assert import_cycles(graph) == []
