@@ -12,6 +12,17 @@ like the original, α's gradient accumulated since the start (it is never zeroed
 (``train_epoch``). Features: one augmented pass (the train loader applies the random-resized-crop transform):
 view 0 of the cache. With a validation set the epoch with the best validation accuracy is kept (ties → later, as
 the original's ``>=``; the original selects on its few-shot val set too); without one, the last epoch.
+
+Validation-free, it overfits where the original never ran: the original always keeps the epoch of best validation
+accuracy (``linear_probe_p2.py``, every run of main.py has a val loader), so its 300 epochs of unregularised
+full-batch SGD at the 4N/λ_max step are never used to the end. On prolip-tiny's noisy digits (16 shots, seeds
+1-3, views 4) test accuracy climbs from 65.0 at epoch 0 to 68.8 at 5 epochs, then falls to 56.9 at 50 and 52.0
+at 300, below zero-shot (64.2), while W's rows grow about 5x; on inverted digits it keeps climbing (49.3 at 300).
+With a validation set (``--validate``) the epoch is selected as the original does; ``--hp epochs=N`` caps it.
+Everything else equals the original's formulation on the same features (``tests/test_lpp_original.py``: weights,
+α, step sizes, selected epoch, predictions), except that the bias draw is seeded per fit and the arithmetic is
+float32 (the original's comes from nn.Linear's init on the global RNG and runs in the model's dtype, float16 on a
+GPU).
 """
 
 from __future__ import annotations
