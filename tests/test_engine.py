@@ -62,7 +62,7 @@ def test_cli_extract_with_the_onnxruntime_engine(tmp_path, tiny_image_folder):
     assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 1
     import click
 
-    from prolip.cli.commands import _check_engine
+    from prolip.cli.extract import _check_engine
 
     with pytest.raises(click.ClickException, match="runs on the CPU"):
         _check_engine("onnxruntime", "cuda")

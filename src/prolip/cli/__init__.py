@@ -26,8 +26,13 @@ def main() -> None:
     """Few-shot CLIP adaptation by fine-tuning the last visual projection (ProLIP)."""
 
 
-from prolip.cli.commands import eval_cmd, export_cmd, extract_cmd, fit_cmd, methods_cmd, predict_cmd  # noqa: E402
 from prolip.cli.demo import demo_cmd, pretrain_tiny_cmd  # noqa: E402
+from prolip.cli.evaluate import eval_cmd  # noqa: E402
+from prolip.cli.export import export_cmd  # noqa: E402
+from prolip.cli.extract import extract_cmd  # noqa: E402
+from prolip.cli.fit import fit_cmd  # noqa: E402
+from prolip.cli.methods import methods_cmd  # noqa: E402
+from prolip.cli.predict import predict_cmd  # noqa: E402
 
 for _cmd in (fit_cmd, eval_cmd, predict_cmd, export_cmd, extract_cmd, methods_cmd, demo_cmd, pretrain_tiny_cmd):
     main.add_command(_cmd)

@@ -8,7 +8,7 @@ import click
 import yaml
 
 from prolip.bench.experiment import load_yaml
-from prolip.cli.commands import path_option
+from prolip.cli.options import path_option
 
 
 def _overrides(pairs: tuple[str, ...]) -> dict:

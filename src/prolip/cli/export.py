@@ -1,0 +1,48 @@
+"""`prolip export`: what a run adapted, merged into a standard open_clip or Hugging Face checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from prolip.cli.options import backbone_for_run, check_device, fail, load_run, reserve_out
+
+
+@click.command("export")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="directory to write")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "open_clip", "hf"]),
+    default="auto",
+    show_default=True,
+    help="open_clip state dict (safetensors) or Hugging Face save_pretrained directory",
+)
+@click.option("--force", is_flag=True, help="replace --out if it is an earlier prolip export (or empty)")
+@click.option("--device", default="cpu", show_default=True)
+def export_cmd(run_dir, out, fmt, force, device):
+    """Merge what the run adapted (projection, fine-tuned encoder) into a standard CLIP checkpoint (+ the zero-shot
+    head beside it)."""
+    from prolip import export, inference
+
+    check_device(device)
+    run = load_run(run_dir)
+    reserve_out(out, force, [run_dir], "export")
+    backbone = backbone_for_run(run, device)
+    tensors = inference.checkpoint_tensors(inference.method_from_run(backbone, run), run, backbone)
+    if fmt == "auto":
+        fmt = backbone.family.export_format
+    try:
+        if fmt == "hf":
+            written = export.export_hf(backbone, tensors, out, force=force)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            written = export.export_open_clip(backbone, tensors, out / "open_clip_model.safetensors", force=force)
+        export.save_classifier_head(run.classifier, run.classnames, run.templates, out, force=force)
+        if run.card is not None:  # the run card, beside the checkpoint as its model card
+            export.save_model_card(run.card, out, force=force)
+    except (FileExistsError, ValueError) as e:
+        fail(str(e))
+    click.echo(f"exported {fmt} checkpoint to {written}")

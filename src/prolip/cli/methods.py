@@ -1,0 +1,31 @@
+"""`prolip methods`: the registered adaptation methods, their hyperparameters and what each can do."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("methods")
+@click.option("-v", "--verbose", is_flag=True, help="also show each method's hyperparameters and capabilities")
+def methods_cmd(verbose):
+    """List the available adaptation methods."""
+    from prolip.methods import available, method_class
+
+    for name in available():
+        click.echo(name)
+        if verbose:
+            cls = method_class(name)
+            params = ", ".join(f"{k}={v!r}" for k, v in cls.defaults().items()) or "(none)"
+            click.echo(f"  hyperparameters: {params}")
+            click.echo(f"  selects on validation: {cls.selects or 'nothing (validation-free)'}")
+            can = [
+                what
+                for what, flag in (
+                    ("scores other class sets", cls.accepts_classifier),
+                    ("exposes an adapted projection (TTA)", cls.exposes_projection),
+                    ("trains inside the image encoder", cls.encodes_images),
+                    ("uses the text side", cls.uses_text_side),
+                )
+                if flag
+            ]
+            click.echo(f"  can: {', '.join(can) or '-'}")
