@@ -119,7 +119,7 @@ def test_cached_features_are_bitwise_the_backbone_forward_on_the_seeded_views(tm
         f"{n}.safetensors"
         for n in (hashlib.blake2b(json.dumps([list(u), 3]).encode(), digest_size=12).hexdigest() for u in expected)
     )
-    for unit, z in expected.items():  # the unit format: one float16 tensor and three metadata strings
+    for unit, z in expected.items():  # the unit format: one float16 tensor and four metadata strings
         name = hashlib.blake2b(json.dumps([list(unit), 3]).encode(), digest_size=12).hexdigest()
         with safe_open(str(ns / f"{name}.safetensors"), framework="pt") as h:
             meta, stored = h.metadata(), h.get_tensor("features")
@@ -128,6 +128,7 @@ def test_cached_features_are_bitwise_the_backbone_forward_on_the_seeded_views(tm
             "keys": json.dumps(list(unit)),
             "views": "3",
             "checksum": hashlib.blake2b(z.numpy().tobytes(), digest_size=16).hexdigest(),
+            "identity": "content:blake2b-128",
         }
         assert stored.dtype == torch.float16 and torch.equal(stored, z)
     by_key = {k: z[:, i] for unit, z in expected.items() for i, k in enumerate(unit)}

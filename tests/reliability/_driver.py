@@ -36,6 +36,8 @@ VIEWS, UNIT, BATCH = SPEC.get("views", 3), SPEC.get("unit_images", 2), SPEC.get(
 def _instrument(kill_at: int | None, counter: list[int]) -> None:
     def hook(fn):
         def wrapped(*a, **k):
+            if not counter[1]:  # not armed yet: the images are being identified
+                return fn(*a, **k)
             counter[0] += 1
             if kill_at is not None and counter[0] == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -50,10 +52,20 @@ def _instrument(kill_at: int | None, counter: list[int]) -> None:
 
 
 def _child(cache_dir: str, kill_at: int | None, result: str | None) -> None:
-    counter = [0]
+    counter = [0, False]
     originals = {n: getattr(os, n) for n in ("open", "write", "close", "fsync", "replace", "unlink")}
     _instrument(kill_at, counter)
     cache = FeatureCache(cache_dir, BACKBONE, progress=False, unit_images=UNIT, batch_size=BATCH)
+    keys = cache.identity.keys
+
+    def keys_then_arm(paths):
+        # Events count from the units on: hashing the images (and remembering their hashes, which the first
+        # attempts may or may not do) opens files too, and would move every kill point into it.
+        found = keys(paths)
+        counter[1] = True
+        return found
+
+    cache.identity.keys = keys_then_arm  # type: ignore[method-assign]
     features = cache.views(PATHS, VIEWS).to_tensor()
     for n, f in originals.items():
         setattr(os, n, f)

@@ -103,21 +103,34 @@ def member_bytes(member: Member) -> bytes:
     return member_reader(member)(member)
 
 
-def member_key(member: Member) -> str:
-    """Identity of a member: its container's (resolved path, size, modification time), then the member.
+def content_digest(path: Path | str) -> str:
+    """Identity of an image: BLAKE2b-128 of its encoded bytes, in hex (``b2sum -l 128 <file>`` prints the same for a
+    file), whether it is a file, a tar member or a dataset row. Wherever the bytes are copied, they keep it; a
+    changed byte makes a new image.
 
-    The container comes first in the key, so the feature cache (which works through keys in sorted order) reads
-    one shard or file at a time; rows keep their order within a file, so it reads neighbouring rows together.
+    An image with no bytes (0-byte file or member) raises its BadImageError here: every such image would otherwise
+    share one identity, and decoding would refuse it anyway.
     """
-    container = member.container.resolve()
-    try:
-        st = container.stat()
-    except (OSError, ValueError):
-        raise BadImageError(member.path, f"{member.container} not found") from None
-    where = hashlib.blake2b(f"{container}|{st.st_size}|{st.st_mtime_ns}".encode(), digest_size=8).hexdigest()
-    if member.name.isdecimal():
-        return where + f"{int(member.name):016x}"
-    return where + hashlib.blake2b(member.name.encode(), digest_size=8).hexdigest()
+    path = Path(path)
+    member = stored_member(path)
+    h = hashlib.blake2b(digest_size=16)
+    if member is not None:
+        data = member_bytes(member)
+        if not data:
+            raise BadImageError(path, "empty member (0 bytes)")
+        h.update(data)
+        return h.hexdigest()
+    size = 0
+    with _open_regular(path) as f:
+        try:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                size += len(chunk)
+        except OSError as e:
+            raise BadImageError(path, e.strerror or str(e)) from None
+    if size == 0:
+        raise BadImageError(path, "empty file (0 bytes)")
+    return h.hexdigest()
 
 
 def _source(path: Path, member: Member | None):

@@ -2,7 +2,8 @@
 
 Layout: ``<cache_dir>/<namespace>/<unit>.safetensors`` (the unit format is in storage.py). The namespace hashes the
 backbone's weight fingerprint, its preprocessing, the transform kind, the augmentation seed and (for bf16) the
-compute dtype.
+compute dtype. Images are keyed by the hash of their bytes (identity.py), remembered per (path, size, mtime) in
+``<cache_dir>/identity-v1``: a copied dataset finds its features, and a changed image is a new one.
 
 Work is planned deterministically: the requested images, sorted by key, are chunked into units of ``unit_images``
 (fewer where their views would not fit ``UNIT_BYTES`` in memory while the unit is computed: ``--views 1000000``);
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from prolip.distributed import rank_world
 from prolip.features import storage
 from prolip.features.engine import encoder_for, resolve_engine
 from prolip.features.extraction import Extractor, ViewMaker, augmented_views, center_views, image_key
+from prolip.features.identity import ContentIndex
 from prolip.features.locking import remove_finished_locks, unit_lock
 from prolip.features.storage import CacheError, Entry
 
@@ -53,13 +56,41 @@ __all__ = [
 ]
 
 UNIT_BYTES = 1 << 29  # float32 features of one unit in memory (1.5× that at the peak, with its float16 copy)
-AUGMENT_VERSION = "augment:v1"  # bump when the augmentation changes, so stale views are never reused
+# Bump when the views change, so stale ones are never reused. v2: images keyed (and views seeded) by their content,
+# no longer by path, size and mtime; v1 namespaces are left alone and never read (note_legacy_caches).
+AUGMENT_VERSION = "augment:v2"
+CENTER_VERSION = "center:v2"
 
 Skipped = list[tuple[Path, str]]  # (path, reason) of the unreadable images a request left out
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("PROLIP_CACHE_DIR", Path.home() / ".cache" / "prolip"))
+
+
+_NOTED: set[Path] = set()
+
+
+def note_legacy_caches(root: Path) -> list[Path]:
+    """Say once per process and cache directory, in one line, that its path-keyed namespaces (before content
+    identity) are never read again and are left for the user to delete (an older prolip may still share them)."""
+    key = root.resolve() if root.exists() else root
+    if key in _NOTED:
+        return []
+    _NOTED.add(key)
+    try:
+        old = storage.legacy_namespaces(root)
+    except OSError:
+        return []
+    if old:
+        size = sum(f.stat().st_size for ns in old for f in ns.glob("*.safetensors"))
+        warnings.warn(
+            f"feature cache {root}: {len(old)} folder(s) ({size / 1e6:.1f} MB) hold features keyed by file path "
+            f"(prolip before content identity); they are no longer read and will be recomputed as needed; delete "
+            f"{', '.join(ns.name for ns in old)} to free the space",
+            stacklevel=3,
+        )
+    return old
 
 
 @dataclass
@@ -255,6 +286,8 @@ class FeatureCache:
         self.progress, self.unit_images = progress, unit_images
         self.stats = CacheStats()  # cumulative over this object's requests
         self._verified: set[Path] = set()
+        self.identity = ContentIndex(self.root, workers=max(1, self.extractor.num_workers))
+        note_legacy_caches(self.root)
 
     @property
     def batch_size(self) -> int:
@@ -311,7 +344,7 @@ class FeatureCache:
         kind, views = ("augment", num_views) if num_views else ("center", 1)
         files = [Path(p) for p in paths]
         skipped: Skipped = []
-        keys = [self._key(p, skipped) for p in files]
+        keys = self._keys(files, skipped)
         ns = self.namespace_dir(kind, aug_seed, augmentation)
         wanted = sorted({k for k in keys if k is not None})
         index = self._checked_index(ns, wanted, views)
@@ -334,7 +367,7 @@ class FeatureCache:
             {
                 "weights": self.backbone.info.fingerprint,
                 "prep": [prep.image_size, list(prep.mean), list(prep.std), prep.interpolation],
-                "kind": AUGMENT_VERSION if kind == "augment" else "center:v1",
+                "kind": AUGMENT_VERSION if kind == "augment" else CENTER_VERSION,
                 "aug_seed": aug_seed if kind == "augment" else None,
             },
             sort_keys=True,
@@ -356,7 +389,9 @@ class FeatureCache:
         for r in requests:
             kind, n = ("augment", r.views) if r.views else ("center", 1)
             ns = self.namespace_dir(kind, r.aug_seed, r.augmentation)
-            keys = {k for k in (self._key_or_none(p, unreadable) for p in r.paths) if k is not None}
+            found = ContentIndex(self.root, persist=False, workers=self.identity.workers).keys(r.paths)
+            unreadable += [(k.path, k.reason) for k in found if isinstance(k, BadImageError)]
+            keys = {k for k in found if isinstance(k, str)}
             requested.setdefault(ns, set()).update(keys)
             views[ns] = max(views.get(ns, 0), n)
         missing = {}
@@ -365,22 +400,19 @@ class FeatureCache:
             missing[ns] = {k for k in keys if not _cached(index, k, views[ns])}
         return Survey(requested, missing, views, unreadable, self.backbone.dim_pre * 2)
 
-    def _key_or_none(self, path: Path, unreadable: Skipped) -> str | None:
-        try:
-            return image_key(path)
-        except BadImageError as e:
-            unreadable.append((e.path, e.reason))
-            return None
-
     # -- internals --------------------------------------------------------------------------------------------------
-    def _key(self, path: Path, skipped: Skipped) -> str | None:
-        try:
-            return image_key(path)
-        except BadImageError as e:
-            if self.on_bad_image == "error":
-                raise
-            skipped.append((e.path, e.reason))
-            return None
+    def _keys(self, paths: list[Path], skipped: Skipped) -> list[str | None]:
+        """Each image's key (None for an unreadable one, listed in ``skipped``; raised under on_bad_image='error')."""
+        keys: list[str | None] = []
+        for k in self.identity.keys(paths):
+            if isinstance(k, BadImageError):
+                if self.on_bad_image == "error":
+                    raise k
+                skipped.append((k.path, k.reason))
+                keys.append(None)
+            else:
+                keys.append(k)
+        return keys
 
     def _checked_index(self, ns: Path, wanted: list[str], num_views: int) -> dict[str, Entry]:
         """The namespace's index, less the units (holding wanted images) that fail their checksum."""
@@ -403,27 +435,28 @@ class FeatureCache:
         make_view: ViewMaker,
         skipped: Skipped,
         kind: str,
-    ) -> set[str]:
-        """Compute and write this process's units (each the list of its missing keys); the keys found unreadable."""
+    ) -> dict[str, str]:
+        """Compute and write this process's units (each the list of its missing keys); the keys found unreadable,
+        with why."""
         bar = tqdm(
             total=sum(map(len, units)) * num_views,
             desc=f"extracting {kind} features",
             unit="view",
             disable=not self.progress or not units,
         )
-        bad: set[str] = set()
+        bad: dict[str, str] = {}
         for missing in units:
             bad |= self._compute_unit(ns, missing, key_to_path, num_views, make_view, skipped, bar)
         bar.close()
         return bad
 
-    def _compute_unit(self, ns, missing, key_to_path, num_views, make_view, skipped, bar) -> set[str]:
+    def _compute_unit(self, ns, missing, key_to_path, num_views, make_view, skipped, bar) -> dict[str, str]:
         target = storage.unit_file(ns, missing, num_views)
         storage.make_dir(ns)
         with unit_lock(target) as needed:
             if not needed:  # another process wrote it while we waited
                 bar.update(len(missing) * num_views)
-                return set()
+                return {}
             storage.discard_temporaries(target)  # of a writer killed mid-write: only the lock holder may
             before = self.extractor.forward_passes
             encoded = self.extractor.encode(
@@ -440,12 +473,17 @@ class FeatureCache:
             if good:  # [n, V, D] → [V, n, D]: view t of the unit is contiguous on disk
                 features = encoded.features.transpose(0, 1).to(torch.float16).contiguous()
                 storage.write_unit(target, features, good, num_views)
-            return set(missing) - set(good)
+            failed = sorted(set(range(len(missing))) - set(encoded.kept))
+            return {missing[i]: reason for i, (_, reason) in zip(failed, encoded.skipped, strict=True)}
 
     def _lookup(self, ns, keys, paths, num_views, bad, world, skipped) -> Lookup:
         index = storage.read_index(ns)
         entries, kept = [], []
+        reported = {p for p, _ in skipped}
         for i, (k, p) in enumerate(zip(keys, paths, strict=True)):
+            if k is not None and k in bad and p not in reported:  # a copy of an unreadable image it decoded once
+                skipped.append((p, bad[k]))
+                reported.add(p)
             if k is None or k in bad:
                 continue
             if not _cached(index, k, num_views):

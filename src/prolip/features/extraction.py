@@ -8,7 +8,6 @@ default, bf16 autocast (README, "Large extractions").
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections import deque
@@ -21,7 +20,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from prolip.data.images import BadImageError, load_image, member_key, stored_member
+from prolip.data.images import BadImageError, content_digest, load_image
 from prolip.transforms import SeededCropFlip, augment_transform, augmented_view, center_transform, view_seed
 
 COMPUTE_DTYPES = ("fp32", "bf16")  # what the backbone computes in (the cache stores float16 either way)
@@ -31,17 +30,10 @@ ViewMaker = Callable[[object, Hashable, int], Tensor]
 
 
 def image_key(path: Path | str) -> str:
-    """Identity of an image file: resolved path, size and modification time (a changed file is a new image); of a
-    container member (tar shard, dataset row): its container's identity and the member."""
-    member = stored_member(path)
-    if member is not None:
-        return member_key(member)
-    p = Path(path).resolve()
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise BadImageError(p, "file not found") from None
-    return hashlib.blake2b(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode(), digest_size=16).hexdigest()
+    """Identity of an image: the hash of its bytes (``content_digest``), for a file, a tar member or a dataset row
+    alike, so a copy anywhere is the same image and a changed byte is a new one. Reads the image; the feature
+    cache remembers keys per (path, size, mtime) instead (identity.ContentIndex)."""
+    return content_digest(path)
 
 
 # -- which views (pure: each view is a function of the image, its key and the view index) ------------------------
@@ -52,7 +44,8 @@ def center_views(prep) -> ViewMaker:
 
 
 def augmented_views(prep, aug_seed: int, augmentation: str = "prolip") -> ViewMaker:
-    """The cached training views: view t seeded per (aug_seed, image key, t), so any request gets the same views."""
+    """The cached training views: view t seeded per (aug_seed, image key, t), so any request, and any copy of the
+    image, gets the same views."""
     transform = augment_transform(prep, augmentation)
     # The cache asks for augmented views by image key (image_key's string); ViewMaker's keys are any Hashable.
     return lambda image, key, t: augmented_view(image, prep, view_seed(aug_seed, cast(str, key), t), transform)

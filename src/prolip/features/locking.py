@@ -18,14 +18,31 @@ from prolip.features.storage import write_error
 @contextmanager
 def unit_lock(target: Path) -> Iterator[bool]:
     """Hold the lock of the unit ``target``; yields False when another process wrote the unit while we waited."""
-    path = target.with_suffix(".lock")
+    try:
+        with held(target.with_suffix(".lock")):
+            yield not target.exists()
+    except LockError as e:
+        raise write_error(target.parent, e.error) from None
+
+
+class LockError(Exception):
+    """A lock file that cannot be taken (read-only or full directory); ``error`` is the OSError."""
+
+    def __init__(self, error: OSError):
+        self.error = error
+
+
+@contextmanager
+def held(path: Path) -> Iterator[None]:
+    """Hold the lock file ``path`` (an OS-level lock), removing it when done; LockError when it cannot be
+    taken (the OSError inside)."""
     lock = FileLock(str(path))
     try:
         lock.acquire()
     except OSError as e:
-        raise write_error(target.parent, e) from None
+        raise LockError(e) from None
     try:
-        yield not target.exists()
+        yield
     finally:
         # The holder removes the lock file, so a finished cache holds only units. Waiters poll, reopening the path
         # each time, so none keeps locking the removed file beyond an instant; and whoever holds the lock next

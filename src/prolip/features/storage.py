@@ -25,6 +25,9 @@ from safetensors.torch import save as safetensors_bytes
 from prolip.errors import ProlipError
 
 FEATURES = "features"
+# What a unit's keys are: content hashes of the images' bytes. Units written before content identity lack the
+# field; their namespaces are never read again (legacy_namespaces finds them).
+IDENTITY = "content:blake2b-128"
 
 
 class CacheError(ProlipError, OSError):
@@ -71,6 +74,24 @@ def read_index(namespace: Path) -> dict[str, Entry]:
             if k not in index or index[k].views < views:
                 index[k] = Entry(f, row, views)
     return index
+
+
+def legacy_namespaces(root: Path) -> list[Path]:
+    """The namespaces under ``root`` written before images were keyed by content (their units have no identity
+    field): one header read per namespace."""
+    found = []
+    for ns in sorted(root.iterdir()) if root.is_dir() else ():
+        first = next(iter(sorted(ns.glob("*.safetensors"))), None) if ns.is_dir() else None
+        if first is None:
+            continue
+        try:
+            with safe_open(str(first), framework="pt") as h:
+                meta = h.metadata() or {}
+        except Exception:  # noqa: BLE001 - an unreadable unit says nothing about its namespace's age
+            continue
+        if "identity" not in meta:
+            found.append(ns)
+    return found
 
 
 def verify(f: Path) -> bool:
@@ -145,7 +166,12 @@ def make_dir(namespace: Path) -> None:
 
 def write_unit(target: Path, features: torch.Tensor, keys: Sequence[str], num_views: int) -> None:
     """Write a unit atomically: a temporary beside it, fsync, then rename over the name (readers see all or none)."""
-    meta = {"keys": json.dumps(list(keys)), "views": str(num_views), "checksum": checksum(features.numpy().tobytes())}
+    meta = {
+        "keys": json.dumps(list(keys)),
+        "views": str(num_views),
+        "checksum": checksum(features.numpy().tobytes()),
+        "identity": IDENTITY,
+    }
     data = safetensors_bytes({FEATURES: features}, metadata=meta)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
