@@ -100,6 +100,7 @@ class Tally:
         code = result.exit_code if hasattr(result, "exit_code") else result.returncode
         assert code != 0, f"expected a failure, got exit 0:\n{output}"
         assert "Traceback" not in output, output
+        assert "a bug in prolip" not in output, f"a bug, not a refusal:\n{output}"  # prolip.cli.BUG_MARK
         exc = getattr(result, "exception", None)
         assert exc is None or isinstance(exc, SystemExit), f"unhandled {exc!r}:\n{output}"
         for e in expected:
