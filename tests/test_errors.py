@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -23,12 +24,21 @@ def _error_classes() -> list[tuple[str, str]]:
     for path in sorted(SRC.rglob("*.py")):
         module = ".".join(path.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__")
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ClassDef) and node.name.endswith("Error"):
+            # A private one (``_AcquireError``) signals inside its module and never reaches the user.
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Error") and not node.name.startswith("_"):
                 found.append((module, node.name))
     return found
 
 
-ERRORS = _error_classes()
+# Errors meant for developers, not users: a broken method is a bug in that method, not bad input.
+DEVELOPER_ERRORS = {("prolip.methods.checks", "MethodContractError")}
+ERRORS = [e for e in _error_classes() if e not in DEVELOPER_ERRORS]
+
+
+def test_developer_errors_are_not_shown_as_user_errors():
+    from prolip.methods.checks import MethodContractError
+
+    assert not issubclass(MethodContractError, ProlipError) and issubclass(MethodContractError, AssertionError)
 
 
 def test_the_source_has_the_error_classes_it_had():
@@ -72,14 +82,38 @@ def test_the_cli_shows_any_prolip_error_as_one_line(module, name, monkeypatch):
     assert "Traceback" not in r.output
 
 
-def test_any_other_exception_keeps_its_traceback():
-    from prolip.cli import main
-
+def _bug_command():
     @click.command("bug")
     def bug():
         raise ValueError("a bug, not bad input")
 
-    main.add_command(bug)
+    return bug
+
+
+def test_any_other_exception_is_one_line_that_calls_it_a_bug_with_its_traceback_saved(monkeypatch, tmp_path):
+    from prolip.cli import BUG_MARK, main
+
+    monkeypatch.delenv("PROLIP_TRACEBACK", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    tempfile.tempdir = None  # read TMPDIR again
+    main.add_command(_bug_command())
+    try:
+        r = CliRunner().invoke(main, ["bug"])
+    finally:
+        main.commands.pop("bug")
+        tempfile.tempdir = None
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit) and "Traceback" not in r.output
+    line = r.output.strip()
+    assert "\n" not in line and "ValueError: a bug, not bad input" in line and BUG_MARK in line
+    (saved,) = tmp_path.glob("prolip-crash-*.txt")
+    assert str(saved) in line and "Traceback" in saved.read_text() and "a bug, not bad input" in saved.read_text()
+
+
+def test_a_developer_gets_the_traceback_on_request(monkeypatch):
+    from prolip.cli import main
+
+    monkeypatch.setenv("PROLIP_TRACEBACK", "1")
+    main.add_command(_bug_command())
     try:
         r = CliRunner().invoke(main, ["bug"])
     finally:
