@@ -1,11 +1,18 @@
-"""Results as JSON lines: one record per finished cell, appended atomically; a finished cell is never re-run."""
+"""Results as JSON lines: one record per finished cell, appended atomically; a finished cell is never re-run.
+
+:class:`Record` is the one schema of a record: the fields that say which cell it is (typed, always written), its
+``cell`` id, and ``results``: what scoring wrote (metrics, cost, notes, provenance), in the order written. A stored
+key the schema does not name is kept in ``results`` as read, so a record that newer code wrote (a field this
+version does not know) loads, and writes back, unchanged.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +39,121 @@ CELL_FIELDS = (
 )
 
 
-def cell_id(record: dict[str, Any]) -> str:
+def cell_id(record: Mapping[str, Any]) -> str:
     """Hash of the fields that define a cell (missing fields count as null)."""
     key = json.dumps({k: record.get(k) for k in CELL_FIELDS}, sort_keys=True, default=str)
     return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
 
 
 REQUIRED = ("cell", "protocol", "dataset", "label", "method", "shots")
+
+
+@dataclass(frozen=True, eq=True)
+class Record(Mapping[str, Any]):
+    """One finished (or, while it is scored, pending) cell. Read access by key (``record["accuracy"]``) sees the
+    JSON object it is stored as, so code written against the stored form keeps working."""
+
+    protocol: str
+    dataset: str
+    label: str
+    method: str
+    shots: int
+    source: str | None = None  # transfer: the dataset trained on; tta: ``train_on``
+    model: str | None = None
+    weights: str | None = None
+    random_weights: bool | None = None
+    fingerprint: str | None = None
+    sampler: str | None = None
+    seed: int | None = None
+    views: int | None = None
+    aug_seed: int | None = None
+    hyperparameters: dict[str, Any] | None = None
+    validation: bool | None = None
+    selects: str | None = None
+    augmentation: str | None = None
+    templates_name: str | None = None
+    templates: list[str] | None = None
+    setting: dict[str, Any] | None = None
+    group: str | None = None
+    cell: str = ""
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def new(cls, **identity: Any) -> Record:
+        """A pending cell's record, its ``cell`` id computed from what defines it."""
+        record = cls(**identity)
+        return replace(record, cell=cell_id(record.to_json()))
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Record:
+        """A stored record; missing schema fields read as null (older files), unknown keys are kept in ``results``."""
+        missing = [k for k in REQUIRED if k not in data]
+        if missing:
+            raise RecordsError(f"not a bench record: no {', '.join(missing)}")
+        named = {k: data[k] for k in _IDENTITY if k in data}
+        results = {k: v for k, v in data.items() if k not in _IDENTITY}
+        return cls(**named, results=results)
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored form: the fields that define the cell (in the order written since records began), then
+        ``cell``, then the results in the order they were written."""
+        out = {k: getattr(self, k) for k in _WRITTEN}
+        out["cell"] = self.cell
+        out.update(self.results)
+        return out
+
+    def with_results(self, **values: Any) -> Record:
+        """This record with more results (an existing key keeps its place and takes the new value)."""
+        return replace(self, results={**self.results, **values})
+
+    # -- read access as the stored JSON object ---------------------------------------------------------------
+    def __getitem__(self, key: str) -> Any:
+        if key in _IDENTITY:
+            return getattr(self, key)
+        return self.results[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_json())
+
+    def __len__(self) -> int:
+        return len(_WRITTEN) + 1 + len(self.results)
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.results.get("accuracy")
+
+    @property
+    def note(self) -> str | None:
+        return self.results.get("note")
+
+
+# The order Bench has always written a record's defining fields in (``cell`` follows them).
+_WRITTEN = (
+    "protocol",
+    "dataset",
+    "source",
+    "model",
+    "weights",
+    "random_weights",
+    "fingerprint",
+    "sampler",
+    "seed",
+    "shots",
+    "views",
+    "aug_seed",
+    "label",
+    "method",
+    "hyperparameters",
+    "validation",
+    "selects",
+    "augmentation",
+    "templates_name",
+    "templates",
+    "setting",
+    "group",
+)
+_IDENTITY = frozenset((*_WRITTEN, "cell"))
+assert set(_WRITTEN) == {f.name for f in fields(Record)} - {"cell", "results"}
 
 
 class RecordsError(ProlipError, ValueError):
@@ -72,10 +187,17 @@ def read_records(path: Path | str) -> list[dict[str, Any]]:
     return out
 
 
-def append_record(path: Path | str, record: dict[str, Any]) -> None:
+def load_records(path: Path | str) -> list[Record]:
+    """:func:`read_records`, each as a :class:`Record`."""
+    return [Record.from_json(r) for r in read_records(path)]
+
+
+def append_record(path: Path | str, record: Mapping[str, Any]) -> None:
     # One write() of a whole line with O_APPEND, then fsync: a crash loses at most this line, never an earlier one.
     # A line cut short by an earlier crash is closed first, so it cannot swallow this record.
-    data = (json.dumps(record, default=str) + "\n").encode()
+    data = (
+        json.dumps(dict(record) if not isinstance(record, Record) else record.to_json(), default=str) + "\n"
+    ).encode()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size
@@ -87,5 +209,5 @@ def append_record(path: Path | str, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def done_cells(records: Iterable[dict[str, Any]]) -> set[str]:
+def done_cells(records: Iterable[Mapping[str, Any]]) -> set[str]:
     return {r["cell"] for r in records if "cell" in r}

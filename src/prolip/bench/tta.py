@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,8 +26,8 @@ from prolip.methods import method_class
 from prolip.tta import Scene, TestTimeMethod, create, view_features
 from prolip.tta import method_class as test_time_class
 
-if TYPE_CHECKING:  # the protocol passes its bench and cells in; protocols.py imports this module
-    from prolip.bench.protocols import Bench, Cell, Group
+if TYPE_CHECKING:  # the protocol passes its bench and cells in
+    from prolip.bench.harness import Bench, Cell, Group
 
 IMAGES_PER_BATCH = 16
 # The few-shot method a row that does not start from a fit is recorded under: its W is W0 (the records' "method").
@@ -70,8 +70,9 @@ def _start(b: Bench, cell: Cell, dataset: str, memo: dict) -> Tensor:
         method, _ = b.fit(cell.method, cell.record["hyperparameters"], episode, seed)
         memo[key] = method
     method = memo[key]
-    cell.record["selected"] = method.selected_
-    cell.record["source"] = b.splits(b.exp.tta.train_on).name if b.exp.tta.train_on else None
+    cell.add(selected=method.selected_)
+    # Where the start was fitted: said after the cell id is made, as it always was, so ids stay the same.
+    cell.record = replace(cell.record, source=b.splits(b.exp.tta.train_on).name if b.exp.tta.train_on else None)
     W = method.projection()
     assert W is not None, f"{cell.method.name} exposes no projection"  # refused when the experiment is parsed
     return W
@@ -169,7 +170,7 @@ def run_tta_group(b: Bench, group: Group, cells: list[Cell]) -> Iterator[tuple[C
     n = len(paths)
     for cell, tally, fields in zip(cells, tallies, finished, strict=True):
         method = tally.method
-        cell.record.update(
+        cell.add(
             accuracy=100.0 * tally.correct / n,
             start_accuracy=100.0 * tally.before / n,
             eval_images=n,
@@ -180,7 +181,8 @@ def run_tta_group(b: Bench, group: Group, cells: list[Cell]) -> Iterator[tuple[C
         )
         text_passes = method.text_passes_per_image(scene)
         if text_passes is not None:
-            cell.record["text_forward_passes"] = n * text_passes
-        cell.record.update(fields)  # a stream method's accuracy is its own (TDA: the mean over stream orders)
-        cell.record.setdefault("selected", {"how": "rule"})  # fixed settings, from each original
+            cell.add(text_forward_passes=n * text_passes)
+        cell.add(**fields)  # a stream method's accuracy is its own (TDA: the mean over stream orders)
+        if "selected" not in cell.record.results:
+            cell.add(selected={"how": "rule"})  # fixed settings, from each original
         yield cell, tally.seconds + shared / len(cells)

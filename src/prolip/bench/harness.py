@@ -1,0 +1,437 @@
+"""The state every protocol shares while it runs (:class:`Bench`: the backbone, the feature cache and episode
+builder, the records file), the cells and groups protocols list, the cost meters a fit is measured with, and the
+feature requests protocols declare (:class:`GroupRequests`), which the run prefetches and the plan counts.
+
+Nothing here knows one protocol from another: what a protocol needs, it declares (:mod:`prolip.bench.protocols`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from prolip.bench.memory import PeakMemory
+from prolip.bench.records import Record, append_record, done_cells, read_records
+from prolip.bench.spec import Experiment, MethodSpec
+from prolip.data.types import DatasetSplits
+from prolip.episode import (
+    Episode,
+    EpisodeBuilder,
+    EpisodeImages,
+    EpisodeSpec,
+    Features,
+    draw_images,
+    method_logits,
+    support_views,
+)
+from prolip.features.cache import Request
+from prolip.functional import accuracy
+from prolip.methods import Method, configure, create, method_class
+from prolip.methods.base import NO_CACHED_VIEWS, Support, Task, TensorViews, Validation, ViewSource
+from prolip.version import __version__
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    return 0.0 if base + new == 0 else 2 * base * new / (base + new)
+
+
+@dataclass
+class Cell:
+    """One record to produce: a method (with its effective hyperparameters) and where it is scored."""
+
+    method: MethodSpec
+    record: Record
+    target: str | None = None  # transfer protocols: the dataset scored, as the experiment names it (None: the source)
+    extra: dict[str, Any] = field(default_factory=dict)  # protocol-specific (sensitivity point; tta row and start)
+
+    def add(self, **results: Any) -> None:
+        """Results scoring found, written into the cell's record in this order."""
+        self.record = self.record.with_results(**results)
+
+
+@dataclass
+class Group:
+    """Cells that share one episode."""
+
+    dataset: str
+    shots: int
+    seed: int | None
+    cells: list[Cell]
+
+
+# ----------------------------------------------------------------------------------------------- shared state
+
+
+class Bench:
+    """One experiment run: the backbone, the shared cache and episode builder, the records file and memos."""
+
+    def __init__(self, exp: Experiment, echo: Callable[[str], None] = print, backbone=None):
+        from prolip.backbones import load_backbone
+        from prolip.features import FeatureCache
+
+        self.exp, self.echo = exp, echo
+        out = Path(exp.out).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        self.records_path = out / "records.jsonl"
+        self.finished = done_cells(read_records(self.records_path))
+        self.backbone = backbone or load_backbone(exp.model, exp.pretrained, device=exp.device)
+        if self.backbone.info.random_weights:
+            echo(f"WARNING: {self.backbone.info.describe()}: every number of this run comes from RANDOM weights.")
+        cache_dir = None if exp.cache_dir is None else Path(exp.cache_dir).expanduser()
+        self.cache = FeatureCache(
+            cache_dir,
+            self.backbone,
+            batch_size=exp.batch_size,
+            num_workers=exp.workers,
+            on_bad_image=exp.on_bad_image,
+            progress=False,
+        )
+        self.builder = EpisodeBuilder(self.backbone, self.cache, views=exp.views, aug_seed=exp.aug_seed)
+        self.ran = self.skipped = 0
+        self._splits: dict[str, DatasetSplits] = {}
+        self.tta_starts: dict[tuple, Method] = {}  # fitted start methods, shared by every dataset of a TTA run
+        self.costs: dict[int, dict[str, Any]] = {}  # by id of a method fitted here: its cost (see fit_cost)
+        self.center_probe = CenterProbe(self)
+
+    @property
+    def uses_validation(self) -> bool:
+        """Whether episodes draw a validation set: the experiment asks for one, or its protocol does (it says so
+        when the experiment is read, :meth:`Protocol.settle`)."""
+        return self.exp.validation
+
+    def splits(self, dataset: str) -> DatasetSplits:
+        from prolip.data import resolve_data
+
+        if dataset not in self._splits:
+            root = None if self.exp.data_root is None else Path(self.exp.data_root).expanduser()
+            self._splits[dataset] = resolve_data(dataset, root=root)
+        return self._splits[dataset]
+
+    def templates(self, splits: DatasetSplits) -> tuple[str, list[str]]:
+        return self.exp.templates_for(splits.templates)
+
+    def spec(self, shots: int, seed: int, classes: tuple[int, ...] | None = None) -> EpisodeSpec:
+        return EpisodeSpec(
+            shots=shots,
+            seed=seed,
+            sampler=self.exp.sampler,
+            views=self.exp.views,
+            aug_seed=self.exp.aug_seed,
+            allow_fewer=self.exp.allow_fewer,
+            validation=self.uses_validation,
+            classes=classes,
+            augmentation=self.augmentation,
+        )
+
+    @property
+    def augmentation(self) -> str:
+        """The views an episode's support is cached in: those of the first method that reads cached views (the
+        others get theirs from ``Episode.support_for``), or none when no method does (zero-shot, image-level)."""
+        augmentations = (method_class(m.name).augmentation for m in self.exp.methods)
+        return next((a for a in augmentations if a != NO_CACHED_VIEWS), NO_CACHED_VIEWS)
+
+    def episode(self, splits: DatasetSplits, shots: int, seed: int, classes=None) -> Episode:
+        text_side = any(method_class(m.name).uses_text_side for m in self.exp.methods)
+        return self.builder.build(
+            splits, self.spec(shots, seed, classes), templates=self.templates(splits)[1], text_side=text_side
+        )
+
+    # -- methods ---------------------------------------------------------------------------------------------
+    def validates(self, m: MethodSpec) -> bool:
+        """Whether this method selects anything on the validation set in this experiment."""
+        return self.uses_validation and bool(method_class(m.name).selects)
+
+    def method(self, m: MethodSpec, dataset: str, hyperparameters: dict | None = None) -> Method:
+        """The method as this experiment runs it on ``dataset``: its original's per-dataset settings, what it selects
+        on validation (when the protocol gives it a validation set) and the experiment's own settings."""
+        hp = m.hyperparameters if hyperparameters is None else hyperparameters
+        return configure(
+            m.name, dict(hp), validate=self.uses_validation, dataset=dataset, refuse_useless_validation=False
+        )
+
+    def fit(self, m: MethodSpec, hp: dict, episode: Episode, seed: int) -> tuple[Method, float]:
+        started = time.perf_counter()
+        val = episode.validation if self.validates(m) else None
+        method = create(m.name, **hp)
+        support, passes = counted_support(episode.support_for(method))
+        with PeakMemory(self.backbone.device) as memory:
+            method.fit(episode.task, support, val, seed=seed)
+        self.costs[id(method)] = fit_cost(method, passes() + (len(val.labels) if val is not None else 0), memory)
+        return method, time.perf_counter() - started
+
+    def cost(self, method: Method) -> dict[str, Any]:
+        """What fitting ``method`` cost besides its seconds (forward passes, peak memory, trainable parameters)."""
+        return dict(self.costs.get(id(method), {}))
+
+    # -- records ---------------------------------------------------------------------------------------------
+    def record(
+        self,
+        m: MethodSpec,
+        *,
+        dataset: str,
+        shots: int,
+        seed: int | None,
+        templates: tuple[str, list[str]],
+        hyperparameters: dict | None = None,
+        source: str | None = None,
+        setting: dict[str, Any] | None = None,
+    ) -> Record:
+        info = self.backbone.info
+        return Record.new(
+            protocol=self.exp.protocol,
+            dataset=dataset,
+            source=source,
+            model=self.exp.model,
+            weights=self.exp.pretrained,
+            random_weights=info.random_weights,
+            fingerprint=info.fingerprint,
+            sampler=self.exp.sampler,
+            seed=seed,
+            shots=shots,
+            views=self.exp.views,
+            aug_seed=self.exp.aug_seed,
+            label=m.label,
+            method=m.name,
+            hyperparameters=self.method(m, source or dataset, hyperparameters).get_params(),
+            validation=self.uses_validation,
+            selects=method_class(m.name).selects or None,
+            augmentation=method_class(m.name).augmentation,
+            templates_name=templates[0],
+            templates=templates[1],
+            setting=setting,
+            group=m.group,
+        )
+
+    def pending(self, cells: list[Cell]) -> list[Cell]:
+        todo = [c for c in cells if c.record.cell not in self.finished]
+        self.skipped += len(cells) - len(todo)
+        return todo
+
+    def write(self, rec: Record, seconds: float, point: str = "") -> None:
+        """Append a scored record; ``point``: what the progress line adds after the label (a sweep point)."""
+        rec = rec.with_results(
+            seconds=round(seconds, 3), prolip_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        )
+        append_record(self.records_path, rec)
+        self.finished.add(rec.cell)
+        self.ran += 1
+        acc = rec.accuracy
+        where = rec.dataset if rec.source is None else f"{rec.source}→{rec.dataset}"
+        seed = "" if rec.seed is None else f" seed {rec.seed}"
+        score = rec.results.get("note", "not scored") if acc is None else format(acc, ".2f")
+        self.echo(f"{where} {rec.shots}-shot{seed} {rec.label}{point}: {score}")
+
+    # -- what the cache is asked for -------------------------------------------------------------------------
+    def reads_center(self, m: MethodSpec, hyperparameters: dict[str, Any]) -> bool:
+        """Whether fitting ``m`` reads the support's center crops (found once per method and settings)."""
+        return self.center_probe.reads_center(m, hyperparameters)
+
+    def prefetch(self, requests: GroupRequests) -> None:
+        """Fill the cache with what a group declared, in the order declared (the order the run reads it in)."""
+        for r in requests.cached():
+            self.cache.fill(r.paths, r.views, r.aug_seed, augmentation=r.augmentation)
+
+
+# ----------------------------------------------------------------------------------------------- cost
+
+
+class CountedViews:
+    """A ViewSource that remembers which cached views a method read: each is one image-encoder forward pass per
+    support image when the cache is cold, the cost of the features the method consumed."""
+
+    def __init__(self, views: ViewSource):
+        self.inner = views
+        self.read: set[int] = set()
+
+    @property
+    def num_views(self) -> int:
+        return self.inner.num_views
+
+    @property
+    def num_images(self) -> int:
+        return self.inner.num_images
+
+    def view(self, t: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.read.add(t % self.inner.num_views)
+        return self.inner.view(t, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # the cache's other helpers (to_tensor, kept, ...)
+        return getattr(self.inner, name)
+
+
+def counted_support(support: Support) -> tuple[Support, Callable[[], int]]:
+    """A copy of ``support`` that counts the features read from it, and a function giving that count (distinct
+    views × images, plus the center crops when read)."""
+    views = CountedViews(support.views)
+    center_read: list[bool] = []
+
+    def center() -> torch.Tensor:
+        center_read.append(True)
+        return support.center_features()
+
+    counted = replace(support, views=views, center=center)
+    return counted, lambda: len(views.read) * views.num_images + (views.num_images if center_read else 0)
+
+
+def trainable_parameters(method: Method) -> int | None:
+    """Numbers the fit learned: the method's own count when it gives one, else the size of its fitted state less
+    the frozen task tensors it keeps (ProLIP's W0, a projection bias); 0 for a method that learns nothing."""
+    if not method.learns:
+        return 0
+    own = getattr(method, "trainable_parameters", None)
+    if callable(own):
+        return int(own())
+    task = method.task
+    frozen = {id(t) for t in (task.W0, task.bias, task.classifier, task.text_mean) if t is not None} if task else set()
+    return sum(v.numel() for v in method.state_dict().values() if id(v) not in frozen)
+
+
+def fit_cost(method: Method, features_read: int, memory: PeakMemory) -> dict[str, Any]:
+    """The record fields of a fit's cost. Forward passes: cached features read (support views, center crops,
+    validation images; view 0 always, which Method.fit checks) plus the passes a method that runs the encoder
+    itself reports (``forward_passes_``); None for an encoder-training method that reports none."""
+    own = getattr(method, "forward_passes_", None)
+    passes = None if method.encodes_images and own is None else features_read + (own or 0)
+    # Method.fit reads view 0 to check the features are finite; a method that learns nothing needs none of them.
+    passes = passes if method.learns else 0
+    return {
+        "forward_passes": passes,
+        "peak_memory_mb": None if memory.mb is None else round(memory.mb, 1),
+        "memory_measure": memory.measure,
+        "trainable_parameters": trainable_parameters(method),
+    }
+
+
+def score(method: Method, features: Features, classifier: torch.Tensor | None = None) -> float | None:
+    """Top-1 accuracy (%) of a fitted method on a feature set; None when there is nothing to score."""
+    if not len(features):
+        return None
+    with torch.no_grad():
+        return accuracy(method_logits(method, features, classifier), features.labels)
+
+
+NOTHING_TO_SCORE = "no evaluation images left (every image was used for support or validation)"
+
+
+# ----------------------------------------------------------------------------------------------- requests
+
+
+@dataclass
+class GroupRequests:
+    """What scoring some cells of a group asks of the image encoder, in the order the run asks it.
+
+    ``shared``: the cache requests of the group itself (its episode); ``per_cell``: what each cell adds alone (its
+    method's own views, the support's center crops, a target's images), [] for a cell that shares another's fit;
+    ``direct``: per cell, the passes encoded outside the cache (test-time views), each as the cell would alone;
+    ``direct_passes`` / ``direct_paths``: those passes once shared, and their images (the plan times them);
+    ``encoder_cells``: cells whose method trains inside the image encoder (their passes are its own)."""
+
+    shared: list[Request] = field(default_factory=list)
+    per_cell: list[list[Request]] = field(default_factory=list)
+    direct: list[int] | None = None
+    direct_passes: int = 0
+    direct_paths: list[Path] = field(default_factory=list)
+    encoder_cells: int = 0
+
+    def cached(self) -> list[Request]:
+        return self.shared + [r for own in self.per_cell for r in own]
+
+
+def image_paths(images) -> tuple[Path, ...]:
+    return tuple(it.path for it in images.items)
+
+
+def episode_requests(
+    b: Bench, splits: DatasetSplits, shots: int, seed: int | None, classes: tuple[int, ...] | None = None
+) -> tuple[EpisodeImages, list[Request]]:
+    """The requests of ``Bench.episode`` (``EpisodeBuilder.build``): the support's views, then validation and
+    evaluation center crops."""
+    assert seed is not None
+    spec = b.spec(shots, seed, classes)
+    drawn = draw_images(splits, spec)
+    requests = [
+        Request(
+            image_paths(drawn.support), support_views(spec.augmentation, spec.views), spec.aug_seed, spec.augmentation
+        )
+    ]
+    if spec.validation:
+        requests.append(Request(image_paths(drawn.validation)))
+    if len(drawn.evaluation):
+        requests.append(Request(image_paths(drawn.evaluation)))
+    return drawn, requests
+
+
+def fit_requests(b: Bench, cell: Cell, drawn: EpisodeImages, out: GroupRequests) -> list[Request]:
+    """What fitting the cell's method adds to its episode's: its own augmentation's views
+    (``Episode.support_for``) and the support's center crops when it reads them."""
+    cls = method_class(cell.method.name)
+    support = image_paths(drawn.support)
+    own = []
+    if cls.augmentation not in (b.augmentation, NO_CACHED_VIEWS):
+        own.append(Request(support, b.exp.views, b.exp.aug_seed, cls.augmentation))
+    if cls.encodes_images:
+        out.encoder_cells += 1
+    elif b.reads_center(cell.method, cell.record["hyperparameters"]):
+        own.append(Request(support))
+    return own
+
+
+# ----------------------------------------------------------------------------------------------- center-crop probe
+
+
+class CenterProbe:
+    """Whether a method, with given hyperparameters, reads the support's center crops."""
+
+    def __init__(self, b: Bench):
+        self.b = b
+        self.notes: list[str] = []
+        self._memo: dict[tuple, bool] = {}
+
+    def reads_center(self, m: MethodSpec, hyperparameters: dict[str, Any]) -> bool:
+        key = (m.name, repr(sorted(hyperparameters.items())), self.b.validates(m))
+        if key not in self._memo:
+            self._memo[key] = self._probe(m, hyperparameters)
+        return self._memo[key]
+
+    def _probe(self, m: MethodSpec, hyperparameters: dict[str, Any]) -> bool:
+        read: list[bool] = []
+        task, support, val = _tiny_problem(lambda: read.append(True))
+        try:
+            create(m.name, **hyperparameters).fit(task, support, val if self.b.validates(m) else None, seed=0)
+        except Exception as e:  # noqa: BLE001 - any failure: count the crops, and say so
+            self.notes.append(
+                f"{m.label}: could not tell whether it reads the support's center crops ({e}); counted them"
+            )
+            return True
+        return bool(read)
+
+
+def _tiny_problem(on_center: Callable[[], None]) -> tuple[Task, Support, Validation]:
+    """Two classes, two shots, 8 → 4 features, two views: enough for any method on cached features to fit."""
+    g = torch.Generator().manual_seed(0)
+    classes, shots, d_pre, d = 2, 2, 8, 4
+    classifier = F.normalize(torch.randn(classes, d, generator=g), dim=-1)
+    labels = torch.arange(classes).repeat_interleave(shots)
+    z = torch.randn(2, classes * shots, d_pre, generator=g)
+    task = Task(
+        W0=torch.randn(d_pre, d, generator=g) * 0.3,
+        bias=None,
+        classifier=classifier,
+        logit_scale=100.0,
+        shots=shots,
+        text_mean=classifier * 10.0,
+    )
+    task.text_proj = torch.eye(d) + 0.01 * torch.randn(d, d, generator=g)
+    task.text_pre = classifier[:, None, :].repeat(1, 2, 1)
+
+    def center() -> torch.Tensor:
+        on_center()
+        return z[0]
+
+    return task, Support(TensorViews(z), labels, center=center), Validation(z[1], labels)

@@ -1,0 +1,78 @@
+"""The bench's protocols, one module each, and the loop that runs any of them.
+
+Importing this package registers the built-in protocols (in this order: the experiment parser lists them so); a
+protocol defined elsewhere registers itself the same way, by subclassing :class:`Protocol` with a ``name``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from prolip.bench.harness import Bench, Cell, Group, GroupRequests, harmonic_mean
+from prolip.bench.protocols.base import (
+    Protocol,
+    ReportLayout,
+    available,
+    layout_of,
+    metrics,
+    protocol_class,
+    register,
+)
+
+# The order registered is the order the parser lists the protocols in.
+# isort: off
+from prolip.bench.protocols.fewshot import FewShot, FewShotValidation
+from prolip.bench.protocols.sensitivity import Sensitivity
+from prolip.bench.protocols.base2new import BaseToNew
+from prolip.bench.protocols.transfer import CrossDataset, DomainGeneralisation
+from prolip.bench.protocols.tta import TestTime
+
+# isort: on
+from prolip.bench.spec import Experiment
+from prolip.bench.tta import balanced_subset
+
+Transfer = CrossDataset  # its name before domain generalisation was a class of its own
+
+
+def run_experiment(exp: Experiment, echo: Callable[[str], None] = print, backbone=None) -> Path:
+    """Run every unfinished cell of ``exp``; returns the records file. ``backbone`` skips loading one (tests).
+    Before a group is scored, the cache is filled with what its protocol declares (:meth:`Protocol.requests`),
+    the same list ``prolip bench --plan`` counts."""
+    b = Bench(exp, echo, backbone)
+    protocol = protocol_class(exp.protocol)(b)
+    for group in protocol.groups():
+        todo = b.pending(group.cells)
+        if not todo:
+            continue
+        b.prefetch(protocol.requests(group, todo))
+        for cell, seconds in protocol.score(group, todo):
+            b.write(cell.record, seconds, protocol.progress(cell))
+    echo(f"{b.ran} cells run, {b.skipped} already done; records in {b.records_path}; cache: {b.cache.stats}")
+    return b.records_path
+
+
+__all__ = [
+    "BaseToNew",
+    "Bench",
+    "Cell",
+    "CrossDataset",
+    "DomainGeneralisation",
+    "FewShot",
+    "FewShotValidation",
+    "Group",
+    "GroupRequests",
+    "Protocol",
+    "ReportLayout",
+    "Sensitivity",
+    "TestTime",
+    "Transfer",
+    "available",
+    "balanced_subset",
+    "harmonic_mean",
+    "layout_of",
+    "metrics",
+    "protocol_class",
+    "register",
+    "run_experiment",
+]

@@ -1,0 +1,135 @@
+"""What a protocol is: a class that declares everything about itself, and the one registry its name enters.
+
+A :class:`Protocol` subclass with a ``name`` registers itself when its module is imported (a second class under a
+taken name is refused). It says which experiment files it accepts (:meth:`check`, :meth:`settle`), how its cells
+group around shared episodes (:meth:`groups`), what scoring a group asks of the image encoder (:meth:`requests`,
+which both the run and ``prolip bench --plan`` call, so the plan is the run's own list), how it scores
+(:meth:`score`), the metrics its records hold and how the report lays its section out (:class:`ReportLayout`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from prolip.bench.harness import Bench, Cell, Group, GroupRequests, episode_requests, fit_requests
+from prolip.bench.spec import Experiment, ExperimentError
+
+if TYPE_CHECKING:
+    from prolip.data.types import DatasetSplits
+
+
+@dataclass(frozen=True)
+class ReportLayout:
+    """How the report lays out a protocol's section.
+
+    ``source_apart``: records name a ``source`` they were trained on, shown first and left out of the averages
+    (``average_title`` names them, e.g. "target average"), with ``note`` ({sources}: the source names) above the
+    table; ``groups``: whether method entries sharing a ``group`` get an averaged row; ``sweep``: the two
+    hyperparameters a section sweeps (a table and a heatmap per label and shots, instead of the shots table);
+    ``shots_figure``: the file of the accuracy-vs-shots figure, if the protocol draws one."""
+
+    source_apart: bool = False
+    average_title: str = "average"
+    note: str | None = None
+    groups: bool = True
+    sweep: tuple[str, str] | None = None
+    shots_figure: str | None = None
+
+
+_REGISTRY: dict[str, type[Protocol]] = {}
+
+
+class Protocol:
+    """How one paper protocol lists its cells, what it asks of the encoder, and how it scores a group of them."""
+
+    name: ClassVar[str] = ""
+    metrics: ClassVar[tuple[str, ...]] = ("accuracy",)  # per-seed record fields the report averages
+    layout: ClassVar[ReportLayout] = ReportLayout()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__ and cls.name:
+            register(cls)
+
+    def __init__(self, bench: Bench):
+        self.b, self.exp = bench, bench.exp
+
+    # -- the experiment file ---------------------------------------------------------------------------------
+    @classmethod
+    def check(cls, exp: Experiment, where: str) -> None:
+        """Refuse (ExperimentError, naming ``where``) what this protocol cannot run; every experiment is checked
+        for its datasets, methods, shots and seeds before."""
+
+    @classmethod
+    def settle(cls, exp: Experiment) -> Experiment:
+        """The experiment as this protocol runs it (e.g. with a validation set): called once it is checked."""
+        return exp
+
+    # -- cells -----------------------------------------------------------------------------------------------
+    def groups(self) -> Iterator[Group]:
+        """By default one cell per method for every dataset × shots × seed (the few-shot protocols' grid)."""
+        return self._per_dataset_groups(self._method_cells)
+
+    def _method_cells(self, splits: DatasetSplits, shots: int, seed: int) -> list[Cell]:
+        t = self.b.templates(splits)
+        return [
+            Cell(m, self.b.record(m, dataset=splits.name, shots=shots, seed=seed, templates=t))
+            for m in self.exp.methods
+        ]
+
+    def _per_dataset_groups(self, cells_for: Callable[[DatasetSplits, int, int], list[Cell]]) -> Iterator[Group]:
+        for dataset in self.exp.datasets:
+            splits = self.b.splits(dataset)
+            for shots in self.exp.shots:
+                for seed in self.exp.seeds:
+                    yield Group(dataset, shots, seed, cells_for(splits, shots, seed))
+
+    # -- what scoring asks of the encoder, and scoring -------------------------------------------------------
+    def requests(self, group: Group, cells: list[Cell]) -> GroupRequests:
+        """What :meth:`score` asks the cache for: by default the group's episode, then each cell's own fit."""
+        out = GroupRequests()
+        drawn, out.shared = episode_requests(self.b, self.b.splits(group.dataset), group.shots, group.seed)
+        out.per_cell = [fit_requests(self.b, cell, drawn, out) for cell in cells]
+        return out
+
+    def score(self, group: Group, cells: list[Cell]) -> Iterator[tuple[Cell, float]]:
+        raise NotImplementedError
+
+    def progress(self, cell: Cell) -> str:
+        """What the progress line says of a cell after its label (a sweep point); nothing by default."""
+        return ""
+
+
+def register(cls: type[Protocol]) -> type[Protocol]:
+    """Enter ``cls`` under its name; a different class under a taken name is refused (the same class again, its
+    module reloaded, replaces itself)."""
+    taken = _REGISTRY.get(cls.name)
+    if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"protocol {cls.name!r} is already registered ({taken.__module__}.{taken.__qualname__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """The registered protocol names, in the order registered."""
+    return list(_REGISTRY)
+
+
+def protocol_class(name: str) -> type[Protocol]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ExperimentError(f"unknown protocol {name!r}; choose from {', '.join(_REGISTRY)}") from None
+
+
+def metrics() -> tuple[str, ...]:
+    """Every registered protocol's per-seed metrics, each once, in the order registered."""
+    return tuple(dict.fromkeys(m for cls in _REGISTRY.values() for m in cls.metrics))
+
+
+def layout_of(name: str) -> ReportLayout:
+    """The report layout of a protocol; records of a protocol not registered here get the default one."""
+    cls = _REGISTRY.get(name)
+    return ReportLayout() if cls is None else cls.layout
