@@ -122,7 +122,7 @@ def train_projection(
     return _train_packed(W0, bias, classifier, logit_scale, views, labels, lrs, lams, steps)
 
 
-class _StepBuffers:
+class StepBuffers:
     """The per-step intermediates of G packed configurations, allocated once per training run.
 
     Fresh [N, G, D] / [N, G, C] tensors every step were the batched grid's undoing on a CPU: each large one is a
@@ -141,13 +141,13 @@ class _StepBuffers:
         self.minus_one = torch.full((n * configs,), -1.0, device=dev, dtype=torch.float32)
 
 
-def _embedding_grad(
+def embedding_grad(
     z: Tensor,
     Wp: Tensor,
     bias: Tensor | None,
     classifier: Tensor,
     logit_scale: float,
-    buf: _StepBuffers,
+    buf: StepBuffers,
 ) -> Tensor:
     """d(mean CE)/d(zW + b), [N, G·D], for packed Wp [D_pre, G·D]; the same arithmetic, op for op, as
     ``packed_loss_and_grad`` (so the two agree to the last bit up to GEMM kernels), without its temporaries."""
@@ -188,13 +188,13 @@ def _train_one(
     steps: int,
 ) -> Tensor:
     """One configuration: every buffer allocated once, Adam as one fused pass over W and its moments."""
-    buf = _StepBuffers(views.num_images, 1, W0.shape[1], labels, classifier.shape[0])
+    buf = StepBuffers(views.num_images, 1, W0.shape[1], labels, classifier.shape[0])
     W = W0.float().clone()
     exp_avg, exp_avg_sq, grad = torch.zeros_like(W), torch.zeros_like(W), torch.empty_like(W)
     two_lam = 2 * lam.to(W.device) if lam != 0 else None
     for t in range(steps):
         z = views.view(view_for_step(t, views.num_views)).float()
-        de = _embedding_grad(z, W, bias, classifier, logit_scale, buf)
+        de = embedding_grad(z, W, bias, classifier, logit_scale, buf)
         _gradient_into(grad, z, de, W, W0, two_lam)
         fused_adam_step(W, grad, exp_avg, exp_avg_sq, t + 1, float(cosine_lr(lr, t, steps)), eps=REFERENCE_EPS)
     return W
@@ -213,7 +213,7 @@ def _train_packed(
 ) -> Tensor:
     """G configurations packed side by side (W [D_pre, G, D]): each product one plain GEMM for all of them."""
     (D_pre, D), G = W0.shape, len(lrs)
-    buf = _StepBuffers(views.num_images, G, D, labels, classifier.shape[0])
+    buf = StepBuffers(views.num_images, G, D, labels, classifier.shape[0])
     W = W0[:, None, :].expand(-1, G, -1).clone(memory_format=torch.contiguous_format)
     exp_avg, exp_avg_sq, grad = torch.zeros_like(W), torch.zeros_like(W), torch.empty_like(W)
     scratch = (torch.empty_like(W), torch.empty_like(W))
@@ -221,7 +221,7 @@ def _train_packed(
     two_lam = (2 * lams.to(W.device))[:, None] if bool((lams != 0).any()) else None
     for t in range(steps):
         z = views.view(view_for_step(t, views.num_views)).float()
-        de = _embedding_grad(z, W.view(D_pre, G * D), bias, classifier, logit_scale, buf)
+        de = embedding_grad(z, W.view(D_pre, G * D), bias, classifier, logit_scale, buf)
         _gradient_into(grad, z, de, W, W0p, two_lam)
         adam_step(
             W,
