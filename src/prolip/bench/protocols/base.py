@@ -28,7 +28,8 @@ class ReportLayout:
     (``average_title`` names them, e.g. "target average"), with ``note`` ({sources}: the source names) above the
     table; ``groups``: whether method entries sharing a ``group`` get an averaged row; ``sweep``: the two
     hyperparameters a section sweeps (a table and a heatmap per label and shots, instead of the shots table);
-    ``shots_figure``: the file of the accuracy-vs-shots figure, if the protocol draws one."""
+    ``shots_figure`` / ``sweep_figure``: the file of the accuracy-vs-shots figure / of the sweep's heatmaps, if the
+    protocol draws one."""
 
     source_apart: bool = False
     average_title: str = "average"
@@ -36,6 +37,7 @@ class ReportLayout:
     groups: bool = True
     sweep: tuple[str, str] | None = None
     shots_figure: str | None = None
+    sweep_figure: str | None = None
 
 
 _REGISTRY: dict[str, type[Protocol]] = {}

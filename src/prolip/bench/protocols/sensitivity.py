@@ -22,7 +22,7 @@ class Sensitivity(Protocol):
 
     name = "sensitivity"
     # A group there would mix sweep points, so none is formed.
-    layout = ReportLayout(groups=False, sweep=SWEPT)
+    layout = ReportLayout(groups=False, sweep=SWEPT, sweep_figure="sensitivity_heatmap.png")
 
     @classmethod
     def check(cls, exp: Experiment, where: str) -> None:

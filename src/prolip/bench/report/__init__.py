@@ -1,0 +1,138 @@
+"""Aggregate bench records into rows (per dataset, per group, averaged over datasets); markdown, CSV, JSON, plots.
+
+The report names no protocol: what a protocol's section shows, its protocol declares (``Protocol.layout``,
+``Protocol.metrics``). ``rows`` aggregates, ``markdown`` and ``figures`` lay the rows out, this module writes them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from prolip.bench.protocols import available, layout_of
+from prolip.bench.report.figures import (
+    gain_figure,
+    plot_gains,
+    plot_sensitivity,
+    plot_shots,
+    sensitivity_figure,
+    shots_figure,
+)
+from prolip.bench.report.markdown import markdown, per_dataset_markdown
+from prolip.bench.report.rows import aggregate, canonical, format_number, zero_shot_gains
+
+# ----------------------------------------------------------------------------------------------- files
+
+CSV_FIELDS = [
+    "protocol",
+    "model",
+    "weights",
+    "random_weights",
+    "sampler",
+    "templates_name",
+    "source",
+    "kind",
+    "dataset",
+    "datasets",
+    "label",
+    "method",
+    "group",
+    "shots",
+    "lr",
+    "lam",
+    "precision",
+    "varying",
+    "seeds",
+    "mean",
+    "std",
+    "base",
+    "base_std",
+    "new",
+    "new_std",
+    "hm",
+    "hm_seed_mean",
+    "hm_seed_std",
+    "start_accuracy",
+    "start_accuracy_std",
+    "paper",
+    "paper_base",
+    "paper_new",
+    "paper_hm",
+    "paper_source",
+    "notes",
+    "missing",
+    "seconds",
+    "forward_passes",
+    "peak_memory_mb",
+    "trainable_parameters",
+    "selection",
+]
+
+
+def _csv_row(row: dict) -> dict:
+    hp = row.get("hyperparameters") or {}
+    as_text = lambda v: " ".join(map(str, v)) if isinstance(v, list) else v
+    return {
+        **{k: as_text(row.get(k)) for k in CSV_FIELDS},
+        "lr": hp.get("lr"),
+        "lam": hp.get("lam"),
+        "precision": hp.get("precision"),
+        "varying": canonical(row["varying"]) if row.get("varying") else "",
+        "notes": "; ".join(row.get("notes") or []),
+        "missing": "; ".join(row.get("missing") or []),
+        **{
+            k: (row.get("cost") or {}).get(k)
+            for k in ("seconds", "forward_passes", "peak_memory_mb", "trainable_parameters")
+        },
+        "selection": canonical((row.get("card") or {}).get("hows")) if row.get("card") else "",
+    }
+
+
+def write_report(records: Iterable[Mapping[str, Any]], out: Path | str) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = aggregate(records)
+    paths = {"markdown": out / "results.md", "csv": out / "results.csv", "json": out / "results.json"}
+    paths["markdown"].write_text(markdown(rows) + per_dataset_markdown(rows))
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(map(_csv_row, rows))
+    paths["json"].write_text(
+        json.dumps([{k: v for k, v in r.items() if k != "by_seed"} for r in rows], indent=2, default=str)
+    )
+    _write_figures(rows, out, paths)
+    if plot_gains(rows, out / "gain_over_zeroshot.png"):
+        paths["gain"] = out / "gain_over_zeroshot.png"
+    return paths
+
+
+def _write_figures(rows: list[dict[str, Any]], out: Path, paths: dict[str, Path]) -> None:
+    """Each registered protocol's figures, as its layout names them (a sweep's heatmap is ``heatmap``)."""
+    for name in available():
+        layout = layout_of(name)
+        if layout.shots_figure and plot_shots(rows, out / layout.shots_figure, name):
+            paths[f"plot_{name}"] = out / layout.shots_figure
+        if layout.sweep_figure and plot_sensitivity(rows, out / layout.sweep_figure, name):
+            paths["heatmap" if "heatmap" not in paths else f"heatmap_{name}"] = out / layout.sweep_figure
+
+
+__all__ = [
+    "CSV_FIELDS",
+    "aggregate",
+    "canonical",
+    "format_number",
+    "gain_figure",
+    "markdown",
+    "per_dataset_markdown",
+    "plot_gains",
+    "plot_sensitivity",
+    "plot_shots",
+    "sensitivity_figure",
+    "shots_figure",
+    "write_report",
+    "zero_shot_gains",
+]
