@@ -234,3 +234,20 @@ def test_the_report_has_per_dataset_tables_and_a_gain_figure(tmp_path):
     assert sorted(round(g["gain"], 2) for g in zero_shot_gains(aggregate(records))) == [4.0, 4.0, 11.5, 11.5]
     with Image.open(paths["gain"]) as im:
         assert im.width > 300
+
+
+def test_expected_calibration_error_against_a_hand_computed_example():
+    import math
+
+    from prolip.functional import expected_calibration_error
+
+    # Two classes; top-1 confidences 0.9, 0.9, 0.58, 0.55 (bins (13/15, 14/15] and (8/15, 9/15]):
+    # bin of 0.9: two images, one right → |0.5 − 0.9| · 2; bin of 0.58 and 0.55: both right → |1 − 0.565| · 2.
+    p = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.42, 0.58], [0.55, 0.45]])
+    logits = p.log()
+    labels = torch.tensor([0, 1, 1, 0])
+    expected = (abs(0.5 - 0.9) * 2 + abs(1 - 0.565) * 2) / 4 * 100
+    assert math.isclose(expected_calibration_error(logits, labels), expected, rel_tol=1e-5)
+    assert expected_calibration_error(logits, labels, bins=1) == pytest.approx(abs(0.75 - 0.7325) * 100, rel=1e-4)
+    perfect = torch.tensor([[20.0, -20.0], [-20.0, 20.0]])  # confident and right: no gap
+    assert expected_calibration_error(perfect, torch.tensor([0, 1])) == pytest.approx(0.0, abs=1e-4)

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from prolip.functional import expected_calibration_error
+
 TOP_K = 5
 SHOWN = 5  # worst classes and confused pairs printed by `prolip eval`, and kept in a run's manifest
 FULL_MATRIX_UP_TO = 30  # classes: beyond this the picture shows the classes of the top confusions only
@@ -113,6 +115,7 @@ def diagnose(logits: Tensor, labels: Sequence[int] | Tensor, classnames: Sequenc
     return {
         "accuracy": 100.0 * correct / len(labels) if len(labels) else None,
         "top5_accuracy": topk_accuracy(logits, labels, TOP_K),
+        "ece": expected_calibration_error(logits, labels) if len(labels) else None,
         "mean_per_class_accuracy": mean_per_class_accuracy(rows),
         "worst_classes": [_brief(r) for r in worst_classes(rows)],
         "most_confused": most_confused(confusion, classnames),

@@ -9,6 +9,7 @@ Conventions used across prolip:
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -48,3 +49,18 @@ def entropy(logits: Tensor) -> Tensor:
 def accuracy(logits: Tensor, labels: Tensor) -> float:
     """Top-1 accuracy in percent."""
     return (logits.argmax(dim=-1) == labels).float().mean().item() * 100.0
+
+
+ECE_BINS = 15  # equal-width confidence bins, as TTA-VLM reports calibration (and Guo et al. 2017 define it)
+
+
+def expected_calibration_error(logits: Tensor, labels: Tensor, bins: int = ECE_BINS) -> float:
+    """Expected calibration error in percent: Σ_b |B_b|/n · |accuracy(B_b) − confidence(B_b)|, the confidence
+    being the top softmax probability and bin b holding confidences in (b/bins, (b+1)/bins]."""
+    probs = logits.float().softmax(dim=-1)
+    confidence, predicted = probs.max(dim=-1)
+    correct = (predicted == labels).float()
+    # ceil(c·bins) − 1 puts c in (b/bins, (b+1)/bins]; a confidence of exactly 0 cannot occur after a softmax.
+    which = (confidence * bins).ceil().long().clamp(1, bins) - 1
+    gap = torch.zeros(bins).index_add_(0, which, correct - confidence).abs()  # per bin: |B|·|accuracy − confidence|
+    return float(gap.sum() / max(len(labels), 1) * 100.0)

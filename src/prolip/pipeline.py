@@ -20,7 +20,7 @@ from prolip.data.folder import DataError
 from prolip.data.types import DatasetSplits, LabeledImages
 from prolip.diagnostics import diagnose
 from prolip.episode import Episode, EpisodeBuilder, EpisodeSpec, method_logits
-from prolip.functional import accuracy, clip_logits
+from prolip.functional import accuracy, clip_logits, expected_calibration_error
 from prolip.inference import (
     backbone_for_run,
     check_backbone_matches,
@@ -86,7 +86,11 @@ def evaluate(method: Method, episode: Episode) -> dict[str, Any]:
         "zero_shot_accuracy": accuracy(zero_shot, ev.labels),
         "eval_images": len(ev),
         "eval_set": episode.images.eval_set,
-        **{k: diagnosis[k] for k in ("top5_accuracy", "mean_per_class_accuracy", "worst_classes", "most_confused")},
+        "zero_shot_ece": expected_calibration_error(zero_shot, ev.labels),
+        **{
+            k: diagnosis[k]
+            for k in ("top5_accuracy", "ece", "mean_per_class_accuracy", "worst_classes", "most_confused")
+        },
     }
 
 

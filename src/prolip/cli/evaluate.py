@@ -103,7 +103,7 @@ def _echo_eval(report: dict, backbone) -> None:
     top5, mean = report["top5_accuracy"], report["mean_per_class_accuracy"]
     click.echo(
         f"top-5 {'n/a (5 classes or fewer)' if top5 is None else f'{top5:.2f}%'}  mean per-class "
-        f"{'n/a' if mean is None else f'{mean:.2f}%'}"
+        f"{'n/a' if mean is None else f'{mean:.2f}%'}  calibration error (ECE, 15 bins) {report['ece']:.2f}%"
     )
     for line in summary_lines(report):
         click.echo(line)
