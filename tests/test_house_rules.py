@@ -263,3 +263,70 @@ def test_no_import_cycles_in_src():
     known = set(sources)
     graph = {m: imported_modules(m, p.read_text(), known, p.name == "__init__.py") for m, p in sources.items()}
     assert import_cycles(graph) == []
+
+
+# ---- protocol names -----------------------------------------------------------------------------------------------
+
+
+def _protocol_name_constants(tree: ast.AST, names: set[str]) -> set[str]:
+    """Module names bound to a tuple, list or set of protocol names only (``TRANSFER = ("cross-dataset", ...)``):
+    a comparison with one is a comparison with those names."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, (ast.Tuple, ast.List, ast.Set)):
+            values = [e.value if isinstance(e, ast.Constant) else None for e in node.value.elts]
+            if values and all(v in names for v in values):
+                found |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return found
+
+
+def protocol_name_comparisons(source: str) -> list[str]:
+    """Comparisons with a string literal naming a registered bench protocol, or with a constant made of such names:
+    what a protocol does (its checks, requests, metrics, report layout) is declared by its class in
+    ``bench/protocols/``, never decided by its name elsewhere."""
+    from prolip.bench.protocols import available
+
+    names = set(available())
+    tree = ast.parse(source)
+    constants = _protocol_name_constants(tree, names)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            parts = [e for s in sides for e in (s.elts if isinstance(s, (ast.Tuple, ast.List, ast.Set)) else [s])]
+            if any(isinstance(p, ast.Constant) and p.value in names for p in parts) or any(
+                isinstance(p, ast.Name) and p.id in constants for p in parts
+            ):
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_the_protocol_name_checker_can_fail():
+    # Every kind of protocol-name test the bench had before protocols declared themselves (c404782).
+    before = """
+TRANSFER = ("cross-dataset", "domain-generalisation")
+PROTOCOLS = ("fewshot", "fewshot-val", "sensitivity", "base2new", "cross-dataset", "domain-generalisation", "tta")
+def f(self, exp, rec, row, key, protocol, rows):
+    a = self.exp.validation or self.exp.protocol == "fewshot-val"
+    b = "" if rec["protocol"] != "sensitivity" else "point"
+    if exp.protocol not in PROTOCOLS or exp.protocol == "cross-dataset" and not exp.targets:
+        pass
+    if exp.protocol in ("cross-dataset", "domain-generalisation") and key[0] == "sensitivity":
+        pass
+    c = row["protocol"] in TRANSFER and row["dataset"] == row.get("source")
+    d = protocol in TRANSFER or any(r["protocol"] == "sensitivity" for r in rows)
+"""
+    assert len(protocol_name_comparisons(before)) == 9
+    assert protocol_name_comparisons("if section not in ('sensitivity', 'tta'): pass")
+    assert not protocol_name_comparisons("if layout_of(r['protocol']).source_apart: pass")
+    assert not protocol_name_comparisons("if r['kind'] in ('dataset', 'group'): pass")
+    assert not protocol_name_comparisons("SECTIONS = ('sensitivity', 'tta')\nx = 'a' in ('b',)")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in _sources() if p.relative_to(SRC).parts[:2] != ("bench", "protocols")],
+    ids=lambda p: str(p.relative_to(SRC)),
+)
+def test_no_protocol_name_comparisons_outside_the_protocol_modules(path):
+    assert protocol_name_comparisons(path.read_text()) == []

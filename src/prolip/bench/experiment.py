@@ -81,6 +81,10 @@ _TTA = {
 }
 
 
+# The sections of an experiment file (mappings of their own keys, which ``--set section.key=...`` reaches).
+_SECTIONS = {k for k, (kind, _) in _TOP.items() if kind is dict}
+
+
 def _type_ok(value: Any, kind: Any) -> bool:
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
     is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -209,7 +213,7 @@ def _apply_overrides(raw: dict, overrides: dict, source: str) -> dict:
     for key, value in overrides.items():
         if "." in key:
             section, sub = key.split(".", 1)
-            if section not in ("sensitivity", "tta"):
+            if section not in _SECTIONS:
                 raise ExperimentError(f"{source}: --set {key}: only the 'sensitivity' and 'tta' sections have sub-keys")
             current = raw.get(section) or {}
             if not isinstance(current, dict):
