@@ -116,6 +116,9 @@ def test_a_copied_dataset_gives_bitwise_the_same_features_and_run_without_extrac
     assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert first.metrics["accuracy"] == second.metrics["accuracy"]
     assert image_set_fingerprint(support_a) == image_set_fingerprint(support_b)
+    # The runs say so themselves: the same support, validation and evaluation images, by content.
+    assert first.run.manifest["images"] == second.run.manifest["images"]
+    assert first.run.manifest["images"]["support"] == image_set_fingerprint(support_a)
 
 
 def test_a_changed_pixel_is_a_new_image_and_a_byte_copy_is_the_same(backbone, tmp_path):
@@ -207,7 +210,8 @@ def test_the_same_fit_at_one_and_two_threads_agrees_within_tolerance(backbone, t
         states = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            fit_and_save(backbone, spec, tmp_path / f"cache{n}", tmp_path / f"run{n}")
+            result, _ = fit_and_save(backbone, spec, tmp_path / f"cache{n}", tmp_path / f"run{n}")
+            assert result.run.manifest["environment"]["threads"] == n
             states.append(load_file(tmp_path / f"run{n}" / "method.safetensors"))
     finally:
         torch.set_num_threads(threads)

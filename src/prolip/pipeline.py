@@ -20,6 +20,7 @@ from prolip.data.folder import DataError
 from prolip.data.types import DatasetSplits, LabeledImages
 from prolip.diagnostics import diagnose
 from prolip.episode import Episode, EpisodeBuilder, EpisodeSpec, method_logits
+from prolip.features.identity import result_fingerprints
 from prolip.functional import accuracy, clip_logits, expected_calibration_error
 from prolip.inference import (
     backbone_for_run,
@@ -133,7 +134,7 @@ def fit(
         "forward_passes": cache.stats.forward_passes,
         **evaluate(method, episode),
     }
-    manifest = {
+    manifest = result_fingerprints(episode.images, cache, str(backbone.device)) | {
         "prolip_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "backbone": asdict(backbone.info),

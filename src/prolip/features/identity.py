@@ -161,13 +161,10 @@ def keys_fingerprint(keys: Iterable[str]) -> str:
 
 def image_set_fingerprint(paths: Sequence[Path | str], cache_dir: Path | str | None = None) -> str:
     """The fingerprint of an ordered set of images (files, tar members, dataset rows): :func:`keys_fingerprint`
-    over their content hashes. ``cache_dir``: where their hashes are remembered (the feature cache's directory),
-    so images the cache has seen are not read again. An unreadable image raises its BadImageError."""
-    keys = ContentIndex(cache_dir).keys(paths)
-    for k in keys:
-        if isinstance(k, BadImageError):
-            raise k
-    return keys_fingerprint(k for k in keys if isinstance(k, str))
+    over their content hashes, an unreadable image counting as ``unreadable`` (results leave it out and list it).
+    ``cache_dir``: where the hashes are remembered (the feature cache's directory), so images the cache has seen
+    are not read again."""
+    return keys_fingerprint(k if isinstance(k, str) else "unreadable" for k in ContentIndex(cache_dir).keys(paths))
 
 
 def git_commit() -> str | None:
@@ -222,3 +219,16 @@ def environment_fingerprint(device: str, dtype: str) -> dict:
     }
     env["fingerprint"] = hashlib.blake2b(json.dumps(env, sort_keys=True).encode(), digest_size=16).hexdigest()
     return env
+
+
+def result_fingerprints(images, cache, device: str) -> dict:
+    """The fields a result (run manifest, bench record) carries to say what produced it: ``images``, the
+    fingerprints of its support, validation and evaluation sets (an ``EpisodeImages``), and ``environment``.
+    ``cache``: the FeatureCache that extracted them (its directory remembers the hashes, its compute dtype is the
+    features' dtype)."""
+    root = getattr(cache, "root", None)
+    sets = {"support": images.support, "validation": images.validation, "evaluation": images.evaluation}
+    return {
+        "images": {name: image_set_fingerprint([it.path for it in s.items], root) for name, s in sets.items()},
+        "environment": environment_fingerprint(device, getattr(cache, "compute_dtype", "fp32")),
+    }
