@@ -15,17 +15,25 @@ round) whose per-round ratio is printed.
 
     python benchmarks/bench_extraction.py [--images 32] [--rounds 3] [--batch-sizes 8,16,32] [--workers 0,1]
                                           [--engines torch,onnxruntime]
+
+``--hashing`` measures instead what content identity (issue 27) adds per image: hashing its bytes against decoding
+and center-cropping it, on the dtd10 JPEGs and on ImageNet-shaped copies of them (500x375, quality 90, ~100 KB),
+pass by pass in one run, plus what a remembered hash costs (a stat and an index lookup):
+
+    python benchmarks/bench_extraction.py --hashing --images 200 --rounds 5
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import matmul_gflops, sync
@@ -87,7 +95,10 @@ def main() -> None:
         default=default_engines(),
         help="comma-separated: torch, onnxruntime (CPU only; default: both when the onnx extra is installed)",
     )
+    ap.add_argument("--hashing", action="store_true", help="hashing vs decoding per image (issue 27), then exit")
     args = ap.parse_args()
+    if args.hashing:
+        return hashing(args.images, args.rounds)
     from prolip.backbones import load_backbone
 
     backbone = load_backbone(args.model, "none", device=args.device)
@@ -204,6 +215,58 @@ def paired_rounds(measure, rounds: int, gflop: float, dtype: torch.dtype, device
         peak = (before + probe_gflops(dtype, device)) / 2
         results.append((rate / (peak / gflop), rate, peak))
     return sorted(results)[len(results) // 2]
+
+
+def hashing(n: int, rounds: int) -> None:
+    """Per image: content hash (read + BLAKE2b-128), decode + center crop to 224 (what extraction does before the
+    forward), and a remembered hash (ContentIndex hit), each the median over ``rounds`` passes over the images,
+    the passes alternating hash / decode so both see the same page cache and machine load."""
+    from PIL import Image
+
+    from prolip.backbones.base import Preprocessing
+    from prolip.data.images import content_digest, load_image
+    from prolip.features.identity import ContentIndex
+    from prolip.transforms import center_transform
+
+    crop = center_transform(Preprocessing(224, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)))
+    dtd = sorted(DTD10.rglob("*.jpg"))[:n]
+    if not dtd:
+        raise SystemExit(f"no dtd10 images under {DTD10}: this benchmark needs ../shared/data")
+    print(f"{len(dtd)} images per pass, median of {rounds} passes, {torch.get_num_threads()} torch threads")
+    print("| images | mean KB | hash ms/image | decode + crop ms/image | hash / decode | remembered hash ms/image |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        big, rng = [], np.random.default_rng(0)
+        for i, p in enumerate(dtd):
+            # ImageNet's median shape (500x375) from real texture pixels; the upscaled pixels are smoother than a
+            # photo's, so noise brings the file near ImageNet's ~110 KB mean.
+            pixels = np.asarray(Image.open(p).convert("RGB").resize((500, 375), Image.BICUBIC), dtype=np.float32)
+            noisy = np.clip(pixels + rng.normal(0, 20, pixels.shape), 0, 255).astype(np.uint8)
+            big.append(Path(tmp) / f"{i}.jpg")
+            Image.fromarray(noisy).save(big[-1], quality=90)
+        for name, paths in (("dtd10 (as shipped)", dtd), ("ImageNet-shaped (500x375)", big)):
+            index = ContentIndex(Path(tmp) / "cache")
+            old = 1_500_000_000 * 10**9  # remembered only once out of the racy window: backdate the copies
+            for p in paths if paths is big else ():
+                os.utime(p, ns=(old, old))
+            index.keys(paths)
+            times: dict[str, list[float]] = {"hash": [], "decode": [], "hit": []}
+            for _ in range(rounds):
+                times["hash"].append(_per_image(lambda p: content_digest(p), paths))
+                times["decode"].append(_per_image(lambda p: crop(load_image(p)), paths))
+                t = time.perf_counter()
+                index.keys(paths)
+                times["hit"].append((time.perf_counter() - t) / len(paths) * 1e3)
+            h, d, hit = (statistics.median(times[k]) for k in ("hash", "decode", "hit"))
+            kb = statistics.mean(p.stat().st_size for p in paths) / 1e3
+            print(f"| {name} | {kb:.0f} | {h:.3f} | {d:.2f} | **{h / d:.1%}** | {hit:.3f} |", flush=True)
+
+
+def _per_image(fn, paths) -> float:
+    t = time.perf_counter()
+    for p in paths:
+        fn(p)
+    return (time.perf_counter() - t) / len(paths) * 1e3
 
 
 if __name__ == "__main__":
