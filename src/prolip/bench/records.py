@@ -39,6 +39,13 @@ CELL_FIELDS = (
 )
 
 
+# What the report groups records by, in this order: a section (one table) and, within it, the setting that makes two
+# results different lines besides label, method, hyperparameters and shots.
+SECTION_FIELDS = ("protocol", "model", "weights", "random_weights", "sampler", "templates_name")
+SETTING_FIELDS = ("source", "fingerprint", "views", "aug_seed", "validation", "setting")
+LINE_FIELDS = SECTION_FIELDS + SETTING_FIELDS + ("label", "method", "hyperparameters", "shots")
+
+
 def cell_id(record: Mapping[str, Any]) -> str:
     """Hash of the fields that define a cell (missing fields count as null)."""
     key = json.dumps({k: record.get(k) for k in CELL_FIELDS}, sort_keys=True, default=str)
@@ -154,6 +161,7 @@ _WRITTEN = (
 )
 _IDENTITY = frozenset((*_WRITTEN, "cell"))
 assert set(_WRITTEN) == {f.name for f in fields(Record)} - {"cell", "results"}
+assert set(CELL_FIELDS) | set(LINE_FIELDS) <= set(_WRITTEN)  # the schema names every field it groups by
 
 
 class RecordsError(ProlipError, ValueError):

@@ -19,12 +19,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prolip.bench.protocols import layout_of, metrics
+from prolip.bench.records import LINE_FIELDS, SECTION_FIELDS, SETTING_FIELDS
 from prolip.bench.reference import MIXED, NAMED_SETS, reference_for
 
-SECTION = ("protocol", "model", "weights", "random_weights", "sampler", "templates_name")
-# Record fields that, besides the section, label, method and hyperparameters, make two results different rows.
-SETTING = ("source", "fingerprint", "views", "aug_seed", "validation", "setting")
-LINE = SECTION + SETTING + ("label", "method", "hyperparameters", "shots")
+SECTION, SETTING, LINE = SECTION_FIELDS, SETTING_FIELDS, LINE_FIELDS  # the record schema's (records.py)
 COPIED = LINE + ("group", "members", "varying")
 PAPER_FIELDS = (("accuracy", "paper"), ("base", "paper_base"), ("new", "paper_new"), ("hm", "paper_hm"))
 HP_SORT_KEYS = ("precision", "lam", "alpha", "lr")  # hyperparameters rows are ordered by, numerically
