@@ -1,5 +1,6 @@
 """Test-time adaptation (paper §4.6): test-time ProLIP, batched across images, and the methods it is compared with
-on the same views (TPT, ZERO, TDA, the no-update view ensemble, plain zero-shot), behind one interface.
+on the same views (TPT, ZERO, TDA, BoostAdapter, DPE, the no-update view ensemble, plain zero-shot), behind one
+interface.
 
 A new test-time method is one module: a :class:`PerImageMethod` or :class:`StreamMethod` subclass decorated with
 :func:`register` (which refuses a taken name and a setting without a constraint); the bench's tta protocol, its
@@ -33,15 +34,19 @@ from prolip.tta.tda import (  # isort: skip
     tda_settings,
     tda_stream,
 )
+from prolip.tta.boostadapter import BoostAdapter, boost_stream  # isort: skip
+from prolip.tta.dpe import DPE, dpe_stream  # isort: skip
 
 # The test-time method every tta experiment runs from each of its methods' W: test-time ProLIP, the protocol's
 # subject; the others run only when the experiment lists them.
 PROTOCOL_METHOD = TestTimeProLIP.name
 
 __all__ = [
+    "DPE",
     "MANY_VIEWS",
     "PROTOCOL_METHOD",
     "SECTION_SETTINGS",
+    "BoostAdapter",
     "TDA",
     "TDA_POSITIVE",
     "TPT",
@@ -60,8 +65,10 @@ __all__ = [
     "ZeroShotRow",
     "adapt_projection",
     "available",
+    "boost_stream",
     "batched_logits",
     "create",
+    "dpe_stream",
     "marginal_entropy",
     "method_class",
     "order_digest",
