@@ -1,5 +1,6 @@
 """`prolip bench --plan`: the forward passes it announces are the ones the run then makes (every protocol, a cold
-cache and a partly filled one), and planning extracts nothing and writes nothing."""
+cache and a partly filled one; both read one list, each protocol's declared requests, and scoring alone reads
+exactly that list), and planning extracts nothing and writes nothing."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ def _experiment(dtd10_experiment, **overrides):
     return parse_experiment(dtd10_experiment(**{"shots": [1, 2], "methods": methods, **overrides}))
 
 
-def _run_passes(exp, backbone, monkeypatch) -> int:
-    """Forward passes the run's feature cache made."""
+def _run_passes(exp, backbone, monkeypatch, prefetch: bool = True) -> int:
+    """Forward passes the run's feature cache made. Without ``prefetch`` the run does not fill the cache with what
+    its protocol declares first, so every pass counted is one its scoring itself asked for."""
     caches = []
     original = protocols.Bench.__init__
 
@@ -30,6 +32,8 @@ def _run_passes(exp, backbone, monkeypatch) -> int:
         caches.append(self.cache)
 
     monkeypatch.setattr(protocols.Bench, "__init__", keep_cache)
+    if not prefetch:
+        monkeypatch.setattr(protocols.Bench, "prefetch", lambda self, requests: None)
     protocols.run_experiment(exp, echo=lambda _: None, backbone=backbone)
     return caches[0].stats.forward_passes
 
@@ -63,7 +67,9 @@ def test_plan_counts_the_forward_passes_the_run_makes(
     assert plan.survey.forward_passes > 0 and plan.survey.cached_passes == 0
     assert plan.reference_passes >= plan.survey.forward_passes  # the reference's runs share nothing
     assert not (tmp_path / "cache").exists() and not (tmp_path / "res").exists()  # nothing extracted or written
-    assert _run_passes(exp, tiny_vit, monkeypatch) == plan.survey.forward_passes
+    # What scoring reads by itself is what the protocol declares: neither more (the run would extract it anyway)
+    # nor less (the run would prefetch it unread).
+    assert _run_passes(exp, tiny_vit, monkeypatch, prefetch=False) == plan.survey.forward_passes
     after = plan_experiment(exp, tiny_vit, time_batch=False)
     assert (after.pending, after.survey.forward_passes) == (0, 0)
     if protocol == "tta":
