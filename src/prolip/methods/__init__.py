@@ -11,34 +11,26 @@ from typing import Any
 from prolip.methods.base import FitError, Method, Support, Task, TensorViews, Validation, ViewSource
 from prolip.methods.checks import check_method
 from prolip.methods.params import HyperparameterError, check_declared, check_known
+from prolip.registry import Registry
 
-_REGISTRY: dict[str, type[Method]] = {}
+_REGISTRY: Registry[type[Method]] = Registry("method", HyperparameterError)
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Add a method under its ``name``; a second class of that name is refused (it would silently replace the
-    first). The same class registered again (its module reloaded) replaces itself."""
+    """Add a method under its ``name`` (refused when taken by another class, or when a hyperparameter has no
+    constraint)."""
     check_declared(cls.name, cls.param_names(), cls.constraints)
-    existing = _REGISTRY.get(cls.name)
-    if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise ValueError(
-            f"a method named {cls.name!r} is already registered ({existing.__module__}.{existing.__qualname__}); "
-            f"give {cls.__module__}.{cls.__qualname__} another name"
-        )
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _REGISTRY.add(cls.name, cls)
 
 
 def available() -> list[str]:
     _import_all()
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY.names())
 
 
 def method_class(name: str) -> type[Method]:
     _import_all()
-    if name not in _REGISTRY:
-        raise HyperparameterError(f"unknown method {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def create(name: str, **hyperparameters: Any) -> Method:

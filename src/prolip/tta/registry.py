@@ -5,24 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from prolip.methods.params import HyperparameterError, check_declared, check_known
+from prolip.registry import Registry
 from prolip.tta.base import SECTION_SETTINGS, TestTimeMethod
 
-_REGISTRY: dict[str, type[TestTimeMethod]] = {}
+_REGISTRY: Registry[type[TestTimeMethod]] = Registry("test-time method", HyperparameterError)
 
 
 def register(cls: type[TestTimeMethod]) -> type[TestTimeMethod]:
-    """Add a test-time method under its ``name``; a second class of that name is refused (it would silently replace
-    the first), as is a setting without a constraint. The same class registered again (its module reloaded)
-    replaces itself."""
+    """Add a test-time method under its ``name`` (refused when taken by another class, or when a setting has no
+    constraint)."""
     _check_declared(cls)
-    existing = _REGISTRY.get(cls.name)
-    if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise ValueError(
-            f"a test-time method named {cls.name!r} is already registered "
-            f"({existing.__module__}.{existing.__qualname__}); give {cls.__module__}.{cls.__qualname__} another name"
-        )
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _REGISTRY.add(cls.name, cls)
 
 
 def _check_declared(cls: type[TestTimeMethod]) -> None:
@@ -41,13 +34,11 @@ def _check_declared(cls: type[TestTimeMethod]) -> None:
 
 def available() -> list[str]:
     """Every registered name, in the order registered (the order an experiment's flags list their rows)."""
-    return list(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def method_class(name: str) -> type[TestTimeMethod]:
-    if name not in _REGISTRY:
-        raise HyperparameterError(f"unknown test-time method {name!r}; choose one of: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def create(name: str, **settings: Any) -> TestTimeMethod:
