@@ -124,3 +124,38 @@ def test_export_folders_are_recognised_as_prolip_exports(tiny_vit, tiny_hf, tmp_
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "oc" / "other.safetensors"))
     assert kind_of(tmp_path / "oc") is None  # a checkpoint prolip did not write
+
+
+@pytest.mark.parametrize("fmt", ["open_clip", "hf"])
+def test_an_export_folder_is_written_whole_or_not_at_all(fmt, tiny_vit, tiny_hf, tmp_path, monkeypatch):
+    """`prolip export`'s folder (checkpoint, head, card, marker) is one atomic write: a failure part-way leaves the
+    earlier export as it was, or none, and no temporary beside it."""
+    import errno
+    import json
+
+    import prolip.export
+    from prolip.export import export_folder
+    from prolip.outputs import EXPORT_MARKER, OutputError, kind_of
+
+    backbone = tiny_vit if fmt == "open_clip" else tiny_hf
+    T = backbone.encode_text(CLASSES, TEMPLATES)
+    out = tmp_path / "export"
+    written = export_folder(
+        backbone, _adapted(backbone), out, fmt=fmt, head=(T, CLASSES, TEMPLATES), card="# card\n", force=False
+    )
+    assert written == (out / "open_clip_model.safetensors" if fmt == "open_clip" else out)
+    assert kind_of(out) == "export" and (out / "README.md").read_text() == "# card\n"
+    listed = json.loads((out / EXPORT_MARKER).read_text())["files"]
+    assert sorted(listed) == sorted(p.name for p in out.iterdir() if p.name != EXPORT_MARKER)
+    torch.testing.assert_close(load_classifier_head(out)[0], T.float())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(folder, *a):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "classifier_head.safetensors"))
+
+    monkeypatch.setattr(prolip.export, "_write_head", full_disk)
+    for target, force in ((out, True), (tmp_path / "fresh", False)):
+        with pytest.raises(OutputError, match=rf"could not write {target} \(classifier_head.safetensors\): No space"):
+            export_folder(backbone, _adapted(backbone, 1), target, fmt=fmt, head=(T, CLASSES, TEMPLATES), force=force)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

@@ -12,7 +12,6 @@ folder carries a ``prolip-export.json`` marker listing its files so a later ``--
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -34,6 +33,7 @@ from prolip.outputs import (
     replace_atomically,
     write_directory,
     write_file,
+    writing,
 )
 
 if TYPE_CHECKING:
@@ -88,9 +88,9 @@ def _adapted_names(backbone: Backbone, adapted: Adapted) -> str:
 def _write_marker(folder: Path, files: Iterable[str]) -> None:
     """The export marker: how :mod:`prolip.outputs` recognises this folder as one prolip may overwrite."""
     listed = sorted((set(files) | _listed(folder)) - {EXPORT_MARKER})
-    tmp = folder / f".{EXPORT_MARKER}.tmp"
-    tmp.write_text(json.dumps({"format": EXPORT_FORMAT, "files": listed}, indent=2) + "\n")
-    os.replace(tmp, folder / EXPORT_MARKER)
+    replace_atomically(
+        folder / EXPORT_MARKER, _text_writer(json.dumps({"format": EXPORT_FORMAT, "files": listed}, indent=2) + "\n")
+    )
 
 
 def _listed(folder: Path) -> set[str]:
@@ -117,11 +117,22 @@ def export_open_clip(
 
     An existing file is replaced only with ``force`` and only if it is an earlier prolip export.
     """
+    return write_file(
+        path, _open_clip_writer(backbone, adapted), force=force, is_ours=is_exported_checkpoint, data_paths=data_paths
+    )
+
+
+def _check_open_clip(backbone: Backbone) -> None:
     if backbone.family.export_format != "open_clip":
         raise ValueError(
             f"open_clip export needs an open_clip backbone, got {backbone.info.describe()}; "
             f"use export_hf (CLI: --format hf) for Hugging Face models"
         )
+
+
+def _open_clip_writer(backbone: Backbone, adapted: Adapted) -> Callable[[Path], None]:
+    """A ``fill`` writing the merged open_clip state dict to the path it is given."""
+    _check_open_clip(backbone)
     state = {k: v.contiguous() for k, v in merged_state_dict(backbone, adapted).items()}
     metadata = {
         "format": "pt",
@@ -129,13 +140,7 @@ def export_open_clip(
         "adapted": _adapted_names(backbone, adapted),
         "exported_by": "prolip",
     }
-    return write_file(
-        path,
-        lambda tmp: save_file(state, str(tmp), metadata=metadata),
-        force=force,
-        is_ours=is_exported_checkpoint,
-        data_paths=data_paths,
-    )
+    return lambda tmp: save_file(state, str(tmp), metadata=metadata)
 
 
 def export_hf(
@@ -151,6 +156,17 @@ def export_hf(
     The directory is written whole and atomically; an existing one is replaced only with ``force`` and only if it
     is empty or an earlier prolip export.
     """
+    write_hf = _hf_writer(backbone, adapted)
+
+    def fill(folder: Path) -> None:
+        write_hf(folder)
+        _write_marker(folder, [p.name for p in folder.iterdir()])
+
+    return write_directory(out_dir, fill, force=force, data_paths=data_paths, kind="export")
+
+
+def _hf_writer(backbone: Backbone, adapted: Adapted) -> Callable[[Path], None]:
+    """A ``fill`` writing the ``save_pretrained`` files, with ``adapted`` merged in, into the folder it is given."""
     if backbone.family.export_format != "hf":
         raise ValueError(
             f"Hugging Face export needs an HF backbone (--model hf:<id or dir>); "
@@ -166,9 +182,41 @@ def export_hf(
         processor = getattr(backbone, "image_processor", None)
         if processor is not None:
             processor.save_pretrained(folder)
+
+    return fill
+
+
+OPEN_CLIP_CHECKPOINT = "open_clip_model.safetensors"
+
+
+def export_folder(
+    backbone: Backbone,
+    adapted: Adapted,
+    out_dir: str | Path,
+    *,
+    fmt: str,
+    head: tuple[Tensor, Sequence[str], Sequence[str]],
+    card: str | None = None,
+    force: bool = False,
+    data_paths: Iterable[str | Path] = (),
+) -> Path:
+    """A whole export folder (``prolip export``): the checkpoint (``fmt`` "open_clip": one state-dict file,
+    "hf": ``save_pretrained``'s), the classifier ``head`` (T, classnames, templates), the model ``card`` and the
+    marker, written as one directory, so a failed export leaves the earlier folder (or none) and nothing half-done.
+    Returns the checkpoint written: the file for open_clip, the folder for hf."""
+    write_checkpoint = _hf_writer(backbone, adapted) if fmt == "hf" else _open_clip_writer(backbone, adapted)
+    classifier, classnames, templates = head
+    _check_head(classifier, classnames)
+
+    def fill(folder: Path) -> None:
+        write_checkpoint(folder if fmt == "hf" else folder / OPEN_CLIP_CHECKPOINT)
+        _write_head(folder, classifier, classnames, templates)
+        if card is not None:
+            (folder / RUN_CARD).write_text(card, encoding="utf-8")
         _write_marker(folder, [p.name for p in folder.iterdir()])
 
-    return write_directory(out_dir, fill, force=force, data_paths=data_paths, kind="export")
+    out_dir = write_directory(out_dir, fill, force=force, data_paths=data_paths, kind="export")
+    return out_dir if fmt == "hf" else out_dir / OPEN_CLIP_CHECKPOINT
 
 
 def _text_writer(text: str, encoding: str | None = None) -> Callable[[Path], None]:
@@ -195,26 +243,35 @@ def save_classifier_head(
     there are replaced only with ``force``.
     """
     out_dir = Path(out_dir)
-    if classifier.dim() != 2 or classifier.shape[0] != len(classnames):
-        raise ValueError(
-            f"classifier has shape {tuple(classifier.shape)} but there are {len(classnames)} "
-            f"class names; expected [C, D]"
-        )
+    _check_head(classifier, classnames)
     weights, meta = out_dir / HEAD_WEIGHTS, out_dir / HEAD_META
     with output_lock(out_dir):
         check_writable(out_dir, force, data_paths, kind="export", update=True)
         for p in (weights, meta):
             if p.exists() and not force:
                 raise OutputExistsError(f"{p} already exists; pass force=True (CLI: --force) to overwrite it")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tensor = {"classifier": classifier.detach().float().cpu().contiguous()}
-        replace_atomically(weights, lambda tmp: save_file(tensor, str(tmp)))
-        text = json.dumps(
-            {"classnames": list(classnames), "templates": list(templates), "shape": list(classifier.shape)}, indent=2
-        )
-        replace_atomically(meta, _text_writer(text))
+        with writing(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+        _write_head(out_dir, classifier, classnames, templates)
         _write_marker(out_dir, [HEAD_WEIGHTS, HEAD_META])
     return weights, meta
+
+
+def _check_head(classifier: Tensor, classnames: Sequence[str]) -> None:
+    if classifier.dim() != 2 or classifier.shape[0] != len(classnames):
+        raise ValueError(
+            f"classifier has shape {tuple(classifier.shape)} but there are {len(classnames)} "
+            f"class names; expected [C, D]"
+        )
+
+
+def _write_head(folder: Path, classifier: Tensor, classnames: Sequence[str], templates: Sequence[str]) -> None:
+    tensor = {"classifier": classifier.detach().float().cpu().contiguous()}
+    replace_atomically(folder / HEAD_WEIGHTS, lambda tmp: save_file(tensor, str(tmp)))
+    text = json.dumps(
+        {"classnames": list(classnames), "templates": list(templates), "shape": list(classifier.shape)}, indent=2
+    )
+    replace_atomically(folder / HEAD_META, _text_writer(text))
 
 
 def save_model_card(card: str, out_dir: str | Path, *, force: bool = False) -> Path:
@@ -225,7 +282,8 @@ def save_model_card(card: str, out_dir: str | Path, *, force: bool = False) -> P
         check_writable(out_dir, force, kind="export", update=True)
         if path.exists() and not force:
             raise OutputExistsError(f"{path} already exists; pass force=True (CLI: --force) to overwrite it")
-        out_dir.mkdir(parents=True, exist_ok=True)
+        with writing(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
         replace_atomically(path, _text_writer(card, encoding="utf-8"))
         _write_marker(out_dir, [RUN_CARD])
     return path

@@ -9,11 +9,14 @@
 * One prolip process at a time writes an output: a second one is refused at the start, not half-way through.
 
 Writers assemble a directory under a temporary name beside the target and rename it into place, so an interrupted
-write never leaves a half-written output; files and directories get the permissions the user's umask gives.
+write never leaves a half-written output; files and directories get the permissions the user's umask gives. A write
+that fails (no space, over quota, read-only, no permission) is one :class:`OutputError` naming what could not be
+written and where, with the earlier output as it was and no temporary left behind.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -49,6 +52,59 @@ class OutputError(ProlipError, ValueError):
 
 class OutputExistsError(OutputError, FileExistsError):
     """The output exists and replacing it needs force (still a FileExistsError for callers that catch that)."""
+
+
+# ---- failed writes ---------------------------------------------------------------------------------------------
+
+_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space or choose another output path",
+    errno.EDQUOT: "the disk quota is used up: free some space or choose another output path",
+    errno.EFBIG: "the file is larger than this filesystem or process allows: choose another output path",
+    errno.EROFS: "the filesystem is read-only: choose another output path",
+    errno.EACCES: "no permission to write there: choose another output path",
+    errno.EPERM: "the operation is not permitted there: choose another output path",
+}
+_TEMPORARY_OF = re.compile(r"\.(.+)\.tmp(?:-\d+(?:-[0-9a-f]+)?)?")  # a writer's temporary: the name it stands for
+_WRITING = threading.local()  # how many writing() blocks this thread is inside
+_RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors' Rust writer reports an OSError
+
+
+def _errno_of(e: BaseException) -> int | None:
+    """The errno of a failed write: an OSError's, or the one safetensors puts in its SafetensorError text."""
+    if isinstance(e, OSError):
+        return e.errno
+    if type(e).__name__ == "SafetensorError":
+        found = _RUST_IO_ERROR.search(str(e))
+        return int(found.group(1)) if found else None
+    return None
+
+
+@contextmanager
+def writing(out: Path | str) -> Iterator[None]:
+    """Turn an I/O error raised while writing ``out`` into one :class:`OutputError` naming it and the file that
+    failed; the writers inside clean up their own temporaries before it gets here. Nested, the outermost names
+    the output: a file written inside a directory's temporary is reported as part of that directory."""
+    _WRITING.depth = getattr(_WRITING, "depth", 0) + 1
+    try:
+        yield
+    except OutputError:
+        raise
+    except Exception as e:
+        if _WRITING.depth > 1:
+            raise
+        code = _errno_of(e)
+        if code is None and not isinstance(e, OSError):
+            raise
+        reason = os.strerror(code) if code else str(e)
+        # The file inside the output that failed, by the name it would have had, not its temporary's.
+        where = Path(str(getattr(e, "filename", None) or "")).name
+        temporary = _TEMPORARY_OF.fullmatch(where)
+        where = temporary.group(1) if temporary else where
+        name = "" if where in ("", Path(out).name) else f" ({where})"
+        advice = _ADVICE.get(code or 0, "choose another output path")
+        raise OutputError(f"could not write {out}{name}: {reason}; {advice}") from None
+    finally:
+        _WRITING.depth -= 1
 
 
 # ---- what a directory is ---------------------------------------------------------------------------------------
@@ -332,7 +388,7 @@ def write_directory(
     ``out`` is always either its old complete content or the new complete one (atomic swap where the OS has it).
     """
     out = Path(out).expanduser()
-    with reserve(out, force, data_paths, kind=kind):
+    with reserve(out, force, data_paths, kind=kind), writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         _sweep_dead_temporaries(out)
         tmp = _make_temp_dir(out)
@@ -357,17 +413,27 @@ def write_file(
     """Create or (with force, if ``is_ours``) replace the file ``path`` with what ``fill(tmp)`` writes."""
     path = Path(path).expanduser()
     with output_lock(path):
-        ensure_outside_data(path, data_paths)
-        _check_parent(path)
-        if path.exists() or path.is_symlink():
-            if path.is_symlink() or not path.is_file():
-                raise OutputError(f"cannot write {path}: it exists and is {_describe(path)}")
-            if not is_ours(path):
-                raise OutputError(f"will not overwrite {path}: prolip did not write it; choose another path")
-            if not force:
-                raise OutputExistsError(f"{path} already exists; pass force=True (CLI: --force) to overwrite it")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        check_file(path, force, is_ours=is_ours, data_paths=data_paths)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
         replace_atomically(path, fill)
+    return path
+
+
+def check_file(
+    path: Path | str, force: bool = False, *, is_ours: Callable[[Path], bool], data_paths: Iterable[Path | str] = ()
+) -> Path:
+    """Pre-flight for one output file, cheap enough to run before any work: :func:`write_file`'s rules."""
+    path = Path(path).expanduser()
+    ensure_outside_data(path, data_paths)
+    _check_parent(path)
+    if path.exists() or path.is_symlink():
+        if path.is_symlink() or not path.is_file():
+            raise OutputError(f"cannot write {path}: it exists and is {_describe(path)}")
+        if not is_ours(path):
+            raise OutputError(f"will not overwrite {path}: prolip did not write it; choose another path")
+        if not force:
+            raise OutputExistsError(f"{path} already exists; pass force=True (CLI: --force) to overwrite it")
     return path
 
 
@@ -375,13 +441,14 @@ def replace_atomically(path: Path, fill: Callable[[Path], None]) -> None:
     """``fill(tmp)`` writes a temporary beside ``path``, which then takes its place in one rename (normal
     permissions); an interrupted write leaves ``path`` as it was and no temporary behind."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        fill(tmp)
-        normal_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
+    with writing(path):
+        try:
+            fill(tmp)
+            normal_permissions(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            _remove(tmp)
+            raise
 
 
 def _umask() -> int:
@@ -428,7 +495,11 @@ def _put_in_place(tmp: Path, out: Path) -> None:
         # it complete on disk (Run.load points at it).
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)  # the second rename failed: the old output goes back under its name
+            raise
         _remove(old)
 
 

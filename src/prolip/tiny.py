@@ -263,9 +263,19 @@ def shipping_state(state: dict[str, Tensor], tokenizer) -> dict[str, Tensor]:
     return out
 
 
-def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> Path:
+def write_safetensors(
+    tensors: dict[str, Tensor],
+    path: Path,
+    metadata: dict[str, str],
+    *,
+    force: bool = False,
+    is_ours: Callable[[Path], bool] = lambda path: False,
+) -> Path:
     """A safetensors file written byte for byte the same for the same inputs (keys sorted, metadata included;
-    ``safetensors.torch.save_file`` orders metadata differently from one process to the next)."""
+    ``safetensors.torch.save_file`` orders metadata differently from one process to the next), atomically, by
+    :func:`prolip.outputs.write_file`'s rules (``force`` replaces a file only if ``is_ours``)."""
+    from prolip.outputs import write_file
+
     dtypes = {torch.float16: "F16", torch.float32: "F32"}
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
     blobs, offset = [], 0
@@ -277,16 +287,31 @@ def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str
         offset += len(data)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
-    tmp.replace(path)
-    return path
+    blob = struct.pack("<Q", len(text)) + text + b"".join(blobs)
+
+    def fill(tmp: Path) -> None:
+        tmp.write_bytes(blob)
+
+    return write_file(path, fill, force=force, is_ours=is_ours)
 
 
-def save_tiny_weights(state: dict[str, Tensor], path: Path, config: PretrainConfig) -> Path:
-    """Write the weights with their provenance label and the settings that regenerate them."""
+def is_tiny_weights(path: Path) -> bool:
+    """A weights file ``pretrain-tiny`` wrote (its header names the model): one ``--force`` may replace."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # anything that is not a readable safetensors file is not ours
+        return False
+    return metadata.get("prolip.model") == TINY_MODEL and metadata.get("prolip.regenerate", "").startswith(
+        "prolip pretrain-tiny"
+    )
+
+
+def save_tiny_weights(state: dict[str, Tensor], path: Path, config: PretrainConfig, *, force: bool = False) -> Path:
+    """Write the weights with their provenance label and the settings that regenerate them, through
+    :mod:`prolip.outputs`: a file there is replaced only with ``force``, and only one this wrote."""
     import open_clip
 
     from prolip.backbones import PROVENANCE_KEY
@@ -297,7 +322,8 @@ def save_tiny_weights(state: dict[str, Tensor], path: Path, config: PretrainConf
         "prolip.pretrain": json.dumps(asdict(config), sort_keys=True),
         "prolip.regenerate": f"prolip pretrain-tiny --out DIR --seed {config.seed}",
     }
-    return write_safetensors(shipping_state(state, open_clip.get_tokenizer(TINY_MODEL)), path, metadata)
+    tensors = shipping_state(state, open_clip.get_tokenizer(TINY_MODEL))
+    return write_safetensors(tensors, path, metadata, force=force, is_ours=is_tiny_weights)
 
 
 # -- using it -------------------------------------------------------------------------------------------------------

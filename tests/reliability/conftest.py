@@ -1,7 +1,7 @@
 """The reliability suite's bookkeeping: every test declares its kind and records what it tried.
 
 Each test module sets ``pytestmark = pytest.mark.reliability("<kind>")`` (one of tally.KINDS: bad_input, fault,
-safety, determinism, output, resource);
+safety, determinism, output, resource, disk_fault, ambiguity);
 a test without a kind is a collection error, so the tally can never silently miss one. Tests take the ``tally``
 fixture and record, as they go, the bad inputs they tried, the faults they injected, the failures that ended in a
 clear message (``tally.raises`` / ``tally.cli_error`` only count a failure once its message has been checked), the

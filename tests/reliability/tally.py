@@ -19,8 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # Every kind a reliability test may declare (conftest.py imports this tuple, so the two can never disagree):
 # bad_input: malformed or hostile files and options; fault: kills, full disks, races; safety: code never run,
 # data never written over; determinism: same inputs, same bits; output: where and how results are written
-# (overwrite rules, locks, permissions); resource: time and memory bounded on hostile inputs (FIFOs, extreme images).
-KINDS = ("bad_input", "fault", "safety", "determinism", "output", "resource")
+# (overwrite rules, locks, permissions); resource: time and memory bounded on hostile inputs (FIFOs, extreme images);
+# disk_fault: no space, quota, read-only or permission at each write of every writing command; ambiguity: inputs
+# where prolip would have to guess, refused with the choice spelled out.
+KINDS = ("bad_input", "fault", "safety", "determinism", "output", "resource", "disk_fault", "ambiguity")
 COLUMNS = (
     ("tests", "tests"),
     ("passed", "passed"),

@@ -54,18 +54,32 @@ def demo_cmd(workdir, model, pretrained, views):
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="0 regenerates the shipped weights bit for bit")
 @click.option("--steps", default=300, show_default=True, type=click.IntRange(1, 100_000))
-def pretrain_tiny_cmd(out, seed, steps):
+@click.option("--force", is_flag=True, help="replace OUT/prolip-tiny-vit.safetensors if pretrain-tiny wrote it")
+def pretrain_tiny_cmd(out, seed, steps, force):
     """Pretrain prolip-tiny, the demo's small CLIP, contrastively on scikit-learn's digits (1–2 min on a CPU).
 
     The weights load like any checkpoint: `--model prolip-tiny-vit --pretrained OUT/prolip-tiny-vit.safetensors`.
     """
-    from prolip.tiny import TINY_MODEL, PretrainConfig, held_out_zero_shot, load_tiny, pretrain, save_tiny_weights
+    from prolip.outputs import check_file, output_lock
+    from prolip.tiny import (
+        TINY_MODEL,
+        PretrainConfig,
+        held_out_zero_shot,
+        is_tiny_weights,
+        load_tiny,
+        pretrain,
+        save_tiny_weights,
+    )
 
+    target = out / f"{TINY_MODEL}.safetensors"
+    # Refused before training, not after it: a file there that prolip did not write, or no folder to write in.
+    click.get_current_context().with_resource(output_lock(target))
+    check_file(target, force, is_ours=is_tiny_weights)
     config = PretrainConfig(seed=seed, steps=steps)
     started = time.perf_counter()
     click.echo(f"pretraining {TINY_MODEL} (seed {seed}, {steps} steps, one CPU thread) on scikit-learn's digits")
     state = pretrain(config, echo=click.echo)
-    path = save_tiny_weights(state, out / f"{TINY_MODEL}.safetensors", config)
+    path = save_tiny_weights(state, target, config, force=force)
     backbone = load_tiny(path)
     click.echo(
         f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - started:.0f} s): "

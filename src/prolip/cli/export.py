@@ -35,14 +35,17 @@ def export_cmd(run_dir, out, fmt, force, device):
     if fmt == "auto":
         fmt = backbone.family.export_format
     try:
-        if fmt == "hf":
-            written = export.export_hf(backbone, tensors, out, force=force)
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            written = export.export_open_clip(backbone, tensors, out / "open_clip_model.safetensors", force=force)
-        export.save_classifier_head(run.classifier, run.classnames, run.templates, out, force=force)
-        if run.card is not None:  # the run card, beside the checkpoint as its model card
-            export.save_model_card(run.card, out, force=force)
+        # One folder, written whole: the checkpoint, the zero-shot head and the run card as its model card.
+        written = export.export_folder(
+            backbone,
+            tensors,
+            out,
+            fmt=fmt,
+            head=(run.classifier, run.classnames, run.templates),
+            card=run.card,
+            force=force,
+            data_paths=[run_dir],
+        )
     except (FileExistsError, ValueError) as e:
         fail(str(e))
     click.echo(f"exported {fmt} checkpoint to {written}")

@@ -175,10 +175,15 @@ def columns(schema, label_key: str | None, where: str) -> Columns:
         if label_key not in schema.names:
             raise DataError(f"{where}: --label-key {label_key}: no such column (columns: {', '.join(schema.names)})")
         label = label_key
-    elif len(labels) == 1 or "label" in labels:
-        label = "label" if "label" in labels else labels[0]
+    elif len(labels) == 1:
+        label = labels[0]
     elif labels:
-        raise DataError(f"{where}: several ClassLabel columns ({', '.join(labels)}); pass --label-key NAME")
+        # Even a column named "label" beside another ClassLabel is a guess (coarse vs fine labels): the user picks.
+        raise DataError(
+            f"{where}: {len(labels)} ClassLabel columns ({', '.join(labels)}), so which one holds the classes is "
+            f"ambiguous; pass " + " or ".join(f"--label-key {c}" for c in labels),
+            option="--label-key",
+        )
     else:
         raise DataError(
             f"{where}: no ClassLabel column (columns: {', '.join(schema.names)}); pass --label-key "
