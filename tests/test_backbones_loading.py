@@ -127,12 +127,16 @@ def test_hf_hub_id_offline_fails_with_fix(monkeypatch, tmp_path):
         load_backbone("hf:openai/clip-vit-base-patch16")
 
 
-def test_available_models_lists_supported_architectures():
+def test_available_models_lists_every_open_clip_architecture():
+    import open_clip
+
     models = available_models()
-    assert {"ViT-B-16", "RN50", "test-vit-tiny", "test-rn-tiny"} <= set(models)
-    assert not any(m.startswith(("coca_", "EVA", "ViT-B-16-SigLIP")) for m in models)
+    assert {"ViT-B-16", "RN50", "test-vit-tiny", "test-rn-tiny", "coca_ViT-B-32", "EVA02-B-16"} <= set(models)
+    assert set(models) == set(open_clip.list_models())
 
 
-def test_unsupported_architecture_is_refused_before_building():
-    with pytest.raises(BackboneLoadError, match="ViT-B-16-SigLIP is not an OpenAI-style CLIP"):
-        load_backbone("ViT-B-16-SigLIP", "none")
+def test_a_tower_without_native_site_is_refused_there_and_offered_the_output_site():
+    with pytest.raises(BackboneLoadError, match="no native projection site.*site='output'"):
+        load_backbone("test-maphead-tiny", "none")
+    with pytest.raises(BackboneLoadError, match="unknown site 'middle'"):
+        load_backbone("test-vit-tiny", "none", site="middle")

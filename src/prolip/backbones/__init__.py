@@ -2,7 +2,8 @@
 
 ``load_backbone(model, pretrained)`` is the one front door: the registered family whose prefix the model string
 starts with builds it (``prolip.backbones.families``): an open_clip architecture (+ pretrained tag, local
-checkpoint file, or "none" for a seeded random init), or a Hugging Face ``CLIPModel`` ("hf:<id or dir>").
+checkpoint file, or "none" for a seeded random init), or a Hugging Face ``CLIPModel`` ("hf:<id or dir>"), at its
+native projection site or at the output site (``site=``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from prolip.backbones.base import Backbone, BackboneInfo, Preprocessing, ProjectionSite
+from prolip.backbones.base import SITES, Backbone, BackboneInfo, Preprocessing, ProjectionSite, SiteExportError
 from prolip.backbones.families import Family, families, family_for_model, family_named, register_family
 from prolip.backbones.hf import HF_CLIP
 from prolip.backbones.loading import (
@@ -29,6 +30,7 @@ from prolip.backbones.openclip import (
     OpenClipViT,
     available_models,
 )
+from prolip.backbones.output_site import OutputSiteBackbone, at_site
 
 __all__ = [
     "Backbone",
@@ -41,6 +43,9 @@ __all__ = [
     "load_backbone_for",
     "Preprocessing",
     "ProjectionSite",
+    "SITES",
+    "SiteExportError",
+    "OutputSiteBackbone",
     "OpenClipBackbone",
     "OpenClipViT",
     "OpenClipResNet",
@@ -56,21 +61,32 @@ __all__ = [
 
 
 def load_backbone(
-    model: str = "ViT-B-16", pretrained: str = "openai", *, device: str | torch.device = "cpu"
+    model: str = "ViT-B-16",
+    pretrained: str = "openai",
+    *,
+    device: str | torch.device = "cpu",
+    site: str = "native",
 ) -> Backbone:
     """Build a frozen backbone.
 
     model: an open_clip architecture (see :func:`available_models`), "hf:<hub id or local dir>", or any model
     string a registered family's prefix claims. pretrained: an open_clip tag (e.g. "openai"), a local checkpoint
     (.safetensors; .pt/.bin/.pth state dicts are read with ``weights_only=True``), or "none" for a random init
-    (seed 0: the same model every time); ignored for hf: models. Raises :class:`BackboneLoadError` with a fix when
-    the weights cannot be had.
+    (seed 0: the same model every time); ignored for hf: models. site: where W sits (:data:`SITES`): "native", the
+    tower's own last linear map, or "output", an identity map on the image embedding that every model has
+    (:func:`coverage` says which models have a native site). Recorded in ``info.site``. Raises
+    :class:`BackboneLoadError` with a fix when the weights cannot be had or the model has no such site.
     """
+    if site not in SITES:
+        raise BackboneLoadError(f"unknown site {site!r}: use one of {', '.join(SITES)}", option="--site")
     try:
         family = family_for_model(model)
     except ValueError as e:
         raise BackboneLoadError(str(e)) from None
-    return family.load(model[len(family.prefix) :], pretrained, device)
+    backbone = family.load(model[len(family.prefix) :], pretrained, device)
+    if site == "native":
+        backbone.projection()  # a model with no native site says so here, in one line naming the output site
+    return at_site(backbone, site)
 
 
 def load_backbone_for(backbone: Mapping[str, Any], *, device: str | torch.device = "cpu") -> Backbone:
@@ -80,4 +96,9 @@ def load_backbone_for(backbone: Mapping[str, Any], *, device: str | torch.device
         family = family_named(str(backbone["family"]))
     except ValueError as e:
         raise BackboneLoadError(str(e)) from None
-    return load_backbone(family.model_for(str(backbone["arch"])), str(backbone["weights"]), device=device)
+    return load_backbone(
+        family.model_for(str(backbone["arch"])),
+        str(backbone["weights"]),
+        device=device,
+        site=str(backbone.get("site", "native")),
+    )

@@ -11,6 +11,15 @@ import torch
 from torch import Tensor
 
 from prolip.backbones.families import Family, family_named
+from prolip.errors import RunError
+
+# Where W sits: "native", the model's own last linear map (merged back into its checkpoint on export), or "output",
+# an identity-initialised square map on the final image embedding that every model has (prolip.backbones.output_site).
+SITES = ("native", "output")
+
+
+class SiteExportError(RunError):
+    """A run adapted at a site that is no tensor of the checkpoint, so there is nothing to merge it into."""
 
 
 @dataclass(frozen=True)
@@ -19,15 +28,24 @@ class ProjectionSite:
 
     ``weight`` is always in right layout [D_pre, D] (``z @ W + b``). ``native_layout`` says how the model
     stores it: "right" (open_clip ViT ``visual.proj``) or "linear" (nn.Linear weight [D, D_pre]: ResNet
-    ``attnpool.c_proj``, HF ``visual_projection``). ``bias`` is frozen (ResNet c_proj only).
+    ``attnpool.c_proj``, timm head projections, HF ``visual_projection``). ``bias`` is frozen. ``kind`` is the
+    site (:data:`SITES`); an "output" site is W0 = I on the image embedding, with no parameter in the model
+    (``param_name`` says so instead of naming one).
     """
 
     weight: Tensor
     bias: Tensor | None
     param_name: str
     native_layout: Literal["right", "linear"]
+    kind: Literal["native", "output"] = "native"
 
     def to_native(self, W: Tensor) -> Tensor:
+        if self.kind != "native":
+            raise SiteExportError(
+                f"this run adapted the {self.kind} site ({self.param_name}), which is no tensor of the model's "
+                "checkpoint: exporting it is not supported; use the run itself (prolip predict), or refit at the "
+                "native site"
+            )
         return W if self.native_layout == "right" else W.t().contiguous()
 
     @staticmethod
@@ -53,11 +71,12 @@ class BackboneInfo:
     arch: str  # e.g. "ViT-B-16", "RN50", hub id or directory for HF
     weights: str  # pretrained tag, file path, or "none"
     random_weights: bool
-    fingerprint: str  # content hash of the weights + architecture
+    fingerprint: str  # content hash of the weights + architecture (+ the site, when not native)
+    site: str = "native"  # where W sits (SITES); manifests written before sites existed read as native
 
     def describe(self) -> str:
         w = "RANDOM INIT (not pretrained)" if self.random_weights else self.weights
-        return f"{self.family}:{self.arch} [{w}]"
+        return f"{self.family}:{self.arch} [{w}]" + ("" if self.site == "native" else f" @{self.site} site")
 
 
 class Backbone(ABC):
@@ -77,6 +96,14 @@ class Backbone(ABC):
     @abstractmethod
     def projection(self) -> ProjectionSite:
         """The pretrained projector W0 (right layout) and its frozen bias."""
+
+    @torch.no_grad()
+    def encode_image(self, images: Tensor) -> Tensor:
+        """The model's own image embedding [B, D] (float32, not normalised), as its ``encode_image`` gives it."""
+        site = self.projection()
+        z = self.encode_pre(images)
+        out = z @ site.weight.to(z)
+        return out if site.bias is None else out + site.bias.to(z)
 
     @property
     @abstractmethod

@@ -144,7 +144,8 @@ class LabelledBackboneInfo(BackboneInfo):
     provenance: str = ""
 
     def describe(self) -> str:
-        return f"{self.family}:{self.arch} [{self.provenance}: {self.weights}]"
+        site = "" if self.site == "native" else f" @{self.site} site"
+        return f"{self.family}:{self.arch} [{self.provenance}: {self.weights}]{site}"
 
 
 def declared_provenance(path: Path) -> str:

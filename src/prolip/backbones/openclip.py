@@ -1,4 +1,5 @@
-"""open_clip (and OpenAI-format) CLIP models: ViT and ModifiedResNet image towers, the standard text tower."""
+"""open_clip models (CLIP, CustomTextCLIP, CoCa's contrastive path): ViT, ModifiedResNet and timm image towers at
+their native site where they have one (:mod:`prolip.backbones.sites`), the built-in or a custom text tower."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
-from open_clip.transformer import VisionTransformer
+from open_clip.transformer import TextTransformer, VisionTransformer
 from torch import Tensor
 
 from prolip.backbones.base import Backbone, BackboneInfo, Preprocessing, ProjectionSite
@@ -28,6 +29,7 @@ from prolip.backbones.loading import (
     load_into,
     read_state_dict,
 )
+from prolip.backbones.sites import NativeSite, native_site, tower_kind
 
 TEXT_BATCH = 256
 RANDOM_INIT_SEED = 0
@@ -38,8 +40,13 @@ if str(MODEL_CONFIG_DIR) not in map(str, open_clip.factory._MODEL_CONFIG_PATHS):
     open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
+# The model classes whose image tower is ``.visual`` and whose ``encode_image`` / ``encode_text`` give the embeddings
+# the zero-shot classifier compares (CoCa through its contrastive path).
+MODEL_CLASSES = (open_clip.model.CLIP, open_clip.model.CustomTextCLIP, open_clip.coca_model.CoCa)
+
+
 class OpenClipBackbone(Backbone):
-    """A frozen ``open_clip.model.CLIP``; subclasses say where the visual projector sits."""
+    """A frozen open_clip model (``CLIP``, ``CustomTextCLIP``, CoCa); subclasses say where the visual projector sits."""
 
     model: open_clip.model.CLIP
 
@@ -47,7 +54,7 @@ class OpenClipBackbone(Backbone):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.info = info
-        self.tokenizer = open_clip.get_tokenizer(info.arch)
+        self.tokenizer = _tokenizer(info.arch)
         cfg = open_clip.get_model_preprocess_cfg(model)
         size = cfg.get("size", model.visual.image_size)
         size = size if isinstance(size, int) else size[0]
@@ -60,36 +67,60 @@ class OpenClipBackbone(Backbone):
 
     @staticmethod
     def for_model(model: torch.nn.Module, info: BackboneInfo, device: torch.device | str = "cpu") -> OpenClipBackbone:
-        """The backbone class matching the model's image tower, or a clear error for unsupported ones."""
-        if type(model) is not open_clip.model.CLIP:
+        """The backbone class matching the model's image tower, decided by inspecting it (see ``sites``)."""
+        if not isinstance(model, MODEL_CLASSES):
             raise BackboneLoadError(
-                f"{info.arch} builds a {type(model).__name__}; prolip supports OpenAI-style open_clip CLIP models "
-                f"(ViT-*, RN*) and Hugging Face CLIPModel (hf:<id>)"
+                f"{info.arch} builds a {type(model).__name__}; prolip adapts open_clip CLIP, CustomTextCLIP and "
+                f"CoCa models and Hugging Face CLIPModel (hf:<id>)"
             )
-        if isinstance(model.visual, VisionTransformer) and model.visual.proj is not None:
+        site = native_site(model.visual)
+        if site is None:
+            return OpenClipOutputOnly(model, info, device)
+        if isinstance(model.visual, VisionTransformer):
             return OpenClipViT(model, info, device)
         if isinstance(model.visual, ModifiedResNet):
             return OpenClipResNet(model, info, device)
-        raise BackboneLoadError(
-            f"{info.arch}: image tower {type(model.visual).__name__} has no supported "
-            f"last projection (need a ViT with visual.proj or a ModifiedResNet)"
-        )
+        return OpenClipLinearSite(model, info, device, site)
 
     @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().exp())
+
+    @torch.no_grad()
+    def encode_image(self, images: Tensor) -> Tensor:
+        return self.model.encode_image(images.to(self.device, torch.float32)).float()
 
     # --- text side -------------------------------------------------------------------------------------
 
     def tokenize(self, texts: Sequence[str]) -> Tensor:
         return self.tokenizer(list(texts)).to(self.device)
 
+    def _text_tower(self) -> tuple[Any, str, int | None] | None:
+        """The module holding the text transformer (token_embedding, ..., text_projection), its pooling and EOS
+        id, when prolip can run it from token embeddings; None for towers that take token ids only."""
+        m = self.model
+        if isinstance(m, open_clip.model.CLIP):
+            return m, m.text_pool_type, getattr(m, "text_eos_id", None)
+        text = getattr(m, "text", None)
+        if isinstance(text, TextTransformer) and text.cls_emb is None and not text.use_pad_mask:
+            return text, str(text.pool_type), text.eos_id
+        return None
+
+    def _tower(self) -> tuple[Any, str, int | None]:
+        tower = self._text_tower()
+        if tower is None:
+            raise NotImplementedError(
+                f"{self.info.arch}: its text tower ({type(getattr(self.model, 'text', None)).__name__}) takes "
+                f"token ids only; methods that need prompt embeddings or pre-projection text features cannot use it"
+            )
+        return tower
+
     def _eot_index(self, tokens: Tensor) -> Tensor:
-        pool = self.model.text_pool_type
+        _, pool, eos = self._tower()
         if pool == "argmax":  # the EOT token has the largest id
             return tokens.argmax(dim=-1)
         if pool == "eos":
-            return (tokens == self.model.text_eos_id).int().argmax(dim=-1)
+            return (tokens == int(eos or 0)).int().argmax(dim=-1)
         if pool in ("first", "last"):
             return torch.full((tokens.shape[0],), 0 if pool == "first" else tokens.shape[1] - 1, device=tokens.device)
         raise BackboneLoadError(f"{self.info.arch}: unsupported text pooling {pool!r}")
@@ -97,23 +128,26 @@ class OpenClipBackbone(Backbone):
     def prompt_embeddings(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Token embeddings [C, L, W] of the tokenised texts (no positional embedding) and EOT indices [C]."""
         tokens = self.tokenize(texts)
-        return self.model.token_embedding(tokens).detach(), self._eot_index(tokens)
+        return self._tower()[0].token_embedding(tokens).detach(), self._eot_index(tokens)
 
     def _text_pre_from_embeddings(self, token_embeds: Tensor, eot_idx: Tensor) -> Tensor:
-        m = self.model
-        x = token_embeds + m.positional_embedding.to(token_embeds.dtype)
-        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+        t = self._tower()[0]
+        x = token_embeds + t.positional_embedding.to(token_embeds.dtype)
+        x = t.ln_final(t.transformer(x, attn_mask=t.attn_mask))
         return x[torch.arange(x.shape[0], device=x.device), eot_idx]
+
+    def _projection_module(self) -> Any:  # an nn.Linear or a right-layout Parameter
+        return self._tower()[0].text_projection
 
     def text_projection(self) -> Tensor:
         """The text projection in right layout [D_text_pre, D]."""
-        proj = self.model.text_projection
+        proj = self._projection_module()
         return proj.weight.t() if isinstance(proj, torch.nn.Linear) else proj
 
     def encode_text_embeddings(self, token_embeds: Tensor, eot_idx: Tensor) -> Tensor:
         """Text embeddings [C, D] (unnormalised) from token embeddings [C, L, W]; differentiable in token_embeds."""
         x = self._text_pre_from_embeddings(token_embeds, eot_idx) @ self.text_projection()
-        proj = self.model.text_projection
+        proj = self._projection_module()
         return x + proj.bias if isinstance(proj, torch.nn.Linear) and proj.bias is not None else x
 
     @torch.no_grad()
@@ -127,7 +161,8 @@ class OpenClipBackbone(Backbone):
     def text_side(self, classnames: Sequence[str], templates: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Pre-projection text features [C, n_templates, D_text_pre] (EOT token after ln_final) and the text
         projection [D_text_pre, D] in right layout. Underscores in class names become spaces."""
-        if isinstance(self.model.text_projection, torch.nn.Linear) and self.model.text_projection.bias is not None:
+        proj = self._projection_module()
+        if isinstance(proj, torch.nn.Linear) and proj.bias is not None:
             raise NotImplementedError(f"{self.info.arch}: text projection with a bias is not supported by text_side")
         names = [c.replace("_", " ") for c in classnames]
         texts = [t.format(n) for n in names for t in templates]
@@ -137,9 +172,14 @@ class OpenClipBackbone(Backbone):
     @torch.no_grad()
     def encode_text_templates(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
         texts = [t.format(c) for c in classnames for t in templates]
+        by_embeddings = self._text_tower() is not None
         out = [
-            self.encode_text_embeddings(*self.prompt_embeddings(texts[i : i + TEXT_BATCH])).float()
-            for i in range(0, len(texts), TEXT_BATCH)
+            (
+                self.encode_text_embeddings(*self.prompt_embeddings(chunk))
+                if by_embeddings
+                else self.model.encode_text(self.tokenize(chunk))
+            ).float()
+            for chunk in (texts[i : i + TEXT_BATCH] for i in range(0, len(texts), TEXT_BATCH))
         ]
         return torch.cat(out).reshape(len(classnames), len(templates), -1).cpu()
 
@@ -178,6 +218,53 @@ class OpenClipResNet(OpenClipBackbone):
             param_name="visual.attnpool.c_proj.weight",
             native_layout="linear",
         )
+
+
+class OpenClipLinearSite(OpenClipBackbone):
+    """A tower whose last map is an nn.Linear (timm towers: ``visual.head.proj``, ``visual.trunk.head``, ...):
+    z = that linear's input, caught by a forward pre-hook while the model runs its own ``encode_image``, so z is
+    the tower's computation whatever the trunk; W = the linear's weight (nn.Linear layout), its bias frozen."""
+
+    def __init__(self, model, info: BackboneInfo, device: torch.device | str, site: NativeSite):
+        super().__init__(model, info, device)
+        self.site = site
+        self.linear = cast(torch.nn.Linear, self.model.get_submodule(site.module))
+
+    @torch.no_grad()
+    def encode_pre(self, images: Tensor) -> Tensor:
+        caught: list[Tensor] = []
+        handle = self.linear.register_forward_pre_hook(lambda _module, args: caught.append(args[0]))
+        try:
+            self.model.encode_image(images.to(self.device, torch.float32))
+        finally:
+            handle.remove()
+        return caught[-1].float()
+
+    def projection(self) -> ProjectionSite:
+        bias = self.linear.bias
+        return ProjectionSite(
+            weight=self.linear.weight.detach().t(),
+            bias=None if bias is None else bias.detach(),
+            param_name=self.site.param_name,
+            native_layout="linear",
+        )
+
+
+class OpenClipOutputOnly(OpenClipBackbone):
+    """A tower with no native site prolip knows (SigLIP's MAP head has no projection): only its output site."""
+
+    def _refuse(self) -> BackboneLoadError:
+        return BackboneLoadError(
+            f"{self.info.arch}: its image tower ({tower_kind(self.model.visual)}) has no native projection site "
+            f"(it does not end in a linear map prolip adapts); adapt it at the output site "
+            f"(load_backbone(..., site='output'))"
+        )
+
+    def encode_pre(self, images: Tensor) -> Tensor:
+        raise self._refuse()
+
+    def projection(self) -> ProjectionSite:
+        raise self._refuse()
 
 
 def attention_pool_pre_projection(pool: torch.nn.Module, x: Tensor) -> Tensor:
@@ -220,26 +307,13 @@ def attention_pool_pre_projection(pool: torch.nn.Module, x: Tensor) -> Tensor:
 
 
 # -- loading ---------------------------------------------------------------------------------------------------------
-def _supported(cfg: dict) -> bool:
-    vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
-    return not (
-        cfg.get("custom_text")
-        or "multimodal_cfg" in cfg
-        or "timm_model_name" in vision
-        or "hf_model_name" in text
-        or "hf_tokenizer_name" in text
-        or vision.get("attentional_pool")
-        or vision.get("no_ln_pre")
-        or text.get("embed_cls")
-    )
-
-
 def available_models() -> list[str]:
-    """open_clip architectures prolip can adapt (OpenAI-style CLIP with a ViT or ModifiedResNet image tower).
+    """open_clip architectures prolip can adapt: all of them, at a native site where the tower has one, else at the
+    output site (``prolip.backbones.coverage()`` says which).
 
     Hugging Face CLIPModel checkpoints are also accepted as ``hf:<hub id or local dir>``.
     """
-    return [m for m in open_clip.list_models() if _supported(open_clip.get_model_config(m) or {})]
+    return list(open_clip.list_models())
 
 
 def load_open_clip(model: str, pretrained: str, device: str | torch.device = "cpu") -> OpenClipBackbone:
@@ -251,20 +325,8 @@ def load_open_clip(model: str, pretrained: str, device: str | torch.device = "cp
             f"unknown model {model!r}: use one of available_models() (e.g. ViT-B-16, RN50, "
             f"test-vit-tiny) or hf:<hub id or local dir> for a Hugging Face CLIPModel"
         )
-    if not _supported(open_clip.get_model_config(model)):
-        raise BackboneLoadError(
-            f"{model} is not an OpenAI-style CLIP architecture (it uses a timm/HF tower, "
-            f"attentional pooling or a multimodal decoder); use one of available_models()"
-        )
     path = None if pretrained.lower() == "none" else _checkpoint_path(model, pretrained)
-    with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG untouched
-        torch.manual_seed(RANDOM_INIT_SEED)
-        logging.disable(logging.WARNING)  # open_clip warns "initialized randomly" before we load the weights
-        try:
-            clip = open_clip.create_model(model, pretrained=None, device="cpu")
-        finally:
-            logging.disable(logging.NOTSET)
-    clip.eval()
+    clip = _build(model)
     if path is None:
         weights, random_weights = "none", True
         warnings.warn(
@@ -290,6 +352,33 @@ def load_open_clip(model: str, pretrained: str, device: str | torch.device = "cp
     if provenance:
         info = LabelledBackboneInfo(**vars(info), provenance=provenance)
     return OpenClipBackbone.for_model(clip, info, device)
+
+
+def _tokenizer(arch: str):
+    try:
+        return open_clip.get_tokenizer(arch)
+    except (OSError, ImportError, ValueError) as e:  # a Hugging Face / SentencePiece tokenizer fetched from the Hub
+        raise BackboneLoadError(
+            f"cannot build {arch}'s tokenizer: {str(e).splitlines()[0]} (it is fetched from the Hugging Face Hub, "
+            f"which is offline or unreachable, and is not in the local cache)"
+        ) from None
+
+
+def _build(model: str) -> torch.nn.Module:
+    """The architecture at its seeded random init (weights are loaded into it afterwards)."""
+    with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG untouched
+        torch.manual_seed(RANDOM_INIT_SEED)
+        logging.disable(logging.WARNING)  # open_clip warns "initialized randomly" before we load the weights
+        try:
+            clip = open_clip.create_model(model, pretrained=None, device="cpu")
+        except OSError as e:  # a Hugging Face text tower whose config is neither cached nor reachable
+            raise BackboneLoadError(
+                f"cannot build {model}: {str(e).splitlines()[0]} (its Hugging Face text tower's config is not in "
+                f"the local cache and the Hub is offline or unreachable)"
+            ) from None
+        finally:
+            logging.disable(logging.NOTSET)
+    return clip.eval()
 
 
 def _checkpoint_path(model: str, pretrained: str) -> Path:
@@ -337,21 +426,36 @@ def _cached_hub_file(hf_hub: str) -> Path | None:
 # -- the family ------------------------------------------------------------------------------------------------------
 def _last_image_block(model) -> str:
     """ResNets: the attention pool (positional embedding, q/k/v/c_proj weights and biases; Last_Layer_FT.py:53-55).
-    ViTs: the last transformer block (Last_Layer_FT.py:57-59); the projection stays W0."""
-    if isinstance(model.visual, ModifiedResNet):
+    ViTs: the last transformer block (Last_Layer_FT.py:57-59); the projection stays W0. timm towers: the trunk's
+    last block (or stage, for convolutional trunks)."""
+    visual = model.visual
+    if isinstance(visual, ModifiedResNet):
         return "visual.attnpool."
-    return f"visual.transformer.resblocks.{len(model.visual.transformer.resblocks) - 1}."
+    if isinstance(visual, VisionTransformer):
+        return f"visual.transformer.resblocks.{len(visual.transformer.resblocks) - 1}."
+    for name in ("blocks", "stages"):
+        blocks = getattr(getattr(visual, "trunk", None), name, None)
+        if isinstance(blocks, torch.nn.Sequential | torch.nn.ModuleList) and len(blocks):
+            return f"visual.trunk.{name}.{len(blocks) - 1}."
+    raise BackboneLoadError(f"last-layer fine-tuning: the image tower {tower_kind(visual)} has no last block known")
 
 
 def _attention_towers(model, arch: str) -> dict[str, AttentionTower | str]:
     """CLIP-LoRA's towers (loralib/utils.py:108-135): the text transformer, and the image transformer of a ViT."""
+    visual = model.visual
     vision: AttentionTower | str = (
-        ("visual.transformer.resblocks", model.visual.transformer.resblocks, "attn")
-        if hasattr(model.visual, "transformer")
-        else f"clip-lora adapts ViT image encoders only (loralib/utils.py INDEX_POSITIONS_VISION); {arch} is a "
-        f"ResNet: use encoder: text"
+        ("visual.transformer.resblocks", visual.transformer.resblocks, "attn")
+        if isinstance(visual, VisionTransformer)
+        else f"clip-lora adapts ViT image encoders only (loralib/utils.py INDEX_POSITIONS_VISION); {arch}'s image "
+        f"tower is a {tower_kind(visual)}: use encoder: text"
     )
-    return {"text": ("transformer.resblocks", model.transformer.resblocks, "attn"), "vision": vision}
+    if isinstance(model, open_clip.model.CLIP):
+        text: AttentionTower | str = ("transformer.resblocks", model.transformer.resblocks, "attn")
+    elif isinstance(getattr(model, "text", None), TextTransformer):
+        text = ("text.transformer.resblocks", model.text.transformer.resblocks, "attn")
+    else:
+        text = f"clip-lora adapts open_clip text transformers only; {arch}'s text tower is {type(model.text).__name__}"
+    return {"text": text, "vision": vision}
 
 
 OPEN_CLIP = register_family(

@@ -1,0 +1,81 @@
+"""Where an open_clip image tower's last linear map sits, found by inspecting the built tower (never its name).
+
+The native site is the map whose output is the tower's image embedding, so that ``z @ W + b`` with W = W0 is
+exactly what ``encode_image`` returns:
+
+- a ViT (``VisionTransformer``) with ``visual.proj``: right layout, z = the pooled token before it;
+- a ``ModifiedResNet``: ``attnpool.c_proj`` (nn.Linear layout, bias frozen);
+- a timm tower (``TimmModel``) whose last map is an ``nn.Linear``: open_clip's own head projection
+  (``visual.head.proj``, or ``visual.head.mlp.fc2`` for an MLP head), else the timm trunk's classifier
+  (``visual.trunk.head`` as in EVA, PE-Core and MobileCLIP-B, or ``visual.trunk.head.fc`` as in MobileCLIP-S*);
+  z = the input of that linear, read by a forward pre-hook so it is the tower's own computation.
+
+Towers that end in something else (SigLIP's MAP head with no projection, attention pools) have no native site
+yet: they are adapted at the output site (:mod:`prolip.backbones.output_site`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import VisionTransformer
+
+
+@dataclass(frozen=True)
+class NativeSite:
+    """A native projection site of an image tower, named as in the whole model's state dict."""
+
+    param_name: str  # the weight: "visual.proj", "visual.head.proj.weight", ...
+    module: str  # the nn.Linear holding it ("" for the bare ``visual.proj`` parameter)
+    layout: Literal["right", "linear"]
+    tower: str  # what kind of tower it is, for listings
+
+
+def native_site(visual: torch.nn.Module) -> NativeSite | None:
+    """The native site of an open_clip image tower ``visual`` (the model's ``.visual``), or None."""
+    if isinstance(visual, VisionTransformer):
+        return NativeSite("visual.proj", "", "right", "ViT") if visual.proj is not None else None
+    if isinstance(visual, ModifiedResNet):
+        return NativeSite("visual.attnpool.c_proj.weight", "visual.attnpool.c_proj", "linear", "ModifiedResNet")
+    if isinstance(visual, TimmModel):
+        module = _timm_linear(visual)
+        if module is None:
+            return None
+        tower = f"timm {type(visual.trunk).__name__}"
+        return NativeSite(f"visual.{module}.weight", f"visual.{module}", "linear", tower)
+    return None
+
+
+def tower_kind(visual: torch.nn.Module) -> str:
+    """A short description of the tower (for ``coverage()``), with or without a native site."""
+    site = native_site(visual)
+    if site is not None:
+        return site.tower
+    if isinstance(visual, TimmModel):
+        return f"timm {type(visual.trunk).__name__}"
+    return type(visual).__name__
+
+
+def _timm_linear(visual: TimmModel) -> str | None:
+    """The module path (under ``visual``) of a timm tower's last linear map, when its last map is one.
+
+    open_clip's ``head`` runs after the trunk: when it holds a map, that map is the last one; when it is empty the
+    trunk's own classifier head (built with ``num_classes=embed_dim``) is the projection.
+    """
+    head = dict(visual.head.named_children())
+    if isinstance(head.get("proj"), torch.nn.Linear):
+        return "head.proj"
+    if isinstance(getattr(head.get("mlp"), "fc2", None), torch.nn.Linear):
+        return "head.mlp.fc2"
+    if head:  # an attention pool ends the tower
+        return None
+    trunk_head = getattr(visual.trunk, "head", None)
+    if isinstance(trunk_head, torch.nn.Linear):
+        return "trunk.head"
+    if isinstance(getattr(trunk_head, "fc", None), torch.nn.Linear):
+        return "trunk.head.fc"
+    return None
