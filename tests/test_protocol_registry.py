@@ -28,14 +28,14 @@ def test_the_built_in_protocols_are_registered_in_order_and_the_parser_lists_the
 
 
 def test_the_registry_refuses_a_second_class_under_a_taken_name():
-    with pytest.raises(ValueError, match="protocol 'fewshot' is already registered"):
+    with pytest.raises(ValueError, match="protocol named 'fewshot' is already registered"):
 
         class AnotherFewShot(Protocol):
             name = "fewshot"
 
     assert protocol_class("fewshot") is FewShot
     assert register(SupportAccuracy) is SupportAccuracy  # the same class again (its module reloaded) replaces itself
-    with pytest.raises(ExperimentError, match="unknown protocol 'nope'; choose from fewshot"):
+    with pytest.raises(ExperimentError, match="unknown protocol 'nope'; choose one of: fewshot"):
         protocol_class("nope")
 
 

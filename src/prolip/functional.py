@@ -51,6 +51,11 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
     return (logits.argmax(dim=-1) == labels).float().mean().item() * 100.0
 
 
+def harmonic_mean(base: float, new: float) -> float:
+    """Base-to-new's HM of two accuracies (0 when both are 0)."""
+    return 0.0 if base + new == 0 else 2 * base * new / (base + new)
+
+
 ECE_BINS = 15  # equal-width confidence bins, as TTA-VLM reports calibration (and Guo et al. 2017 define it)
 
 

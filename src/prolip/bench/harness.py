@@ -37,10 +37,6 @@ from prolip.methods.base import NO_CACHED_VIEWS, Support, Task, TensorViews, Val
 from prolip.version import __version__
 
 
-def harmonic_mean(base: float, new: float) -> float:
-    return 0.0 if base + new == 0 else 2 * base * new / (base + new)
-
-
 @dataclass
 class Cell:
     """One record to produce: a method (with its effective hyperparameters) and where it is scored."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from prolip.bench.harness import Bench, Cell, Group, GroupRequests, harmonic_mean
+from prolip.bench.harness import Bench, Cell, Group, GroupRequests
 from prolip.bench.protocols.base import (
     Protocol,
     ReportLayout,
@@ -19,6 +19,7 @@ from prolip.bench.protocols.base import (
     protocol_class,
     register,
 )
+from prolip.functional import harmonic_mean
 
 # The order registered is the order the parser lists the protocols in.
 # isort: off

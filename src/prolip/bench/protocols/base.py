@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from prolip.bench.harness import Bench, Cell, Group, GroupRequests, episode_requests, fit_requests
 from prolip.bench.spec import Experiment, ExperimentError
+from prolip.registry import Registry
 
 if TYPE_CHECKING:
     from prolip.data.types import DatasetSplits
@@ -40,7 +41,7 @@ class ReportLayout:
     sweep_figure: str | None = None
 
 
-_REGISTRY: dict[str, type[Protocol]] = {}
+_REGISTRY: Registry[type[Protocol]] = Registry("protocol", ExperimentError)
 
 
 class Protocol:
@@ -107,31 +108,23 @@ class Protocol:
 def register(cls: type[Protocol]) -> type[Protocol]:
     """Enter ``cls`` under its name; a different class under a taken name is refused (the same class again, its
     module reloaded, replaces itself)."""
-    taken = _REGISTRY.get(cls.name)
-    if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise ValueError(f"protocol {cls.name!r} is already registered ({taken.__module__}.{taken.__qualname__})")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _REGISTRY.add(cls.name, cls)
 
 
 def available() -> list[str]:
     """The registered protocol names, in the order registered."""
-    return list(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def protocol_class(name: str) -> type[Protocol]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ExperimentError(f"unknown protocol {name!r}; choose from {', '.join(_REGISTRY)}") from None
+    return _REGISTRY.get(name)
 
 
 def metrics() -> tuple[str, ...]:
     """Every registered protocol's per-seed metrics, each once, in the order registered."""
-    return tuple(dict.fromkeys(m for cls in _REGISTRY.values() for m in cls.metrics))
+    return tuple(dict.fromkeys(m for name in _REGISTRY.names() for m in _REGISTRY.get(name).metrics))
 
 
 def layout_of(name: str) -> ReportLayout:
     """The report layout of a protocol; records of a protocol not registered here get the default one."""
-    cls = _REGISTRY.get(name)
-    return ReportLayout() if cls is None else cls.layout
+    return _REGISTRY.get(name).layout if name in _REGISTRY else ReportLayout()

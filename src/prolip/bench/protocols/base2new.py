@@ -10,7 +10,6 @@ from prolip.bench.harness import (
     GroupRequests,
     episode_requests,
     fit_requests,
-    harmonic_mean,
     image_paths,
     score,
 )
@@ -18,6 +17,7 @@ from prolip.bench.protocols.base import Protocol
 from prolip.data.sampling import base_new_split
 from prolip.episode import evaluation_images, restrict
 from prolip.features.cache import Request
+from prolip.functional import harmonic_mean
 
 
 class BaseToNew(Protocol):

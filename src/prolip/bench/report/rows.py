@@ -21,6 +21,7 @@ from typing import Any
 from prolip.bench.protocols import layout_of, metrics
 from prolip.bench.records import LINE_FIELDS, SECTION_FIELDS, SETTING_FIELDS
 from prolip.bench.reference import MIXED, NAMED_SETS, reference_for
+from prolip.functional import harmonic_mean
 
 SECTION, SETTING, LINE = SECTION_FIELDS, SETTING_FIELDS, LINE_FIELDS  # the record schema's (records.py)
 COPIED = LINE + ("group", "members", "varying")
@@ -31,10 +32,6 @@ RANDOM_NOTE = "RANDOM weights: numbers from a randomly initialised model, they s
 
 
 # ----------------------------------------------------------------------------------------------- small pieces
-
-
-def harmonic_mean(base: float, new: float) -> float:
-    return 0.0 if base + new == 0 else 2 * base * new / (base + new)
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
