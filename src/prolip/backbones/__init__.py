@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from prolip.backbones.base import SITES, Backbone, BackboneInfo, Preprocessing, ProjectionSite, SiteExportError
+from prolip.backbones.coverage import Coverage, coverage
 from prolip.backbones.families import Family, families, family_for_model, family_named, register_family
 from prolip.backbones.hf import HF_CLIP
 from prolip.backbones.loading import (
@@ -44,6 +45,8 @@ __all__ = [
     "Preprocessing",
     "ProjectionSite",
     "SITES",
+    "Coverage",
+    "coverage",
     "SiteExportError",
     "OutputSiteBackbone",
     "OpenClipBackbone",
