@@ -137,3 +137,13 @@ def test_prolip_trains_saves_and_predicts(arch, site, tiny_image_folder, tmp_pat
         warnings.simplefilter("ignore")
         again = run.predict(images)  # the backbone rebuilt from the manifest, at its site
     assert again == result.run.predict(images, backbone=b)
+
+
+@pytest.mark.parametrize("arch", ["test-timm-vit-tiny", "test-maphead-tiny"])
+def test_custom_text_towers_run_from_prompt_embeddings_as_from_tokens(arch):
+    b = backbone(arch, "output" if arch == "test-maphead-tiny" else "native")
+    texts = [TEMPLATE.format(c) for c in CLASSES]
+    with torch.no_grad():
+        own = b.model.encode_text(b.tokenize(texts))
+        via_embeddings = b.encode_text_embeddings(*b.prompt_embeddings(texts))  # what TPT and CLIP-LoRA use
+    torch.testing.assert_close(via_embeddings, own, rtol=0, atol=2e-6)
