@@ -11,6 +11,7 @@ fitted with its defaults, once without and once with the validation set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -31,7 +32,7 @@ def with_text_side(p, seed: int = 0) -> None:
     d = p.task.classifier.shape[1]
     P0 = torch.randn(d, d, generator=g) * 0.03
     targets = p.task.classifier[:, None, :] + 0.02 * torch.randn(p.task.num_classes, 2, d, generator=g)
-    p.task.text_proj, p.task.text_pre = P0, targets @ torch.linalg.pinv(P0)
+    p.task = dataclasses.replace(p.task, text_proj=P0, text_pre=targets @ torch.linalg.pinv(P0))
 
 
 def main() -> None:

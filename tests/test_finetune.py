@@ -50,7 +50,6 @@ def episode(backbone, folder, shots=2):
     images = support_images(folder, shots)
     classifier = backbone.encode_text(CLASSES, ["a photo of a {}."]).float()
     task = task_for(backbone, classifier, shots)
-    task.backbone = backbone
     labels = torch.tensor(images.labels)
     views = TensorViews(torch.zeros(1, len(labels), backbone.dim_pre))
     return task, Support(views=views, labels=labels, center=views.view(0), images=images)

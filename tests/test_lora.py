@@ -135,7 +135,6 @@ def episode(backbone, folder, shots=2):
     items = [ImageItem(folder / name / f"{i}.jpg", c) for c, name in enumerate(CLASSES) for i in range(shots)]
     images = LabeledImages(items, CLASSES, ["a photo of a {}."])
     task = task_for(backbone, backbone.encode_text(CLASSES, ["a photo of a {}."]).float(), shots)
-    task.backbone = backbone
     labels = torch.tensor(images.labels)
     views = TensorViews(torch.zeros(1, len(labels), backbone.dim_pre))
     return task, Support(views=views, labels=labels, center=views.view(0), images=images)

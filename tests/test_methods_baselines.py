@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -41,8 +42,7 @@ def problem():
     d = p.task.classifier.shape[1]
     P0 = torch.randn(48, d, generator=g) * 0.05
     targets = p.task.classifier[:, None, :] + 0.05 * torch.randn(p.task.num_classes, 3, d, generator=g)
-    p.task.text_proj = P0
-    p.task.text_pre = targets @ torch.linalg.pinv(P0)
+    p.task = dataclasses.replace(p.task, text_proj=P0, text_pre=targets @ torch.linalg.pinv(P0))
     return p
 
 
@@ -121,8 +121,9 @@ def test_starts_at_zero_shot(problem, name, hp):
 
 def test_linear_probe_ignores_text(problem):
     m1 = fit("linear-probe", problem, problem.val)
-    other_task = copy.copy(problem.task)
-    other_task.classifier = F.normalize(torch.randn_like(problem.task.classifier), dim=-1)
+    other_task = dataclasses.replace(
+        problem.task, classifier=F.normalize(torch.randn_like(problem.task.classifier), dim=-1)
+    )
     m2 = create("linear-probe").fit(other_task, problem.support, problem.val)
     assert torch.equal(m1.predict(problem.test.features), m2.predict(problem.test.features))
     assert m1.selected_ == m2.selected_
@@ -161,8 +162,7 @@ def test_linear_adapter_pull_toward_identity(problem):
 
 
 def test_prolip_text_needs_text_side(problem):
-    bare = copy.copy(problem.task)
-    bare.text_pre = bare.text_proj = None
+    bare = dataclasses.replace(problem.task, text_pre=None, text_proj=None)
     with pytest.raises(ValueError, match="text_side=True"):
         create("prolip-text").fit(bare, problem.support)
 

@@ -4,6 +4,7 @@ its batches per epoch, CLAP's pooled views, LP++'s class-sum init, CoOp's C sear
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -149,11 +150,13 @@ def test_taskres_epochs_follow_the_shot_rule():
 def test_text_heads_start_from_the_unnormalised_mean_text_embedding(name):
     # TaskRes/CLAP _get_base_text_features: mean over templates of the raw text embeddings, not normalised.
     p = make_problem(num_classes=4, shots=2, seed=4)
-    p.task.text_mean = p.task.classifier * torch.linspace(5, 15, 4)[:, None]  # a different norm per class
+    p.task = dataclasses.replace(
+        p.task, text_mean=p.task.classifier * torch.linspace(5, 15, 4)[:, None]
+    )  # per-class norms
     m = create(name, epochs=0).fit(p.task, p.support)
     start = m.prototypes if name != "taskres" else m.base + m.alpha * m.residual
     torch.testing.assert_close(start, p.task.text_mean)
-    p.task.text_mean = None
+    p.task = dataclasses.replace(p.task, text_mean=None)
     with pytest.raises(ValueError, match="unnormalised mean text embedding"):
         create(name, epochs=0).fit(p.task, p.support)
 
@@ -200,3 +203,12 @@ def test_register_refuses_a_second_class_under_a_taken_name():
         register(impostor)
     assert method_class("prolip") is existing
     assert register(existing) is existing  # the same class again (its module reloaded) is not a duplicate
+
+
+def test_a_task_is_frozen_and_changed_only_by_replacing_it():
+    import dataclasses as dc
+
+    p = make_problem(num_classes=3, shots=1, seed=0)
+    with pytest.raises(dc.FrozenInstanceError):
+        p.task.text_mean = None  # type: ignore[misc]
+    assert dc.replace(p.task, text_mean=None).text_mean is None and p.task.text_mean is not None

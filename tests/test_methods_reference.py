@@ -4,6 +4,8 @@ step t on cached view (t+1) mod V, eps 1e-4, CosineAnnealingLR stepped every ste
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,8 +21,8 @@ def problem():
     p = make_problem(num_classes=5, shots=3, d_pre=24, d=12, views=5, bias=True, seed=7)  # 5 views: reference_loop
     g = torch.Generator().manual_seed(1)
     P0 = torch.randn(16, 12, generator=g) * 0.1
-    p.task.text_proj = P0
-    p.task.text_pre = (p.task.classifier[:, None, :] + 0.3 * torch.randn(5, 3, 12, generator=g)) @ torch.linalg.pinv(P0)
+    text_pre = (p.task.classifier[:, None, :] + 0.3 * torch.randn(5, 3, 12, generator=g)) @ torch.linalg.pinv(P0)
+    p.task = dataclasses.replace(p.task, text_proj=P0, text_pre=text_pre)
     return p
 
 

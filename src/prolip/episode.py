@@ -16,6 +16,7 @@ same data, shots, seed and sampler always give the same support images and the s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -233,10 +234,10 @@ class EpisodeBuilder:
     def task(self, classnames: Sequence[str], templates: Sequence[str], shots: int, *, text_side: bool = False) -> Task:
         """The frozen CLIP pieces of one classification task."""
         classifier, text_mean = self.text(classnames, templates)
-        task = task_for(self.backbone, classifier, shots)
-        task.text_mean, task.backbone = text_mean, self.backbone
+        task = task_for(self.backbone, classifier, shots, text_mean=text_mean)
         if text_side:
-            task.text_pre, task.text_proj = self.backbone.text_side(list(classnames), list(templates))
+            text_pre, text_proj = self.backbone.text_side(list(classnames), list(templates))
+            task = dataclasses.replace(task, text_pre=text_pre, text_proj=text_proj)
         return task
 
     def center(self, images: LabeledImages) -> Features:
@@ -373,8 +374,9 @@ def _empty(images: LabeledImages, backbone: Backbone) -> Features:
     return Features(torch.empty(0, backbone.dim_pre), torch.empty(0, dtype=torch.long), images)
 
 
-def task_for(backbone: Backbone, classifier: Tensor, shots: int) -> Task:
-    """A task from a backbone's projection and a given text classifier (a saved run's, or a new one)."""
+def task_for(backbone: Backbone, classifier: Tensor, shots: int, text_mean: Tensor | None = None) -> Task:
+    """A task from a backbone's projection and a given text classifier (a saved run's, or a new one), with the
+    backbone itself (methods that train inside the image encoder rebuild their encoder from it)."""
     site = backbone.projection()
     return Task(
         W0=site.weight.detach().float().cpu(),
@@ -382,4 +384,6 @@ def task_for(backbone: Backbone, classifier: Tensor, shots: int) -> Task:
         classifier=classifier.detach().float().cpu(),
         logit_scale=float(backbone.logit_scale),
         shots=shots,
+        text_mean=text_mean,
+        backbone=backbone,
     )

@@ -58,9 +58,7 @@ def check_backbone_matches(backbone: Backbone, run: Run) -> None:
 def task_from_run(backbone: Backbone, run: Run) -> Task:
     """The Task a saved run was fitted on, rebuilt without re-encoding text (with the backbone itself, which
     methods that train inside the image encoder rebuild their encoder from)."""
-    task = task_for(backbone, run.classifier, int(run.manifest["fit"]["shots"]))
-    task.backbone = backbone
-    return task
+    return task_for(backbone, run.classifier, int(run.manifest["fit"]["shots"]))
 
 
 def method_from_run(backbone: Backbone, run: Run) -> Method:

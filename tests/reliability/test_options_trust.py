@@ -6,6 +6,7 @@ declaring its constraints."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -94,7 +95,7 @@ def test_training_that_produces_non_finite_weights_fails_loudly(name, tally):
     from synthetic import make_problem
 
     p = make_problem(num_classes=3, shots=2, d_pre=12, d=6, views=2)
-    p.task.text_pre, p.task.text_proj = torch.randn(3, 1, 8), torch.randn(8, 6)
+    p.task = dataclasses.replace(p.task, text_pre=torch.randn(3, 1, 8), text_proj=torch.randn(8, 6))
     p.support.views.views[:, 0, 0] = math.nan
     p.support.center[0, 0] = math.nan
     hp = {k: v for k, v in SHORT.items() if k in method_class(name).param_names()}

@@ -422,9 +422,9 @@ def _tiny_problem(on_center: Callable[[], None]) -> tuple[Task, Support, Validat
         logit_scale=100.0,
         shots=shots,
         text_mean=classifier * 10.0,
+        text_pre=classifier[:, None, :].repeat(1, 2, 1),
+        text_proj=torch.eye(d) + 0.01 * torch.randn(d, d, generator=g),
     )
-    task.text_proj = torch.eye(d) + 0.01 * torch.randn(d, d, generator=g)
-    task.text_pre = classifier[:, None, :].repeat(1, 2, 1)
 
     def center() -> torch.Tensor:
         on_center()

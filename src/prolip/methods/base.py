@@ -72,9 +72,10 @@ class TensorViews:
         return self.views[t % self.num_views].float()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Task:
-    """Frozen CLIP pieces a method may use. W0 is in right layout [D_pre, D]."""
+    """Frozen CLIP pieces a method may use (a different task is ``dataclasses.replace(task, ...)``). W0 is in right
+    layout [D_pre, D]."""
 
     W0: Tensor
     bias: Tensor | None
