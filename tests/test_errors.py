@@ -67,7 +67,7 @@ def test_the_cli_shows_any_prolip_error_as_one_line(module, name, monkeypatch):
     def boom():
         try:
             error = cls(message)
-        except TypeError:  # one that takes structured arguments (a path and a reason): the message is what counts
+        except (TypeError, AttributeError):  # one built from structured arguments (a path and a reason, an OSError)
             error = cls.__new__(cls)
             Exception.__init__(error, message)
         raise error

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from prolip.errors import ProlipError
 from prolip.features.storage import write_error
 
 
@@ -25,10 +26,14 @@ def unit_lock(target: Path) -> Iterator[bool]:
         raise write_error(target.parent, e.error) from None
 
 
-class LockError(Exception):
-    """A lock file that cannot be taken (read-only or full directory); ``error`` is the OSError."""
+class LockError(ProlipError):
+    """A lock file that cannot be taken (read-only or full directory); ``error`` is the OSError. Callers turn it
+    into what failed (a cache write) or pass over it (a memo); should one escape, it still reads as one line."""
+
+    option = "--cache-dir"
 
     def __init__(self, error: OSError):
+        super().__init__(f"cannot take the lock {error.filename or ''}: {error.strerror or error}")
         self.error = error
 
 
