@@ -147,3 +147,49 @@ def test_custom_text_towers_run_from_prompt_embeddings_as_from_tokens(arch):
         own = b.model.encode_text(b.tokenize(texts))
         via_embeddings = b.encode_text_embeddings(*b.prompt_embeddings(texts))  # what TPT and CLIP-LoRA use
     torch.testing.assert_close(via_embeddings, own, rtol=0, atol=2e-6)
+
+
+def test_the_cli_fits_at_the_output_site_and_the_run_remembers_it(tmp_path, tiny_image_folder):
+    import json
+
+    from click.testing import CliRunner
+
+    from prolip.cli import main
+
+    run = tmp_path / "run"
+    args = ["fit", "--data", tiny_image_folder, "--shots", 2, "--views", 2, "--steps", 3, "--site", "output"]
+    args += ["--model", "test-vit-tiny", "--pretrained", "none", "--cache-dir", tmp_path / "c", "--out", run]
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / "manifest.json").read_text())["backbone"]["site"] == "output"
+    image = str(next(tiny_image_folder.rglob("*.jpg")))
+    r = CliRunner().invoke(main, ["predict", str(run), image, "--json"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["fit", "--site", "sideways", "--data", str(tiny_image_folder)])
+    assert r.exit_code == 2 and "--site" in r.output
+
+
+def test_image_level_training_refuses_the_output_site_in_one_line(tiny_image_folder):
+    import pytest
+
+    from prolip.backbones import load_backbone
+    from prolip.finetune import projection_parameters
+    from prolip.methods.params import HyperparameterError
+
+    backbone = load_backbone("test-vit-tiny", "none", site="output")
+    with pytest.raises(HyperparameterError, match="output site is no parameter of the model") as e:
+        projection_parameters(backbone)
+    assert e.value.option == "--site"
+
+
+def test_prolip_models_lists_the_matching_architectures_and_their_sites():
+    from click.testing import CliRunner
+
+    from prolip.cli import main
+
+    r = CliRunner().invoke(main, ["models", "RN50"])
+    assert r.exit_code == 0, r.output
+    assert "native: visual.attnpool.c_proj.weight" in r.output and "every one adaptable" in r.output
+    assert all(line.startswith("RN50") for line in r.output.strip().splitlines()[:-1])
+    r = CliRunner().invoke(main, ["models", "no-such-model"])
+    assert r.exit_code == 2 and "no open_clip architecture contains" in r.output

@@ -47,6 +47,7 @@ from prolip.backbones.loading import fingerprint
 from prolip.data.images import load_image
 from prolip.features import encode_images, image_key
 from prolip.functional import clip_logits, project
+from prolip.methods.params import HyperparameterError
 from prolip.optim import REFERENCE_EPS, cosine_lr
 from prolip.transforms import augment_transform, augmented_view, view_seed
 
@@ -179,6 +180,12 @@ def projection_parameters(encoder: Backbone) -> tuple[Tensor, Tensor | None]:
     """The projection W (right layout [D_pre, D]) and bias as views of the live parameters (``projection()`` hands
     back detached tensors), so a trained projection gets its gradient."""
     site = encoder.projection()
+    if site.kind != "native":
+        raise HyperparameterError(
+            f"{encoder.info.describe()}: image-level training trains the model's own projection, and the "
+            f"{site.kind} site is no parameter of the model; fit it at the native site",
+            option="--site",
+        )
     params = model_parameters(encoder)
     weight = params[site.param_name]
     W = weight if site.native_layout == "right" else weight.t()

@@ -9,6 +9,7 @@ need its config from the Hub), and its site is found by the same inspection ``lo
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -85,11 +86,12 @@ def summary(rows: tuple[Coverage, ...] | None = None) -> dict[str, int]:
     }
 
 
-def report() -> str:
-    """The table and totals ``python -m prolip.backbones.coverage`` prints."""
-    rows = coverage()
+def report(rows: Sequence[Coverage] | None = None) -> str:
+    """The table and totals ``python -m prolip.backbones.coverage`` and ``prolip models`` print (every
+    architecture, or ``rows``)."""
+    rows = coverage() if rows is None else rows
     lines = [f"{r.arch:34} {r.model_class:15} {r.tower:28} {r.site:44} {', '.join(r.tags)}" for r in rows]
-    s = summary(rows)
+    s = summary(tuple(rows))
     lines.append(
         f"open_clip {open_clip.__version__}: {s['architectures']} architectures: "
         f"{s['architectures_native']} at a native site, "

@@ -57,10 +57,21 @@ from prolip.cli.evaluate import eval_cmd  # noqa: E402
 from prolip.cli.export import export_cmd  # noqa: E402
 from prolip.cli.extract import extract_cmd  # noqa: E402
 from prolip.cli.fit import fit_cmd  # noqa: E402
-from prolip.cli.methods import methods_cmd  # noqa: E402
+from prolip.cli.methods import methods_cmd, models_cmd  # noqa: E402
 from prolip.cli.predict import predict_cmd  # noqa: E402
 
-for _cmd in (fit_cmd, eval_cmd, predict_cmd, export_cmd, extract_cmd, methods_cmd, demo_cmd, pretrain_tiny_cmd):
+_COMMANDS = (
+    fit_cmd,
+    eval_cmd,
+    predict_cmd,
+    export_cmd,
+    extract_cmd,
+    methods_cmd,
+    models_cmd,
+    demo_cmd,
+    pretrain_tiny_cmd,
+)
+for _cmd in _COMMANDS:
     main.add_command(_cmd)
 
 from prolip.cli.bench import bench_cmd, report_cmd  # noqa: E402

@@ -54,6 +54,7 @@ def extract_cmd(
     model,
     pretrained,
     device,
+    site,
     engine=None,
 ):
     """Fill the feature cache ahead of time (works under torchrun: images are sharded across processes)."""
@@ -69,7 +70,7 @@ def extract_cmd(
             "use --split train or all)"
         )
     rank, world = init_from_env(device)
-    backbone = backbone_from_options(model, pretrained, device)
+    backbone = backbone_from_options(model, pretrained, device, site)
     for name in wanted:
         images = getattr(splits, name)
         if images is None:

@@ -136,6 +136,7 @@ def fit_cmd(
     model,
     pretrained,
     device,
+    site,
 ):
     """Cache features, train a method on N shots per class, evaluate, and save a run directory."""
     from prolip import pipeline, runcard
@@ -148,7 +149,7 @@ def fit_cmd(
     splits = resolve(data, data_root, classnames_file, templates_file, train_split, label_key)
     eval_images = _val_images(val_dir, classnames_file)
     rank, _ = init_from_env(device)  # under torchrun: extraction and the grid search are split across processes
-    backbone = backbone_from_options(model, pretrained, device)
+    backbone = backbone_from_options(model, pretrained, device, site)
     cache = feature_cache(backbone, cache_dir, batch_size, workers, on_bad_image, extract_dtype)
     config = pipeline.FitConfig(
         shots=shots,

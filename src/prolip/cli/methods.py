@@ -1,4 +1,5 @@
-"""`prolip methods`: the registered adaptation methods, their hyperparameters and what each can do."""
+"""`prolip methods` and `prolip models`: the registered adaptation methods (their hyperparameters and what each
+can do) and the architectures prolip can adapt (their projection sites)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,18 @@ def methods_cmd(verbose):
                 if flag
             ]
             click.echo(f"  can: {', '.join(can) or '-'}")
+
+
+@click.command("models")
+@click.argument("match", required=False, default="")
+def models_cmd(match):
+    """List every open_clip architecture prolip can adapt (those whose name contains MATCH): its family, its native
+    projection site or "output only", and the weight tags open_clip knows for it."""
+    import open_clip
+
+    from prolip.backbones.coverage import coverage_of, report
+
+    archs = [a for a in open_clip.list_models() if match.lower() in a.lower()]
+    if not archs:
+        raise click.BadParameter(f"no open_clip architecture contains {match!r}", param_hint="MATCH")
+    click.echo(report([coverage_of(a) for a in archs]))

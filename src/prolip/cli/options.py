@@ -26,6 +26,14 @@ def path_option(*names: str, help: str):
 
 
 def backbone_options(f):
+    f = click.option(
+        "--site",
+        type=click.Choice(["native", "output"]),
+        default="native",
+        show_default=True,
+        help="where W sits: the model's own last projection, or an identity map on its image embedding (every "
+        "model has one; `prolip models` lists which have a native site)",
+    )(f)
     f = click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda")(f)
     f = click.option(
         "--pretrained",
@@ -94,10 +102,10 @@ def data_options(f):
     return f
 
 
-def backbone_from_options(model: str, pretrained: str, device: str):
+def backbone_from_options(model: str, pretrained: str, device: str, site: str = "native"):
     from prolip.backbones import load_backbone
 
-    return announced(lambda: load_backbone(model, pretrained, device=device))
+    return announced(lambda: load_backbone(model, pretrained, device=device, site=site))
 
 
 def announced(load):
