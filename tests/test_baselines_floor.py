@@ -2,11 +2,12 @@
 zero-shot and the linear probe by more than MARGIN points (means over seeds), unless its docstring documents why and
 the documented cause is checked here.
 
-Measured (seeds 1-3, 4 views, defaults), zero-shot / linear probe: inverted 11.2 / 57.9, noisy 64.2 / 71.1. The
-closest of the feature methods to the floor were gda 63.9 and prolip-text 63.8 on noisy digits (-0.3, -0.4); the
-one method far below it is validation-free LP++ on noisy digits, 52.0, documented in prolip.methods.lp_plus_plus
-(its original always keeps the epoch of best validation accuracy; run to the last of its 300 epochs, its
-unregularised step overfits the support set: 68.8 at 5 epochs, 52.0 at 300). Methods that train inside the image
+Measured (seeds 1-3, 4 views, defaults, content-seeded views), zero-shot / linear probe: inverted 11.2 / 57.9,
+noisy 64.2 / 71.1. The closest of the feature methods to the floor were gda 63.9 and prolip-text 63.8 on noisy
+digits (-0.3, -0.4); the one method far below it is validation-free LP++ on noisy digits, 47.3, documented in
+prolip.methods.lp_plus_plus (its original always keeps the epoch of best validation accuracy; run to the last of its
+300 epochs, its unregularised step overfits the support set: 67.4 at 5 epochs, 47.3 at 300;
+benchmarks/lpp_epochs.py). Methods that train inside the image
 encoder run at small stated budgets (IMAGE_BUDGETS: the defaults take minutes per fit on a CPU) and two seeds.
 
 Not covered: clip-lora. At 10 and 30 steps per shot it scored 60.7 and 58.3 / 55.3 on noisy digits (seeds 1 / 1-2;

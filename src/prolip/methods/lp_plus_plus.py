@@ -16,8 +16,9 @@ the original's ``>=``; the original selects on its few-shot val set too); withou
 Validation-free, it overfits where the original never ran: the original always keeps the epoch of best validation
 accuracy (``linear_probe_p2.py``, every run of main.py has a val loader), so its 300 epochs of unregularised
 full-batch SGD at the 4N/λ_max step are never used to the end. On prolip-tiny's noisy digits (16 shots, seeds
-1-3, views 4) test accuracy climbs from 65.0 at epoch 0 to 68.8 at 5 epochs, then falls to 56.9 at 50 and 52.0
-at 300, below zero-shot (64.2), while W's rows grow about 5x; on inverted digits it keeps climbing (49.3 at 300).
+1-3, views 4; ``benchmarks/lpp_epochs.py``) test accuracy climbs from 65.1 at epoch 0 to 68.7 at 2 epochs, then
+falls to 55.0 at 50 and 47.3 at 300, below zero-shot (64.2), while W's rows grow about 5x; on inverted digits it
+keeps climbing (43.3 at 300, zero-shot 11.2).
 With a validation set (``--validate``) the epoch is selected as the original does; ``--hp epochs=N`` caps it.
 Everything else equals the original's formulation on the same features (``tests/test_lpp_original.py``: weights,
 α, step sizes, selected epoch, predictions), except that the bias draw is seeded per fit and the arithmetic is
