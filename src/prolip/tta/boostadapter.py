@@ -30,7 +30,6 @@ Streams are seeded and recorded as TDA's (:func:`prolip.tta.stream_order`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,17 +38,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prolip.functional import entropy, project
-from prolip.tta.base import Scene, StreamMethod
+from prolip.tta.base import Scene
 from prolip.tta.registry import register
 from prolip.tta.tda import (
     MANY_VIEWS,
     TDA_POSITIVE,
-    Seeds,
+    SeededStream,
     TDACache,
     TDAInputs,
     TDASettings,
-    order_digest,
-    stream_order,
     tda_inputs,
 )
 
@@ -182,18 +179,12 @@ def boost_stream(inputs: TDAInputs, boost: BoostViews, order: Tensor, settings: 
 
 
 @register
-class BoostAdapter(StreamMethod):
+class BoostAdapter(SeededStream):
     """The "boostadapter" row, from zero-shot CLIP's W0: each image's TDA inputs and boosting views are collected,
     then the stream runs once per seeded order (``orders``); recorded as TDA's rows are (every order's seed, digest
     and accuracy, their mean and worst, the dataset's settings)."""
 
     name = "boostadapter"
-    recorded = ("orders",)
-    record_fields = ("accuracy_worst", "stream_orders", "selected")
-    constraints = {"orders": Seeds()}
-
-    def __init__(self, orders: Sequence[int] = (1, 2, 3)) -> None:
-        self.orders = orders
 
     def views_read(self, views: int, dataset: str) -> int:
         return min(boost_settings(dataset)[0].views, views)
@@ -210,19 +201,8 @@ class BoostAdapter(StreamMethod):
         inputs = tda_inputs(embeddings, scale, classifier, self.settings.tda)
         self.parts.append((inputs, boost_views(embeddings, scale, classifier, self.settings.boost_ratio)))
 
-    def finish(self, labels: Tensor) -> dict[str, Any]:
-        inputs = TDAInputs.concat([p[0] for p in self.parts])
-        boost = BoostViews.concat([p[1] for p in self.parts])
-        orders: list[dict[str, Any]] = []
-        for seed in self.orders:
-            order = stream_order(len(labels), seed)
-            logits = boost_stream(inputs, boost, order, self.settings)
-            accuracy = 100.0 * int((logits.argmax(-1) == labels).sum()) / len(labels)
-            orders.append({"seed": seed, "digest": order_digest(order), "accuracy": accuracy})
-        accuracies = [o["accuracy"] for o in orders]
-        return {
-            "accuracy": sum(accuracies) / len(accuracies),
-            "accuracy_worst": min(accuracies),
-            "stream_orders": orders,
-            "selected": {"how": "rule", "source": self.source, **self.settings.as_record()},
-        }
+    def gathered(self) -> tuple[TDAInputs, BoostViews]:
+        return TDAInputs.concat([p[0] for p in self.parts]), BoostViews.concat([p[1] for p in self.parts])
+
+    def run(self, gathered: tuple[TDAInputs, BoostViews], order: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        return boost_stream(*gathered, order, self.settings), {}

@@ -32,7 +32,6 @@ matmul, and the per-image step touches only [C, D] and [K, D] tensors. Streams a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -41,10 +40,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prolip.functional import entropy, project
-from prolip.tta.base import Scene, StreamMethod
+from prolip.tta.base import Scene
 from prolip.tta.functional import marginal_entropy
 from prolip.tta.registry import register
-from prolip.tta.tda import MANY_VIEWS, Seeds, TDACache, order_digest, stream_order
+from prolip.tta.tda import MANY_VIEWS, SeededStream, TDACache
 
 
 @dataclass(frozen=True)
@@ -200,17 +199,11 @@ def dpe_stream(
 
 
 @register
-class DPE(StreamMethod):
+class DPE(SeededStream):
     """The "dpe" row, from zero-shot CLIP's W0: each batch's views are projected and kept, then the stream runs once
     per seeded order (``orders``); recorded as TDA's rows are, each order with how many images evolved the text."""
 
     name = "dpe"
-    recorded = ("orders",)
-    record_fields = ("accuracy_worst", "stream_orders", "selected")
-    constraints = {"orders": Seeds()}
-
-    def __init__(self, orders: Sequence[int] = (1, 2, 3)) -> None:
-        self.orders = orders
 
     def views_read(self, views: int, dataset: str) -> int:
         return min(dpe_settings(dataset)[0].views, views)
@@ -225,20 +218,9 @@ class DPE(StreamMethod):
         z = z[:, : self.settings.views]
         self.parts.append(F.normalize(project(z, self.W, self.scene.bias), dim=-1).detach())
 
-    def finish(self, labels: Tensor) -> dict[str, Any]:
-        embeddings = torch.cat(self.parts)
-        orders: list[dict[str, Any]] = []
-        for seed in self.orders:
-            order = stream_order(len(labels), seed)
-            logits, state = dpe_stream(embeddings, self.scene.classifier, self.scene.logit_scale, order, self.settings)
-            accuracy = 100.0 * int((logits.argmax(-1) == labels).sum()) / len(labels)
-            orders.append(
-                {"seed": seed, "digest": order_digest(order), "accuracy": accuracy, "text_updates": state.updates}
-            )
-        accuracies = [o["accuracy"] for o in orders]
-        return {
-            "accuracy": sum(accuracies) / len(accuracies),
-            "accuracy_worst": min(accuracies),
-            "stream_orders": orders,
-            "selected": {"how": "rule", "source": self.source, **self.settings.as_record()},
-        }
+    def gathered(self) -> Tensor:
+        return torch.cat(self.parts)
+
+    def run(self, gathered: Tensor, order: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        logits, state = dpe_stream(gathered, self.scene.classifier, self.scene.logit_scale, order, self.settings)
+        return logits, {"text_updates": state.updates}

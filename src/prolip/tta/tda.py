@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -199,19 +200,53 @@ class Seeds:
         return None if ok else f"must list at least one integer seed, got {value!r}"
 
 
-@register
-class TDA(StreamMethod):
-    """The "tda" row, from zero-shot CLIP's W0: its inputs are collected image by image, then the stream runs once
-    per seeded order (``orders``); the record holds every order's seed, digest and accuracy, their mean
-    (``accuracy``) and their worst (``accuracy_worst``), and the dataset's settings (``selected``)."""
+class SeededStream(StreamMethod):
+    """A stream that runs once per seeded order (``orders``) over what was observed; its record holds every order's
+    seed, digest and accuracy (and what ``run`` adds), their mean (``accuracy``) and their worst
+    (``accuracy_worst``), and the dataset's settings (``selected``). Subclasses set ``settings`` (with
+    ``as_record``) and ``source`` in ``start``."""
 
-    name = "tda"
     recorded = ("orders",)
     record_fields = ("accuracy_worst", "stream_orders", "selected")
     constraints = {"orders": Seeds()}
+    settings: Any
+    source: str
 
     def __init__(self, orders: Sequence[int] = (1, 2, 3)) -> None:
         self.orders = orders
+
+    @abstractmethod
+    def gathered(self) -> Any:
+        """What the observed batches make, built once for every order."""
+
+    @abstractmethod
+    def run(self, gathered: Any, order: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        """The logits [N, C] (rows in observation order) of the stream visiting ``order``, and what that order's
+        record adds besides its seed, digest and accuracy."""
+
+    def finish(self, labels: Tensor) -> dict[str, Any]:
+        gathered = self.gathered()
+        orders: list[dict[str, Any]] = []
+        for seed in self.orders:
+            order = stream_order(len(labels), seed)
+            logits, extra = self.run(gathered, order)
+            accuracy = 100.0 * int((logits.argmax(-1) == labels).sum()) / len(labels)
+            orders.append({"seed": seed, "digest": order_digest(order), "accuracy": accuracy, **extra})
+        accuracies = [o["accuracy"] for o in orders]
+        return {
+            "accuracy": sum(accuracies) / len(accuracies),
+            "accuracy_worst": min(accuracies),
+            "stream_orders": orders,
+            "selected": {"how": "rule", "source": self.source, **self.settings.as_record()},
+        }
+
+
+@register
+class TDA(SeededStream):
+    """The "tda" row, from zero-shot CLIP's W0: its inputs are collected image by image, then the stream runs once
+    per seeded order (``orders``), recorded as :class:`SeededStream` says."""
+
+    name = "tda"
 
     def views_read(self, views: int, dataset: str) -> int:
         """One view unless its dataset uses many (utils.py:157-171)."""
@@ -226,19 +261,8 @@ class TDA(StreamMethod):
         embeddings = F.normalize(project(z, self.W, self.scene.bias), dim=-1)
         self.parts.append(tda_inputs(embeddings, self.scene.logit_scale, self.scene.classifier, self.settings))
 
-    def finish(self, labels: Tensor) -> dict[str, Any]:
-        """TDA over every seeded stream order: per order its seed, digest and accuracy; their mean and worst."""
-        inputs = TDAInputs.concat(self.parts)
-        orders: list[dict[str, Any]] = []
-        accuracies: list[float] = []
-        for seed in self.orders:
-            order = stream_order(len(labels), seed)
-            logits = tda_stream(inputs, order, self.settings)[0]
-            accuracies.append(100.0 * int((logits.argmax(-1) == labels).sum()) / len(labels))
-            orders.append({"seed": seed, "digest": order_digest(order), "accuracy": accuracies[-1]})
-        return {
-            "accuracy": sum(accuracies) / len(accuracies),
-            "accuracy_worst": min(accuracies),
-            "stream_orders": orders,
-            "selected": {"how": "rule", "source": self.source, **self.settings.as_record()},
-        }
+    def gathered(self) -> TDAInputs:
+        return TDAInputs.concat(self.parts)
+
+    def run(self, gathered: TDAInputs, order: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        return tda_stream(gathered, order, self.settings)[0], {}
