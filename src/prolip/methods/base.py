@@ -22,7 +22,6 @@ signature (``get_params``); ``constraints`` declares a check per hyperparameter,
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor
 
 from prolip.errors import ProlipError
-from prolip.methods.params import Constraint, HyperparameterError, check, check_known
+from prolip.methods.params import Configurable, Constraint, HyperparameterError, check_known
 
 NO_CACHED_VIEWS = "none"  # a method's ``augmentation`` when it trains on the images, not on cached views
 
@@ -129,7 +128,7 @@ class FitError(ProlipError, RuntimeError):
     """Training failed in a way the user must hear about (e.g. it produced non-finite weights)."""
 
 
-class Method(ABC):
+class Method(Configurable, ABC):
     """fit on a support set, then produce logits for pre-projection features.
 
     Subclasses set ``name``, register with :func:`prolip.methods.register`, take their hyperparameters as keyword
@@ -157,29 +156,12 @@ class Method(ABC):
     selected_: dict[str, Any]
     task: Task | None = None
 
-    # -- hyperparameters ------------------------------------------------------------------------------------
-    @classmethod
-    def param_names(cls) -> list[str]:
-        signature = inspect.signature(cls.__init__)
-        return [p.name for p in signature.parameters.values() if p.name != "self"]
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        signature = inspect.signature(cls.__init__)
-        return {p.name: p.default for p in signature.parameters.values() if p.name != "self"}
-
-    def get_params(self) -> dict[str, Any]:
-        """Every hyperparameter's effective value, defaults included."""
-        return {k: getattr(self, k) for k in self.param_names()}
-
+    # -- hyperparameters (param_names, defaults, get_params, check_params: Configurable) ----------------------
     def set_params(self, **params: Any) -> Method:
         check_known(self.name, list(params), self.param_names())
         for key, value in params.items():
             setattr(self, key, value)
         return self
-
-    def check_params(self) -> None:
-        check(self.name, self.get_params(), self.constraints)
 
     # -- fitting and predicting ------------------------------------------------------------------------------
     def fit(self, task: Task, support: Support, val: Validation | None = None, seed: int = 0) -> Method:

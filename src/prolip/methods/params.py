@@ -7,10 +7,11 @@ nothing.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from prolip.errors import ProlipError
 
@@ -213,3 +214,27 @@ def check_known(method: str, given: Sequence[str], known: Sequence[str]) -> None
             f"{method}: unknown hyperparameter(s) {', '.join(unknown)}; its hyperparameters are: "
             f"{', '.join(known) or '(none)'}"
         )
+
+
+class Configurable:
+    """Settings read from ``__init__``: each keyword argument is a setting stored unchanged under its own name, its
+    default the argument's, each checked by its entry in ``constraints`` (few-shot methods, test-time methods)."""
+
+    name: ClassVar[str]
+    constraints: ClassVar[dict[str, Constraint]] = {}
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        return list(cls.defaults())
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        signature = inspect.signature(cls.__init__)
+        return {p.name: p.default for p in signature.parameters.values() if p.name != "self"}
+
+    def get_params(self) -> dict[str, Any]:
+        """Every setting's effective value, defaults included."""
+        return {k: getattr(self, k) for k in self.param_names()}
+
+    def check_params(self) -> None:
+        check(self.name, self.get_params(), self.constraints)

@@ -23,14 +23,13 @@ are, :mod:`prolip.methods.base`), with one constraint each from :mod:`prolip.met
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor
 
-from prolip.methods.params import Constraint, Number, check
+from prolip.methods.params import Configurable, Constraint, Number
 
 # Settings the experiment file's ``tta`` section gives every method that declares them ``shared`` (test-time
 # ProLIP's confident ratio, AdamW steps and lr; TPT and the view ensemble reuse the first two).
@@ -54,7 +53,7 @@ class Scene:
     view_seed: int = 0
 
 
-class TestTimeMethod(ABC):
+class TestTimeMethod(Configurable, ABC):
     """Scores test images from their views; subclass :class:`PerImageMethod` or :class:`StreamMethod`, set ``name``
     and register with :func:`prolip.tta.register`."""
 
@@ -75,23 +74,6 @@ class TestTimeMethod(ABC):
     recorded_when_off: ClassVar[bool] = False
     # Record fields ``finish`` writes besides ``accuracy``.
     record_fields: ClassVar[tuple[str, ...]] = ()
-
-    # -- settings --------------------------------------------------------------------------------------------
-    @classmethod
-    def param_names(cls) -> list[str]:
-        signature = inspect.signature(cls.__init__)
-        return [p.name for p in signature.parameters.values() if p.name != "self"]
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        signature = inspect.signature(cls.__init__)
-        return {p.name: p.default for p in signature.parameters.values() if p.name != "self"}
-
-    def get_params(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.param_names()}
-
-    def check_params(self) -> None:
-        check(self.name, self.get_params(), self.constraints)
 
     # -- what the bench reports ------------------------------------------------------------------------------
     def views_read(self, views: int, dataset: str) -> int:
