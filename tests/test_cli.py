@@ -252,3 +252,11 @@ def test_eval_and_predict_with_tta(folder, tmp_path):
     r = invoke("predict", tmp_path / "run", folder / "cat" / "0.jpg", "--tta", "--tta-views", 10, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)[0]["predictions"][0]["class"] in {"cat", "dog", "fox"}
+
+
+@pytest.mark.parametrize("command", sorted(main.commands))
+def test_every_command_answers_help(command):
+    """--help on each subcommand is click's own exit, never reported as a bug."""
+    r = CliRunner().invoke(main, [command, "--help"])
+    assert r.exit_code == 0 and "Usage:" in r.output, r.output
+    assert "a bug in prolip" not in r.output

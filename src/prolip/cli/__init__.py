@@ -33,7 +33,7 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except click.ClickException:
+        except (click.ClickException, click.exceptions.Exit, click.Abort):  # click's own ends: --help, Ctrl-C
             raise
         except Exception as e:
             if isinstance(e, ProlipError):  # the input or environment is wrong: one line, naming what
