@@ -26,7 +26,7 @@ def test_every_weight_tag_is_covered():
     s = summary()
     assert s["architectures"] == len(open_clip.list_models()) - sum(r.bundled for r in coverage())
     assert s["tags"] == len(open_clip.list_pretrained())
-    assert 0 < s["tags_native"] <= s["tags"]
+    assert 0.9 * s["tags"] <= s["tags_native"] <= s["tags"]  # issue 22's goal: at least 90% at a native site
     assert report().splitlines()[-1].endswith("every one adaptable")
 
 
@@ -44,14 +44,18 @@ def test_every_weight_tag_is_covered():
         ("MobileCLIP-B", "native: visual.trunk.head.weight"),
         ("MobileCLIP-S1", "native: visual.trunk.head.fc.weight"),
         ("PE-Core-B-16", "native: visual.trunk.head.weight"),  # its MAP pool is followed by a linear head
-        ("ViT-B-16-SigLIP2", "output only"),  # MAP head, no projection: the native MAP-head site is future work
+        ("ViT-B-16-SigLIP2", "native: visual.trunk.attn_pool.mlp.fc2.weight"),  # MAP head, residual frozen
+        ("ViT-SO400M-14-SigLIP", "native: visual.trunk.attn_pool.mlp.fc2.weight"),
+        ("nllb-clip-base-siglip", "native: visual.trunk.attn_pool.mlp.fc2.weight"),
     ],
 )
 def test_known_towers_get_the_site_their_structure_has(arch, site):
     assert next(r for r in coverage() if r.arch == arch).site == site
 
 
-@pytest.mark.parametrize("arch", ["test-timm-convnext-tiny", "test-timm-vit-tiny", "test-vit-tiny"])
+@pytest.mark.parametrize(
+    "arch", ["test-timm-convnext-tiny", "test-timm-vit-tiny", "test-vit-tiny", "test-maphead-tiny"]
+)
 def test_the_meta_device_site_is_the_loaded_models_site(arch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

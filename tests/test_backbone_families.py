@@ -2,7 +2,7 @@
 model has. One tiny random-init config per new kind of tower (src/prolip/model_configs/): a ConvNeXt trunk under
 open_clip's linear head (``visual.head.proj``), a ViT trunk whose timm classifier is the projection
 (``visual.trunk.head``, as EVA / MobileCLIP-B; CustomTextCLIP text tower) and a MAP-head tower with no projection
-(SigLIP-like: output site only)."""
+(SigLIP-like: its head's fc2 with the residual as a frozen per-image term, tests/test_map_head_site.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 import prolip
 from prolip.backbones import (
-    BackboneLoadError,
     OutputSiteBackbone,
     SiteExportError,
     load_backbone,
@@ -27,12 +26,15 @@ NATIVE = {
     "test-timm-vit-tiny": "visual.trunk.head.weight",
     "test-vit-tiny": "visual.proj",
     "test-rn-tiny": "visual.attnpool.c_proj.weight",
+    "test-maphead-tiny": "visual.trunk.attn_pool.mlp.fc2.weight",
 }
 CASES = [
     ("test-timm-convnext-tiny", "native"),
     ("test-timm-vit-tiny", "native"),
     ("test-timm-convnext-tiny", "output"),
+    ("test-maphead-tiny", "native"),
     ("test-maphead-tiny", "output"),
+    ("test-attnpool-tiny", "output"),
     ("test-vit-tiny", "output"),
 ]
 CLASSES = ["cat", "dog", "red car"]
@@ -102,12 +104,6 @@ def test_exporting_the_output_site_is_refused_in_one_line():
     assert isinstance(e.value, RunError) and "\n" not in str(e.value)
 
 
-@pytest.mark.filterwarnings("ignore::prolip.backbones.RandomWeightsWarning")
-def test_a_map_head_tower_has_only_the_output_site():
-    with pytest.raises(BackboneLoadError, match="test-maphead-tiny: its image tower .* no native projection site"):
-        load_backbone("test-maphead-tiny", "none")
-
-
 def test_the_family_finds_last_blocks_and_lora_towers_by_structure():
     convnext, vit = backbone("test-timm-convnext-tiny", "native"), backbone("test-timm-vit-tiny", "native")
     for b in (convnext, vit):
@@ -121,7 +117,12 @@ def test_the_family_finds_last_blocks_and_lora_towers_by_structure():
 
 @pytest.mark.parametrize(
     ("arch", "site"),
-    [("test-timm-convnext-tiny", "native"), ("test-timm-vit-tiny", "native"), ("test-maphead-tiny", "output")],
+    [
+        ("test-timm-convnext-tiny", "native"),
+        ("test-timm-vit-tiny", "native"),
+        ("test-maphead-tiny", "native"),
+        ("test-maphead-tiny", "output"),
+    ],
 )
 def test_prolip_trains_saves_and_predicts(arch, site, tiny_image_folder, tmp_path):
     b = backbone(arch, site)

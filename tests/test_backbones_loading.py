@@ -136,7 +136,10 @@ def test_available_models_lists_every_open_clip_architecture():
 
 
 def test_a_tower_without_native_site_is_refused_there_and_offered_the_output_site():
-    with pytest.raises(BackboneLoadError, match="no native projection site.*site='output'"):
-        load_backbone("test-maphead-tiny", "none")
+    # a timm trunk under open_clip's rotary attention pool, with no projection: no linear map prolip adapts ends it
+    with pytest.raises(
+        BackboneLoadError, match="test-attnpool-tiny: its image tower .* no native projection site.*site='output'"
+    ):
+        load_backbone("test-attnpool-tiny", "none")
     with pytest.raises(BackboneLoadError, match="unknown site 'middle'"):
         load_backbone("test-vit-tiny", "none", site="middle")

@@ -22,6 +22,10 @@ class SiteExportError(RunError):
     """A run adapted at a site that is no tensor of the checkpoint, so there is nothing to merge it into."""
 
 
+class SiteTrainingError(RunError):
+    """Training inside the image encoder at a site whose W is not the model's parameter alone."""
+
+
 @dataclass(frozen=True)
 class ProjectionSite:
     """Where the last visual projector lives in the model, and its pretrained value.
@@ -31,6 +35,12 @@ class ProjectionSite:
     ``attnpool.c_proj``, timm head projections, HF ``visual_projection``). ``bias`` is frozen. ``kind`` is the
     site (:data:`SITES`); an "output" site is W0 = I on the image embedding, with no parameter in the model
     (``param_name`` says so instead of naming one).
+
+    ``residual_rows`` > 0 (a MAP head's fc2, :mod:`prolip.backbones.sites`): the linear's output is added to a
+    per-image residual r, carried in z's last ``residual_rows`` coordinates (z = [h, r]) and in W's last rows, which
+    are the identity at W0 (``z W0 + b = h W_fc2 + b + r``). Those rows are no part of the checkpoint's tensor:
+    the residual is a frozen term, so :meth:`to_native` merges the rows above them and refuses a W whose residual
+    rows left the identity (the checkpoint cannot hold a map on the residual).
     """
 
     weight: Tensor
@@ -38,6 +48,7 @@ class ProjectionSite:
     param_name: str
     native_layout: Literal["right", "linear"]
     kind: Literal["native", "output"] = "native"
+    residual_rows: int = 0
 
     def to_native(self, W: Tensor) -> Tensor:
         if self.kind != "native":
@@ -46,7 +57,22 @@ class ProjectionSite:
                 "checkpoint: exporting it is not supported; use the run itself (prolip predict), or refit at the "
                 "native site"
             )
+        W = self._without_residual(W)
         return W if self.native_layout == "right" else W.t().contiguous()
+
+    def _without_residual(self, W: Tensor) -> Tensor:
+        """W's rows that are the checkpoint's tensor: all of them, or those above the frozen residual's rows."""
+        k = self.residual_rows
+        if not k:
+            return W
+        if not torch.equal(W[-k:], torch.eye(k, dtype=W.dtype, device=W.device)):
+            raise SiteExportError(
+                f"this run changed the last {k} rows of W, which carry the frozen residual that {self.param_name}'s "
+                f"output is added to (the identity at W0, no tensor of the checkpoint): only W's first "
+                f"{W.shape[0] - k} rows (the linear itself) can be merged; export a method that keeps those rows at "
+                "W0, or use the run itself (prolip predict)"
+            )
+        return W[:-k]
 
     @staticmethod
     def from_native(weight: Tensor, layout: str) -> Tensor:

@@ -90,7 +90,7 @@ def report(rows: Sequence[Coverage] | None = None) -> str:
     """The table and totals ``python -m prolip.backbones.coverage`` and ``prolip models`` print (every
     architecture, or ``rows``)."""
     rows = coverage() if rows is None else rows
-    lines = [f"{r.arch:34} {r.model_class:15} {r.tower:28} {r.site:44} {', '.join(r.tags)}" for r in rows]
+    lines = [f"{r.arch:34} {r.model_class:15} {r.tower:28} {r.site:46} {', '.join(r.tags)}" for r in rows]
     s = summary(tuple(rows))
     lines.append(
         f"open_clip {open_clip.__version__}: {s['architectures']} architectures: "

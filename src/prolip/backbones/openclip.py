@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -14,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import TextTransformer, VisionTransformer
+from timm.layers.attention_pool import AttentionPoolLatent
 from torch import Tensor
 
-from prolip.backbones.base import Backbone, BackboneInfo, Preprocessing, ProjectionSite
+from prolip.backbones.base import Backbone, BackboneInfo, Preprocessing, ProjectionSite, SiteTrainingError
 from prolip.backbones.families import AttentionTower, Family, register_family
 from prolip.backbones.loading import (
     HOW_TO_PASS_LOCAL,
@@ -80,6 +82,8 @@ class OpenClipBackbone(Backbone):
             return OpenClipViT(model, info, device)
         if isinstance(model.visual, ModifiedResNet):
             return OpenClipResNet(model, info, device)
+        if site.residual:
+            return OpenClipMapHead(model, info, device, site)
         return OpenClipLinearSite(model, info, device, site)
 
     @property
@@ -250,8 +254,51 @@ class OpenClipLinearSite(OpenClipBackbone):
         )
 
 
+class OpenClipMapHead(OpenClipLinearSite):
+    """A MAP head with no projection after it (SigLIP, SigLIP 2): the site is the head's last linear ``mlp.fc2``,
+    whose output the head adds to its residual x (``x + mlp(norm(x))``) before pooling the latent tokens.
+
+    z = [h, r]: h the input of fc2 and r = x (the input of the head's ``norm``), both caught by forward pre-hooks
+    while the model runs its own ``encode_image`` and pooled as the head pools (token 0 or the mean: linear, so it
+    commutes with the site). W0 = [fc2.weight^T; I] and b = fc2.bias, so ``z W0 + b`` is the tower's output; the last
+    D rows of W carry the residual as a frozen per-image term (``ProjectionSite.residual_rows``). A feature cache
+    keeps z per (image, view) as for any site, r inside it, so every feature method runs unchanged."""
+
+    def __init__(self, model, info: BackboneInfo, device: torch.device | str, site: NativeSite):
+        super().__init__(model, info, device, site)
+        self.pool = cast(AttentionPoolLatent, self.model.get_submodule(site.residual))
+
+    @torch.no_grad()
+    def encode_pre(self, images: Tensor) -> Tensor:
+        if torch.is_grad_enabled():  # image-level training unwraps no_grad; its W would be fc2's alone
+            raise SiteTrainingError(
+                f"{self.info.arch}: image-level training (fine-tuning, CLIP-LoRA) at the MAP-head site is not "
+                f"supported (its W carries the head's residual as rows that are no parameter of the model); fit a "
+                f"feature method here (ProLIP, LP++, ...)"
+            )
+        caught: dict[str, Tensor] = {}
+        hooks = [
+            self.linear.register_forward_pre_hook(lambda _m, args: caught.__setitem__("h", args[0])),
+            self.pool.norm.register_forward_pre_hook(lambda _m, args: caught.__setitem__("r", args[0])),
+        ]
+        try:
+            self.model.encode_image(images.to(self.device, torch.float32))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        z = torch.cat([caught["h"], caught["r"]], dim=-1)  # [B, latent_len, D_h + D]
+        return (z[:, 0] if self.pool.pool == "token" else z.mean(dim=1)).float()
+
+    def projection(self) -> ProjectionSite:
+        site = super().projection()
+        d = site.weight.shape[1]
+        residual = torch.eye(d, dtype=site.weight.dtype, device=site.weight.device)
+        return replace(site, weight=torch.cat([site.weight, residual]), residual_rows=d)
+
+
 class OpenClipOutputOnly(OpenClipBackbone):
-    """A tower with no native site prolip knows (SigLIP's MAP head has no projection): only its output site."""
+    """A tower with no native site prolip knows (it does not end in a linear map, nor in a MAP head with nothing
+    after it): only its output site."""
 
     def _refuse(self) -> BackboneLoadError:
         return BackboneLoadError(

@@ -10,8 +10,15 @@ exactly what ``encode_image`` returns:
   (``visual.trunk.head`` as in EVA, PE-Core and MobileCLIP-B, or ``visual.trunk.head.fc`` as in MobileCLIP-S*);
   z = the input of that linear, read by a forward pre-hook so it is the tower's own computation.
 
-Towers that end in something else (SigLIP's MAP head with no projection, attention pools) have no native site
-yet: they are adapted at the output site (:mod:`prolip.backbones.output_site`).
+- a timm ViT whose tower ends in its MAP head (``AttentionPoolLatent``) with no projection after it (SigLIP,
+  SigLIP 2): the head's last linear ``visual.trunk.attn_pool.mlp.fc2``, whose output is added to the head's residual
+  ``x`` (``x + mlp(norm(x))``) and then only pooled (token 0 or the mean over latents: linear), with no norm or map
+  after it (``fc_norm`` and the classifier are identities). The residual is a frozen per-image term: z = [h, r]
+  (h the input of fc2, r the residual), W0 = [fc2.weight^T; I], so ``z W0 + b`` is the tower's output. ``residual``
+  names the attention pool; :class:`~prolip.backbones.base.ProjectionSite` counts the residual rows.
+
+Towers that end in something else (an attention pool followed by a norm or by nothing linear) have no native site:
+they are adapted at the output site (:mod:`prolip.backbones.output_site`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ import torch
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
+from timm.layers.attention_pool import AttentionPoolLatent
+from timm.layers.mlp import Mlp
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,8 @@ class NativeSite:
     module: str  # the nn.Linear holding it ("" for the bare ``visual.proj`` parameter)
     layout: Literal["right", "linear"]
     tower: str  # what kind of tower it is, for listings
+    # A MAP-head site: the attention pool whose residual the linear's output is added to ("" for other sites).
+    residual: str = ""
 
 
 def native_site(visual: torch.nn.Module) -> NativeSite | None:
@@ -43,10 +55,13 @@ def native_site(visual: torch.nn.Module) -> NativeSite | None:
         return NativeSite("visual.attnpool.c_proj.weight", "visual.attnpool.c_proj", "linear", "ModifiedResNet")
     if isinstance(visual, TimmModel):
         module = _timm_linear(visual)
-        if module is None:
-            return None
         tower = f"timm {type(visual.trunk).__name__}"
-        return NativeSite(f"visual.{module}.weight", f"visual.{module}", "linear", tower)
+        if module is not None:
+            return NativeSite(f"visual.{module}.weight", f"visual.{module}", "linear", tower)
+        if _ends_in_map_head(visual):
+            fc2 = "visual.trunk.attn_pool.mlp.fc2"
+            return NativeSite(f"{fc2}.weight", fc2, "linear", f"{tower} MAP", residual="visual.trunk.attn_pool")
+        return None
     return None
 
 
@@ -79,3 +94,24 @@ def _timm_linear(visual: TimmModel) -> str | None:
     if isinstance(getattr(trunk_head, "fc", None), torch.nn.Linear):
         return "trunk.head.fc"
     return None
+
+
+def _ends_in_map_head(visual: TimmModel) -> bool:
+    """Whether the tower's output is its MAP head's ``x + fc2(...)``, only pooled: timm's own ViT forward_head and
+    attention pool (not a subclass that changes them), an MLP ending in fc2, token or mean pooling, and nothing
+    after it (no ``fc_norm``, no classifier, no open_clip head). A norm after fc2 would make it no linear site."""
+    trunk, pool = visual.trunk, getattr(visual.trunk, "attn_pool", None)
+    if len(visual.head) or not isinstance(trunk, TimmVisionTransformer) or not isinstance(pool, AttentionPoolLatent):
+        return False
+    if type(trunk).forward_head is not TimmVisionTransformer.forward_head:
+        return False
+    if type(pool).forward is not AttentionPoolLatent.forward or pool.pool not in ("token", "avg"):
+        return False
+    mlp = pool.mlp
+    return (
+        isinstance(mlp, Mlp)
+        and type(mlp).forward is Mlp.forward
+        and isinstance(mlp.fc2, torch.nn.Linear)
+        and isinstance(mlp.drop2, torch.nn.Dropout | torch.nn.Identity)
+        and all(isinstance(m, torch.nn.Identity) for m in (trunk.fc_norm, trunk.head))
+    )
