@@ -262,7 +262,9 @@ class OpenClipMapHead(OpenClipLinearSite):
     while the model runs its own ``encode_image`` and pooled as the head pools (token 0 or the mean: linear, so it
     commutes with the site). W0 = [fc2.weight^T; I] and b = fc2.bias, so ``z W0 + b`` is the tower's output; the last
     D rows of W carry the residual as a frozen per-image term (``ProjectionSite.residual_rows``). A feature cache
-    keeps z per (image, view) as for any site, r inside it, so every feature method runs unchanged."""
+    keeps z per (image, view) as for any site, r inside it, so every feature method runs unchanged: those that read
+    W0 (zero-shot, LP++, GDA, ProKeR, Tip-Adapter, linear probe, ...) see the tower's output exactly; those that
+    train W (ProLIP, ...) train the residual's rows too, which no checkpoint holds (export refuses such a W)."""
 
     def __init__(self, model, info: BackboneInfo, device: torch.device | str, site: NativeSite):
         super().__init__(model, info, device, site)
