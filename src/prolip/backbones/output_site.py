@@ -3,8 +3,7 @@
 Every model has an image embedding, so every model can be adapted here, whether or not its tower ends in a linear
 map prolip knows (an open_clip attention pool with no projection has none). z is the model's own ``encode_image``
 output, unnormalised, so at W = W0 the logits are the model's zero-shot logits exactly. The map is no tensor of the
-checkpoint: export refuses
-it (:class:`~prolip.backbones.base.SiteExportError`).
+checkpoint: export refuses it (:class:`~prolip.backbones.base.SiteExportError`).
 """
 
 from __future__ import annotations
