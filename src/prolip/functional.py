@@ -9,9 +9,57 @@ Conventions used across prolip:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# Elements (float32: 4 bytes each) of one [rows, width] block that row-chunked code builds at once: 2^24 = 64 MB, so
+# a test × support block at ImageNet size (50,000 × 16,000) is built about 1,000 rows at a time.
+BLOCK_ELEMENTS = 1 << 24
+# Fewest rows in a block: a product of a few rows can take another BLAS kernel than the whole (MKL: below about 16
+# rows, a different summation order), so blocks stay at least this tall; then each row's products are the bits of
+# the unchunked product (checked by tests/test_chunked_memory.py; BLAS promises float32 rounding, not bits).
+MIN_ROWS = 64
+
+
+def chunk_rows(width: int, block_elements: int | None = None) -> int:
+    """Rows per chunk so that one [rows, width] block holds at most ``block_elements`` (default
+    :data:`BLOCK_ELEMENTS`, read at call time) elements, and at least :data:`MIN_ROWS`."""
+    budget = BLOCK_ELEMENTS if block_elements is None else block_elements
+    return max(MIN_ROWS, budget // max(1, width))
+
+
+def row_slices(n: int, rows: int) -> Iterator[slice]:
+    """Consecutive slices of ``rows`` rows (at least :data:`MIN_ROWS`) covering 0..n; a last slice shorter than
+    that is merged into the one before, so no block but a small whole is short."""
+    rows = max(MIN_ROWS, rows)
+    starts = list(range(0, n, rows))
+    if len(starts) > 1 and n - starts[-1] < MIN_ROWS:
+        starts.pop()
+    for i, start in enumerate(starts):
+        yield slice(start, starts[i + 1] if i + 1 < len(starts) else n)
+
+
+def map_rows(fn: Callable[[Tensor], Tensor], x: Tensor, width: int, block_elements: int | None = None) -> Tensor:
+    """``fn(x)`` computed ``chunk_rows(width)`` rows of x at a time, for a row-wise ``fn`` whose intermediates are
+    [rows, width] (a test × support kernel): the peak holds one block, not N × width, the blocks written into one
+    preallocated output. Under autograd (a training batch) it is computed whole: backward would keep every block's
+    intermediates anyway, and one product keeps the gradient's summation order."""
+    slices = list(row_slices(x.shape[0], chunk_rows(width, block_elements)))
+    if len(slices) <= 1:
+        return fn(x)
+    first = fn(x[slices[0]])
+    if first.requires_grad:
+        del first
+        return fn(x)
+    out = first.new_empty((x.shape[0], *first.shape[1:]))
+    out[slices[0]] = first
+    del first
+    for s in slices[1:]:
+        out[s] = fn(x[s])
+    return out
 
 
 def project(z: Tensor, W: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -59,13 +107,28 @@ def harmonic_mean(base: float, new: float) -> float:
 ECE_BINS = 15  # equal-width confidence bins, as TTA-VLM reports calibration (and Guo et al. 2017 define it)
 
 
-def expected_calibration_error(logits: Tensor, labels: Tensor, bins: int = ECE_BINS) -> float:
-    """Expected calibration error in percent: Σ_b |B_b|/n · |accuracy(B_b) − confidence(B_b)|, the confidence
-    being the top softmax probability and bin b holding confidences in (b/bins, (b+1)/bins]."""
-    probs = logits.float().softmax(dim=-1)
-    confidence, predicted = probs.max(dim=-1)
-    correct = (predicted == labels).float()
+def top_confidence(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """(the top softmax probability [N], its class [N]) of logits [N, C], a block of rows at a time (softmax is
+    row-wise: the same values, without an [N, C] copy of the probabilities)."""
+    n = logits.shape[0]
+    confidence = torch.empty(n, device=logits.device)
+    predicted = torch.empty(n, dtype=torch.long, device=logits.device)
+    for rows in row_slices(n, chunk_rows(logits.shape[-1])):
+        confidence[rows], predicted[rows] = logits[rows].float().softmax(dim=-1).max(dim=-1)
+    return confidence, predicted
+
+
+def calibration_error(confidence: Tensor, correct: Tensor, bins: int = ECE_BINS) -> float:
+    """:func:`expected_calibration_error` from each image's top probability and whether its class was right (0/1
+    floats): O(N), so evaluation can gather them chunk by chunk."""
     # ceil(c·bins) − 1 puts c in (b/bins, (b+1)/bins]; a confidence of exactly 0 cannot occur after a softmax.
     which = (confidence * bins).ceil().long().clamp(1, bins) - 1
     gap = torch.zeros(bins).index_add_(0, which, correct - confidence).abs()  # per bin: |B|·|accuracy − confidence|
-    return float(gap.sum() / max(len(labels), 1) * 100.0)
+    return float(gap.sum() / max(len(correct), 1) * 100.0)
+
+
+def expected_calibration_error(logits: Tensor, labels: Tensor, bins: int = ECE_BINS) -> float:
+    """Expected calibration error in percent: Σ_b |B_b|/n · |accuracy(B_b) − confidence(B_b)|, the confidence
+    being the top softmax probability and bin b holding confidences in (b/bins, (b+1)/bins]."""
+    confidence, predicted = top_confidence(logits)
+    return calibration_error(confidence, (predicted == labels).float(), bins)

@@ -21,7 +21,7 @@ from prolip.data.types import DatasetSplits, LabeledImages
 from prolip.diagnostics import diagnose
 from prolip.episode import Episode, EpisodeBuilder, EpisodeSpec, method_logits
 from prolip.features.identity import result_fingerprints
-from prolip.functional import accuracy, clip_logits, expected_calibration_error
+from prolip.functional import accuracy, calibration_error, chunk_rows, clip_logits, row_slices, top_confidence
 from prolip.inference import (
     backbone_for_run,
     check_backbone_matches,
@@ -32,6 +32,7 @@ from prolip.inference import (
     task_from_run,
 )
 from prolip.methods import Method, configure
+from prolip.methods.base import Task
 from prolip.run import FORMAT as RUN_FORMAT
 from prolip.run import Run
 from prolip.version import __version__
@@ -79,20 +80,34 @@ def evaluate(method: Method, episode: Episode) -> dict[str, Any]:
     if not len(ev):
         return {"eval_images": 0, "eval_set": episode.images.eval_set}
     with torch.no_grad():
-        zero_shot = clip_logits(ev.features, task.W0, task.bias, task.classifier, task.logit_scale)
+        zero_shot_accuracy, zero_shot_ece = zero_shot_scores(task, ev.features, ev.labels)
         logits = method_logits(method, ev)
     diagnosis = diagnose(logits, ev.labels, ev.images.classnames)
     return {
         "accuracy": accuracy(logits, ev.labels),
-        "zero_shot_accuracy": accuracy(zero_shot, ev.labels),
+        "zero_shot_accuracy": zero_shot_accuracy,
         "eval_images": len(ev),
         "eval_set": episode.images.eval_set,
-        "zero_shot_ece": expected_calibration_error(zero_shot, ev.labels),
+        "zero_shot_ece": zero_shot_ece,
         **{
             k: diagnosis[k]
             for k in ("top5_accuracy", "ece", "mean_per_class_accuracy", "worst_classes", "most_confused")
         },
     }
+
+
+def zero_shot_scores(task: Task, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Zero-shot CLIP's (accuracy %, ECE %) on features [N, D_pre], its logits built a block of rows at a time:
+    what they need is O(N) (each image's class and top probability), so no [N, C] logits are held."""
+    n = features.shape[0]
+    predicted = torch.empty(n, dtype=torch.long)
+    confidence, calibrated = torch.empty(n), torch.empty(n, dtype=torch.long)
+    for rows in row_slices(n, chunk_rows(task.num_classes)):
+        logits = clip_logits(features[rows], task.W0, task.bias, task.classifier, task.logit_scale)
+        predicted[rows] = logits.argmax(dim=-1)
+        confidence[rows], calibrated[rows] = top_confidence(logits)
+    correct = (predicted == labels).float().mean().item() * 100.0  # = functional.accuracy on the whole logits
+    return correct, calibration_error(confidence, (calibrated == labels).float())
 
 
 def fit(

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prolip.functional import accuracy, cosine_logits
+from prolip.functional import accuracy, cosine_logits, map_rows
 from prolip.methods import register
 from prolip.methods._common import embed
 from prolip.methods.base import Method, Support, Task, Validation
@@ -122,8 +122,11 @@ class GDA(Method):
             self.selected_.update(alpha=alpha, how="validation", val_accuracy=acc)
 
     def _logits(self, z: Tensor, classifier: Tensor) -> Tensor:
-        zero_shot, gda = self._parts(z)
-        return zero_shot + self.selected_["alpha"] * gda
+        def blend(rows: Tensor) -> Tensor:  # a block of rows at a time: no [N, C] temporaries beside the output
+            zero_shot, gda = self._parts(rows)
+            return zero_shot + self.selected_["alpha"] * gda
+
+        return map_rows(blend, z, classifier.shape[0])
 
     def trainable_parameters(self) -> int:
         """What the fit estimates: the discriminant's weights and biases (nothing is trained by gradient)."""

@@ -24,15 +24,17 @@ every backbone. One quirk left behind: proker.py:24 checks for a saved ``seed_{s
 loads ``seed{seed}_shots{shots}.json``, so it re-searches every time; here the search always runs too.
 
 Memory and time (ProKeR issue #2: 16-shot ImageNet with more than one view runs out of memory on a 32 GB GPU).
-For each β the kernel matrix is built once and every λ is one Cholesky solve of the symmetric positive definite
-system (the original calls ``torch.linalg.solve``, an LU, per (β, λ)); in float64, on the backbone's device when
-the task has one (a GPU solves 16-shot ImageNet's system in seconds), else where the features are. Kernel blocks
-against validation or test images are built ``ROW_CHUNK`` rows at a time, so scoring never holds more than a chunk
-× M block. The dense M × M system is what must fit: before building it, the memory it needs (``DENSE_COPIES``
-matrices of M² float64) is compared with what the device has free, and a too-large M is refused naming
-``augment_views``. The ImageNet configs' active grids are the ones marked "#epoch 1"
-(configs/RN50/configs_proker/imagenet.yaml), so ImageNet defaults to one view: 16-shot ImageNet is then
-M = 16,000, about 8 GB.
+Every λ is one Cholesky solve of the symmetric positive definite system (the original calls ``torch.linalg.solve``,
+an LU, per (β, λ)); in float64, on the backbone's device when the task has one (a GPU solves 16-shot ImageNet's
+system in seconds), else where the features are. One M × M float64 matrix is held, whatever the grid: the kernel is
+built into it in row blocks, scaled and factorised in place (the Cholesky factor overwrites the system), and built
+again for the next λ (M²·D work, small beside the M³/3 of the factorisation). Kernel blocks against validation or
+test images are built a few rows at a time (``prolip.functional.map_rows``: at most ``BLOCK_ELEMENTS`` elements,
+and at most ``ROW_CHUNK`` rows), so scoring never holds more than one block. The dense M × M system is what must
+fit: before building it, the memory it needs (``DENSE_COPIES`` matrices of M² float64) is compared with what the
+device has free, and a too-large M is refused naming ``augment_views``. The ImageNet configs' active grids are the
+ones marked "#epoch 1" (configs/RN50/configs_proker/imagenet.yaml), so ImageNet defaults to one view: 16-shot
+ImageNet is then M = 16,000, about 2 GB.
 """
 
 from __future__ import annotations
@@ -43,15 +45,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prolip.functional import chunk_rows, row_slices
 from prolip.methods import register
 from prolip.methods._common import embed
 from prolip.methods.base import FitError, Method, Support, Task, Validation
 from prolip.methods.params import POSITIVE_INT, Flag, Linspace, Number
 
-ROW_CHUNK = 4096  # rows of a kernel block against validation or test images built at once
-# M × M float64 matrices alive at the peak of one (β, λ): the kernel, K/λ + I, its Cholesky factor, and the
-# validation kernel block (N-shot validation: at most M rows).
-DENSE_COPIES = 4
+ROW_CHUNK = 4096  # at most this many rows of a kernel block against validation or test images built at once
+# M × M float64 matrices alive at the peak of one (β, λ): the kernel, which becomes K/λ + I and then its Cholesky
+# factor in place (the blocks beside it are bounded by prolip.functional.BLOCK_ELEMENTS).
+DENSE_COPIES = 1
 
 
 def _grids() -> dict[str, dict[str, tuple[float, float, int]]]:
@@ -95,12 +98,37 @@ def transferred_hyperparameters(shots: int) -> tuple[float, float]:
     return TRANSFERRED[nearest]
 
 
-def solve_dual(kernel: Tensor, residual: Tensor, lam: float) -> Tensor:
+def kernel_rows(x: Tensor, y: Tensor) -> list[slice]:
+    """The row blocks of x in which a kernel against y is built: at most ``ROW_CHUNK`` rows and
+    ``prolip.functional.BLOCK_ELEMENTS`` elements each (both read at call time)."""
+    return list(row_slices(x.shape[0], min(ROW_CHUNK, chunk_rows(y.shape[0]))))
+
+
+def build_kernel(out: Tensor, x: Tensor, y: Tensor, beta: float) -> Tensor:
+    """``rbf_kernel(x, y, β)`` written into ``out`` [len(x), len(y)] one row block at a time (the same values:
+    each row is the same product), so only one block of temporaries is alive beside it."""
+    for rows in kernel_rows(x, y):
+        out[rows] = rbf_kernel(x[rows], y, beta)
+    return out
+
+
+def kernel_times(x: Tensor, y: Tensor, beta: float, coefficients: Tensor) -> Tensor:
+    """``rbf_kernel(x, y, β) @ coefficients`` without holding the whole [len(x), len(y)] kernel."""
+    out = coefficients.new_empty((x.shape[0], coefficients.shape[1]))
+    for rows in kernel_rows(x, y):
+        out[rows] = rbf_kernel(x[rows], y, beta) @ coefficients
+    return out
+
+
+def solve_dual(kernel: Tensor, residual: Tensor, lam: float, overwrite: bool = False) -> Tensor:
     """α solving ``(K/λ + I) α = R`` (proker.py:44, 56) by Cholesky: K is positive semi-definite, so the system is
-    symmetric positive definite."""
-    system = kernel / lam
+    symmetric positive definite. ``overwrite``: the system, then its factor, are computed in ``kernel``'s memory
+    (it holds neither K nor K/λ + I afterwards), so no second M × M matrix is allocated."""
+    system = kernel.div_(lam) if overwrite else kernel / lam
     system.diagonal().add_(1)
-    factor = torch.linalg.cholesky(system)
+    # The factor of the symmetric system read as its (column-major) transpose: LAPACK factorises that memory in
+    # place, with the very values a copy would give (a row-major ``out`` would be copied to column-major first).
+    factor = torch.linalg.cholesky(system.mT, out=system.mT)
     del system
     return torch.cholesky_solve(residual, factor)
 
@@ -185,13 +213,16 @@ class ProKeR(Method):
         check_dense_fits(S.shape[0], views, device)
         S64 = S.to(device, torch.float64)
         residual = F.one_hot(labels, task.num_classes).to(device, torch.float64) - S64 @ _classifier(task, device).T
+        dense = S64.new_empty((S64.shape[0], S64.shape[0]))  # the one M × M matrix: kernel, system, factor
         if val is not None and self.search:
-            beta, lam, acc = self._search(task, S64, residual, val)
+            beta, lam, acc = self._search(task, S64, residual, val, dense)
             self.selected_ = {"beta": beta, "lam": lam, "how": "validation", "val_accuracy": acc}
         else:
             beta, lam = self._given(task.shots)
         self.support_embeddings = S.float()
-        self.dual = solve_dual(rbf_kernel(S64, S64, beta), residual, lam).float().to(S.device)
+        dual = solve_dual(build_kernel(dense, S64, S64, beta), residual, lam, overwrite=True)
+        del dense
+        self.dual = dual.float().to(S.device)
         self.selected_.update(beta=beta, lam=lam, views=views, support_vectors=S.shape[0], solved_on=device.type)
 
     def _given(self, shots: int) -> tuple[float, float]:
@@ -202,18 +233,20 @@ class ProKeR(Method):
         self.selected_ = {"how": "rule", "source": TRANSFER_SOURCE} if rule else {"how": "given"}
         return beta, lam
 
-    def _search(self, task: Task, S: Tensor, residual: Tensor, val: Validation) -> tuple[float, float, float]:
-        """(β, λ, validation accuracy %): β-major over the grids, the first strict improvement kept."""
+    def _search(
+        self, task: Task, S: Tensor, residual: Tensor, val: Validation, dense: Tensor
+    ) -> tuple[float, float, float]:
+        """(β, λ, validation accuracy %): β-major over the grids, the first strict improvement kept. ``dense`` [M, M]
+        holds each (β, λ)'s kernel, then its system and factor, in turn."""
         betas = torch.linspace(*self.beta_grid[:2], int(self.beta_grid[2]), dtype=torch.float64).tolist()
         lams = torch.linspace(*self.lam_grid[:2], int(self.lam_grid[2]), dtype=torch.float64).tolist()
         f = F.normalize(embed(task, val.features.float()), dim=-1).to(S.device, torch.float64)
         zero_shot, labels = f @ _classifier(task, S.device).T, val.labels.to(S.device)
         best = (-1.0, betas[0], lams[0])
         for beta in betas:
-            kernel = rbf_kernel(S, S, beta)
-            val_kernel = torch.cat([rbf_kernel(rows, S, beta) for rows in f.split(ROW_CHUNK)])
             for lam in lams:
-                logits = zero_shot + val_kernel @ solve_dual(kernel, residual, lam)
+                dual = solve_dual(build_kernel(dense, S, S, beta), residual, lam, overwrite=True)
+                logits = zero_shot + kernel_times(f, S, beta, dual)
                 acc = (logits.argmax(-1) == labels).double().mean().item() * 100
                 if acc > best[0]:
                     best = (acc, beta, lam)
@@ -222,18 +255,12 @@ class ProKeR(Method):
     # -- predicting ----------------------------------------------------------------------------------------
     def _logits(self, z: Tensor, classifier: Tensor) -> Tensor:
         assert self.task is not None and self.support_embeddings is not None and self.dual is not None
-        beta = self.selected_["beta"]
+        beta, S, dual = self.selected_["beta"], self.support_embeddings, self.dual
         f = F.normalize(embed(self.task, z), dim=-1)
-        return (
-            torch.cat(
-                [
-                    rows @ self.task.classifier.T + rbf_kernel(rows, self.support_embeddings, beta) @ self.dual
-                    for rows in f.split(ROW_CHUNK)
-                ]
-            )
-            if len(f)
-            else f @ self.task.classifier.T
-        )
+        out = f.new_empty((f.shape[0], dual.shape[1]))
+        for rows in kernel_rows(f, S):  # one [rows, M] kernel block at a time
+            out[rows] = f[rows] @ self.task.classifier.T + rbf_kernel(f[rows], S, beta) @ dual
+        return out
 
     def trainable_parameters(self) -> int:
         """What the fit solves for: the dual coefficients (nothing is trained by gradient)."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prolip.functional import accuracy, cosine_logits
+from prolip.functional import accuracy, chunk_rows, cosine_logits, map_rows, row_slices
 from prolip.methods import register
 from prolip.methods._common import embed, fresh_view_per_epoch, mean_view_embedding, train_minibatch
 from prolip.methods.base import Method, Support, Task, Validation
@@ -46,25 +46,34 @@ def search_grid(scale: float, steps: int) -> tuple[float, ...]:
 
 
 def cache_logits(f_norm: Tensor, keys: Tensor, values: Tensor, beta: float | Tensor) -> Tensor:
-    """Tip-Adapter's cache term exp(−β(1 − f·Kᵀ))·V for normalised f [N, D], keys [M, D], values [M, C]."""
-    return torch.exp(-beta * (1 - f_norm @ keys.T)) @ values
+    """Tip-Adapter's cache term exp(−β(1 − f·Kᵀ))·V for normalised f [N, D], keys [M, D], values [M, C], built a
+    few rows of f at a time (``prolip.functional.map_rows``): never more than one [rows, M] block of affinities."""
+    return map_rows(lambda rows: torch.exp(-beta * (1 - rows @ keys.T)) @ values, f_norm, keys.shape[0])
 
 
 def search_alpha_beta(
     zs_logits: Tensor,
-    affinity: Tensor,
+    f_norm: Tensor,
+    keys: Tensor,
     values: Tensor,
     labels: Tensor,
     betas: tuple[float, ...],
     alphas: tuple[float, ...],
 ) -> tuple[float, float, float]:
-    """Grid search of (α, β) by accuracy, vectorised over α; returns (alpha, beta, accuracy %)."""
+    """Grid search of (α, β) by accuracy, vectorised over α; returns (alpha, beta, accuracy %). The affinities
+    f·Kᵀ of the normalised validation embeddings f are built a block of rows at a time and every (β, α) counts its
+    correct predictions there, so the search holds one [rows, M] block, not [N, M]."""
     alpha_t = torch.tensor(alphas)
+    correct = torch.zeros(len(betas), len(alphas), dtype=torch.long)
+    width = max(keys.shape[0], len(alphas) * values.shape[1])  # the affinity block, or the α-batched logits
+    for rows in row_slices(f_norm.shape[0], chunk_rows(width)):
+        affinity, zs, truth = f_norm[rows] @ keys.T, zs_logits[rows], labels[rows]
+        for b, beta in enumerate(betas):
+            cache = torch.exp(-beta * (1 - affinity)) @ values
+            correct[b] += ((zs + alpha_t[:, None, None] * cache).argmax(-1) == truth).sum(-1)
     best = (-1.0, alphas[0], betas[0])
-    for beta in betas:
-        cache = torch.exp(-beta * (1 - affinity)) @ values
-        logits = zs_logits + alpha_t[:, None, None] * cache
-        accs = (logits.argmax(-1) == labels).float().mean(-1) * 100
+    for b, beta in enumerate(betas):
+        accs = correct[b].float() / f_norm.shape[0] * 100  # = the mean of the float correctness, as unchunked
         i = int(accs.argmax())  # first maximum = smallest α, as the original's strict ">" keeps the first
         if accs[i] > best[0]:
             best = (accs[i].item(), alphas[i], beta)
@@ -137,11 +146,11 @@ class TipAdapter(Method):
         self._train_keys(support, val, seed)
         if val is not None and self.search:
             e = embed(task, val.features)
-            affinity = F.normalize(e, dim=-1) @ self.keys.T
             zs = cosine_logits(e, task.classifier, task.logit_scale)
             betas = search_grid(self.search_scale[0], self.search_step[0])
             alphas = search_grid(self.search_scale[1], self.search_step[1])
-            alpha, beta, acc = search_alpha_beta(zs, affinity, self.values, val.labels, betas, alphas)
+            f_norm = F.normalize(e, dim=-1)
+            alpha, beta, acc = search_alpha_beta(zs, f_norm, self.keys, self.values, val.labels, betas, alphas)
             self.selected_.update(alpha=alpha, beta=beta, how="validation", val_accuracy=acc)
 
     def _train_keys(self, support: Support, val: Validation | None, seed: int) -> None:
@@ -149,7 +158,8 @@ class TipAdapter(Method):
 
     def _logits(self, z: Tensor, classifier: Tensor) -> Tensor:
         assert self.task is not None and self.keys is not None
-        return self._blend(embed(self.task, z), self.keys, self.selected_["alpha"], self.selected_["beta"])
+        alpha, beta, keys = self.selected_["alpha"], self.selected_["beta"], self.keys
+        return map_rows(lambda e: self._blend(e, keys, alpha, beta), embed(self.task, z), keys.shape[0])
 
     def state_dict(self) -> dict[str, Tensor]:
         if self.keys is None or self.values is None:
@@ -213,7 +223,8 @@ class TipAdapterF(TipAdapter):
         def keep_best(epoch: int) -> None:
             if val_e is not None and val is not None:
                 with torch.no_grad():
-                    acc = accuracy(self._blend(val_e, keys, self.alpha, self.beta), val.labels)
+                    logits = map_rows(lambda e: self._blend(e, keys, self.alpha, self.beta), val_e, keys.shape[0])
+                    acc = accuracy(logits, val.labels)
                 if acc > best["acc"]:
                     best.update(acc=acc, keys=keys.detach().clone(), epoch=epoch)
 
