@@ -80,10 +80,11 @@ def _errno_of(e: BaseException) -> int | None:
 
 
 @contextmanager
-def writing(out: Path | str) -> Iterator[None]:
+def writing(out: Path | str, error: Callable[[Path, OSError], Exception] | None = None) -> Iterator[None]:
     """Turn an I/O error raised while writing ``out`` into one :class:`OutputError` naming it and the file that
     failed; the writers inside clean up their own temporaries before it gets here. Nested, the outermost names
-    the output: a file written inside a directory's temporary is reported as part of that directory."""
+    the output: a file written inside a directory's temporary is reported as part of that directory. ``error``:
+    what an output with its own words raises instead (the feature cache), given ``out`` and the OSError."""
     _WRITING.depth = getattr(_WRITING, "depth", 0) + 1
     try:
         yield
@@ -96,6 +97,8 @@ def writing(out: Path | str) -> Iterator[None]:
         if code is None and not isinstance(e, OSError):
             raise
         reason = os.strerror(code) if code else str(e)
+        if error is not None:
+            raise error(Path(out), OSError(code, reason, getattr(e, "filename", None))) from None
         # The file inside the output that failed, by the name it would have had, not its temporary's.
         where = Path(str(getattr(e, "filename", None) or "")).name
         temporary = _TEMPORARY_OF.fullmatch(where)

@@ -22,14 +22,27 @@ from pathlib import Path
 
 import pytest
 
-from prolip.cli import BUG_MARK
+import prolip.outputs
+from prolip.cli import BUG_MARK, main
 
-from .conftest import cli, digest, fit_cli, make_folder
+from .conftest import TINY, cli, digest, fit_cli, leftovers, make_folder
 
 pytestmark = pytest.mark.reliability("disk_fault")
 
 ERRNOS = {"ENOSPC": errno.ENOSPC, "EROFS": errno.EROFS, "EACCES": errno.EACCES, "EDQUOT": errno.EDQUOT}
-COMMANDS = ("fit --force", "eval --out", "export", "pretrain-tiny")
+# Every command that writes, as the user types it, and the output (under the workspace's disk) it writes.
+WRITERS = {
+    "fit --force": "run",
+    "eval --out": "eval",
+    "export": "export",
+    "pretrain-tiny": "tiny",
+    "bench --out": "bench",
+    "report --out": "report",
+    "extract": "cache",
+}
+COMMANDS = tuple(WRITERS)
+READ_ONLY = ("predict", "methods", "models")  # commands that write nothing
+REPLACES_A_FOLDER = ("fit --force", "eval --out", "export", "report --out")  # swapped in whole
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 
@@ -39,6 +52,7 @@ class FaultyDisk:
     def __init__(self, root: Path, code: int | None = None, at: int | None = None):
         self.root, self.code, self.at = str(root), code, at
         self.events: list[str] = []
+        self.outside: list[str] = []  # operations made outside prolip.outputs.writing (the output layer)
         self.fired: str | None = None
 
     def _under(self, path) -> bool:
@@ -49,6 +63,8 @@ class FaultyDisk:
         if not any(self._under(p) for p in paths):
             return False
         self.events.append(f"{what} {Path(os.fspath(next(p for p in paths if self._under(p)))).name}")
+        if not getattr(prolip.outputs._WRITING, "depth", 0):
+            self.outside.append(self.events[-1])
         if self.at is not None and len(self.events) == self.at:
             self.fired = self.events[-1]
             return True
@@ -122,16 +138,20 @@ class Workspace:
         self.data = make_folder(root / "data", per_class=3)
         self.cache = root / "cache"
         self.run = self.disk / "run"
+        self.experiment = root / "experiment.yaml"
+        self.experiment.write_text(
+            f"datasets: [{self.data}]\nmodel: test-vit-tiny\npretrained: none\nshots: [1]\nseeds: [1]\nviews: 1\n"
+            f"cache_dir: {self.cache}\nmethods: [zeroshot, {{name: prolip, steps: 2}}]\n"
+        )
         self.counts: dict[str, int] = {}
         self._state = None
 
     def out(self, command: str) -> Path:
-        return (
-            self.disk
-            / {"fit --force": "run", "eval --out": "eval", "export": "export", "pretrain-tiny": "tiny"}[command]
-        )
+        return self.disk / WRITERS[command]
 
     def invoke(self, command: str, force: bool = True):
+        """The command over its earlier output: with --force where it replaces one, with new work where it adds to
+        one (bench: a second seed; extract: a second view)."""
         extra = ["--force"] if force else []
         if command == "fit --force":
             return fit_cli(self.data, self.run, self.cache, *extra, shots=1, views=1, steps=2)
@@ -141,6 +161,14 @@ class Workspace:
             )
         if command == "export":
             return cli("export", self.run, "--out", self.out(command), *extra)
+        if command == "bench --out":
+            seeds = ["--set", "seeds=[1, 2]"] if force else []
+            return cli("bench", self.experiment, "--out", self.out(command), *seeds)
+        if command == "report --out":
+            return cli("report", self.out("bench --out"), "--out", self.out(command))
+        if command == "extract":
+            views = "2" if force else "1"
+            return cli("extract", "--data", self.data, "--views", views, "--cache-dir", self.out(command), *TINY)
         return self._pretrain(extra)
 
     def _pretrain(self, extra):
@@ -156,19 +184,67 @@ class Workspace:
     def earlier(self, command: str) -> int:
         """Put the command's earlier output in place (once) and return how many writes a --force over it makes."""
         if command not in self.counts:
-            if not self.run.exists():
-                assert (r := self.invoke("fit --force", force=False)).exit_code == 0, r.output
-            if not self.out(command).exists():
-                assert (r := self.invoke(command, force=False)).exit_code == 0, r.output
-            with faulty_disk(self.disk) as counted:
+            for needed in (*PREREQUISITES.get(command, ()), command):
+                if not self.out(needed).exists():
+                    assert (r := self.invoke(needed, force=False)).exit_code == 0, r.output
+            with kept_as_it_is(self.out(command)), faulty_disk(self.disk) as counted:
                 assert (r := self.invoke(command)).exit_code == 0, r.output
             self.counts[command] = len(counted.events)
         return self.counts[command]
+
+    def check_kept(self, command: str, before: dict[str, str]) -> int:
+        """How many earlier files a failed command changed or left half-written (0 expected). A command that
+        replaces its output must leave it byte for byte; one that adds to it (records appended, cache units) may
+        have kept what it finished before the fault, whole, and never touched what was there."""
+        after = digest(self.disk)
+        if command not in ADDS:
+            return int(after != before)
+        changed = [p for p, h in before.items() if after.get(p) != h and not _appended(Path(p), h)]
+        return len(changed) + len(leftovers(self.disk))
+
+
+PREREQUISITES = {"report --out": ("bench --out",), "eval --out": ("fit --force",), "export": ("fit --force",)}
+ADDS = ("bench --out", "extract")  # add to their output: finished records and cache units are kept
+
+
+def _appended(path: Path, earlier_hash: str) -> bool:
+    """A records file whose earlier content is intact and followed only by complete lines."""
+    import hashlib
+
+    if path.name != "records.jsonl" or not path.is_file():
+        return False
+    data = path.read_bytes()
+    return any(
+        hashlib.sha256(data[: i + 1]).hexdigest() == earlier_hash for i, b in enumerate(data) if b == 10
+    ) and data.endswith(b"\n")
+
+
+@contextmanager
+def kept_as_it_is(path: Path):
+    """Whatever the block does to ``path``, it is put back as it was (so every faulted run starts alike)."""
+    import shutil
+
+    saved = path.parent.parent / "saved" / path.name  # beside the disk, not on it
+    shutil.rmtree(saved, ignore_errors=True)
+    saved.parent.mkdir(exist_ok=True)
+    shutil.copytree(path, saved, symlinks=True) if path.is_dir() else shutil.copy2(path, saved)
+    try:
+        yield
+    finally:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        os.rename(saved, path)
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Workspace:
     return Workspace(tmp_path_factory.mktemp("disk_faults"))
+
+
+def says_it_could_not_write(command: str, out: Path) -> str:
+    """The start of the one line a failed write prints: the cache says it in its own words (and names its folder)."""
+    if command == "extract":
+        return re.escape(f"feature cache directory {out}")
+    return re.escape(f"could not write {out}")
 
 
 def one_error_line(output: str) -> str:
@@ -186,13 +262,18 @@ def test_a_failing_disk_at_each_write_is_one_line_and_keeps_the_earlier_output(w
     assert writes >= 2, f"{command} made {writes} write(s) under {workspace.disk}: the faults would test nothing"
     before = digest(workspace.disk)
     for at in range(1, writes + 1):
-        with faulty_disk(workspace.disk, code, at) as disk:
-            r = workspace.invoke(command)
-        assert disk.fired, f"{command}: write {at} of {writes} never came"
-        tally.fault(f"{name} at {disk.fired} ({command})")
-        tally.cli_error(r, re.escape(f"could not write {out}"), re.escape(os.strerror(code)))
-        one_error_line(r.output)
-        assert tally.lost(int(digest(workspace.disk) != before)) == 0, f"{command}: {name} at {disk.fired}"
+        with kept_as_it_is(out):
+            with faulty_disk(workspace.disk, code, at) as disk:
+                r = workspace.invoke(command)
+            assert disk.fired, f"{command}: write {at} of {writes} never came"
+            tally.fault(f"{name} at {disk.fired} ({command})")
+            if r.exit_code == 0 and command in ADDS:  # a memo or lock probe the cache does without: no failure
+                tally.handled_ok(f"{name} at {disk.fired} ({command}): done without it")
+            else:
+                tally.cli_error(r, says_it_could_not_write(command, out), re.escape(os.strerror(code)))
+                one_error_line(r.output)
+            lost = workspace.check_kept(command, before)
+        assert tally.lost(lost) == 0, f"{command}: {name} at {disk.fired}"
 
 
 def test_every_kind_of_write_is_faulted(workspace, tally):
@@ -200,18 +281,21 @@ def test_every_kind_of_write_is_faulted(workspace, tally):
     seen = {}
     for command in COMMANDS:
         workspace.earlier(command)
-        with faulty_disk(workspace.disk) as counted:
+        with kept_as_it_is(workspace.out(command)), faulty_disk(workspace.disk) as counted:
             assert workspace.invoke(command).exit_code == 0
         seen[command] = {e.split()[0] for e in counted.events}
     assert {"mkdir", "open", "safetensors"} <= seen["fit --force"], seen
     assert {"mkdir", "open"} <= seen["eval --out"], seen
     assert {"mkdir", "open", "safetensors", "rename"} <= seen["export"], seen
     assert {"open", "rename"} <= seen["pretrain-tiny"], seen
+    assert {"open"} <= seen["bench --out"], seen
+    assert {"mkdir", "open"} <= seen["report --out"], seen
+    assert {"open", "rename"} <= seen["extract"], seen
     tally.handled_ok(f"write operations counted: {sorted(workspace.counts.items())}")
 
 
 @pytest.mark.parametrize("name", list(ERRNOS))
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c != "pretrain-tiny"])  # a file: one rename, no swap
+@pytest.mark.parametrize("command", REPLACES_A_FOLDER)
 def test_without_an_atomic_swap_a_failing_second_rename_puts_the_earlier_output_back(
     workspace, command, name, monkeypatch, tally
 ):
@@ -231,6 +315,34 @@ def test_without_an_atomic_swap_a_failing_second_rename_puts_the_earlier_output_
             r = workspace.invoke(command)
         assert disk.fired, f"{command}: write {at} of {writes} never came"
         tally.fault(f"{name} at {disk.fired}, no atomic swap ({command})")
-        tally.cli_error(r, re.escape(f"could not write {workspace.out(command)}"), re.escape(os.strerror(ERRNOS[name])))
+        tally.cli_error(
+            r, says_it_could_not_write(command, workspace.out(command)), re.escape(os.strerror(ERRNOS[name]))
+        )
         one_error_line(r.output)
         assert tally.lost(int(digest(workspace.disk) != before)) == 0, f"{command}: {name} at {disk.fired}"
+
+
+def test_every_command_is_a_writer_here_or_writes_nothing():
+    """A new command must join WRITERS (and so every fault here) or READ_ONLY (and so the test below)."""
+    listed = {c.split()[0] for c in WRITERS} | set(READ_ONLY) | {"demo"}
+    assert listed == set(main.commands), f"list {set(main.commands) - listed} in WRITERS or READ_ONLY"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_write_goes_through_the_output_layer(workspace, command, tally):
+    workspace.earlier(command)
+    with kept_as_it_is(workspace.out(command)), faulty_disk(workspace.disk) as counted:
+        assert (r := workspace.invoke(command)).exit_code == 0, r.output
+    assert counted.events and not counted.outside, f"{command} wrote outside prolip.outputs: {counted.outside}"
+    tally.handled_ok(f"{command}: {len(counted.events)} writes, all through the output layer")
+
+
+@pytest.mark.parametrize("command", READ_ONLY)
+def test_read_only_commands_write_nothing(workspace, command, tally):
+    workspace.earlier("fit --force")
+    image = next(workspace.data.rglob("*.jpg"))
+    args = {"predict": ["predict", workspace.run, image], "methods": ["methods", "-v"], "models": ["models", "ViT-B"]}
+    with faulty_disk(workspace.root) as counted:
+        assert (r := cli(*args[command])).exit_code == 0, r.output
+    assert not counted.events, f"{command} wrote {counted.events}"
+    tally.handled_ok(f"{command}: writes nothing")

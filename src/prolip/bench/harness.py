@@ -34,6 +34,7 @@ from prolip.features.cache import Request
 from prolip.functional import accuracy
 from prolip.methods import Method, configure, create, method_class
 from prolip.methods.base import NO_CACHED_VIEWS, Support, Task, TensorViews, Validation, ViewSource
+from prolip.outputs import writing
 from prolip.version import __version__
 
 
@@ -73,7 +74,8 @@ class Bench:
 
         self.exp, self.echo = exp, echo
         out = Path(exp.out).expanduser()
-        out.mkdir(parents=True, exist_ok=True)
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
         self.records_path = out / "records.jsonl"
         self.finished = done_cells(read_records(self.records_path))
         self.backbone = backbone or load_backbone(exp.model, exp.pretrained, device=exp.device)

@@ -8,6 +8,7 @@ version does not know) loads, and writes back, unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -178,20 +179,30 @@ def load_records(path: Path | str) -> list[Record]:
 
 
 def append_record(path: Path | str, record: Mapping[str, Any]) -> None:
+    """Append one record as one line, through the output layer: a failed write (no space, read-only, ...) is one
+    OutputError, and the file is cut back to what it held, so no half line is left behind."""
+    from prolip.outputs import writing
+
     # One write() of a whole line with O_APPEND, then fsync: a crash loses at most this line, never an earlier one.
     # A line cut short by an earlier crash is closed first, so it cannot swallow this record.
     data = (
         json.dumps(dict(record) if not isinstance(record, Record) else record.to_json(), default=str) + "\n"
     ).encode()
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            data = b"\n" + data
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with writing(Path(path).parent):
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):  # best effort: a read-only disk refuses this too
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
 
 
 def done_cells(records: Iterable[Mapping[str, Any]]) -> set[str]:

@@ -84,7 +84,7 @@ def bench_cmd(experiment, sets, out, report, plan):
         from prolip.bench.records import read_records
         from prolip.bench.report import write_report
 
-        paths = write_report(read_records(records), records.parent / "report")
+        paths = write_report(read_records(records), records.parent / "report", data_paths=[records])
         click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
@@ -116,6 +116,6 @@ def report_cmd(records, out):
         _reserve_results(out, [records / "records.jsonl" if records.is_dir() else records])
     except OutputError as e:
         raise click.ClickException(str(e)) from None
-    paths = write_report(rows, out)
+    paths = write_report(rows, out, data_paths=[records / "records.jsonl" if records.is_dir() else records])
     click.echo(paths["markdown"].read_text())
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))

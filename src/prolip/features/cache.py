@@ -445,9 +445,9 @@ class FeatureCache:
             disable=not self.progress or not units,
         )
         bad: dict[str, str] = {}
-        for missing in units:
-            bad |= self._compute_unit(ns, missing, key_to_path, num_views, make_view, skipped, bar)
-        bar.close()
+        with bar:  # closed on failure too, so an error starts on a line of its own
+            for missing in units:
+                bad |= self._compute_unit(ns, missing, key_to_path, num_views, make_view, skipped, bar)
         return bad
 
     def _compute_unit(self, ns, missing, key_to_path, num_views, make_view, skipped, bar) -> dict[str, str]:

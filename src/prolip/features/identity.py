@@ -27,6 +27,7 @@ from pathlib import Path
 from prolip.data.images import BadImageError, content_digest, stored_member
 from prolip.features.locking import LockError, held
 from prolip.features.storage import IDENTITY
+from prolip.outputs import OutputError, writing
 
 INDEX_DIR = "identity-v1"
 # A file modified within this long before it was hashed may change again within the same mtime tick without its
@@ -110,7 +111,7 @@ class ContentIndex:
                 continue
             new.setdefault(st[0], {})[st[1]] = [st[2], st[3], key]
         for group, entries in new.items():
-            with suppress(OSError, LockError):  # a memo only: an unwritable one costs hashing again next time
+            with suppress(OSError, OutputError, LockError):  # a memo: unwritable, it costs hashing again next time
                 self._merge(group, entries)
 
     def _file(self, group: str) -> Path:
@@ -129,6 +130,10 @@ class ContentIndex:
         return data["entries"]
 
     def _merge(self, group: str, entries: dict[str, list]) -> None:
+        with writing(self._file(group).parent):
+            self._write_merged(group, entries)
+
+    def _write_merged(self, group: str, entries: dict[str, list]) -> None:
         target = self._file(group)
         target.parent.mkdir(parents=True, exist_ok=True)
         # Two writers can in rare races both hold the lock (locking.held removes its file): one's new entries are

@@ -14,16 +14,18 @@ from filelock import FileLock
 
 from prolip.errors import ProlipError
 from prolip.features.storage import write_error
+from prolip.outputs import writing
 
 
 @contextmanager
 def unit_lock(target: Path) -> Iterator[bool]:
     """Hold the lock of the unit ``target``; yields False when another process wrote the unit while we waited."""
-    try:
-        with held(target.with_suffix(".lock")):
-            yield not target.exists()
-    except LockError as e:
-        raise write_error(target.parent, e.error) from None
+    with writing(target.parent, error=write_error):
+        try:
+            with held(target.with_suffix(".lock")):
+                yield not target.exists()
+        except LockError as e:
+            raise e.error from None  # the output layer words it as the cache's write error
 
 
 class LockError(ProlipError):

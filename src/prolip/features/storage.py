@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from prolip.errors import ProlipError
+from prolip.outputs import writing
 
 FEATURES = "features"
 # What a unit's keys are: content hashes of the images' bytes. Units written before content identity lack the
@@ -174,15 +175,16 @@ def write_unit(target: Path, features: torch.Tensor, keys: Sequence[str], num_vi
     }
     data = safetensors_bytes({FEATURES: features}, metadata=meta)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise write_error(target.parent, e) from None
+    with writing(target.parent, error=write_error):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def discard_temporaries(target: Path) -> None:
@@ -192,6 +194,7 @@ def discard_temporaries(target: Path) -> None:
 
 
 def write_error(directory: Path, e: OSError) -> CacheError:
+    """What a failed cache write says (the output layer's ``error`` for the cache)."""
     # EFBIG: a file-size limit (ulimit -f, RLIMIT_FSIZE) is a full disk as far as the user is concerned.
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return CacheError(

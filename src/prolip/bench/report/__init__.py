@@ -91,10 +91,25 @@ def _csv_row(row: dict) -> dict:
     }
 
 
-def write_report(records: Iterable[Mapping[str, Any]], out: Path | str) -> dict[str, Path]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def write_report(
+    records: Iterable[Mapping[str, Any]], out: Path | str, *, data_paths: Iterable[Path | str] = ()
+) -> dict[str, Path]:
+    """Write the report's tables and figures to the folder ``out`` (created, or replaced if it is a report or
+    empty) through the output layer: assembled beside it and swapped in whole, so a failed write leaves the
+    earlier report as it was. ``data_paths``: the records read, which ``out`` may not be, be inside or contain."""
+    from prolip.outputs import write_directory
+
     rows = aggregate(records)
+    names: dict[str, str] = {}
+
+    def fill(folder: Path) -> None:
+        names.update({k: p.name for k, p in _write_report_files(rows, folder).items()})
+
+    out = write_directory(out, fill, force=True, data_paths=data_paths, kind="bench")
+    return {k: out / name for k, name in names.items()}
+
+
+def _write_report_files(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
     paths = {"markdown": out / "results.md", "csv": out / "results.csv", "json": out / "results.json"}
     paths["markdown"].write_text(markdown(rows) + per_dataset_markdown(rows))
     with open(paths["csv"], "w", newline="") as f:
