@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from prolip.finetune import adapted_copy, encoder_logits, model_parameters
-from prolip.methods import check_method, create, method_class
+from prolip.methods import check_method, configure, create, method_class
 from prolip.methods.clip_svd import SVDInstaller, kept_rank, merged_tensors
 from prolip.methods.lora import one_prompt_classifier
 from prolip.methods.params import HyperparameterError
@@ -133,6 +133,8 @@ def test_defaults_are_the_originals_and_the_contract_holds():
     assert (m.encoder, m.position, tuple(m.matrices), m.rank_ratio) == ("both", "all", ("q", "k", "v", "o", "mlp"), 1)
     assert (m.lr, m.batch_size, m.steps, m.weight_decay, m.min_lr) == (5e-4, 32, 200, 1e-2, 1e-6)
     assert m.encodes_images and not m.selects and not m.accepts_classifier
+    assert configure("clip-svd", {}, dataset="ImageNet").template == "a photo of a {}."
+    assert configure("clip-svd", {}, dataset="Food101").template == "a photo of a {}, a type of food."
     assert check_method(method_class("clip-svd")) == ["declaration"]
     with pytest.raises(HyperparameterError):
         create("clip-svd", matrices=["w"])

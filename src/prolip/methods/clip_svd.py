@@ -17,8 +17,8 @@ projection and the MLP's two layers (c_fc, c_proj); the patch embedding (a Conv2
 widths, so at initialisation every logit is zero-shot CLIP's, to float32 rounding. Only the singular-value
 vectors train (``set_clip_trainable_parameters``, svf_utils/utils.py:24-69: ``vector_S`` of the chosen blocks,
 towers and matrices; everything else ``requires_grad=False``): 55,296 numbers in ViT-B/16's image tower and 36,864
-in its text tower. After training, U diag(s) Vᵀ is a plain matrix of W's shape, so ``prolip export`` merges it
-into a plain open_clip / Hugging Face checkpoint.
+in its text tower, 92,160 of its 149.6M parameters (0.06%; the README says 0.04%). After training, U diag(s) Vᵀ is
+a plain matrix of W's shape, so ``prolip export`` merges it into a plain open_clip / Hugging Face checkpoint.
 
 Training (train.py:55-195, the few-shot path of main.py:91-93): AdamW over the model's parameters (only s has
 gradients; betas 0.9/0.999, eps 1e-8, weight decay 1e-2 from configs/few_shot/*.yaml, applied to s itself, train.py:
@@ -34,11 +34,13 @@ templates are CoOp's, except ImageNet's "a photo of a {}." and Food101's "a phot
 configs/few_shot/imagenet.yaml:15 and food101.yaml:15, per-dataset defaults here).
 
 Departures: training runs in float32 (the original under float16 autocast, train.py:149); the SVD is taken in
-float64 and U, V kept in the weight's dtype, so U diag(s) Vᵀ reproduces W to float32 rounding; matrices that do not
-train are not decomposed at all (the original decomposes every Linear and freezes the unused s: the same model up
-to rounding); with only the image tower training, the one-prompt classifier is computed once (the original
-re-encodes the same frozen prompts every step); the rest of the model stays in eval mode (the original calls
-``model.train()``, train.py:136: CLIP has no dropout, and its attention's dropout is 0, PlainHeadAttention.py:11).
+float64 on the backbone's device and U, V kept in the weight's dtype, so U diag(s) Vᵀ reproduces W to float32
+rounding. A fit, and the reload of a saved run, decompose again: 144 SVDs for ViT-B/16, which took 9 minutes on two
+busy CPU cores here (not yet timed on a GPU, where the original runs it). Matrices that do not train are not
+decomposed at all (the original decomposes every Linear and freezes the unused s: the same model up to rounding);
+with only the image tower training, the one-prompt classifier is computed once (the original re-encodes the same
+frozen prompts every step); the rest of the model stays in eval mode (the original calls ``model.train()``,
+train.py:136: CLIP has no dropout, and its attention's dropout is 0, PlainHeadAttention.py:11).
 Positions: "all" is every block of any tower (the original's "all" is blocks 0-11, svf_utils/utils.py:25-26,
 matched against the first number of the parameter's name, so a 24-block ViT-L/14 image tower would train its first
 12 only); the others are the original's block indices for 12-block towers. The original rebuilds the attention of
