@@ -20,6 +20,7 @@ from statistics import mean
 import numpy as np
 import torch
 
+from prolip.outputs import replace_atomically, writing
 from prolip.tiny import DIGIT_NAMES, DIGIT_TEMPLATES, TINY_LABEL, load_tiny, write_digit_folder
 
 __all__ = ["DemoConfig", "DIGIT_NAMES", "DIGIT_TEMPLATES", "run_demo", "split_pool_and_test"]
@@ -210,12 +211,13 @@ def run_demo(
     from prolip.features import FeatureCache
 
     config = config if config is not None else DemoConfig()
-    workdir.mkdir(parents=True, exist_ok=True)
+    with writing(workdir):
+        workdir.mkdir(parents=True, exist_ok=True)
     backbone = choose_backbone(config, echo)
     lr = config.lr if config.lr is not None else _default_lr(backbone)
     cache = FeatureCache(cache_dir if cache_dir is not None else workdir / "cache", backbone, progress=False)
     with _threads_for(backbone):
-        clean = clean_zero_shot(backbone, cache, write_digit_folder(workdir / "digits-clean", "clean"), config)
+        clean = clean_zero_shot(backbone, cache, _digits(workdir, "clean"), config)
     echo(
         f"Model {backbone.info.describe()}: zero-shot {clean:.1f}% on clean held-out digits. Adapting to "
         f"{' and '.join(config.domains)} digits: {config.pool_per_class} support-pool and {config.test_per_class} "
@@ -225,7 +227,7 @@ def run_demo(
     domains = {}
     with _threads_for(backbone):
         for domain in config.domains:
-            folder = write_digit_folder(workdir / f"digits-{domain}", domain)
+            folder = _digits(workdir, domain)
             domains[domain] = run_domain(backbone, cache, folder, config, lr, echo)
     random_note = " (RANDOM weights)" if backbone.info.random_weights else ""
     caption = (
@@ -234,7 +236,7 @@ def run_demo(
         f"per support image, 300 steps"
     )
     plot = workdir / "demo.png"
-    plot_domains(domains, clean, plot, caption, curves(config, lr))
+    replace_atomically(plot, lambda tmp: plot_domains(domains, clean, tmp, caption, curves(config, lr)))
     return {
         "domains": domains,
         "clean_zero_shot": clean,
@@ -245,6 +247,13 @@ def run_demo(
         "backbone": backbone.info.describe(),
         "lr": lr,
     }
+
+
+def _digits(workdir: Path, domain: str) -> Path:
+    """The digit folder of ``domain`` in the workdir, written through the output layer (a failed write is one
+    line; a folder left incomplete is written again next time: it is complete only once marked so)."""
+    with writing(workdir):
+        return write_digit_folder(workdir / f"digits-{domain}", domain)
 
 
 def tables(domains: dict[str, list[dict]]) -> str:
@@ -315,5 +324,5 @@ def plot_domains(domains: dict[str, list[dict]], clean: float, path: Path, capti
     axes[0][0].legend(fontsize=8, loc="upper left", framealpha=0.9)
     fig.suptitle(caption, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # the path may be a temporary's, with no .png
     plt.close(fig)

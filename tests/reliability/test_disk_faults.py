@@ -17,6 +17,7 @@ import errno
 import io
 import os
 import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class FaultyDisk:
         self.events: list[str] = []
         self.outside: list[str] = []  # operations made outside prolip.outputs.writing (the output layer)
         self.fired: str | None = None
+        self.fired_path: Path | None = None
 
     def _under(self, path) -> bool:
         return isinstance(path, (str, os.PathLike)) and os.path.abspath(os.fspath(path)).startswith(self.root + os.sep)
@@ -67,6 +69,7 @@ class FaultyDisk:
             self.outside.append(self.events[-1])
         if self.at is not None and len(self.events) == self.at:
             self.fired = self.events[-1]
+            self.fired_path = Path(os.fspath(next(p for p in paths if self._under(p))))
             return True
         return False
 
@@ -222,8 +225,6 @@ def _appended(path: Path, earlier_hash: str) -> bool:
 @contextmanager
 def kept_as_it_is(path: Path):
     """Whatever the block does to ``path``, it is put back as it was (so every faulted run starts alike)."""
-    import shutil
-
     saved = path.parent.parent / "saved" / path.name  # beside the disk, not on it
     shutil.rmtree(saved, ignore_errors=True)
     saved.parent.mkdir(exist_ok=True)
@@ -324,7 +325,7 @@ def test_without_an_atomic_swap_a_failing_second_rename_puts_the_earlier_output_
 
 def test_every_command_is_a_writer_here_or_writes_nothing():
     """A new command must join WRITERS (and so every fault here) or READ_ONLY (and so the test below)."""
-    listed = {c.split()[0] for c in WRITERS} | set(READ_ONLY) | {"demo"}
+    listed = {c.split()[0] for c in WRITERS} | set(READ_ONLY) | {"demo"}  # demo: the test after this one
     assert listed == set(main.commands), f"list {set(main.commands) - listed} in WRITERS or READ_ONLY"
 
 
@@ -346,3 +347,45 @@ def test_read_only_commands_write_nothing(workspace, command, tally):
         assert (r := cli(*args[command])).exit_code == 0, r.output
     assert not counted.events, f"{command} wrote {counted.events}"
     tally.handled_ok(f"{command}: writes nothing")
+
+
+def test_the_demo_writes_through_the_output_layer_and_a_failed_write_is_one_line(tmp_path, monkeypatch, tally):
+    """The demo writes hundreds of files (digit images, cache, runs, plot), all through the output layer. Run
+    again over its workdir, a fault at each of its writes (the errnos in turn) is one line and leaves the workdir
+    as it was."""
+    import functools
+
+    import prolip.demo
+    import prolip.tiny
+
+    small = functools.partial(
+        prolip.demo.DemoConfig, domains=("noisy",), shots=(1,), pool_per_class=1, test_per_class=1, baselines=()
+    )
+    monkeypatch.setattr(prolip.demo, "DemoConfig", small)
+    monkeypatch.setattr(prolip.tiny, "HELD_OUT_PER_CLASS", 2)  # 20 digit images per domain, not hundreds
+    workdir = tmp_path / "demo"
+    for _ in range(3):  # from nothing, again (hashes of the new images remembered), then as the faults below find it
+        with faulty_disk(tmp_path) as counted:
+            assert (r := cli("demo", "--workdir", workdir, "--views", "1")).exit_code == 0, r.output
+        assert counted.events and not counted.outside, f"demo wrote outside prolip.outputs: {counted.outside[:5]}"
+    before, errnos = digest(workdir), list(ERRNOS.items())
+    for at in range(1, len(counted.events) + 1):
+        name, code = errnos[at % len(errnos)]
+        with faulty_disk(tmp_path, code, at) as disk:
+            r = cli("demo", "--workdir", workdir, "--views", "1")
+        assert disk.fired, f"demo: write {at} of {len(counted.events)} never came"
+        tally.fault(f"{name} at {disk.fired} (demo)")
+        if r.exit_code == 0 and disk.fired_path and disk.fired_path.is_relative_to(workdir / "cache"):
+            tally.handled_ok(f"{name} at {disk.fired} (demo): a cache memo or lock probe, done without")
+        else:
+            tally.cli_error(r, re.escape(f"{workdir}"), re.escape(os.strerror(code)))
+            one_error_line(r.output)
+        # Files finished before the fault may be new (a run saved again); none is missing, added or half-written.
+        after = digest(workdir)
+        broken = set(before) ^ set(after) | {p for p in after if Path(p).is_file() and b"partial" == _head(p)}
+        assert tally.lost(len(broken)) == 0, f"demo: {name} at {disk.fired}: {sorted(broken)[:3]}"
+
+
+def _head(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(7)

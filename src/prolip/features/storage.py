@@ -157,12 +157,14 @@ class ViewReader:
 
 # -- writing -------------------------------------------------------------------------------------------------------
 def make_dir(namespace: Path) -> None:
-    try:
+    with writing(namespace, error=_create_error):
         namespace.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CacheError(
-            f"cannot create feature cache directory {namespace}: {e.strerror}; use a writable cache directory"
-        ) from None
+
+
+def _create_error(namespace: Path, e: OSError) -> CacheError:
+    return CacheError(
+        f"cannot create feature cache directory {namespace}: {e.strerror}; use a writable cache directory"
+    )
 
 
 def write_unit(target: Path, features: torch.Tensor, keys: Sequence[str], num_views: int) -> None:
