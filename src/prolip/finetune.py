@@ -80,6 +80,9 @@ class FinetuneSettings:
     iterations: int | None = None  # train this many steps (as many epochs as they need) instead of ``epochs``
     head: str = "reference"  # "reference": s·(zW+b)·Tᵀ un-normalised; "clip": s·normalize(zW+b)·Tᵀ
     augmentation: str = "prolip"  # prolip.transforms.AUGMENTATIONS
+    # Epochs are numbered from here: a run that goes on where another, of epochs 0..first_epoch-1, stopped (its
+    # shuffles and views are those the longer run would have had at these epochs; 2SFS's second stage).
+    first_epoch: int = 0
 
 
 # ----------------------------------------------------------------------------------------------- pure pieces
@@ -94,14 +97,16 @@ def epoch_batches(num_images: int, batch_size: int, epoch_count: int, seed: int)
 
 def training_steps(num_images: int, settings: FinetuneSettings) -> list[tuple[int, Tensor]]:
     """(epoch, support indices) of every optimiser step: ``settings.epochs`` epochs, or, with ``iterations``, the
-    first that many steps of as many epochs as they need."""
+    first that many steps of as many epochs as they need; epochs from ``settings.first_epoch`` on."""
     if settings.iterations is None:
         epochs = settings.epochs
     else:
         epochs = math.ceil(settings.iterations / math.ceil(num_images / settings.batch_size))
+    first = settings.first_epoch
     steps = [
         (epoch, indices)
-        for epoch, batches in enumerate(epoch_batches(num_images, settings.batch_size, epochs, settings.seed))
+        for epoch, batches in enumerate(epoch_batches(num_images, settings.batch_size, first + epochs, settings.seed))
+        if epoch >= first
         for indices in batches
     ]
     return steps if settings.iterations is None else steps[: settings.iterations]
