@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from prolip.bench.memory import PeakMemory
 from prolip.bench.records import Record, append_record, done_cells, read_records
 from prolip.bench.spec import Experiment, MethodSpec
-from prolip.data.types import DatasetSplits
+from prolip.data.types import DatasetSplits, LabeledImages
 from prolip.episode import (
     Episode,
     EpisodeBuilder,
@@ -31,6 +31,7 @@ from prolip.episode import (
     support_views,
 )
 from prolip.features.cache import Request
+from prolip.features.identity import environment_fingerprint, image_set_fingerprint
 from prolip.functional import accuracy
 from prolip.methods import Method, configure, create, method_class
 from prolip.methods.base import NO_CACHED_VIEWS, Support, Task, TensorViews, Validation, ViewSource
@@ -96,6 +97,8 @@ class Bench:
         self.tta_starts: dict[tuple, Method] = {}  # fitted start methods, shared by every dataset of a TTA run
         self.costs: dict[int, dict[str, Any]] = {}  # by id of a method fitted here: its cost (see fit_cost)
         self.center_probe = CenterProbe(self)
+        self._fingerprints: dict[tuple[str, ...], str] = {}  # image set -> its fingerprint (see identity)
+        self._environment: dict[str, Any] | None = None
 
     @property
     def uses_validation(self) -> bool:
@@ -205,6 +208,26 @@ class Bench:
             setting=setting,
             group=m.group,
         )
+
+    def identity(self, episode: Episode | None = None, **evaluated: LabeledImages) -> dict[str, Any]:
+        """What a record's numbers came from besides its cell: ``images``, the fingerprints of the episode's
+        support and validation sets and of each set it was ``evaluated`` on (a hash over the images' content
+        hashes, in order: the same wherever the files are), and ``environment`` (prolip, commit, torch, device,
+        dtype, threads)."""
+        sets = {"support": episode.images.support, "validation": episode.images.validation} if episode else {}
+        sets.update(evaluated)
+        if self._environment is None:
+            self._environment = environment_fingerprint(str(self.backbone.device), self.cache.compute_dtype)
+        return {
+            "images": {name: self._fingerprint(images) for name, images in sets.items()},
+            "environment": self._environment,
+        }
+
+    def _fingerprint(self, images: LabeledImages) -> str:
+        paths = tuple(str(it.path) for it in images.items)
+        if paths not in self._fingerprints:
+            self._fingerprints[paths] = image_set_fingerprint(paths, self.cache.root)
+        return self._fingerprints[paths]
 
     def pending(self, cells: list[Cell]) -> list[Cell]:
         todo = [c for c in cells if c.record.cell not in self.finished]

@@ -69,8 +69,9 @@ def _start(b: Bench, cell: Cell, dataset: str, memo: dict) -> Tensor:
         episode = b.episode(splits, shots, seed)
         method, _ = b.fit(cell.method, cell.record["hyperparameters"], episode, seed)
         memo[key] = method
+        memo[key, "images"] = b.identity(episode)["images"]
     method = memo[key]
-    cell.add(selected=method.selected_)
+    cell.add(selected=method.selected_, images=memo[key, "images"])
     # Where the start was fitted: said after the cell id is made, as it always was, so ids stay the same.
     cell.record = replace(cell.record, source=b.splits(b.exp.tta.train_on).name if b.exp.tta.train_on else None)
     W = method.projection()
@@ -183,6 +184,8 @@ def run_tta_group(b: Bench, group: Group, cells: list[Cell]) -> Iterator[tuple[C
         if text_passes is not None:
             cell.add(text_forward_passes=n * text_passes)
         cell.add(**fields)  # a stream method's accuracy is its own (TDA: the mean over stream orders)
+        found = b.identity(evaluation=images)  # and the support's, for a cell that starts from a fit
+        cell.add(images={**cell.record.results.get("images", {}), **found["images"]}, environment=found["environment"])
         if "selected" not in cell.record.results:
             cell.add(selected={"how": "rule"})  # fixed settings, from each original
         yield cell, tally.seconds + shared / len(cells)

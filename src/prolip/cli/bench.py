@@ -100,14 +100,40 @@ def _print_plan(exp, experiment: Path) -> None:
 
 
 @click.command("report")
-@click.argument("records", type=click.Path(path_type=Path))
+@click.argument("records", type=click.Path(path_type=Path), required=False)
 @path_option("--out", help="folder for tables and plots")
-def report_cmd(records, out):
-    """Aggregate bench records: mean ± std over seeds, per dataset and averaged; markdown, CSV, JSON, PNG."""
+@click.option(
+    "--compare",
+    nargs=2,
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="A B",
+    help="match two results folders (or records files) cell by cell: same images? same weights? numbers that "
+    "differ beyond --tolerance; exits 1 unless every cell agrees",
+)
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="with --compare: the largest difference (in points) that still agrees [default: 1e-6, bitwise in practice]",
+)
+def report_cmd(records, out, compare, tolerance):
+    """Aggregate bench records: mean ± std over seeds, per dataset and averaged; markdown, CSV, JSON, PNG.
+
+    With --compare A B: say which cells of two results folders used the same images and weights, and where their
+    numbers differ."""
     from prolip.bench.records import read_records
     from prolip.bench.report import write_report
     from prolip.outputs import OutputError
 
+    if compare is not None:
+        if records is not None or out is not None:
+            raise click.UsageError("--compare A B takes the two folders itself: give no RECORDS or --out with it")
+        return _compare(compare[0], compare[1], tolerance)
+    if tolerance is not None:
+        raise click.UsageError("--tolerance applies to --compare A B only")
+    if records is None:
+        raise click.UsageError("give the RECORDS to report (a results folder or records.jsonl), or --compare A B")
     rows = read_records(records)
     if not rows:
         raise click.ClickException(f"no records found in {records}")
@@ -119,3 +145,20 @@ def report_cmd(records, out):
     paths = write_report(rows, out, data_paths=[records / "records.jsonl" if records.is_dir() else records])
     click.echo(paths["markdown"].read_text())
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _compare(a: Path, b: Path, tolerance: float | None) -> None:
+    from prolip.bench.compare import DEFAULT_TOLERANCE, compare_records, format_comparison
+    from prolip.bench.protocols import metrics
+    from prolip.bench.records import read_records
+
+    found = []
+    for path in (a, b):
+        rows = read_records(path)
+        if not rows:
+            raise click.ClickException(f"no records found in {path}")
+        found.append(rows)
+    result = compare_records(found[0], found[1], metrics(), DEFAULT_TOLERANCE if tolerance is None else tolerance)
+    click.echo(format_comparison(result, str(a), str(b)))
+    if not result.agrees:
+        click.get_current_context().exit(1)

@@ -59,6 +59,7 @@ class BaseToNew(Protocol):
                 base_classes=len(base),
                 new_classes=len(new),
                 **self.b.cost(method),
+                **self.b.identity(episode, evaluation=episode.evaluation.images, new=new_features.images),
             )
             if not method.accepts_classifier:
                 cell.add(note=f"{cell.method.name} cannot score classes it was not trained on")

@@ -30,6 +30,7 @@ class FewShot(Protocol):
                 eval_set=episode.images.eval_set,
                 support_digest=episode.images.support_digest(),
                 **self.b.cost(method),
+                **self.b.identity(episode, evaluation=episode.evaluation.images),
             )
             if acc is None:
                 cell.add(note=NOTHING_TO_SCORE)

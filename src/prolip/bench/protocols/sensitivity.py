@@ -84,6 +84,7 @@ class Sensitivity(Protocol):
                     selected=method.selected_,
                     eval_images=len(episode.evaluation),
                     eval_set=episode.images.eval_set,
+                    **self.b.identity(episode, evaluation=episode.evaluation.images),
                 )
                 yield cell, seconds
 

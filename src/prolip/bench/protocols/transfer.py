@@ -109,6 +109,7 @@ class CrossDataset(Protocol):
                 eval_images=len(features),
                 num_classes=len(self.b.splits(cell.target or source.name).classnames),
                 **self.b.cost(method),
+                **self.b.identity(episode, evaluation=features.images),
             )
             yield cell, seconds + time.perf_counter() - started
 
