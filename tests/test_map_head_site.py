@@ -13,13 +13,20 @@ import torch
 import torch.nn.functional as F
 
 import prolip
-from prolip.backbones import SiteExportError, load_backbone
+from prolip.backbones import load_backbone
 from prolip.backbones.base import SiteTrainingError
 from prolip.backbones.openclip import OpenClipBackbone
 from prolip.backbones.sites import native_site
+from prolip.episode import task_for
 from prolip.errors import RunError
 from prolip.export import export_open_clip
-from prolip.functional import clip_logits, project
+from prolip.functional import clip_logits, project, proximal_penalty
+from prolip.methods import Support, TensorViews, Validation
+from prolip.methods._common import join_rows, split_rows
+from prolip.methods.prolip import train_projection
+from prolip.optim import train_full_batch, view_for_step
+from prolip.tta.functional import batched_logits
+from prolip.tta.prolip import TTAConfig, adapt_projection, frozen_rows
 
 ARCH = "test-maphead-tiny"
 FC2 = "visual.trunk.attn_pool.mlp.fc2"
@@ -78,22 +85,116 @@ def test_image_level_training_at_the_map_head_site_is_refused_in_one_line(maphea
     assert isinstance(e.value, RunError) and "\n" not in str(e.value)
 
 
-def test_prolip_fits_saves_and_predicts_and_export_refuses_moved_residual_rows(maphead, tiny_image_folder, tmp_path):
+def test_prolip_fits_saves_predicts_and_exports_what_the_run_predicts(maphead, tiny_image_folder, tmp_path):
+    from prolip import inference
+
     result = prolip.fit(
-        tiny_image_folder, maphead, cache_dir=tmp_path / "cache", shots=2, views=1, hyperparameters={"steps": 3}
+        tiny_image_folder,
+        maphead,
+        cache_dir=tmp_path / "cache",
+        shots=2,
+        views=1,
+        hyperparameters={"steps": 3, "lr": 1e-3},
     )
-    W = result.method.projection()
-    assert W is not None and W.shape == maphead.projection().weight.shape
+    W, W0, k = result.method.projection(), maphead.projection().weight, maphead.projection().residual_rows
+    assert W is not None and W.shape == W0.shape
     assert result.run.manifest["backbone"]["site"] == "native"
+    # ProLIP at the MAP-head site trains fc2 alone: the residual's rows are the identity still, fc2's moved.
+    assert torch.equal(W[-k:], torch.eye(k)) and not torch.equal(W[:-k], W0[:-k])
     run = prolip.load_run(result.run.save(tmp_path / "run"))
     images = sorted(tiny_image_folder.rglob("*.jpg"))[:3]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert run.predict(images) == result.run.predict(images, backbone=maphead)
-    # ProLIP trains all of W, the residual's rows too: no checkpoint holds a map on the residual.
-    with pytest.raises(SiteExportError, match="rows of W, which carry the frozen residual") as e:
-        export_open_clip(maphead, W, tmp_path / "refused.safetensors")
-    assert "\n" not in str(e.value) and not (tmp_path / "refused.safetensors").exists()
+    method = inference.method_from_run(maphead, run)
+    path = export_open_clip(maphead, inference.checkpoint_tensors(method, run, maphead), tmp_path / "m.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = open_clip.create_model(ARCH, pretrained=str(path)).eval()
+    x = _images(maphead, 4, seed=3)
+    expected = method.logits(maphead.encode_pre(x))  # the run's own predictions, from its saved W
+    with torch.no_grad():
+        got = maphead.logit_scale * F.normalize(exported.encode_image(x), dim=-1) @ run.classifier.t()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.fixture(scope="module")
+def map_problem(maphead):
+    """A task at the MAP-head site (``task_for``, as every episode builds it) and two views of six images."""
+    classifier = F.normalize(maphead.encode_text(["cat", "dog", "red car"], ["a photo of a {}."]), dim=-1)
+    task = task_for(maphead, classifier, shots=2, text_mean=classifier)
+    views = torch.stack([maphead.encode_pre(_images(maphead, 6, seed=s)) for s in (4, 5)])
+    return task, Support(TensorViews(views), torch.tensor([0, 0, 1, 1, 2, 2]), center=views[0])
+
+
+@pytest.mark.parametrize(
+    ("name", "hp"),
+    [
+        ("prolip", {}),
+        ("prolip", {"precision": "reference"}),
+        ("prolip", {"grid": [[1e-2, 0.5], [1e-3, 0.0]]}),  # packed: both configs at once
+        ("p0", {}),
+        ("prolip+tip-adapter-f", {}),  # AdamW: its weight decay reaches the trained rows only
+        ("prolip+taskres", {}),
+    ],
+)
+def test_methods_training_w_keep_the_residual_rows_frozen(map_problem, name, hp):
+    task, support = map_problem
+    k = task.frozen_rows
+    assert k == task.W0.shape[1] and torch.equal(task.W0[-k:], torch.eye(k))
+    hp = {"steps": 4, "lr": 1e-2, **hp}
+    val = Validation(support.views.view(1), support.labels) if "grid" in hp else None
+    method = prolip.methods.create(name, **hp).fit(task, support, val)
+    W = method.state_dict()["W"] if name.startswith("prolip+") else method.projection()
+    assert W is not None and W.shape == task.W0.shape
+    assert torch.equal(W[-k:], task.W0[-k:])
+    assert not torch.equal(W[:-k], task.W0[:-k])
+    if name in ("prolip", "p0"):  # what they count as learned: fc2's rows (P0: A, over them)
+        rows = task.W0.shape[0] - k
+        assert method.trainable_parameters() == rows * (k if name == "prolip" else method.Q.shape[1])
+
+
+def test_prolips_packed_and_single_trainers_agree_with_frozen_rows(map_problem):
+    task, support = map_problem
+    args = (task.W0, task.bias, task.classifier, task.logit_scale, support.views, support.labels)
+    one = train_projection(*args, [1e-3], [0.5], 4, frozen_rows=task.frozen_rows)
+    packed = train_projection(*args, [1e-3, 1e-2], [0.5, 0.0], 4, frozen_rows=task.frozen_rows)
+    torch.testing.assert_close(packed[0], one[0], rtol=1e-5, atol=1e-6)
+    # The same training by autograd through W = [W_t; frozen rows], only W_t an Adam parameter, the pull on W_t:
+    W0t, frozen = split_rows(task.W0, task.frozen_rows)
+    Wt = W0t.clone()
+
+    def loss_at(t: int) -> torch.Tensor:
+        z = support.views.view(view_for_step(t, support.views.num_views))
+        logits = clip_logits(z, join_rows(Wt, frozen), task.bias, task.classifier, task.logit_scale)
+        return F.cross_entropy(logits, support.labels) + 0.5 * proximal_penalty(Wt, W0t)
+
+    train_full_batch([Wt], loss_at, steps=4, lr=1e-3)
+    torch.testing.assert_close(one[0], join_rows(Wt, frozen), rtol=1e-4, atol=1e-5)
+
+
+def test_test_time_prolip_keeps_the_residual_rows_frozen(maphead, map_problem):
+    task, support = map_problem
+    k = frozen_rows(maphead)
+    assert k == task.frozen_rows and frozen_rows(None) == 0
+    z = torch.stack([support.views.view(0), support.views.view(1)], dim=1)  # [B, V, D_pre]
+    cfg = TTAConfig(ratio=1.0, steps=3, lr=1e-2)
+    logits, W = adapt_projection(z, task.W0, task.bias, task.classifier, task.logit_scale, cfg, k)
+    assert W.shape == (z.shape[0], *task.W0.shape) and torch.equal(W[:, -k:], task.W0[-k:].expand(z.shape[0], -1, -1))
+    assert not torch.equal(W[:, :-k], task.W0[:-k].expand(z.shape[0], -1, -1))
+    torch.testing.assert_close(logits, batched_logits(z[:, :1], W, task.bias, task.classifier, task.logit_scale)[:, 0])
+
+
+def test_image_level_trainings_projection_appends_the_residual_rows(maphead):
+    from prolip.finetune import projection_parameters, trainable_copy
+
+    site = maphead.projection()
+    encoder = trainable_copy(maphead, [f"{FC2}.weight"])
+    W, bias = projection_parameters(encoder)
+    assert torch.equal(W, site.weight) and bias is not None and torch.equal(bias, site.bias)
+    (grad,) = torch.autograd.grad(W.sum(), encoder.model.get_submodule(FC2).weight)
+    assert torch.equal(grad, torch.ones_like(grad))  # fc2's rows are the parameter, the residual's constants
 
 
 def test_an_adapted_fc2_exports_into_the_checkpoint_exactly(maphead, tmp_path):

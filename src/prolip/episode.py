@@ -376,7 +376,8 @@ def _empty(images: LabeledImages, backbone: Backbone) -> Features:
 
 def task_for(backbone: Backbone, classifier: Tensor, shots: int, text_mean: Tensor | None = None) -> Task:
     """A task from a backbone's projection and a given text classifier (a saved run's, or a new one), with the
-    backbone itself (methods that train inside the image encoder rebuild their encoder from it)."""
+    backbone itself (methods that train inside the image encoder rebuild their encoder from it) and the rows of W
+    that stay frozen (the residual's, at a MAP-head site)."""
     site = backbone.projection()
     return Task(
         W0=site.weight.detach().float().cpu(),
@@ -386,4 +387,5 @@ def task_for(backbone: Backbone, classifier: Tensor, shots: int, text_mean: Tens
         shots=shots,
         text_mean=text_mean,
         backbone=backbone,
+        frozen_rows=site.residual_rows,
     )

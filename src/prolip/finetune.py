@@ -183,7 +183,8 @@ def encode_pre_with_grad(encoder: Backbone, images: Tensor) -> Tensor:
 
 def projection_parameters(encoder: Backbone) -> tuple[Tensor, Tensor | None]:
     """The projection W (right layout [D_pre, D]) and bias as views of the live parameters (``projection()`` hands
-    back detached tensors), so a trained projection gets its gradient."""
+    back detached tensors), so a trained projection gets its gradient; a site's frozen residual rows
+    (``ProjectionSite.residual_rows``, no parameter of the model) are appended as the constants they are."""
     site = encoder.projection()
     if site.kind != "native":
         raise HyperparameterError(
@@ -194,6 +195,8 @@ def projection_parameters(encoder: Backbone) -> tuple[Tensor, Tensor | None]:
     params = model_parameters(encoder)
     weight = params[site.param_name]
     W = weight if site.native_layout == "right" else weight.t()
+    if site.residual_rows:
+        W = torch.cat([W, site.weight[-site.residual_rows :].to(W)])
     if site.bias is None:
         return W, None
     bias_name = site.param_name.rsplit(".", 1)[0] + ".bias"

@@ -40,7 +40,8 @@ class ProjectionSite:
     per-image residual r, carried in z's last ``residual_rows`` coordinates (z = [h, r]) and in W's last rows, which
     are the identity at W0 (``z W0 + b = h W_fc2 + b + r``). Those rows are no part of the checkpoint's tensor:
     the residual is a frozen term, so :meth:`to_native` merges the rows above them and refuses a W whose residual
-    rows left the identity (the checkpoint cannot hold a map on the residual).
+    rows left the identity (the checkpoint cannot hold a map on the residual). Every method that trains W keeps
+    them frozen (an episode's ``Task.frozen_rows``; test-time ProLIP reads them here), so its W merges exactly.
     """
 
     weight: Tensor

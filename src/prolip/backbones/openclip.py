@@ -264,7 +264,8 @@ class OpenClipMapHead(OpenClipLinearSite):
     D rows of W carry the residual as a frozen per-image term (``ProjectionSite.residual_rows``). A feature cache
     keeps z per (image, view) as for any site, r inside it, so every feature method runs unchanged: those that read
     W0 (zero-shot, LP++, GDA, ProKeR, Tip-Adapter, linear probe, ...) see the tower's output exactly; those that
-    train W (ProLIP, ...) train the residual's rows too, which no checkpoint holds (export refuses such a W)."""
+    train W (ProLIP, P0, the ProLIP complements, test-time ProLIP) train fc2's rows alone, the residual's rows frozen
+    at the identity (``Task.frozen_rows``), so their W exports into fc2.weight exactly."""
 
     def __init__(self, model, info: BackboneInfo, device: torch.device | str, site: NativeSite):
         super().__init__(model, info, device, site)

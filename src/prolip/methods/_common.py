@@ -18,6 +18,25 @@ def embed(task: Task, z: Tensor) -> Tensor:
     return project(z.float(), task.W0, task.bias)
 
 
+def split_rows(W: Tensor, frozen: int) -> tuple[Tensor, Tensor]:
+    """W [..., D_pre, D] as (its trained rows, its last ``frozen`` rows), both views of W.
+
+    A method that trains W trains the first part only and rebuilds W with :func:`join_rows`: the frozen rows
+    (``Task.frozen_rows``: a MAP head's residual, the identity at W0) get no gradient, no optimiser state and no
+    weight decay, and the pull toward W0 over the trained rows is the whole-W pull (the frozen rows stay at W0).
+    With ``frozen`` = 0 the trained part is W itself, shape and strides, and the frozen part is empty."""
+    n = W.shape[-2] - frozen
+    return W[..., :n, :], W[..., n:, :]
+
+
+def join_rows(trained: Tensor, frozen: Tensor) -> Tensor:
+    """W from :func:`split_rows`' parts: ``trained`` [..., n, D] over ``frozen`` [k, D] (broadcast over trained's
+    leading dims); ``trained`` itself when nothing is frozen."""
+    if frozen.shape[-2] == 0:
+        return trained
+    return torch.cat([trained, frozen.expand(*trained.shape[:-2], *frozen.shape[-2:])], dim=-2)
+
+
 def text_mean(task: Task, method: str) -> Tensor:
     """The unnormalised mean text embedding the originals of TaskRes, ZS-LP and CLAP start from."""
     if task.text_mean is None:

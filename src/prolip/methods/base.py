@@ -89,6 +89,9 @@ class Task:
     text_mean: Tensor | None = None
     # The frozen backbone itself, for methods that train inside the image encoder (``encodes_images``).
     backbone: Any = None
+    # W's last rows that no method trains (a MAP head's residual, ``ProjectionSite.residual_rows``; 0 elsewhere):
+    # they stay at W0's (:func:`prolip.methods._common.split_rows`).
+    frozen_rows: int = 0
 
     @property
     def num_classes(self) -> int:

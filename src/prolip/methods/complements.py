@@ -1,6 +1,7 @@
 """The ProLIP paper's complements (§5, Tables 7, 8, 13), as the reference code (github.com/astra-vision/ProLIP)
 trains them: full batch, one cached view per step in the reference's order ((t+1) mod V), cosine to 0 over the
-steps, λ = 1/N, eps 1e-4, float32 here (the reference ran float16: see ``prolip``'s ``precision``).
+steps, λ = 1/N, eps 1e-4, float32 here (the reference ran float16: see ``prolip``'s ``precision``). Where W trains,
+its last ``Task.frozen_rows`` rows (a MAP head's residual) stay W0's, out of the optimiser, as in ProLIP.
 
 - "prolip+tip-adapter-f" (``methods/ProLIP_Tip.py``, ``configs/experiments/prolip_tip.yaml``): W and a Tip-Adapter
   cache trained jointly. Keys K0 = n(mean over ``augment_views`` views of n(f(W0, z))) (``methods/utils.py``
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from prolip.functional import cosine_logits, proximal_penalty
 from prolip.methods import register
-from prolip.methods._common import embed
+from prolip.methods._common import embed, join_rows, split_rows
 from prolip.methods.base import Method, Support, Task, Validation
 from prolip.methods.params import (
     LEARNING_RATE,
@@ -106,14 +107,16 @@ class ProLIPTipAdapterF(Method):
     def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
         lam = resolve_lambda(self.lam, task.shots)
         self.values = F.one_hot(support.labels, task.num_classes).float()
-        W, keys = task.W0.clone(), tip_cache_keys(task, task.W0, support, self.augment_views)
+        W0t, W0_frozen = split_rows(task.W0, task.frozen_rows)
+        Wt, keys = W0t.clone(), tip_cache_keys(task, task.W0, support, self.augment_views)
 
         def loss_at(t: int) -> Tensor:
+            W = join_rows(Wt, W0_frozen)
             ce = F.cross_entropy(self._blend(_view(support, t), W, keys, task.classifier), support.labels)
-            return ce + lam * proximal_penalty(W, task.W0)
+            return ce + lam * proximal_penalty(Wt, W0t)
 
-        train_full_batch([W, keys], loss_at, steps=self.steps, lr=self.lr, weight_decay=self.weight_decay)
-        self.W, self.keys = W, keys
+        train_full_batch([Wt, keys], loss_at, steps=self.steps, lr=self.lr, weight_decay=self.weight_decay)
+        self.W, self.keys = join_rows(Wt, W0_frozen), keys
         self.selected_ = {"lr": self.lr, "lam": lam, "alpha": self.alpha, "beta": self.beta, "how": "rule"}
 
     def _logits(self, z: Tensor, classifier: Tensor) -> Tensor:
@@ -156,14 +159,16 @@ class ProLIPTaskRes(Method):
 
     def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
         lam = resolve_lambda(self.lam, task.shots)
-        W, residual = task.W0.clone(), torch.zeros(task.W0.shape[1], task.num_classes)
+        W0t, W0_frozen = split_rows(task.W0, task.frozen_rows)
+        Wt, residual = W0t.clone(), torch.zeros(task.W0.shape[1], task.num_classes)
 
         def loss_at(t: int) -> Tensor:
+            W = join_rows(Wt, W0_frozen)
             ce = F.cross_entropy(self._blend(_view(support, t), W, residual, task.classifier), support.labels)
-            return ce + lam * proximal_penalty(W, task.W0)
+            return ce + lam * proximal_penalty(Wt, W0t)
 
-        train_full_batch([W, residual], loss_at, steps=self.steps, lr=self.lr)
-        self.W, self.residual = W, residual
+        train_full_batch([Wt, residual], loss_at, steps=self.steps, lr=self.lr)
+        self.W, self.residual = join_rows(Wt, W0_frozen), residual
         self.selected_ = {"lr": self.lr, "lam": lam, "how": "rule"}
 
     def _logits(self, z: Tensor, classifier: Tensor) -> Tensor:

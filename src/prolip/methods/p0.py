@@ -6,7 +6,8 @@ Q [D, r]: the class texts (unit rows of the task's classifier), transposed and c
 float64, reduced SVD; the left singular vectors with σ > max(D, C)·ε₆₄·σ₁ are kept, each signed so that its
 largest-magnitude entry is positive (``text_geometry``). The loss is ProLIP's (``CE(s·normalize(zW + b)·Tᵀ, y)``)
 plus ``λ‖A‖²_F`` (= ``λ‖W − W0‖²``: Q's columns are orthonormal); 300 full-batch Adam steps (eps 1e-4), cosine to 0,
-step t on cached view (t + 1) mod V (``fit_and_select``: the same as ProLIP's reference order), A from zero.
+step t on cached view (t + 1) mod V (``fit_and_select``: the same as ProLIP's reference order), A from zero. A
+spans W's trained rows only: the last ``Task.frozen_rows`` (a MAP head's residual) stay W0's, as in ProLIP.
 
 Validation-free: the original's preferred point, lr 1e-3 and λ = 1/N (``selection_key`` prefers it among ties).
 ``grid=True`` runs its nine candidates (lr 1e-3 × λ ∈ {1/N, 0, 0.01, 0.1, 1, 10, 100}, then (1e-4, 1/N) and
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from prolip.functional import clip_logits
 from prolip.methods import register
+from prolip.methods._common import join_rows, split_rows
 from prolip.methods.base import Method, Support, Task, Validation
 from prolip.methods.params import LEARNING_RATE, Flag, Lambda, Number, resolve_lambda
 from prolip.methods.prolip import StepBuffers, embedding_grad, grid_accuracies
@@ -44,18 +46,21 @@ def text_basis(classifier: Tensor) -> Tensor:
 def train_coordinates(
     task: Task, support: Support, Q: Tensor, lr: float, lam: float, steps: int
 ) -> tuple[Tensor, Tensor]:
-    """(A [D_pre, r], W = W0 + A·Qᵀ) after ``steps`` Adam steps on ProLIP's loss with W restricted to the span."""
+    """(A [n, r], W = W0 + A·Qᵀ on W's n trained rows) after ``steps`` Adam steps on ProLIP's loss with W restricted
+    to the span; W's last ``task.frozen_rows`` rows stay W0's."""
     views, W0 = support.views, task.W0.float()
     buf = StepBuffers(views.num_images, 1, W0.shape[1], support.labels, task.classifier.shape[0])
-    A = torch.zeros(W0.shape[0], Q.shape[1])
+    W0t, W0_frozen = split_rows(W0, task.frozen_rows)
+    n = W0t.shape[0]
+    A = torch.zeros(n, Q.shape[1])
     exp_avg, exp_avg_sq = torch.zeros_like(A), torch.zeros_like(A)
     for t in range(steps):
         z = views.view(view_for_step(t, views.num_views)).float()
-        W = W0 + A @ Q.T
+        W = join_rows(W0t + A @ Q.T, W0_frozen)
         de = embedding_grad(z, W, task.bias, task.classifier, task.logit_scale, buf)
-        grad = (z.T @ de) @ Q + 2 * lam * A  # dL/dA = (dL/dW)·Q
+        grad = (z[:, :n].T @ de) @ Q + 2 * lam * A  # dL/dA = (dL/dW)·Q
         fused_adam_step(A, grad, exp_avg, exp_avg_sq, t + 1, float(cosine_lr(lr, t, steps)), eps=REFERENCE_EPS)
-    return A, W0 + A @ Q.T
+    return A, join_rows(W0t + A @ Q.T, W0_frozen)
 
 
 def candidates(shots: int) -> list[tuple[float, float]]:
@@ -124,11 +129,12 @@ class P0(Method):
         return {"A": self.A, "Q": self.Q}
 
     def state_shapes(self, task: Task) -> dict[str, tuple[int, ...]]:
-        return {"A": (task.W0.shape[0], -1), "Q": (task.W0.shape[1], -1)}
+        return {"A": (task.W0.shape[0] - task.frozen_rows, -1), "Q": (task.W0.shape[1], -1)}
 
     def _load(self, task: Task, state: dict[str, Tensor]) -> None:
         self.A, self.Q = state["A"], state["Q"]
-        self.W = task.W0.float() + self.A @ self.Q.T
+        W0t, W0_frozen = split_rows(task.W0.float(), task.frozen_rows)
+        self.W = join_rows(W0t + self.A @ self.Q.T, W0_frozen)
 
     def trainable_parameters(self) -> int:
         """A alone: Q is fixed by the class texts, and W follows from both."""

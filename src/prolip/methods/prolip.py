@@ -3,7 +3,9 @@
 Loss ``CE(s·normalize(zW+b)·Tᵀ, y) + λ·Σ(W−W0)²`` (a sum, not a mean), full-batch Adam (eps 1e-4), cosine to 0
 over the steps, step t on cached view (t+1) mod V (the reference's order). Everything is written batched over a
 leading grid dim G (one (lr, λ) per slice), so the paper's 49-point validation grid is one computation: W is
-[G, D_pre, D], the features are shared, Adam is elementwise.
+[G, D_pre, D], the features are shared, Adam is elementwise. W's last ``Task.frozen_rows`` rows (a MAP head's
+residual, 0 at every other site) stay W0's: only the rows above them get a gradient, Adam state and the pull (which
+is then the whole-W pull, the frozen rows being at W0), so ProLIP at the MAP-head site trains exactly fc2.
 
 Two numerics:
 - "fp32" (default): float32 master weights and Adam state, analytic gradient (no autograd graph).
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 from prolip.distributed import all_reduce_sum, broadcast, rank_world
 from prolip.functional import clip_logits, project, proximal_penalty
 from prolip.methods import register
+from prolip.methods._common import join_rows, split_rows
 from prolip.methods.base import Method, Support, Task, Validation, ViewSource
 from prolip.methods.params import (
     LEARNING_RATE,
@@ -106,20 +109,22 @@ def train_projection(
     lams: Sequence[float] | Tensor,
     steps: int,
     precision: str = "fp32",
+    frozen_rows: int = 0,
 ) -> Tensor:
     """Train G projections from W0 at once, config g with lr ``lrs[g]`` and λ ``lams[g]``: returns [G, D_pre, D].
 
     One configuration trains alone with torch's fused Adam kernel; several train as one packed computation (one
-    GEMM per product for all of them), which is what amortises kernel launches on a GPU.
+    GEMM per product for all of them), which is what amortises kernel launches on a GPU. W's last ``frozen_rows``
+    rows (``Task.frozen_rows``) stay W0's: only the rows above them get a gradient, Adam state and the pull.
     """
     lrs = torch.as_tensor(lrs, dtype=torch.float64)
     lams = torch.as_tensor(lams, dtype=torch.float32)
+    args = (W0, bias, classifier, logit_scale, views, labels)
     if precision == "reference":
-        return _train_reference(W0, bias, classifier, logit_scale, views, labels, lrs, lams, steps)
+        return _train_reference(*args, lrs, lams, steps, frozen_rows)
     if len(lrs) == 1:
-        W = _train_one(W0, bias, classifier, logit_scale, views, labels, float(lrs[0]), lams[0], steps)
-        return W[None]
-    return _train_packed(W0, bias, classifier, logit_scale, views, labels, lrs, lams, steps)
+        return _train_one(*args, float(lrs[0]), lams[0], steps, frozen_rows)[None]
+    return _train_packed(*args, lrs, lams, steps, frozen_rows)
 
 
 class StepBuffers:
@@ -186,17 +191,21 @@ def _train_one(
     lr: float,
     lam: Tensor,
     steps: int,
+    frozen_rows: int = 0,
 ) -> Tensor:
-    """One configuration: every buffer allocated once, Adam as one fused pass over W and its moments."""
+    """One configuration: every buffer allocated once, Adam as one fused pass over W's trained rows (a view of W's
+    first rows, so W is always their concatenation with the frozen ones) and their moments."""
     buf = StepBuffers(views.num_images, 1, W0.shape[1], labels, classifier.shape[0])
     W = W0.float().clone()
-    exp_avg, exp_avg_sq, grad = torch.zeros_like(W), torch.zeros_like(W), torch.empty_like(W)
+    (Wt, _), (W0t, _) = split_rows(W, frozen_rows), split_rows(W0, frozen_rows)
+    n = Wt.shape[0]
+    exp_avg, exp_avg_sq, grad = torch.zeros_like(Wt), torch.zeros_like(Wt), torch.empty_like(Wt)
     two_lam = 2 * lam.to(W.device) if lam != 0 else None
     for t in range(steps):
         z = views.view(view_for_step(t, views.num_views)).float()
         de = embedding_grad(z, W, bias, classifier, logit_scale, buf)
-        _gradient_into(grad, z, de, W, W0, two_lam)
-        fused_adam_step(W, grad, exp_avg, exp_avg_sq, t + 1, float(cosine_lr(lr, t, steps)), eps=REFERENCE_EPS)
+        _gradient_into(grad, z[:, :n], de, Wt, W0t, two_lam)
+        fused_adam_step(Wt, grad, exp_avg, exp_avg_sq, t + 1, float(cosine_lr(lr, t, steps)), eps=REFERENCE_EPS)
     return W
 
 
@@ -210,21 +219,24 @@ def _train_packed(
     lrs: Tensor,
     lams: Tensor,
     steps: int,
+    frozen_rows: int = 0,
 ) -> Tensor:
-    """G configurations packed side by side (W [D_pre, G, D]): each product one plain GEMM for all of them."""
+    """G configurations packed side by side (W [D_pre, G, D]): each product one plain GEMM for all of them; Adam
+    steps the trained rows (the first ``D_pre − frozen_rows``) alone, as in :func:`_train_one`."""
     (D_pre, D), G = W0.shape, len(lrs)
     buf = StepBuffers(views.num_images, G, D, labels, classifier.shape[0])
     W = W0[:, None, :].expand(-1, G, -1).clone(memory_format=torch.contiguous_format)
-    exp_avg, exp_avg_sq, grad = torch.zeros_like(W), torch.zeros_like(W), torch.empty_like(W)
-    scratch = (torch.empty_like(W), torch.empty_like(W))
-    W0p = W0[:, None, :].expand(-1, G, -1)
+    Wt = W[: D_pre - frozen_rows]
+    exp_avg, exp_avg_sq, grad = torch.zeros_like(Wt), torch.zeros_like(Wt), torch.empty_like(Wt)
+    scratch = (torch.empty_like(Wt), torch.empty_like(Wt))
+    W0p = W0[: Wt.shape[0], None, :].expand(-1, G, -1)
     two_lam = (2 * lams.to(W.device))[:, None] if bool((lams != 0).any()) else None
     for t in range(steps):
         z = views.view(view_for_step(t, views.num_views)).float()
         de = embedding_grad(z, W.view(D_pre, G * D), bias, classifier, logit_scale, buf)
-        _gradient_into(grad, z, de, W, W0p, two_lam)
+        _gradient_into(grad, z[:, : Wt.shape[0]], de, Wt, W0p, two_lam)
         adam_step(
-            W,
+            Wt,
             grad,
             exp_avg,
             exp_avg_sq,
@@ -237,24 +249,25 @@ def _train_packed(
     return W.transpose(0, 1).contiguous()
 
 
-def _train_reference(W0, bias, classifier, logit_scale, views, labels, lrs, lams, steps) -> Tensor:
-    """float16 everything, as the reference runs: features, W, forward/backward and Adam's state."""
+def _train_reference(W0, bias, classifier, logit_scale, views, labels, lrs, lams, steps, frozen_rows=0) -> Tensor:
+    """float16 everything, as the reference runs: features, W, forward/backward and Adam's state (of W's trained
+    rows: the last ``frozen_rows`` stay W0's)."""
     half = torch.float16
-    W = W0.to(half).expand(len(lrs), *W0.shape).clone()
-    W0_, T = W0.to(half), classifier.to(half)
+    W, W_frozen = split_rows(W0.to(half).expand(len(lrs), *W0.shape).clone(), frozen_rows)
+    W0_, T = split_rows(W0.to(half), frozen_rows)[0], classifier.to(half)
     bias_ = None if bias is None else bias.to(half)
     exp_avg, exp_avg_sq = torch.zeros_like(W), torch.zeros_like(W)
     for t in range(steps):
         z = views.view(view_for_step(t, views.num_views)).to(half)
-        grad = _reference_grad(z, W, bias_, T, logit_scale, labels, W0_, lams.to(half))
+        grad = _reference_grad(z, W, W_frozen, bias_, T, logit_scale, labels, W0_, lams.to(half))
         adam_step(W, grad, exp_avg, exp_avg_sq, t + 1, cosine_lr(lrs, t, steps), eps=REFERENCE_EPS)
-    return W
+    return join_rows(W, W_frozen)
 
 
-def _reference_grad(z, W, bias, classifier, logit_scale, labels, W0, lam) -> Tensor:
-    """Gradient as the reference computes it: autograd through the float16 forward pass."""
+def _reference_grad(z, W, W_frozen, bias, classifier, logit_scale, labels, W0, lam) -> Tensor:
+    """Gradient of W's trained rows as the reference computes it: autograd through the float16 forward pass."""
     W = W.detach().requires_grad_(True)
-    e = project(z, W, bias)
+    e = project(z, join_rows(W, W_frozen), bias)
     logits = logit_scale * (e / e.norm(dim=-1, keepdim=True)) @ classifier.T
     ce = torch.stack([F.cross_entropy(lg, labels) for lg in logits])
     loss = (ce + lam * proximal_penalty(W, W0)).sum()
@@ -364,6 +377,7 @@ class ProLIP(Method):
             lams,
             self.steps,
             self.precision,
+            frozen_rows=task.frozen_rows,
         )
 
     def _train_in_chunks(
@@ -449,6 +463,12 @@ class ProLIP(Method):
 
     def projection(self) -> Tensor | None:
         return self.W
+
+    def trainable_parameters(self) -> int:
+        """W's trained rows: all of W but a site's frozen rows (``Task.frozen_rows``)."""
+        if self.task is None or self.W is None:
+            return 0
+        return self.W.numel() - self.task.frozen_rows * self.W.shape[-1]
 
     def state_dict(self) -> dict[str, Tensor]:
         if self.task is None or self.W is None:

@@ -4,7 +4,9 @@ Per test image: V views (view 0 = the original, center-cropped; views 1..V−1 =
 reference's test-time code, TPT's torchvision defaults: scale 0.08–1, bilinear); keep the
 ``ratio`` lowest-entropy views (judged at the starting W); minimise the entropy of their mean prediction with
 ``steps`` AdamW steps on W; predict view 0 with the adapted W; reset. B images adapt B independent copies of W in one
-batched computation (W as [B, D_pre, D]); the per-image result is the same as adapting one image at a time.
+batched computation (W as [B, D_pre, D]); the per-image result is the same as adapting one image at a time. At a
+site whose last rows of W are frozen (a MAP head's residual, ``ProjectionSite.residual_rows``) the rows above them
+adapt and the frozen ones stay the start's, as in every method that trains W.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from prolip.methods._common import join_rows, split_rows
 from prolip.methods.params import FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, Pair
 from prolip.optim import adam_step
 from prolip.tta.base import RATIO, PerImageMethod, Scene
@@ -45,27 +48,36 @@ def adapt_projection(
     classifier: Tensor,
     logit_scale: float,
     cfg: TTAConfig = TTAConfig(),
+    frozen_rows: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Test-time ProLIP for B images at once: returns (logits of view 0 [B, C], adapted W [B, D_pre, D])."""
+    """Test-time ProLIP for B images at once: returns (logits of view 0 [B, C], adapted W [B, D_pre, D]). W's last
+    ``frozen_rows`` rows stay W_start's (no gradient, no AdamW state, no weight decay)."""
     B = z_views.shape[0]
     W_start = W_start.detach().float()
     with torch.no_grad():  # every image starts from the same W: one plain matmul, no per-image copies yet
         chosen = select_confident(batched_logits(z_views, W_start, bias, classifier, logit_scale), cfg.ratio)
-    W = W_start.expand(B, *W_start.shape).clone()
+    W_trained, W_frozen = split_rows(W_start, frozen_rows)
+    W = W_trained.expand(B, *W_trained.shape).clone()
     z_sel = torch.gather(z_views, 1, chosen[..., None].expand(-1, -1, z_views.shape[-1]))
     exp_avg, exp_avg_sq = torch.zeros_like(W), torch.zeros_like(W)
     for step in range(1, cfg.steps + 1):
         W.requires_grad_(True)
         # Each image's loss depends only on its own W, so the gradient of the sum is the per-image gradient.
-        loss = marginal_entropy(batched_logits(z_sel, W, bias, classifier, logit_scale)).sum()
+        loss = marginal_entropy(batched_logits(z_sel, join_rows(W, W_frozen), bias, classifier, logit_scale)).sum()
         (grad,) = torch.autograd.grad(loss, W)
         W = W.detach()
         adam_step(
             W, grad, exp_avg, exp_avg_sq, step, cfg.lr, eps=cfg.eps, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
     with torch.no_grad():
+        W = join_rows(W, W_frozen)
         logits = batched_logits(z_views[:, :1], W, bias, classifier, logit_scale)[:, 0]
     return logits, W
+
+
+def frozen_rows(backbone) -> int:
+    """The rows of W no method trains at ``backbone``'s site (``ProjectionSite.residual_rows``; 0 without one)."""
+    return 0 if backbone is None else int(backbone.projection().residual_rows)
 
 
 def tta_logits(
@@ -103,11 +115,11 @@ def tta_logits(
         batch_size = 1 if device.type == "cpu" else 32
     W, classifier = W.detach().float().to(device), classifier.detach().float().to(device)
     bias = None if bias is None else bias.detach().float().to(device)
-    out = []
+    frozen, out = frozen_rows(backbone), []
     with tqdm(total=len(paths), desc="test-time adaptation", unit="image", disable=None, leave=False) as bar:
         for i in range(0, len(paths), batch_size):
             z = view_features(backbone, paths[i : i + batch_size], cfg.views, cfg.seed, cfg.crop_scale).to(device)
-            out.append(adapt_projection(z, W, bias, classifier, logit_scale, cfg)[0].cpu())
+            out.append(adapt_projection(z, W, bias, classifier, logit_scale, cfg, frozen)[0].cpu())
             bar.update(z.shape[0])
     return torch.cat(out)
 
@@ -154,7 +166,8 @@ class TestTimeProLIP(PerImageMethod):
         )
 
     def adapted_per_image(self, scene: Scene, W: Tensor) -> int:
-        return W.numel()
+        return W.numel() - frozen_rows(scene.backbone) * W.shape[-1]
 
     def logits(self, z: Tensor, W: Tensor, scene: Scene) -> Tensor:
-        return adapt_projection(z, W, scene.bias, scene.classifier, scene.logit_scale, self.config(scene))[0]
+        frozen = frozen_rows(scene.backbone)
+        return adapt_projection(z, W, scene.bias, scene.classifier, scene.logit_scale, self.config(scene), frozen)[0]
