@@ -115,3 +115,12 @@ def test_compare_records_verdicts_by_hand():
     assert compare_records(a[:1], changed, ["accuracy"]).cells[0].verdict == OTHER_IMAGES
     with pytest.raises(ValueError, match="tolerance"):
         compare_records(a, b, ["accuracy"], tolerance=-1)
+
+
+def test_records_carry_calibration_and_the_report_shows_it_beside_accuracy_and_cost(results, tmp_path):
+    for r in records(results["a"]):
+        assert 0.0 <= r["ece"] <= 100.0 and r["accuracy"] is not None
+    out = CliRunner().invoke(main, ["report", str(results["a"]), "--out", str(tmp_path / "report")])
+    assert out.exit_code == 0, out.output
+    header = "| method | shots | accuracy | ECE | seconds | forward passes | peak memory | trainable parameters |"
+    assert header in out.output

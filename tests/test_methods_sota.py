@@ -200,6 +200,6 @@ def test_bench_records_cost_and_the_report_shows_it_with_the_protocol_card(tmp_p
     assert all(r["peak_memory_mb"] is not None and r["seconds"] >= 0 for r in records.values())
     assert records["prolip, validation-free"]["selected"]["how"] == "rule" and gda["selected"]["how"] == "validation"
     md = write_report(list(records.values()), tmp_path / "report")["markdown"].read_text()
-    assert "| method | shots | accuracy | seconds | forward passes | peak memory | trainable parameters |" in md
+    assert "| method | shots | accuracy | ECE | seconds | forward passes | peak memory | trainable parameters |" in md
     assert "- *gda*: can select α" in md and "selected on the N-shot validation set" in md
     assert "- *prolip, validation-free*: can select lr and λ" in md and "a validation set was there, unused" in md

@@ -32,7 +32,7 @@ from prolip.episode import (
 )
 from prolip.features.cache import Request
 from prolip.features.identity import environment_fingerprint, image_set_fingerprint
-from prolip.functional import accuracy
+from prolip.functional import accuracy, expected_calibration_error
 from prolip.methods import Method, configure, create, method_class
 from prolip.methods.base import NO_CACHED_VIEWS, Support, Task, TensorViews, Validation, ViewSource
 from prolip.outputs import writing
@@ -329,12 +329,25 @@ def fit_cost(method: Method, features_read: int, memory: PeakMemory) -> dict[str
     }
 
 
+NOT_SCORED: dict[str, float | None] = {"accuracy": None, "ece": None}
+
+
 def score(method: Method, features: Features, classifier: torch.Tensor | None = None) -> float | None:
     """Top-1 accuracy (%) of a fitted method on a feature set; None when there is nothing to score."""
+    return scores(method, features, classifier)["accuracy"]
+
+
+def scores(method: Method, features: Features, classifier: torch.Tensor | None = None) -> dict[str, float | None]:
+    """Top-1 accuracy and expected calibration error (%, 15 bins) of a fitted method on a feature set, from one
+    pass of its logits; None each when there is nothing to score."""
     if not len(features):
-        return None
+        return dict(NOT_SCORED)
     with torch.no_grad():
-        return accuracy(method_logits(method, features, classifier), features.labels)
+        logits = method_logits(method, features, classifier)
+        return {
+            "accuracy": accuracy(logits, features.labels),
+            "ece": expected_calibration_error(logits, features.labels),
+        }
 
 
 NOTHING_TO_SCORE = "no evaluation images left (every image was used for support or validation)"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from prolip.bench.memory import PeakMemory
 from prolip.data.types import LabeledImages
 from prolip.episode import evaluation_images
-from prolip.functional import clip_logits
+from prolip.functional import calibration_error, clip_logits, top_confidence
 from prolip.methods import method_class
 from prolip.tta import Scene, TestTimeMethod, create, view_features
 from prolip.tta import method_class as test_time_class
@@ -109,6 +109,8 @@ class Tally:
     correct: int = 0
     before: int = 0
     seconds: float = 0.0
+    confidence: list[Tensor] = field(default_factory=list)  # per batch: each image's top probability...
+    right: list[Tensor] = field(default_factory=list)  # ...and whether its class was right (for ECE)
 
 
 def _tally(b: Bench, cell: Cell, scene: Scene, dataset: str) -> Tally:
@@ -137,6 +139,9 @@ def _score_batches(b: Bench, scene: Scene, tallies: list[Tally], paths: list, la
             logits = tally.method.observe(z)
             if logits is not None:
                 tally.correct += int((logits.argmax(-1) == y).sum())
+                confidence, predicted = top_confidence(logits)
+                tally.confidence.append(confidence)
+                tally.right.append((predicted == y).float())
             tally.seconds += time.perf_counter() - started
         bar.update(len(y))
     bar.close()
@@ -183,6 +188,8 @@ def run_tta_group(b: Bench, group: Group, cells: list[Cell]) -> Iterator[tuple[C
         text_passes = method.text_passes_per_image(scene)
         if text_passes is not None:
             cell.add(text_forward_passes=n * text_passes)
+        if tally.confidence:  # a per-image method's logits were seen; a stream method scores itself in finish
+            cell.add(ece=calibration_error(torch.cat(tally.confidence), torch.cat(tally.right)))
         cell.add(**fields)  # a stream method's accuracy is its own (TDA: the mean over stream orders)
         found = b.identity(evaluation=images)  # and the support's, for a cell that starts from a fit
         cell.add(images={**cell.record.results.get("images", {}), **found["images"]}, environment=found["environment"])

@@ -48,7 +48,7 @@ class Protocol:
     """How one paper protocol lists its cells, what it asks of the encoder, and how it scores a group of them."""
 
     name: ClassVar[str] = ""
-    metrics: ClassVar[tuple[str, ...]] = ("accuracy",)  # per-seed record fields the report averages
+    metrics: ClassVar[tuple[str, ...]] = ("accuracy", "ece")  # per-seed record fields the report averages
     layout: ClassVar[ReportLayout] = ReportLayout()
 
     def __init_subclass__(cls, **kwargs) -> None:

@@ -11,7 +11,7 @@ from prolip.bench.harness import (
     episode_requests,
     fit_requests,
     image_paths,
-    score,
+    scores,
 )
 from prolip.bench.protocols.base import Protocol
 from prolip.data.sampling import base_new_split
@@ -26,7 +26,7 @@ class BaseToNew(Protocol):
     classifier on new test images (same adapted method), and their harmonic mean."""
 
     name = "base2new"
-    metrics = ("accuracy", "base", "new", "hm")
+    metrics = ("accuracy", "base", "new", "hm", "ece", "new_ece")  # ece: on the base classes
 
     def requests(self, group: Group, cells: list[Cell]) -> GroupRequests:
         splits = self.b.splits(group.dataset)
@@ -47,14 +47,19 @@ class BaseToNew(Protocol):
         T_new = self.b.builder.classifier(new_images.classnames, self.b.templates(splits)[1])
         for cell in cells:
             method, seconds = self.b.fit(cell.method, cell.record["hyperparameters"], episode, group.seed)
-            base_acc = score(method, episode.evaluation)
-            new_acc = score(method, new_features, T_new) if method.accepts_classifier else None
+            on_base = scores(method, episode.evaluation)
+            on_new = (
+                scores(method, new_features, T_new) if method.accepts_classifier else {"accuracy": None, "ece": None}
+            )
+            base_acc, new_acc = on_base["accuracy"], on_new["accuracy"]
             hm = None if new_acc is None or base_acc is None else harmonic_mean(base_acc, new_acc)
             cell.add(
                 base=base_acc,
                 new=new_acc,
                 hm=hm,
                 accuracy=hm,
+                ece=on_base["ece"],
+                new_ece=on_new["ece"],
                 selected=method.selected_,
                 base_classes=len(base),
                 new_classes=len(new),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-from prolip.bench.harness import NOTHING_TO_SCORE, Cell, Group, score
+from prolip.bench.harness import NOTHING_TO_SCORE, Cell, Group, scores
 from prolip.bench.protocols.base import Protocol, ReportLayout
 from prolip.bench.spec import Experiment
 
@@ -22,9 +22,11 @@ class FewShot(Protocol):
         episode = self.b.episode(self.b.splits(group.dataset), group.shots, group.seed)
         for cell in cells:
             method, seconds = self.b.fit(cell.method, cell.record["hyperparameters"], episode, group.seed)
-            acc = score(method, episode.evaluation)
+            found = scores(method, episode.evaluation)
+            acc = found["accuracy"]
             cell.add(
                 accuracy=acc,
+                ece=found["ece"],
                 selected=method.selected_,
                 eval_images=len(episode.evaluation),
                 eval_set=episode.images.eval_set,

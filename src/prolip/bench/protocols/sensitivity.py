@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prolip.bench.harness import Cell, Group, GroupRequests, episode_requests, fit_requests, score
+from prolip.bench.harness import Cell, Group, GroupRequests, episode_requests, fit_requests, scores
 from prolip.bench.protocols.base import Protocol, ReportLayout
 from prolip.bench.spec import Experiment, ExperimentError
 from prolip.methods import create, method_class
@@ -80,7 +80,7 @@ class Sensitivity(Protocol):
             seconds = (time.perf_counter() - started) / len(mine)
             for cell, method in zip(mine, fitted, strict=True):
                 cell.add(
-                    accuracy=score(method, episode.evaluation),
+                    **scores(method, episode.evaluation),
                     selected=method.selected_,
                     eval_images=len(episode.evaluation),
                     eval_set=episode.images.eval_set,

@@ -7,13 +7,14 @@ from collections.abc import Iterator
 from typing import ClassVar
 
 from prolip.bench.harness import (
+    NOT_SCORED,
     Cell,
     Group,
     GroupRequests,
     episode_requests,
     fit_requests,
     image_paths,
-    score,
+    scores,
 )
 from prolip.bench.protocols.base import Protocol, ReportLayout
 from prolip.bench.spec import DOMAIN_TARGETS, Experiment, ExperimentError
@@ -94,17 +95,20 @@ class CrossDataset(Protocol):
                 fitted[id(cell.method)] = self.b.fit(cell.method, cell.record["hyperparameters"], episode, group.seed)
             method, seconds = fitted[id(cell.method)]
             started = time.perf_counter()
+            found = dict(NOT_SCORED)
             if cell.target is None:
-                features, acc = episode.evaluation, score(method, episode.evaluation)
+                features = episode.evaluation
+                found = scores(method, features)
             else:
                 target = self.b.splits(cell.target)
                 features = self.b.builder.center(evaluation_images(target))
                 T = self.b.builder.classifier(target.classnames, self.b.templates(target)[1])
-                acc = score(method, features, T) if method.accepts_classifier else None
-                if not method.accepts_classifier:
+                if method.accepts_classifier:
+                    found = scores(method, features, T)
+                else:
                     cell.add(note=f"{cell.method.name} cannot score another dataset's classes")
             cell.add(
-                accuracy=acc,
+                **found,
                 selected=method.selected_,
                 eval_images=len(features),
                 num_classes=len(self.b.splits(cell.target or source.name).classnames),

@@ -22,7 +22,7 @@ class TestTime(Protocol):
     experiment lists (TPT, ZERO, TDA, the no-update view ensemble, plain zero-shot), from W0."""
 
     name = "tta"
-    metrics = ("accuracy", "start_accuracy", "accuracy_worst")
+    metrics = ("accuracy", "start_accuracy", "accuracy_worst", "ece")
 
     @classmethod
     def check(cls, exp: Experiment, where: str) -> None:

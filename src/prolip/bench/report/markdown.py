@@ -235,18 +235,26 @@ def _cost_table(rows: list[dict], names: dict, notes: Footnotes) -> list[str]:
     if not lines:
         return []
     averages = {line_key(r): r for r in rows if r["kind"] == "average" and r.get("subset") is None}
+    # Calibration beside accuracy where the records have it (records from before ECE was recorded: no column).
+    ece = any(r.get("ece") is not None for rs in lines.values() for r in rs)
     out = [
         "",
-        "Accuracy and cost (cost: mean per cell over datasets and seeds; memory: the largest peak):",
+        "Accuracy"
+        + (", calibration (ECE, 15 bins)" if ece else "")
+        + " and cost (cost: mean per cell over datasets and seeds; memory: the largest peak):",
         "",
-        "| method | shots | accuracy | seconds | forward passes | peak memory | trainable parameters |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | shots | accuracy |"
+        + (" ECE |" if ece else "")
+        + " seconds | forward passes | peak memory | trainable parameters |",
+        "|---|---:|---:|" + ("---:|" if ece else "") + "---:|---:|---:|---:|",
     ]
     for key, r in ordered_lines([rs[0] for rs in lines.values()]):
         cost, average = _line_cost(lines[key]), averages.get(key)
         accuracy = _value(average if average is not None else r, "accuracy", notes)  # the paper's number: above
         worst = (average or r).get("accuracy_worst")
         accuracy += f" (worst order {worst:.2f})" if worst is not None else ""
+        if ece:
+            accuracy += " | " + _value(average if average is not None else r, "ece", notes)
         memory = "–" if cost["peak_memory_mb"] is None else f"{cost['peak_memory_mb']:.0f} MB"
         if cost["peak_memory_mb"] is not None and isinstance(cost["memory_measure"], str):
             memory += notes.mark(f"peak memory: {cost['memory_measure']}")
