@@ -228,3 +228,29 @@ def test_boostadapter_and_dpe_run_through_bench_and_report(tmp_path):
     assert r.exit_code == 0, r.output
     for label in ("boostadapter", "dpe"):
         assert f"| {label} |" in r.output and f"{by_label[label]['accuracy']:.2f}" in r.output
+
+
+def test_a_seeded_stream_records_its_calibration_as_the_mean_over_orders():
+    """TDA, BoostAdapter and DPE (SeededStream) record ECE per order and its mean, beside their accuracy."""
+    from prolip.functional import expected_calibration_error
+    from prolip.tta.tda import SeededStream
+
+    g = torch.Generator().manual_seed(0)
+    base, labels = torch.randn(40, 4, generator=g) * 3, torch.randint(0, 4, (40,), generator=g)
+
+    class Shifting(SeededStream):  # each order's logits: the base ones, sharpened by the order's first index
+        name, settings, source = "shifting-test-stream", type("S", (), {"as_record": lambda self: {}})(), "test"
+
+        def observe(self, z):
+            raise AssertionError("not observed here")
+
+        def gathered(self):
+            return base
+
+        def run(self, gathered, order):
+            return gathered * (1 + int(order[0]) / 10), {}
+
+    fields = Shifting(orders=(1, 2)).finish(labels)
+    by_hand = [expected_calibration_error(base * (1 + int(stream_order(40, s)[0]) / 10), labels) for s in (1, 2)]
+    assert [o["ece"] for o in fields["stream_orders"]] == by_hand
+    assert fields["ece"] == sum(by_hand) / 2 and "ece" in Shifting.record_fields

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prolip.functional import entropy, project
+from prolip.functional import entropy, expected_calibration_error, project
 from prolip.tta.base import Scene, StreamMethod
 from prolip.tta.registry import register
 
@@ -207,7 +207,7 @@ class SeededStream(StreamMethod):
     ``as_record``) and ``source`` in ``start``."""
 
     recorded = ("orders",)
-    record_fields = ("accuracy_worst", "stream_orders", "selected")
+    record_fields = ("accuracy_worst", "ece", "stream_orders", "selected")
     constraints = {"orders": Seeds()}
     settings: Any
     source: str
@@ -231,11 +231,13 @@ class SeededStream(StreamMethod):
             order = stream_order(len(labels), seed)
             logits, extra = self.run(gathered, order)
             accuracy = 100.0 * int((logits.argmax(-1) == labels).sum()) / len(labels)
-            orders.append({"seed": seed, "digest": order_digest(order), "accuracy": accuracy, **extra})
+            ece = expected_calibration_error(logits, labels)
+            orders.append({"seed": seed, "digest": order_digest(order), "accuracy": accuracy, "ece": ece, **extra})
         accuracies = [o["accuracy"] for o in orders]
         return {
             "accuracy": sum(accuracies) / len(accuracies),
             "accuracy_worst": min(accuracies),
+            "ece": sum(o["ece"] for o in orders) / len(orders),  # mean over orders, as the accuracy
             "stream_orders": orders,
             "selected": {"how": "rule", "source": self.source, **self.settings.as_record()},
         }
