@@ -27,14 +27,15 @@ Memory and time (ProKeR issue #2: 16-shot ImageNet with more than one view runs 
 Every λ is one Cholesky solve of the symmetric positive definite system (the original calls ``torch.linalg.solve``,
 an LU, per (β, λ)); in float64, on the backbone's device when the task has one (a GPU solves 16-shot ImageNet's
 system in seconds), else where the features are. One M × M float64 matrix is held, whatever the grid: the kernel is
-built into it in row blocks, scaled and factorised in place (the Cholesky factor overwrites the system), and built
-again for the next λ (M²·D work, small beside the M³/3 of the factorisation). Kernel blocks against validation or
-test images are built a few rows at a time (``prolip.functional.map_rows``: at most ``BLOCK_ELEMENTS`` elements,
-and at most ``ROW_CHUNK`` rows), so scoring never holds more than one block. The dense M × M system is what must
-fit: before building it, the memory it needs (``DENSE_COPIES`` matrices of M² float64) is compared with what the
-device has free, and a too-large M is refused naming ``augment_views``. The ImageNet configs' active grids are the
-ones marked "#epoch 1" (configs/RN50/configs_proker/imagenet.yaml), so ImageNet defaults to one view: 16-shot
-ImageNet is then M = 16,000, about 2 GB.
+built into it in row blocks, scaled and factorised in place (the Cholesky factor overwrites the system; the two
+triangular solves read it where it is, where ``cholesky_solve`` would copy it), and built again for the next λ
+(M²·D work, small beside the M³/3 of the factorisation). Kernel blocks against validation or test images are built
+a few rows at a time (at most ``prolip.functional.BLOCK_ELEMENTS`` elements and ``ROW_CHUNK`` rows), so scoring
+never holds more than one block. The dense M × M system is what must fit: before building it, the memory it needs
+(``DENSE_COPIES`` matrices of M² float64) is compared with what the device has free, and a too-large M is refused
+naming ``augment_views``. The ImageNet configs' active grids are the ones marked "#epoch 1"
+(configs/RN50/configs_proker/imagenet.yaml), so ImageNet defaults to one view: 16-shot ImageNet is then
+M = 16,000, about 2 GB.
 """
 
 from __future__ import annotations
@@ -130,7 +131,9 @@ def solve_dual(kernel: Tensor, residual: Tensor, lam: float, overwrite: bool = F
     # place, with the very values a copy would give (a row-major ``out`` would be copied to column-major first).
     factor = torch.linalg.cholesky(system.mT, out=system.mT)
     del system
-    return torch.cholesky_solve(residual, factor)
+    # cholesky_solve's two triangular solves, without the copy of the factor it makes first.
+    half = torch.linalg.solve_triangular(factor, residual, upper=False)
+    return torch.linalg.solve_triangular(factor.mT, half, upper=True)
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
