@@ -61,6 +61,7 @@ def eval_cmd(
     out,
     force,
     label_key,
+    image_key,
     classnames_file,
     data_root,
     cache_dir,
@@ -79,7 +80,7 @@ def eval_cmd(
     run = load_run(run_dir)
     if out is not None:
         reserve_out(out, force, [*data_read(data, data_root, classnames_file), run_dir], "eval")
-    splits = resolve(data, data_root, classnames_file, None, label_key=label_key)
+    splits = resolve(data, data_root, classnames_file, None, label_key=label_key, image_key=image_key)
     backbone = backbone_for_run(run, device)
     cache = None if tta else feature_cache(backbone, cache_dir, batch_size, workers, on_bad_image, extract_dtype)
     report = evaluate_run(

@@ -83,6 +83,13 @@ def cache_options(f):
 
 
 def label_key_option(f):
+    """--label-key and --image-key: which member or column of a sample holds its class and its image."""
+    f = click.option(
+        "--image-key",
+        default=None,
+        help="tar shards: the extension of each sample's image member; hf: datasets: the image column "
+        "[default: the only one; several must be chosen]",
+    )(f)
     return click.option(
         "--label-key",
         default=None,
@@ -167,7 +174,7 @@ def feature_cache(backbone, cache_dir, batch_size, workers, on_bad_image, extrac
         fail(str(e))
 
 
-def resolve(data, data_root, classnames_file, templates_file, split=None, label_key=None):
+def resolve(data, data_root, classnames_file, templates_file, split=None, label_key=None, image_key=None):
     from prolip.data import resolve_data
 
     try:
@@ -178,6 +185,7 @@ def resolve(data, data_root, classnames_file, templates_file, split=None, label_
             templates_file=templates_file,
             split=split,
             label_key=label_key,
+            image_key=image_key,
         )
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))

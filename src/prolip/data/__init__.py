@@ -28,6 +28,7 @@ def resolve_data(
     templates_file=None,
     split: str | None = None,
     label_key: str | None = None,
+    image_key: str | None = None,
 ) -> DatasetSplits:
     """What ``--data`` names: a CoOp dataset folder, an image folder, a CSV/JSON list, a benchmark name,
     WebDataset tar shards (``shards/train-{000000..000009}.tar`` or a folder of them) or a Hugging Face dataset
@@ -35,11 +36,17 @@ def resolve_data(
 
     ``classnames_file`` renames the classes of every kind of source (in class order, or a JSON {class: name}
     object); ``templates_file`` replaces the prompt templates. ``split`` (hf: datasets) names the split to train
-    on; ``label_key`` the shards' label member (default ``cls``) or the dataset's label column.
+    on; ``label_key`` the shards' label member (default ``cls``) or the dataset's label column; ``image_key``
+    the shards' image member (its extension) or the dataset's image column, where a sample holds several.
     """
     if is_hf_spec(spec):
         return load_hf(
-            spec, split=split, label_key=label_key, classnames_file=classnames_file, templates_file=templates_file
+            spec,
+            split=split,
+            label_key=label_key,
+            image_key=image_key,
+            classnames_file=classnames_file,
+            templates_file=templates_file,
         )
     if split is not None:
         raise DataError(
@@ -47,11 +54,19 @@ def resolve_data(
             "from; other data keeps its splits by its layout"
         )
     if is_shard_spec(spec):
-        return load_shards(spec, label_key=label_key, classnames_file=classnames_file, templates_file=templates_file)
-    if label_key is not None:
-        raise DataError(
-            f"--label-key {label_key}: only tar shards and hf: datasets have label keys; --data {spec} is neither"
+        return load_shards(
+            spec,
+            label_key=label_key,
+            image_key=image_key,
+            classnames_file=classnames_file,
+            templates_file=templates_file,
         )
+    for option, value, what in (("--label-key", label_key, "label"), ("--image-key", image_key, "image")):
+        if value is not None:
+            raise DataError(
+                f"{option} {value}: only tar shards and hf: datasets have {what} keys; --data {spec} is neither",
+                option=option,
+            )
     path = Path(spec)
     if path.is_dir():
         if any(path.glob("split_zhou_*.json")) or (path / "variants.txt").is_file():

@@ -10,6 +10,7 @@ label comes from the ``ClassLabel`` column and the class names from that feature
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import json
 import os
@@ -141,6 +142,7 @@ class Columns:
     image: str
     label: str
     names: list[str] | None  # the ClassLabel's names; None for a plain integer column
+    chosen: bool = False  # the image column was named (--image-key): each row's path says which column it reads
 
 
 def _features(schema) -> dict:
@@ -157,18 +159,30 @@ def _kind(feature) -> str | None:
     return feature.get("_type") if isinstance(feature, dict) else None
 
 
-def image_column(schema, where: str) -> str:
-    """The Image column (``image`` when there are several); a struct of encoded bytes without the metadata."""
+def image_column(schema, where: str, image_key: str | None = None) -> str:
+    """The Image column (a struct of encoded bytes without the metadata): ``image_key``, or the only one. Two
+    image columns (a photo and its mask, say) are a guess even when one is named ``image``: the user picks."""
     features = _features(schema)
     images = [c for c, f in features.items() if _kind(f) == "Image"]
     if not images:
         images = [f.name for f in schema if getattr(f.type, "num_fields", 0) and f.type.get_field_index("bytes") >= 0]
+    if image_key is not None:
+        if image_key not in images:
+            found = f"its image columns: {', '.join(images)}" if images else f"columns: {', '.join(schema.names)}"
+            raise DataError(f"{where}: --image-key {image_key}: not an image column ({found})", option="--image-key")
+        return image_key
     if not images:
         raise DataError(f"{where}: no image column (columns: {', '.join(schema.names)})")
-    return "image" if "image" in images else images[0]
+    if len(images) > 1:
+        raise DataError(
+            f"{where}: {len(images)} image columns ({', '.join(images)}), so which one holds the images is "
+            f"ambiguous; pass " + " or ".join(f"--image-key {c}" for c in images),
+            option="--image-key",
+        )
+    return images[0]
 
 
-def columns(schema, label_key: str | None, where: str) -> Columns:
+def columns(schema, label_key: str | None, where: str, image_key: str | None = None) -> Columns:
     features = _features(schema)
     labels = [c for c, f in features.items() if _kind(f) == "ClassLabel"]
     if label_key is not None:
@@ -190,7 +204,7 @@ def columns(schema, label_key: str | None, where: str) -> Columns:
             "with the column of class indices, and --classnames with their names"
         )
     names = features.get(label, {}).get("names") if _kind(features.get(label)) == "ClassLabel" else None
-    return Columns(image_column(schema, where), label, list(names) if names is not None else None)
+    return Columns(image_column(schema, where, image_key), label, list(names) if names is not None else None)
 
 
 # ---- reading -----------------------------------------------------------------------------------------------------
@@ -240,16 +254,24 @@ def _file_items(file: Path, cols: Columns, num_classes: int) -> list[ImageItem]:
         values = _label_values(file, cols.label)
     except (OSError, ValueError) as e:  # a damaged file: pyarrow's errors are both
         raise DataError(f"{file} cannot be read ({e})") from None
+    # A row's path names the column it is read from only when the user chose one, so the paths (and whatever was
+    # recorded with them) of a dataset with one image column stay as they always were.
+    column = f"{cols.image}/" if cols.chosen else ""
     return [
-        ImageItem(Member(file, str(row)).path, _checked_label(v, f"{file}, row {row}", num_classes))
+        ImageItem(Member(file, f"{column}{row}").path, _checked_label(v, f"{file}, row {row}", num_classes))
         for row, v in enumerate(values)
     ]
 
 
-def _read_split(files: list[Path], label_key: str | None, where: str) -> tuple[Columns, list[Path]]:
+def _read_split(
+    files: list[Path], label_key: str | None, where: str, image_key: str | None = None
+) -> tuple[Columns, list[Path]]:
     """The columns of a split (the same in each of its files)."""
     try:
-        found = {f: columns(_schema(f), label_key, str(f)) for f in files}
+        found = {
+            f: dataclasses.replace(columns(_schema(f), label_key, str(f), image_key), chosen=bool(image_key))
+            for f in files
+        }
     except DataError:
         raise
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid (a damaged file) is a ValueError
@@ -279,7 +301,13 @@ def _class_names(cols: Columns, classnames_file, where: str) -> tuple[list[str],
 
 
 def load_hf(
-    spec: str, *, split: str | None = None, label_key: str | None = None, classnames_file=None, templates_file=None
+    spec: str,
+    *,
+    split: str | None = None,
+    label_key: str | None = None,
+    image_key: str | None = None,
+    classnames_file=None,
+    templates_file=None,
 ) -> DatasetSplits:
     """``--data hf:<path>``: its train / validation / test splits (``split``: the one to train on)."""
     _pyarrow()
@@ -288,7 +316,7 @@ def load_hf(
     parts: dict[str, LabeledImages] = {}
     names = ids = None
     for role, name in _roles(found, split, spec).items():
-        cols, files = _read_split(found[name], label_key, f"{spec} split {name}")
+        cols, files = _read_split(found[name], label_key, f"{spec} split {name}", image_key)
         split_names, split_ids = _class_names(cols, classnames_file, f"{spec} split {name}")
         if names is not None and split_names != names:
             raise DataError(f"{spec}: split {name} has other classes than the others ({split_names[:5]}...)")
@@ -314,7 +342,7 @@ def hf_read(spec: str) -> list[Path]:
 class _Rows:
     """The image column of one data file: an arrow file memory-mapped, a parquet file one row group at a time."""
 
-    def __init__(self, file: Path):
+    def __init__(self, file: Path, column: str | None = None):
         self.file = file
         self.parquet = file.suffix.lower() == ".parquet"
         self._lock = threading.Lock()  # a ParquetFile is not safe to read from several threads at once
@@ -326,7 +354,7 @@ class _Rows:
         else:
             self.table = _arrow_table(file)
             schema = self.table.schema
-        self.column = image_column(schema, str(file))
+        self.column = image_column(schema, str(file), column)
         self._group: tuple[int, Any] | None = None  # (row group, its pyarrow column: untyped)
 
     def __len__(self) -> int:
@@ -343,16 +371,17 @@ class _Rows:
 
 
 @functools.lru_cache(maxsize=64)
-def _rows(path: str, size: int, mtime_ns: int) -> _Rows:
-    return _Rows(Path(path))
+def _rows(path: str, size: int, mtime_ns: int, column: str | None = None) -> _Rows:
+    return _Rows(Path(path), column)
 
 
 def row_bytes(member: Member) -> bytes:
     """The encoded image of a dataset row; BadImageError naming the row when it cannot be read."""
     try:
         st = os.stat(member.container)
-        rows = _rows(str(member.container.resolve()), st.st_size, st.st_mtime_ns)
-        row = int(member.name)
+        column, _, name = member.name.rpartition("/")  # "<column>/<row>" where the user chose the column
+        rows = _rows(str(member.container.resolve()), st.st_size, st.st_mtime_ns, column or None)
+        row = int(name)
         if not 0 <= row < len(rows):
             raise BadImageError(member.path, f"{member.container} has {len(rows)} rows")
         cell = rows.cell(row)

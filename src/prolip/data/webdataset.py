@@ -254,7 +254,30 @@ def _label(read, where: str, members: dict[str, str], label_key: str, num_classe
     return label
 
 
-def _shard_items(shard: Path, label_key: str, num_classes: int, names_from: str) -> tuple[list[ImageItem], list[Path]]:
+def _image_member(members: dict[str, str], where: str, image_key: str | None) -> str | None:
+    """The sample's image member: the ``image_key`` extension, or its only image (two are a guess: the user picks;
+    a sample with none holds metadata or captions, not a sample to classify)."""
+    if image_key is not None:
+        if image_key not in members:
+            raise DataError(
+                f"{where} has no '{image_key}' member (it has: {', '.join(sorted(members))}); pass the --image-key "
+                "its images have",
+                option="--image-key",
+            )
+        return members[image_key]
+    images = [ext for ext in IMAGE_EXTENSIONS if ext in members]
+    if len(images) > 1:
+        raise DataError(
+            f"{where} holds {len(images)} images ({', '.join(members[e] for e in images)}), so which one is the "
+            "sample's is ambiguous; pass " + " or ".join(f"--image-key {e}" for e in images),
+            option="--image-key",
+        )
+    return members[images[0]] if images else None
+
+
+def _shard_items(
+    shard: Path, label_key: str, num_classes: int, names_from: str, image_key: str | None = None
+) -> tuple[list[ImageItem], list[Path]]:
     index = shard_index(shard)
     items, ignored = [], []
     with open(shard, "rb") as f:  # one handle for the labels of the whole shard
@@ -264,7 +287,7 @@ def _shard_items(shard: Path, label_key: str, num_classes: int, names_from: str)
             return f.read(index[name].size)
 
         for key, members in samples(index).items():
-            image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
+            image = _image_member(members, f"shard {shard}, sample {key}", image_key)
             if image is None:  # metadata or captions without an image: not a sample to classify
                 ignored += [Member(shard, name).path for name in members.values()]
                 continue
@@ -317,6 +340,7 @@ def read_shards(
     shards: list[Path],
     *,
     label_key: str = LABEL_KEY,
+    image_key: str | None = None,
     classnames_file=None,
     templates_file=None,
     name: str | None = None,
@@ -326,7 +350,7 @@ def read_shards(
     items: list[ImageItem] = []
     ignored: list[Path] = []
     for shard in shards:
-        found, skipped = _shard_items(shard, label_key, len(names), names_from)
+        found, skipped = _shard_items(shard, label_key, len(names), names_from, image_key)
         items += found
         ignored += skipped
     if not items:
@@ -340,7 +364,9 @@ def read_shards(
     return LabeledImages(items, names, templates, name or shards[0].parent.name, ignored, class_ids=ids)
 
 
-def load_shards(spec: str, *, label_key: str | None = None, classnames_file=None, templates_file=None) -> DatasetSplits:
+def load_shards(
+    spec: str, *, label_key: str | None = None, image_key: str | None = None, classnames_file=None, templates_file=None
+) -> DatasetSplits:
     """``--data`` naming shards: a pattern (``train-{000000..000009}.tar``, one split) or a folder of shards
     (``*.tar`` in it, one split, or in ``train/``, ``val/``, ``test/`` sub-folders)."""
     label_key = label_key or LABEL_KEY
@@ -349,7 +375,12 @@ def load_shards(spec: str, *, label_key: str | None = None, classnames_file=None
     name = path.name if path.is_dir() else None
     parts = {
         split: read_shards(
-            shards, label_key=label_key, classnames_file=classnames_file, templates_file=templates_file, name=name
+            shards,
+            label_key=label_key,
+            image_key=image_key,
+            classnames_file=classnames_file,
+            templates_file=templates_file,
+            name=name,
         )
         for split, shards in by_split.items()
     }
