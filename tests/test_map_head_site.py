@@ -14,11 +14,9 @@ import torch.nn.functional as F
 
 import prolip
 from prolip.backbones import load_backbone
-from prolip.backbones.base import SiteTrainingError
 from prolip.backbones.openclip import OpenClipBackbone
 from prolip.backbones.sites import native_site
 from prolip.episode import task_for
-from prolip.errors import RunError
 from prolip.export import export_open_clip
 from prolip.functional import clip_logits, project, proximal_penalty
 from prolip.methods import Support, TensorViews, Validation
@@ -77,12 +75,18 @@ def test_a_norm_after_the_map_head_leaves_only_the_output_site(maphead):
         other.projection()
 
 
-def test_image_level_training_at_the_map_head_site_is_refused_in_one_line(maphead):
-    from prolip.finetune import encode_pre_with_grad
+def test_image_level_training_at_the_map_head_site_trains_fc2_through_the_towers_output(maphead):
+    from prolip.finetune import encode_pre_with_grad, image_encoder_parameters, projection_parameters, trainable_copy
 
-    with pytest.raises(SiteTrainingError, match="MAP-head site is not supported") as e:
-        encode_pre_with_grad(maphead, _images(maphead, 1))
-    assert isinstance(e.value, RunError) and "\n" not in str(e.value)
+    x = _images(maphead, 2)
+    encoder = trainable_copy(maphead, image_encoder_parameters(maphead))
+    z = encode_pre_with_grad(encoder, x)
+    W, bias = projection_parameters(encoder)
+    out = project(z, W, bias)
+    torch.testing.assert_close(out.detach(), maphead.encode_image(x), rtol=1e-6, atol=1e-6)
+    fc2 = encoder.model.get_submodule(FC2)
+    (grad,) = torch.autograd.grad(out.square().sum(), fc2.weight)
+    assert grad.abs().sum() > 0  # the copy's own fc2 (not the frozen model's) is what the hooks and W read
 
 
 def test_prolip_fits_saves_predicts_and_exports_what_the_run_predicts(maphead, tiny_image_folder, tmp_path):

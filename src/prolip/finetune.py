@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from prolip.backbones.base import Backbone
+from prolip.backbones.base import Backbone, ProjectionSite
 from prolip.backbones.loading import fingerprint
 from prolip.data.images import load_image
 from prolip.features import encode_images, image_key
@@ -154,21 +154,36 @@ def last_layer_parameters(backbone: Backbone) -> list[str]:
 
 def trainable_copy(backbone: Backbone, names: Sequence[str]) -> Backbone:
     """A copy of ``backbone`` whose parameters ``names`` are its own tensors (requires_grad on); every other
-    parameter and buffer is the frozen backbone's own object, shared, never written to."""
+    parameter and buffer is the frozen backbone's own object, shared, never written to.
+
+    The whole backbone is deep-copied in one pass with its model, so every module any of its attributes reference
+    (a site's linear, a MAP head's pool, the backbone an output site wraps) is the copied model's own: the copy's
+    hooks and forward passes run in the copy. Only the shared tensors and the helpers each backbone declares
+    (``Backbone.copy_shares``: a tokenizer, ...) are the frozen backbone's objects."""
     params = model_parameters(backbone)
     unknown = sorted(set(names) - set(params))
     if unknown:
         raise ValueError(f"{backbone.info.describe()} has no parameter(s) {unknown[:5]}")
     chosen = set(names)
-    shared = {id(p): p for n, p in params.items() if n not in chosen}
+    shared: dict[int, object] = {id(p): p for n, p in params.items() if n not in chosen}
     shared.update({id(b): b for b in backbone.model.buffers()})
-    encoder = copy.copy(backbone)
-    encoder.model = copy.deepcopy(backbone.model, shared)
-    encoder.info = dataclasses.replace(backbone.info)
+    shared.update(_shared_helpers(backbone))
+    encoder = copy.deepcopy(backbone, shared)
     for name, p in encoder.model.named_parameters():
         if name in chosen:
             p.requires_grad_(True)
     return encoder
+
+
+def _shared_helpers(backbone: Backbone) -> dict[int, object]:
+    """The attributes ``backbone`` (and any backbone it wraps) declares in ``copy_shares``, by id (a deep-copy memo)."""
+    out: dict[int, object] = {}
+    for name, value in vars(backbone).items():
+        if isinstance(value, Backbone):
+            out.update(_shared_helpers(value))
+        elif name in type(backbone).copy_shares and value is not None:
+            out[id(value)] = value
+    return out
 
 
 def trained_parameters(encoder: Backbone, names: Sequence[str]) -> dict[str, Tensor]:
@@ -181,17 +196,24 @@ def encode_pre_with_grad(encoder: Backbone, images: Tensor) -> Tensor:
     return inspect.unwrap(type(encoder).encode_pre)(encoder, images)
 
 
+def trainable_site(backbone: Backbone) -> ProjectionSite:
+    """The backbone's projection site, refused in one line where image-level training cannot train through it (a
+    site that is no parameter of the model); checked before any copy or image is made."""
+    site = backbone.projection()
+    if site.kind != "native":
+        raise HyperparameterError(
+            f"{backbone.info.describe()}: image-level training trains the model's own projection, and the "
+            f"{site.kind} site is no parameter of the model; fit it at the native site",
+            option="--site",
+        )
+    return site
+
+
 def projection_parameters(encoder: Backbone) -> tuple[Tensor, Tensor | None]:
     """The projection W (right layout [D_pre, D]) and bias as views of the live parameters (``projection()`` hands
     back detached tensors), so a trained projection gets its gradient; a site's frozen residual rows
     (``ProjectionSite.residual_rows``, no parameter of the model) are appended as the constants they are."""
-    site = encoder.projection()
-    if site.kind != "native":
-        raise HyperparameterError(
-            f"{encoder.info.describe()}: image-level training trains the model's own projection, and the "
-            f"{site.kind} site is no parameter of the model; fit it at the native site",
-            option="--site",
-        )
+    site = trainable_site(encoder)
     params = model_parameters(encoder)
     weight = params[site.param_name]
     W = weight if site.native_layout == "right" else weight.t()
@@ -298,6 +320,7 @@ def train_image_encoder(
     """A copy of ``backbone`` with the parameters ``choose(backbone)`` names (and those of the modules ``adapt``
     installs) trained on the images ``paths`` (labels [N]) against the text classifier [C, D], or the one
     ``classifier(copy)`` computes at each step; the given backbone is left as it was."""
+    trainable_site(backbone)
     chosen = list(choose(backbone))
     encoder, names = adapted_copy(backbone, chosen, adapt)
     params = trained_parameters(encoder, names)

@@ -28,6 +28,7 @@ class HFClipBackbone(Backbone):
     """A frozen ``CLIPModel``: z = vision pooler_output (post_layernorm CLS); W = visual_projection.weight (no bias)."""
 
     model: CLIPModel
+    copy_shares = ("tokenizer", "image_processor")
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ from open_clip.transformer import TextTransformer, VisionTransformer
 from timm.layers.attention_pool import AttentionPoolLatent
 from torch import Tensor
 
-from prolip.backbones.base import Backbone, BackboneInfo, Preprocessing, ProjectionSite, SiteTrainingError
+from prolip.backbones.base import Backbone, BackboneInfo, Preprocessing, ProjectionSite
 from prolip.backbones.families import AttentionTower, Family, register_family
 from prolip.backbones.loading import (
     HOW_TO_PASS_LOCAL,
@@ -51,6 +51,7 @@ class OpenClipBackbone(Backbone):
     """A frozen open_clip model (``CLIP``, ``CustomTextCLIP``, CoCa); subclasses say where the visual projector sits."""
 
     model: open_clip.model.CLIP
+    copy_shares = ("tokenizer",)
 
     def __init__(self, model: open_clip.model.CLIP, info: BackboneInfo, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
@@ -265,7 +266,9 @@ class OpenClipMapHead(OpenClipLinearSite):
     keeps z per (image, view) as for any site, r inside it, so every feature method runs unchanged: those that read
     W0 (zero-shot, LP++, GDA, ProKeR, Tip-Adapter, linear probe, ...) see the tower's output exactly; those that
     train W (ProLIP, P0, the ProLIP complements, test-time ProLIP) train fc2's rows alone, the residual's rows frozen
-    at the identity (``Task.frozen_rows``), so their W exports into fc2.weight exactly."""
+    at the identity (``Task.frozen_rows``), so their W exports into fc2.weight exactly. Image-level training runs the
+    same hooks with gradients on: h and r are the trained tower's own, and its W (``projection_parameters``) is
+    fc2's rows, the parameter, over the residual's identity rows, constants, so ``z W + b`` is the tower's output."""
 
     def __init__(self, model, info: BackboneInfo, device: torch.device | str, site: NativeSite):
         super().__init__(model, info, device, site)
@@ -273,12 +276,6 @@ class OpenClipMapHead(OpenClipLinearSite):
 
     @torch.no_grad()
     def encode_pre(self, images: Tensor) -> Tensor:
-        if torch.is_grad_enabled():  # image-level training unwraps no_grad; its W would be fc2's alone
-            raise SiteTrainingError(
-                f"{self.info.arch}: image-level training (fine-tuning, CLIP-LoRA) at the MAP-head site is not "
-                f"supported (its W carries the head's residual as rows that are no parameter of the model); fit a "
-                f"feature method here (ProLIP, LP++, ...)"
-            )
         caught: dict[str, Tensor] = {}
         hooks = [
             self.linear.register_forward_pre_hook(lambda _m, args: caught.__setitem__("h", args[0])),

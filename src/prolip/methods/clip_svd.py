@@ -332,6 +332,7 @@ class CLIPSVD(Method):
                 "clip-svd trains on the support images, but this support set holds only features "
                 "(build it with prolip.episode.EpisodeBuilder)"
             )
+        self.installer().sites(backbone)  # a tower it cannot decompose is refused before any work
         classnames = list(support.images.classnames)
         template = self.template or (support.images.templates or ["a photo of a {}."])[0]
         text_trains = self.encoder in ("both", "text")

@@ -389,6 +389,7 @@ class CLIPLoRA(Method):
                 "clip-lora trains on the support images, but this support set holds only features "
                 "(build it with prolip.episode.EpisodeBuilder)"
             )
+        attention_sites(backbone, self.encoder, self.position)  # a tower it cannot adapt is refused before any work
         classnames = list(support.images.classnames)
         template = self.template or (support.images.templates or ["a photo of a {}."])[0]
         text_trains = self.encoder in ("both", "text")
