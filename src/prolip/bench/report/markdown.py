@@ -78,10 +78,12 @@ def _value(row: dict, metric: str, notes: Footnotes) -> str:
 
 
 def _paper(row: dict) -> str:
+    """The reference number beside a cell, under its source's label ("paper", "CLIP-SVD README", ...)."""
+    label = row.get("paper_label", "paper")
     parts = [row.get(field) for metric, field in PAPER_FIELDS if metric != "accuracy"]
     if any(v is not None for v in parts):
-        return " (paper " + " / ".join("–" if v is None else f"{v:.2f}" for v in parts) + ")"
-    return f" (paper {row['paper']:.2f})" if row.get("paper") is not None else ""
+        return f" ({label} " + " / ".join("–" if v is None else f"{v:.2f}" for v in parts) + ")"
+    return f" ({label} {row['paper']:.2f})" if row.get("paper") is not None else ""
 
 
 def _cell(row: dict | None, notes: Footnotes) -> str:
@@ -181,8 +183,18 @@ def _group_notes(rows: list[dict]) -> list[str]:
 
 
 def _paper_notes(rows: list[dict]) -> list[str]:
-    sources = sorted({r["paper_source"] for r in rows if r.get("paper_source")})
-    return ["", "Paper numbers from " + "; ".join(sources) + "."] if sources else []
+    """Where the section's reference numbers come from: each label with its sources."""
+    cited = sorted({(r.get("paper_label", "paper"), r["paper_source"]) for r in rows if r.get("paper_source")})
+    if not cited:
+        return []
+    if {label for label, _ in cited} == {"paper"}:
+        return ["", "Paper numbers from " + "; ".join(source for _, source in cited) + "."]
+    return [
+        "",
+        "Reference numbers, each for exactly its source's setting (prolip/bench/reference.py): "
+        + "; ".join(f"({label} x): {source}" for label, source in cited)
+        + ".",
+    ]
 
 
 def _section(key: tuple, rows: list[dict]) -> list[str]:

@@ -6,7 +6,8 @@ its ± is the population std over seeds of the per-seed dataset means; it exists
 table is scored on the same seeds — otherwise it says what is missing instead of averaging fewer datasets. For
 base-to-new the harmonic mean is taken of the averaged base and new accuracies (per dataset: over seeds; across
 datasets: over datasets), as the paper does; the mean of the per-seed harmonic means is kept as ``hm_seed_mean``.
-The paper's numbers (reference.py) are attached only where the setting matches exactly.
+Reference numbers (reference.py: the paper's and the originals') are attached only where the setting matches exactly,
+with their source and the label the report shows them under.
 """
 
 from __future__ import annotations
@@ -344,7 +345,7 @@ def attach_references(rows: list[dict]) -> None:
         for metric, field in PAPER_FIELDS:
             ref = reference_for(row, datasets, metric) if row.get(metric) is not None else None
             if ref is not None:
-                row[field], row["paper_source"] = ref.value, ref.source
+                row[field], row["paper_source"], row["paper_label"] = ref.value, ref.source, ref.short
 
 
 def aggregate(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
