@@ -176,5 +176,6 @@ def test_every_original_cites_its_source_and_explains_only_real_checks():
     checks = set(_checks(ORIGINALS[0], {}, ELEVEN, "accuracy"))
     assert ORIGINALS and all(r in REFERENCES for r in ORIGINALS)
     for ref in ORIGINALS:
-        assert ref.source != PAPER and ref.short != "paper" and ref.seeds == (1, 2, 3) or ref.protocol == "tta"
+        assert ref.source != PAPER and ref.short != "paper" and ref.why
+        assert ref.seeds == ((1, 2, 3) if ref.protocol != "tta" else ())
         assert {check for check, _ in ref.why} <= checks

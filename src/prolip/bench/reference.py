@@ -308,23 +308,28 @@ _CLIP_SVD_COMMON: dict[str, Any] = dict(
 
 TASK_TEXT = "xyycyc/task-text-coordinates-resources README.md"
 _STUDY_DATASETS = ("DescribableTextures", "EuroSAT", "OxfordPets", "SUN397")
-_STUDY_WHY = (
-    (
-        "sampler",
-        "the study's own split manifests (data/splits/*.json: random.Random(support_seed) in class order, Pets an "
-        "80/20 split of trainval with seed 1729, shared validation identities): neither prolip sampler draws them",
-    ),
-    (
-        "hyperparameters",
-        "the study selects among its own 9 (lr, λ) candidates (lr 1e-3 with λ ∈ {1/K, 0, 0.01, 0.1, 1, 10, 100}, "
-        "lr 1e-4 and 1e-2 with 1/K; FP32 Adam, 300 steps, its tie rule); prolip's grid is the paper's 49 points",
-    ),
+_STUDY_SAMPLER = (
+    "sampler",
+    "the study's own split manifests (data/splits/*.json: random.Random(support_seed) in class order, Pets an 80/20 "
+    "split of trainval with seed 1729, shared validation identities): neither prolip sampler draws them",
 )
-_STUDY_HP = (("selection", "the study's 9 (lr, λ) candidates on validation"), ("precision", "fp32"), ("steps", 300))
+# How the study fits and selects each method (README: Optimization and validation selection; LP++; ProKeR), none in
+# the hyperparameters prolip's methods record. On SigLIP 2, P0 and ProLIP adapt a residual on the tower's complete
+# output (h = z0, identity base map: README, P0 implementation), i.e. prolip's output site, not the MAP head's fc2.
+_STUDY_RECIPES = {
+    "p0": "its 9 (lr, λ) candidates (lr 1e-3 with λ ∈ {1/K, 0, 0.01, 0.1, 1, 10, 100}, lr 1e-4 and 1e-2 with 1/K; "
+    "FP32 Adam, 300 steps, one of 32 views per step) and its tie rule",
+    "lp++": "FP32 SGD with momentum 0.9 for 300 epochs, its data-derived learning rates, the epoch selected on "
+    "validation (ties: the later)",
+    "proker": "ten views per image, FP64 kernel solves over its own (β, λ) grid (2,000 / 800 / 200 candidates), ties "
+    "to the first",
+}
+_STUDY_RECIPES["prolip"] = _STUDY_RECIPES["p0"]
 
 
 def _study(model: str, weights: str, table: str, method: str, values: tuple) -> list[Reference]:
     """One method's row of the study's accuracy table: per dataset at 4 and 16 shots (None: not reported)."""
+    recipe = _STUDY_RECIPES[method]
     cells = zip([(d, k) for d in _STUDY_DATASETS for k in (4, 16)], values, strict=True)
     return [
         Reference(
@@ -340,8 +345,8 @@ def _study(model: str, weights: str, table: str, method: str, values: tuple) -> 
             views=32,
             validation=True,
             templates="dataset",  # the README's four templates are the paper's for these datasets
-            hyperparameters=_STUDY_HP,
-            why=_STUDY_WHY,
+            hyperparameters=(("study recipe", recipe),),
+            why=(_STUDY_SAMPLER, ("hyperparameters", f"the study's recipe: {recipe}")),
             source=f"{TASK_TEXT}, Accuracy comparisons, {table} table",
             short="task-text study",
             protocol_note="the study's splits, seeds 1–3, 32 cached views, selected on its validation set",
@@ -424,6 +429,7 @@ ORIGINALS: list[Reference] = [
         source=f"{CLIP_SVD}, Natural Few-shot Evaluation table, quoting CLIP-LoRA (Zanella & Ben Ayed 2024)",
         short="CLIP-SVD README",
         protocol_note="CLIP-LoRA's own protocol",
+        why=(("protocol", "quoted by the CLIP-SVD README from CLIP-LoRA's paper, under CLIP-LoRA's own protocol"),),
     ),
     *_series(
         "ViT-B-16",
@@ -435,6 +441,7 @@ ORIGINALS: list[Reference] = [
         source=f"{CLIP_SVD}, Natural Few-shot Evaluation table, quoting ProKeR (Bendou et al. 2025)",
         short="CLIP-SVD README",
         protocol_note="ProKeR's own protocol",
+        why=(("protocol", "quoted by the CLIP-SVD README from ProKeR's paper, under ProKeR's own protocol"),),
     ),
     # The task-text study (P0): DTD 4, DTD 16, EuroSAT 4, EuroSAT 16, Pets 4, Pets 16, SUN397 4, SUN397 16.
     *_study(
@@ -451,8 +458,8 @@ ORIGINALS: list[Reference] = [
         "prolip",
         (63.53, 72.58, 81.70, 88.12, 92.15, 92.70, 72.16, 75.84),
     ),
-    # SigLIP 2 Base/16 (google/siglip2-base-patch16-224; open_clip's ViT-B-16-SigLIP2, weights webli), ProLIP on the
-    # MAP head's output (the README's "residual on the complete SigLIP 2 visual output").
+    # SigLIP 2 Base/16 (google/siglip2-base-patch16-224; open_clip's ViT-B-16-SigLIP2, weights webli); P0 and ProLIP
+    # on a residual of the tower's complete output (see _STUDY_RECIPES).
     *[
         ref
         for method, values in (
