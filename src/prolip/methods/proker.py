@@ -89,8 +89,9 @@ TRANSFER_SOURCE = (
 
 
 def rbf_kernel(x: Tensor, y: Tensor, beta: float) -> Tensor:
-    """``exp(−β (1 − x·yᵀ))`` for L2-normalised rows (proker.py:9-10)."""
-    return torch.exp(-beta * (1 - x @ y.T))
+    """``exp(−β (1 − x·yᵀ))`` for L2-normalised rows (proker.py:9-10), in place on the product: β·(a − 1) is
+    exactly −β·(1 − a) (negation is exact), so no second block is allocated."""
+    return (x @ y.T).sub_(1).mul_(beta).exp_()
 
 
 def transferred_hyperparameters(shots: int) -> tuple[float, float]:
@@ -249,7 +250,7 @@ class ProKeR(Method):
         for beta in betas:
             for lam in lams:
                 dual = solve_dual(build_kernel(dense, S, S, beta), residual, lam, overwrite=True)
-                logits = zero_shot + kernel_times(f, S, beta, dual)
+                logits = kernel_times(f, S, beta, dual).add_(zero_shot)  # = zero_shot + …, in place
                 acc = (logits.argmax(-1) == labels).double().mean().item() * 100
                 if acc > best[0]:
                     best = (acc, beta, lam)
