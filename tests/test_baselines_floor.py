@@ -33,7 +33,7 @@ from test_behaviour import DigitsBench
 MARGIN = 3.0
 DOMAINS = ("inverted", "noisy")
 FEATURE_SEEDS, IMAGE_SEEDS = (1, 2, 3), (1, 2)
-IMAGE_BUDGETS = {"full-ft": {"epochs": 10}, "last-layer-ft": {"epochs": 10}}
+IMAGE_BUDGETS = {"full-ft": {"epochs": 10}, "last-layer-ft": {"epochs": 10}, "2sfs": {"steps": 3}}
 NOT_COVERED = {"clip-lora", "clip-svd"}  # see the module docstring
 # (method, domain): what the method's docstring says, and the setting under which the documented cause goes away.
 DOCUMENTED = {("lp++", "noisy"): ("Validation-free, it overfits", {"epochs": 5})}
