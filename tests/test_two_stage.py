@@ -221,3 +221,40 @@ def test_a_split_trains_2sfs_on_exactly_its_images(tiny_vit, tiny_image_folder, 
 
     m = create("2sfs", **{**FAST, "steps": 1}).fit(task, replace(base, images=support), seed=1)
     assert m.selected_["stage1_iterations"] == 1 and F.normalize(m.classifier, dim=-1).shape == (4, task.W0.shape[1])
+
+
+def test_the_exported_head_is_the_one_the_run_predicts_with(tiny_vit, tiny_image_folder, tmp_path, monkeypatch):
+    """`prolip export` writes the method's own head (2SFS: the stage-2 classifier) beside the checkpoint, so the
+    checkpoint and its head give the run's predictions; a method without one keeps the zero-shot head."""
+    from prolip import inference, pipeline
+    from prolip.data import resolve_data
+    from prolip.export import load_classifier_head
+    from prolip.features import FeatureCache
+    from prolip.run import Run
+
+    splits = resolve_data(str(tiny_image_folder))
+    cache = FeatureCache(tmp_path / "cache", tiny_vit, progress=False)
+    for method, hp in (("2sfs", FAST), ("prolip", {"steps": 2})):
+        config = pipeline.FitConfig(shots=2, views=1, method=method, hyperparameters=hp)
+        pipeline.fit(tiny_vit, splits, cache, config).run.save(tmp_path / method)
+        run = Run.load(tmp_path / method)
+        fitted = inference.method_from_run(tiny_vit, run)
+        head, classnames, templates = inference.export_head(fitted, run)
+        expected = fitted.classifier_head() if method == "2sfs" else run.classifier
+        assert torch.equal(head, expected) and classnames == run.classnames
+        assert templates == (["a photo of a {}."] if method == "2sfs" else run.templates)
+    monkeypatch.setattr(inference, "backbone_for", lambda run, device="cpu": tiny_vit, raising=False)
+    written, _, _ = load_classifier_head(_export(tmp_path / "2sfs", tmp_path / "export", tiny_vit, monkeypatch))
+    assert torch.equal(written, inference.method_from_run(tiny_vit, Run.load(tmp_path / "2sfs")).classifier_head())
+
+
+def _export(run_dir, out, backbone, monkeypatch):
+    from click.testing import CliRunner
+
+    import prolip.cli.export as export_cli
+    from prolip.cli import main
+
+    monkeypatch.setattr(export_cli, "backbone_for_run", lambda run, device: backbone)
+    r = CliRunner().invoke(main, ["export", str(run_dir), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out

@@ -95,6 +95,17 @@ def checkpoint_tensors(method: Method, run: Run, backbone: Backbone) -> dict[str
     return tensors
 
 
+def export_head(method: Method, run: Run) -> tuple[Tensor, list[str], list[str]]:
+    """The classifier head written beside an exported checkpoint: (T [C, D], class names, templates). The run's
+    zero-shot classifier, or the one its method predicts with instead (tuned text encoder, learned head), whose
+    templates are the method's one prompt where it has one."""
+    head = method.classifier_head()
+    if head is None:
+        return run.classifier, run.classnames, run.templates
+    template = method.get_params().get("template")
+    return head, run.classnames, [template] if isinstance(template, str) else []
+
+
 # ---- predictions ---------------------------------------------------------------------------------------------------
 
 

@@ -23,25 +23,26 @@ from prolip.cli.options import backbone_for_run, check_device, fail, load_run, r
 @click.option("--force", is_flag=True, help="replace --out if it is an earlier prolip export (or empty)")
 @click.option("--device", default="cpu", show_default=True)
 def export_cmd(run_dir, out, fmt, force, device):
-    """Merge what the run adapted (projection, fine-tuned encoder) into a standard CLIP checkpoint (+ the zero-shot
-    head beside it)."""
+    """Merge what the run adapted (projection, fine-tuned encoder) into a standard CLIP checkpoint (+ the head the
+    run predicts with beside it: the zero-shot one, or the method's own)."""
     from prolip import export, inference
 
     check_device(device)
     run = load_run(run_dir)
     reserve_out(out, force, [run_dir], "export")
     backbone = backbone_for_run(run, device)
-    tensors = inference.checkpoint_tensors(inference.method_from_run(backbone, run), run, backbone)
+    method = inference.method_from_run(backbone, run)
+    tensors = inference.checkpoint_tensors(method, run, backbone)
     if fmt == "auto":
         fmt = backbone.family.export_format
     try:
-        # One folder, written whole: the checkpoint, the zero-shot head and the run card as its model card.
+        # One folder, written whole: the checkpoint, the head the run predicts with and the run card.
         written = export.export_folder(
             backbone,
             tensors,
             out,
             fmt=fmt,
-            head=(run.classifier, run.classnames, run.templates),
+            head=inference.export_head(method, run),
             card=run.card,
             force=force,
             data_paths=[run_dir],

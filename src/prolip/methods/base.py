@@ -214,6 +214,12 @@ class Method(Configurable, ABC):
         """The adapted W [D_pre, D] when predictions are exactly CLIP's with W; None for other methods."""
         return None
 
+    def classifier_head(self) -> Tensor | None:
+        """The classifier [C, D] this fitted method's predictions use in place of the task's text classifier (a
+        method that re-encodes its prompts through a tuned text encoder, or learns one): the head ``prolip export``
+        writes beside the checkpoint. None: the task's own (the zero-shot head)."""
+        return None
+
     def checkpoint_tensors(self, backbone: Any) -> dict[str, Tensor] | None:
         """The tensors of ``backbone``'s checkpoint this fitted method changes, named as in the model's state dict
         and in its native layout (``prolip export`` merges them); None when its predictions are not those of a

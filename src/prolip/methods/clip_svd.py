@@ -405,6 +405,10 @@ class CLIPSVD(Method):
                 params[n].copy_(state[n].to(params[n].dtype))
         self.adapted, self.text_classifier = frozen_result(encoder, names), state["text_classifier"]
 
+    def classifier_head(self) -> Tensor | None:
+        """The one-prompt classifier of the tuned text encoder: what the run predicts with, so the exported head."""
+        return self.text_classifier
+
     def checkpoint_tensors(self, backbone: Backbone) -> dict[str, Tensor] | None:
         """The decomposed weights merged back (U diag(s) Vᵀ): a plain checkpoint of the same architecture."""
         return None if self.adapted is None else merged_tensors(self.adapted)
