@@ -7,6 +7,7 @@ prolip's own reader."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,3 +259,26 @@ def _export(run_dir, out, backbone, monkeypatch):
     r = CliRunner().invoke(main, ["export", str(run_dir), "--out", str(out)])
     assert r.exit_code == 0, r.output
     return out
+
+
+def test_fit_with_a_split_file_trains_on_the_very_images_it_names(tiny_image_folder, tmp_path):
+    """`prolip fit --split-file` draws no support set: it trains on the images the published split names, records
+    the file, and refuses a --shots the file does not hold in one line."""
+    from click.testing import CliRunner
+
+    from prolip.cli import main
+
+    names = sorted(p.name for p in tiny_image_folder.iterdir())
+    rows = [datum(f"tiny/{c}/{i}.jpg", y, c) for y, c in enumerate(names) for i in (5, 3)]
+    split = jsonl(tmp_path / "split_fewshot" / "shot_2-seed_7_train.jsonl", rows)
+    args = ["fit", "--data", str(tiny_image_folder), "--split-file", str(split), "--views", "1", "--steps", "2"]
+    args += ["--model", "test-vit-tiny", "--pretrained", "none", "--cache-dir", str(tmp_path / "cache")]
+    r = CliRunner().invoke(main, [*args, "--shots", "2", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    support = [(Path(p).parent.name, Path(p).name, label) for p, label in manifest["data"]["support"]]
+    assert manifest["fit"]["split_file"] == str(split)
+    assert sorted(support) == sorted((c, f"{i}.jpg", y) for y, c in enumerate(names) for i in (5, 3))
+    r = CliRunner().invoke(main, [*args, "--shots", "4", "--out", str(tmp_path / "other")])
+    assert r.exit_code != 0 and "is a 2-shot split, not 4-shot: pass --shots 2" in r.output
+    assert len([line for line in r.output.splitlines() if line.startswith("Error:")]) == 1

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from prolip.backbones.base import Backbone
 from prolip.data import NotEnoughImagesError, sample_few_shot
+from prolip.data.sampling import FewShotSplit
 from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
 from prolip.errors import ProlipError
 from prolip.features.cache import CachedViews
@@ -56,6 +57,8 @@ class EpisodeSpec:
     validation: bool = False
     classes: tuple[int, ...] | None = None  # keep only these classes after sampling, relabelled in this order
     augmentation: str = "prolip"  # the cached views of the episode's support (other methods ask support_for)
+    split_file: str | None = None  # a published split (2SFS's JSONL) instead of the sampler's draw
+    split_val_file: str | None = None  # its validation images
 
 
 @dataclass(frozen=True)
@@ -156,15 +159,19 @@ def _check_data(splits: DatasetSplits, spec: EpisodeSpec) -> LabeledImages:
 def draw_images(splits: DatasetSplits, spec: EpisodeSpec) -> EpisodeImages:
     """Support, N-shot validation and evaluation images of one episode; validation never overlaps evaluation."""
     train = _check_data(splits, spec)
-    few = sample_few_shot(
-        train.labels,
-        spec.shots,
-        spec.seed,
-        convention=spec.sampler,
-        allow_fewer=spec.allow_fewer,
-        val_labels=splits.val.labels if splits.val is not None else None,
-        imagenet_style=splits.name == "ImageNet" and spec.sampler == "lpp",
-        classnames=splits.classnames,
+    few = (
+        _published_split(splits, spec)
+        if spec.split_file
+        else sample_few_shot(
+            train.labels,
+            spec.shots,
+            spec.seed,
+            convention=spec.sampler,
+            allow_fewer=spec.allow_fewer,
+            val_labels=splits.val.labels if splits.val is not None else None,
+            imagenet_style=splits.name == "ImageNet" and spec.sampler == "lpp",
+            classnames=splits.classnames,
+        )
     )
     support = train.subset(few.train_indices)
     validation = (splits.val if few.val_from == "val" and splits.val is not None else train).subset(few.val_indices)
@@ -180,6 +187,21 @@ def draw_images(splits: DatasetSplits, spec: EpisodeSpec) -> EpisodeImages:
     if spec.validation:
         _check_validation(support, validation, few.val_from)
     return EpisodeImages(support, validation, evaluation, eval_set)
+
+
+def _published_split(splits: DatasetSplits, spec: EpisodeSpec) -> FewShotSplit:
+    """The very images a published split file names (``split_file``, e.g. 2SFS's), read onto the dataset as prolip
+    reads it; its shot count must be the episode's."""
+    from prolip.data.fewshot_jsonl import read_split
+
+    assert spec.split_file is not None
+    few = read_split(splits, spec.split_file, spec.split_val_file)
+    if few.shots != spec.shots:
+        raise EpisodeError(
+            f"--split-file {spec.split_file} is a {few.shots}-shot split, not {spec.shots}-shot: pass --shots "
+            f"{few.shots}, or the file of {spec.shots} shots"
+        )
+    return few
 
 
 def _check_validation(support: LabeledImages, validation: LabeledImages, source: str) -> None:

@@ -51,6 +51,8 @@ class FitConfig:
     sampler: str = "lpp"
     allow_fewer: bool = False
     use_validation: bool = False
+    split_file: str | None = None  # a published split file (2SFS's JSONL) instead of the sampler's draw
+    split_val_file: str | None = None
 
     def episode_spec(self, augmentation: str = "prolip") -> EpisodeSpec:
         return EpisodeSpec(
@@ -62,6 +64,8 @@ class FitConfig:
             allow_fewer=self.allow_fewer,
             validation=self.use_validation,
             augmentation=augmentation,
+            split_file=self.split_file,
+            split_val_file=self.split_val_file,
         )
 
 

@@ -86,6 +86,12 @@ from prolip.cli.options import (
     "has; the lpp sampler draws --shots with repeats, as the LP++/ProLIP code does",
 )
 @path_option(
+    "--split-file",
+    help="train on the support images a published split names instead of sampling them (2SFS's "
+    "shot_K-seed_S_train.jsonl; --shots must be its K)",
+)
+@path_option("--split-val-file", help="with --split-file: the validation images of that split (…_val.jsonl)")
+@path_option(
     "--val",
     "val_dir",
     help="image folder to evaluate on (default: the test split, or the images not used for training)",
@@ -119,6 +125,8 @@ def fit_cmd(
     validate,
     sampler,
     allow_fewer,
+    split_file,
+    split_val_file,
     val_dir,
     aug_seed,
     out,
@@ -162,6 +170,8 @@ def fit_cmd(
         sampler=sampler,
         allow_fewer=allow_fewer,
         use_validation=validate,
+        split_file=None if split_file is None else str(split_file),
+        split_val_file=None if split_val_file is None else str(split_val_file),
     )
     try:
         result = pipeline.fit(
