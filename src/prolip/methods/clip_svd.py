@@ -49,11 +49,10 @@ ViT towers only (train.py:86-95), so a ResNet's image tower is refused as CLIP-L
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -61,16 +60,12 @@ from torch.nn.utils import parametrize
 
 from prolip.backbones.base import Backbone
 from prolip.finetune import (
-    FinetuneSettings,
-    adapted_copy,
-    encoder_logits,
-    frozen_result,
-    model_parameters,
     train_image_encoder,
     training_steps,
 )
 from prolip.methods import register
-from prolip.methods.base import NO_CACHED_VIEWS, Method, Support, Task, Validation
+from prolip.methods.base import Support, Task, Validation
+from prolip.methods.encoder_training import InstalledAdapters
 from prolip.methods.lora import HF_PROJECTIONS, one_prompt_classifier
 from prolip.methods.params import (
     LEARNING_RATE,
@@ -254,7 +249,7 @@ def merged_tensors(encoder: Backbone) -> dict[str, Tensor]:
 
 
 @register
-class CLIPSVD(Method):
+class CLIPSVD(InstalledAdapters):
     """Singular-value fine-tuning of both CLIP encoders (see the module docstring).
 
     encoder ("both" | "vision" | "text"), position ("all", or a block range of svf_utils/utils.py), matrices (q, k,
@@ -263,9 +258,6 @@ class CLIPSVD(Method):
     """
 
     name = "clip-svd"
-    encodes_images = True
-    augmentation = NO_CACHED_VIEWS  # trains on the images (RandomResizedCrop 0.08–1 + flip, on the fly)
-    accepts_classifier = False
     dataset_defaults = {
         "ImageNet": {"template": "a photo of a {}."},  # configs/few_shot/imagenet.yaml:15
         "Food101": {"template": "a photo of a {}, a type of food."},  # configs/few_shot/food101.yaml:15
@@ -304,37 +296,19 @@ class CLIPSVD(Method):
         self.adapted: Backbone | None = None
         self.text_classifier: Tensor | None = None
 
-    def installer(self) -> SVDInstaller:
+    def installer(self, seed: int = 0) -> SVDInstaller:  # nothing random to seed: the SVD is W's own
         return SVDInstaller(self.encoder, self.position, list(self.matrices), self.rank_ratio)
 
-    def _settings(self, task: Task, backbone: Backbone, seed: int) -> FinetuneSettings:
-        on_gpu = torch.device(backbone.device).type == "cuda"
-        return FinetuneSettings(
-            lr=self.lr,
-            epochs=0,
-            batch_size=self.batch_size,
-            eps=1e-8,  # train.py:125 AdamW's default
-            seed=seed,
-            aug_seed=self.aug_seed,
-            workers=min(8, os.cpu_count() or 1) if on_gpu else 0,
-            optimizer="adamw",
-            weight_decay=self.weight_decay,
-            min_lr=self.min_lr,
-            iterations=self.steps * task.shots,
-            head="clip",
-            augmentation="dassl",  # main.py:82-87 RandomResizedCrop(scale=(0.08, 1), bicubic) + flip
-        )
+    def is_installed(self, name: str) -> bool:
+        return name.endswith(".original")
+
+    def predicting(self) -> contextlib.AbstractContextManager:
+        return parametrize.cached()  # U diag(s) Vᵀ once per call, not once per batch
 
     def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
-        backbone = _backbone(task)
-        if support.images is None:
-            raise ValueError(
-                "clip-svd trains on the support images, but this support set holds only features "
-                "(build it with prolip.episode.EpisodeBuilder)"
-            )
+        backbone, images = self.frozen_backbone(task), self.training_images(support)
         self.installer().sites(backbone)  # a tower it cannot decompose is refused before any work
-        classnames = list(support.images.classnames)
-        template = self.template or (support.images.templates or ["a photo of a {}."])[0]
+        classnames, template = list(images.classnames), self.prompt(images)
         text_trains = self.encoder in ("both", "text")
 
         def text_of(encoder: Backbone) -> Tensor:
@@ -346,8 +320,8 @@ class CLIPSVD(Method):
         else:
             with torch.no_grad():
                 classifier = text_of(backbone)
-        settings = self._settings(task, backbone, seed)
-        paths = [it.path for it in support.images.items]
+        settings = self.adamw_settings(backbone, seed, self.steps * task.shots)  # train.py:121, 125-131
+        paths = [it.path for it in images.items]
         installer = self.installer()
         self.adapted = train_image_encoder(
             backbone, lambda b: [], paths, support.labels, classifier, task.logit_scale, settings, adapt=installer
@@ -365,59 +339,11 @@ class CLIPSVD(Method):
             "train_augmentation": "RandomResizedCrop 0.08-1 + flip, on the fly",
         }
 
-    def _logits(self, z: Tensor, classifier: Tensor) -> Tensor:
-        raise ValueError(
-            "clip-svd trains inside the encoders, so features of the frozen encoder cannot show what "
-            "it learned: score the images with image_logits(paths)"
-        )
-
-    def image_logits(self, paths: Sequence[Any], classifier: Tensor | None = None) -> Tensor:
-        if self.task is None or self.adapted is None or self.text_classifier is None:
-            raise RuntimeError("clip-svd: call fit() or load_state_dict() before image_logits()")
-        if classifier is not None:
-            raise ValueError(
-                "clip-svd predicts with its adapted text encoder's classifier; it cannot score another "
-                "class set with another text classifier"
-            )
-        with parametrize.cached():  # U diag(s) Vᵀ once per call, not once per batch
-            return encoder_logits(self.adapted, paths, self.text_classifier, self.task.logit_scale)
-
-    def trainable_parameters(self) -> int:
-        return sum(t.numel() for k, t in self.state_dict().items() if k != "text_classifier")
-
-    def state_dict(self) -> dict[str, Tensor]:
-        if self.adapted is None or self.text_classifier is None:
-            return {}
-        params = model_parameters(self.adapted)
-        state = {n: p.detach().float().cpu() for n, p in params.items() if n.endswith(".original")}
-        return {**state, "text_classifier": self.text_classifier}
-
-    def state_shapes(self, task: Task) -> dict[str, tuple[int, ...]]:
-        backbone = _backbone(task)
-        shapes = {s.trained: site_shape(backbone.model, s, self.rank_ratio) for s in self.installer().sites(backbone)}
-        return {**shapes, "text_classifier": (task.num_classes, task.W0.shape[1])}
-
-    def _load(self, task: Task, state: dict[str, Tensor]) -> None:
-        encoder, names = adapted_copy(_backbone(task), [], self.installer())
-        params = model_parameters(encoder)
-        with torch.no_grad():
-            for n in names:
-                params[n].copy_(state[n].to(params[n].dtype))
-        self.adapted, self.text_classifier = frozen_result(encoder, names), state["text_classifier"]
-
-    def classifier_head(self) -> Tensor | None:
-        """The one-prompt classifier of the tuned text encoder: what the run predicts with, so the exported head."""
-        return self.text_classifier
-
     def checkpoint_tensors(self, backbone: Backbone) -> dict[str, Tensor] | None:
         """The decomposed weights merged back (U diag(s) Vᵀ): a plain checkpoint of the same architecture."""
         return None if self.adapted is None else merged_tensors(self.adapted)
 
-
-def _backbone(task: Task) -> Backbone:
-    if task.backbone is None:
-        raise ValueError(
-            "clip-svd trains inside the encoders and needs the frozen backbone (task.backbone); build "
-            "the task with prolip.episode.EpisodeBuilder or pipeline.task_from_run"
-        )
-    return task.backbone
+    def state_shapes(self, task: Task) -> dict[str, tuple[int, ...]]:
+        backbone = self.frozen_backbone(task)
+        shapes = {s.trained: site_shape(backbone.model, s, self.rank_ratio) for s in self.installer().sites(backbone)}
+        return {**shapes, "text_classifier": (task.num_classes, task.W0.shape[1])}

@@ -32,7 +32,6 @@ text`` only. Positions other than "all" are the original's block indices for 12-
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,16 +41,14 @@ from torch import Tensor, nn
 
 from prolip.backbones.base import Backbone
 from prolip.finetune import (
-    FinetuneSettings,
     adapted_copy,
-    encoder_logits,
-    frozen_result,
     model_parameters,
     train_image_encoder,
     training_steps,
 )
 from prolip.methods import register
-from prolip.methods.base import NO_CACHED_VIEWS, Method, Support, Task, Validation
+from prolip.methods.base import Support, Task, Validation
+from prolip.methods.encoder_training import InstalledAdapters
 from prolip.methods.params import (
     LEARNING_RATE,
     NON_NEGATIVE,
@@ -307,7 +304,7 @@ def one_prompt_classifier(encoder: Backbone, classnames: Sequence[str], template
 
 
 @register
-class CLIPLoRA(Method):
+class CLIPLoRA(InstalledAdapters):
     """Low-rank adapters on the attention projections of both CLIP encoders (see the module docstring).
 
     rank (2), alpha (1; s = α/√r), dropout (0.25), encoder ("both" | "vision" | "text"), position ("all", or a
@@ -317,9 +314,6 @@ class CLIPLoRA(Method):
     """
 
     name = "clip-lora"
-    encodes_images = True
-    augmentation = NO_CACHED_VIEWS  # trains on the images (RandomResizedCrop 0.08–1 + flip, on the fly)
-    accepts_classifier = False
     dataset_defaults = {"ImageNet": {"template": "a photo of a {}."}}  # CLIP-LoRA datasets/imagenet.py:188
     constraints = {
         "rank": POSITIVE_INT,
@@ -359,43 +353,22 @@ class CLIPLoRA(Method):
         self.adapted: Backbone | None = None
         self.text_classifier: Tensor | None = None
 
-    def installer(self, seed: int) -> LoRAInstaller:
+    def installer(self, seed: int = 0) -> LoRAInstaller:
         return LoRAInstaller(
             self.encoder, self.position, list(self.matrices), self.rank, self.alpha, self.dropout, seed
         )
 
-    def _settings(self, task: Task, backbone: Backbone, seed: int) -> FinetuneSettings:
-        on_gpu = torch.device(backbone.device).type == "cuda"
-        return FinetuneSettings(
-            lr=self.lr,
-            epochs=0,
-            batch_size=self.batch_size,
-            eps=1e-8,
-            seed=seed,
-            aug_seed=self.aug_seed,
-            workers=min(8, os.cpu_count() or 1) if on_gpu else 0,
-            optimizer="adamw",
-            weight_decay=self.weight_decay,
-            min_lr=self.min_lr,
-            iterations=self.steps * task.shots,
-            head="clip",
-            augmentation="dassl",
-        )
+    def is_installed(self, name: str) -> bool:
+        return ".lora." in name
 
     def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
-        backbone = _backbone(task)
-        if support.images is None:
-            raise ValueError(
-                "clip-lora trains on the support images, but this support set holds only features "
-                "(build it with prolip.episode.EpisodeBuilder)"
-            )
+        backbone, images = self.frozen_backbone(task), self.training_images(support)
         attention_sites(backbone, self.encoder, self.position)  # a tower it cannot adapt is refused before any work
-        classnames = list(support.images.classnames)
-        template = self.template or (support.images.templates or ["a photo of a {}."])[0]
+        classnames, template = list(images.classnames), self.prompt(images)
         text_trains = self.encoder in ("both", "text")
         classifier = (lambda enc: one_prompt_classifier(enc, classnames, template)) if text_trains else task.classifier
-        settings = self._settings(task, backbone, seed)
-        paths = [it.path for it in support.images.items]
+        settings = self.adamw_settings(backbone, seed, self.steps * task.shots)
+        paths = [it.path for it in images.items]
         self.adapted = train_image_encoder(
             backbone,
             lambda b: [],
@@ -418,58 +391,11 @@ class CLIPLoRA(Method):
             "train_augmentation": "RandomResizedCrop 0.08-1 + flip, on the fly",
         }
 
-    def _logits(self, z: Tensor, classifier: Tensor) -> Tensor:
-        raise ValueError(
-            "clip-lora trains inside the encoders, so features of the frozen encoder cannot show what "
-            "it learned: score the images with image_logits(paths)"
-        )
-
-    def image_logits(self, paths: Sequence[Any], classifier: Tensor | None = None) -> Tensor:
-        if self.task is None or self.adapted is None or self.text_classifier is None:
-            raise RuntimeError("clip-lora: call fit() or load_state_dict() before image_logits()")
-        if classifier is not None:
-            raise ValueError(
-                "clip-lora predicts with its adapted text encoder's classifier; it cannot score another "
-                "class set with another text classifier"
-            )
-        return encoder_logits(self.adapted, paths, self.text_classifier, self.task.logit_scale)
-
-    def trainable_parameters(self) -> int:
-        return sum(t.numel() for k, t in self.state_dict().items() if k != "text_classifier")
-
-    def state_dict(self) -> dict[str, Tensor]:
-        if self.adapted is None or self.text_classifier is None:
-            return {}
-        params = model_parameters(self.adapted)
-        state = {n: p.detach().float().cpu() for n, p in params.items() if ".lora." in n}
-        return {**state, "text_classifier": self.text_classifier}
-
-    def state_shapes(self, task: Task) -> dict[str, tuple[int, ...]]:
-        encoder, names = adapted_copy(_backbone(task), [], self.installer(0))
-        params = model_parameters(encoder)
-        return {**{n: tuple(params[n].shape) for n in names}, "text_classifier": (task.num_classes, task.W0.shape[1])}
-
-    def _load(self, task: Task, state: dict[str, Tensor]) -> None:
-        encoder, names = adapted_copy(_backbone(task), [], self.installer(0))
-        params = model_parameters(encoder)
-        with torch.no_grad():
-            for n in names:
-                params[n].copy_(state[n].to(params[n].dtype))
-        self.adapted, self.text_classifier = frozen_result(encoder, names), state["text_classifier"]
-
-    def classifier_head(self) -> Tensor | None:
-        """The one-prompt classifier of the tuned text encoder: what the run predicts with, so the exported head."""
-        return self.text_classifier
-
     def checkpoint_tensors(self, backbone: Backbone) -> dict[str, Tensor] | None:
         """The adapted projections with their adapters merged in: a plain checkpoint of the same architecture."""
         return None if self.adapted is None else merged_tensors(self.adapted)
 
-
-def _backbone(task: Task) -> Backbone:
-    if task.backbone is None:
-        raise ValueError(
-            "clip-lora trains inside the encoders and needs the frozen backbone (task.backbone); build "
-            "the task with prolip.episode.EpisodeBuilder or pipeline.task_from_run"
-        )
-    return task.backbone
+    def state_shapes(self, task: Task) -> dict[str, tuple[int, ...]]:
+        encoder, names = adapted_copy(self.frozen_backbone(task), [], self.installer(0))
+        params = model_parameters(encoder)
+        return {**{n: tuple(params[n].shape) for n in names}, "text_classifier": (task.num_classes, task.W0.shape[1])}

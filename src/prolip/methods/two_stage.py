@@ -46,7 +46,6 @@ tuned text encoder) needs class names, not a text classifier, so another class s
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,14 +56,14 @@ from torch import Tensor, nn
 from prolip.backbones.base import Backbone
 from prolip.finetune import (
     FinetuneSettings,
-    encoder_logits,
     encoder_with,
     model_parameters,
     train_image_encoder,
     training_steps,
 )
 from prolip.methods import register
-from prolip.methods.base import NO_CACHED_VIEWS, Method, Support, Task, Validation
+from prolip.methods.base import Support, Task, Validation
+from prolip.methods.encoder_training import EncoderTraining
 from prolip.methods.lora import one_prompt_classifier
 from prolip.methods.params import (
     FRACTION,
@@ -127,7 +126,7 @@ def stage_iterations(steps: int, shots: int, fraction: float) -> tuple[int, int]
 
 
 @register
-class TwoStage(Method):
+class TwoStage(EncoderTraining):
     """2SFS: LayerNorm tuning of both encoders, then a linear classifier from the tuned text embeddings (see the
     module docstring).
 
@@ -138,9 +137,8 @@ class TwoStage(Method):
     """
 
     name = "2sfs"
-    encodes_images = True
-    augmentation = NO_CACHED_VIEWS  # trains on the images (RandomResizedCrop 0.08–1 + flip, on the fly)
-    accepts_classifier = False
+    predicts_with = "its stage-2 classifier (another class set needs class names, for the tuned text encoder)"
+    default_template = TEMPLATE
     constraints = {
         "encoder": Choice(ENCODERS),
         "vision_start": NON_NEGATIVE_INT,
@@ -179,42 +177,17 @@ class TwoStage(Method):
         """The names of the parameters stage 1 tunes on ``backbone``."""
         return layer_norm_parameters(backbone, self.encoder, self.vision_start, self.text_start)
 
-    def _settings(self, backbone: Backbone, seed: int, iterations: int, first_epoch: int = 0) -> FinetuneSettings:
-        on_gpu = torch.device(backbone.device).type == "cuda"
-        return FinetuneSettings(
-            lr=self.lr,
-            epochs=0,
-            batch_size=self.batch_size,
-            eps=1e-8,  # AdamW's default (twostage.py:258, 291)
-            seed=seed,
-            aug_seed=self.aug_seed,
-            workers=min(8, os.cpu_count() or 1) if on_gpu else 0,
-            optimizer="adamw",
-            weight_decay=self.weight_decay,
-            min_lr=self.min_lr,
-            iterations=iterations,
-            head="clip",
-            augmentation="dassl",  # datasets/__init__.py:62-67 RandomResizedCrop(0.08-1, bicubic) + flip
-            first_epoch=first_epoch,
-        )
-
     def _fit(self, task: Task, support: Support, val: Validation | None, seed: int) -> None:
-        backbone = _backbone(task)
-        if support.images is None:
-            raise ValueError(
-                "2sfs trains on the support images, but this support set holds only features "
-                "(build it with prolip.episode.EpisodeBuilder)"
-            )
-        classnames = list(support.images.classnames)
-        template = self.template or (support.images.templates or [TEMPLATE])[0]
+        backbone, images = self.frozen_backbone(task), self.training_images(support)
+        classnames, template = list(images.classnames), self.prompt(images)
         text_trains = self.encoder in ("both", "text")
-        paths = [it.path for it in support.images.items]
+        paths = [it.path for it in images.items]
         first, second = stage_iterations(self.steps, task.shots, self.stage1_fraction)
 
         def text_of(encoder: Backbone) -> Tensor:
             return one_prompt_classifier(encoder, classnames, template)
 
-        stage1 = self._settings(backbone, seed, first)
+        stage1 = self.adamw_settings(backbone, seed, first)  # main.py:49-50, twostage.py:258, 263
         classifier: Tensor | Callable[[Backbone], Tensor]
         if text_trains:
             classifier = text_of
@@ -228,11 +201,11 @@ class TwoStage(Method):
         with torch.no_grad():  # twostage.py:59-65 (the text encoder unchanged: the stage-1 classifier itself)
             init = classifier if isinstance(classifier, Tensor) else text_of(self.adapted)
         steps1 = training_steps(len(paths), stage1)
-        stage2 = self._settings(backbone, seed, second, first_epoch=steps1[-1][0] + 1 if steps1 else 0)
+        stage2 = self.adamw_settings(backbone, seed, second, first_epoch=steps1[-1][0] + 1 if steps1 else 0)
         self.classifier = self._second_stage(init, paths, support.labels, task.logit_scale, stage2)
         steps2 = training_steps(len(paths), stage2)
-        images = sum(len(i) for _, i in steps1 + steps2)
-        self.forward_passes_ = images + len(classnames) * (len(steps1) * text_trains + 1)
+        seen = sum(len(i) for _, i in steps1 + steps2)
+        self.forward_passes_ = seen + len(classnames) * (len(steps1) * text_trains + 1)
         self.selected_ = {
             "how": "rule",
             "stage1_iterations": len(steps1),
@@ -264,27 +237,9 @@ class TwoStage(Method):
         )
         return model_parameters(trained)[f"{HEAD}.weight"].detach().float().cpu()
 
-    def _logits(self, z: Tensor, classifier: Tensor) -> Tensor:
-        raise ValueError(
-            "2sfs trains inside the encoders, so features of the frozen encoder cannot show what it "
-            "learned: score the images with image_logits(paths)"
-        )
-
-    def classifier_head(self) -> Tensor:
+    def classifier_head(self) -> Tensor | None:
         """The stage-2 classifier, normalised [C, D]: the head that goes with the exported checkpoint."""
-        if self.classifier is None:
-            raise RuntimeError("2sfs: call fit() or load_state_dict() first")
-        return F.normalize(self.classifier, dim=-1)
-
-    def image_logits(self, paths: Sequence[Any], classifier: Tensor | None = None) -> Tensor:
-        if self.task is None or self.adapted is None or self.classifier is None:
-            raise RuntimeError("2sfs: call fit() or load_state_dict() before image_logits()")
-        if classifier is not None:
-            raise ValueError(
-                "2sfs predicts with its stage-2 classifier; scoring another class set needs its class names "
-                "(the original embeds new classes with the tuned text encoder), not a text classifier"
-            )
-        return encoder_logits(self.adapted, paths, self.classifier_head(), self.task.logit_scale)
+        return None if self.classifier is None else F.normalize(self.classifier, dim=-1)
 
     def trainable_parameters(self) -> int:
         """Stage 1's LayerNorm numbers and stage 2's classifier."""
@@ -295,18 +250,18 @@ class TwoStage(Method):
             return {}
         params = model_parameters(self.adapted)
         assert self.task is not None
-        state = {n: params[n].detach().float().cpu() for n in self.tuned(_backbone(self.task))}
+        state = {n: params[n].detach().float().cpu() for n in self.tuned(self.frozen_backbone(self.task))}
         return {**state, CLASSIFIER: self.classifier}
 
     def state_shapes(self, task: Task) -> dict[str, tuple[int, ...]]:
-        backbone = _backbone(task)
+        backbone = self.frozen_backbone(task)
         params = model_parameters(backbone)
         shapes = {n: tuple(params[n].shape) for n in self.tuned(backbone)}
         return {**shapes, CLASSIFIER: (task.num_classes, task.W0.shape[1])}
 
     def _load(self, task: Task, state: dict[str, Tensor]) -> None:
         tensors = {k: v for k, v in state.items() if k != CLASSIFIER}
-        self.adapted, self.classifier = encoder_with(_backbone(task), tensors), state[CLASSIFIER]
+        self.adapted, self.classifier = encoder_with(self.frozen_backbone(task), tensors), state[CLASSIFIER]
 
     def checkpoint_tensors(self, backbone: Backbone) -> dict[str, Tensor] | None:
         """The tuned LayerNorm weights and biases, by their checkpoint names: a plain checkpoint of the same
@@ -315,12 +270,3 @@ class TwoStage(Method):
             return None
         params = model_parameters(self.adapted)
         return {n: params[n].detach().float().cpu() for n in self.tuned(backbone)}
-
-
-def _backbone(task: Task) -> Backbone:
-    if task.backbone is None:
-        raise ValueError(
-            "2sfs trains inside the encoders and needs the frozen backbone (task.backbone); build the task "
-            "with prolip.episode.EpisodeBuilder or pipeline.task_from_run"
-        )
-    return task.backbone
