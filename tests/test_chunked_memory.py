@@ -135,9 +135,13 @@ def test_tip_adapter_search_is_the_unchunked_search(problem, monkeypatch):
     assert chunked == whole == expected
 
 
-@pytest.mark.parametrize("name", ["tip-adapter", "tip-adapter-f"])
+@pytest.mark.parametrize("name", ["tip-adapter", "tip-adapter-f", "prolip+tip-adapter-f"])
 def test_tip_adapters_fit_and_score_the_same_in_blocks(problem, monkeypatch, name):
-    extra = {"epochs": 3, "search_step": (10, 5)} if name == "tip-adapter-f" else {"search_step": (10, 5)}
+    extra = {
+        "tip-adapter": {"search_step": (10, 5)},
+        "tip-adapter-f": {"epochs": 3, "search_step": (10, 5)},
+        "prolip+tip-adapter-f": {"steps": 3},
+    }[name]
 
     def run():
         m = create(name, **extra).fit(problem.task, problem.support, problem.val, seed=2)
