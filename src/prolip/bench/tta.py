@@ -195,4 +195,6 @@ def run_tta_group(b: Bench, group: Group, cells: list[Cell]) -> Iterator[tuple[C
         cell.add(images={**cell.record.results.get("images", {}), **found["images"]}, environment=found["environment"])
         if "selected" not in cell.record.results:
             cell.add(selected={"how": "rule"})  # fixed settings, from each original
-        yield cell, tally.seconds + shared / len(cells)
+        seconds = tally.seconds + shared / len(cells)
+        cell.add(seconds_per_image=seconds / n if n else None)  # what a test-time method costs each image
+        yield cell, seconds

@@ -229,6 +229,7 @@ def _line_cost(dataset_rows_: list[dict]) -> dict:
     peaks = [c["peak_memory_mb"] for c in costs if c.get("peak_memory_mb") is not None]
     return {
         "seconds": mean("seconds"),
+        "seconds_per_image": mean("seconds_per_image"),
         "forward_passes": mean("forward_passes"),
         "trainable_parameters": mean("trainable_parameters"),
         "peak_memory_mb": max(peaks) if peaks else None,
@@ -249,6 +250,7 @@ def _cost_table(rows: list[dict], names: dict, notes: Footnotes) -> list[str]:
     averages = {line_key(r): r for r in rows if r["kind"] == "average" and r.get("subset") is None}
     # Calibration beside accuracy where the records have it (records from before ECE was recorded: no column).
     ece = any(r.get("ece") is not None for rs in lines.values() for r in rs)
+    per_image = any(r["cost"].get("seconds_per_image") is not None for rs in lines.values() for r in rs)
     out = [
         "",
         "Accuracy"
@@ -257,8 +259,10 @@ def _cost_table(rows: list[dict], names: dict, notes: Footnotes) -> list[str]:
         "",
         "| method | shots | accuracy |"
         + (" ECE |" if ece else "")
-        + " seconds | forward passes | peak memory | trainable parameters |",
-        "|---|---:|---:|" + ("---:|" if ece else "") + "---:|---:|---:|---:|",
+        + " seconds |"
+        + (" s / image |" if per_image else "")
+        + " forward passes | peak memory | trainable parameters |",
+        "|---|---:|---:|" + ("---:|" if ece else "") + ("---:|" if per_image else "") + "---:|---:|---:|---:|",
     ]
     for key, r in ordered_lines([rs[0] for rs in lines.values()]):
         cost, average = _line_cost(lines[key]), averages.get(key)
@@ -272,7 +276,8 @@ def _cost_table(rows: list[dict], names: dict, notes: Footnotes) -> list[str]:
             memory += notes.mark(f"peak memory: {cost['memory_measure']}")
         out.append(
             f"| {names[key]} | {r['shots']} | {accuracy} | {_short(cost['seconds'], ' s')} | "
-            f"{_short(cost['forward_passes'])} | {memory} | {_short(cost['trainable_parameters'])} |"
+            + (f"{_short(cost['seconds_per_image'], ' s')} | " if per_image else "")
+            + f"{_short(cost['forward_passes'])} | {memory} | {_short(cost['trainable_parameters'])} |"
         )
     return out
 

@@ -135,13 +135,14 @@ def _mean_of(records: list[dict], key: str) -> float | None:
 def _cost(records: list[dict]) -> dict:
     """A dataset row's cost over its seeds: mean seconds, forward passes and trainable parameters, peak memory."""
     memory = [r["peak_memory_mb"] for r in records if r.get("peak_memory_mb") is not None]
+    per_image = _mean_of(records, "seconds_per_image")  # test-time cells only (older records: none)
     return {
         "seconds": _mean_of(records, "seconds"),
         "forward_passes": _mean_of(records, "forward_passes"),
         "trainable_parameters": _mean_of(records, "trainable_parameters"),
         "peak_memory_mb": max(memory) if memory else None,
         "memory_measure": agreed(r.get("memory_measure") for r in records if r.get("memory_measure")),
-    }
+    } | ({"seconds_per_image": per_image} if per_image is not None else {})
 
 
 def _selection_hows(selected: Any) -> list[str]:
