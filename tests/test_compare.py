@@ -23,7 +23,7 @@ WHERE_AND_WHEN = {"created", "seconds", "peak_memory_mb", "memory_measure", "sup
 
 def bench(experiment: Path, data: str, out: Path, cache: Path):
     experiment.write_text(
-        f"datasets: [{data}]\nmodel: test-vit-tiny\npretrained: none\nshots: [1]\nseeds: [1]\nviews: 1\n"
+        f"datasets: ['{data}']\nmodel: test-vit-tiny\npretrained: none\nshots: [1]\nseeds: [1]\nviews: 1\n"
         f"cache_dir: {cache}\nmethods: [zeroshot, {{name: prolip, steps: 3}}]\n"
     )
     return CliRunner().invoke(main, ["bench", str(experiment), "--out", str(out)])
@@ -124,3 +124,22 @@ def test_records_carry_calibration_and_the_report_shows_it_beside_accuracy_and_c
     assert out.exit_code == 0, out.output
     header = "| method | shots | accuracy | ECE | seconds | forward passes | peak memory | trainable parameters |"
     assert header in out.output
+
+
+@pytest.mark.parametrize("kind", ["tar", "hf"])
+def test_copied_shards_and_datasets_give_the_same_bench_records_without_extraction(kind, tmp_path):
+    """As a folder (above): tar shards and a Hugging Face dataset copied with new modification times."""
+    spec_a = write_source(kind, tmp_path / "a" / "data")
+    r = bench(tmp_path / "a.yaml", spec_a, tmp_path / "res_a", tmp_path / "cache")
+    assert r.exit_code == 0, r.output
+    copy_with_new_times(tmp_path / "a", tmp_path / "b")
+    units = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    spec_b = spec_a.replace(str(tmp_path / "a"), str(tmp_path / "b"))
+    r = bench(tmp_path / "b.yaml", spec_b, tmp_path / "res_b", tmp_path / "cache")
+    assert r.exit_code == 0, r.output
+    assert sorted((tmp_path / "cache").rglob("*.safetensors")) == units
+    for x, y in zip(records(tmp_path / "res_a"), records(tmp_path / "res_b"), strict=True):
+        assert {k: v for k, v in x.items() if k not in WHERE_AND_WHEN} == {
+            k: v for k, v in y.items() if k not in WHERE_AND_WHEN
+        }
+    assert compare(tmp_path / "res_a", tmp_path / "res_b").exit_code == 0
