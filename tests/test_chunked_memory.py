@@ -71,6 +71,27 @@ def test_map_rows_is_the_whole_computation_with_and_without_autograd():
     assert torch.equal(grad, w.grad)
 
 
+def test_map_rows_recomputing_in_backward_gives_the_gradient_and_holds_one_block():
+    g = torch.Generator().manual_seed(0)
+    x, keys = torch.randn(300, 24, generator=g), torch.randn(50, 24, generator=g)
+    w = keys.clone().requires_grad_(True)
+    held: list[int] = []  # elements of every [rows, 50] affinity built, forward and backward
+
+    def fn(rows):
+        a = rows @ w.T / 5
+        held.append(a.numel())
+        return a.exp() @ keys
+
+    out = map_rows(fn, x, 50, block_elements=TINY, recompute_in_backward=True)
+    out.square().sum().backward()
+    grad, w.grad = w.grad, None
+    blocks = len(list(row_slices(300, functional.MIN_ROWS)))
+    assert blocks > 1 and len(held) == 2 * blocks  # each block built in the forward and again in backward
+    assert max(held) < 300 * 50
+    fn(x).square().sum().backward()
+    torch.testing.assert_close(grad, w.grad, rtol=1e-4, atol=1e-5 * float(w.grad.abs().max()))  # summed per block
+
+
 def reference_ece(logits, labels, bins=functional.ECE_BINS):
     """The unchunked expected_calibration_error this change replaced."""
     probs = logits.float().softmax(dim=-1)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 # Elements (float32: 4 bytes each) of one [rows, width] block that row-chunked code builds at once: 2^24 = 64 MB, so
 # a test × support block at ImageNet size (50,000 × 16,000) is built about 1,000 rows at a time.
@@ -42,14 +43,26 @@ def row_slices(n: int, rows: int) -> Iterator[slice]:
         yield slice(start, starts[i + 1] if i + 1 < len(starts) else n)
 
 
-def map_rows(fn: Callable[[Tensor], Tensor], x: Tensor, width: int, block_elements: int | None = None) -> Tensor:
+def map_rows(
+    fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    width: int,
+    block_elements: int | None = None,
+    *,
+    recompute_in_backward: bool = False,
+) -> Tensor:
     """``fn(x)`` computed ``chunk_rows(width)`` rows of x at a time, for a row-wise ``fn`` whose intermediates are
     [rows, width] (a test × support kernel): the peak holds one block, not N × width, the blocks written into one
-    preallocated output. Under autograd (a training batch) it is computed whole: backward would keep every block's
-    intermediates anyway, and one product keeps the gradient's summation order."""
+    preallocated output. Under autograd (a training batch) it is computed whole by default: backward would keep every
+    block's intermediates anyway, and one product keeps the gradient's summation order. ``recompute_in_backward``
+    bounds training too: each block is checkpointed (its intermediates dropped after the forward and rebuilt, one
+    block at a time, in backward), at the cost of a second forward; the gradient is then summed block by block,
+    equal to the whole product's to float32 rounding (and bitwise when the rows fit one block)."""
     slices = list(row_slices(x.shape[0], chunk_rows(width, block_elements)))
     if len(slices) <= 1:
         return fn(x)
+    if recompute_in_backward and torch.is_grad_enabled():
+        return torch.cat([checkpoint(fn, x[s], use_reentrant=False) for s in slices])
     first = fn(x[slices[0]])
     if first.requires_grad:
         del first
