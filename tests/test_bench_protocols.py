@@ -52,7 +52,7 @@ def test_every_shipped_experiment_validates(path):
         ({"protocol": "cross-dataset"}, r"cross-dataset needs 'targets'"),
         ({"protocol": "tta", "methods": ["linear-probe"]}, r"tta protocol adapts a projection .* not 'linear-probe'"),
         ({"protocol": "sensitivity", "methods": [{"name": "prolip", "lr": 1e-3}]}, r"sensitivity protocol sweeps"),
-        ({"views": 0}, r"'views' must be positive"),
+        ({"views": 0}, r"'views' must be >= 1, got 0"),
     ],
 )
 def test_experiment_errors_name_the_file_and_key(raw, message):

@@ -170,7 +170,7 @@ def test_tta_protocol_runs_zero_and_tda_with_recorded_stream_orders(tmp_path, ti
 
 
 def test_records_written_before_the_new_rows_keep_their_cell_ids():
-    from prolip.bench.experiment import TTA, TestTimeSpec
+    from prolip.bench.protocols.tta import TTA, TestTimeSpec
 
     old_keys = {"views", "ratio", "steps", "lr", "seed", "max_images", "tpt", "ensemble", "train_on"}
     assert set(TTA().setting()) == old_keys

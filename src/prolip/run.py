@@ -18,7 +18,6 @@ damaged or tampered run is a RunError naming the file and key, never a crash fur
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,20 +28,31 @@ from safetensors.torch import load_file, save_file
 
 from prolip.data.folder import DataError, check_classnames, check_template
 from prolip.errors import RunError
+from prolip.methods.params import INTEGER, TEXT, Constraint, Number, Schema
 from prolip.outputs import RUN_CARD, RUN_FORMAT, write_directory
 
 FORMAT = RUN_FORMAT
 RUN_FILES = ("manifest.json", "method.safetensors", "classifier.safetensors", "classnames.json", "templates.json")
 
-# The manifest keys every run has, with their types: what predict, eval, export and the pipeline read back.
-# Other keys (data, metrics, skipped images, versions) are provenance and may vary.
-MANIFEST_SCHEMA: dict[str, Any] = {
-    "format": str,
-    "backbone": {"family": str, "arch": str, "weights": str, "fingerprint": str},
-    "method": {"method": str, "hyperparameters": dict},
-    "fit": {"shots": int},
-    "logit_scale": float,
-}
+
+# The manifest keys every run has, with their constraints (:mod:`prolip.methods.params`, the language hyperparameters
+# and experiment files are checked in): what predict, eval, export and the pipeline read back. Other keys (data,
+# metrics, skipped images, versions, the site) are provenance that varies between versions, so every level is open.
+def _object(fields: dict[str, Constraint]) -> Schema:
+    """A manifest object: every field it names required, other keys (provenance) allowed."""
+    damaged = "is missing; the run is damaged or not a prolip run"
+    return Schema(fields, required=tuple(fields), open=True, noun="an object", missing=damaged)
+
+
+MANIFEST_SCHEMA = _object(
+    {
+        "format": TEXT,
+        "backbone": _object({"family": TEXT, "arch": TEXT, "weights": TEXT, "fingerprint": TEXT}),
+        "method": _object({"method": TEXT, "hyperparameters": _object({})}),
+        "fit": _object({"shots": INTEGER}),
+        "logit_scale": Number(low=0, open_low=True),
+    }
+)
 
 
 @dataclass
@@ -152,35 +162,10 @@ def _check_manifest(manifest: Any, file: Path) -> None:
         raise RunError(f"{file}: expected a JSON object, got a {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:
         raise RunError(f"{file}: unknown run format {manifest.get('format')!r} (expected {FORMAT})")
-    _check_keys(manifest, MANIFEST_SCHEMA, "", file)
-    scale = manifest["logit_scale"]
-    if not (math.isfinite(scale) and scale > 0):
-        raise RunError(f"{file}: key 'logit_scale' must be a positive finite number, got {scale!r}")
-
-
-def _check_keys(obj: dict, schema: dict, prefix: str, file: Path) -> None:
-    for key, expected in schema.items():
-        name = f"{prefix}{key}"
-        if key not in obj:
-            raise RunError(f"{file}: key '{name}' is missing; the run is damaged or not a prolip run")
-        value = obj[key]
-        if isinstance(expected, dict):
-            if not isinstance(value, dict):
-                raise RunError(f"{file}: key '{name}' must be an object, got {type(value).__name__}")
-            _check_keys(value, expected, f"{name}.", file)
-        elif not _has_type(value, expected):
-            raise RunError(f"{file}: key '{name}' must be {_TYPE_NAMES[expected]}, got {value!r:.80}")
-
-
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object"}
-
-
-def _has_type(value: Any, expected: type) -> bool:
-    if isinstance(value, bool):  # JSON true/false is no count and no scale
-        return False
-    if expected is float:
-        return isinstance(value, (int, float))
-    return isinstance(value, expected)
+    found = MANIFEST_SCHEMA.find(manifest)
+    if found is not None:
+        path, problem = found  # never the keys of an object: every one is open
+        raise RunError(f"{file}: key '{'.'.join(path)}' {problem}")
 
 
 def _check_templates(templates: Any, where: str) -> None:

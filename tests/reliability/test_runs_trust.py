@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from prolip.methods.params import Schema
 from prolip.run import MANIFEST_SCHEMA, Run, RunError
 
 from .conftest import cli, digest, fake_run, fit_cli, make_folder
@@ -22,12 +23,13 @@ from .conftest import cli, digest, fake_run, fit_cli, make_folder
 pytestmark = pytest.mark.reliability("bad_input")
 
 
-def _leaves(schema: dict, prefix: str = "") -> list[str]:
+def _leaves(schema: Schema, prefix: str = "") -> list[str]:
     """Every required manifest key as a dotted path, e.g. backbone.fingerprint."""
     out = []
-    for key, sub in schema.items():
+    for key in schema.required:
         out.append(prefix + key)
-        if isinstance(sub, dict):
+        sub = schema.fields[key]
+        if isinstance(sub, Schema):
             out += _leaves(sub, f"{prefix}{key}.")
     return out
 

@@ -60,6 +60,7 @@ UNIT_BYTES = 1 << 29  # float32 features of one unit in memory (1.5× that at th
 # no longer by path, size and mtime; v1 namespaces are left alone and never read (note_legacy_caches).
 AUGMENT_VERSION = "augment:v2"
 CENTER_VERSION = "center:v2"
+ON_BAD_IMAGE = ("error", "skip")  # what an unreadable image does: stop the run, or leave the image out
 
 Skipped = list[tuple[Path, str]]  # (path, reason) of the unreadable images a request left out
 
@@ -268,7 +269,7 @@ class FeatureCache:
         compute_dtype: str = "auto",
         engine: str | None = None,
     ):
-        if on_bad_image not in ("error", "skip"):
+        if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
         if unit_images <= 0:
             raise ValueError(f"unit_images must be positive, got {unit_images}")

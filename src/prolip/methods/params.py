@@ -1,4 +1,7 @@
-"""Hyperparameter checks: each method declares one constraint per hyperparameter; one function applies them.
+"""The one validation language: constraints for hyperparameters, experiment files and run manifests.
+
+Each method declares one constraint per hyperparameter and one function applies them (an unconstrained one is an
+error); an experiment file's keys and a run manifest's are each one :class:`Schema` of the same constraints.
 
 A constraint is a small frozen object whose ``problem(value)`` returns ``None`` when the value is fine, or what is
 wrong with it ("must be > 0"). Non-finite numbers are always refused: a NaN learning rate trains nothing and says
@@ -56,6 +59,7 @@ POSITIVE = Number(low=0, open_low=True)
 NON_NEGATIVE = Number(low=0)
 POSITIVE_INT = Number(low=1, integer=True)
 NON_NEGATIVE_INT = Number(low=0, integer=True)
+INTEGER = Number(integer=True)
 FRACTION = Number(low=0, high=1)
 # Above 10 no optimiser here does anything but blow the weights up (and the update overflows float32 first).
 LEARNING_RATE = Number(low=0, open_low=True, high=10.0)
@@ -159,6 +163,100 @@ class Template:
         return None if isinstance(value, str) and "{}" in value else f"must hold '{{}}', got {value!r}"
 
 
+@dataclass(frozen=True)
+class Kind:
+    """A value of one of ``types`` (a JSON true/false is never a number), named ``what`` in the message."""
+
+    types: tuple[type, ...]
+    what: str
+    optional: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if value is None and self.optional:
+            return None
+        ok = isinstance(value, self.types) and not (isinstance(value, bool) and bool not in self.types)
+        return None if ok else f"must be {self.what}, got {value!r:.80}"
+
+
+TEXT = Kind((str,), "a string")
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A list (never a string) whose every element satisfies ``item``; ``non_empty`` refuses []."""
+
+    item: Constraint
+    what: str
+    non_empty: bool = False
+    optional: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if value is None and self.optional:
+            return None
+        if isinstance(value, list) and self.non_empty and not value:
+            return "must not be empty"
+        ok = isinstance(value, list) and not any(map(self.item.problem, value))
+        return None if ok else f"must be {self.what}, got {value!r:.80}"
+
+
+@dataclass(frozen=True)
+class Either:
+    """A value any one of ``options`` accepts, named ``what`` in the message."""
+
+    options: tuple[Constraint, ...]
+    what: str
+
+    def problem(self, value: Any) -> str | None:
+        ok = any(option.problem(value) is None for option in self.options)
+        return None if ok else f"must be {self.what}, got {value!r:.80}"
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A mapping of named fields, one constraint each (a nested Schema for a nested mapping): a ``required`` field
+    must be there (``missing`` says what its absence means), and a key no field names is refused, unless the
+    mapping is ``open`` (a run manifest's provenance, which varies between versions, is kept unchecked)."""
+
+    fields: Mapping[str, Constraint]
+    required: tuple[str, ...] = ()
+    open: bool = False
+    noun: str = "a mapping"
+    missing: str = "is required"
+
+    def find(self, value: Any) -> tuple[tuple[str, ...], str] | None:
+        """(where the fault is, what is wrong), or None when all is fine. Where: the keys from the top down to the
+        value at fault (``()``: ``value`` itself), ending in ``""`` when the fault is the keys of the mapping there
+        (one it does not name)."""
+        if not isinstance(value, dict):
+            return (), f"must be {self.noun}, got {value!r:.80}"
+        unknown = [] if self.open else sorted(set(value) - set(self.fields), key=str)
+        if unknown:
+            return ("",), f"unknown key(s) {unknown}; known keys: {sorted(self.fields)}"
+        missing = next((k for k in self.required if k not in value), None)
+        if missing is not None:
+            return (missing,), self.missing
+        for key, constraint in self.fields.items():
+            if key not in value:
+                continue
+            if isinstance(constraint, Schema):
+                found = constraint.find(value[key])
+                if found is not None:
+                    return (key, *found[0]), found[1]
+            else:
+                problem = constraint.problem(value[key])
+                if problem:
+                    return (key,), problem
+        return None
+
+    def problem(self, value: Any) -> str | None:
+        found = self.find(value)
+        if found is None:
+            return None
+        (*within, last), problem = found[0] or ("",), found[1]
+        key = ".".join([*within, last] if last else within)
+        return f"key '{key}' {problem}" if key else problem
+
+
 def check_declared(method: str, params: Sequence[str], constraints: Mapping[str, Constraint]) -> None:
     """A method declares exactly one constraint per hyperparameter: an unconstrained one would take any value
     silently, a constraint of no hyperparameter checks nothing. Refused when the method is registered."""
@@ -202,7 +300,9 @@ def check(method: str, values: Mapping[str, Any], constraints: Mapping[str, Cons
     """Raise one HyperparameterError naming ``method`` and the first bad key."""
     for key, value in values.items():
         constraint = constraints.get(key)
-        problem = constraint.problem(value) if constraint is not None else None
+        if constraint is None:  # a value nothing checks would pass silently, whatever it is
+            raise HyperparameterError(f"{method}: hyperparameter {key} has no constraint; declare one")
+        problem = constraint.problem(value)
         if problem:
             raise HyperparameterError(f"{method}: hyperparameter {key} {problem}")
 

@@ -1,20 +1,22 @@
 """What a protocol is: a class that declares everything about itself, and the one registry its name enters.
 
 A :class:`Protocol` subclass with a ``name`` registers itself when its module is imported (a second class under a
-taken name is refused). It says which experiment files it accepts (:meth:`check`, :meth:`settle`), how its cells
-group around shared episodes (:meth:`groups`), what scoring a group asks of the image encoder (:meth:`requests`,
-which both the run and ``prolip bench --plan`` call, so the plan is the run's own list), how it scores
-(:meth:`score`), the metrics its records hold and how the report lays its section out (:class:`ReportLayout`).
+taken name is refused). It says which experiment files it accepts (:meth:`check`, :meth:`settle`), the section of
+the file it owns (:attr:`section`, :meth:`section_schema`, :meth:`parse_section`), how its cells group around
+shared episodes (:meth:`groups`), what scoring a group asks of the image encoder (:meth:`requests`, which both the
+run and ``prolip bench --plan`` call, so the plan is the run's own list), how it scores (:meth:`score`), the metrics
+its records hold and how the report lays its section out (:class:`ReportLayout`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from prolip.bench.harness import Bench, Cell, Group, GroupRequests, episode_requests, fit_requests
 from prolip.bench.spec import Experiment, ExperimentError
+from prolip.methods.params import Schema
 from prolip.registry import Registry
 
 if TYPE_CHECKING:
@@ -59,7 +61,23 @@ class Protocol:
     def __init__(self, bench: Bench):
         self.b, self.exp = bench, bench.exp
 
+    # The experiment file's key of this protocol's own settings (None: it has none). Every registered protocol's
+    # section may appear in any file; it is checked by :meth:`section_schema`, read by :meth:`parse_section` and
+    # kept on the experiment under its name (``exp.sections[name]``, also ``exp.<name>``).
+    section: ClassVar[str | None] = None
+
     # -- the experiment file ---------------------------------------------------------------------------------
+    @classmethod
+    def section_schema(cls) -> Schema:
+        """The keys the section may hold, one constraint each (:mod:`prolip.methods.params`)."""
+        return Schema({})
+
+    @classmethod
+    def parse_section(cls, raw: dict[str, Any], where: str) -> Any:
+        """The section as this protocol reads it, from a mapping that passed :meth:`section_schema` (``{}`` when the
+        file has none: the defaults); ``where`` names the file and section in an ExperimentError."""
+        return dict(raw)
+
     @classmethod
     def check(cls, exp: Experiment, where: str) -> None:
         """Refuse (ExperimentError, naming ``where``) what this protocol cannot run; every experiment is checked

@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from prolip.bench.harness import Cell, Group, GroupRequests, episode_requests, fit_requests, scores
 from prolip.bench.protocols.base import Protocol, ReportLayout
 from prolip.bench.spec import Experiment, ExperimentError
 from prolip.methods import create, method_class
+from prolip.methods.params import ListOf, Number, Schema
 
 if TYPE_CHECKING:
     from prolip.data.types import DatasetSplits
 
 SWEPT = ("lr", "lam")
+_VALUES = ListOf(Number(), "a list of numbers")
+
+
+@dataclass
+class Sweep:
+    """The lr × λ sweep of the paper's sensitivity figure (the file's ``sensitivity`` section), trained batched (one
+    computation per support set); steps and precision come from each prolip entry of ``methods``."""
+
+    lrs: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2])
+    lams: list[float] = field(default_factory=lambda: [0.0, 1e-2, 1e-1, 1.0])
 
 
 class Sensitivity(Protocol):
@@ -23,6 +35,16 @@ class Sensitivity(Protocol):
     name = "sensitivity"
     # A group there would mix sweep points, so none is formed.
     layout = ReportLayout(groups=False, sweep=SWEPT, sweep_figure="sensitivity_heatmap.png")
+
+    section = "sensitivity"
+
+    @classmethod
+    def section_schema(cls) -> Schema:
+        return Schema({"lrs": _VALUES, "lams": _VALUES})
+
+    @classmethod
+    def parse_section(cls, raw: dict[str, Any], where: str) -> Sweep:
+        return Sweep(**raw)
 
     @classmethod
     def check(cls, exp: Experiment, where: str) -> None:
