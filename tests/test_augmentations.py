@@ -43,7 +43,7 @@ def test_dassl_views_have_their_own_namespace_and_the_reference_keeps_its_own(ti
 def test_an_episode_gives_each_method_its_views(tiny_vit, tiny_image_folder, tmp_path):
     from prolip.data import resolve_data
 
-    builder = EpisodeBuilder(tiny_vit, FeatureCache(tmp_path, tiny_vit, progress=False), views=2)
+    builder = EpisodeBuilder(tiny_vit, FeatureCache(tmp_path, tiny_vit, progress=False))
     episode = builder.build(resolve_data(str(tiny_image_folder)), EpisodeSpec(shots=2, seed=1, views=2))
     taskres, prolip = create("taskres"), create("prolip")
     assert episode.support_for(prolip) is episode.support

@@ -45,7 +45,7 @@ class DigitsBench:
         self.root, self.views = root, views
         self.backbone = load_tiny()
         self.cache = FeatureCache(root / "cache", self.backbone, progress=False)
-        self.builder = EpisodeBuilder(self.backbone, self.cache, views=views)
+        self.builder = EpisodeBuilder(self.backbone, self.cache)
         self._episodes: dict[tuple, object] = {}
         self._accuracies: dict[tuple, float] = {}  # several tests read the same fits
 

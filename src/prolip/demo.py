@@ -197,7 +197,7 @@ def clean_zero_shot(backbone, cache, folder: Path, config: DemoConfig) -> float:
     from prolip.functional import accuracy, clip_logits
 
     splits = digit_splits(folder, config)
-    builder = EpisodeBuilder(backbone, cache, views=config.views)
+    builder = EpisodeBuilder(backbone, cache)
     test = builder.center(splits.test)
     task = builder.task(splits.classnames, splits.templates, shots=1)
     return accuracy(clip_logits(test.features, task.W0, task.bias, task.classifier, task.logit_scale), test.labels)

@@ -97,20 +97,23 @@ class Episode:
     images: EpisodeImages
     skipped: list[tuple[Path, str]]
     builder: EpisodeBuilder | None = None
-    augmentation: str = "prolip"
+    spec: EpisodeSpec | None = None  # what drew it and its views (its support's augmentation among them)
     _other_supports: dict[str, Support] = field(default_factory=dict)
 
     def support_for(self, method: Method) -> Support:
         """The support set as ``method`` trains on it: the same images, in its augmentation's cached views (a method
         that reads no cached views gets the episode's own, and nothing more is extracted for it)."""
-        if method.augmentation in (self.augmentation, NO_CACHED_VIEWS):
+        augmentation = method.augmentation
+        assert self.spec is not None
+        if augmentation in (self.spec.augmentation, NO_CACHED_VIEWS):
             return self.support
-        if method.augmentation not in self._other_supports:
+        if augmentation not in self._other_supports:
             assert self.builder is not None
-            support, _, skipped = self.builder.support(self.images.support, method.augmentation)
-            self._other_supports[method.augmentation] = support
+            own = dataclasses.replace(self.spec, augmentation=augmentation)
+            support, _, skipped = self.builder.support(self.images.support, own)
+            self._other_supports[augmentation] = support
             self.skipped.extend(skipped)
-        return self._other_supports[method.augmentation]
+        return self._other_supports[augmentation]
 
 
 # ----------------------------------------------------------------------------------------------- sampling (pure)
@@ -225,18 +228,12 @@ def _check_validation(support: LabeledImages, validation: LabeledImages, source:
 
 
 class EpisodeBuilder:
-    """Builds episodes on one backbone and feature cache, memoising text classifiers and center features."""
+    """Builds episodes on one backbone and feature cache, memoising text classifiers and center features. Views per
+    image and their seed are the episode's (:class:`EpisodeSpec`, the one place they are given), never the builder's,
+    so the run and ``prolip bench --plan`` read the same object."""
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        cache,
-        *,
-        views: int = 300,
-        aug_seed: int = 0,
-        announce: Callable[[str], None] | None = None,
-    ):
-        self.backbone, self.cache, self.views, self.aug_seed = backbone, cache, views, aug_seed
+    def __init__(self, backbone: Backbone, cache, *, announce: Callable[[str], None] | None = None):
+        self.backbone, self.cache = backbone, cache
         self.announce = announce
         self._text: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._center: dict[tuple, Features] = {}
@@ -272,16 +269,17 @@ class EpisodeBuilder:
         return self._center[key]
 
     def support(
-        self, images: LabeledImages, augmentation: str = "prolip"
+        self, images: LabeledImages, spec: EpisodeSpec
     ) -> tuple[Support, LabeledImages, list[tuple[Path, str]]]:
-        """The support set: cached augmented views, labels, and (on first use) the center crops of the same images.
-        With NO_CACHED_VIEWS (a method that trains on the images) its one view is the center crop, cached as such."""
+        """The support set: ``spec``'s cached augmented views (its views, seed and augmentation), labels, and (on
+        first use) the center crops of the same images. With NO_CACHED_VIEWS (a method that trains on the images)
+        its one view is the center crop, cached as such."""
         paths = [it.path for it in images.items]
-        if augmentation == NO_CACHED_VIEWS:
+        if spec.augmentation == NO_CACHED_VIEWS:
             found = self.cache.fill(paths)
             views = CachedViews(found.entries, 1, found.kept, found.skipped)
         else:
-            views = self.cache.views(paths, self.views, aug_seed=self.aug_seed, augmentation=augmentation)
+            views = self.cache.views(paths, spec.views, aug_seed=spec.aug_seed, augmentation=spec.augmentation)
         kept = images.subset(views.kept)
         labels = torch.tensor(kept.labels, dtype=torch.long)
         support = Support(views=views, labels=labels, center=lambda: self.center(kept).features, images=kept)
@@ -302,21 +300,19 @@ class EpisodeBuilder:
             drawn = EpisodeImages(drawn.support, drawn.validation, eval_images, "given images")
         self.preflight(drawn, spec)
         classnames = drawn.support.classnames
-        support, _, skipped = self.support(drawn.support, spec.augmentation)
+        support, _, skipped = self.support(drawn.support, spec)
         validation = None
         if spec.validation:
             val = self.center(drawn.validation)
             validation, skipped = Validation(val.features, val.labels), skipped + val.skipped
         evaluation = self.center(drawn.evaluation) if len(drawn.evaluation) else _empty(drawn.evaluation, self.backbone)
         task = self.task(classnames, templates or splits.templates, spec.shots, text_side=text_side)
-        return Episode(
-            task, support, validation, evaluation, drawn, skipped + evaluation.skipped, self, spec.augmentation
-        )
+        return Episode(task, support, validation, evaluation, drawn, skipped + evaluation.skipped, self, spec)
 
     def preflight(self, drawn: EpisodeImages, spec: EpisodeSpec) -> None:
         """Say what extraction will do at most, and refuse up front when the cache's disk cannot hold it or one
         image's views cannot be held in memory while they are computed."""
-        views = support_views(spec.augmentation, self.views)
+        views = support_views(spec.augmentation, spec.views)
         self._check_memory(len(drawn.support), views)
         centers = len(drawn.evaluation) + (len(drawn.validation) if spec.validation else 0) + len(drawn.support)
         passes = len(drawn.support) * views + centers

@@ -137,7 +137,7 @@ def fit(
             f"classes (e.g. {differ})",
             option="--val",
         )
-    builder = EpisodeBuilder(backbone, cache, views=config.views, aug_seed=config.aug_seed, announce=announce)
+    builder = EpisodeBuilder(backbone, cache, announce=announce)
     started = time.perf_counter()
     episode = builder.build(
         splits, config.episode_spec(method.augmentation), eval_images=eval_images, text_side=method.uses_text_side

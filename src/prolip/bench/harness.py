@@ -91,7 +91,7 @@ class Bench:
             on_bad_image=exp.on_bad_image,
             progress=False,
         )
-        self.builder = EpisodeBuilder(self.backbone, self.cache, views=exp.views, aug_seed=exp.aug_seed)
+        self.builder = EpisodeBuilder(self.backbone, self.cache)
         self.ran = self.skipped = 0
         self._splits: dict[str, DatasetSplits] = {}
         self.tta_starts: dict[tuple, Method] = {}  # fitted start methods, shared by every dataset of a TTA run
@@ -118,6 +118,8 @@ class Bench:
         return self.exp.templates_for(splits.templates)
 
     def spec(self, shots: int, seed: int, classes: tuple[int, ...] | None = None) -> EpisodeSpec:
+        """The one description of an episode (its views and their seed among it) that the run builds from and the
+        plan counts from (:func:`episode_requests`, :func:`fit_requests`)."""
         return EpisodeSpec(
             shots=shots,
             seed=seed,
@@ -389,16 +391,18 @@ def episode_requests(
     assert seed is not None
     spec = b.spec(shots, seed, classes)
     drawn = draw_images(splits, spec)
-    requests = [
-        Request(
-            image_paths(drawn.support), support_views(spec.augmentation, spec.views), spec.aug_seed, spec.augmentation
-        )
-    ]
+    requests = [support_request(drawn.support, spec)]
     if spec.validation:
         requests.append(Request(image_paths(drawn.validation)))
     if len(drawn.evaluation):
         requests.append(Request(image_paths(drawn.evaluation)))
     return drawn, requests
+
+
+def support_request(images: LabeledImages, spec: EpisodeSpec) -> Request:
+    """The cache request of a support set's views as ``spec`` gives them (views, seed, augmentation): what
+    ``EpisodeBuilder.support`` reads, so the plan's count and the run's reads come from one object."""
+    return Request(image_paths(images), support_views(spec.augmentation, spec.views), spec.aug_seed, spec.augmentation)
 
 
 def fit_requests(b: Bench, cell: Cell, drawn: EpisodeImages, out: GroupRequests) -> list[Request]:
@@ -407,8 +411,9 @@ def fit_requests(b: Bench, cell: Cell, drawn: EpisodeImages, out: GroupRequests)
     cls = method_class(cell.method.name)
     support = image_paths(drawn.support)
     own = []
+    spec = b.spec(cell.record.shots, cell.record.seed or 0)  # the episode's views, in the method's augmentation
     if cls.augmentation not in (b.augmentation, NO_CACHED_VIEWS):
-        own.append(Request(support, b.exp.views, b.exp.aug_seed, cls.augmentation))
+        own.append(support_request(drawn.support, replace(spec, augmentation=cls.augmentation)))
     if cls.encodes_images:
         out.encoder_cells += 1
     elif b.reads_center(cell.method, cell.record["hyperparameters"]):
