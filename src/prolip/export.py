@@ -173,7 +173,8 @@ def _hf_writer(backbone: Backbone, adapted: Adapted) -> Callable[[Path], None]:
             f"{backbone.info.describe()} is an open_clip model: export it with format open_clip"
         )
     state = merged_state_dict(backbone, adapted)
-    # An "hf" export format means a Hugging Face backbone: a transformers CLIPModel and its tokenizer.
+    # An "hf" export format means a Hugging Face backbone: a transformers CLIPModel or SiglipModel (a subclass of
+    # HFClipBackbone) and its tokenizer; a SigLIP's fc2 (its MAP-head site) is merged like any native tensor.
     hf = cast("HFClipBackbone", backbone)
 
     def fill(folder: Path) -> None:

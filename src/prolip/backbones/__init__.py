@@ -2,8 +2,8 @@
 
 ``load_backbone(model, pretrained)`` is the one front door: the registered family whose prefix the model string
 starts with builds it (``prolip.backbones.families``): an open_clip architecture (+ pretrained tag, local
-checkpoint file, or "none" for a seeded random init), or a Hugging Face ``CLIPModel`` ("hf:<id or dir>"), at its
-native projection site or at the output site (``site=``).
+checkpoint file, or "none" for a seeded random init), or a Hugging Face ``CLIPModel`` or ``SiglipModel`` ("hf:<id
+or dir>", told apart by its config's model_type), at its native projection site or at the output site (``site=``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from prolip.backbones.base import SITES, Backbone, BackboneInfo, Preprocessing, 
 from prolip.backbones.coverage import Coverage, coverage
 from prolip.backbones.families import Family, families, family_for_model, family_named, register_family
 from prolip.backbones.hf import HF_CLIP
+from prolip.backbones.hf_siglip import HF_SIGLIP
 from prolip.backbones.loading import (
     PROVENANCE_KEY,
     BackboneLoadError,
@@ -59,6 +60,7 @@ __all__ = [
     "PROVENANCE_KEY",
     "LabelledBackboneInfo",
     "HF_CLIP",
+    "HF_SIGLIP",
     "OPEN_CLIP",
 ]
 
@@ -69,6 +71,7 @@ def load_backbone(
     *,
     device: str | torch.device = "cpu",
     site: str = "native",
+    tokenizer: str | None = None,
 ) -> Backbone:
     """Build a frozen backbone.
 
@@ -77,8 +80,11 @@ def load_backbone(
     (.safetensors; .pt/.bin/.pth state dicts are read with ``weights_only=True``), or "none" for a random init
     (seed 0: the same model every time); ignored for hf: models. site: where W sits (:data:`SITES`): "native", the
     tower's own last linear map, or "output", an identity map on the image embedding that every model has
-    (:func:`coverage` says which models have a native site). Recorded in ``info.site``. Raises
-    :class:`BackboneLoadError` with a fix when the weights cannot be had or the model has no such site.
+    (:func:`coverage` says which models have a native site). Recorded in ``info.site``. tokenizer: a local
+    tokenizer folder for models whose tokenizer comes from the Hugging Face Hub (SigLIP, multilingual CLIPs, hf:
+    models), recorded in ``info.tokenizer``; by default the one beside the weights, else the Hub's from the cache.
+    Raises :class:`BackboneLoadError` with a fix when the weights or tokenizer cannot be had or the model has no
+    such site.
     """
     if site not in SITES:
         raise BackboneLoadError(f"unknown site {site!r}: use one of {', '.join(SITES)}", option="--site")
@@ -86,7 +92,10 @@ def load_backbone(
         family = family_for_model(model)
     except ValueError as e:
         raise BackboneLoadError(str(e)) from None
-    backbone = family.load(model[len(family.prefix) :], pretrained, device)
+    if tokenizer and not family.takes_tokenizer:
+        raise BackboneLoadError(f"{model} ({family.name} family) takes no tokenizer folder", option="--tokenizer")
+    extra = {"tokenizer": str(tokenizer)} if tokenizer else {}
+    backbone = family.load(model[len(family.prefix) :], pretrained, device, **extra)
     if site == "native":
         backbone.projection()  # a model with no native site says so here, in one line naming the output site
     return at_site(backbone, site)
@@ -104,4 +113,5 @@ def load_backbone_for(backbone: Mapping[str, Any], *, device: str | torch.device
         str(backbone["weights"]),
         device=device,
         site=str(backbone.get("site", "native")),
+        tokenizer=str(backbone.get("tokenizer") or "") or None,
     )

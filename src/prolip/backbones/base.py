@@ -100,6 +100,9 @@ class BackboneInfo:
     random_weights: bool
     fingerprint: str  # content hash of the weights + architecture (+ the site, when not native)
     site: str = "native"  # where W sits (SITES); manifests written before sites existed read as native
+    # The local tokenizer folder the text side was built from (--tokenizer, or the one found beside the weights); ""
+    # for a model's own (open_clip's bundled BPE, a hub tokenizer from the cache). Saved runs rebuild it from here.
+    tokenizer: str = ""
 
     def describe(self) -> str:
         w = "RANDOM INIT (not pretrained)" if self.random_weights else self.weights
@@ -140,6 +143,24 @@ class Backbone(ABC):
     @abstractmethod
     def logit_scale(self) -> float:
         """exp(logit_scale) of the model (100 for OpenAI CLIP)."""
+
+    @property
+    def logit_bias(self) -> float:
+        """The model's learned logit bias (SigLIP's sigmoid loss trains one); 0 for a CLIP, which has none."""
+        return 0.0
+
+    def zero_shot_logits(self, z: Tensor, classifier: Tensor, W: Tensor | None = None) -> Tensor:
+        """The model's own zero-shot logits [N, C] for pre-projection features z (through the site at W, W0 by
+        default) against a classifier with normalised rows: ``logit_scale · cos + logit_bias``, as the model's
+        forward scores an image against its prompts. The bias is one scalar added to every class, so softmax,
+        argmax, cross-entropy and ECE are the same without it: prolip's methods and reports, which read only those,
+        leave it out; here it is, for logits that must be the model's own."""
+        from prolip.functional import clip_logits
+
+        site = self.projection()
+        weight = site.weight if W is None else W
+        bias = None if site.bias is None else site.bias.to(z)
+        return clip_logits(z, weight.to(z), bias, classifier.to(z), self.logit_scale) + self.logit_bias
 
     @abstractmethod
     def encode_text_templates(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:

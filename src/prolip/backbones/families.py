@@ -6,7 +6,8 @@ What a family declares:
 
 - which ``model`` strings it builds (``prefix``: "hf:" for Hugging Face CLIPModels; "" for open_clip, the default)
   and how (``load(rest of the model string, pretrained, device)``), so a saved run names its model again as
-  ``prefix + arch``;
+  ``prefix + arch``; a family whose models read a tokenizer from disk takes it as ``load(..., tokenizer=path)``
+  (``takes_tokenizer``), records it in ``info.tokenizer`` and builds it again from there;
 - which parameters image-level training may touch: everything the image embedding depends on (``image_prefixes``,
   full fine-tuning) and the last image block (``last_image_block``, last-layer fine-tuning);
 - where CLIP-LoRA may install adapters (``attention_towers``: per tower, the blocks and their attention attribute,
@@ -32,11 +33,12 @@ class Family:
 
     name: str
     prefix: str
-    load: Callable[[str, str, Any], Any]
+    load: Callable[..., Any]  # (rest of the model string, pretrained, device[, tokenizer=folder]) -> a Backbone
     image_prefixes: tuple[str, ...]
     last_image_block: Callable[[Any], str]
     attention_towers: Callable[[Any, str], dict[str, AttentionTower | str]]
     export_format: str
+    takes_tokenizer: bool = False  # whether ``load`` accepts ``tokenizer=`` (a local tokenizer folder)
 
     def model_for(self, arch: str) -> str:
         """The ``model`` argument of ``load_backbone`` that builds ``arch`` of this family again."""

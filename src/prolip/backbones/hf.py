@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
 
 from prolip.backbones.base import Backbone, BackboneInfo, Preprocessing, ProjectionSite
 from prolip.backbones.families import AttentionTower, Family, register_family
-from prolip.backbones.loading import HOW_TO_PASS_LOCAL, BackboneLoadError, fingerprint, hub_available, refused_pickle
+from prolip.backbones.loading import (
+    HOW_TO_PASS_LOCAL,
+    HOW_TO_PASS_TOKENIZER,
+    BackboneLoadError,
+    check_vocab,
+    fingerprint,
+    hub_available,
+    refused_pickle,
+    tokenizer_unavailable,
+)
 
 TEXT_BATCH = 256
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-# A real CLIP BPE vocabulary has ~49k entries; transformers offline can hand back a 2-token stub instead.
-MIN_VOCAB = 1000
+
+# The Hugging Face model types ``hf:<id or dir>`` builds besides "clip", each by the module of its family (its config's
+# model_type says which, so one prefix serves every Hugging Face model prolip adapts): model_type -> load(source,
+# device, tokenizer folder or None).
+HF_MODEL_TYPES: dict[str, Callable[[str, Any, str | None], Backbone]] = {}
 
 if TYPE_CHECKING:  # transformers is imported lazily at run time
     from transformers import CLIPModel, CLIPTextConfig
@@ -126,30 +139,77 @@ class HFClipBackbone(Backbone):
         return torch.cat(out).reshape(len(classnames), len(templates), -1).cpu()
 
 
-def load_hf_backbone(source: str, device: torch.device | str = "cpu") -> HFClipBackbone:
+def hf_source(source: str) -> tuple[bool, str]:
+    """(whether to read ``source`` from disk only, how to name it in messages): a local folder, or a hub id fetched
+    only when the Hub is reachable (else from the cache)."""
+    local = Path(source).expanduser().is_dir()
+    return local or not hub_available(), f"local directory {source}" if local else f"Hugging Face Hub model {source!r}"
+
+
+def _model_type(source: str, offline: bool) -> str:
+    """The ``model_type`` of ``source``'s config.json ("clip", "siglip", ...); "" when it cannot be read here (then
+    loading it says why)."""
+    if Path(source).expanduser().is_dir():
+        try:
+            return str(json.loads((Path(source).expanduser() / "config.json").read_text()).get("model_type", ""))
+        except (OSError, ValueError, AttributeError):
+            return ""
+    try:
+        from transformers import AutoConfig
+
+        return str(AutoConfig.from_pretrained(source, local_files_only=offline).model_type)
+    except (OSError, ValueError):
+        return ""
+
+
+def load_hf(source: str, device: torch.device | str = "cpu", tokenizer: str | None = None) -> Backbone:
+    """The backbone ``hf:<source>`` names: a ``CLIPModel``, or the model type another family registered in
+    :data:`HF_MODEL_TYPES` (``SiglipModel``); any other model type is refused in one line."""
+    model_type = _model_type(source, hf_source(source)[0])
+    if model_type in HF_MODEL_TYPES:
+        return HF_MODEL_TYPES[model_type](source, device, tokenizer)
+    if model_type not in ("", "clip"):
+        known = ", ".join(["clip", *sorted(HF_MODEL_TYPES)])
+        raise BackboneLoadError(
+            f"hf:{source} is a {model_type!r} model; prolip adapts Hugging Face model types {known} (CLIPModel, "
+            f"SiglipModel: SigLIP and the fixed-resolution SigLIP 2 checkpoints)"
+        )
+    return load_hf_backbone(source, device, tokenizer)
+
+
+def load_hf_tokenizer(source: str, tokenizer: str | None, offline: bool, where: str, model_vocab: int):
+    """The tokenizer of an hf: model: from ``tokenizer`` (a local folder) when given, else the model's own folder or
+    hub id; a missing one fails at once with the offline message, a stub too small to be the model's is refused."""
+    from transformers import AutoTokenizer
+
+    folder = None if tokenizer is None else Path(tokenizer).expanduser()
+    if folder is not None and not folder.is_dir():
+        raise BackboneLoadError(f"tokenizer folder {folder} does not exist", option="--tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(folder or source, local_files_only=offline or folder is not None)
+    except (OSError, ValueError, ImportError) as e:  # ImportError: a SentencePiece tokenizer without sentencepiece
+        if folder is not None or Path(source).expanduser().is_dir():
+            raise BackboneLoadError(
+                f"cannot read the tokenizer of {folder or where} ({str(e).splitlines()[0]}); {HOW_TO_PASS_TOKENIZER}",
+                option="--tokenizer",
+            ) from None
+        raise tokenizer_unavailable(f"hf:{source}", source, e) from None
+    check_vocab(len(tok), model_vocab, str(folder or where))
+    return tok
+
+
+def load_hf_backbone(source: str, device: torch.device | str = "cpu", tokenizer: str | None = None) -> HFClipBackbone:
     """``CLIPModel`` + tokenizer from a local save_pretrained directory or a hub id (hub only when reachable)."""
     try:
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+        from transformers import CLIPImageProcessor, CLIPModel
     except ImportError:
         raise BackboneLoadError("hf:<...> models need transformers: pip install 'prolip[hf]'") from None
 
-    local = Path(source).expanduser().is_dir()
-    offline = local or not hub_available()
-    where = f"local directory {source}" if local else f"Hugging Face Hub model {source!r}"
-    try:
-        model = CLIPModel.from_pretrained(source, local_files_only=offline)
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
-    except pickle.UnpicklingError as e:  # transformers reads .bin weights with torch.load(weights_only=True)
-        pickles = sorted(str(f) for f in Path(source).glob("*") if f.suffix in (".bin", ".pt", ".pth")) if local else []
-        raise refused_pickle(", ".join(pickles) or f"the weights of {where}", e) from None
-    except (OSError, ValueError) as e:
-        hint = "" if local else f"; the Hub is unreachable or offline (HF_HUB_OFFLINE), so {HOW_TO_PASS_LOCAL}"
-        raise BackboneLoadError(f"cannot load CLIPModel from {where}: {str(e).splitlines()[0]}{hint}") from None
-    if len(tokenizer) < MIN_VOCAB:
-        raise BackboneLoadError(
-            f"the tokenizer of {where} has only {len(tokenizer)} tokens (a real CLIP tokenizer has ~49k): its "
-            f"vocab.json/merges.txt are missing or were not found offline; save the tokenizer next to the model"
-        )
+    offline, where = hf_source(source)
+    model = load_pretrained(CLIPModel, source, offline, where)
+    tok = load_hf_tokenizer(
+        source, tokenizer, offline, where, cast("CLIPTextConfig", model.config.text_config).vocab_size
+    )
     try:
         image_processor = CLIPImageProcessor.from_pretrained(source, local_files_only=offline)
     except (OSError, ValueError):
@@ -160,10 +220,28 @@ def load_hf_backbone(source: str, device: torch.device | str = "cpu") -> HFClipB
         weights=source,
         random_weights=False,
         fingerprint=fingerprint(_config_for_hash(model.config), model.state_dict()),
+        tokenizer="" if tokenizer is None else str(Path(tokenizer).expanduser().resolve()),
     )
-    return HFClipBackbone(
-        model, tokenizer, info, _preprocessing(model.config, image_processor), device, image_processor
-    )
+    return HFClipBackbone(model, tok, info, _preprocessing(model.config, image_processor), device, image_processor)
+
+
+def load_pretrained(model_class, source: str, offline: bool, where: str):
+    """``model_class.from_pretrained(source)``, its failures as one line (a pickle refused, weights not found)."""
+    try:
+        return model_class.from_pretrained(source, local_files_only=offline)
+    except pickle.UnpicklingError as e:  # transformers reads .bin weights with torch.load(weights_only=True)
+        local = Path(source).expanduser().is_dir()
+        pickles = sorted(str(f) for f in Path(source).glob("*") if f.suffix in (".bin", ".pt", ".pth")) if local else []
+        raise refused_pickle(", ".join(pickles) or f"the weights of {where}", e) from None
+    except (OSError, ValueError) as e:
+        hint = (
+            ""
+            if Path(source).expanduser().is_dir()
+            else (f"; the Hub is unreachable or offline (HF_HUB_OFFLINE), so {HOW_TO_PASS_LOCAL}")
+        )
+        raise BackboneLoadError(
+            f"cannot load {model_class.__name__} from {where}: {str(e).splitlines()[0]}{hint}"
+        ) from None
 
 
 def _config_for_hash(config) -> dict:
@@ -189,14 +267,19 @@ def _attention_towers(model, arch: str) -> dict[str, AttentionTower | str]:
     }
 
 
+def _load(source: str, _pretrained: str, device, tokenizer: str | None = None) -> Backbone:
+    return load_hf(source, device, tokenizer)  # hf: models carry their weights: pretrained is not read
+
+
 HF_CLIP = register_family(
     Family(
         name="hf",
         prefix="hf:",
-        load=lambda source, pretrained, device: load_hf_backbone(source, device),
+        load=_load,
         image_prefixes=("vision_model.", "visual_projection."),
         last_image_block=lambda model: f"vision_model.encoder.layers.{len(model.vision_model.encoder.layers) - 1}.",
         attention_towers=_attention_towers,
         export_format="hf",
+        takes_tokenizer=True,
     )
 )

@@ -23,6 +23,15 @@ HOW_TO_PASS_LOCAL = (
     "or for Hugging Face models a local save_pretrained directory (`--model hf:/path/to/dir`)"
 )
 
+HOW_TO_PASS_TOKENIZER = (
+    "pass a local tokenizer folder instead (a save_pretrained folder or one holding tokenizer.json), e.g. "
+    "`--tokenizer /path/to/tokenizer` (Python: load_backbone(model, pretrained, tokenizer='/path/to/tokenizer')), "
+    "or put it next to the weights (the checkpoint's folder, or the hf: model's own folder)"
+)
+# A real tokenizer has tens of thousands of tokens (CLIP's BPE 49k, SigLIP's SentencePiece 32k, Gemma's 256k);
+# transformers offline can hand back a stub of a few special tokens instead of failing.
+MIN_VOCAB = 1000
+
 # Keys OpenAI's original checkpoints carry next to the weights; open_clip models have no such parameters.
 _NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -41,6 +50,28 @@ def refused_pickle(what: str | Path, e: pickle.UnpicklingError) -> BackboneLoadE
         f"arbitrary Python objects; torch said: {first}). Convert it to .safetensors in a trusted "
         f"environment, or save only model.state_dict()"
     )
+
+
+def tokenizer_unavailable(what: str, source: str, e: Exception | None = None) -> BackboneLoadError:
+    """The error for a tokenizer that is neither on disk nor reachable: the same as for missing weights."""
+    why = f" ({str(e).splitlines()[0]})" if e is not None and str(e) else ""
+    return BackboneLoadError(
+        f"cannot get {what}'s tokenizer {source!r}{why}: the Hugging Face Hub is offline (HF_HUB_OFFLINE) or "
+        f"unreachable and it is not in the local cache; {HOW_TO_PASS_TOKENIZER}",
+        option="--tokenizer",
+    )
+
+
+def check_vocab(n_tokens: int, model_vocab: int, where: str) -> None:
+    """Refuse a tokenizer too small to be the model's: fewer than ``MIN_VOCAB`` tokens (or than the model's own
+    embedding table holds, for a tiny model), as the stub transformers builds offline from missing vocab files."""
+    if n_tokens < min(MIN_VOCAB, model_vocab):
+        raise BackboneLoadError(
+            f"the tokenizer of {where} has only {n_tokens} tokens while the model embeds {model_vocab}: its vocabulary "
+            f"files (tokenizer.json, vocab.json/merges.txt or the SentencePiece model) are missing or were not found "
+            f"offline; {HOW_TO_PASS_TOKENIZER}",
+            option="--tokenizer",
+        )
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:

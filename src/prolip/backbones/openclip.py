@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,16 +22,20 @@ from prolip.backbones.base import Backbone, BackboneInfo, Preprocessing, Project
 from prolip.backbones.families import AttentionTower, Family, register_family
 from prolip.backbones.loading import (
     HOW_TO_PASS_LOCAL,
+    HOW_TO_PASS_TOKENIZER,
+    MIN_VOCAB,
     BackboneLoadError,
     LabelledBackboneInfo,
     RandomWeightsWarning,
+    check_vocab,
     declared_provenance,
     fingerprint,
     hub_available,
     load_into,
     read_state_dict,
+    tokenizer_unavailable,
 )
-from prolip.backbones.sites import NativeSite, native_site, tower_kind
+from prolip.backbones.sites import NativeSite, map_head_features, map_head_site, native_site, tower_kind
 
 TEXT_BATCH = 256
 RANDOM_INIT_SEED = 0
@@ -57,7 +61,7 @@ class OpenClipBackbone(Backbone):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.info = info
-        self.tokenizer = _tokenizer(info.arch)
+        self.tokenizer = _tokenizer(info.arch, info.tokenizer)
         cfg = open_clip.get_model_preprocess_cfg(model)
         size = cfg.get("size", model.visual.image_size)
         size = size if isinstance(size, int) else size[0]
@@ -90,6 +94,11 @@ class OpenClipBackbone(Backbone):
     @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().exp())
+
+    @property
+    def logit_bias(self) -> float:
+        bias = getattr(self.model, "logit_bias", None)  # SigLIP's (init_logit_bias); None for a CLIP
+        return 0.0 if bias is None else float(bias.detach())
 
     @torch.no_grad()
     def encode_image(self, images: Tensor) -> Tensor:
@@ -276,24 +285,13 @@ class OpenClipMapHead(OpenClipLinearSite):
 
     @torch.no_grad()
     def encode_pre(self, images: Tensor) -> Tensor:
-        caught: dict[str, Tensor] = {}
-        hooks = [
-            self.linear.register_forward_pre_hook(lambda _m, args: caught.__setitem__("h", args[0])),
-            self.pool.norm.register_forward_pre_hook(lambda _m, args: caught.__setitem__("r", args[0])),
-        ]
-        try:
-            self.model.encode_image(images.to(self.device, torch.float32))
-        finally:
-            for hook in hooks:
-                hook.remove()
-        z = torch.cat([caught["h"], caught["r"]], dim=-1)  # [B, latent_len, D_h + D]
-        return (z[:, 0] if self.pool.pool == "token" else z.mean(dim=1)).float()
+        x = images.to(self.device, torch.float32)
+        return map_head_features(
+            lambda: self.model.encode_image(x), self.linear, self.pool.norm, self.pool.pool
+        ).float()
 
     def projection(self) -> ProjectionSite:
-        site = super().projection()
-        d = site.weight.shape[1]
-        residual = torch.eye(d, dtype=site.weight.dtype, device=site.weight.device)
-        return replace(site, weight=torch.cat([site.weight, residual]), residual_rows=d)
+        return map_head_site(super().projection())
 
 
 class OpenClipOutputOnly(OpenClipBackbone):
@@ -363,16 +361,21 @@ def available_models() -> list[str]:
     return list(open_clip.list_models())
 
 
-def load_open_clip(model: str, pretrained: str, device: str | torch.device = "cpu") -> OpenClipBackbone:
+def load_open_clip(
+    model: str, pretrained: str, device: str | torch.device = "cpu", tokenizer: str | None = None
+) -> OpenClipBackbone:
     """An open_clip architecture with ``pretrained`` weights: a tag (e.g. "openai"), a local checkpoint
     (.safetensors; .pt/.bin/.pth state dicts read with ``weights_only=True``), or "none" for a random init (seed 0:
-    the same model every time)."""
+    the same model every time). ``tokenizer``: a local folder for a model whose tokenizer is a Hugging Face one
+    (SigLIP, multilingual CLIPs; :func:`tokenizer_folder`)."""
     if open_clip.get_model_config(model) is None:
         raise BackboneLoadError(
             f"unknown model {model!r}: use one of available_models() (e.g. ViT-B-16, RN50, "
-            f"test-vit-tiny) or hf:<hub id or local dir> for a Hugging Face CLIPModel"
+            f"test-vit-tiny) or hf:<hub id or local dir> for a Hugging Face CLIPModel or SiglipModel"
         )
     path = None if pretrained.lower() == "none" else _checkpoint_path(model, pretrained)
+    folder = tokenizer_folder(model, tokenizer, path)
+    _tokenizer(model, folder)  # a tokenizer that cannot be had fails here, before the weights are read
     clip = _build(model)
     if path is None:
         weights, random_weights = "none", True
@@ -394,6 +397,7 @@ def load_open_clip(model: str, pretrained: str, device: str | torch.device = "cp
         weights=weights,
         random_weights=random_weights,
         fingerprint=fingerprint(cfg, clip.state_dict()),
+        tokenizer=folder,
     )
     provenance = "" if path is None else declared_provenance(path)
     if provenance:
@@ -401,14 +405,68 @@ def load_open_clip(model: str, pretrained: str, device: str | torch.device = "cp
     return OpenClipBackbone.for_model(clip, info, device)
 
 
-def _tokenizer(arch: str):
-    try:
+# What a local tokenizer folder holds (a save_pretrained folder, or an open_clip hub repo downloaded whole).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _text_cfg(arch: str) -> dict:
+    return (open_clip.get_model_config(arch) or {}).get("text_cfg", {})
+
+
+def tokenizer_folder(arch: str, tokenizer: str | None, checkpoint: Path | None) -> str:
+    """The local tokenizer folder ``arch`` is built with, as recorded in ``info.tokenizer``: ``tokenizer`` (checked to
+    be one), else the checkpoint's own folder when it holds a tokenizer (open_clip's hub repos keep the tokenizer
+    beside the weights), else "" (the bundled BPE, or the Hub's tokenizer from the local cache). Only a model whose
+    config names a Hugging Face tokenizer (``hf_tokenizer_name``) reads one."""
+    if not _text_cfg(arch).get("hf_tokenizer_name"):
+        if tokenizer:
+            raise BackboneLoadError(
+                f"{arch} uses open_clip's bundled tokenizer, not a Hugging Face one: it takes no tokenizer folder",
+                option="--tokenizer",
+            )
+        return ""
+    if tokenizer:
+        folder = Path(tokenizer).expanduser()
+        if not folder.is_dir() or not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise BackboneLoadError(
+                f"tokenizer folder {folder} does not exist or holds neither of {', '.join(TOKENIZER_FILES)}",
+                option="--tokenizer",
+            )
+        return str(folder.resolve())
+    beside = None if checkpoint is None else checkpoint.parent
+    if beside is not None and any((beside / f).is_file() for f in TOKENIZER_FILES):
+        return str(beside.resolve())
+    return ""
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(arch: str, folder: str = ""):
+    """open_clip's tokenizer for ``arch``: its bundled one, or its Hugging Face tokenizer (with the config's
+    context length, cleaning and mode, as ``open_clip.get_tokenizer`` builds it) from ``folder`` or from the Hub's
+    cache, never downloaded when the Hub is offline or unreachable (that fails at once, in one line). Memoised: the
+    loader builds it before the weights (to fail fast), the backbone takes the same object."""
+    text_cfg = _text_cfg(arch)
+    hub_name = text_cfg.get("hf_tokenizer_name", "")
+    if not hub_name:
         return open_clip.get_tokenizer(arch)
-    except (OSError, ImportError, ValueError) as e:  # a Hugging Face / SentencePiece tokenizer fetched from the Hub
-        raise BackboneLoadError(
-            f"cannot build {arch}'s tokenizer: {str(e).splitlines()[0]} (it is fetched from the Hugging Face Hub, "
-            f"which is offline or unreachable, and is not in the local cache)"
-        ) from None
+    source = folder or hub_name
+    try:
+        tokenizer = open_clip.tokenizer.HFTokenizer(
+            source,
+            context_length=text_cfg.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH),
+            tokenizer_mode=text_cfg.get("tokenizer_mode"),
+            local_files_only=bool(folder) or not hub_available(),
+            **text_cfg.get("tokenizer_kwargs", {}),
+        )
+    except (OSError, ImportError, ValueError) as e:  # not cached and not reachable, or an unreadable folder
+        if folder:
+            raise BackboneLoadError(
+                f"cannot read {arch}'s tokenizer from {folder} ({str(e).splitlines()[0]}); {HOW_TO_PASS_TOKENIZER}",
+                option="--tokenizer",
+            ) from None
+        raise tokenizer_unavailable(arch, hub_name, e) from None
+    check_vocab(len(tokenizer.tokenizer), int(text_cfg.get("vocab_size", MIN_VOCAB)), folder or hub_name)
+    return tokenizer
 
 
 def _build(model: str) -> torch.nn.Module:
@@ -514,5 +572,6 @@ OPEN_CLIP = register_family(
         last_image_block=_last_image_block,
         attention_towers=_attention_towers,
         export_format="open_clip",
+        takes_tokenizer=True,
     )
 )

@@ -60,6 +60,10 @@ class OutputSiteBackbone(Backbone):
     def logit_scale(self) -> float:
         return self.inner.logit_scale
 
+    @property
+    def logit_bias(self) -> float:
+        return self.inner.logit_bias
+
     def encode_text_templates(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
         return self.inner.encode_text_templates(classnames, templates)
 

@@ -23,7 +23,8 @@ they are adapted at the output site (:mod:`prolip.backbones.output_site`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -33,6 +34,9 @@ from open_clip.transformer import VisionTransformer
 from timm.layers.attention_pool import AttentionPoolLatent
 from timm.layers.mlp import Mlp
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+from torch import Tensor
+
+from prolip.backbones.base import ProjectionSite
 
 
 @dataclass(frozen=True)
@@ -115,3 +119,31 @@ def _ends_in_map_head(visual: TimmModel) -> bool:
         and isinstance(mlp.drop2, torch.nn.Dropout | torch.nn.Identity)
         and all(isinstance(m, torch.nn.Identity) for m in (trunk.fc_norm, trunk.head))
     )
+
+
+# -- a MAP head's fc2 as the site: what every family with such a head shares (open_clip/timm, Hugging Face SigLIP) --
+def map_head_features(run: Callable[[], object], fc2: torch.nn.Module, norm: torch.nn.Module, pool: str) -> Tensor:
+    """z = [h, r] of a MAP head ``x + fc2(act(fc1(norm(x))))``: h the input of ``fc2`` and r = x the input of the
+    head's ``norm``, both caught by forward pre-hooks while ``run()`` runs the model's own forward (so z is the
+    tower's computation, with gradients when ``run`` has them), then pooled as the head pools its latent tokens
+    ("token": the first, "avg": the mean; linear, so it commutes with the site). [B, D_h + D]."""
+    caught: dict[str, Tensor] = {}
+    hooks = [
+        fc2.register_forward_pre_hook(lambda _m, args: caught.__setitem__("h", args[0])),
+        norm.register_forward_pre_hook(lambda _m, args: caught.__setitem__("r", args[0])),
+    ]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    z = torch.cat([caught["h"], caught["r"]], dim=-1)  # [B, latent_len, D_h + D]
+    return z[:, 0] if pool == "token" else z.mean(dim=1)
+
+
+def map_head_site(fc2_site: ProjectionSite) -> ProjectionSite:
+    """The MAP-head site from its fc2's: W0 = [fc2.weight^T; I], the last D rows carrying the residual as a frozen
+    per-image term (``ProjectionSite.residual_rows``), so ``z W0 + b = h fc2.weight^T + fc2.bias + r``."""
+    d = fc2_site.weight.shape[1]
+    residual = torch.eye(d, dtype=fc2_site.weight.dtype, device=fc2_site.weight.device)
+    return replace(fc2_site, weight=torch.cat([fc2_site.weight, residual]), residual_rows=d)

@@ -25,7 +25,26 @@ def path_option(*names: str, help: str):
     return click.option(*names, type=click.Path(path_type=Path), default=None, help=help)
 
 
+TOKENIZER_META = "prolip.tokenizer"
+
+
+def _remember_tokenizer(ctx: click.Context, _param, value: Path | None) -> None:
+    # Kept on the context, not passed as an argument, so every command taking the backbone options reads it in
+    # backbone_from_options without a parameter of its own.
+    ctx.meta[TOKENIZER_META] = None if value is None else str(value)
+
+
 def backbone_options(f):
+    f = click.option(
+        "--tokenizer",
+        type=click.Path(path_type=Path),
+        default=None,
+        expose_value=False,
+        callback=_remember_tokenizer,
+        help="a local tokenizer folder (save_pretrained, or holding tokenizer.json) for models whose tokenizer is a "
+        "Hugging Face one (SigLIP, multilingual CLIPs, hf: models) [default: the one beside the weights, else the "
+        "Hub's from the local cache]",
+    )(f)
     f = click.option(
         "--site",
         type=click.Choice(["native", "output"]),
@@ -45,7 +64,7 @@ def backbone_options(f):
         "--model",
         default="ViT-B-16",
         show_default=True,
-        help="open_clip architecture (ViT-B-16, RN50, ...) or hf:<hub id or local dir>",
+        help="open_clip architecture (ViT-B-16, RN50, ...) or hf:<hub id or local dir> (CLIPModel, SiglipModel)",
     )(f)
     return f
 
@@ -112,7 +131,9 @@ def data_options(f):
 def backbone_from_options(model: str, pretrained: str, device: str, site: str = "native"):
     from prolip.backbones import load_backbone
 
-    return announced(lambda: load_backbone(model, pretrained, device=device, site=site))
+    ctx = click.get_current_context(silent=True)
+    tokenizer = None if ctx is None else ctx.meta.get(TOKENIZER_META)
+    return announced(lambda: load_backbone(model, pretrained, device=device, site=site, tokenizer=tokenizer))
 
 
 def announced(load):
