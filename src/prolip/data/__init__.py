@@ -29,6 +29,7 @@ def resolve_data(
     split: str | None = None,
     label_key: str | None = None,
     image_key: str | None = None,
+    cache_dir: Path | str | None = None,
 ) -> DatasetSplits:
     """What ``--data`` names: a CoOp dataset folder, an image folder, a CSV/JSON list, a benchmark name,
     WebDataset tar shards (``shards/train-{000000..000009}.tar`` or a folder of them) or a Hugging Face dataset
@@ -38,6 +39,8 @@ def resolve_data(
     object); ``templates_file`` replaces the prompt templates. ``split`` (hf: datasets) names the split to train
     on; ``label_key`` the shards' label member (default ``cls``) or the dataset's label column; ``image_key``
     the shards' image member (its extension) or the dataset's image column, where a sample holds several.
+    ``cache_dir``: where the listings of scanned folders are remembered (``prolip.data.listing``; default
+    ``$PROLIP_CACHE_DIR`` or ``~/.cache/prolip``), so a second run on an unchanged ImageNet lists nothing again.
     """
     if is_hf_spec(spec):
         return load_hf(
@@ -72,13 +75,13 @@ def resolve_data(
         if any(path.glob("split_zhou_*.json")) or (path / "variants.txt").is_file():
             splits = load_benchmark_folder(path)
         else:
-            images = read_image_folder(path, classnames_file, templates_file)
+            images = read_image_folder(path, classnames_file, templates_file, cache_dir=cache_dir)
             return DatasetSplits(images.name, images.classnames, images.templates, train=images)
     elif path.exists():
         images = read_image_list(path, templates_file=templates_file, classnames_file=classnames_file)
         return DatasetSplits(images.name, images.classnames, images.templates, train=images)
     else:
-        splits = load_benchmark(spec, _require_benchmark(spec, root))
+        splits = load_benchmark(spec, _require_benchmark(spec, root), cache_dir=cache_dir)
     if classnames_file:
         _rename_classes(splits, read_classnames(classnames_file, splits.classnames))
     if templates_file:

@@ -13,11 +13,11 @@ from prolip.data.folder import (
     class_index,
     file_kind,
     inside,
-    is_image_file,
     read_json,
     read_text,
 )
-from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
+from prolip.data.listing import Found, Listing
+from prolip.data.types import DatasetSplits, ImageItem, LabeledImages, ListedItems
 
 WHERE = "see CoOp's DATASETS.md (github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md) for how to obtain it"
 
@@ -228,62 +228,67 @@ def _imagenet_classnames(root: Path, bench: str) -> tuple[list[str], list[str]]:
     return wnids, check_classnames(names, str(f))
 
 
-def _scan(folder: Path, classes: list[str], bench: str) -> tuple[list[ImageItem], list[Path]]:
-    """Images of each class folder, and the files left out: only regular files are images (a FIFO would hang)."""
-    items, ignored = [], []
+def _scan(folder: Path, classes: list[str], bench: str, cache_dir: Path | str | None) -> tuple[ListedItems, list[Path]]:
+    """Images of each class folder, and the files left out: only regular files are images (a FIFO would hang).
+
+    In ``sorted(class_folder.rglob("*"))``'s order, hidden sub-folders entered, symlinked ones not; the listing is
+    remembered under ``cache_dir`` (:mod:`prolip.data.listing`), so a second run lists only what changed.
+    """
+    listing, found = Listing(folder, cache_dir), Found()
     for label, sub in enumerate(classes):
-        d = _require(folder / sub, "class folder", bench)
-        for p in sorted(d.rglob("*")):
-            if p.is_file() and is_image_file(p):  # is_file(): regular files only, symlinks followed
-                items.append(ImageItem(p, label))
-            elif not p.is_dir() and not p.name.startswith("."):
-                ignored.append(p)
-    return items, ignored
+        _require(folder / sub, "class folder", bench)
+        listing.collect(sub, label, found, enter_hidden=True, files_first=False)
+    listing.save()
+    return found.items(), found.ignored
 
 
 def _images(
-    scanned: tuple[list[ImageItem], list[Path]], names: list[str], templates: list[str], name: str
+    scanned: tuple[ListedItems, list[Path]], names: list[str], templates: list[str], name: str
 ) -> LabeledImages:
     items, ignored = scanned
     return LabeledImages(items, names, templates, name, ignored)
 
 
-def _imagenet_family(b: Benchmark, root: Path) -> DatasetSplits:
+def _imagenet_family(b: Benchmark, root: Path, cache_dir: Path | str | None) -> DatasetSplits:
     wnids, names = _imagenet_classnames(root, b.name)
     ds_root = _require(root / b.folder, "dataset folder", b.name)
     image_root = ds_root / b.image_dir if b.image_dir else ds_root
     t = list(b.templates)
     if b.name == "ImageNet":
-        train = _scan(_require(image_root / "train", "folder", b.name), wnids, b.name)
-        test = _scan(_require(image_root / "val", "folder", b.name), wnids, b.name)
+        train = _scan(_require(image_root / "train", "folder", b.name), wnids, b.name, cache_dir)
+        test = _scan(_require(image_root / "val", "folder", b.name), wnids, b.name, cache_dir)
         return DatasetSplits(b.name, names, t, _images(train, names, t, b.name), None, _images(test, names, t, b.name))
     if b.name == "ImageNetV2":
         # The matched-frequency release unpacks to a single folder holding 0..999.
         subdirs = [p for p in image_root.iterdir() if p.is_dir()]
         folder = image_root if (image_root / "0").is_dir() else (subdirs[0] if len(subdirs) == 1 else image_root)
         test = _scan(
-            folder, [str(i) for i in range(1000)] if len(wnids) == 1000 else [str(i) for i in range(len(wnids))], b.name
+            folder,
+            [str(i) for i in range(1000)] if len(wnids) == 1000 else [str(i) for i in range(len(wnids))],
+            b.name,
+            cache_dir,
         )
         return DatasetSplits(b.name, names, t, test=_images(test, names, t, b.name))
     if b.name == "ImageNetSketch":
-        test = _scan(image_root, wnids, b.name)
+        test = _scan(image_root, wnids, b.name, cache_dir)
         return DatasetSplits(b.name, names, t, test=_images(test, names, t, b.name))
     # ImageNet-A / -R: 200-class subsets; classes in ImageNet order, with the map back to ImageNet labels.
     present = {p.name for p in _require(image_root, "folder", b.name).iterdir() if p.is_dir()}
     subset = [i for i, w in enumerate(wnids) if w in present]
     sub_names = [names[i] for i in subset]
-    test = _scan(image_root, [wnids[i] for i in subset], b.name)
+    test = _scan(image_root, [wnids[i] for i in subset], b.name, cache_dir)
     splits = DatasetSplits(b.name, sub_names, t, test=_images(test, sub_names, t, b.name))
     splits.imagenet_indices = subset  # type: ignore[attr-defined]
     return splits
 
 
-def load_benchmark(name: str, root: Path | str) -> DatasetSplits:
-    """Load benchmark ``name`` from ``root`` (the folder holding one sub-folder per dataset)."""
+def load_benchmark(name: str, root: Path | str, *, cache_dir: Path | str | None = None) -> DatasetSplits:
+    """Load benchmark ``name`` from ``root`` (the folder holding one sub-folder per dataset). ``cache_dir``: where
+    the listings of folder-scanned datasets (the ImageNet family) are remembered (default: prolip's cache)."""
     b = BENCHMARKS[canonical_name(name)]
     root = Path(root)
     if b.name.startswith("ImageNet"):
-        return _imagenet_family(b, root)
+        return _imagenet_family(b, root, cache_dir)
     ds_root = _require(root / b.folder, "dataset folder", b.name)
     return _aircraft(b, ds_root) if b.name == "FGVCAircraft" else _from_split_json(b, ds_root)
 

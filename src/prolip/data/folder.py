@@ -10,7 +10,8 @@ import stat
 import string
 from pathlib import Path
 
-from prolip.data.images import IMAGE_EXTENSIONS, file_kind
+from prolip.data.images import IMAGE_EXTENSIONS, file_kind, is_image_name
+from prolip.data.listing import Found, Listing
 from prolip.data.types import ImageItem, LabeledImages
 from prolip.errors import ProlipError
 
@@ -76,7 +77,7 @@ def class_index(value, where: str) -> int:
 
 
 def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return is_image_name(path.name)
 
 
 def check_template(template, where: str) -> str:
@@ -197,36 +198,20 @@ def _class_folders(root: Path) -> tuple[list[str], list[Path]]:
     return folders, ignored
 
 
-def _is_regular(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)  # follows symlinks: a dangling one is not an image
-    except (OSError, ValueError):
-        return False
-
-
-def _class_images(folder: Path) -> tuple[list[Path], list[Path]]:
-    """Image files under ``folder`` (recursively, sorted) and the visible files that are not read.
-
-    Only regular files are images: a FIFO, socket or device with an image extension would block or never end
-    when decoded, so it is left out and reported like any other file that is not an image.
-    """
-    found, ignored = [], []
-    # followlinks=False: a symlink loop inside a class folder cannot recurse forever.
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
-            path = Path(dirpath) / f
-            if is_image_file(path) and _is_regular(path):
-                found.append(path)
-            elif not f.startswith("."):
-                ignored.append(path)
-    return found, ignored
-
-
 def read_image_folder(
-    root: Path | str, classnames_file: Path | str | None = None, templates_file: Path | str | None = None
+    root: Path | str,
+    classnames_file: Path | str | None = None,
+    templates_file: Path | str | None = None,
+    *,
+    cache_dir: Path | str | None = None,
 ) -> LabeledImages:
-    """Read ``root/<class>/<image>``: classes in sorted folder order; hidden and non-image files are ignored."""
+    """Read ``root/<class>/<image>``: classes in sorted folder order; hidden and non-image files are ignored.
+
+    Each class folder's images are found recursively, a folder's files (by name) before its sub-folders (by name),
+    hidden and symlinked sub-folders not entered; only regular files are images (a FIFO, socket or device with an
+    image extension would block or never end when decoded: it is reported with the other files left out). The
+    listing is remembered under ``cache_dir`` (:mod:`prolip.data.listing`), so a second run lists only what changed.
+    """
     root = Path(root)
     if not root.exists():
         raise DataError(f"data path {root} does not exist")
@@ -235,16 +220,15 @@ def read_image_folder(
     folders, ignored = _class_folders(root)
     if not folders:
         raise DataError(f"{root} has no class folders (expected {root}/<class>/<image>)")
-    items: list[ImageItem] = []
+    listing, found = Listing(root, cache_dir), Found()
     for label, folder in enumerate(folders):
-        found, skipped = _class_images(root / folder)
-        if not found:
+        if not listing.collect(folder, label, found, enter_hidden=False, files_first=True):
             raise DataError(
                 f"class folder {root / folder} has no images (supported: "
                 f"{', '.join(sorted(IMAGE_EXTENSIONS))}); remove it or add images"
             )
-        items.extend(ImageItem(p, label) for p in found)
-        ignored.extend(skipped)
+    listing.save()
+    items, ignored = found.items(), ignored + found.ignored
     classnames = read_classnames(classnames_file, folders) if classnames_file else folders
     templates = read_templates(templates_file) if templates_file else list(DEFAULT_TEMPLATES)
     return LabeledImages(

@@ -12,6 +12,7 @@ import os
 import stat
 import struct
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,21 @@ from prolip.data.types import Member, member_of, member_reader
 from prolip.errors import ProlipError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def image_names(names: Iterable[str]) -> list[str]:
+    """The names among ``names`` that are images': visible, with a suffix (as ``Path.suffix`` reads it) that is an
+    image extension. On names, not paths, a folder at once: listing a million files builds no Path and makes no
+    call per name."""
+    # n[n.rfind("."):] is the suffix whenever it could match: without a dot it is the last character, with a
+    # trailing dot just ".", neither an extension; a leading dot (a hidden file) is refused on its own.
+    exts = IMAGE_EXTENSIONS
+    return [n for n in names if n[n.rfind(".") :].lower() in exts and n[:1] != "."]
+
+
+def is_image_name(name: str) -> bool:
+    return bool(image_names((name,)))
+
 
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error)
 

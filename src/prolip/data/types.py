@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 # What separates a container file from the image inside it in a member's path: "shard.tar::sample01.jpg".
 MEMBER_SEPARATOR = "::"
@@ -73,11 +74,65 @@ class ImageItem:
     label: int
 
 
+class ListedItems(Sequence[ImageItem]):
+    """The labelled images of listed folders, each built when it is read: item ``i`` is
+    ``ImageItem(folders[at[i]] / names[i], labels[i])``.
+
+    ImageNet's 1.3 M training files are kept as names and small integers: building a Path and an ImageItem for
+    every one takes longer than listing them from memory, while a few-shot episode reads a few thousand. Equal to
+    any sequence of the same items; ``+`` gives a list.
+    """
+
+    def __init__(self, folders: Sequence[Path], at: Sequence[int], names: Sequence[str], labels: Sequence[int]):
+        if not len(at) == len(names) == len(labels):
+            raise ValueError(f"{len(at)} folder indices, {len(names)} names and {len(labels)} labels")
+        self._folders, self._at, self._names, self._labels = list(folders), at, names, labels
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    @overload
+    def __getitem__(self, i: int) -> ImageItem: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[ImageItem]: ...
+
+    def __getitem__(self, i: int | slice) -> ImageItem | list[ImageItem]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return ImageItem(self._folders[self._at[i]] / self._names[i], self._labels[i])
+
+    def __iter__(self) -> Iterator[ImageItem]:
+        folders = self._folders
+        for at, name, label in zip(self._at, self._names, self._labels, strict=True):
+            yield ImageItem(folders[at] / name, label)
+
+    @property
+    def labels(self) -> list[int]:
+        return list(self._labels)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # a sequence, compared by its items
+
+    def __add__(self, other: Sequence[ImageItem]) -> list[ImageItem]:
+        return [*self, *other]
+
+    def __radd__(self, other: Sequence[ImageItem]) -> list[ImageItem]:
+        return [*other, *self]
+
+    def __repr__(self) -> str:
+        return f"ListedItems({len(self)} images in {len(set(self._folders))} folders)"
+
+
 @dataclass
 class LabeledImages:
     """A list of labelled images with the class names and prompt templates that describe them."""
 
-    items: list[ImageItem]
+    items: Sequence[ImageItem]  # a list, or the ListedItems of a scanned folder tree
     classnames: list[str]
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     name: str = "custom"
@@ -92,6 +147,8 @@ class LabeledImages:
 
     @property
     def labels(self) -> list[int]:
+        if isinstance(self.items, ListedItems):  # without building every item
+            return self.items.labels
         return [it.label for it in self.items]
 
     def subset(self, indices: Sequence[int]) -> LabeledImages:
