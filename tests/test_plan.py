@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from prolip.bench import protocols
 from prolip.bench.experiment import parse_experiment
-from prolip.bench.plan import format_plan, plan_experiment
+from prolip.bench.plan import format_plan, plan_experiment, plan_sites
 from prolip.cli import main
 
 
@@ -74,6 +74,27 @@ def test_plan_counts_the_forward_passes_the_run_makes(
     assert (after.pending, after.survey.forward_passes) == (0, 0)
     if protocol == "tta":
         assert plan.tta_passes == 4 * 3  # the test-time views, beside the cached count
+
+
+def test_an_experiment_at_both_sites_is_planned_and_listed_once_per_site(tiny_vit, dtd10_experiment):
+    """``site: [native, output]``: one plan per site; the native cells are those a native-only experiment lists (the
+    same ids: its results folder keeps its cells), the output site's are its own, labelled with the site.
+    (tests/test_experiment_files.py runs such a file end to end.)"""
+    native = _experiment(dtd10_experiment, shots=[1], methods=LIGHT)
+    both = _experiment(dtd10_experiment, shots=[1], methods=LIGHT, site=["native", "output"])
+    plans = plan_sites(both, tiny_vit, name="x", time_batch=False)
+    assert [(p.experiment, p.pending) for p in plans] == [("x (native site)", 2), ("x (output site)", 2)]
+
+    def cells(exp):
+        b = protocols.Bench(exp, echo=lambda _: None, backbone=tiny_vit)
+        return [c.record for g in protocols.protocol_class(exp.protocol)(b).groups() for c in g.cells]
+
+    at_native, at_output = (cells(one) for one in both.per_site())
+    assert [r.cell for r in at_native] == [r.cell for r in cells(native)]
+    assert [f"{r.label} (output site)" for r in at_native] == [r.label for r in at_output]
+    assert {r.site for r in at_output} == {"output"} and not {r.cell for r in at_native} & {r.cell for r in at_output}
+    with pytest.raises(ValueError, match="a Bench runs at one site"):
+        protocols.Bench(both, backbone=tiny_vit)
 
 
 def test_plan_leaves_out_what_is_cached_and_recorded(tiny_vit, monkeypatch, dtd10_experiment):

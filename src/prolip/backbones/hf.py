@@ -16,9 +16,11 @@ from prolip.backbones.families import AttentionTower, Family, register_family
 from prolip.backbones.loading import (
     HOW_TO_PASS_LOCAL,
     HOW_TO_PASS_TOKENIZER,
+    TOKENIZER_FILES,
     BackboneLoadError,
     check_vocab,
     fingerprint,
+    holds_tokenizer,
     hub_available,
     refused_pickle,
     tokenizer_unavailable,
@@ -185,6 +187,15 @@ def load_hf_tokenizer(source: str, tokenizer: str | None, offline: bool, where: 
     folder = None if tokenizer is None else Path(tokenizer).expanduser()
     if folder is not None and not folder.is_dir():
         raise BackboneLoadError(f"tokenizer folder {folder} does not exist", option="--tokenizer")
+    local = folder or (Path(source).expanduser() if Path(source).expanduser().is_dir() else None)
+    if local is not None and not holds_tokenizer(local):
+        # Said here, at once: transformers would build a stub of special tokens (CLIP) or search every tokenizer
+        # class for seconds before failing (SigLIP).
+        raise BackboneLoadError(
+            f"the tokenizer of {folder or where} is missing (none of {', '.join(TOKENIZER_FILES)}), so it would "
+            f"have only its special tokens; {HOW_TO_PASS_TOKENIZER}",
+            option="--tokenizer",
+        )
     try:
         tok = AutoTokenizer.from_pretrained(folder or source, local_files_only=offline or folder is not None)
     except (OSError, ValueError, ImportError) as e:  # ImportError: a SentencePiece tokenizer without sentencepiece

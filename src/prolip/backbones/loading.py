@@ -28,6 +28,16 @@ HOW_TO_PASS_TOKENIZER = (
     "`--tokenizer /path/to/tokenizer` (Python: load_backbone(model, pretrained, tokenizer='/path/to/tokenizer')), "
     "or put it next to the weights (the checkpoint's folder, or the hf: model's own folder)"
 )
+# What a tokenizer folder holds, one of these at least (fast tokenizers, BPE, WordPiece, SentencePiece).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
 # A real tokenizer has tens of thousands of tokens (CLIP's BPE 49k, SigLIP's SentencePiece 32k, Gemma's 256k);
 # transformers offline can hand back a stub of a few special tokens instead of failing.
 MIN_VOCAB = 1000
@@ -60,6 +70,11 @@ def tokenizer_unavailable(what: str, source: str, e: Exception | None = None) ->
         f"unreachable and it is not in the local cache; {HOW_TO_PASS_TOKENIZER}",
         option="--tokenizer",
     )
+
+
+def holds_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` holds a tokenizer's files (:data:`TOKENIZER_FILES`)."""
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
 def check_vocab(n_tokens: int, model_vocab: int, where: str) -> None:

@@ -24,12 +24,14 @@ from prolip.backbones.loading import (
     HOW_TO_PASS_LOCAL,
     HOW_TO_PASS_TOKENIZER,
     MIN_VOCAB,
+    TOKENIZER_FILES,
     BackboneLoadError,
     LabelledBackboneInfo,
     RandomWeightsWarning,
     check_vocab,
     declared_provenance,
     fingerprint,
+    holds_tokenizer,
     hub_available,
     load_into,
     read_state_dict,
@@ -405,10 +407,6 @@ def load_open_clip(
     return OpenClipBackbone.for_model(clip, info, device)
 
 
-# What a local tokenizer folder holds (a save_pretrained folder, or an open_clip hub repo downloaded whole).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
 def _text_cfg(arch: str) -> dict:
     return (open_clip.get_model_config(arch) or {}).get("text_cfg", {})
 
@@ -427,14 +425,14 @@ def tokenizer_folder(arch: str, tokenizer: str | None, checkpoint: Path | None) 
         return ""
     if tokenizer:
         folder = Path(tokenizer).expanduser()
-        if not folder.is_dir() or not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        if not folder.is_dir() or not holds_tokenizer(folder):
             raise BackboneLoadError(
-                f"tokenizer folder {folder} does not exist or holds neither of {', '.join(TOKENIZER_FILES)}",
+                f"tokenizer folder {folder} does not exist or holds none of {', '.join(TOKENIZER_FILES)}",
                 option="--tokenizer",
             )
         return str(folder.resolve())
     beside = None if checkpoint is None else checkpoint.parent
-    if beside is not None and any((beside / f).is_file() for f in TOKENIZER_FILES):
+    if beside is not None and holds_tokenizer(beside):
         return str(beside.resolve())
     return ""
 

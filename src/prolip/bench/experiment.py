@@ -55,11 +55,13 @@ def load_yaml(text: str):
 def experiment_schema() -> Schema:
     """Every key an experiment file may hold, with its constraint (:mod:`prolip.methods.params`, the language
     hyperparameters are checked in), and each registered protocol's section under the name the protocol gives it."""
+    from prolip.backbones.base import SITES
     from prolip.bench.protocols import available, protocol_class  # the registry, filled by importing it
     from prolip.episode import SAMPLERS
     from prolip.features.cache import ON_BAD_IMAGE
 
     sections = (protocol_class(name) for name in available())
+    sites = f"{', '.join(SITES)} or a list of them"
     return Schema(
         {
             "datasets": ListOf(TEXT, "a list of dataset names or folders", non_empty=True),
@@ -87,6 +89,7 @@ def experiment_schema() -> Schema:
             "on_bad_image": Choice(ON_BAD_IMAGE),
             "out": Kind((str,), "a path"),
             "description": TEXT,
+            "site": Either((Choice(SITES), ListOf(Choice(SITES), "sites", non_empty=True)), f"one of {sites}"),
             **{p.section: p.section_schema() for p in sections if p.section},
         },
         required=("datasets", "methods"),
@@ -174,6 +177,9 @@ def parse_experiment(raw: dict, source: str = "<experiment>", overrides: dict | 
     found = experiment_schema().find(raw)
     if found is not None:
         raise _fault(source, *found)
+    sites = raw.get("site")
+    if isinstance(sites, list) and len(set(sites)) < len(sites):
+        raise ExperimentError(f"{source}: 'site' lists a site twice: {sites}")
     protocol = raw.get("protocol", Experiment.protocol)
     if protocol not in available():
         raise ExperimentError(f"{source}: 'protocol' must be one of {', '.join(available())}, got {protocol!r}")

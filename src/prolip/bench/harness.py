@@ -79,7 +79,14 @@ class Bench:
             out.mkdir(parents=True, exist_ok=True)
         self.records_path = out / "records.jsonl"
         self.finished = done_cells(read_records(self.records_path))
-        self.backbone = backbone or load_backbone(exp.model, exp.pretrained, device=exp.device)
+        if len(exp.sites) != 1:
+            raise ValueError(f"a Bench runs at one site, not {exp.sites}: run each of exp.per_site()")
+        self.site = exp.sites[0]
+        self.backbone = (
+            load_backbone(exp.model, exp.pretrained, device=exp.device, site=self.site)
+            if backbone is None
+            else backbone_at(backbone, self.site)
+        )
         if self.backbone.info.random_weights:
             echo(f"WARNING: {self.backbone.info.describe()}: every number of this run comes from RANDOM weights.")
         cache_dir = None if exp.cache_dir is None else Path(exp.cache_dir).expanduser()
@@ -199,7 +206,7 @@ class Bench:
             shots=shots,
             views=self.exp.views,
             aug_seed=self.exp.aug_seed,
-            label=m.label,
+            label=m.label if self.site == "native" else f"{m.label} ({self.site} site)",  # native: as ever
             method=m.name,
             hyperparameters=self.method(m, source or dataset, hyperparameters).get_params(),
             validation=self.uses_validation,
@@ -209,6 +216,7 @@ class Bench:
             templates=templates[1],
             setting=setting,
             group=m.group,
+            site=self.site,
         )
 
     def identity(self, episode: Episode | None = None, **evaluated: LabeledImages) -> dict[str, Any]:
@@ -377,6 +385,16 @@ class GroupRequests:
 
     def cached(self) -> list[Request]:
         return self.shared + [r for own in self.per_cell for r in own]
+
+
+def backbone_at(backbone, site: str):
+    """A given backbone (tests, a caller's own) at ``site``: wrapped at the output site when it is native."""
+    from prolip.backbones import at_site
+
+    moved = backbone if backbone.info.site == site else at_site(backbone, site)
+    if moved.info.site != site:
+        raise ValueError(f"a backbone at the {backbone.info.site} site cannot be moved to the {site} site")
+    return moved
 
 
 def image_paths(images) -> tuple[Path, ...]:

@@ -112,6 +112,16 @@ def plan_experiment(exp: Experiment, backbone=None, *, name: str = "experiment",
     return plan
 
 
+def plan_sites(exp: Experiment, backbone=None, *, name: str = "experiment", **options) -> list[Plan]:
+    """One plan per site the experiment runs at (``site: [native, output]`` runs once per site, as
+    ``run_experiment`` does), each named with its site when there are several."""
+    several = len(exp.sites) > 1
+    return [
+        plan_experiment(one, backbone, name=f"{name} ({one.site} site)" if several else name, **options)
+        for one in exp.per_site()
+    ]
+
+
 # ----------------------------------------------------------------------------------------------- time and disk
 
 

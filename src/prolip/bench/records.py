@@ -84,6 +84,9 @@ class Record(Mapping[str, Any]):
     templates: list[str] | None = None
     setting: dict[str, Any] | None = None
     group: str | None = None
+    # Where W sat in the image tower (prolip.backbones.SITES; None: written before sites, native). Not part of the
+    # cell id: an output site's fingerprint is its own already, and native cells keep the ids they always had.
+    site: str | None = None
     cell: str = ""
     results: dict[str, Any] = field(default_factory=dict)
 

@@ -4,6 +4,7 @@ import the parser; a section's own class is its protocol's)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,8 @@ class Experiment:
     on_bad_image: str = "error"
     out: str = "results"
     description: str = ""
+    # Where W sits in the image tower (prolip.backbones.SITES); a list runs the whole experiment once per site.
+    site: str | list[str] = "native"
     # Each protocol's own section as it reads it, by the section's name (:attr:`Protocol.section`): every registered
     # protocol's, the file's or its defaults.
     sections: dict[str, Any] = field(default_factory=dict)
@@ -59,6 +62,14 @@ class Experiment:
         if name in sections:
             return sections[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r} (nor a section of that name)")
+
+    @property
+    def sites(self) -> list[str]:
+        return [self.site] if isinstance(self.site, str) else list(self.site)
+
+    def per_site(self) -> list[Experiment]:
+        """The experiment once per site it names, each at one site (what one backbone, one Bench, runs)."""
+        return [dataclasses.replace(self, site=site) for site in self.sites]
 
     def templates_for(self, dataset_templates: list[str]) -> tuple[str, list[str]]:
         """(name recorded with results, template list) for a dataset."""

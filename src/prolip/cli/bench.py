@@ -92,11 +92,12 @@ def _print_plan(exp, experiment: Path) -> None:
     import warnings
 
     from prolip.backbones import RandomWeightsWarning
-    from prolip.bench.plan import format_plan, plan_experiment
+    from prolip.bench.plan import format_plan, plan_sites
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        click.echo(format_plan(plan_experiment(exp, name=str(experiment))))
+        for plan in plan_sites(exp, name=str(experiment)):  # one per site the experiment runs at
+            click.echo(format_plan(plan))
 
 
 @click.command("report")

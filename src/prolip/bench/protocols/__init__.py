@@ -39,7 +39,10 @@ Transfer = CrossDataset  # its name before domain generalisation was a class of 
 def run_experiment(exp: Experiment, echo: Callable[[str], None] = print, backbone=None) -> Path:
     """Run every unfinished cell of ``exp``; returns the records file. ``backbone`` skips loading one (tests).
     Before a group is scored, the cache is filled with what its protocol declares (:meth:`Protocol.requests`),
-    the same list ``prolip bench --plan`` counts."""
+    the same list ``prolip bench --plan`` counts. An experiment at several sites (``site: [native, output]``) runs
+    once per site, each on its own backbone."""
+    if len(exp.sites) > 1:
+        return [run_experiment(one, echo, backbone) for one in exp.per_site()][-1]
     b = Bench(exp, echo, backbone)
     protocol = protocol_class(exp.protocol)(b)
     for group in protocol.groups():
