@@ -136,6 +136,24 @@ def test_features_through_the_site_at_w0_are_the_models_own_embedding_and_logits
 
 
 @pytest.mark.parametrize("which", ["hf", "oc"])
+def test_the_text_side_carries_the_projections_bias_so_prolip_text_runs(which, request):
+    import dataclasses
+
+    from prolip.episode import task_for
+    from prolip.methods import Support, TensorViews, create
+
+    b = request.getfixturevalue(which)
+    pre, proj = b.text_side(CLASSES, [TEMPLATE])
+    assert torch.equal(pre[..., -1], torch.ones(len(CLASSES), 1))  # [u, 1] over [P; b]
+    torch.testing.assert_close(pre @ proj, b.encode_text_templates(CLASSES, [TEMPLATE]), rtol=1e-5, atol=1e-5)
+    classifier = F.normalize(b.encode_text(CLASSES, [TEMPLATE]), dim=-1)
+    task = dataclasses.replace(task_for(b, classifier, 1), text_pre=pre, text_proj=proj)
+    views = TensorViews(b.encode_pre(_images(b))[None])
+    m = create("prolip-text", steps=2, lr=1e-2).fit(task, Support(views, torch.arange(3), center=views.view(0)))
+    assert m.P.shape == proj.shape and not torch.equal(m.P[-1], proj[-1])  # the bias row trains with P
+
+
+@pytest.mark.parametrize("which", ["hf", "oc"])
 def test_prompts_are_canonicalised_and_padded_to_the_fixed_length(which, request):
     b = request.getfixturevalue(which)
     tokens = b.tokenize(["This is a PHOTO of a Red-Car!", "this is a photo of a redcar"])

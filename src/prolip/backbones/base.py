@@ -80,6 +80,16 @@ class ProjectionSite:
         return weight if layout == "right" else weight.t().contiguous()
 
 
+def text_side_with_bias(pre: Tensor, proj: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A text projection with a bias (SigLIP's) as a linear map on [u, 1]: ``[u, 1] [P; b] = u P + b`` exactly, so
+    ``text_side``'s ``pre @ proj`` is the text embedding and a method adapting the projection (prolip-text) adapts
+    its bias as the last row. Without a bias, ``(pre, proj)`` unchanged."""
+    if bias is None:
+        return pre, proj
+    ones = torch.ones(*pre.shape[:-1], 1, dtype=pre.dtype, device=pre.device)
+    return torch.cat([pre, ones], dim=-1), torch.cat([proj, bias.detach().to(proj).reshape(1, -1)])
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """What the image transforms need to know about a backbone (also part of feature-cache keys)."""

@@ -13,7 +13,8 @@ NaFlex ``Siglip2Model`` (model_type "siglip2") is refused there: it takes patchi
 - Text side: prompts canonicalised as SigLIP was trained (lower case, punctuation removed, open_clip's
   ``clean="canonicalize"``; SigLIP's own tokenizer does the same, the Gemma one of SigLIP 2 does not), padded to
   the model's fixed length (64, ``padding="max_length"`` as the model card says), the last token's state after
-  ``final_layer_norm`` through ``text_model.head`` (a linear with a bias).
+  ``final_layer_norm`` through ``text_model.head`` (a linear with a bias, in ``text_side`` a last row over a
+  constant 1 feature).
 - Logits: ``logit_scale.exp() · cos + logit_bias`` (:meth:`~prolip.backbones.base.Backbone.zero_shot_logits`).
 - Export: ``save_pretrained`` of the model with fc2 merged (export format "hf", as a CLIPModel).
 """
@@ -28,7 +29,7 @@ import torch
 from open_clip.tokenizer import get_clean_fn
 from torch import Tensor
 
-from prolip.backbones.base import BackboneInfo, Preprocessing, ProjectionSite
+from prolip.backbones.base import BackboneInfo, Preprocessing, ProjectionSite, text_side_with_bias
 from prolip.backbones.families import AttentionTower, Family, register_family
 from prolip.backbones.hf import (
     HF_MODEL_TYPES,
@@ -114,9 +115,9 @@ class HFSiglipBackbone(HFClipBackbone):
         )
 
     def text_side(self, classnames: Sequence[str], templates: Sequence[str]) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError(
-            f"{self.info.arch}: SigLIP's text projection has a bias, which text_side's [D_text_pre, D] map cannot hold"
-        )
+        """As a CLIPModel's, with the head's bias carried as a last row over a constant 1 feature."""
+        pre, proj = super().text_side(classnames, templates)
+        return text_side_with_bias(pre, proj, self.model.text_model.head.bias)
 
 
 def load_siglip(source: str, device: torch.device | str = "cpu", tokenizer: str | None = None) -> HFSiglipBackbone:

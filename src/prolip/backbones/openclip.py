@@ -18,7 +18,7 @@ from open_clip.transformer import TextTransformer, VisionTransformer
 from timm.layers.attention_pool import AttentionPoolLatent
 from torch import Tensor
 
-from prolip.backbones.base import Backbone, BackboneInfo, Preprocessing, ProjectionSite
+from prolip.backbones.base import Backbone, BackboneInfo, Preprocessing, ProjectionSite, text_side_with_bias
 from prolip.backbones.families import AttentionTower, Family, register_family
 from prolip.backbones.loading import (
     HOW_TO_PASS_LOCAL,
@@ -176,14 +176,14 @@ class OpenClipBackbone(Backbone):
 
     def text_side(self, classnames: Sequence[str], templates: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Pre-projection text features [C, n_templates, D_text_pre] (EOT token after ln_final) and the text
-        projection [D_text_pre, D] in right layout. Underscores in class names become spaces."""
+        projection [D_text_pre, D] in right layout. Underscores in class names become spaces. A projection with a
+        bias (SigLIP's) is carried as a last row over a constant 1 feature (:func:`text_side_with_bias`)."""
         proj = self._projection_module()
-        if isinstance(proj, torch.nn.Linear) and proj.bias is not None:
-            raise NotImplementedError(f"{self.info.arch}: text projection with a bias is not supported by text_side")
+        bias = proj.bias if isinstance(proj, torch.nn.Linear) else None
         names = [c.replace("_", " ") for c in classnames]
         texts = [t.format(n) for n in names for t in templates]
         pre = self._text_pre(texts).reshape(len(names), len(templates), -1)
-        return pre.cpu(), self.text_projection().detach().float().cpu()
+        return text_side_with_bias(pre.cpu(), self.text_projection().detach().float().cpu(), bias)
 
     @torch.no_grad()
     def encode_text_templates(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
