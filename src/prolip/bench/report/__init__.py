@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from prolip.bench.protocols import available, layout_of
+from prolip.bench.records import SECTION_FIELDS
 from prolip.bench.report.figures import (
     gain_figure,
     plot_gains,
@@ -22,7 +23,17 @@ from prolip.bench.report.figures import (
     shots_figure,
 )
 from prolip.bench.report.markdown import markdown, per_dataset_markdown
-from prolip.bench.report.rows import aggregate, canonical, format_number, zero_shot_gains
+from prolip.bench.report.rows import (
+    PAPER_FIELDS,
+    Cost,
+    Gain,
+    ReportRow,
+    Summary,
+    aggregate,
+    canonical,
+    format_number,
+    zero_shot_gains,
+)
 
 # ----------------------------------------------------------------------------------------------- files
 
@@ -72,22 +83,44 @@ CSV_FIELDS = [
 ]
 
 
-def _csv_row(row: dict) -> dict:
-    hp = row.get("hyperparameters") or {}
-    as_text = lambda v: " ".join(map(str, v)) if isinstance(v, list) else v
-    return {
-        **{k: as_text(row.get(k)) for k in CSV_FIELDS},
-        "lr": hp.get("lr"),
-        "lam": hp.get("lam"),
-        "precision": hp.get("precision"),
-        "varying": canonical(row["varying"]) if row.get("varying") else "",
-        "notes": "; ".join(row.get("notes") or []),
-        "missing": "; ".join(row.get("missing") or []),
-        **{
-            k: (row.get("cost") or {}).get(k)
-            for k in ("seconds", "forward_passes", "peak_memory_mb", "trainable_parameters")
-        },
-        "selection": canonical((row.get("card") or {}).get("hows")) if row.get("card") else "",
+# The columns that are a row's fields as they are, and the hyperparameters results.csv has a column for.
+CSV_ATTRIBUTES = (*SECTION_FIELDS, "source", "kind", "dataset", "datasets", "label", "method", "group", "shots")
+CSV_HYPERPARAMETERS = ("lr", "lam", "precision")
+
+
+def _csv_text(value: Any) -> Any:
+    return " ".join(map(str, value)) if isinstance(value, list) else value
+
+
+def _csv_row(row: ReportRow) -> dict[str, Any]:
+    """One row of results.csv: CSV_FIELDS' columns (lists as space-separated text), metrics a protocol does not
+    record empty."""
+    hp, cost, paper, hm_seed = row.hyperparameters or {}, row.cost or Cost(), row.references.get, row.hm_seed
+    named = {k: _csv_text(getattr(row, k)) for k in CSV_ATTRIBUTES}
+    return named | {
+        **{k: hp.get(k) for k in CSV_HYPERPARAMETERS},
+        "varying": canonical(row.varying) if row.varying else "",
+        "seeds": _csv_text(row.seeds),
+        "mean": row.mean,
+        "std": row.std,
+        "base": row.mean_of("base"),
+        "base_std": row.std_of("base"),
+        "new": row.mean_of("new"),
+        "new_std": row.std_of("new"),
+        "hm": row.mean_of("hm"),
+        "hm_seed_mean": hm_seed and hm_seed.mean,
+        "hm_seed_std": hm_seed and hm_seed.std,
+        "start_accuracy": row.mean_of("start_accuracy"),
+        "start_accuracy_std": row.std_of("start_accuracy"),
+        **{name: paper(metric) for metric, name in PAPER_FIELDS},
+        "paper_source": row.paper_source,
+        "notes": "; ".join(row.notes or []),
+        "missing": "; ".join(row.missing or []),
+        "seconds": cost.seconds,
+        "forward_passes": cost.forward_passes,
+        "peak_memory_mb": cost.peak_memory_mb,
+        "trainable_parameters": cost.trainable_parameters,
+        "selection": canonical(row.card.hows) if row.card else "",
     }
 
 
@@ -109,23 +142,22 @@ def write_report(
     return {k: out / name for k, name in names.items()}
 
 
-def _write_report_files(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
-    paths = {"markdown": out / "results.md", "csv": out / "results.csv", "json": out / "results.json"}
-    paths["markdown"].write_text(markdown(rows) + per_dataset_markdown(rows))
-    with open(paths["csv"], "w", newline="") as f:
+def _write_report_files(rows: list[ReportRow], out: Path) -> dict[str, Path]:
+    tables = out / "results.md", out / "results.csv", out / "results.json"
+    paths = dict(zip(("markdown", "csv", "json"), tables, strict=True))
+    tables[0].write_text(markdown(rows) + per_dataset_markdown(rows))
+    with open(tables[1], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(map(_csv_row, rows))
-    paths["json"].write_text(
-        json.dumps([{k: v for k, v in r.items() if k != "by_seed"} for r in rows], indent=2, default=str)
-    )
+    tables[2].write_text(json.dumps([r.to_json(by_seed=False) for r in rows], indent=2, default=str))
     _write_figures(rows, out, paths)
     if plot_gains(rows, out / "gain_over_zeroshot.png"):
         paths["gain"] = out / "gain_over_zeroshot.png"
     return paths
 
 
-def _write_figures(rows: list[dict[str, Any]], out: Path, paths: dict[str, Path]) -> None:
+def _write_figures(rows: list[ReportRow], out: Path, paths: dict[str, Path]) -> None:
     """Each registered protocol's figures, as its layout names them (a sweep's heatmap is ``heatmap``)."""
     for name in available():
         layout = layout_of(name)
@@ -137,6 +169,10 @@ def _write_figures(rows: list[dict[str, Any]], out: Path, paths: dict[str, Path]
 
 __all__ = [
     "CSV_FIELDS",
+    "Cost",
+    "Gain",
+    "ReportRow",
+    "Summary",
     "aggregate",
     "canonical",
     "format_number",

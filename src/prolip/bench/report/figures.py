@@ -6,12 +6,13 @@ import math
 import statistics
 import textwrap
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from prolip.bench.protocols import available, layout_of
 from prolip.bench.report.rows import (
     HP_SYMBOLS,
+    ReportRow,
     display_names,
     format_number,
     line_key,
@@ -32,49 +33,46 @@ def _pyplot():
     return plt
 
 
-def _seed_counts(rows: list[dict]) -> str:
-    counts = sorted({len(r["by_seed"]) for r in rows})
+def _seed_counts(rows: list[ReportRow]) -> str:
+    counts = sorted({len(r.by_seed) for r in rows})
     return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
 
 
-def _panel_title(row: dict) -> str:
-    weights = "RANDOM weights, not CLIP" if row["random_weights"] else row["weights"]
-    return f"{row['protocol']} — {row['model']} [{weights}]"
+def _panel_title(row: ReportRow) -> str:
+    weights = "RANDOM weights, not CLIP" if row.random_weights else row.weights
+    return f"{row.protocol} — {row.model} [{weights}]"
 
 
-def _shot_curves(rows: list[dict], protocol: str) -> dict[str, dict[str, list[dict]]]:
+def _shot_curves(rows: list[ReportRow], protocol: str) -> dict[str, dict[str, list[ReportRow]]]:
     """Panel title → curve name → full-average rows, curves in table order. A group's members are drawn as the
     group's one curve (the table has them one by one); a curve with no average shown at all is left out."""
-    panels: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    panels: dict[str, dict[str, list[ReportRow]]] = defaultdict(lambda: defaultdict(list))
     names = display_names(rows)
     averages = [
         r
         for r in rows
-        if r["kind"] == "average"
-        and r["subset"] is None
-        and r["protocol"] == protocol
-        and not (r.get("group") and r["of"] == "dataset")
+        if r.kind == "average" and r.subset is None and r.protocol == protocol and not (r.group and r.of == "dataset")
     ]
     order = line_order(rows)
-    for r in sorted(averages, key=lambda r: order({**r, "shots": 0})):
+    for r in sorted(averages, key=lambda r: order(replace(r, shots=0))):
         panels[_panel_title(r)][names[line_key(r)]].append(r)
     return {
-        title: {name: pts for name, pts in curves.items() if any(r["mean"] is not None for r in pts)}
+        title: {name: pts for name, pts in curves.items() if any(r.mean is not None for r in pts)}
         for title, curves in panels.items()
     }
 
 
-def _draw_curves(ax, curves: dict[str, list[dict]]) -> bool:
+def _draw_curves(ax, curves: dict[str, list[ReportRow]]) -> bool:
     """One line per curve, broken where an average is not shown; returns whether any point is missing."""
     handles, gaps = [], False
     for name, points in curves.items():
-        points = sorted(points, key=lambda r: r["shots"])
-        means = [math.nan if r["mean"] is None else r["mean"] for r in points]
+        points = sorted(points, key=lambda r: r.shots)
+        means = [math.nan if r.mean is None else r.mean for r in points]
         gaps |= any(math.isnan(m) for m in means)
         line = ax.errorbar(
-            [r["shots"] for r in points],
+            [r.shots for r in points],
             means,
-            yerr=[r.get("std") or 0.0 for r in points],
+            yerr=[r.std or 0.0 for r in points],
             marker="o",
             ms=4,
             capsize=3,
@@ -82,7 +80,7 @@ def _draw_curves(ax, curves: dict[str, list[dict]]) -> bool:
             label=name,
         )
         handles.append(line)
-        paper = [(r["shots"], r["paper"]) for r in points if r.get("paper") is not None]
+        paper = [(r.shots, r.paper) for r in points if r.paper is not None]
         if paper:
             handles += ax.plot(
                 *zip(*paper, strict=True),
@@ -93,7 +91,7 @@ def _draw_curves(ax, curves: dict[str, list[dict]]) -> bool:
                 color=line[0].get_color(),
                 label=f"{name}: paper",
             )
-    all_shots = sorted({r["shots"] for pts in curves.values() for r in pts})
+    all_shots = sorted({r.shots for pts in curves.values() for r in pts})
     ax.set_xscale("log", base=2)
     ax.set_xticks(all_shots, [str(s) for s in all_shots])
     ax.minorticks_off()
@@ -103,7 +101,7 @@ def _draw_curves(ax, curves: dict[str, list[dict]]) -> bool:
     return gaps
 
 
-def shots_figure(rows: list[dict[str, Any]], protocol: str | None = None):
+def shots_figure(rows: list[ReportRow], protocol: str | None = None):
     """Accuracy vs shots averaged over datasets, one panel per backbone, one curve per method (a group's members as
     the group's one curve); the paper's numbers as hollow circles where the setting matches exactly. None: nothing
     to draw. ``protocol``: whose rows (default: the first registered protocol that draws this figure)."""
@@ -112,18 +110,18 @@ def shots_figure(rows: list[dict[str, Any]], protocol: str | None = None):
     if not panels:
         return None
     plt = _pyplot()
-    height = 4.2 + 0.16 * max(len(c) + sum(any(r.get("paper") for r in p) for p in c.values()) for c in panels.values())
+    height = 4.2 + 0.16 * max(len(c) + sum(any(r.paper for r in p) for p in c.values()) for c in panels.values())
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), height), squeeze=False, layout="constrained")
-    shown = [r for curves in panels.values() for pts in curves.values() for r in pts if r["mean"] is not None]
+    shown = [r for curves in panels.values() for pts in curves.values() for r in pts if r.mean is not None]
     gaps = False
     for ax, (title, curves) in zip(axes[0], sorted(panels.items()), strict=False):
-        n = len(next(iter(curves.values()))[0]["datasets"])
+        n = len(next(iter(curves.values()))[0].datasets or [])
         gaps |= _draw_curves(ax, curves)
         ax.set_ylabel(f"top-1 accuracy (%), mean over {n} datasets")
         ax.set_title(title, fontsize=9)
     caption = (
         f"Error bars: population std over seeds (n = {_seed_counts(shown)}) of the per-seed mean over datasets"
-        + (" and the group's members" if any(r["of"] == "group" for r in shown) else "")
+        + (" and the group's members" if any(r.of == "group" for r in shown) else "")
         + "."
         + (" Gaps: averages not shown, a dataset was not scored (see results.md)." if gaps else "")
     )
@@ -142,27 +140,27 @@ def _save(fig, path: Path) -> bool:
     return True
 
 
-def plot_shots(rows: list[dict[str, Any]], path: Path, protocol: str | None = None) -> bool:
+def plot_shots(rows: list[ReportRow], path: Path, protocol: str | None = None) -> bool:
     return _save(shots_figure(rows, protocol), path)
 
 
-def _swept(row: dict, protocol: str | None) -> bool:
+def _swept(row: ReportRow, protocol: str | None) -> bool:
     """Whether a row is a point of a sweep (of ``protocol``, or of any protocol that sweeps)."""
-    return layout_of(row["protocol"]).sweep is not None and protocol in (None, row["protocol"])
+    return layout_of(row.protocol).sweep is not None and protocol in (None, row.protocol)
 
 
-def _sweep_panels(rows: list[dict], protocol: str | None) -> dict[tuple, dict]:
+def _sweep_panels(rows: list[ReportRow], protocol: str | None) -> dict[tuple, dict]:
     """(backbone title, label) → shots → {(first, second swept value): mean over datasets}."""
     panels: dict[tuple, dict] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
-        if r["kind"] == "average" and r["subset"] is None and _swept(r, protocol):
-            hp, (down, across) = r["hyperparameters"], layout_of(r["protocol"]).sweep or ("", "")
-            panels[(_panel_title(r), r["label"])][r["shots"]][(hp.get(down), hp.get(across))] = r.get("mean")
+        if r.kind == "average" and r.subset is None and _swept(r, protocol):
+            hp, (down, across) = r.hyperparameters, layout_of(r.protocol).sweep or ("", "")
+            panels[(_panel_title(r), r.label)][r.shots][(hp.get(down), hp.get(across))] = r.mean
     return panels
 
 
-def _sweep_symbols(rows: list[dict], protocol: str | None) -> tuple[str, str]:
-    down, across = next(layout_of(r["protocol"]).sweep or ("", "") for r in rows if _swept(r, protocol))
+def _sweep_symbols(rows: list[ReportRow], protocol: str | None) -> tuple[str, str]:
+    down, across = next(layout_of(r.protocol).sweep or ("", "") for r in rows if _swept(r, protocol))
     return HP_SYMBOLS.get(down, down), HP_SYMBOLS.get(across, across)
 
 
@@ -189,7 +187,7 @@ def _heatmap(ax, grid: dict, norm, cmap, symbols: tuple[str, str]) -> None:
     ax.set_ylabel(symbols[0], fontsize=8)
 
 
-def sensitivity_figure(rows: list[dict[str, Any]], protocol: str | None = None):
+def sensitivity_figure(rows: list[ReportRow], protocol: str | None = None):
     """Heatmaps of dataset-averaged accuracy over a protocol's two swept hyperparameters (the paper's lr × λ): one
     row of panels per method label, one column per shot count, all on ONE colour scale with one labelled colour
     bar. ``protocol``: the rows of that protocol only (default: of every protocol that sweeps)."""
@@ -217,7 +215,7 @@ def sensitivity_figure(rows: list[dict[str, Any]], protocol: str | None = None):
                 axes[i][j].set_title(f"{label}\n{s}-shot", fontsize=8)
             else:
                 axes[i][j].set_axis_off()
-    datasets = {len(r["datasets"]) for r in rows if r["kind"] == "average" and _swept(r, protocol)}
+    datasets = {len(r.datasets or []) for r in rows if r.kind == "average" and _swept(r, protocol)}
     fig.colorbar(
         ScalarMappable(norm, cmap),
         ax=axes,
@@ -228,17 +226,16 @@ def sensitivity_figure(rows: list[dict[str, Any]], protocol: str | None = None):
     return fig
 
 
-def plot_sensitivity(rows: list[dict[str, Any]], path: Path, protocol: str | None = None) -> bool:
+def plot_sensitivity(rows: list[ReportRow], path: Path, protocol: str | None = None) -> bool:
     return _save(sensitivity_figure(rows, protocol), path)
 
 
-def _gain_panels(rows: list[dict]) -> dict[tuple, dict[str, dict[str, float]]]:
+def _gain_panels(rows: list[ReportRow]) -> dict[tuple, dict[str, dict[str, float]]]:
     """(section title, shots) → line name → {dataset: gain}, with each line's mean over its datasets."""
     panels: dict[tuple, dict] = defaultdict(lambda: defaultdict(dict))
     names = display_names(rows)
     for g in zero_shot_gains(rows):
-        r = g["row"]
-        panels[(_panel_title(r), g["shots"])][names[line_key(r)]][g["dataset"]] = g["gain"]
+        panels[(_panel_title(g.row), g.shots)][names[line_key(g.row)]][g.dataset] = g.gain
     for lines in panels.values():
         for gains in lines.values():
             gains["average"] = statistics.fmean(gains.values())
@@ -268,7 +265,7 @@ def _gain_heatmap(ax, lines: dict[str, dict[str, float]], columns: list[str], no
     ax.set_yticks(range(len(lines)), list(lines), fontsize=7)
 
 
-def gain_figure(rows: list[dict[str, Any]]):
+def gain_figure(rows: list[ReportRow]):
     """Gain over zero-shot CLIP per dataset (percentage points): one heatmap per backbone and shot count, a row per
     learning method line, a column per dataset and their average, on one diverging colour scale centred on 0.
     None: no line has a zero-shot row to compare with."""
@@ -305,5 +302,5 @@ def gain_figure(rows: list[dict[str, Any]]):
     return fig
 
 
-def plot_gains(rows: list[dict[str, Any]], path: Path) -> bool:
+def plot_gains(rows: list[ReportRow], path: Path) -> bool:
     return _save(gain_figure(rows), path)
