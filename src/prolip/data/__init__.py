@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prolip.data.benchmarks import BENCHMARKS, TEMPLATES, canonical_name, load_benchmark, load_benchmark_folder
+from prolip.data import benchmarks as _built_in  # noqa: F401  (registers the built-in benchmarks)
+from prolip.data.catalog import (
+    BENCHMARKS,
+    TEMPLATES,
+    Benchmark,
+    canonical_name,
+    load_benchmark,
+    load_benchmark_folder,
+    recognised,
+    register_benchmark,
+)
 from prolip.data.folder import (
     DataError,
     is_image_file,
@@ -72,8 +82,8 @@ def resolve_data(
             )
     path = Path(spec)
     if path.is_dir():
-        if any(path.glob("split_zhou_*.json")) or (path / "variants.txt").is_file():
-            splits = load_benchmark_folder(path)
+        if recognised(path) is not None or any(path.glob("split_zhou_*.json")):
+            splits = load_benchmark_folder(path, cache_dir=cache_dir)
         else:
             images = read_image_folder(path, classnames_file, templates_file, cache_dir=cache_dir)
             return DatasetSplits(images.name, images.classnames, images.templates, train=images)
@@ -117,7 +127,7 @@ def _rename_classes(splits: DatasetSplits, names: list[str]) -> None:
 def paths_read(spec: str, *, root: Path | str | None = None, classnames_file=None, templates_file=None) -> list[Path]:
     """The files and folders ``resolve_data`` with these arguments reads: what no output may overwrite.
 
-    A benchmark name stands for its own dataset folder under ``root`` (and ImageNet's class-names folder), not
+    A benchmark name stands for its own dataset folder under ``root`` (and those it also reads: ImageNet's), not
     for all of ``root``, so outputs may live beside the datasets.
     """
     paths = [Path(p) for p in (classnames_file, templates_file) if p]
@@ -133,9 +143,7 @@ def paths_read(spec: str, *, root: Path | str | None = None, classnames_file=Non
     except DataError:
         return paths
     if root is not None:
-        paths.append(Path(root) / b.folder)
-        if b.name.startswith("ImageNet"):
-            paths.append(Path(root) / "imagenet")
+        paths += [Path(root) / folder for folder in dict.fromkeys((b.folder, *b.also_reads))]
     return paths
 
 
@@ -143,6 +151,7 @@ __all__ = [
     "BENCHMARKS",
     "TEMPLATES",
     "BadImageError",
+    "Benchmark",
     "DataError",
     "DatasetSplits",
     "FewShotSplit",
@@ -159,6 +168,7 @@ __all__ = [
     "read_image_folder",
     "read_image_list",
     "read_templates",
+    "register_benchmark",
     "relabel",
     "resolve_data",
     "sample_few_shot",

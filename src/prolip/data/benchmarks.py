@@ -1,12 +1,21 @@
-"""Readers for the 11 few-shot benchmarks and the ImageNet variants in CoOp's layout (README "Data")."""
+"""Readers for the 11 few-shot benchmarks and the ImageNet variants in CoOp's layout (README "Data"), each a
+:class:`~prolip.data.catalog.Benchmark` registered by name (``prolip.data.catalog``), as any other dataset is."""
 
 from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
+from prolip.data.catalog import (
+    BENCHMARKS,
+    TEMPLATES,
+    Benchmark,
+    canonical_name,
+    load_benchmark,
+    load_benchmark_folder,
+    register_benchmark,
+)
 from prolip.data.folder import (
     DataError,
     check_classnames,
@@ -19,6 +28,8 @@ from prolip.data.folder import (
 from prolip.data.listing import Found, Listing
 from prolip.data.types import DatasetSplits, ImageItem, LabeledImages, ListedItems
 
+__all__ = ["BENCHMARKS", "TEMPLATES", "Benchmark", "canonical_name", "load_benchmark", "load_benchmark_folder"]
+
 WHERE = "see CoOp's DATASETS.md (github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md) for how to obtain it"
 
 IMAGENET_TEMPLATES = [
@@ -30,93 +41,6 @@ IMAGENET_TEMPLATES = [
     "art of the {}.",
     "a photo of the small {}.",
 ]
-
-
-@dataclass(frozen=True)
-class Benchmark:
-    name: str  # canonical name, e.g. "DescribableTextures"
-    folder: str  # dataset folder under the root
-    image_dir: str  # images folder inside it ("" = paths relative to the dataset folder)
-    split_file: str | None  # split_zhou_*.json, None for folder-scanned datasets
-    templates: tuple[str, ...]
-
-
-def _b(name, folder, image_dir, split, template):
-    templates = (template,) if isinstance(template, str) else tuple(template)
-    return Benchmark(name, folder, image_dir, split, templates)
-
-
-BENCHMARKS: dict[str, Benchmark] = {
-    b.name: b
-    for b in [
-        _b("Caltech101", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", "a photo of a {}."),
-        _b("OxfordPets", "oxford_pets", "images", "split_zhou_OxfordPets.json", "a photo of a {}, a type of pet."),
-        _b("StanfordCars", "stanford_cars", "", "split_zhou_StanfordCars.json", "a photo of a {}."),
-        _b(
-            "OxfordFlowers",
-            "oxford_flowers",
-            "jpg",
-            "split_zhou_OxfordFlowers.json",
-            "a photo of a {}, a type of flower.",
-        ),
-        _b("Food101", "food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food."),
-        _b("FGVCAircraft", "fgvc_aircraft", "images", None, "a photo of a {}, a type of aircraft."),
-        _b("SUN397", "sun397", "SUN397", "split_zhou_SUN397.json", "a photo of a {}."),
-        _b("DescribableTextures", "dtd", "images", "split_zhou_DescribableTextures.json", "{} texture."),
-        _b("EuroSAT", "eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}."),
-        _b("UCF101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {}."),
-        _b("ImageNet", "imagenet", "images", None, IMAGENET_TEMPLATES),
-        _b("ImageNetV2", "imagenetv2", "", None, IMAGENET_TEMPLATES),
-        _b("ImageNetSketch", "imagenet-sketch", "images", None, IMAGENET_TEMPLATES),
-        _b("ImageNetA", "imagenet-adversarial", "imagenet-a", None, IMAGENET_TEMPLATES),
-        _b("ImageNetR", "imagenet-rendition", "imagenet-r", None, IMAGENET_TEMPLATES),
-    ]
-}
-
-ALIASES = {
-    "caltech101": "Caltech101",
-    "caltech-101": "Caltech101",
-    "oxford_pets": "OxfordPets",
-    "pets": "OxfordPets",
-    "oxfordpets": "OxfordPets",
-    "stanford_cars": "StanfordCars",
-    "cars": "StanfordCars",
-    "stanfordcars": "StanfordCars",
-    "oxford_flowers": "OxfordFlowers",
-    "flowers": "OxfordFlowers",
-    "flowers102": "OxfordFlowers",
-    "oxfordflowers": "OxfordFlowers",
-    "food101": "Food101",
-    "food-101": "Food101",
-    "fgvc_aircraft": "FGVCAircraft",
-    "aircraft": "FGVCAircraft",
-    "fgvcaircraft": "FGVCAircraft",
-    "sun397": "SUN397",
-    "dtd": "DescribableTextures",
-    "describabletextures": "DescribableTextures",
-    "eurosat": "EuroSAT",
-    "ucf101": "UCF101",
-    "imagenet": "ImageNet",
-    "imagenetv2": "ImageNetV2",
-    "imagenet-v2": "ImageNetV2",
-    "imagenet-sketch": "ImageNetSketch",
-    "imagenetsketch": "ImageNetSketch",
-    "imagenet-a": "ImageNetA",
-    "imageneta": "ImageNetA",
-    "imagenet-r": "ImageNetR",
-    "imagenetr": "ImageNetR",
-}
-
-TEMPLATES: dict[str, list[str]] = {name: list(b.templates) for name, b in BENCHMARKS.items()}
-
-
-def canonical_name(name: str) -> str:
-    if name in BENCHMARKS:
-        return name
-    key = name.lower()
-    if key not in ALIASES:
-        raise DataError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
-    return ALIASES[key]
 
 
 def _require(path: Path, what: str, bench: str) -> Path:
@@ -149,7 +73,7 @@ def _split_entry(entry, where: str) -> tuple[str, int, str]:
     return entry[0], class_index(entry[1], where), entry[2]
 
 
-def _from_split_json(b: Benchmark, ds_root: Path) -> DatasetSplits:
+def _from_split_json(b: type[Benchmark], ds_root: Path) -> DatasetSplits:
     assert b.split_file is not None, f"{b.name} is folder-scanned"  # only datasets with a split file come here
     split_path = _require(ds_root / b.split_file, "split file", b.name)
     split = read_json(split_path, "split file")
@@ -193,7 +117,7 @@ def _from_split_json(b: Benchmark, ds_root: Path) -> DatasetSplits:
     return DatasetSplits(b.name, classnames, list(b.templates), mk(out["train"]), mk(out["val"]), mk(out["test"]))
 
 
-def _aircraft(b: Benchmark, ds_root: Path) -> DatasetSplits:
+def _aircraft(b: type[Benchmark], ds_root: Path) -> DatasetSplits:
     variants_file = _require(ds_root / "variants.txt", "file", b.name)
     variants = [v.strip() for v in read_text(variants_file, "file").splitlines() if v.strip()]
     check_classnames(variants, str(variants_file))
@@ -242,63 +166,143 @@ def _scan(folder: Path, classes: list[str], bench: str, cache_dir: Path | str | 
     return found.items(), found.ignored
 
 
-def _images(
-    scanned: tuple[ListedItems, list[Path]], names: list[str], templates: list[str], name: str
-) -> LabeledImages:
-    items, ignored = scanned
-    return LabeledImages(items, names, templates, name, ignored)
+class CoOpSplit(Benchmark):
+    """A CoOp benchmark whose ``split_file`` (``split_zhou_<name>.json``) lists its train, val and test images."""
+
+    where = WHERE
+
+    @classmethod
+    def read_folder(cls, ds_root: Path, cache_dir: Path | str | None = None) -> DatasetSplits:
+        return _from_split_json(cls, ds_root)
+
+    @classmethod
+    def recognises(cls, ds_root: Path) -> bool:
+        return cls.split_file is not None and (ds_root / cls.split_file).is_file()
 
 
-def _imagenet_family(b: Benchmark, root: Path, cache_dir: Path | str | None) -> DatasetSplits:
-    wnids, names = _imagenet_classnames(root, b.name)
-    ds_root = _require(root / b.folder, "dataset folder", b.name)
-    image_root = ds_root / b.image_dir if b.image_dir else ds_root
-    t = list(b.templates)
-    if b.name == "ImageNet":
-        train = _scan(_require(image_root / "train", "folder", b.name), wnids, b.name, cache_dir)
-        test = _scan(_require(image_root / "val", "folder", b.name), wnids, b.name, cache_dir)
-        return DatasetSplits(b.name, names, t, _images(train, names, t, b.name), None, _images(test, names, t, b.name))
-    if b.name == "ImageNetV2":
+def _split_benchmark(name: str, folder: str, image_dir: str, template: str, aliases=()) -> None:
+    attrs = {"__module__": __name__, "__doc__": f"{name}, split by CoOp's split_zhou_{name}.json."}
+    attrs |= {"name": name, "folder": folder, "image_dir": image_dir, "split_file": f"split_zhou_{name}.json"}
+    register_benchmark(type(name, (CoOpSplit,), attrs | {"templates": (template,), "aliases": tuple(aliases)}))
+
+
+# Registered in the order the papers' tables list them, which is the order ``--data`` errors name them in.
+_split_benchmark("Caltech101", "caltech-101", "101_ObjectCategories", "a photo of a {}.", ["caltech-101"])
+_split_benchmark("OxfordPets", "oxford_pets", "images", "a photo of a {}, a type of pet.", ["oxford_pets", "pets"])
+_split_benchmark("StanfordCars", "stanford_cars", "", "a photo of a {}.", ["stanford_cars", "cars"])
+_split_benchmark(
+    "OxfordFlowers",
+    "oxford_flowers",
+    "jpg",
+    "a photo of a {}, a type of flower.",
+    ["oxford_flowers", "flowers", "flowers102"],
+)
+_split_benchmark("Food101", "food-101", "images", "a photo of {}, a type of food.", ["food-101"])
+
+
+@register_benchmark
+class FGVCAircraft(Benchmark):
+    """FGVC-Aircraft in CoOp's layout: ``variants.txt`` names the classes, ``images_variant_<split>.txt`` the
+    images of each split."""
+
+    name, folder, image_dir, where = "FGVCAircraft", "fgvc_aircraft", "images", WHERE
+    templates = ("a photo of a {}, a type of aircraft.",)
+    aliases = ("fgvc_aircraft", "aircraft")
+
+    @classmethod
+    def read_folder(cls, ds_root: Path, cache_dir: Path | str | None = None) -> DatasetSplits:
+        return _aircraft(cls, ds_root)
+
+    @classmethod
+    def recognises(cls, ds_root: Path) -> bool:
+        return (ds_root / "variants.txt").is_file()
+
+
+_split_benchmark("SUN397", "sun397", "SUN397", "a photo of a {}.")
+_split_benchmark("DescribableTextures", "dtd", "images", "{} texture.", ["dtd"])
+_split_benchmark("EuroSAT", "eurosat", "2750", "a centered satellite photo of {}.")
+_split_benchmark("UCF101", "ucf101", "UCF-101-midframes", "a photo of a person doing {}.")
+
+
+class ImageNetFamily(Benchmark):
+    """ImageNet and its variants: the class names come from ImageNet's own folder (``imagenet/classnames.txt``),
+    the images from one folder per class, scanned (the listing remembered, :mod:`prolip.data.listing`)."""
+
+    templates = tuple(IMAGENET_TEMPLATES)
+    also_reads = ("imagenet",)
+    where = WHERE
+
+    @classmethod
+    def read(cls, root: Path, cache_dir: Path | str | None = None) -> DatasetSplits:
+        wnids, names = _imagenet_classnames(root, cls.name)
+        ds_root = _require(root / cls.folder, "dataset folder", cls.name)
+        return cls.read_images(ds_root / cls.image_dir if cls.image_dir else ds_root, wnids, names, cache_dir)
+
+    @classmethod
+    def read_images(
+        cls, image_root: Path, wnids: list[str], names: list[str], cache_dir: Path | str | None
+    ) -> DatasetSplits:
+        raise NotImplementedError
+
+    @classmethod
+    def splits(cls, names: list[str], train=None, test=None) -> DatasetSplits:
+        """Its splits from ``_scan``'s (items, files left out) of the train and test folders."""
+        t = list(cls.templates)
+        made = [None if s is None else LabeledImages(s[0], names, t, cls.name, s[1]) for s in (train, test)]
+        return DatasetSplits(cls.name, names, t, made[0], None, made[1])
+
+
+@register_benchmark
+class ImageNet(ImageNetFamily):
+    name, folder, image_dir = "ImageNet", "imagenet", "images"
+
+    @classmethod
+    def read_images(cls, image_root, wnids, names, cache_dir):
+        train = _scan(_require(image_root / "train", "folder", cls.name), wnids, cls.name, cache_dir)
+        test = _scan(_require(image_root / "val", "folder", cls.name), wnids, cls.name, cache_dir)
+        return cls.splits(names, train, test)
+
+
+@register_benchmark
+class ImageNetV2(ImageNetFamily):
+    name, folder, aliases = "ImageNetV2", "imagenetv2", ("imagenet-v2",)
+
+    @classmethod
+    def read_images(cls, image_root, wnids, names, cache_dir):
         # The matched-frequency release unpacks to a single folder holding 0..999.
         subdirs = [p for p in image_root.iterdir() if p.is_dir()]
         folder = image_root if (image_root / "0").is_dir() else (subdirs[0] if len(subdirs) == 1 else image_root)
-        test = _scan(
-            folder,
-            [str(i) for i in range(1000)] if len(wnids) == 1000 else [str(i) for i in range(len(wnids))],
-            b.name,
-            cache_dir,
-        )
-        return DatasetSplits(b.name, names, t, test=_images(test, names, t, b.name))
-    if b.name == "ImageNetSketch":
-        test = _scan(image_root, wnids, b.name, cache_dir)
-        return DatasetSplits(b.name, names, t, test=_images(test, names, t, b.name))
-    # ImageNet-A / -R: 200-class subsets; classes in ImageNet order, with the map back to ImageNet labels.
-    present = {p.name for p in _require(image_root, "folder", b.name).iterdir() if p.is_dir()}
-    subset = [i for i, w in enumerate(wnids) if w in present]
-    sub_names = [names[i] for i in subset]
-    test = _scan(image_root, [wnids[i] for i in subset], b.name, cache_dir)
-    splits = DatasetSplits(b.name, sub_names, t, test=_images(test, sub_names, t, b.name))
-    splits.imagenet_indices = subset  # type: ignore[attr-defined]
-    return splits
+        classes = [str(i) for i in range(1000)] if len(wnids) == 1000 else [str(i) for i in range(len(wnids))]
+        return cls.splits(names, test=_scan(folder, classes, cls.name, cache_dir))
 
 
-def load_benchmark(name: str, root: Path | str, *, cache_dir: Path | str | None = None) -> DatasetSplits:
-    """Load benchmark ``name`` from ``root`` (the folder holding one sub-folder per dataset). ``cache_dir``: where
-    the listings of folder-scanned datasets (the ImageNet family) are remembered (default: prolip's cache)."""
-    b = BENCHMARKS[canonical_name(name)]
-    root = Path(root)
-    if b.name.startswith("ImageNet"):
-        return _imagenet_family(b, root, cache_dir)
-    ds_root = _require(root / b.folder, "dataset folder", b.name)
-    return _aircraft(b, ds_root) if b.name == "FGVCAircraft" else _from_split_json(b, ds_root)
+@register_benchmark
+class ImageNetSketch(ImageNetFamily):
+    name, folder, image_dir, aliases = "ImageNetSketch", "imagenet-sketch", "images", ("imagenet-sketch",)
+
+    @classmethod
+    def read_images(cls, image_root, wnids, names, cache_dir):
+        return cls.splits(names, test=_scan(image_root, wnids, cls.name, cache_dir))
 
 
-def load_benchmark_folder(ds_root: Path | str) -> DatasetSplits:
-    """Load a single CoOp dataset folder given directly (e.g. ``…/dtd``), recognised by its split file."""
-    ds_root = Path(ds_root)
-    for b in BENCHMARKS.values():
-        if b.split_file and (ds_root / b.split_file).is_file():
-            return _from_split_json(b, ds_root)
-    if (ds_root / "variants.txt").is_file():
-        return _aircraft(BENCHMARKS["FGVCAircraft"], ds_root)
-    raise DataError(f"{ds_root} is not a CoOp dataset folder (no split_zhou_*.json)")
+class ImageNetSubset(ImageNetFamily):
+    """ImageNet-A / -R: 200-class subsets; classes in ImageNet order, with the map back to ImageNet labels."""
+
+    @classmethod
+    def read_images(cls, image_root, wnids, names, cache_dir):
+        present = {p.name for p in _require(image_root, "folder", cls.name).iterdir() if p.is_dir()}
+        subset = [i for i, w in enumerate(wnids) if w in present]
+        sub_names = [names[i] for i in subset]
+        splits = cls.splits(sub_names, test=_scan(image_root, [wnids[i] for i in subset], cls.name, cache_dir))
+        splits.imagenet_indices = subset  # type: ignore[attr-defined]
+        return splits
+
+
+@register_benchmark
+class ImageNetA(ImageNetSubset):
+    name, folder, image_dir, aliases = "ImageNetA", "imagenet-adversarial", "imagenet-a", ("imagenet-a",)
+
+
+@register_benchmark
+class ImageNetR(ImageNetSubset):
+    name, folder, image_dir, aliases = "ImageNetR", "imagenet-rendition", "imagenet-r", ("imagenet-r",)
