@@ -80,7 +80,7 @@ class OpenClipBackbone(Backbone):
         if not isinstance(model, MODEL_CLASSES):
             raise BackboneLoadError(
                 f"{info.arch} builds a {type(model).__name__}; prolip adapts open_clip CLIP, CustomTextCLIP and "
-                f"CoCa models and Hugging Face CLIPModel (hf:<id>)"
+                f"CoCa models and Hugging Face CLIPModel or SiglipModel (hf:<id>)"
             )
         site = native_site(model.visual)
         if site is None:
@@ -358,7 +358,7 @@ def available_models() -> list[str]:
     """open_clip architectures prolip can adapt: all of them, at a native site where the tower has one, else at the
     output site (``prolip.backbones.coverage()`` says which).
 
-    Hugging Face CLIPModel checkpoints are also accepted as ``hf:<hub id or local dir>``.
+    Hugging Face CLIPModel and SiglipModel checkpoints are also accepted as ``hf:<hub id or local dir>``.
     """
     return list(open_clip.list_models())
 
