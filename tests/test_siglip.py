@@ -263,3 +263,19 @@ def test_image_level_training_runs_through_hf_siglips_map_head_site(hf, tiny_ima
 
     cells.test_the_trainable_copy_is_the_frozen_backbone_at_step_0_and_its_own("clip-lora", hf)
     cells.test_it_trains("clip-lora", hf, tiny_image_folder)
+
+
+@pytest.mark.parametrize("which", ["hf", "oc"])
+def test_tpt_tunes_the_context_words_not_the_end_token_or_padding(which, request):
+    from prolip.tta.tpt import tpt_logits
+
+    b = request.getfixturevalue(which)
+    ctx = b.context_positions("a photo of a")
+    assert ctx == slice(0, 4)  # no start token; "</s>" and the padding after it are not context
+    clip = load_backbone("test-vit-tiny", "none")
+    assert clip.context_positions("a photo of a") == slice(1, 5)  # after CLIP's start token, before its end token
+    x = _images(b, n=2)
+    z = b.encode_pre(x)[:, None].expand(-1, 3, -1)  # three identical "views" per image
+    site = b.projection()
+    logits = tpt_logits(b, z, site.weight, site.bias, CLASSES, b.logit_scale, steps=1)
+    assert logits.shape == (2, len(CLASSES)) and torch.isfinite(logits).all()

@@ -180,6 +180,21 @@ class Backbone(ABC):
     def text_side(self, classnames: Sequence[str], templates: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Pre-projection text features [C, n_templates, D_text_pre] and the text projection [D_text_pre, D]."""
 
+    def special_token_ids(self) -> set[int]:
+        """The token ids that are not text (start, end, padding), for :meth:`context_positions`; families whose text
+        side runs from token embeddings (``prompt_embeddings``) say which."""
+        raise NotImplementedError(f"{self.info.arch}: its text tower is not run from token embeddings")
+
+    def context_positions(self, text: str) -> slice:
+        """Where ``text``'s own tokens sit when it begins a prompt: the first run of tokens that are not special
+        (what TPT tunes). The start token, end token and padding differ by family: CLIP's ``[SOT] a photo of a
+        [EOT] 0…``, SigLIP's ``a photo of a </s> <pad>…`` (no start token; the last position is pooled)."""
+        ids = [int(t) for t in self.tokenize([text])[0]]  # type: ignore[attr-defined]
+        special = self.special_token_ids()
+        start = next((i for i, t in enumerate(ids) if t not in special), len(ids))
+        stop = next((i for i in range(start, len(ids)) if ids[i] in special), len(ids))
+        return slice(start, stop)
+
     def encode_text(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
         """Text classifier T [C, D] as CLIP builds it (paper §3): underscores → spaces, templates ensembled, normed."""
         from prolip.functional import ensemble_classifier

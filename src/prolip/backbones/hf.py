@@ -87,6 +87,9 @@ class HFClipBackbone(Backbone):
         enc = self.tokenizer(list(texts), padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         return enc["input_ids"].to(self.device)
 
+    def special_token_ids(self) -> set[int]:
+        return set(self.tokenizer.all_special_ids)
+
     def _eot_index(self, tokens: Tensor) -> Tensor:
         eos = self.model.text_model.eos_token_id
         if eos == 2:  # legacy configs: the EOT token has the largest id (as in CLIPTextTransformer)

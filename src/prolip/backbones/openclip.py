@@ -111,6 +111,12 @@ class OpenClipBackbone(Backbone):
     def tokenize(self, texts: Sequence[str]) -> Tensor:
         return self.tokenizer(list(texts)).to(self.device)
 
+    def special_token_ids(self) -> set[int]:
+        inner = getattr(self.tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers one
+        if inner is not None and hasattr(inner, "all_special_ids"):
+            return set(inner.all_special_ids)
+        return {self.tokenizer.sot_token_id, self.tokenizer.eot_token_id}
+
     def _text_tower(self) -> tuple[Any, str, int | None] | None:
         """The module holding the text transformer (token_embedding, ..., text_projection), its pooling and EOS
         id, when prolip can run it from token embeddings; None for towers that take token ids only."""

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from prolip.bench.memory import PeakMemory
-from prolip.bench.records import Record, append_record, done_cells, read_records
+from prolip.bench.records import Record, append_record, finished_cells
 from prolip.bench.spec import Experiment, MethodSpec
 from prolip.data.types import DatasetSplits, LabeledImages
 from prolip.episode import (
@@ -78,7 +78,7 @@ class Bench:
         with writing(out):
             out.mkdir(parents=True, exist_ok=True)
         self.records_path = out / "records.jsonl"
-        self.finished = done_cells(read_records(self.records_path))
+        self.finished = finished_cells(out)  # records.jsonl and any rank's file not yet merged into it
         if len(exp.sites) != 1:
             raise ValueError(f"a Bench runs at one site, not {exp.sites}: run each of exp.per_site()")
         self.site = exp.sites[0]

@@ -23,7 +23,9 @@ from pathlib import Path
 
 from prolip.bench.harness import Bench, GroupRequests
 from prolip.bench.protocols import protocol_class
-from prolip.bench.records import done_cells, read_records
+from prolip.bench.ranks import Split, group_cost
+from prolip.bench.ranks import request_passes as _passes
+from prolip.bench.records import finished_cells
 from prolip.bench.spec import Experiment
 from prolip.features.cache import Request, Survey
 from prolip.features.extraction import center_views
@@ -46,6 +48,7 @@ class Plan:
     timed_batch: int = 0
     device: str = "cpu"
     notes: list[str] = field(default_factory=list)
+    split: Split | None = None  # the pending groups across the ranks asked for (--ranks N > 1)
 
 
 @dataclass
@@ -57,6 +60,8 @@ class _Tally:
     tta: int = 0
     tta_paths: list[Path] = field(default_factory=list)  # the test-time images (timed when nothing else is)
     encoder_cells: int = 0
+    costs: list[int] = field(default_factory=list)  # each group's estimated cost, as the run splits them
+    group_cells: list[int] = field(default_factory=list)
 
     def add(self, group: GroupRequests) -> None:
         """One group's requests, as its protocol declares them (the run fills the cache with the same list)."""
@@ -67,22 +72,21 @@ class _Tally:
         self.tta += group.direct_passes
         self.tta_paths += group.direct_paths
         self.encoder_cells += group.encoder_cells
-
-
-def _passes(requests: list[Request]) -> int:
-    return sum(len(r.paths) * max(r.views, 1) for r in requests)
+        self.costs.append(group_cost(group))
+        self.group_cells.append(len(group.per_cell))
 
 
 # ----------------------------------------------------------------------------------------------- the walk
 
 
-def plan_experiment(exp: Experiment, backbone=None, *, name: str = "experiment", time_batch: bool = True) -> Plan:
+def plan_experiment(
+    exp: Experiment, backbone=None, *, name: str = "experiment", time_batch: bool = True, ranks: int = 1
+) -> Plan:
     """The plan of ``exp``'s unfinished cells: nothing is extracted and nothing is written (the records of
-    ``exp.out`` are only read, to leave out finished cells)."""
+    ``exp.out`` are only read, to leave out finished cells); ``ranks`` > 1: how torchrun ranks would split them."""
     with tempfile.TemporaryDirectory() as scratch:  # Bench creates its results folder: give it a throwaway one
         b = Bench(dataclasses.replace(exp, out=scratch), echo=lambda _: None, backbone=backbone)
-    b.records_path = Path(exp.out).expanduser() / "records.jsonl"
-    b.finished = done_cells(read_records(b.records_path)) if b.records_path.exists() else set()
+    b.finished = finished_cells(Path(exp.out).expanduser())
     protocol = protocol_class(exp.protocol)(b)
     tally, cells = _Tally(), 0
     for group in protocol.groups():
@@ -105,6 +109,7 @@ def plan_experiment(exp: Experiment, backbone=None, *, name: str = "experiment",
         _tree_bytes(b.cache.root),
         device=str(b.backbone.device),
         notes=b.center_probe.notes,
+        split=Split.of(tally.costs, tally.group_cells, ranks) if ranks > 1 else None,
     )
     sample = [p for r in tally.requests for p in r.paths] + tally.tta_paths
     if time_batch and survey.forward_passes + tally.tta and sample:
@@ -168,6 +173,7 @@ def format_plan(plan: Plan) -> str:
         f"experiment's namespaces); this run adds about {_size(s.forward_passes * s.bytes_per_pass)}"
     )
     lines.append(_time_line(plan))
+    lines += plan.split.lines() if plan.split else []
     return "\n".join(lines + plan.notes)
 
 
@@ -178,9 +184,10 @@ def _time_line(plan: Plan) -> str:
     if plan.seconds_per_pass is None:
         return "estimated extraction time: not timed"
     seconds = passes * plan.seconds_per_pass
+    ranks = f", about {_duration(seconds / plan.split.world)} on {plan.split.world} ranks" if plan.split else ""
     return (
-        f"estimated extraction time: {_duration(seconds)} at {plan.seconds_per_pass * 1000:.1f} ms per forward "
-        f"pass (one timed batch of {plan.timed_batch} on {plan.device}); training and scoring not included"
+        f"estimated extraction time: {_duration(seconds)}{ranks} at {plan.seconds_per_pass * 1000:.1f} ms per "
+        f"forward pass (one timed batch of {plan.timed_batch} on {plan.device}); training and scoring not included"
     )
 
 

@@ -1,5 +1,9 @@
 """Results as JSON lines: one record per finished cell, appended atomically; a finished cell is never re-run.
 
+Under torchrun each rank appends to its own file beside ``records.jsonl`` (``records.rank-R-of-N.jsonl``); rank 0
+merges them into ``records.jsonl`` when every rank is done (:func:`merge_rank_records`), and a finished cell is
+one in any of these files (:func:`finished_cells`), so a re-run at any world size resumes what a rank left.
+
 :class:`Record` is the one schema of a record: the fields that say which cell it is (typed, always written), its
 ``cell`` id, and ``results``: what scoring wrote (metrics, cost, notes, provenance), in the order written. A stored
 key the schema does not name is kept in ``results`` as read, so a record that newer code wrote (a field this
@@ -11,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -210,3 +216,81 @@ def append_record(path: Path | str, record: Mapping[str, Any]) -> None:
 
 def done_cells(records: Iterable[Mapping[str, Any]]) -> set[str]:
     return {r["cell"] for r in records if "cell" in r}
+
+
+# ----------------------------------------------------------------------------------------------- ranks' files
+
+RECORDS = "records.jsonl"
+_RANK_FILE = re.compile(r"records\.rank-(\d+)-of-(\d+)\.jsonl")
+
+
+def rank_records_path(out: Path | str, rank: int, world: int) -> Path:
+    """The file rank ``rank`` of ``world`` appends its records to, in the results folder ``out``."""
+    return Path(out) / f"records.rank-{rank}-of-{world}.jsonl"
+
+
+def rank_files(out: Path | str) -> list[Path]:
+    """The ranks' records files in ``out`` (any world size, e.g. a killed run's), by world size then rank."""
+    out = Path(out)
+    found = [(m, p) for p in out.iterdir() if (m := _RANK_FILE.fullmatch(p.name))] if out.is_dir() else []
+    return [p for m, p in sorted(found, key=lambda mp: (int(mp[0][2]), int(mp[0][1])))]
+
+
+def finished_cells(out: Path | str) -> set[str]:
+    """The cells recorded in ``out``: in records.jsonl or in any rank's file not yet merged into it."""
+    return done_cells(r for path in [Path(out) / RECORDS, *rank_files(out)] for r in read_records(path))
+
+
+def merge_lines(merged: list[str], ranks: Iterable[list[str]], order: Mapping[str, int]) -> list[str]:
+    """``merged`` (the lines of records.jsonl, kept as they are) followed by the records of the ranks' files it
+    lacks, each cell once, in ``order`` (a cell's place in the run: the place one process would have written it);
+    cells ``order`` does not know follow, as found. Lines cut short by a killed rank are left out. Pure: the same
+    files give the same lines whatever the number of ranks that wrote them."""
+    seen = done_cells(_parsed(merged))
+    new: list[tuple[float, int, str]] = []
+    for line in (line for lines in ranks for line in lines):
+        record = next(iter(_parsed([line])), None)
+        if record is None or record["cell"] in seen:
+            continue
+        seen.add(record["cell"])
+        new.append((order.get(record["cell"], math.inf), len(new), line))
+    return merged + [line for *_, line in sorted(new)]
+
+
+def _parsed(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "cell" in record and all(k in record for k in REQUIRED):
+            yield record
+
+
+def merge_rank_records(out: Path | str, order: Mapping[str, int]) -> int:
+    """Fold every rank's file of ``out`` into records.jsonl (:func:`merge_lines`, one atomic replace), then remove
+    them; returns the number of records added. Interrupted, it leaves records.jsonl whole and the ranks' files in
+    place, and the next merge adds only what is still missing."""
+    from prolip.outputs import replace_atomically, writing
+
+    out = Path(out)
+    files = rank_files(out)
+    if not files:
+        return 0
+    path = out / RECORDS
+    merged = _lines(path) if path.is_file() else []
+    lines = merge_lines(merged, [_lines(f) for f in files], order)
+    if len(lines) > len(merged):
+
+        def fill(tmp: Path) -> None:
+            tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+
+        replace_atomically(path, fill)
+    with writing(out):
+        for f in files:
+            f.unlink()
+    return len(lines) - len(merged)
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import click
@@ -28,12 +29,12 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
     return out
 
 
-def _reserve_results(out, data_paths) -> None:
+def _reserve_results(out, data_paths, lock: bool = True) -> None:
     """Pre-flight for a results folder, before any work: new, empty or a bench results folder (never inside the
-    data), held by this process until the command ends."""
+    data), held by this process until the command ends (``lock``; under torchrun rank 0 holds it for them all)."""
     from prolip.outputs import reserve
 
-    click.get_current_context().with_resource(reserve(out, False, data_paths, kind="bench", update=True))
+    click.get_current_context().with_resource(reserve(out, False, data_paths, kind="bench", update=True, lock=lock))
 
 
 def _experiment_data(exp) -> list:
@@ -55,11 +56,20 @@ def _experiment_data(exp) -> list:
     help="only say what the run needs (images, forward passes after sharing and "
     "the cache, disk, an estimated time from one timed batch); extract nothing, write nothing",
 )
-def bench_cmd(experiment, sets, out, report, plan):
+@click.option(
+    "--ranks",
+    type=click.IntRange(min=1),
+    default=None,
+    help="with --plan: how N torchrun ranks would split the run (each rank's groups and cells, the estimated "
+    "time) [default: WORLD_SIZE, else 1]",
+)
+def bench_cmd(experiment, sets, out, report, plan, ranks):
     """Run a paper protocol over datasets × shots × seeds × methods; finished cells are skipped on re-runs.
 
     Protocols: fewshot, fewshot-val, sensitivity, base2new, cross-dataset, domain-generalisation, tta (see the
     files in experiments/). --set takes YAML values; a dotted key sets a section key, e.g. --set tta.views=8.
+    Under torchrun (e.g. torchrun --nproc_per_node 2 --no-python prolip bench ...) the ranks split the extraction,
+    then the groups of cells; each rank writes its own records file, which rank 0 merges into records.jsonl.
     """
     import warnings
 
@@ -67,20 +77,22 @@ def bench_cmd(experiment, sets, out, report, plan):
     from prolip.bench.experiment import ExperimentError, load_experiment
     from prolip.bench.protocols import run_experiment
 
+    if ranks is not None and not plan:
+        raise click.UsageError("--ranks applies to --plan only (a run takes its ranks from torchrun)")
     overrides = _overrides(sets)
     if out is not None:
         overrides["out"] = out
     try:
         exp = load_experiment(experiment, overrides)
         if plan:
-            return _print_plan(exp, experiment)
-        _reserve_results(Path(exp.out).expanduser(), _experiment_data(exp))
+            return _print_plan(exp, experiment, ranks)
+        rank = _start_ranks(exp, Path(exp.out).expanduser(), _experiment_data(exp))
         with warnings.catch_warnings():  # the bench prints its own RANDOM-weights line
             warnings.simplefilter("ignore", RandomWeightsWarning)
             records = run_experiment(exp, echo=click.echo)
     except (ExperimentError, BackboneLoadError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
-    if report:
+    if report and rank == 0:
         from prolip.bench.records import read_records
         from prolip.bench.report import write_report
 
@@ -88,15 +100,39 @@ def bench_cmd(experiment, sets, out, report, plan):
         click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
-def _print_plan(exp, experiment: Path) -> None:
+# A rank that finishes its groups waits at a barrier for the slowest one: longer than torch's 30-minute default
+# in a paper-scale sweep. A rank that dies is torchrun's to notice (it stops the others), not the barrier's.
+RANK_WAIT = timedelta(days=7)
+
+
+def _start_ranks(exp, out: Path, data_paths) -> int:
+    """Reserve the results folder (rank 0 holds its lock for every rank) and join torchrun's process group, if
+    any; this process's rank."""
+    import os
+
+    from prolip.distributed import init_from_env
+
+    _reserve_results(out, data_paths, lock=int(os.environ.get("RANK", "0")) == 0)
+    return init_from_env(exp.device, timeout=RANK_WAIT)[0]
+
+
+def _print_plan(exp, experiment: Path, ranks: int | None) -> None:
+    import os
     import warnings
 
     from prolip.backbones import RandomWeightsWarning
     from prolip.bench.plan import format_plan, plan_sites
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, one plan is enough
+    if ranks is None:
+        try:
+            ranks = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        except ValueError:
+            raise click.BadParameter("WORLD_SIZE is not an integer: give --ranks N", param_hint="--ranks") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        for plan in plan_sites(exp, name=str(experiment)):  # one per site the experiment runs at
+        for plan in plan_sites(exp, name=str(experiment), ranks=ranks):  # one per site the experiment runs at
             click.echo(format_plan(plan))
 
 

@@ -35,8 +35,7 @@ def tpt_logits(
     same view selection and entropy objective, one image at a time; returns logits of view 0 [B, C]."""
     prompts = [f"{ctx_init} {c.replace('_', ' ')}." for c in classnames]
     embeds, eot = backbone.prompt_embeddings(prompts)
-    n_ctx = int(backbone.prompt_embeddings([ctx_init])[1][0]) - 1  # tokens between start and end
-    ctx_slice = slice(1, 1 + n_ctx)
+    ctx_slice = backbone.context_positions(ctx_init)  # CLIP: after the start token; SigLIP: from the first
     ctx0 = embeds[0, ctx_slice].detach().float().clone()  # tuned in fp32 whatever the text encoder runs in
     device = torch.device(backbone.device)  # the text encoder runs there, so the image side goes there too
     z_views, W = z_views.float().to(device), W.detach().float().to(device)
@@ -87,8 +86,9 @@ class TPT(PerImageMethod):
 
     def adapted_per_image(self, scene: Scene, W: Tensor) -> int:
         """Its context token embeddings: the tokens of ``ctx_init`` × the text encoder's width."""
-        embeds, eot = scene.backbone.prompt_embeddings([self.ctx_init])
-        return int(eot[0] - 1) * embeds.shape[-1]
+        embeds, _ = scene.backbone.prompt_embeddings([self.ctx_init])
+        ctx = scene.backbone.context_positions(self.ctx_init)
+        return (ctx.stop - ctx.start) * embeds.shape[-1]
 
     def text_passes_per_image(self, scene: Scene) -> int:
         """One classifier per step, plus the view selection's and the final prediction's."""

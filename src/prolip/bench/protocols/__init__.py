@@ -30,8 +30,10 @@ from prolip.bench.protocols.transfer import CrossDataset, DomainGeneralisation
 from prolip.bench.protocols.tta import TestTime
 
 # isort: on
+from prolip.bench.ranks import RankedRun
 from prolip.bench.spec import Experiment
 from prolip.bench.tta import balanced_subset
+from prolip.distributed import alone
 
 Transfer = CrossDataset  # its name before domain generalisation was a class of its own
 
@@ -39,21 +41,22 @@ Transfer = CrossDataset  # its name before domain generalisation was a class of 
 def run_experiment(exp: Experiment, echo: Callable[[str], None] = print, backbone=None) -> Path:
     """Run every unfinished cell of ``exp``; returns the records file. ``backbone`` skips loading one (tests).
     Before a group is scored, the cache is filled with what its protocol declares (:meth:`Protocol.requests`),
-    the same list ``prolip bench --plan`` counts. An experiment at several sites (``site: [native, output]``) runs
-    once per site, each on its own backbone."""
+    the same list ``prolip bench --plan`` counts. Under torchrun the ranks split the groups (``bench.ranks``).
+    An experiment at several sites (``site: [native, output]``) runs once per site, each on its own backbone."""
     if len(exp.sites) > 1:
         return [run_experiment(one, echo, backbone) for one in exp.per_site()][-1]
     b = Bench(exp, echo, backbone)
     protocol = protocol_class(exp.protocol)(b)
-    for group in protocol.groups():
-        todo = b.pending(group.cells)
-        if not todo:
-            continue
-        b.prefetch(protocol.requests(group, todo))
-        for cell, seconds in protocol.score(group, todo):
-            b.write(cell.record, seconds, protocol.progress(cell))
-    echo(f"{b.ran} cells run, {b.skipped} already done; records in {b.records_path}; cache: {b.cache.stats}")
-    return b.records_path
+    run = RankedRun(b, protocol)
+    with alone():  # each group is scored by one rank, which never waits on the others
+        for group, todo, requests in run.mine:
+            b.prefetch(requests)
+            for cell, seconds in protocol.score(group, todo):
+                b.write(cell.record, seconds, protocol.progress(cell))
+                run.wrote()
+    records = run.finish()
+    b.echo(f"{b.ran} cells run, {b.skipped} already done; records in {records}; cache: {b.cache.stats}")
+    return records
 
 
 __all__ = [
