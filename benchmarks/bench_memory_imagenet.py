@@ -129,7 +129,7 @@ def run_child(args, method: str) -> dict:
 def feature_methods() -> list[str]:
     from prolip.methods import available, method_class
 
-    return [name for name in available() if not method_class(name).encodes_images]
+    return [name for name in available() if not method_class(name).capabilities.encodes_images]
 
 
 def main() -> None:

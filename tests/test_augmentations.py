@@ -21,10 +21,14 @@ def test_the_two_augmentations_crop_as_declared(tiny_vit):
     assert set(AUGMENTATIONS) == {"prolip", "dassl"}
     with pytest.raises(ValueError, match="unknown augmentation 'rand'"):
         augment_transform(prep, "rand")
-    assert {m: method_class(m).augmentation for m in ("clip-adapter", "taskres", "zs-lp", "clap")} == dict.fromkeys(
-        ("clip-adapter", "taskres", "zs-lp", "clap"), "dassl"
+    assert {
+        m: method_class(m).capabilities.augmentation for m in ("clip-adapter", "taskres", "zs-lp", "clap")
+    } == dict.fromkeys(("clip-adapter", "taskres", "zs-lp", "clap"), "dassl")
+    assert (
+        method_class("prolip").capabilities.augmentation
+        == method_class("tip-adapter-f").capabilities.augmentation
+        == "prolip"
     )
-    assert method_class("prolip").augmentation == method_class("tip-adapter-f").augmentation == "prolip"
 
 
 def test_dassl_views_have_their_own_namespace_and_the_reference_keeps_its_own(tiny_vit, tiny_image_folder, tmp_path):

@@ -60,7 +60,7 @@ def bench(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-LEARNED = [n for n in available() if method_class(n).learns and n not in NOT_COVERED]
+LEARNED = [n for n in available() if method_class(n).capabilities.learns and n not in NOT_COVERED]
 
 
 def _floor(bench, domain: str, seeds) -> float:
@@ -69,16 +69,19 @@ def _floor(bench, domain: str, seeds) -> float:
 
 
 def test_every_learned_method_is_covered_or_named():
-    assert set(available()) - set(LEARNED) == {n for n in available() if not method_class(n).learns} | NOT_COVERED
+    assert (
+        set(available()) - set(LEARNED)
+        == {n for n in available() if not method_class(n).capabilities.learns} | NOT_COVERED
+    )
     assert set(IMAGE_BUDGETS) | NOT_COVERED == {
-        n for n in LEARNED + sorted(NOT_COVERED) if method_class(n).encodes_images
+        n for n in LEARNED + sorted(NOT_COVERED) if method_class(n).capabilities.encodes_images
     }
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
 @pytest.mark.parametrize("name", LEARNED)
 def test_no_learned_method_is_silently_below_zero_shot_and_the_linear_probe(bench, name, domain):
-    image = method_class(name).encodes_images
+    image = method_class(name).capabilities.encodes_images
     seeds, hp = (IMAGE_SEEDS, IMAGE_BUDGETS[name]) if image else (FEATURE_SEEDS, {})
     floor = _floor(bench, domain, seeds)
     if (name, domain) in DOCUMENTED:

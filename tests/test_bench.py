@@ -115,7 +115,7 @@ def test_every_method_side_by_side_on_dtd10_vit_b16(tmp_path, shared_data, vit_b
     (mini / "images").symlink_to(src / "images")
     (mini / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
     # Fine-tuning inside ViT-B-16 on a CPU takes minutes per epoch: tests/test_finetune.py covers those on tiny models.
-    methods = [m for m in available() if not method_class(m).encodes_images]
+    methods = [m for m in available() if not method_class(m).capabilities.encodes_images]
     # Every method, with its training shortened (steps/epochs) where it has one: this test is about the real
     # architecture's shapes through the harness, not about the defaults (tests/test_methods_* pin those).
     short = {"steps": 20, "epochs": 5}

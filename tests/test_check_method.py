@@ -3,13 +3,15 @@ broken promise it is about (a toy method broken one way at a time)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import Tensor
 
 from prolip.functional import clip_logits
 from prolip.methods import available, check_method, method_class
-from prolip.methods.base import Method
+from prolip.methods.base import Capabilities, Method
 from prolip.methods.checks import CHECKS, MethodContractError
 from prolip.methods.params import POSITIVE
 
@@ -20,15 +22,14 @@ SHORT = {"linear-adapter": {"steps": 30}}  # its 7×7 validation grid at 300 ste
 def test_every_registered_method_keeps_the_contract(name):
     cls = method_class(name)
     ran = check_method(cls, SHORT.get(name))
-    assert ran == (["declaration"] if cls.encodes_images else list(CHECKS))
+    assert ran == (["declaration"] if cls.capabilities.encodes_images else list(CHECKS))
 
 
 class Toy(Method):
     """A correct method: CLIP with W scaled by a learnt per-fit factor (the support's mean norm, so it learns)."""
 
     name = "toy"
-    accepts_classifier = True
-    exposes_projection = True
+    capabilities = Capabilities(accepts_classifier=True, exposes_projection=True, reads_center=True)
     constraints = {"scale": POSITIVE}
 
     def __init__(self, scale: float = 1.0):
@@ -57,6 +58,18 @@ class Toy(Method):
 
 def broken(**attributes):
     return type("Broken", (Toy,), {"__module__": __name__, **attributes})
+
+
+def declaring(**capabilities):
+    """The toy declaring other capabilities than it has."""
+    return broken(capabilities=replace(Toy.capabilities, **capabilities))
+
+
+def _fit_on_views(self, task, support, val, seed):
+    # reads the center crops only when its support has one view (as ProKeR does): a rule must say so
+    x = support.center_features() if support.views.num_views == 1 else support.views.view(0)
+    self.W = task.W0 * self.scale * (1 + x.norm(dim=-1).mean() / 1e3)
+    self.selected_ = {"how": "rule"}
 
 
 def _init_doubling(self, scale: float = 1.0):
@@ -88,8 +101,24 @@ BROKEN = {
         broken(_logits=lambda self, z, c: clip_logits(z, self.W, self.task.bias, self.task.classifier, 100.0)),
         "accepts_classifier=True",
     ),
-    "learning while saying it learns nothing": (broken(learns=False), "learns=False"),
-    "selecting without recording how": (broken(selects="everything"), "selected_"),
+    "learning while saying it learns nothing": (declaring(learns=False), "learns=False"),
+    "selecting without recording how": (declaring(selects="everything"), "selected_"),
+    "the center crops read while saying it reads none": (
+        declaring(reads_center=False),
+        "reads_center says False for 3 view.*but fitting reads support.center_features",
+    ),
+    "no center crop read while saying it reads them": (
+        broken(_fit=_fit_on_views),
+        "reads_center says True for 3 view.*but fitting does not read",
+    ),
+    "a center-crop rule naming no hyperparameter of the method": (
+        declaring(reads_center=lambda hp, views: hp["augment_views"] == 1),
+        "reads_center fails on its default hyperparameters",
+    ),
+    "a center-crop rule that misses the view count": (
+        broken(_fit=_fit_on_views, capabilities=replace(Toy.capabilities, reads_center=lambda hp, views: False)),
+        "reads_center says False for 1 view",
+    ),
     "the text side read without saying so": (
         broken(_fit=lambda self, task, support, val, seed: setattr(self, "W", task.W0 + task.text_pre.sum() * 0)),
         "without declaring uses_text_side",
@@ -106,3 +135,23 @@ def test_each_check_catches_its_broken_promise(case):
 
 def test_the_correct_toy_passes_every_check():
     assert check_method(Toy) == list(CHECKS)
+    rule = replace(Toy.capabilities, reads_center=lambda hp, views: views == 1)
+    assert check_method(broken(_fit=_fit_on_views, capabilities=rule)) == list(CHECKS)
+
+
+def test_a_capability_set_as_a_loose_class_attribute_is_refused():
+    """One source of truth: the old way of declaring a capability would be silently ignored, so it is refused."""
+    with pytest.raises(TypeError, match=r"declare learns in capabilities = Capabilities"):
+        broken(learns=False)
+    with pytest.raises(TypeError, match="capabilities must be"):
+        broken(capabilities={"learns": False})
+
+
+def test_the_bench_plans_center_crops_from_the_declaration():
+    """ProKeR reads the center crops exactly when it uses one view: with augment_views=1 or one cached view."""
+    can = method_class("proker").capabilities
+    params = method_class("proker").defaults()
+    assert not can.reads_center_crops(params, 10)
+    assert can.reads_center_crops(params, 1) and can.reads_center_crops({**params, "augment_views": 1}, 10)
+    assert method_class("linear-probe").capabilities.reads_center_crops({}, 10)
+    assert not method_class("prolip").capabilities.reads_center_crops({}, 10)

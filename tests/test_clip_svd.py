@@ -92,7 +92,7 @@ def test_fit_moves_the_singular_values_reloads_and_exports(tiny_vit, tiny_image_
     initial = model_parameters(start)
     assert set(state) == {*names, "text_classifier"}
     assert all(not torch.allclose(state[n], initial[n].detach()) for n in names)  # every s moved
-    assert m.selected_["iterations"] == 4 and m.forward_passes_ == 3 + 3 + 2 + 3 + 4 * (4 + 1)
+    assert m.selected_["iterations"] == 4 and m.forward_passes() == 3 + 3 + 2 + 3 + 4 * (4 + 1)
     paths = sorted(tiny_image_folder.rglob("*.jpg"))
     logits = m.image_logits(paths)
     again = create("clip-svd", **FAST).load_state_dict(task, state)
@@ -132,7 +132,7 @@ def test_defaults_are_the_originals_and_the_contract_holds():
     m = create("clip-svd")
     assert (m.encoder, m.position, tuple(m.matrices), m.rank_ratio) == ("both", "all", ("q", "k", "v", "o", "mlp"), 1)
     assert (m.lr, m.batch_size, m.steps, m.weight_decay, m.min_lr) == (5e-4, 32, 200, 1e-2, 1e-6)
-    assert m.encodes_images and not m.selects and not m.accepts_classifier
+    assert m.capabilities.encodes_images and not m.capabilities.selects and not m.capabilities.accepts_classifier
     assert configure("clip-svd", {}, dataset="ImageNet").template == "a photo of a {}."
     assert configure("clip-svd", {}, dataset="Food101").template == "a photo of a {}, a type of food."
     assert check_method(method_class("clip-svd")) == ["declaration"]

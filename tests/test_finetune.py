@@ -193,7 +193,8 @@ def test_reference_defaults_and_imagenet_batch():
     for name in ("full-ft", "last-layer-ft"):
         m = create(name)
         assert (m.lr, m.epochs, m.batch_size, m.eps) == (1e-5, 300, 16, 1e-4)
-        assert m.encodes_images and m.accepts_classifier and not m.exposes_projection and not m.selects
+        can = m.capabilities
+        assert can.encodes_images and can.accepts_classifier and not can.exposes_projection and not can.selects
         assert configure(name, {}, dataset="ImageNet").batch_size == 256
     assert (create("last-layer-ft").lam, create("last-layer-ft").penalty) == ("1/N", "reference")
 

@@ -124,7 +124,7 @@ def test_defaults_are_the_originals():
         ("q", "k", "v"),
     )
     assert (m.lr, m.batch_size, m.steps, m.weight_decay, m.min_lr) == (2e-4, 32, 500, 1e-2, 1e-6)
-    assert m.encodes_images and not m.selects and not m.accepts_classifier
+    assert m.capabilities.encodes_images and not m.capabilities.selects and not m.capabilities.accepts_classifier
     assert configure("clip-lora", {}, dataset="ImageNet").template == "a photo of a {}."
 
 
@@ -152,7 +152,7 @@ def test_fit_moves_only_the_adapters_reloads_and_exports(tiny_vit, tiny_image_fo
     state = m.state_dict()
     assert any(state[k].abs().sum() > 0 for k in state if k.endswith(".B"))  # B left zero: it trained
     # 4 iterations: batches of 3, 3, 2 images (epoch 0), then 3; the 4 prompts at each step and once at the end
-    assert m.selected_["iterations"] == 4 and m.forward_passes_ == 3 + 3 + 2 + 3 + 4 * (4 + 1)
+    assert m.selected_["iterations"] == 4 and m.forward_passes() == 3 + 3 + 2 + 3 + 4 * (4 + 1)
     paths = sorted(tiny_image_folder.rglob("*.jpg"))
     logits = m.image_logits(paths)
     again = create("clip-lora", **FAST).load_state_dict(task, state)

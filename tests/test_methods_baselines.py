@@ -30,7 +30,7 @@ FAST = {
     "clip-adapter-prolip": dict(steps=50, lr=1e-2),
 }
 # Methods that train inside the image encoder need images, not the synthetic features: tests/test_finetune.py.
-ALL = [m for m in available() if not method_class(m).encodes_images]
+ALL = [m for m in available() if not method_class(m).capabilities.encodes_images]
 
 
 @pytest.fixture(scope="module")

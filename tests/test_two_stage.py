@@ -92,7 +92,7 @@ def test_the_budget_splits_where_the_original_puts_it(tiny_vit, tiny_image_folde
     # Each stage its own cosine from lr to 1e-6 (twostage.py:263, 297); AdamW with weight decay 1e-2 in both.
     assert step_lr(s2, 0, 4) == pytest.approx(1e-2) and step_lr(s1, 0, 6) == pytest.approx(1e-2)
     assert (s1.optimizer, s1.weight_decay, s1.min_lr, s2.weight_decay) == ("adamw", 1e-2, 1e-6, 1e-2)
-    assert m.forward_passes_ == 3 + 3 + 2 + 3 + 3 + 2 + 3 + 3 + 2 + 3 + 4 * (6 + 1)
+    assert m.forward_passes() == 3 + 3 + 2 + 3 + 3 + 2 + 3 + 3 + 2 + 3 + 4 * (6 + 1)
 
 
 def test_stage_two_starts_from_the_tuned_text_embeddings(tiny_vit, tiny_image_folder):
@@ -148,7 +148,7 @@ def test_defaults_are_the_originals_and_the_contract_holds(tiny_rn, tiny_image_f
         1e-6,
     )
     assert configure("2sfs", {}, dataset="ImageNet").template == "a photo of a {}."  # fixed across datasets
-    assert m.encodes_images and not m.selects and not m.accepts_classifier
+    assert m.capabilities.encodes_images and not m.capabilities.selects and not m.capabilities.accepts_classifier
     assert check_method(method_class("2sfs")) == ["declaration"]
     with pytest.raises(HyperparameterError):
         create("2sfs", stage1_fraction=1.5)

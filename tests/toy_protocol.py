@@ -25,7 +25,7 @@ class SupportAccuracy(Protocol):
         if exp.validation:
             raise ExperimentError(f"{where}: protocol {cls.name} scores methods fitted without a validation set")
         for i, m in enumerate(exp.methods):
-            if method_class(m.name).encodes_images:
+            if method_class(m.name).capabilities.encodes_images:
                 raise ExperimentError(f"{where}: methods[{i}]: {cls.name} scores cached features only")
 
     def requests(self, group: Group, cells: list[Cell]) -> GroupRequests:

@@ -103,7 +103,7 @@ class Episode:
     def support_for(self, method: Method) -> Support:
         """The support set as ``method`` trains on it: the same images, in its augmentation's cached views (a method
         that reads no cached views gets the episode's own, and nothing more is extracted for it)."""
-        augmentation = method.augmentation
+        augmentation = method.capabilities.augmentation
         assert self.spec is not None
         if augmentation in (self.spec.augmentation, NO_CACHED_VIEWS):
             return self.support
@@ -383,7 +383,7 @@ def _size(nbytes: float) -> str:
 def method_logits(method: Method, features: Features, classifier: Tensor | None = None) -> Tensor:
     """A fitted method's logits on an evaluation set: from the cached features, or, for a method that trains inside
     the image encoder, from the images through its own encoder."""
-    if method.encodes_images:
+    if method.capabilities.encodes_images:
         return method.image_logits([it.path for it in features.images.items], classifier)
     return method.logits(features.features, classifier=classifier)
 

@@ -74,7 +74,7 @@ def method_from_run(backbone: Backbone, run: Run) -> Method:
 
 def adapted_projection(method: Method, run: Run) -> Tensor:
     """The projection W a run's method adapted: what test-time adaptation starts from."""
-    W = method.projection() if method.exposes_projection else None
+    W = method.projection() if method.capabilities.exposes_projection else None
     if W is None:
         raise RunError(
             f"run {run.path} used method {method.name!r}, whose predictions are not CLIP's with an adapted "
@@ -124,7 +124,7 @@ def image_logits(
             list(paths),
             **asdict(tta),
         )
-    if method.encodes_images:
+    if method.capabilities.encodes_images:
         return method.image_logits(list(paths))
     return method.logits(encode_images(backbone, list(paths)))
 

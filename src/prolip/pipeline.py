@@ -137,10 +137,10 @@ def fit(
             f"classes (e.g. {differ})",
             option="--val",
         )
-    builder = EpisodeBuilder(backbone, cache, announce=announce)
+    builder, can = EpisodeBuilder(backbone, cache, announce=announce), method.capabilities
     started = time.perf_counter()
     episode = builder.build(
-        splits, config.episode_spec(method.augmentation), eval_images=eval_images, text_side=method.uses_text_side
+        splits, config.episode_spec(can.augmentation), eval_images=eval_images, text_side=can.uses_text_side
     )
     extract_seconds = time.perf_counter() - started
     refuse_emptied_classes(episode, splits.classnames)
@@ -170,7 +170,7 @@ def fit(
             "support_digest": episode.images.support_digest(),
             "validation": _listing(episode.images.validation) if config.use_validation else [],
             "eval_set": episode.images.eval_set,
-            "augmentation": method.augmentation,
+            "augmentation": can.augmentation,
         },
         **left_out([[str(p), r] for p, r in episode.skipped], [splits.train, eval_images]),
         "metrics": metrics,

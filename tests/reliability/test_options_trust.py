@@ -68,10 +68,10 @@ def test_unknown_hyperparameter_is_refused_listing_the_known_ones(name, tally):
 @pytest.mark.parametrize("name", available())
 def test_validation_is_what_each_method_declares(name, tally):
     cls = method_class(name)
-    if cls.selects:
+    if cls.capabilities.selects:
         method = configure(name, {}, validate=True)
         assert all(method.get_params()[k] == v for k, v in cls.validation_params.items())
-        tally.handled_ok(f"{name} --validate selects {cls.selects}")
+        tally.handled_ok(f"{name} --validate selects {cls.capabilities.selects}")
     else:
         with tally.raises(
             HyperparameterError,
@@ -89,7 +89,7 @@ def test_an_absurd_learning_rate_is_refused_before_training(name, tally):
         create(name, lr=1e38)
 
 
-@pytest.mark.parametrize("name", [n for n in available() if method_class(n).learns])
+@pytest.mark.parametrize("name", [n for n in available() if method_class(n).capabilities.learns])
 def test_training_that_produces_non_finite_weights_fails_loudly(name, tally):
     # A non-finite feature (a corrupt cache row, an overflowing backbone) must never end in a run with NaN weights.
     from synthetic import make_problem
@@ -121,7 +121,7 @@ def fit(data, out, *extra):
 def test_fit_validate_on_every_method(name, data, tmp_path, tally):
     hp = [arg for k, v in SHORT.items() if k in method_class(name).param_names() for arg in ("--hp", f"{k}={v}")]
     r = fit(data, tmp_path / "run", "--method", name, "--validate", *hp)
-    if not method_class(name).selects:
+    if not method_class(name).capabilities.selects:
         tally.cli_error(
             r, re.escape(f"{name} selects nothing on a validation set"), input=f"fit --method {name} --validate"
         )

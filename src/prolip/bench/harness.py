@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from prolip.bench.memory import PeakMemory
 from prolip.bench.records import Record, append_record, finished_cells
@@ -34,7 +33,7 @@ from prolip.features.cache import Request
 from prolip.features.identity import environment_fingerprint, image_set_fingerprint
 from prolip.functional import accuracy, expected_calibration_error
 from prolip.methods import Method, configure, create, method_class
-from prolip.methods.base import NO_CACHED_VIEWS, Support, Task, TensorViews, Validation, ViewSource
+from prolip.methods.base import NO_CACHED_VIEWS, Support, ViewSource
 from prolip.outputs import writing
 from prolip.version import __version__
 
@@ -103,7 +102,6 @@ class Bench:
         self._splits: dict[str, DatasetSplits] = {}
         self.tta_starts: dict[tuple, Method] = {}  # fitted start methods, shared by every dataset of a TTA run
         self.costs: dict[int, dict[str, Any]] = {}  # by id of a method fitted here: its cost (see fit_cost)
-        self.center_probe = CenterProbe(self)
         self._fingerprints: dict[tuple[str, ...], str] = {}  # image set -> its fingerprint (see identity)
         self._environment: dict[str, Any] | None = None
 
@@ -143,11 +141,11 @@ class Bench:
     def augmentation(self) -> str:
         """The views an episode's support is cached in: those of the first method that reads cached views (the
         others get theirs from ``Episode.support_for``), or none when no method does (zero-shot, image-level)."""
-        augmentations = (method_class(m.name).augmentation for m in self.exp.methods)
+        augmentations = (method_class(m.name).capabilities.augmentation for m in self.exp.methods)
         return next((a for a in augmentations if a != NO_CACHED_VIEWS), NO_CACHED_VIEWS)
 
     def episode(self, splits: DatasetSplits, shots: int, seed: int, classes=None) -> Episode:
-        text_side = any(method_class(m.name).uses_text_side for m in self.exp.methods)
+        text_side = any(method_class(m.name).capabilities.uses_text_side for m in self.exp.methods)
         return self.builder.build(
             splits, self.spec(shots, seed, classes), templates=self.templates(splits)[1], text_side=text_side
         )
@@ -155,7 +153,7 @@ class Bench:
     # -- methods ---------------------------------------------------------------------------------------------
     def validates(self, m: MethodSpec) -> bool:
         """Whether this method selects anything on the validation set in this experiment."""
-        return self.uses_validation and bool(method_class(m.name).selects)
+        return self.uses_validation and bool(method_class(m.name).capabilities.selects)
 
     def method(self, m: MethodSpec, dataset: str, hyperparameters: dict | None = None) -> Method:
         """The method as this experiment runs it on ``dataset``: its original's per-dataset settings, what it selects
@@ -210,8 +208,8 @@ class Bench:
             method=m.name,
             hyperparameters=self.method(m, source or dataset, hyperparameters).get_params(),
             validation=self.uses_validation,
-            selects=method_class(m.name).selects or None,
-            augmentation=method_class(m.name).augmentation,
+            selects=method_class(m.name).capabilities.selects or None,
+            augmentation=method_class(m.name).capabilities.augmentation,
             templates_name=templates[0],
             templates=templates[1],
             setting=setting,
@@ -259,10 +257,6 @@ class Bench:
         self.echo(f"{where} {rec.shots}-shot{seed} {rec.label}{point}: {score}")
 
     # -- what the cache is asked for -------------------------------------------------------------------------
-    def reads_center(self, m: MethodSpec, hyperparameters: dict[str, Any]) -> bool:
-        """Whether fitting ``m`` reads the support's center crops (found once per method and settings)."""
-        return self.center_probe.reads_center(m, hyperparameters)
-
     def prefetch(self, requests: GroupRequests) -> None:
         """Fill the cache with what a group declared, in the order declared (the order the run reads it in)."""
         for r in requests.cached():
@@ -310,32 +304,19 @@ def counted_support(support: Support) -> tuple[Support, Callable[[], int]]:
     return counted, lambda: len(views.read) * views.num_images + (views.num_images if center_read else 0)
 
 
-def trainable_parameters(method: Method) -> int | None:
-    """Numbers the fit learned: the method's own count when it gives one, else the size of its fitted state less
-    the frozen task tensors it keeps (ProLIP's W0, a projection bias); 0 for a method that learns nothing."""
-    if not method.learns:
-        return 0
-    own = getattr(method, "trainable_parameters", None)
-    if callable(own):
-        return int(own())
-    task = method.task
-    frozen = {id(t) for t in (task.W0, task.bias, task.classifier, task.text_mean) if t is not None} if task else set()
-    return sum(v.numel() for v in method.state_dict().values() if id(v) not in frozen)
-
-
 def fit_cost(method: Method, features_read: int, memory: PeakMemory) -> dict[str, Any]:
     """The record fields of a fit's cost. Forward passes: cached features read (support views, center crops,
-    validation images; view 0 always, which Method.fit checks) plus the passes a method that runs the encoder
-    itself reports (``forward_passes_``); None for an encoder-training method that reports none."""
-    own = getattr(method, "forward_passes_", None)
-    passes = None if method.encodes_images and own is None else features_read + (own or 0)
+    validation images; view 0 always, which Method.fit checks) plus the passes the method ran itself
+    (``Method.forward_passes``); None when it cannot say (an encoder-training method that counts none)."""
+    own = method.forward_passes()
+    passes = None if own is None else features_read + own
     # Method.fit reads view 0 to check the features are finite; a method that learns nothing needs none of them.
-    passes = passes if method.learns else 0
+    passes = passes if method.capabilities.learns else 0
     return {
         "forward_passes": passes,
         "peak_memory_mb": None if memory.mb is None else round(memory.mb, 1),
         "memory_measure": memory.measure,
-        "trainable_parameters": trainable_parameters(method),
+        "trainable_parameters": method.trainable_parameters(),
     }
 
 
@@ -425,70 +406,18 @@ def support_request(images: LabeledImages, spec: EpisodeSpec) -> Request:
 
 def fit_requests(b: Bench, cell: Cell, drawn: EpisodeImages, out: GroupRequests) -> list[Request]:
     """What fitting the cell's method adds to its episode's: its own augmentation's views
-    (``Episode.support_for``) and the support's center crops when it reads them."""
+    (``Episode.support_for``) and the support's center crops when it declares it reads them (with these
+    hyperparameters, on a support of the episode's views; ``check_method`` holds the declaration to the fit)."""
     cls = method_class(cell.method.name)
-    support = image_paths(drawn.support)
+    can, support = cls.capabilities, image_paths(drawn.support)
     own = []
     spec = b.spec(cell.record.shots, cell.record.seed or 0)  # the episode's views, in the method's augmentation
-    if cls.augmentation not in (b.augmentation, NO_CACHED_VIEWS):
-        own.append(support_request(drawn.support, replace(spec, augmentation=cls.augmentation)))
-    if cls.encodes_images:
+    if can.augmentation not in (b.augmentation, NO_CACHED_VIEWS):
+        own.append(support_request(drawn.support, replace(spec, augmentation=can.augmentation)))
+    if can.encodes_images:
         out.encoder_cells += 1
-    elif b.reads_center(cell.method, cell.record["hyperparameters"]):
-        own.append(Request(support))
+    else:
+        views = max(1, support_views(spec.augmentation, spec.views))  # no cached views: its one view is the crop
+        if can.reads_center_crops({**cls.defaults(), **cell.record["hyperparameters"]}, views):
+            own.append(Request(support))
     return own
-
-
-# ----------------------------------------------------------------------------------------------- center-crop probe
-
-
-class CenterProbe:
-    """Whether a method, with given hyperparameters, reads the support's center crops."""
-
-    def __init__(self, b: Bench):
-        self.b = b
-        self.notes: list[str] = []
-        self._memo: dict[tuple, bool] = {}
-
-    def reads_center(self, m: MethodSpec, hyperparameters: dict[str, Any]) -> bool:
-        key = (m.name, repr(sorted(hyperparameters.items())), self.b.validates(m))
-        if key not in self._memo:
-            self._memo[key] = self._probe(m, hyperparameters)
-        return self._memo[key]
-
-    def _probe(self, m: MethodSpec, hyperparameters: dict[str, Any]) -> bool:
-        read: list[bool] = []
-        task, support, val = _tiny_problem(lambda: read.append(True))
-        try:
-            create(m.name, **hyperparameters).fit(task, support, val if self.b.validates(m) else None, seed=0)
-        except Exception as e:  # noqa: BLE001 - any failure: count the crops, and say so
-            self.notes.append(
-                f"{m.label}: could not tell whether it reads the support's center crops ({e}); counted them"
-            )
-            return True
-        return bool(read)
-
-
-def _tiny_problem(on_center: Callable[[], None]) -> tuple[Task, Support, Validation]:
-    """Two classes, two shots, 8 → 4 features, two views: enough for any method on cached features to fit."""
-    g = torch.Generator().manual_seed(0)
-    classes, shots, d_pre, d = 2, 2, 8, 4
-    classifier = F.normalize(torch.randn(classes, d, generator=g), dim=-1)
-    labels = torch.arange(classes).repeat_interleave(shots)
-    z = torch.randn(2, classes * shots, d_pre, generator=g)
-    task = Task(
-        W0=torch.randn(d_pre, d, generator=g) * 0.3,
-        bias=None,
-        classifier=classifier,
-        logit_scale=100.0,
-        shots=shots,
-        text_mean=classifier * 10.0,
-        text_pre=classifier[:, None, :].repeat(1, 2, 1),
-        text_proj=torch.eye(d) + 0.01 * torch.randn(d, d, generator=g),
-    )
-
-    def center() -> torch.Tensor:
-        on_center()
-        return z[0]
-
-    return task, Support(TensorViews(z), labels, center=center), Validation(z[1], labels)

@@ -10,7 +10,7 @@ forward passes into an estimated wall time.
 The count is that of the feature cache (``cache.stats.forward_passes`` after the run). Reported beside it, not in
 it: test-time views (the tta protocol encodes them directly, uncached) and the passes of methods that train inside
 the image encoder. Support center crops are requested lazily, only by methods that read them (the linear probe);
-which ones do is found by fitting each method once on a tiny synthetic problem whose center crops record being read.
+which ones do, each method declares (``Capabilities.reads_center``, held to its fit by ``check_method``).
 """
 
 from __future__ import annotations
@@ -108,7 +108,6 @@ def plan_experiment(
         b.cache.root,
         _tree_bytes(b.cache.root),
         device=str(b.backbone.device),
-        notes=b.center_probe.notes,
         split=Split.of(tally.costs, tally.group_cells, ranks) if ranks > 1 else None,
     )
     sample = [p for r in tally.requests for p in r.paths] + tally.tta_paths

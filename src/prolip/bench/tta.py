@@ -53,7 +53,8 @@ def balanced_subset(images: LabeledImages, max_images: int | None) -> LabeledIma
 
 def starts_from_fit(cell: Cell) -> bool:
     """Whether the cell's W is its few-shot method's, fitted on a support set (else zero-shot CLIP's W0)."""
-    return test_time_class(cell.extra["test_time"].name).starts_from_fit and method_class(cell.method.name).learns
+    learns = method_class(cell.method.name).capabilities.learns
+    return test_time_class(cell.extra["test_time"].name).starts_from_fit and learns
 
 
 def _start(b: Bench, cell: Cell, dataset: str, memo: dict) -> Tensor:

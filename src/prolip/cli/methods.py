@@ -18,14 +18,15 @@ def methods_cmd(verbose):
             cls = method_class(name)
             params = ", ".join(f"{k}={v!r}" for k, v in cls.defaults().items()) or "(none)"
             click.echo(f"  hyperparameters: {params}")
-            click.echo(f"  selects on validation: {cls.selects or 'nothing (validation-free)'}")
+            can_do = cls.capabilities
+            click.echo(f"  selects on validation: {can_do.selects or 'nothing (validation-free)'}")
             can = [
                 what
                 for what, flag in (
-                    ("scores other class sets", cls.accepts_classifier),
-                    ("exposes an adapted projection (TTA)", cls.exposes_projection),
-                    ("trains inside the image encoder", cls.encodes_images),
-                    ("uses the text side", cls.uses_text_side),
+                    ("scores other class sets", can_do.accepts_classifier),
+                    ("exposes an adapted projection (TTA)", can_do.exposes_projection),
+                    ("trains inside the image encoder", can_do.encodes_images),
+                    ("uses the text side", can_do.uses_text_side),
                 )
                 if flag
             ]

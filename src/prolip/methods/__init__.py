@@ -1,7 +1,8 @@
 """Adaptation methods behind one interface: ProLIP, the paper's complements and the baselines it is compared against.
 
-A new method is one module here: a :class:`Method` subclass decorated with :func:`register` (which refuses a taken
-name and a hyperparameter without a constraint); :func:`check_method` runs the interface's contract on it.
+A new method is one module here: a :class:`Method` subclass declaring its :class:`Capabilities`, decorated with
+:func:`register` (which refuses a taken name and a hyperparameter without a constraint); :func:`check_method` runs
+the interface's contract on it, its declared capabilities included.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from prolip.methods.base import FitError, Method, Support, Task, TensorViews, Validation, ViewSource
+from prolip.methods.capabilities import NO_CACHED_VIEWS, Capabilities
 from prolip.methods.checks import check_method
 from prolip.methods.params import HyperparameterError, check_declared, check_known
 from prolip.registry import Registry
@@ -57,7 +59,7 @@ def configure(
     claiming it did), unless ``refuse_useless_validation`` is off (a bench protocol giving every method the set).
     """
     cls = method_class(name)
-    if validate and not cls.selects:
+    if validate and not cls.capabilities.selects:
         if refuse_useless_validation:
             raise HyperparameterError(
                 f"{name} selects nothing on a validation set (it is validation-free by design); drop --validate"
@@ -80,6 +82,8 @@ def _import_all() -> None:
 
 
 __all__ = [
+    "NO_CACHED_VIEWS",
+    "Capabilities",
     "FitError",
     "HyperparameterError",
     "Method",

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from prolip.functional import accuracy, cosine_logits, proximal_penalty
 from prolip.methods import register
 from prolip.methods._common import cosine_head_logits, embed, fresh_view_per_epoch, text_mean, train_minibatch
-from prolip.methods.base import Method, Support, Task, Validation
+from prolip.methods.base import Capabilities, Method, Support, Task, Validation
 from prolip.methods.params import (
     FRACTION,
     LEARNING_RATE,
@@ -64,7 +64,7 @@ def residual_mlp(dim: int, reduction: int = 4) -> nn.Sequential:
 class _ResidualMLPMethod(Method):
     """Shared by both CLIP-Adapters: a seeded residual MLP after the frozen projection, scoring any classifier."""
 
-    accepts_classifier = True
+    capabilities = Capabilities(accepts_classifier=True)
     reduction: int
     mlp: nn.Sequential | None = None
 
@@ -95,7 +95,8 @@ class _ResidualMLPMethod(Method):
 @register
 class CLIPAdapter(_ResidualMLPMethod):
     name = "clip-adapter"
-    augmentation = "dassl"  # Dassl's random_resized_crop (INPUT.RRCROP_SCALE 0.08–1) + random_flip
+    # Dassl's random_resized_crop (INPUT.RRCROP_SCALE 0.08–1) + random_flip
+    capabilities = Capabilities(accepts_classifier=True, augmentation="dassl")
     constraints = {
         "ratio": FRACTION,
         "reduction": POSITIVE_INT,
@@ -188,7 +189,8 @@ def taskres_epochs(shots: int) -> int:
 @register
 class TaskRes(Method):
     name = "taskres"
-    augmentation = "dassl"  # Dassl's random_resized_crop (INPUT.RRCROP_SCALE 0.08–1) + random_flip
+    # Dassl's random_resized_crop (INPUT.RRCROP_SCALE 0.08–1) + random_flip
+    capabilities = Capabilities(augmentation="dassl")
     # train_regular.sh: RESIDUAL_SCALE 1.0 for Flowers (0.5 elsewhere); the adam_lr2e-4 configs for ImageNet.
     dataset_defaults = {"OxfordFlowers": {"alpha": 1.0}, "ImageNet": {"lr": 2e-4}}
     constraints = {
@@ -251,8 +253,7 @@ class TaskRes(Method):
 @register
 class LinearAdapter(Method):
     name = "linear-adapter"
-    accepts_classifier = True
-    selects = "lr and λ on the reference's 7×7 grid"
+    capabilities = Capabilities(accepts_classifier=True, selects="lr and λ on the reference's 7×7 grid")
     validation_params = {"grid": True}
     constraints = {"lr": LEARNING_RATE, "lam": Lambda(), "steps": Number(low=0, integer=True), "grid": Flag()}
 

@@ -1,39 +1,33 @@
 """The one interface every adaptation method shares (scikit-learn style), so the harness can swap them.
 
 A method sees only cached features and frozen CLIP pieces (a :class:`Task`), never images or test labels. It
-declares what it can do as class attributes, so no code outside ``methods/`` ever compares method names:
-
-- ``uses_text_side``: it needs the text encoder's pre-projection features (``task.text_pre``, ``task.text_proj``);
-- ``accepts_classifier``: ``logits(z, classifier=T)`` scores another class set with another text classifier
-  (base-to-new, cross-dataset); other methods learn class-specific weights and refuse;
-- ``selects``: what it selects on a few-shot validation set ("" = nothing: validation-free by design), and
-  ``validation_params``: the hyperparameters that switch that selection on (ProLIP: ``grid=True``);
-- ``exposes_projection`` / ``projection()``: predictions are exactly CLIP's with an adapted visual projection W,
-  which ``projection()`` returns (test-time adaptation starts from it, export merges it into a checkpoint);
-- ``learns``: it learns from the support set (zero-shot does not, so its results depend on no shots or seed);
-- ``encodes_images``: it trains inside the image encoder, on the support images (``support.images``, with the
-  backbone in ``task.backbone``), so it scores images (``image_logits``), not the cached features;
-- ``checkpoint_tensors``: the checkpoint tensors it changes, which ``prolip export`` merges into the model;
-- ``dataset_defaults``: the hyperparameters its original sets per benchmark dataset.
+declares what it can do once, as ``capabilities = Capabilities(...)`` (:mod:`prolip.methods.capabilities`: text
+side, other classifiers, an adapted projection, learning, training inside the image encoder, its cached views, what
+it selects on validation, whether it reads the center crops), so no code outside ``methods/`` ever compares method
+names. What the bench measures of a fit it asks the method: ``trainable_parameters()`` and ``forward_passes()``;
+what export merges, ``checkpoint_tensors``.
 
 Hyperparameters are stored once, as attributes named like the ``__init__`` arguments, and read back from the
-signature (``get_params``); ``constraints`` declares a check per hyperparameter, applied at ``create`` and ``fit``.
+signature (``get_params``); ``constraints`` declares a check per hyperparameter, applied at ``create`` and ``fit``;
+``validation_params`` the hyperparameters that switch on what it ``selects`` (ProLIP: ``grid=True``);
+``dataset_defaults`` the hyperparameters its original sets per benchmark dataset.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
 from prolip.errors import ProlipError
+from prolip.methods.capabilities import NO_CACHED_VIEWS, Capabilities
 from prolip.methods.params import Configurable, Constraint, HyperparameterError, check_known
 
-NO_CACHED_VIEWS = "none"  # a method's ``augmentation`` when it trains on the images, not on cached views
+_CAPABILITY_NAMES = frozenset(f.name for f in fields(Capabilities))
 
 
 class ViewSource(Protocol):
@@ -140,24 +134,29 @@ class Method(Configurable, ABC):
     """
 
     name: ClassVar[str]
-    uses_text_side: ClassVar[bool] = False
-    accepts_classifier: ClassVar[bool] = False
-    exposes_projection: ClassVar[bool] = False
-    learns: ClassVar[bool] = True
-    encodes_images: ClassVar[bool] = False
-    # Which cached augmented views it trains on (prolip.transforms.AUGMENTATIONS): "prolip" (RandomResizedCrop
-    # scale 0.5–1, the ProLIP reference's) or "dassl" (scale 0.08–1, what the Dassl-based originals train on); or
-    # NO_CACHED_VIEWS for a method that trains on the images themselves (its support's views are the center crops).
-    augmentation: ClassVar[str] = "prolip"
-    selects: ClassVar[str] = ""
-    validation_params: ClassVar[dict[str, Any]] = {}
+    capabilities: ClassVar[Capabilities] = Capabilities()
     constraints: ClassVar[dict[str, Constraint]] = {}
+    # The hyperparameters that switch on what it ``selects`` on a validation set (none: it selects whenever given
+    # one); applied by ``configure(validate=True)``.
+    validation_params: ClassVar[dict[str, Any]] = {}
     # Hyperparameters the method's original code sets per benchmark dataset (by the readers' dataset names), each
     # cited where it is declared; the harness applies them under whatever the experiment sets.
     dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     selected_: dict[str, Any]
     task: Task | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # One source of truth: a capability set as a loose class attribute (the old way) would be silently ignored.
+        super().__init_subclass__(**kwargs)
+        loose = sorted(_CAPABILITY_NAMES & set(vars(cls)))
+        if loose:
+            raise TypeError(
+                f"{cls.__qualname__}: declare {', '.join(loose)} in capabilities = Capabilities(...), "
+                "not as class attributes"
+            )
+        if not isinstance(cls.capabilities, Capabilities):
+            raise TypeError(f"{cls.__qualname__}: capabilities must be a prolip.methods.Capabilities")
 
     # -- hyperparameters (param_names, defaults, get_params, check_params: Configurable) ----------------------
     def set_params(self, **params: Any) -> Method:
@@ -169,7 +168,7 @@ class Method(Configurable, ABC):
     # -- fitting and predicting ------------------------------------------------------------------------------
     def fit(self, task: Task, support: Support, val: Validation | None = None, seed: int = 0) -> Method:
         self.check_params()
-        if self.uses_text_side and (task.text_pre is None or task.text_proj is None):
+        if self.capabilities.uses_text_side and (task.text_pre is None or task.text_proj is None):
             raise ValueError(
                 f"{self.name} needs the text side (task.text_pre, task.text_proj): build the task with text_side=True"
             )
@@ -189,10 +188,10 @@ class Method(Configurable, ABC):
 
     def logits(self, z: Tensor, classifier: Tensor | None = None) -> Tensor:
         """Logits [N, C] for pre-projection features z [N, D_pre]; ``classifier`` swaps in another text
-        classifier, for methods that ``accepts_classifier``."""
+        classifier, for methods whose capabilities say ``accepts_classifier``."""
         if self.task is None:
             raise RuntimeError(f"{self.name}: call fit() or load_state_dict() before logits()")
-        if classifier is not None and not self.accepts_classifier:
+        if classifier is not None and not self.capabilities.accepts_classifier:
             raise ValueError(
                 f"{self.name} learns class-specific weights from the support set; it cannot score "
                 "another class set with another text classifier"
@@ -214,6 +213,24 @@ class Method(Configurable, ABC):
         """The adapted W [D_pre, D] when predictions are exactly CLIP's with W; None for other methods."""
         return None
 
+    # -- what the bench measures of a fit --------------------------------------------------------------------
+    def trainable_parameters(self) -> int:
+        """Numbers the fit learned: by default the size of its fitted state less the frozen task tensors it keeps
+        (ProLIP's W0, a projection bias); 0 for a method that learns nothing. A method whose state holds other
+        fixed tensors (a frozen classifier, a cache of support features) counts its own."""
+        if not self.capabilities.learns:
+            return 0
+        task = self.task
+        kept = (task.W0, task.bias, task.classifier, task.text_mean) if task is not None else ()
+        frozen = {id(t) for t in kept if t is not None}
+        return sum(v.numel() for v in self.state_dict().values() if id(v) not in frozen)
+
+    def forward_passes(self) -> int | None:
+        """Encoder forward passes the last fit ran itself, beyond the cached features it was handed (the bench
+        counts those as it hands them over): 0 for a method on cached features; None when not known (a method
+        that trains inside the image encoder and does not count its own)."""
+        return None if self.capabilities.encodes_images else 0
+
     def classifier_head(self) -> Tensor | None:
         """The classifier [C, D] this fitted method's predictions use in place of the task's text classifier (a
         method that re-encodes its prompts through a tuned text encoder, or learns one): the head ``prolip export``
@@ -224,7 +241,7 @@ class Method(Configurable, ABC):
         """The tensors of ``backbone``'s checkpoint this fitted method changes, named as in the model's state dict
         and in its native layout (``prolip export`` merges them); None when its predictions are not those of a
         CLIP checkpoint. By default: the adapted projection of a method that ``exposes_projection``."""
-        W = self.projection() if self.exposes_projection else None
+        W = self.projection() if self.capabilities.exposes_projection else None
         if W is None:
             return None
         site = backbone.projection()
@@ -288,4 +305,15 @@ def _check_inputs_finite(name: str, support: Support, val: Validation | None) ->
         )
 
 
-__all__ = ["FitError", "HyperparameterError", "Method", "Support", "Task", "TensorViews", "Validation", "ViewSource"]
+__all__ = [
+    "NO_CACHED_VIEWS",
+    "Capabilities",
+    "FitError",
+    "HyperparameterError",
+    "Method",
+    "Support",
+    "Task",
+    "TensorViews",
+    "Validation",
+    "ViewSource",
+]

@@ -3,8 +3,11 @@ scikit-learn's ``check_estimator``), so the CLI, the bench and saved runs can re
 
 Each check is a small function that raises :class:`MethodContractError` naming the method and the broken promise;
 ``check_method`` runs them on a small seeded problem of random features (no images, no CLIP weights) and returns
-the names of the checks it ran. Methods that train inside the image encoder (``encodes_images``) need a backbone
-and images, so only their declaration is checked here (the returned names say so).
+the names of the checks it ran. What a method declares in its ``capabilities`` is held to what it does, the center
+crops included: the bench extracts the support's center crops only for methods that declare they read them, so a
+false declaration would make the plan and the run disagree. Methods that train inside the image encoder
+(``encodes_images``) need a backbone and images, so only their declaration is checked here (the returned names say
+so).
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ def check_declaration(cls: type[Method]) -> None:
     defaults = cls.defaults()
     if any(v is inspect.Parameter.empty for v in defaults.values()):
         _fail(cls, f"every hyperparameter needs a default (got {defaults})")
+    try:  # a rule names hyperparameters: one that is not the method's fails here, not in the bench's plan
+        cls.capabilities.reads_center_crops(defaults, 1)
+    except Exception as e:  # noqa: BLE001 - whatever the rule raises is the broken promise
+        _fail(cls, f"capabilities.reads_center fails on its default hyperparameters ({type(e).__name__}: {e})")
     method = cls()
     method.check_params()
     if method.get_params() != defaults:
@@ -87,9 +94,24 @@ def _fitted(cls: type[Method], p: ContractProblem, hp: dict[str, Any], seed: int
     return cls(**hp).fit(dataclasses.replace(p.task, **task), p.support, p.val, seed=seed)
 
 
-def check_fit_and_logits(cls: type[Method], p: ContractProblem, hp: dict[str, Any]) -> Method:
-    """Logits [N, C], finite; the same seed gives the same numbers; the config is JSON."""
-    method = _fitted(cls, p, hp)
+def _fit_watching_center(
+    cls: type[Method], hp: dict[str, Any], task: Task, support: Support, val: Validation | None
+) -> tuple[Method, bool]:
+    """``cls`` fitted on ``support``, and whether the fit called ``support.center_features()``."""
+    read: list[bool] = []
+
+    def center() -> Tensor:
+        read.append(True)
+        return support.center_features()
+
+    method = cls(**hp).fit(task, dataclasses.replace(support, center=center), val, seed=0)
+    return method, bool(read)
+
+
+def check_fit_and_logits(cls: type[Method], p: ContractProblem, hp: dict[str, Any]) -> tuple[Method, bool]:
+    """Logits [N, C], finite; the same seed gives the same numbers; the config is JSON. Returns the fitted method
+    and whether its fit read the support's center crops."""
+    method, read = _fit_watching_center(cls, hp, p.task, p.support, p.val)
     logits = method.logits(p.test)
     if tuple(logits.shape) != (len(p.test), p.task.num_classes) or not torch.isfinite(logits).all():
         _fail(cls, f"logits must be finite [N, C] = {(len(p.test), p.task.num_classes)}, got {tuple(logits.shape)}")
@@ -99,7 +121,7 @@ def check_fit_and_logits(cls: type[Method], p: ContractProblem, hp: dict[str, An
         json.dumps(method.config())
     except TypeError as e:
         _fail(cls, f"config() must be JSON ({e})")
-    return method
+    return method, read
 
 
 def check_state_round_trip(cls: type[Method], p: ContractProblem, hp: dict[str, Any], method: Method) -> None:
@@ -115,8 +137,8 @@ def check_state_round_trip(cls: type[Method], p: ContractProblem, hp: dict[str, 
 def check_capabilities(cls: type[Method], p: ContractProblem, hp: dict[str, Any], method: Method) -> None:
     """What the method declares is what it does: a projection that reproduces its logits, another classifier
     accepted or refused, the text side required, no learning when it says it learns nothing."""
-    t = p.task
-    if cls.exposes_projection:
+    t, can = p.task, cls.capabilities
+    if can.exposes_projection:
         W = method.projection()
         if W is None or tuple(W.shape) != tuple(t.W0.shape):
             _fail(cls, "exposes_projection: projection() must return W [D_pre, D]")
@@ -126,31 +148,51 @@ def check_capabilities(cls: type[Method], p: ContractProblem, hp: dict[str, Any]
     try:
         shape = tuple(method.logits(p.test, classifier=other).shape)
     except ValueError:
-        if cls.accepts_classifier:
+        if can.accepts_classifier:
             _fail(cls, "accepts_classifier: logits(z, classifier=T) must score another class set")
     else:
-        if not cls.accepts_classifier or shape != (len(p.test), t.num_classes + 1):
-            _fail(cls, f"logits(z, classifier=T) gave {shape} though accepts_classifier={cls.accepts_classifier}")
+        if not can.accepts_classifier or shape != (len(p.test), t.num_classes + 1):
+            _fail(cls, f"logits(z, classifier=T) gave {shape} though accepts_classifier={can.accepts_classifier}")
     try:  # the base class refuses a declared text side's absence; an undeclared one would crash deep inside
         _fitted(cls, p, hp, text_pre=None, text_proj=None)
     except ValueError:
-        if not cls.uses_text_side:
+        if not can.uses_text_side:
             _fail(cls, "needs the text side (task.text_pre, task.text_proj) but does not declare uses_text_side")
     except (TypeError, AttributeError, RuntimeError) as e:
         _fail(cls, f"reads the text side (task.text_pre, task.text_proj) without declaring uses_text_side ({e})")
     else:
-        if cls.uses_text_side:
+        if can.uses_text_side:
             _fail(cls, "uses_text_side: fitting without the text side must be refused")
-    if not cls.learns:
+    if not can.learns:
         again = cls(**hp).fit(p.task, contract_problem(seed=1).support, p.val, seed=1)
         if not torch.equal(again.logits(p.test), method.logits(p.test)):
             _fail(cls, "learns=False: its logits must not depend on the support set or the seed")
 
 
+def check_center_crops(cls: type[Method], p: ContractProblem, hp: dict[str, Any], read: bool) -> None:
+    """Fitting calls ``support.center_features()`` exactly when ``capabilities.reads_center`` says so for these
+    hyperparameters: on the problem's support (``read``: what the first fit did) and, for a rule (which may depend
+    on the view count), on one of a single view too."""
+    params = {**cls.defaults(), **hp}
+    cases = [(p.support.views.num_views, read)]
+    if callable(cls.capabilities.reads_center):
+        one_view = dataclasses.replace(p.support, views=TensorViews(p.support.views.view(0)))
+        cases.append((1, _fit_watching_center(cls, hp, p.task, one_view, p.val)[1]))
+    for views, did in cases:
+        declared = cls.capabilities.reads_center_crops(params, views)
+        if did != declared:
+            _fail(
+                cls,
+                f"capabilities.reads_center says {declared} for {views} view(s), but fitting "
+                f"{'reads' if did else 'does not read'} support.center_features() (the bench plans center-crop "
+                "passes from the declaration)",
+            )
+
+
 def check_validation(cls: type[Method], p: ContractProblem, hp: dict[str, Any]) -> None:
     """A method that ``selects`` does so on a validation set, with its ``validation_params`` set (none: it selects
     whenever it is given one), and records how in ``selected_``."""
-    if not cls.selects:
+    if not cls.capabilities.selects:
         return
     method = cls(**{**hp, **cls.validation_params}).fit(p.task, p.support, p.val, seed=0)
     if method.selected_.get("how") != "validation":
@@ -160,7 +202,14 @@ def check_validation(cls: type[Method], p: ContractProblem, hp: dict[str, Any]) 
         )
 
 
-CHECKS: tuple[str, ...] = ("declaration", "fit_and_logits", "state_round_trip", "capabilities", "validation")
+CHECKS: tuple[str, ...] = (
+    "declaration",
+    "fit_and_logits",
+    "state_round_trip",
+    "capabilities",
+    "center_crops",
+    "validation",
+)
 
 
 def check_method(cls: type[Method], hyperparameters: dict[str, Any] | None = None) -> list[str]:
@@ -168,13 +217,15 @@ def check_method(cls: type[Method], hyperparameters: dict[str, Any] | None = Non
     returns the checks run. A broken promise is a :class:`MethodContractError` naming it."""
     hp = dict(hyperparameters or {})
     check_declaration(cls)
-    if cls.encodes_images:  # trains inside the image encoder: needs images and a backbone (tests/test_finetune.py)
+    # trains inside the image encoder: needs images and a backbone (tests/test_finetune.py)
+    if cls.capabilities.encodes_images:
         return ["declaration"]
     p = contract_problem()
-    method = check_fit_and_logits(cls, p, hp)
+    method, read = check_fit_and_logits(cls, p, hp)
     steps: dict[str, Callable[[], None]] = {
         "state_round_trip": lambda: check_state_round_trip(cls, p, hp, method),
         "capabilities": lambda: check_capabilities(cls, p, hp, method),
+        "center_crops": lambda: check_center_crops(cls, p, hp, read),
         "validation": lambda: check_validation(cls, p, hp),
     }
     for step in steps.values():

@@ -34,7 +34,7 @@ from prolip.methods._common import (
     train_minibatch,
     view_embeddings,
 )
-from prolip.methods.base import Method, Support, Task, Validation
+from prolip.methods.base import Capabilities, Method, Support, Task, Validation
 from prolip.methods.params import LEARNING_RATE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, Flag
 
 
@@ -56,7 +56,8 @@ def phr_update(violation: Tensor, multipliers: Tensor, rho: Tensor) -> tuple[Ten
 @register
 class ZSLP(Method):
     name = "zs-lp"
-    augmentation = "dassl"  # Dassl's random_resized_crop (INPUT.RRCROP_SCALE 0.08–1) + random_flip
+    # Dassl's random_resized_crop (INPUT.RRCROP_SCALE 0.08–1) + random_flip
+    capabilities = Capabilities(augmentation="dassl")
     constrained = False
     constraints = {
         "lr": LEARNING_RATE,

@@ -329,7 +329,7 @@ class CLIPSVD(InstalledAdapters):
         with torch.no_grad(), parametrize.cached():
             self.text_classifier = text_of(self.adapted).cpu() if text_trains else classifier.cpu()  # type: ignore[union-attr]
         steps = training_steps(len(paths), settings)
-        self.forward_passes_ = sum(len(i) for _, i in steps) + len(classnames) * (len(steps) * text_trains + 1)
+        self._forward_passes = sum(len(i) for _, i in steps) + len(classnames) * (len(steps) * text_trains + 1)
         self.selected_ = {
             "how": "rule",
             "iterations": len(steps),

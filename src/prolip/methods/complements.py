@@ -29,7 +29,7 @@ from torch import Tensor
 from prolip.functional import cosine_logits, map_rows, proximal_penalty
 from prolip.methods import register
 from prolip.methods._common import embed, join_rows, split_rows
-from prolip.methods.base import Method, Support, Task, Validation
+from prolip.methods.base import Capabilities, Method, Support, Task, Validation
 from prolip.methods.params import (
     LEARNING_RATE,
     NON_NEGATIVE,
@@ -199,7 +199,7 @@ def text_classifier(text_pre: Tensor, text_proj: Tensor, normalise_templates: bo
 @register
 class ProLIPText(Method):
     name = "prolip-text"
-    uses_text_side = True
+    capabilities = Capabilities(uses_text_side=True)
     constraints = {"lr": LEARNING_RATE, "lam": Lambda(), "steps": STEPS, "normalise_templates": Flag()}
 
     def __init__(

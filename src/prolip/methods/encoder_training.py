@@ -23,7 +23,7 @@ from prolip.finetune import (
     frozen_result,
     model_parameters,
 )
-from prolip.methods.base import NO_CACHED_VIEWS, Method, Support, Task
+from prolip.methods.base import NO_CACHED_VIEWS, Capabilities, Method, Support, Task
 
 
 class EncoderTraining(Method):
@@ -31,19 +31,23 @@ class EncoderTraining(Method):
     and :meth:`classifier_head` the classifier it predicts with. Hyperparameters it reads here: lr, batch_size,
     weight_decay, min_lr, aug_seed, template."""
 
-    encodes_images = True
-    augmentation = NO_CACHED_VIEWS  # trains on the images (RandomResizedCrop 0.08–1 + flip, on the fly)
-    accepts_classifier = False
+    # trains on the images (RandomResizedCrop 0.08–1 + flip, on the fly), not on cached views
+    capabilities = Capabilities(encodes_images=True, augmentation=NO_CACHED_VIEWS)
     predicts_with: ClassVar[str] = "its adapted text encoder's classifier"  # what image_logits says it scores with
     default_template: ClassVar[str] = "a photo of a {}."  # when neither the method nor the dataset names one
 
     adapted: Backbone | None
+    _forward_passes: int | None = None  # what the last fit counted of its own encoder passes (None: not fitted)
     lr: float
     batch_size: int
     weight_decay: float
     min_lr: float
     aug_seed: int
     template: str | None
+
+    def forward_passes(self) -> int | None:
+        """The image and text encoder passes the last fit ran (support batches, prompts); None before a fit."""
+        return self._forward_passes
 
     def frozen_backbone(self, task: Task) -> Backbone:
         if task.backbone is None:

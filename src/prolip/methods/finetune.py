@@ -27,7 +27,7 @@ from prolip.finetune import (
     train_image_encoder,
 )
 from prolip.methods import register
-from prolip.methods.base import NO_CACHED_VIEWS, Method, Support, Task, Validation
+from prolip.methods.base import NO_CACHED_VIEWS, Capabilities, Method, Support, Task, Validation
 from prolip.methods.params import (
     LEARNING_RATE,
     NON_NEGATIVE_INT,
@@ -49,11 +49,8 @@ class EncoderFinetune(Method):
     """What both fine-tuning methods share: training through :func:`train_image_encoder`, scoring images through
     the trained encoder, and a state made of the trained parameters. Subclasses choose the parameters."""
 
-    encodes_images = True
-    augmentation = NO_CACHED_VIEWS  # trains on the images (with its own on-the-fly augmentation)
-    accepts_classifier = True
-    exposes_projection = False
-    selects = ""
+    # trains on the images (with its own on-the-fly augmentation), not on cached views
+    capabilities = Capabilities(encodes_images=True, augmentation=NO_CACHED_VIEWS, accepts_classifier=True)
     dataset_defaults = IMAGENET_BATCH
 
     lr: float

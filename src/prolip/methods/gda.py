@@ -31,7 +31,7 @@ from torch import Tensor
 from prolip.functional import accuracy, cosine_logits, map_rows
 from prolip.methods import register
 from prolip.methods._common import embed
-from prolip.methods.base import Method, Support, Task, Validation
+from prolip.methods.base import Capabilities, Method, Support, Task, Validation
 from prolip.methods.params import NON_NEGATIVE, POSITIVE_INT, Flag
 
 ALPHA_GRID = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)  # main_few_shots.py:70
@@ -93,7 +93,7 @@ class GDA(Method):
     """
 
     name = "gda"
-    selects = "α, the weight of the GDA logits (main_few_shots.py:70's 7-point grid)"
+    capabilities = Capabilities(selects="α, the weight of the GDA logits (main_few_shots.py:70's 7-point grid)")
     constraints = {"alpha": NON_NEGATIVE, "search": Flag(), "augment_views": POSITIVE_INT}
 
     def __init__(

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from prolip.methods import register
 from prolip.methods._common import embed
-from prolip.methods.base import Method, Support, Task, Validation
+from prolip.methods.base import Capabilities, Method, Support, Task, Validation
 from prolip.methods.params import POSITIVE_INT, Number
 
 COARSE_C = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
@@ -59,7 +59,8 @@ def coop_c_search(val_score: Callable[[float], float], steps: int) -> float:
 @register
 class LinearProbe(Method):
     name = "linear-probe"
-    selects = "the inverse regularisation C (CoOp's search)"
+    # trains on the center crops (CoOp's feat_extractor.py uses the test transform), none of the cached views
+    capabilities = Capabilities(selects="the inverse regularisation C (CoOp's search)", reads_center=True)
     constraints = {
         "C": Number(low=0, open_low=True, optional=True),
         "search_steps": Number(low=0, integer=True),

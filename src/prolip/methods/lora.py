@@ -382,7 +382,7 @@ class CLIPLoRA(InstalledAdapters):
         with torch.no_grad():
             self.text_classifier = one_prompt_classifier(self.adapted, classnames, template).cpu()
         steps = training_steps(len(paths), settings)
-        self.forward_passes_ = sum(len(i) for _, i in steps) + len(classnames) * (len(steps) * text_trains + 1)
+        self._forward_passes = sum(len(i) for _, i in steps) + len(classnames) * (len(steps) * text_trains + 1)
         self.selected_ = {
             "how": "rule",
             "iterations": len(steps),

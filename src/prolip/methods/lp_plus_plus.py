@@ -37,7 +37,7 @@ from torch import Tensor
 from prolip.functional import accuracy
 from prolip.methods import register
 from prolip.methods._common import embed
-from prolip.methods.base import Method, Support, Task, Validation
+from prolip.methods.base import Capabilities, Method, Support, Task, Validation
 from prolip.methods.params import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 
 
@@ -61,7 +61,7 @@ def lpp_step_sizes(f: Tensor, text_scores: Tensor) -> tuple[float, float]:
 @register
 class LPPlusPlus(Method):
     name = "lp++"
-    selects = "the training epoch (best validation accuracy)"
+    capabilities = Capabilities(selects="the training epoch (best validation accuracy)")
     constraints = {"epochs": NON_NEGATIVE_INT, "alpha_every": POSITIVE_INT, "init_scale": POSITIVE}
 
     def __init__(

@@ -25,7 +25,7 @@ from torch import Tensor
 from prolip.functional import clip_logits
 from prolip.methods import register
 from prolip.methods._common import join_rows, split_rows
-from prolip.methods.base import Method, Support, Task, Validation
+from prolip.methods.base import Capabilities, Method, Support, Task, Validation
 from prolip.methods.params import LEARNING_RATE, Flag, Lambda, Number, resolve_lambda
 from prolip.methods.prolip import StepBuffers, embedding_grad, grid_accuracies
 from prolip.optim import REFERENCE_EPS, cosine_lr, fused_adam_step, view_for_step
@@ -81,8 +81,7 @@ class P0(Method):
     """ProLIP in task-text coordinates: W = W0 + A·Qᵀ, Q the centred class-text span, only A trained."""
 
     name = "p0"
-    exposes_projection = True
-    selects = "lr and λ among the original's nine candidates"
+    capabilities = Capabilities(exposes_projection=True, selects="lr and λ among the original's nine candidates")
     validation_params = {"grid": True}
     constraints = {"lr": LEARNING_RATE, "lam": Lambda(), "steps": Number(low=0, integer=True), "grid": Flag()}
 

@@ -49,7 +49,7 @@ from torch import Tensor
 from prolip.functional import chunk_rows, row_slices
 from prolip.methods import register
 from prolip.methods._common import embed
-from prolip.methods.base import FitError, Method, Support, Task, Validation
+from prolip.methods.base import Capabilities, FitError, Method, Support, Task, Validation
 from prolip.methods.params import POSITIVE_INT, Flag, Linspace, Number
 
 ROW_CHUNK = 4096  # at most this many rows of a kernel block against validation or test images built at once
@@ -159,6 +159,11 @@ def check_dense_fits(samples: int, views: int, device: torch.device) -> None:
         )
 
 
+def views_used(augment_views: int, views: int) -> int:
+    """The support views ProKeR stacks: up to ``augment_views`` of the ``views`` cached; one means the center crop."""
+    return max(1, min(augment_views, views))
+
+
 # ----------------------------------------------------------------------------------------------- the Method
 
 
@@ -173,7 +178,11 @@ class ProKeR(Method):
     """
 
     name = "proker"
-    selects = "β and λ on its per-dataset linspace grids (configs/RN50/configs_proker/)"
+    capabilities = Capabilities(
+        selects="β and λ on its per-dataset linspace grids (configs/RN50/configs_proker/)",
+        # one view used is the center crop (main.py:102's train_tranform_clean), so the rule is _support's own
+        reads_center=lambda hp, views: views_used(hp["augment_views"], views) == 1,
+    )
     dataset_defaults = {
         **{name: dict(grids) for name, grids in PROKER_GRIDS.items()},
         "ImageNet": {**PROKER_GRIDS["ImageNet"], "augment_views": 1},
@@ -204,7 +213,7 @@ class ProKeR(Method):
     # -- fitting -------------------------------------------------------------------------------------------
     def _support(self, task: Task, support: Support) -> tuple[Tensor, Tensor, int]:
         """(normalised embeddings [M, D], labels [M], views used): V views stacked view-major, or the center crops."""
-        count = max(1, min(self.augment_views, support.views.num_views))
+        count = views_used(self.augment_views, support.views.num_views)
         if count == 1:
             return F.normalize(embed(task, support.center_features()), dim=-1), support.labels, 1
         views = [F.normalize(embed(task, support.views.view(t)), dim=-1) for t in range(count)]

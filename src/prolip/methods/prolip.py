@@ -28,7 +28,7 @@ from prolip.distributed import all_reduce_sum, broadcast, rank_world
 from prolip.functional import clip_logits, project, proximal_penalty
 from prolip.methods import register
 from prolip.methods._common import join_rows, split_rows
-from prolip.methods.base import Method, Support, Task, Validation, ViewSource
+from prolip.methods.base import Capabilities, Method, Support, Task, Validation, ViewSource
 from prolip.methods.params import (
     LEARNING_RATE,
     Choice,
@@ -330,9 +330,9 @@ class ProLIP(Method):
     """
 
     name = "prolip"
-    accepts_classifier = True
-    exposes_projection = True
-    selects = "lr and λ on the paper's 49-point grid"
+    capabilities = Capabilities(
+        accepts_classifier=True, exposes_projection=True, selects="lr and λ on the paper's 49-point grid"
+    )
     validation_params = {"grid": True}
     constraints = {
         "lr": LEARNING_RATE,

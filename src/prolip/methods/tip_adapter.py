@@ -27,7 +27,7 @@ from torch import Tensor
 from prolip.functional import accuracy, chunk_rows, cosine_logits, map_rows, row_slices
 from prolip.methods import register
 from prolip.methods._common import embed, fresh_view_per_epoch, mean_view_embedding, train_minibatch
-from prolip.methods.base import Method, Support, Task, Validation
+from prolip.methods.base import Capabilities, Method, Support, Task, Validation
 from prolip.methods.params import (
     LEARNING_RATE,
     NON_NEGATIVE,
@@ -108,7 +108,7 @@ TIP_CONFIGS = _tip_configs()
 @register
 class TipAdapter(Method):
     name = "tip-adapter"
-    selects = "α and β (search_hp's grid)"
+    capabilities = Capabilities(selects="α and β (search_hp's grid)")
     dataset_defaults = {name: {k: v for k, v in c.items() if k != "epochs"} for name, c in TIP_CONFIGS.items()}
     constraints = {
         "alpha": NON_NEGATIVE,
@@ -185,7 +185,7 @@ class TipAdapter(Method):
 @register
 class TipAdapterF(TipAdapter):
     name = "tip-adapter-f"
-    selects = "α and β (search_hp's grid) and the training epoch"
+    capabilities = Capabilities(selects="α and β (search_hp's grid) and the training epoch")
     dataset_defaults = TIP_CONFIGS
     constraints = {
         **TipAdapter.constraints,

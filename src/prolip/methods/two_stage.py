@@ -205,7 +205,7 @@ class TwoStage(EncoderTraining):
         self.classifier = self._second_stage(init, paths, support.labels, task.logit_scale, stage2)
         steps2 = training_steps(len(paths), stage2)
         seen = sum(len(i) for _, i in steps1 + steps2)
-        self.forward_passes_ = seen + len(classnames) * (len(steps1) * text_trains + 1)
+        self._forward_passes = seen + len(classnames) * (len(steps1) * text_trains + 1)
         self.selected_ = {
             "how": "rule",
             "stage1_iterations": len(steps1),

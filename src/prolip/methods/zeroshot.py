@@ -6,16 +6,16 @@ from torch import Tensor
 
 from prolip.functional import clip_logits
 from prolip.methods import register
-from prolip.methods.base import NO_CACHED_VIEWS, Method, Support, Task, Validation
+from prolip.methods.base import NO_CACHED_VIEWS, Capabilities, Method, Support, Task, Validation
 
 
 @register
 class ZeroShot(Method):
     name = "zeroshot"
-    accepts_classifier = True
-    exposes_projection = True
-    learns = False
-    augmentation = NO_CACHED_VIEWS  # reads no support views
+    # it reads no support at all
+    capabilities = Capabilities(
+        accepts_classifier=True, exposes_projection=True, learns=False, augmentation=NO_CACHED_VIEWS
+    )
 
     def __init__(self) -> None:
         pass

@@ -49,7 +49,9 @@ class BaseToNew(Protocol):
             method, seconds = self.b.fit(cell.method, cell.record["hyperparameters"], episode, group.seed)
             on_base = scores(method, episode.evaluation)
             on_new = (
-                scores(method, new_features, T_new) if method.accepts_classifier else {"accuracy": None, "ece": None}
+                scores(method, new_features, T_new)
+                if method.capabilities.accepts_classifier
+                else {"accuracy": None, "ece": None}
             )
             base_acc, new_acc = on_base["accuracy"], on_new["accuracy"]
             hm = None if new_acc is None or base_acc is None else harmonic_mean(base_acc, new_acc)
@@ -66,6 +68,6 @@ class BaseToNew(Protocol):
                 **self.b.cost(method),
                 **self.b.identity(episode, evaluation=episode.evaluation.images, new=new_features.images),
             )
-            if not method.accepts_classifier:
+            if not method.capabilities.accepts_classifier:
                 cell.add(note=f"{cell.method.name} cannot score classes it was not trained on")
             yield cell, seconds

@@ -103,7 +103,7 @@ class CrossDataset(Protocol):
                 target = self.b.splits(cell.target)
                 features = self.b.builder.center(evaluation_images(target))
                 T = self.b.builder.classifier(target.classnames, self.b.templates(target)[1])
-                if method.accepts_classifier:
+                if method.capabilities.accepts_classifier:
                     found = scores(method, features, T)
                 else:
                     cell.add(note=f"{cell.method.name} cannot score another dataset's classes")

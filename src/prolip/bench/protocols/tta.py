@@ -123,7 +123,7 @@ class TestTime(Protocol):
             raise ExperimentError(f"{where}: tta: 'views' must be ≥ 1 and 'ratio' in (0, 1]")
         _check_test_time_settings(exp.tta, f"{where}: tta")
         for i, m in enumerate(exp.methods):
-            if not method_class(m.name).exposes_projection:
+            if not method_class(m.name).capabilities.exposes_projection:
                 raise ExperimentError(
                     f"{where}: methods[{i}]: the tta protocol adapts a projection W, so it starts "
                     f"from a method that exposes one (zeroshot's W0, prolip's W), not {m.name!r}"
@@ -156,7 +156,7 @@ class TestTime(Protocol):
             for m in self.exp.methods
             for shots, seed in (
                 [(s, seed) for s in self.exp.shots for seed in self.exp.seeds]
-                if method_class(m.name).learns
+                if method_class(m.name).capabilities.learns
                 else [(0, None)]
             )
         ]

@@ -690,7 +690,7 @@ def _learns(method: Any) -> bool | None:
     from prolip.methods import method_class
 
     try:
-        return bool(method_class(method).learns) if isinstance(method, str) else None
+        return bool(method_class(method).capabilities.learns) if isinstance(method, str) else None
     except ValueError:
         return None
 
