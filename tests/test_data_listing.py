@@ -361,3 +361,20 @@ def test_listed_items_read_like_a_list(tmp_path):
     assert images.labels == [0, 0, 1] and images.subset([2]).items == [as_list[2]]
     with pytest.raises(ValueError, match="2 names"):
         ListedItems([tmp_path], [0], ["x.jpg", "y.jpg"], [0])
+
+
+@pytest.mark.parametrize("entry", ["cli", "api"])
+def test_the_memo_goes_to_the_cache_dir_the_command_was_given(tmp_path, monkeypatch, entry):
+    from prolip.api import _splits
+    from prolip.cli.options import resolve
+
+    monkeypatch.setenv("PROLIP_CACHE_DIR", str(tmp_path / "default"))
+    monkeypatch.setattr(listing, "MIN_ENTRIES", 1)
+    root = imagenet(tmp_path / "data")
+    given = tmp_path / "given"
+    if entry == "cli":
+        resolve("imagenet", root, None, None, cache_dir=given)
+    else:
+        _splits("imagenet", root, given)
+    assert list((given / listing.LISTING_DIR).glob("*.json"))
+    assert not (tmp_path / "default").exists()

@@ -32,8 +32,10 @@ from prolip.tta import TTAConfig
 FIT_OPTIONS = tuple(f.name for f in fields(FitConfig))
 
 
-def _splits(data: str | Path | DatasetSplits, data_root: Path | str | None) -> DatasetSplits:
-    return data if isinstance(data, DatasetSplits) else resolve_data(str(data), root=data_root)
+def _splits(
+    data: str | Path | DatasetSplits, data_root: Path | str | None, cache_dir: Path | str | None = None
+) -> DatasetSplits:
+    return data if isinstance(data, DatasetSplits) else resolve_data(str(data), root=data_root, cache_dir=cache_dir)
 
 
 def fit(
@@ -56,7 +58,7 @@ def fit(
     if unknown:
         raise TypeError(f"prolip.fit() got unknown option(s) {unknown}; it takes {', '.join(FIT_OPTIONS)}")
     backbone = load_backbone(model, pretrained, device=device) if backbone is None else backbone
-    splits = _splits(data, data_root)
+    splits = _splits(data, data_root, cache_dir)
     cache = FeatureCache(cache_dir, backbone)
     return fit_episode(backbone, splits, cache, FitConfig(**options), eval_images=eval_images, data_spec=str(data))
 
@@ -82,7 +84,7 @@ def evaluate(
     run = run if isinstance(run, Run) else Run.load(run)
     backbone = run.backbone(device)
     cache = None if tta is not None else FeatureCache(cache_dir, backbone)
-    return evaluate_run(run, _splits(data, data_root), split=split, tta=tta, backbone=backbone, cache=cache)
+    return evaluate_run(run, _splits(data, data_root, cache_dir), split=split, tta=tta, backbone=backbone, cache=cache)
 
 
 __all__ = ["TTAConfig", "evaluate", "fit", "load_backbone", "load_run"]

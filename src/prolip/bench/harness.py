@@ -116,7 +116,7 @@ class Bench:
 
         if dataset not in self._splits:
             root = None if self.exp.data_root is None else Path(self.exp.data_root).expanduser()
-            self._splits[dataset] = resolve_data(dataset, root=root)
+            self._splits[dataset] = resolve_data(dataset, root=root, cache_dir=self.cache.root)
         return self._splits[dataset]
 
     def templates(self, splits: DatasetSplits) -> tuple[str, list[str]]:

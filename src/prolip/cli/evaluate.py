@@ -80,7 +80,9 @@ def eval_cmd(
     run = load_run(run_dir)
     if out is not None:
         reserve_out(out, force, [*data_read(data, data_root, classnames_file), run_dir], "eval")
-    splits = resolve(data, data_root, classnames_file, None, label_key=label_key, image_key=image_key)
+    splits = resolve(
+        data, data_root, classnames_file, None, label_key=label_key, image_key=image_key, cache_dir=cache_dir
+    )
     backbone = backbone_for_run(run, device)
     cache = None if tta else feature_cache(backbone, cache_dir, batch_size, workers, on_bad_image, extract_dtype)
     report = evaluate_run(

@@ -63,7 +63,7 @@ def extract_cmd(
 
     check_device(device)
     _check_engine(engine, device)
-    splits = resolve(data, data_root, None, None, label_key=label_key, image_key=image_key)
+    splits = resolve(data, data_root, None, None, label_key=label_key, image_key=image_key, cache_dir=cache_dir)
     wanted = ["train", "val", "test"] if split == "all" else [split]
     if split != "all" and getattr(splits, split) is None:
         fail(

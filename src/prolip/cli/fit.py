@@ -155,7 +155,9 @@ def fit_cmd(
     check_device(device)
     configure(method, hp, validate=validate)  # a bad method or hyperparameter fails before any work
     reserve_out(out, force, data_read(data, data_root, classnames_file, templates_file, val_dir), "run")
-    splits = resolve(data, data_root, classnames_file, templates_file, train_split, label_key, image_key)
+    splits = resolve(
+        data, data_root, classnames_file, templates_file, train_split, label_key, image_key, cache_dir=cache_dir
+    )
     eval_images = _val_images(val_dir, classnames_file)
     rank, _ = init_from_env(device)  # under torchrun: extraction and the grid search are split across processes
     backbone = backbone_from_options(model, pretrained, device, site)

@@ -195,7 +195,10 @@ def feature_cache(backbone, cache_dir, batch_size, workers, on_bad_image, extrac
         fail(str(e))
 
 
-def resolve(data, data_root, classnames_file, templates_file, split=None, label_key=None, image_key=None):
+def resolve(
+    data, data_root, classnames_file, templates_file, split=None, label_key=None, image_key=None, cache_dir=None
+):
+    """``--data`` resolved; a scanned folder's listing is remembered under ``--cache-dir`` with the features."""
     from prolip.data import resolve_data
 
     try:
@@ -207,6 +210,7 @@ def resolve(data, data_root, classnames_file, templates_file, split=None, label_
             split=split,
             label_key=label_key,
             image_key=image_key,
+            cache_dir=cache_dir,
         )
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from prolip.data import listing
 from prolip.data.images import BadImageError
 from prolip.distributed import rank_world
 from prolip.features import storage
@@ -65,8 +65,7 @@ ON_BAD_IMAGE = ("error", "skip")  # what an unreadable image does: stop the run,
 Skipped = list[tuple[Path, str]]  # (path, reason) of the unreadable images a request left out
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("PROLIP_CACHE_DIR", Path.home() / ".cache" / "prolip"))
+default_cache_dir = listing.default_cache_dir  # one default for features and listings (written where torch is not)
 
 
 _NOTED: set[Path] = set()
