@@ -168,7 +168,15 @@ def test_tip_adapters_fit_and_score_the_same_in_blocks(problem, monkeypatch, nam
         m = create(name, **extra).fit(problem.task, problem.support, problem.val, seed=2)
         return m.selected_, m.keys, m.logits(problem.test.features)
 
-    same(*twice(monkeypatch, run))
+    chunked, whole = twice(monkeypatch, run)
+    if name != "prolip+tip-adapter-f":
+        same(chunked, whole)
+        return
+    # It trains in blocks too (the support × keys affinity rebuilt in backward): the gradient is summed block by
+    # block, so its weights equal the whole computation's to float32 rounding, not bitwise.
+    assert chunked[0] == whole[0]
+    torch.testing.assert_close(chunked[1], whole[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked[2], whole[2], rtol=1e-5, atol=1e-4)
 
 
 def test_gda_scores_the_same_in_blocks(problem, monkeypatch):

@@ -112,8 +112,15 @@ class ProLIPTipAdapterF(Method):
 
         def loss_at(t: int) -> Tensor:
             W = join_rows(Wt, W0_frozen)
-            ce = F.cross_entropy(self._blend(_view(support, t), W, keys, task.classifier), support.labels)
-            return ce + lam * proximal_penalty(Wt, W0t)
+            # The support × keys affinity a block of rows at a time, rebuilt in backward: at ImageNet size
+            # (16,000 × 16,000) the whole one and its exponential would be kept for backward, 2 GB.
+            logits = map_rows(
+                lambda rows: self._blend(rows, W, keys, task.classifier),
+                _view(support, t),
+                keys.shape[0],
+                recompute_in_backward=True,
+            )
+            return F.cross_entropy(logits, support.labels) + lam * proximal_penalty(Wt, W0t)
 
         train_full_batch([Wt, keys], loss_at, steps=self.steps, lr=self.lr, weight_decay=self.weight_decay)
         self.W, self.keys = join_rows(Wt, W0_frozen), keys
