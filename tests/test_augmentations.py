@@ -88,3 +88,34 @@ def test_a_run_records_the_views_it_trained_on(tiny_image_folder, tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["data"]["augmentation"] == "dassl"
+
+
+def augmentation_literals(source: str) -> list[int]:
+    """Lines where an ``augmentation`` argument default, field or assignment is a string literal."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        pairs = []
+        if isinstance(node, ast.arguments):
+            args = [*node.posonlyargs, *node.args]
+            pairs += list(zip(args[len(args) - len(node.defaults) :], node.defaults, strict=True))
+            pairs += [(a, d) for a, d in zip(node.kwonlyargs, node.kw_defaults, strict=True) if d is not None]
+            pairs = [(a.arg, d) for a, d in pairs]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            pairs = [(node.target.id, node.value)]
+        found += [v.lineno for name, v in pairs if name == "augmentation" and isinstance(v, ast.Constant) and v.value]
+    return found
+
+
+def test_the_default_augmentation_is_declared_once():
+    from pathlib import Path
+
+    import prolip
+
+    assert augmentation_literals('def f(x, augmentation: str = "prolip"): ...\nclass C:\n    augmentation: str = "x"\n')
+    src = Path(prolip.__file__).parent
+    offenders = {
+        str(p.relative_to(src)): lines for p in src.rglob("*.py") if (lines := augmentation_literals(p.read_text()))
+    }
+    assert not offenders, f"write prolip.transforms.DEFAULT_AUGMENTATION, not a literal: {offenders}"

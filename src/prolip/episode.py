@@ -36,6 +36,7 @@ from prolip.errors import ProlipError
 from prolip.features.cache import CachedViews
 from prolip.functional import ensemble_classifier
 from prolip.methods.base import NO_CACHED_VIEWS, Method, Support, Task, Validation
+from prolip.transforms import DEFAULT_AUGMENTATION
 
 EVAL_TEST_SPLIT, EVAL_HELD_OUT = "test split", "held-out images"
 SAMPLERS = ("lpp", "coop")
@@ -57,7 +58,8 @@ class EpisodeSpec:
     allow_fewer: bool = False
     validation: bool = False
     classes: tuple[int, ...] | None = None  # keep only these classes after sampling, relabelled in this order
-    augmentation: str = "prolip"  # the cached views of the episode's support (other methods ask support_for)
+    # The cached views of the episode's support (other methods ask support_for).
+    augmentation: str = DEFAULT_AUGMENTATION
     split_file: str | None = None  # a published split (2SFS's JSONL) instead of the sampler's draw
     split_val_file: str | None = None  # its validation images
 

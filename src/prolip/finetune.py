@@ -49,7 +49,7 @@ from prolip.features import encode_images, image_key
 from prolip.functional import clip_logits, project
 from prolip.methods.params import HyperparameterError
 from prolip.optim import REFERENCE_EPS, cosine_lr
-from prolip.transforms import augment_transform, augmented_view, view_seed
+from prolip.transforms import DEFAULT_AUGMENTATION, augment_transform, augmented_view, view_seed
 
 # Which parameters of a backbone train, by their names in ``backbone.model.named_parameters()``.
 ParameterChooser = Callable[[Backbone], Sequence[str]]
@@ -79,7 +79,7 @@ class FinetuneSettings:
     min_lr: float = 0.0  # CosineAnnealingLR's eta_min
     iterations: int | None = None  # train this many steps (as many epochs as they need) instead of ``epochs``
     head: str = "reference"  # "reference": s·(zW+b)·Tᵀ un-normalised; "clip": s·normalize(zW+b)·Tᵀ
-    augmentation: str = "prolip"  # prolip.transforms.AUGMENTATIONS
+    augmentation: str = DEFAULT_AUGMENTATION  # prolip.transforms.AUGMENTATIONS
     # Epochs are numbered from here: a run that goes on where another, of epochs 0..first_epoch-1, stopped (its
     # shuffles and views are those the longer run would have had at these epochs; 2SFS's second stage).
     first_epoch: int = 0
@@ -259,7 +259,7 @@ class AugmentedSupport:
         backbone: Backbone,
         aug_seed: int,
         workers: int = 0,
-        augmentation: str = "prolip",
+        augmentation: str = DEFAULT_AUGMENTATION,
     ):
         self.images = [load_image(p) for p in paths]
         self.keys = [image_key(p) for p in paths]

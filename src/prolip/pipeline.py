@@ -35,6 +35,7 @@ from prolip.methods import Method, configure
 from prolip.methods.base import Task
 from prolip.run import FORMAT as RUN_FORMAT
 from prolip.run import Run
+from prolip.transforms import DEFAULT_AUGMENTATION
 from prolip.version import __version__
 
 
@@ -54,7 +55,7 @@ class FitConfig:
     split_file: str | None = None  # a published split file (2SFS's JSONL) instead of the sampler's draw
     split_val_file: str | None = None
 
-    def episode_spec(self, augmentation: str = "prolip") -> EpisodeSpec:
+    def episode_spec(self, augmentation: str = DEFAULT_AUGMENTATION) -> EpisodeSpec:
         return EpisodeSpec(
             shots=self.shots,
             seed=self.seed,

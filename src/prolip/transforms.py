@@ -119,9 +119,10 @@ class SeededCropFlip:
 # LP++'s) RandomResizedCrop(scale=(0.5, 1)); "dassl" is Dassl's INPUT.RRCROP_SCALE default (0.08, 1), the
 # transform the Dassl-based baselines (CoOp-config CLIP-Adapter, TaskRes, ZS-LP/CLAP) train on. Both bicubic + flip.
 AUGMENTATIONS = {"prolip": (0.5, 1.0), "dassl": (0.08, 1.0)}
+DEFAULT_AUGMENTATION = "prolip"  # what a method trains on unless it declares otherwise, and the cache's oldest names
 
 
-def augment_transform(prep: Preprocessing, augmentation: str = "prolip") -> SeededCropFlip:
+def augment_transform(prep: Preprocessing, augmentation: str = DEFAULT_AUGMENTATION) -> SeededCropFlip:
     """RandomResizedCrop (bicubic, the named scale range) + horizontal flip + CLIP normalisation."""
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augmentation!r}; known: {', '.join(AUGMENTATIONS)}")

@@ -36,6 +36,7 @@ from prolip.features.extraction import Extractor, ViewMaker, augmented_views, ce
 from prolip.features.identity import ContentIndex
 from prolip.features.locking import remove_finished_locks, unit_lock
 from prolip.features.storage import CacheError, Entry
+from prolip.transforms import DEFAULT_AUGMENTATION
 
 __all__ = [
     "AUGMENT_VERSION",
@@ -203,7 +204,7 @@ class Request:
     paths: tuple[Path, ...]
     views: int = 0
     aug_seed: int = 0
-    augmentation: str = "prolip"
+    augmentation: str = DEFAULT_AUGMENTATION
 
 
 @dataclass
@@ -308,7 +309,7 @@ class FeatureCache:
         num_views: int,
         aug_seed: int = 0,
         *,
-        augmentation: str = "prolip",
+        augmentation: str = DEFAULT_AUGMENTATION,
         rank: int | None = None,
         world: int | None = None,
     ) -> CachedViews:
@@ -332,7 +333,7 @@ class FeatureCache:
         num_views: int = 0,
         aug_seed: int = 0,
         *,
-        augmentation: str = "prolip",
+        augmentation: str = DEFAULT_AUGMENTATION,
         rank: int | None = None,
         world: int | None = None,
     ) -> Lookup:
@@ -361,7 +362,7 @@ class FeatureCache:
             torch.distributed.barrier()
         return self._lookup(ns, keys, files, views, bad, world, skipped)
 
-    def namespace_dir(self, kind: str, aug_seed: int, augmentation: str = "prolip") -> Path:
+    def namespace_dir(self, kind: str, aug_seed: int, augmentation: str = DEFAULT_AUGMENTATION) -> Path:
         prep = self.backbone.preprocessing
         ident = json.dumps(
             {
@@ -372,7 +373,7 @@ class FeatureCache:
             },
             sort_keys=True,
         )
-        if kind == "augment" and augmentation != "prolip":  # other views; the reference's keep their old names
+        if kind == "augment" and augmentation != DEFAULT_AUGMENTATION:  # other views; the default keeps its old names
             ident += f"|augmentation:{augmentation}"
         if self.compute_dtype != "fp32":  # other numerics, other features; fp32 namespaces keep their old names
             ident += f"|compute:{self.compute_dtype}"

@@ -21,7 +21,14 @@ import torch
 from torch import Tensor
 
 from prolip.data.images import BadImageError, content_digest, load_image
-from prolip.transforms import SeededCropFlip, augment_transform, augmented_view, center_transform, view_seed
+from prolip.transforms import (
+    DEFAULT_AUGMENTATION,
+    SeededCropFlip,
+    augment_transform,
+    augmented_view,
+    center_transform,
+    view_seed,
+)
 
 COMPUTE_DTYPES = ("fp32", "bf16")  # what the backbone computes in (the cache stores float16 either way)
 
@@ -43,7 +50,7 @@ def center_views(prep) -> ViewMaker:
     return lambda image, key, t: transform(image)
 
 
-def augmented_views(prep, aug_seed: int, augmentation: str = "prolip") -> ViewMaker:
+def augmented_views(prep, aug_seed: int, augmentation: str = DEFAULT_AUGMENTATION) -> ViewMaker:
     """The cached training views: view t seeded per (aug_seed, image key, t), so any request, and any copy of the
     image, gets the same views."""
     transform = augment_transform(prep, augmentation)

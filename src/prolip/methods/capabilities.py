@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from prolip.transforms import DEFAULT_AUGMENTATION
+
 NO_CACHED_VIEWS = "none"  # a method's ``augmentation`` when it trains on the images, not on cached views
 
 # Whether fitting reads the support's center crops, from the method's full hyperparameters and the number of cached
@@ -51,7 +53,7 @@ class Capabilities:
     exposes_projection: bool = False
     learns: bool = True
     encodes_images: bool = False
-    augmentation: str = "prolip"
+    augmentation: str = DEFAULT_AUGMENTATION
     selects: str = ""
     reads_center: bool | CenterRule = False
 
