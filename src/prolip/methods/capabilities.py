@@ -6,8 +6,6 @@ method does.
 Hyperparameter declarations stay beside the hyperparameters on the class (``constraints``, ``dataset_defaults``,
 ``validation_params``): they are values of ``__init__`` arguments, checked by the constraints and merged under the
 caller's settings, and a subclass that changes its hyperparameters changes them with it.
-
-Kept free of torch, so reading what a method declares (``prolip methods -v``) costs nothing.
 """
 
 from __future__ import annotations
