@@ -174,8 +174,8 @@ def test_image_level_training_refuses_the_output_site_in_one_line(tiny_image_fol
     import pytest
 
     from prolip.backbones import load_backbone
+    from prolip.constraints import HyperparameterError
     from prolip.finetune import projection_parameters
-    from prolip.methods.params import HyperparameterError
 
     backbone = load_backbone("test-vit-tiny", "none", site="output")
     with pytest.raises(HyperparameterError, match="output site is no parameter of the model") as e:

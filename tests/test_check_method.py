@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import Tensor
 
+from prolip.constraints import POSITIVE
 from prolip.functional import clip_logits
 from prolip.methods import available, check_method, method_class
 from prolip.methods.base import Capabilities, Method
 from prolip.methods.checks import CHECKS, MethodContractError
-from prolip.methods.params import POSITIVE
 
 SHORT = {"linear-adapter": {"steps": 30}}  # its 7×7 validation grid at 300 steps is the slowest check by far
 

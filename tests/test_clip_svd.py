@@ -9,11 +9,11 @@ import copy
 import pytest
 import torch
 
+from prolip.constraints import HyperparameterError
 from prolip.finetune import adapted_copy, encoder_logits, model_parameters
 from prolip.methods import check_method, configure, create, method_class
 from prolip.methods.clip_svd import SVDInstaller, kept_rank, merged_tensors
 from prolip.methods.lora import one_prompt_classifier
-from prolip.methods.params import HyperparameterError
 from test_lora import CLASSES, episode, image_and_text
 
 FAST = {"steps": 2, "batch_size": 3, "lr": 1e-2}  # 2 shots: 4 iterations over 8 images, the last batch partial

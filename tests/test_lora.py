@@ -177,7 +177,7 @@ def test_same_seed_same_adapters(tiny_vit, tiny_image_folder):
 
 
 def test_a_resnet_adapts_its_text_encoder_only(tiny_rn, tiny_image_folder):
-    from prolip.methods.params import HyperparameterError
+    from prolip.constraints import HyperparameterError
 
     task, support = episode(tiny_rn, tiny_image_folder)
     with pytest.raises(HyperparameterError, match="encoder: text"):

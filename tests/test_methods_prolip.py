@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from prolip.constraints import resolve_lambda
 from prolip.functional import accuracy, clip_logits
 from prolip.methods import create
 from prolip.methods.base import Validation
-from prolip.methods.params import resolve_lambda
 from prolip.methods.prolip import GRID_LAMS, GRID_LRS, prolip_loss_and_grad, select_config, train_projection
 from prolip.optim import adam_step, cosine_lr
 from synthetic import make_problem

@@ -13,7 +13,7 @@ from torch import Tensor
 from prolip.bench.experiment import ExperimentError, parse_experiment
 from prolip.bench.records import read_records
 from prolip.cli import main
-from prolip.methods.params import HyperparameterError
+from prolip.constraints import HyperparameterError
 from prolip.tta import PerImageMethod, Scene, available, create, method_class, register
 from toy_tta import MeanViews, mean_view_logits  # noqa: E402  (tests/ is on sys.path, as for toy_family)
 

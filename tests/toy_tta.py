@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import Tensor
 
+from prolip.constraints import Number
 from prolip.functional import cosine_logits, project
-from prolip.methods.params import Number
 from prolip.tta import PerImageMethod, Scene, register
 
 

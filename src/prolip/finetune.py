@@ -44,10 +44,10 @@ from tqdm.auto import tqdm
 
 from prolip.backbones.base import Backbone, ProjectionSite
 from prolip.backbones.loading import fingerprint
+from prolip.constraints import HyperparameterError
 from prolip.data.images import load_image
 from prolip.features import encode_images, image_key
 from prolip.functional import clip_logits, project
-from prolip.methods.params import HyperparameterError
 from prolip.optim import REFERENCE_EPS, cosine_lr
 from prolip.transforms import DEFAULT_AUGMENTATION, augment_transform, augmented_view, view_seed
 

@@ -26,16 +26,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from prolip.constraints import INTEGER, TEXT, Constraint, Number, Schema
 from prolip.data.folder import DataError, check_classnames, check_template
 from prolip.errors import RunError
-from prolip.methods.params import INTEGER, TEXT, Constraint, Number, Schema
 from prolip.outputs import RUN_CARD, RUN_FORMAT, write_directory
 
 FORMAT = RUN_FORMAT
 RUN_FILES = ("manifest.json", "method.safetensors", "classifier.safetensors", "classnames.json", "templates.json")
 
 
-# The manifest keys every run has, with their constraints (:mod:`prolip.methods.params`, the language hyperparameters
+# The manifest keys every run has, with their constraints (:mod:`prolip.constraints`, the language hyperparameters
 # and experiment files are checked in): what predict, eval, export and the pipeline read back. Other keys (data,
 # metrics, skipped images, versions, the site) are provenance that varies between versions, so every level is open.
 def _object(fields: dict[str, Constraint]) -> Schema:

@@ -14,9 +14,9 @@ import re
 import pytest
 import torch
 
+from prolip.constraints import Number
 from prolip.methods import HyperparameterError, available, configure, create, method_class
 from prolip.methods.base import FitError
-from prolip.methods.params import Number
 
 from .conftest import TINY, cli, fit_cli, make_folder
 

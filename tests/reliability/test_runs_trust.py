@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from prolip.methods.params import Schema
+from prolip.constraints import Schema
 from prolip.run import MANIFEST_SCHEMA, Run, RunError
 
 from .conftest import cli, digest, fake_run, fit_cli, make_folder

@@ -2,7 +2,7 @@
 
 Validation is strict (unknown keys, wrong types, unknown methods or hyperparameters fail before any work starts, and
 the message names the file and the key), because a typo in a sweep that runs for hours should cost seconds. The keys
-are one :class:`~prolip.methods.params.Schema`, in the constraint language hyperparameters are checked in; a
+are one :class:`~prolip.constraints.Schema`, in the constraint language hyperparameters are checked in; a
 protocol's own section (its name, keys and reading) is the protocol's (:attr:`Protocol.section`), never named here.
 """
 
@@ -21,7 +21,7 @@ from prolip.bench.spec import (  # the experiment's classes, read here and impor
     ExperimentError,
     MethodSpec,
 )
-from prolip.methods.params import (
+from prolip.constraints import (
     INTEGER,
     NON_NEGATIVE_INT,
     POSITIVE_INT,
@@ -53,7 +53,7 @@ def load_yaml(text: str):
 
 
 def experiment_schema() -> Schema:
-    """Every key an experiment file may hold, with its constraint (:mod:`prolip.methods.params`, the language
+    """Every key an experiment file may hold, with its constraint (:mod:`prolip.constraints`, the language
     hyperparameters are checked in), and each registered protocol's section under the name the protocol gives it."""
     from prolip.backbones.base import SITES
     from prolip.bench.protocols import available, protocol_class  # the registry, filled by importing it

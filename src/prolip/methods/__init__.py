@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from prolip.constraints import HyperparameterError, check_declared, check_known
 from prolip.methods.base import FitError, Method, Support, Task, TensorViews, Validation, ViewSource
 from prolip.methods.capabilities import NO_CACHED_VIEWS, Capabilities
 from prolip.methods.checks import check_method
-from prolip.methods.params import HyperparameterError, check_declared, check_known
 from prolip.registry import Registry
 
 _REGISTRY: Registry[type[Method]] = Registry("method", HyperparameterError)
@@ -77,7 +77,7 @@ def _import_all() -> None:
     import prolip.methods as pkg
 
     for mod in pkgutil.iter_modules(pkg.__path__):
-        if not mod.name.startswith("_") and mod.name not in ("base", "params"):
+        if not mod.name.startswith("_") and mod.name not in ("base", "capabilities"):
             importlib.import_module(f"prolip.methods.{mod.name}")
 
 

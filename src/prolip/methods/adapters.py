@@ -36,11 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prolip.functional import accuracy, cosine_logits, proximal_penalty
-from prolip.methods import register
-from prolip.methods._common import cosine_head_logits, embed, fresh_view_per_epoch, text_mean, train_minibatch
-from prolip.methods.base import Capabilities, Method, Support, Task, Validation
-from prolip.methods.params import (
+from prolip.constraints import (
     FRACTION,
     LEARNING_RATE,
     NON_NEGATIVE,
@@ -51,6 +47,10 @@ from prolip.methods.params import (
     Number,
     resolve_lambda,
 )
+from prolip.functional import accuracy, cosine_logits, proximal_penalty
+from prolip.methods import register
+from prolip.methods._common import cosine_head_logits, embed, fresh_view_per_epoch, text_mean, train_minibatch
+from prolip.methods.base import Capabilities, Method, Support, Task, Validation
 from prolip.methods.prolip import GRID_LAMS, GRID_LRS
 from prolip.optim import train_full_batch, view_for_step
 

@@ -23,9 +23,9 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
+from prolip.constraints import Configurable, Constraint, HyperparameterError, check_known
 from prolip.errors import ProlipError
 from prolip.methods.capabilities import NO_CACHED_VIEWS, Capabilities
-from prolip.methods.params import Configurable, Constraint, HyperparameterError, check_known
 
 _CAPABILITY_NAMES = frozenset(f.name for f in fields(Capabilities))
 

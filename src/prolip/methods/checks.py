@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prolip.constraints import HyperparameterError, check_declared
 from prolip.functional import clip_logits
 from prolip.methods.base import Method, Support, Task, TensorViews, Validation
-from prolip.methods.params import HyperparameterError, check_declared
 
 
 class MethodContractError(AssertionError):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prolip.constraints import LEARNING_RATE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, Flag
 from prolip.methods import register
 from prolip.methods._common import (
     cosine_head_logits,
@@ -35,7 +36,6 @@ from prolip.methods._common import (
     view_embeddings,
 )
 from prolip.methods.base import Capabilities, Method, Support, Task, Validation
-from prolip.methods.params import LEARNING_RATE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, Flag
 
 
 def zero_shot_class_performance(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:

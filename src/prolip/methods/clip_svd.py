@@ -59,15 +59,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from prolip.backbones.base import Backbone
-from prolip.finetune import (
-    train_image_encoder,
-    training_steps,
-)
-from prolip.methods import register
-from prolip.methods.base import Support, Task, Validation
-from prolip.methods.encoder_training import InstalledAdapters
-from prolip.methods.lora import HF_PROJECTIONS, one_prompt_classifier
-from prolip.methods.params import (
+from prolip.constraints import (
     LEARNING_RATE,
     NON_NEGATIVE,
     POSITIVE_INT,
@@ -77,6 +69,14 @@ from prolip.methods.params import (
     Subset,
     Template,
 )
+from prolip.finetune import (
+    train_image_encoder,
+    training_steps,
+)
+from prolip.methods import register
+from prolip.methods.base import Support, Task, Validation
+from prolip.methods.encoder_training import InstalledAdapters
+from prolip.methods.lora import HF_PROJECTIONS, one_prompt_classifier
 
 ENCODERS = ("both", "vision", "text")  # run_utils.py:31-32 --train_image_encoder / --train_text_encoder
 # svf_utils/utils.py:25-38 include_train_layers: blocks of a 12-block tower; "all" is every block of any tower.

@@ -26,11 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prolip.functional import cosine_logits, map_rows, proximal_penalty
-from prolip.methods import register
-from prolip.methods._common import embed, join_rows, split_rows
-from prolip.methods.base import Capabilities, Method, Support, Task, Validation
-from prolip.methods.params import (
+from prolip.constraints import (
     LEARNING_RATE,
     NON_NEGATIVE,
     POSITIVE_INT,
@@ -40,6 +36,10 @@ from prolip.methods.params import (
     Number,
     resolve_lambda,
 )
+from prolip.functional import cosine_logits, map_rows, proximal_penalty
+from prolip.methods import register
+from prolip.methods._common import embed, join_rows, split_rows
+from prolip.methods.base import Capabilities, Method, Support, Task, Validation
 from prolip.optim import train_full_batch, view_for_step
 
 STEPS = Number(low=0, integer=True)

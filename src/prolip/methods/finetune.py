@@ -17,6 +17,16 @@ import torch
 from torch import Tensor
 
 from prolip.backbones.base import Backbone
+from prolip.constraints import (
+    LEARNING_RATE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Choice,
+    Lambda,
+    Number,
+    resolve_lambda,
+)
 from prolip.finetune import (
     FinetuneSettings,
     encoder_logits,
@@ -28,16 +38,6 @@ from prolip.finetune import (
 )
 from prolip.methods import register
 from prolip.methods.base import NO_CACHED_VIEWS, Capabilities, Method, Support, Task, Validation
-from prolip.methods.params import (
-    LEARNING_RATE,
-    NON_NEGATIVE_INT,
-    POSITIVE,
-    POSITIVE_INT,
-    Choice,
-    Lambda,
-    Number,
-    resolve_lambda,
-)
 from prolip.optim import REFERENCE_EPS
 
 PENALTIES = ("reference", "proximal")

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prolip.constraints import NON_NEGATIVE, POSITIVE_INT, Flag
 from prolip.functional import accuracy, cosine_logits, map_rows
 from prolip.methods import register
 from prolip.methods._common import embed
 from prolip.methods.base import Capabilities, Method, Support, Task, Validation
-from prolip.methods.params import NON_NEGATIVE, POSITIVE_INT, Flag
 
 ALPHA_GRID = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)  # main_few_shots.py:70
 

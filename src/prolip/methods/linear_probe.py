@@ -23,10 +23,10 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
+from prolip.constraints import POSITIVE_INT, Number
 from prolip.methods import register
 from prolip.methods._common import embed
 from prolip.methods.base import Capabilities, Method, Support, Task, Validation
-from prolip.methods.params import POSITIVE_INT, Number
 
 COARSE_C = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
 

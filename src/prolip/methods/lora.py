@@ -40,16 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prolip.backbones.base import Backbone
-from prolip.finetune import (
-    adapted_copy,
-    model_parameters,
-    train_image_encoder,
-    training_steps,
-)
-from prolip.methods import register
-from prolip.methods.base import Support, Task, Validation
-from prolip.methods.encoder_training import InstalledAdapters
-from prolip.methods.params import (
+from prolip.constraints import (
     LEARNING_RATE,
     NON_NEGATIVE,
     POSITIVE,
@@ -60,6 +51,15 @@ from prolip.methods.params import (
     Subset,
     Template,
 )
+from prolip.finetune import (
+    adapted_copy,
+    model_parameters,
+    train_image_encoder,
+    training_steps,
+)
+from prolip.methods import register
+from prolip.methods.base import Support, Task, Validation
+from prolip.methods.encoder_training import InstalledAdapters
 
 ENCODERS = ("both", "vision", "text")
 # loralib/utils.py:10-20: blocks of a 12-block tower; "all" is every block of any tower.

@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prolip.constraints import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from prolip.functional import accuracy
 from prolip.methods import register
 from prolip.methods._common import embed
 from prolip.methods.base import Capabilities, Method, Support, Task, Validation
-from prolip.methods.params import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 
 
 def class_sums(x: Tensor, labels: Tensor, num_classes: int) -> Tensor:

@@ -22,11 +22,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prolip.constraints import LEARNING_RATE, Flag, Lambda, Number, resolve_lambda
 from prolip.functional import clip_logits
 from prolip.methods import register
 from prolip.methods._common import join_rows, split_rows
 from prolip.methods.base import Capabilities, Method, Support, Task, Validation
-from prolip.methods.params import LEARNING_RATE, Flag, Lambda, Number, resolve_lambda
 from prolip.methods.prolip import StepBuffers, embedding_grad, grid_accuracies
 from prolip.optim import REFERENCE_EPS, cosine_lr, fused_adam_step, view_for_step
 

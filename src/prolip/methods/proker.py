@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prolip.constraints import POSITIVE_INT, Flag, Linspace, Number
 from prolip.functional import chunk_rows, row_slices
 from prolip.methods import register
 from prolip.methods._common import embed
 from prolip.methods.base import Capabilities, FitError, Method, Support, Task, Validation
-from prolip.methods.params import POSITIVE_INT, Flag, Linspace, Number
 
 ROW_CHUNK = 4096  # at most this many rows of a kernel block against validation or test images built at once
 # M × M float64 matrices alive at the peak of one (β, λ): the kernel, which becomes K/λ + I and then its Cholesky

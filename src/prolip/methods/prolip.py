@@ -24,12 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from prolip.distributed import all_reduce_sum, broadcast, rank_world
-from prolip.functional import clip_logits, project, proximal_penalty
-from prolip.methods import register
-from prolip.methods._common import join_rows, split_rows
-from prolip.methods.base import Capabilities, Method, Support, Task, Validation, ViewSource
-from prolip.methods.params import (
+from prolip.constraints import (
     LEARNING_RATE,
     Choice,
     Lambda,
@@ -37,6 +32,11 @@ from prolip.methods.params import (
     PointGrid,
     resolve_lambda,
 )
+from prolip.distributed import all_reduce_sum, broadcast, rank_world
+from prolip.functional import clip_logits, project, proximal_penalty
+from prolip.methods import register
+from prolip.methods._common import join_rows, split_rows
+from prolip.methods.base import Capabilities, Method, Support, Task, Validation, ViewSource
 from prolip.optim import REFERENCE_EPS, adam_step, cosine_lr, fused_adam_step, view_for_step
 
 GRID_LRS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)

@@ -24,11 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prolip.functional import accuracy, chunk_rows, cosine_logits, map_rows, row_slices
-from prolip.methods import register
-from prolip.methods._common import embed, fresh_view_per_epoch, mean_view_embedding, train_minibatch
-from prolip.methods.base import Capabilities, Method, Support, Task, Validation
-from prolip.methods.params import (
+from prolip.constraints import (
     LEARNING_RATE,
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
@@ -38,6 +34,10 @@ from prolip.methods.params import (
     Number,
     Pair,
 )
+from prolip.functional import accuracy, chunk_rows, cosine_logits, map_rows, row_slices
+from prolip.methods import register
+from prolip.methods._common import embed, fresh_view_per_epoch, mean_view_embedding, train_minibatch
+from prolip.methods.base import Capabilities, Method, Support, Task, Validation
 
 
 def search_grid(scale: float, steps: int) -> tuple[float, ...]:

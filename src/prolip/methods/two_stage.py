@@ -54,6 +54,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prolip.backbones.base import Backbone
+from prolip.constraints import (
+    FRACTION,
+    LEARNING_RATE,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    Choice,
+    HyperparameterError,
+    Number,
+    Template,
+)
 from prolip.finetune import (
     FinetuneSettings,
     encoder_with,
@@ -65,17 +76,6 @@ from prolip.methods import register
 from prolip.methods.base import Support, Task, Validation
 from prolip.methods.encoder_training import EncoderTraining
 from prolip.methods.lora import one_prompt_classifier
-from prolip.methods.params import (
-    FRACTION,
-    LEARNING_RATE,
-    NON_NEGATIVE,
-    NON_NEGATIVE_INT,
-    POSITIVE_INT,
-    Choice,
-    HyperparameterError,
-    Number,
-    Template,
-)
 
 ENCODERS = ("both", "vision", "text")  # main.py:71 --ln_modality
 TEMPLATE = "a photo of a {}."  # datasets/*.py: template = ['a photo of a {}.'] for every dataset

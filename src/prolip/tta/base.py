@@ -18,7 +18,7 @@ text-encoder forward passes (``text_passes_per_image``), whether it starts from 
 ``recorded_when_off``).
 
 Settings are stored once, as attributes named like the ``__init__`` arguments (as few-shot methods' hyperparameters
-are, :mod:`prolip.methods.base`), with one constraint each from :mod:`prolip.methods.params`.
+are, :mod:`prolip.methods.base`), with one constraint each from :mod:`prolip.constraints`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from prolip.methods.params import Configurable, Constraint, Number
+from prolip.constraints import Configurable, Constraint, Number
 
 # Settings the experiment file's ``tta`` section gives every method that declares them ``shared`` (test-time
 # ProLIP's confident ratio, AdamW steps and lr; TPT and the view ensemble reuse the first two).

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from prolip.constraints import FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, Pair
 from prolip.methods._common import join_rows, split_rows
-from prolip.methods.params import FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, Pair
 from prolip.optim import adam_step
 from prolip.tta.base import RATIO, PerImageMethod, Scene
 from prolip.tta.functional import batched_logits, marginal_entropy, select_confident

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prolip.methods.params import HyperparameterError, check_declared, check_known
+from prolip.constraints import HyperparameterError, check_declared, check_known
 from prolip.registry import Registry
 from prolip.tta.base import SECTION_SETTINGS, TestTimeMethod
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prolip.constraints import NON_NEGATIVE, NON_NEGATIVE_INT
 from prolip.functional import project
-from prolip.methods.params import NON_NEGATIVE, NON_NEGATIVE_INT
 from prolip.tta.base import RATIO, PerImageMethod, Scene
 from prolip.tta.functional import marginal_entropy, select_confident
 from prolip.tta.registry import register

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from prolip.bench.harness import Bench, Cell, Group, GroupRequests, episode_requests, fit_requests
 from prolip.bench.spec import Experiment, ExperimentError
-from prolip.methods.params import Schema
+from prolip.constraints import Schema
 from prolip.registry import Registry
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class Protocol:
     # -- the experiment file ---------------------------------------------------------------------------------
     @classmethod
     def section_schema(cls) -> Schema:
-        """The keys the section may hold, one constraint each (:mod:`prolip.methods.params`)."""
+        """The keys the section may hold, one constraint each (:mod:`prolip.constraints`)."""
         return Schema({})
 
     @classmethod

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 from prolip.bench.harness import Cell, Group, GroupRequests, episode_requests, fit_requests, scores
 from prolip.bench.protocols.base import Protocol, ReportLayout
 from prolip.bench.spec import Experiment, ExperimentError
+from prolip.constraints import ListOf, Number, Schema
 from prolip.methods import create, method_class
-from prolip.methods.params import ListOf, Number, Schema
 
 if TYPE_CHECKING:
     from prolip.data.types import DatasetSplits

@@ -11,10 +11,10 @@ from prolip.bench.harness import Cell, Group, GroupRequests, episode_requests, f
 from prolip.bench.protocols.base import Protocol
 from prolip.bench.spec import Experiment, ExperimentError, MethodSpec
 from prolip.bench.tta import ZERO_SHOT, balanced_subset, run_tta_group, starts_from_fit
+from prolip.constraints import INTEGER, POSITIVE_INT, Flag, Kind, Number, Schema
 from prolip.episode import evaluation_images
 from prolip.features.cache import Request
 from prolip.methods import method_class
-from prolip.methods.params import INTEGER, POSITIVE_INT, Flag, Kind, Number, Schema
 from prolip.tta import PROTOCOL_METHOD, available
 from prolip.tta import create as create_test_time
 from prolip.tta import method_class as test_time_class
