@@ -30,7 +30,7 @@ from torch import Tensor
 
 from prolip.backbones.base import Backbone
 from prolip.data import NotEnoughImagesError, sample_few_shot
-from prolip.data.sampling import FewShotSplit
+from prolip.data.sampling import SAMPLERS, FewShotSplit
 from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
 from prolip.errors import ProlipError
 from prolip.features.cache import CachedViews
@@ -39,7 +39,6 @@ from prolip.methods.base import NO_CACHED_VIEWS, Method, Support, Task, Validati
 from prolip.transforms import DEFAULT_AUGMENTATION
 
 EVAL_TEST_SPLIT, EVAL_HELD_OUT = "test split", "held-out images"
-SAMPLERS = ("lpp", "coop")
 
 
 class EpisodeError(ProlipError, ValueError):

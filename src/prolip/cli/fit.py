@@ -24,6 +24,7 @@ from prolip.cli.options import (
     reserve_out,
     resolve,
 )
+from prolip.data.sampling import SAMPLERS
 
 
 @click.command("fit")
@@ -74,7 +75,7 @@ from prolip.cli.options import (
 )
 @click.option(
     "--sampler",
-    type=click.Choice(["lpp", "coop"]),
+    type=click.Choice(SAMPLERS),
     default="lpp",
     show_default=True,
     help="few-shot sampling convention (LP++/ProLIP or CoOp)",

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from prolip.data.images import ON_BAD_IMAGE  # torch-free: the CLI stays light
+
 
 def init_from_env(device):
     from prolip.distributed import init_from_env as init
@@ -72,7 +74,7 @@ def backbone_options(f):
 def cache_options(f):
     f = click.option(
         "--on-bad-image",
-        type=click.Choice(["error", "skip"]),
+        type=click.Choice(ON_BAD_IMAGE),
         default="error",
         show_default=True,
         help="stop at an unreadable image, or skip it (skips are counted and listed in the run)",

@@ -19,6 +19,9 @@ from pathlib import Path
 
 from prolip.errors import ProlipError
 
+# The few-shot sampling conventions (sample_few_shot): LP++/ProLIP's draw, or CoOp's.
+SAMPLERS = ("lpp", "coop")
+
 
 class NotEnoughImagesError(ProlipError, ValueError):
     pass
@@ -85,8 +88,8 @@ def sample_few_shot(
     """
     if shots <= 0:
         raise ValueError(f"--shots must be a positive number of images per class, got {shots}")
-    if convention not in ("lpp", "coop"):
-        raise ValueError(f"unknown sampler {convention!r}; use 'lpp' or 'coop'")
+    if convention not in SAMPLERS:
+        raise ValueError(f"unknown sampler {convention!r}; use one of {', '.join(SAMPLERS)}")
     rng = random.Random(seed)
     groups = _by_class(labels)
     val_groups = _by_class(val_labels) if val_labels is not None else None

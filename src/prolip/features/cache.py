@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from prolip.data import listing
-from prolip.data.images import BadImageError
+from prolip.data.images import ON_BAD_IMAGE, BadImageError
 from prolip.distributed import rank_world
 from prolip.features import storage
 from prolip.features.engine import encoder_for, resolve_engine
@@ -61,7 +61,6 @@ UNIT_BYTES = 1 << 29  # float32 features of one unit in memory (1.5× that at th
 # no longer by path, size and mtime; v1 namespaces are left alone and never read (note_legacy_caches).
 AUGMENT_VERSION = "augment:v2"
 CENTER_VERSION = "center:v2"
-ON_BAD_IMAGE = ("error", "skip")  # what an unreadable image does: stop the run, or leave the image out
 
 Skipped = list[tuple[Path, str]]  # (path, reason) of the unreadable images a request left out
 
