@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -169,18 +170,26 @@ def comparable(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def one_process(experiment, tmp_path_factory) -> tuple[list[dict], Path]:
+def one_process(experiment, tmp_path_factory) -> tuple[list[dict], Path, int]:
+    """The records one process writes, its cache, and the forward passes it made."""
     root = tmp_path_factory.mktemp("one")
-    alone(experiment, root / "res", root / "cache")
-    return comparable(root / "res"), root / "cache"
+    said = alone(experiment, root / "res", root / "cache")
+    return comparable(root / "res"), root / "cache", sum(passes(said).values())
+
+
+def passes(said: str) -> dict[str, int]:
+    """Forward passes each process made, from its closing line (``rank R/N: ... cache: P forward passes``)."""
+    return {who: int(n) for who, n in re.findall(r"^(rank \d/\d: )?\d+ cells run.*cache: (\d+) forward", said, re.M)}
 
 
 @pytest.mark.slow
 def test_two_ranks_write_one_processs_records(experiment, one_process, tmp_path):
-    expected, _ = one_process
+    expected, _, one_passes = one_process
     r = torchrun(experiment, tmp_path / "res", tmp_path / "cache")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 0/2: 2 cells run" in r.stdout and "rank 1/2: 2 cells run" in r.stdout, r.stdout
+    split = passes(r.stdout)  # the extraction was split: each rank encoded some images, none encoded twice
+    assert len(split) == 2 and min(split.values()) > 0 and sum(split.values()) == one_passes, (split, one_passes)
     assert [p.name for p in tmp_path.joinpath("res").iterdir()] == ["records.jsonl"]  # the ranks' files merged
     assert len({x["accuracy"] for x in expected}) > 2  # numbers that differ by cell, so equality says something
     assert comparable(tmp_path / "res") == expected  # same cells, same order, same numbers and fingerprints
@@ -188,7 +197,7 @@ def test_two_ranks_write_one_processs_records(experiment, one_process, tmp_path)
 
 @pytest.mark.slow
 def test_a_killed_rank_is_resumed_by_a_later_run(experiment, one_process, tmp_path):
-    expected, cache = one_process  # its cache: the features are there, this test is about the records
+    expected, cache, _ = one_process  # its cache: the features are there, this test is about the records
     out = tmp_path / "res"
     killed = torchrun(experiment, out, cache, **{KILL_HOOK: "1:1"})
     said = killed.stdout + killed.stderr[-3000:]
