@@ -115,7 +115,7 @@ class Record(Mapping[str, Any]):
     def to_json(self) -> dict[str, Any]:
         """The stored form: the fields that define the cell (in the order written since records began), then
         ``cell``, then the results in the order they were written."""
-        out = {k: getattr(self, k) for k in _WRITTEN}
+        out = {k: getattr(self, k) for k in _WRITTEN if k not in _WHEN_SET or getattr(self, k) is not None}
         out["cell"] = self.cell
         out.update(self.results)
         return out
@@ -134,7 +134,7 @@ class Record(Mapping[str, Any]):
         return iter(self.to_json())
 
     def __len__(self) -> int:
-        return len(_WRITTEN) + 1 + len(self.results)
+        return len(self.to_json())
 
     @property
     def accuracy(self) -> float | None:
@@ -148,6 +148,8 @@ class Record(Mapping[str, Any]):
 # The defining fields in the order they are written (``cell`` follows them).
 _WRITTEN = tuple(f.name for f in fields(Record) if f.name not in ("cell", "results"))
 _IDENTITY = frozenset((*_WRITTEN, "cell"))
+# Fields newer than the stored records, written only when set, so a record that never had one writes back unchanged.
+_WHEN_SET = frozenset({"site"})
 assert set(CELL_FIELDS) | set(LINE_FIELDS) <= set(_WRITTEN)  # the schema names every field it groups by
 
 
