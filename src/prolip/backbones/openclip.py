@@ -479,7 +479,9 @@ def _build(model: str) -> torch.nn.Module:
         torch.manual_seed(RANDOM_INIT_SEED)
         logging.disable(logging.WARNING)  # open_clip warns "initialized randomly" before we load the weights
         try:
-            clip = open_clip.create_model(model, pretrained=None, device="cpu")
+            # pretrained_text=False: a Hugging Face text tower is built from its config alone (open_clip would
+            # otherwise read its base weights from the Hub, only for ours to replace them)
+            clip = open_clip.create_model(model, pretrained=None, device="cpu", pretrained_text=False)
         except OSError as e:  # a Hugging Face text tower whose config is neither cached nor reachable
             raise BackboneLoadError(
                 f"cannot build {model}: {str(e).splitlines()[0]} (its Hugging Face text tower's config is not in "
