@@ -175,7 +175,7 @@ def test_image_level_training_refuses_the_output_site_in_one_line(tiny_image_fol
 
     from prolip.backbones import load_backbone
     from prolip.constraints import HyperparameterError
-    from prolip.finetune import projection_parameters
+    from prolip.image_training import projection_parameters
 
     backbone = load_backbone("test-vit-tiny", "none", site="output")
     with pytest.raises(HyperparameterError, match="output site is no parameter of the model") as e:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from prolip.constraints import HyperparameterError
-from prolip.finetune import adapted_copy, encoder_logits, model_parameters
+from prolip.image_training import adapted_copy, encoder_logits, model_parameters
 from prolip.methods import check_method, configure, create, method_class
 from prolip.methods.clip_svd import SVDInstaller, kept_rank, merged_tensors
 from prolip.methods.lora import one_prompt_classifier

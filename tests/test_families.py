@@ -19,7 +19,7 @@ from prolip.backbones import (
     register_family,
 )
 from prolip.cli import main
-from prolip.finetune import image_encoder_parameters, last_layer_parameters
+from prolip.image_training import image_encoder_parameters, last_layer_parameters
 from toy_family import TOY  # noqa: E402  (tests/ is on sys.path: the suite's rootdir-relative imports)
 
 

@@ -20,8 +20,8 @@ from prolip.data.images import load_image
 from prolip.data.types import ImageItem, LabeledImages
 from prolip.episode import task_for
 from prolip.features import encode_images, image_key
-from prolip.finetune import epoch_batches, image_encoder_parameters, last_layer_parameters
 from prolip.functional import clip_logits, project
+from prolip.image_training import epoch_batches, image_encoder_parameters, last_layer_parameters
 from prolip.methods import create
 from prolip.methods.base import Support, TensorViews
 from prolip.transforms import augment_transform, augmented_view, view_seed

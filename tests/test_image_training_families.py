@@ -10,12 +10,12 @@ import warnings
 import pytest
 import torch
 
-import prolip.finetune as finetune
+import prolip.image_training as image_training
 from prolip.backbones import load_backbone
 from prolip.data.types import ImageItem, LabeledImages
 from prolip.episode import task_for
 from prolip.errors import ProlipError
-from prolip.finetune import (
+from prolip.image_training import (
     adapted_copy,
     encode_pre_with_grad,
     encoder_logits,
@@ -128,7 +128,7 @@ def test_the_trainable_copy_is_the_frozen_backbone_at_step_0_and_its_own(method,
     W, bias = projection_parameters(encoder)
     out = z @ W if bias is None else z @ W + bias
     torch.testing.assert_close(out.detach(), backbone.encode_image(x), rtol=1e-5, atol=1e-5)
-    trained = {n: p for n, p in finetune.model_parameters(encoder).items() if n in set(names)}
+    trained = {n: p for n, p in image_training.model_parameters(encoder).items() if n in set(names)}
     assert all(p.requires_grad for p in trained.values())
     in_tower = [p for n, p in trained.items() if n.startswith(backbone.family.image_prefixes)]
     if in_tower:  # the image tower trains: the features carry its gradient
@@ -156,8 +156,8 @@ def test_it_refuses_in_one_line_before_any_work(method, backbone, tiny_image_fol
     def no_work(*args, **kwargs):
         raise AssertionError("image-level training started before refusing")
 
-    monkeypatch.setattr(finetune, "trainable_copy", no_work)
-    monkeypatch.setattr(finetune, "AugmentedSupport", no_work)
+    monkeypatch.setattr(image_training, "trainable_copy", no_work)
+    monkeypatch.setattr(image_training, "AugmentedSupport", no_work)
     name, hp = METHODS[method]
     task, support = episode(backbone, tiny_image_folder)
     with pytest.raises(ProlipError, match=REFUSED[(method, backbone_name(backbone))]) as e:

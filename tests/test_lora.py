@@ -9,7 +9,7 @@ import torch
 
 from prolip.data.types import ImageItem, LabeledImages
 from prolip.episode import task_for
-from prolip.finetune import FinetuneSettings, adapted_copy, model_parameters, step_lr, training_steps
+from prolip.image_training import FinetuneSettings, adapted_copy, model_parameters, step_lr, training_steps
 from prolip.methods import configure, create
 from prolip.methods.base import Support, TensorViews
 from prolip.methods.lora import LoRAInstaller, merged_tensors, one_prompt_classifier
@@ -162,7 +162,7 @@ def test_fit_moves_only_the_adapters_reloads_and_exports(tiny_vit, tiny_image_fo
     path = export_open_clip(tiny_vit, m.checkpoint_tensors(tiny_vit), tmp_path / "export.safetensors")
     reloaded = open_clip.create_model(tiny_vit.info.arch, pretrained=str(path)).eval()
     plain = type(tiny_vit)(reloaded, tiny_vit.info)
-    from prolip.finetune import encoder_logits
+    from prolip.image_training import encoder_logits
 
     text = one_prompt_classifier(plain, CLASSES, "a photo of a {}.")
     torch.testing.assert_close(encoder_logits(plain, paths, text, task.logit_scale), logits, atol=1e-4, rtol=1e-4)

@@ -76,7 +76,12 @@ def test_a_norm_after_the_map_head_leaves_only_the_output_site(maphead):
 
 
 def test_image_level_training_at_the_map_head_site_trains_fc2_through_the_towers_output(maphead):
-    from prolip.finetune import encode_pre_with_grad, image_encoder_parameters, projection_parameters, trainable_copy
+    from prolip.image_training import (
+        encode_pre_with_grad,
+        image_encoder_parameters,
+        projection_parameters,
+        trainable_copy,
+    )
 
     x = _images(maphead, 2)
     encoder = trainable_copy(maphead, image_encoder_parameters(maphead))
@@ -191,7 +196,7 @@ def test_test_time_prolip_keeps_the_residual_rows_frozen(maphead, map_problem):
 
 
 def test_image_level_trainings_projection_appends_the_residual_rows(maphead):
-    from prolip.finetune import projection_parameters, trainable_copy
+    from prolip.image_training import projection_parameters, trainable_copy
 
     site = maphead.projection()
     encoder = trainable_copy(maphead, [f"{FC2}.weight"])

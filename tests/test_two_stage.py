@@ -18,7 +18,7 @@ from prolip.constraints import HyperparameterError
 from prolip.data import DataError
 from prolip.data.fewshot_jsonl import read_jsonl, read_split, split_files, support_images
 from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
-from prolip.finetune import encoder_logits, model_parameters, step_lr, training_steps
+from prolip.image_training import encoder_logits, model_parameters, step_lr, training_steps
 from prolip.methods import check_method, configure, create, method_class
 from prolip.methods.lora import one_prompt_classifier
 from prolip.methods.two_stage import layer_norm_parameters, stage_iterations

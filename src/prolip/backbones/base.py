@@ -128,9 +128,9 @@ class Backbone(ABC):
     # The wrapped model; its parameter names are the checkpoint's (fine-tuning and export address them by name).
     # Each family's subclass narrows it to its own model class.
     model: torch.nn.Module
-    # Attributes a trainable copy (``prolip.finetune.trainable_copy``) shares with this backbone instead of copying:
-    # helpers that hold no torch state (a tokenizer, an image processor). Every other attribute is deep-copied with
-    # the model, so a module it references (a site's linear, a wrapped backbone) is the copy's own.
+    # Attributes a trainable copy (``prolip.image_training.trainable_copy``) shares with this backbone instead of
+    # copying: helpers that hold no torch state (a tokenizer, an image processor). Every other attribute is deep-copied
+    # with the model, so a module it references (a site's linear, a wrapped backbone) is the copy's own.
     copy_shares: tuple[str, ...] = ()
 
     @abstractmethod

@@ -3,7 +3,7 @@
 ``svf_utils/svf_torch.py``, ``svf_utils/utils.py``, ``svf_utils/PlainHeadAttention.py``,
 ``configs/few_shot/*.yaml``): every weight matrix of the transformer blocks of both encoders is written as its
 singular value decomposition ``W = U diag(s) Vᵀ``, U and V frozen, and only the singular values s train, on the
-support images, through the one image-level path of :mod:`prolip.finetune`.
+support images, through the one image-level path of :mod:`prolip.image_training`.
 
 What is decomposed (train.py:86-103): the attention of every block is first rebuilt with separate q, k, v and
 output projections (``PlainMultiHeadAttention.set_parameters``, PlainHeadAttention.py:141-174: q, k, v are the
@@ -69,7 +69,7 @@ from prolip.constraints import (
     Subset,
     Template,
 )
-from prolip.finetune import (
+from prolip.image_training import (
     train_image_encoder,
     training_steps,
 )

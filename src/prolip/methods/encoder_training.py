@@ -1,6 +1,6 @@
 """What the methods that train inside the encoders on the support images share (CLIP-LoRA, CLIP-SVD, 2SFS): the
 frozen backbone they copy, the images they train on, the originals' AdamW schedule on the one image-level path
-(:func:`prolip.finetune.train_image_encoder`), predicting from images with the classifier they learned, and, for
+(:func:`prolip.image_training.train_image_encoder`), predicting from images with the classifier they learned, and, for
 those that install modules into a copy of the model (:class:`InstalledAdapters`), saving, reloading and merging
 them. Each method says only what it trains and how."""
 
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from prolip.backbones.base import Backbone
 from prolip.data.types import LabeledImages
-from prolip.finetune import (
+from prolip.image_training import (
     FinetuneSettings,
     adapted_copy,
     encoder_logits,

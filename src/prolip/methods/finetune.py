@@ -1,7 +1,7 @@
 """Fine-tuning inside CLIP's image encoder (paper Table 6): full fine-tuning and last-layer fine-tuning.
 
 Both train on the support images themselves (``support.images``, through the frozen ``task.backbone``) with the one
-image-level path of :mod:`prolip.finetune`, and score images through their adapted encoder and projection, so they
+image-level path of :mod:`prolip.image_training`, and score images through their adapted encoder and projection, so they
 can score any class set given its text classifier. Their state is the trained parameters, named as in the
 backbone's model; a saved run rebuilds the encoder from the frozen backbone and those tensors, and ``prolip export``
 merges them into the checkpoint.
@@ -27,7 +27,7 @@ from prolip.constraints import (
     Number,
     resolve_lambda,
 )
-from prolip.finetune import (
+from prolip.image_training import (
     FinetuneSettings,
     encoder_logits,
     encoder_with,

@@ -1,7 +1,7 @@
 """CLIP-LoRA (Zanella & Ben Ayed, CVPRW 2024, "Low-Rank Few-Shot Adaptation of Vision-Language Models";
 github.com/MaxZanella/CLIP-LoRA, ``main.py``, ``lora.py``, ``run_utils.py``, ``loralib/layers.py``,
 ``loralib/utils.py``): low-rank adapters on the attention projections of both encoders, trained on the support
-images through the one image-level path of :mod:`prolip.finetune`.
+images through the one image-level path of :mod:`prolip.image_training`.
 
 Each adapted projection W (the q, k, v slices of an attention's ``in_proj_weight``, or its output projection)
 becomes ``x Wᵀ + s · dropout(x) Aᵀ Bᵀ`` with A [r, in] drawn as nn.Linear's default (kaiming uniform, a = √5), B
@@ -51,7 +51,7 @@ from prolip.constraints import (
     Subset,
     Template,
 )
-from prolip.finetune import (
+from prolip.image_training import (
     adapted_copy,
     model_parameters,
     train_image_encoder,

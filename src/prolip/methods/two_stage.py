@@ -1,7 +1,7 @@
 """2SFS (Farina, Mancini, Iacca & Ricci, CVPR 2025, "Rethinking Few-Shot Adaptation of Vision-Language Models in
 Two Stages", arXiv 2503.11609; github.com/FarinaMatteo/rethinking_fewshot_vlms, ``main.py``, ``fs/twostage.py``,
 ``fs/utils/model_utils.py``, ``fs/utils/eval_utils.py``, ``datasets/*.py``): one budget of ``steps × shots``
-iterations split in two, both stages through the one image-level path of :mod:`prolip.finetune`.
+iterations split in two, both stages through the one image-level path of :mod:`prolip.image_training`.
 
 Stage 1 (``run_twostage``, twostage.py:251-286): the LayerNorm affine parameters (weight and bias) of both encoders
 train, everything else frozen (``prepare_for_first_stage`` with ``--peft ln``, twostage.py:12-21), for the first
@@ -65,7 +65,7 @@ from prolip.constraints import (
     Number,
     Template,
 )
-from prolip.finetune import (
+from prolip.image_training import (
     FinetuneSettings,
     encoder_with,
     model_parameters,
