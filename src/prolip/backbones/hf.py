@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -221,22 +222,42 @@ def load_hf_backbone(source: str, device: torch.device | str = "cpu", tokenizer:
 
     offline, where = hf_source(source)
     model = load_pretrained(CLIPModel, source, offline, where)
-    tok = load_hf_tokenizer(
-        source, tokenizer, offline, where, cast("CLIPTextConfig", model.config.text_config).vocab_size
-    )
+    vocab = cast("CLIPTextConfig", model.config.text_config).vocab_size
+    parts = HFParts(source, offline, where, tokenizer, vocab, CLIPImageProcessor, _preprocessing)
+    return assemble(HFClipBackbone, "hf", model, parts, device)
+
+
+@dataclass(frozen=True)
+class HFParts:
+    """What a Hugging Face family reads beside its model: where from, its tokenizer, its image processor."""
+
+    source: str
+    offline: bool
+    where: str
+    tokenizer: str | None
+    vocab_size: int
+    processor_class: Any
+    preprocessing: Callable[[Any, Any], Preprocessing]
+
+
+def assemble(backbone_class, family: str, model, parts: HFParts, device: torch.device | str):
+    """A Hugging Face family's backbone from its loaded model: tokenizer (checked against the model's vocabulary),
+    image processor (its defaults when the folder has none), fingerprint and recorded tokenizer folder."""
+    tok = load_hf_tokenizer(parts.source, parts.tokenizer, parts.offline, parts.where, parts.vocab_size)
     try:
-        image_processor = CLIPImageProcessor.from_pretrained(source, local_files_only=offline)
+        image_processor = parts.processor_class.from_pretrained(parts.source, local_files_only=parts.offline)
     except (OSError, ValueError):
         image_processor = None
     info = BackboneInfo(
-        family="hf",
-        arch=source,
-        weights=source,
+        family=family,
+        arch=parts.source,
+        weights=parts.source,
         random_weights=False,
         fingerprint=fingerprint(_config_for_hash(model.config), model.state_dict()),
-        tokenizer="" if tokenizer is None else str(Path(tokenizer).expanduser().resolve()),
+        tokenizer="" if parts.tokenizer is None else str(Path(parts.tokenizer).expanduser().resolve()),
     )
-    return HFClipBackbone(model, tok, info, _preprocessing(model.config, image_processor), device, image_processor)
+    prep = parts.preprocessing(model.config, image_processor)
+    return backbone_class(model, tok, info, prep, device, image_processor)
 
 
 def load_pretrained(model_class, source: str, offline: bool, where: str):

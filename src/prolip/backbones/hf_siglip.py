@@ -22,24 +22,23 @@ NaFlex ``Siglip2Model`` (model_type "siglip2") is refused there: it takes patchi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import torch
 from open_clip.tokenizer import get_clean_fn
 from torch import Tensor
 
-from prolip.backbones.base import BackboneInfo, Preprocessing, ProjectionSite, text_side_with_bias
+from prolip.backbones.base import Preprocessing, ProjectionSite, text_side_with_bias
 from prolip.backbones.families import AttentionTower, Family, register_family
 from prolip.backbones.hf import (
     HF_MODEL_TYPES,
     HFClipBackbone,
-    _config_for_hash,
+    HFParts,
+    assemble,
     hf_source,
-    load_hf_tokenizer,
     load_pretrained,
 )
-from prolip.backbones.loading import BackboneLoadError, fingerprint
+from prolip.backbones.loading import BackboneLoadError
 from prolip.backbones.sites import map_head_features, map_head_site
 
 if TYPE_CHECKING:  # transformers is imported lazily at run time
@@ -133,20 +132,9 @@ def load_siglip(source: str, device: torch.device | str = "cpu", tokenizer: str 
         raise BackboneLoadError(
             f"{where}: its vision tower has no MAP head (vision_use_head=False): no image embedding"
         )
-    tok = load_hf_tokenizer(source, tokenizer, offline, where, model.config.text_config.vocab_size)
-    try:
-        image_processor = AutoImageProcessor.from_pretrained(source, local_files_only=offline)
-    except (OSError, ValueError):
-        image_processor = None
-    info = BackboneInfo(
-        family="hf_siglip",
-        arch=source,
-        weights=source,
-        random_weights=False,
-        fingerprint=fingerprint(_config_for_hash(model.config), model.state_dict()),
-        tokenizer="" if tokenizer is None else str(Path(tokenizer).expanduser().resolve()),
-    )
-    return HFSiglipBackbone(model, tok, info, _preprocessing(model.config, image_processor), device, image_processor)
+    vocab = model.config.text_config.vocab_size
+    parts = HFParts(source, offline, where, tokenizer, vocab, AutoImageProcessor, _preprocessing)
+    return assemble(HFSiglipBackbone, "hf_siglip", model, parts, device)
 
 
 def _preprocessing(config, image_processor) -> Preprocessing:
