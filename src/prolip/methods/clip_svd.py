@@ -64,7 +64,6 @@ from prolip.constraints import (
     NON_NEGATIVE,
     POSITIVE_INT,
     Choice,
-    HyperparameterError,
     Number,
     Subset,
     Template,
@@ -76,7 +75,7 @@ from prolip.image_training import (
 from prolip.methods import register
 from prolip.methods.base import Support, Task, Validation
 from prolip.methods.encoder_training import InstalledAdapters
-from prolip.methods.lora import HF_PROJECTIONS, one_prompt_classifier
+from prolip.methods.lora import HF_PROJECTIONS, chosen_blocks, one_prompt_classifier
 
 ENCODERS = ("both", "vision", "text")  # run_utils.py:31-32 --train_image_encoder / --train_text_encoder
 # svf_utils/utils.py:25-38 include_train_layers: blocks of a 12-block tower; "all" is every block of any tower.
@@ -187,19 +186,12 @@ def svd_sites(backbone: Backbone, encoder: str, position: str, matrices: Sequenc
     """Every weight CLIP-SVD decomposes (svf_utils/utils.py:24-69), text tower first; the towers are those the
     backbone's family lets CLIP-LoRA adapt (the original rebuilds the attention of ViT towers only, train.py:86-95),
     or the reason a tower cannot be decomposed."""
-    available = backbone.family.attention_towers(backbone.model, backbone.info.arch)
-    sites = []
-    for tower in ("text", "vision"):
-        if encoder not in ("both", tower):
-            continue
-        found = available[tower]
-        if isinstance(found, str):
-            raise HyperparameterError(f"clip-svd decomposes the towers CLIP-LoRA adapts, and {found}")
-        prefix, blocks, attribute = found
-        chosen = range(len(blocks)) if position == "all" else [i for i in POSITIONS[position] if i < len(blocks)]
-        for i in chosen:
-            sites += list(_block_sites(f"{prefix}.{i}", blocks[i], attribute, matrices))
-    return sites
+    refusal = "clip-svd decomposes the towers CLIP-LoRA adapts, and {}"
+    return [
+        site
+        for path, block, attribute in chosen_blocks(backbone, encoder, position, POSITIONS, refusal)
+        for site in _block_sites(path, block, attribute, matrices)
+    ]
 
 
 def site_shape(model: nn.Module, site: Site, ratio: float) -> tuple[int, int]:

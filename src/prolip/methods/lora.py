@@ -32,7 +32,7 @@ text`` only. Positions other than "all" are the original's block indices for 12-
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -217,23 +217,38 @@ def _float_mask(mask: Tensor | None, q: Tensor, batch: int, heads: int) -> Tenso
 # ----------------------------------------------------------------------------------------------- installation
 
 
-def attention_sites(backbone: Backbone, encoder: str, position: str) -> list[tuple[str, nn.Module]]:
-    """(module path, attention module) of every block CLIP-LoRA adapts (loralib/utils.py:108-135), text tower first;
-    the backbone's family says where its towers' attention modules are, or why a tower cannot be adapted."""
+def chosen_blocks(
+    backbone: Backbone,
+    encoder: str,
+    position: str,
+    positions: Mapping[str, Sequence[int]] | None = None,
+    refusal: str = "{}",
+) -> list[tuple[str, nn.Module, str]]:
+    """(block path, block, its attention's attribute name) of every block chosen by ``position`` (a key of
+    ``positions``, default CLIP-LoRA's :data:`POSITIONS`, or "all") in the towers ``encoder`` names, text tower first;
+    the backbone's family says where its towers' attention modules are, or why a tower cannot be adapted (raised as
+    ``refusal`` formatted with that reason)."""
+    positions = POSITIONS if positions is None else positions
     available = backbone.family.attention_towers(backbone.model, backbone.info.arch)
-    towers = []
+    chosen = []
     for tower in ("text", "vision"):
         if encoder not in ("both", tower):
             continue
         found = available[tower]
         if isinstance(found, str):
-            raise HyperparameterError(found)
-        towers.append(found)
-    sites = []
-    for prefix, blocks, attribute in towers:
-        chosen = range(len(blocks)) if position == "all" else [i for i in POSITIONS[position] if i < len(blocks)]
-        sites += [(f"{prefix}.{i}.{attribute}", getattr(blocks[i], attribute)) for i in chosen]
-    return sites
+            raise HyperparameterError(refusal.format(found))
+        prefix, blocks, attribute = found
+        which = range(len(blocks)) if position == "all" else [i for i in positions[position] if i < len(blocks)]
+        chosen += [(f"{prefix}.{i}", blocks[i], attribute) for i in which]
+    return chosen
+
+
+def attention_sites(backbone: Backbone, encoder: str, position: str) -> list[tuple[str, nn.Module]]:
+    """(module path, attention module) of every block CLIP-LoRA adapts (loralib/utils.py:108-135), text tower
+    first."""
+    return [
+        (f"{path}.{attr}", getattr(block, attr)) for path, block, attr in chosen_blocks(backbone, encoder, position)
+    ]
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
