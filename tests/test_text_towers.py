@@ -140,14 +140,64 @@ def test_prolip_trains_saves_predicts_and_exports_what_the_run_predicts(which, r
     torch.testing.assert_close(got, method.logits(b.encode_pre(x)), rtol=1e-5, atol=1e-5)
 
 
-def test_the_text_towers_run_from_token_ids(coca, hf_text):
+@pytest.mark.parametrize("which", ["coca", "hf_text"])
+def test_the_text_side_from_token_ids_is_the_models_own_text_embedding_so_prolip_text_runs(which, request):
+    import dataclasses
+
+    from prolip.episode import task_for
+    from prolip.methods import Support, TensorViews, create
+
+    b = request.getfixturevalue(which)
+    assert b._text_tower() is None  # not run from token embeddings: the text side comes from token ids
+    pre, proj = b.text_side(CLASSES, [TEMPLATE])
+    with torch.no_grad():
+        own = b.model.encode_text(b.tokenize([TEMPLATE.format(c) for c in CLASSES]), normalize=True)
+    torch.testing.assert_close(F.normalize(pre @ proj, dim=-1)[:, 0], own, rtol=0, atol=2e-6)
+    assert not torch.allclose(pre[..., : proj.shape[1]], pre @ proj)  # a real projection, not the identity
+    classifier = F.normalize(b.encode_text(CLASSES, [TEMPLATE]), dim=-1)
+    task = dataclasses.replace(task_for(b, classifier, 1), text_pre=pre, text_proj=proj)
+    views = TensorViews(b.encode_pre(_images(b))[None])
+    m = create("prolip-text", steps=2, lr=1e-2).fit(task, Support(views, torch.arange(3), center=views.view(0)))
+    assert m.P.shape == proj.shape and not torch.equal(m.P, proj)
+    assert m.predict(views.view(0)).shape == (3,)
+
+
+def test_an_mlp_projections_last_linear_with_its_bias_is_the_text_projection_and_identity_none(hf_text):
+    # xlm-roberta-base-ViT-B-32's proj is Sequential(Linear, GELU, Linear): the first two are frozen encoder layers.
+    text = hf_text.model.text
+    assert isinstance(text.proj, torch.nn.Sequential) and hf_text._projection_module() is text.proj[-1]
+    torch.testing.assert_close(hf_text.text_projection(), text.proj[-1].weight.t(), rtol=0, atol=0)
+    torch.manual_seed(0)
+    with_bias = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 32))
+    original = text.proj
+    tokens = hf_text.tokenize([TEMPLATE.format(c) for c in CLASSES])
+    try:
+        for proj_module, width in ((with_bias, 49), (torch.nn.Identity(), 32)):  # the bias row over a 1 feature
+            text.proj = proj_module.requires_grad_(False)
+            pre, proj = hf_text.text_side(CLASSES, [TEMPLATE])
+            with torch.no_grad():
+                own = hf_text.model.encode_text(tokens)
+            assert pre.shape == (3, 1, width) and proj.shape == (width, 32)
+            torch.testing.assert_close((pre @ proj)[:, 0], own, rtol=0, atol=2e-6)
+        assert torch.equal(proj, torch.eye(32)) and torch.equal(pre[:, 0], own)  # none: the identity
+    finally:
+        text.proj = original
+
+
+def test_tpt_is_refused_in_one_line_on_towers_run_from_token_ids(coca, hf_text):
     # Neither tower is run from prompt embeddings (CoCa's appends a CLS token under a padding mask, the Hugging
-    # Face one is a transformers model): prolip encodes prompts through the model's own encode_text, and the
-    # methods that need the text tower's inside say so in one line.
+    # Face one is a transformers model): prolip encodes prompts through the model's own encode_text, and TPT,
+    # which tunes prompt embeddings, says so in one line (a ProlipError: the CLI prints it without a traceback).
+    from prolip.errors import ProlipError
+    from prolip.tta import tpt_logits
+
     for b in (coca, hf_text):
         assert b._text_tower() is None
-        with pytest.raises(NotImplementedError, match="takes token ids only"):
-            b.text_side(CLASSES, [TEMPLATE])
+        z = b.encode_pre(_images(b, 1))[None]
+        site = b.projection()
+        with pytest.raises(ProlipError, match="takes token ids only, so methods that tune prompt embeddings") as e:
+            tpt_logits(b, z, site.weight, site.bias, CLASSES, b.logit_scale)
+        assert "\n" not in str(e.value) and isinstance(e.value, NotImplementedError)
     towers = hf_text.family.attention_towers(hf_text.model, HF_TEXT)
     assert isinstance(towers["text"], str) and "HFTextEncoder" in towers["text"]
     assert towers["vision"][0] == "visual.transformer.resblocks"

@@ -14,7 +14,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
-from open_clip.transformer import TextTransformer, VisionTransformer
+from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
 from timm.layers.attention_pool import AttentionPoolLatent
 from torch import Tensor
 
@@ -38,6 +38,7 @@ from prolip.backbones.loading import (
     tokenizer_unavailable,
 )
 from prolip.backbones.sites import NativeSite, map_head_features, map_head_site, native_site, tower_kind
+from prolip.errors import ProlipError
 
 TEXT_BATCH = 256
 RANDOM_INIT_SEED = 0
@@ -131,9 +132,9 @@ class OpenClipBackbone(Backbone):
     def _tower(self) -> tuple[Any, str, int | None]:
         tower = self._text_tower()
         if tower is None:
-            raise NotImplementedError(
+            raise TokenIdsOnlyError(
                 f"{self.info.arch}: its text tower ({type(getattr(self.model, 'text', None)).__name__}) takes "
-                f"token ids only; methods that need prompt embeddings or pre-projection text features cannot use it"
+                f"token ids only, so methods that tune prompt embeddings (TPT) cannot use it"
             )
         return tower
 
@@ -158,13 +159,30 @@ class OpenClipBackbone(Backbone):
         x = t.ln_final(t.transformer(x, attn_mask=t.attn_mask))
         return x[torch.arange(x.shape[0], device=x.device), eot_idx]
 
-    def _projection_module(self) -> Any:  # an nn.Linear or a right-layout Parameter
-        return self._tower()[0].text_projection
+    def _projection_module(self) -> Any:
+        """The text tower's final map: an nn.Linear, a right-layout Parameter, or nn.Identity / None (none). For a
+        Hugging Face tower the last module of ``proj``: an MLP's earlier layers belong to the frozen encoder."""
+        if self._text_tower() is not None:
+            return self._tower()[0].text_projection
+        text = getattr(self.model, "text", None)
+        if isinstance(text, TextTransformer):
+            return text.text_projection
+        proj = getattr(text, "proj", None)  # open_clip's HFTextEncoder: Linear, Sequential(..., Linear) or Identity
+        if isinstance(proj, torch.nn.Sequential):
+            proj = proj[-1]
+        if not isinstance(proj, torch.nn.Linear | torch.nn.Identity):
+            raise TokenIdsOnlyError(
+                f"{self.info.arch}: its text tower ({type(text).__name__}) has no final map prolip knows (a Linear, "
+                f"an MLP ending in one, or none), so methods that need pre-projection text features cannot use it"
+            )
+        return proj
 
     def text_projection(self) -> Tensor:
-        """The text projection in right layout [D_text_pre, D]."""
+        """The text projection in right layout [D_text_pre, D] (the identity for a tower without one)."""
         proj = self._projection_module()
-        return proj.weight.t() if isinstance(proj, torch.nn.Linear) else proj
+        if isinstance(proj, torch.nn.Linear):
+            return proj.weight.t()
+        return proj if isinstance(proj, Tensor) else torch.eye(self.dim_embed, device=self.device)
 
     def encode_text_embeddings(self, token_embeds: Tensor, eot_idx: Tensor) -> Tensor:
         """Text embeddings [C, D] (unnormalised) from token embeddings [C, L, W]; differentiable in token_embeds."""
@@ -174,16 +192,36 @@ class OpenClipBackbone(Backbone):
 
     @torch.no_grad()
     def _text_pre(self, texts: list[str]) -> Tensor:
+        by_embeddings = self._text_tower() is not None
         out = []
-        for i in range(0, len(texts), TEXT_BATCH):
-            embeds, eot = self.prompt_embeddings(texts[i : i + TEXT_BATCH])
-            out.append(self._text_pre_from_embeddings(embeds, eot).float())
+        for chunk in (texts[i : i + TEXT_BATCH] for i in range(0, len(texts), TEXT_BATCH)):
+            if by_embeddings:
+                pre = self._text_pre_from_embeddings(*self.prompt_embeddings(chunk))
+            else:
+                pre = self._text_pre_from_ids(self.tokenize(chunk))
+            out.append(pre.float())
         return torch.cat(out)
 
+    def _text_pre_from_ids(self, tokens: Tensor) -> Tensor:
+        """A tower run from token ids only, up to its final map: a TextTransformer's own steps (its projection may
+        be a Parameter, which no hook sees); a Hugging Face tower's forward, the final map's input caught by a
+        forward pre-hook, so the pooler and any earlier MLP layers are the tower's own."""
+        text = self.model.text
+        if isinstance(text, TextTransformer):
+            return pooled_before_projection(text, tokens)
+        caught: list[Tensor] = []
+        handle = self._projection_module().register_forward_pre_hook(lambda _m, args: caught.append(args[0]))
+        try:
+            text(tokens)
+        finally:
+            handle.remove()
+        return caught[0]
+
     def text_side(self, classnames: Sequence[str], templates: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Pre-projection text features [C, n_templates, D_text_pre] (EOT token after ln_final) and the text
-        projection [D_text_pre, D] in right layout. Underscores in class names become spaces. A projection with a
-        bias (SigLIP's) is carried as a last row over a constant 1 feature (:func:`text_side_with_bias`)."""
+        """Pre-projection text features [C, n_templates, D_text_pre] (the pooled token after ln_final; for a
+        Hugging Face tower the input of its final map) and the text projection [D_text_pre, D] in right layout.
+        Underscores in class names become spaces. A projection with a bias (SigLIP's) is carried as a last row over
+        a constant 1 feature (:func:`text_side_with_bias`)."""
         proj = self._projection_module()
         bias = proj.bias if isinstance(proj, torch.nn.Linear) else None
         names = [c.replace("_", " ") for c in classnames]
@@ -204,6 +242,20 @@ class OpenClipBackbone(Backbone):
             for chunk in (texts[i : i + TEXT_BATCH] for i in range(0, len(texts), TEXT_BATCH))
         ]
         return torch.cat(out).reshape(len(classnames), len(templates), -1).cpu()
+
+
+class TokenIdsOnlyError(ProlipError, NotImplementedError):
+    """A method needs to run a text tower from token embeddings, and this tower takes token ids only."""
+
+
+def pooled_before_projection(t: TextTransformer, tokens: Tensor) -> Tensor:
+    """``TextTransformer.forward`` (open_clip 3.3) up to its text projection: with CoCa's appended CLS token the
+    last token is pooled, then normed; otherwise normed, then pooled by the tower's pool type."""
+    x, attn_mask = t._embeds(tokens)
+    x = t.transformer(x, attn_mask=attn_mask)
+    if t.cls_emb is not None:
+        return t.ln_final(text_global_pool(x, pool_type="last"))
+    return text_global_pool(t.ln_final(x), tokens, pool_type=t.pool_type, eos_token_id=getattr(t, "eos_id", None))
 
 
 class OpenClipViT(OpenClipBackbone):
