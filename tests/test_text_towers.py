@@ -201,3 +201,14 @@ def test_tpt_is_refused_in_one_line_on_towers_run_from_token_ids(coca, hf_text):
     towers = hf_text.family.attention_towers(hf_text.model, HF_TEXT)
     assert isinstance(towers["text"], str) and "HFTextEncoder" in towers["text"]
     assert towers["vision"][0] == "visual.transformer.resblocks"
+
+
+def test_a_random_init_leaves_nothing_uninitialised_so_every_build_is_the_same(coca):
+    from prolip.backbones.openclip import _filling_uninitialised_memory
+
+    with _filling_uninitialised_memory():
+        assert torch.isnan(torch.empty(4)).all()  # torch.empty no longer hands out whatever memory it got
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's settings are restored
+    # open_clip's CoCa never initialises its caption head's projection: it starts at zero, on every build
+    assert not coca.model.state_dict()["text_decoder.text_projection"].any()
+    assert load_backbone("test-coca-tiny", "none").info.fingerprint == coca.info.fingerprint

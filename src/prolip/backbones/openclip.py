@@ -3,6 +3,7 @@ their native site where they have one (:mod:`prolip.backbones.sites`), the built
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Sequence
@@ -527,7 +528,7 @@ def _tokenizer(arch: str, folder: str = ""):
 
 def _build(model: str) -> torch.nn.Module:
     """The architecture at its seeded random init (weights are loaded into it afterwards)."""
-    with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG untouched
+    with torch.random.fork_rng(devices=[]), _filling_uninitialised_memory():  # seeded; the caller's RNG untouched
         torch.manual_seed(RANDOM_INIT_SEED)
         logging.disable(logging.WARNING)  # open_clip warns "initialized randomly" before we load the weights
         try:
@@ -541,7 +542,30 @@ def _build(model: str) -> torch.nn.Module:
             ) from None
         finally:
             logging.disable(logging.NOTSET)
+    with torch.no_grad():  # what the architecture's own init left empty (filled with NaN above) starts at zero
+        for tensor in clip.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.nan_to_num_(0.0)
     return clip.eval()
+
+
+@contextlib.contextmanager
+def _filling_uninitialised_memory():
+    """Tensors made with ``torch.empty`` and never initialised (open_clip CoCa's ``text_decoder.text_projection``)
+    are filled with NaN while this holds, instead of holding whatever memory they got: so a random-init model, and
+    its fingerprint, are the same on every build (a saved run rebuilds its backbone and compares fingerprints)."""
+    deterministic, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    fill = torch.utils.deterministic.fill_uninitialized_memory  # type: ignore[attr-defined]
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill  # type: ignore[attr-defined]
 
 
 def _checkpoint_path(model: str, pretrained: str) -> Path:
