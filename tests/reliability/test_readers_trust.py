@@ -328,6 +328,7 @@ def test_templates_need_exactly_one_placeholder_and_nothing_else(template, tally
         "a photo",
         "a {!r} photo",
         "a {:>9} photo",
+        "a {:} photo",  # formats like {}, but is not the {} the template promises (found by a random draw)
         "a {} photo }",
         "a { photo {}",
         "{}{0}",

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import stat
 import string
 from pathlib import Path
@@ -95,10 +96,13 @@ def check_template(template, where: str) -> str:
             f"{where}: template {template!r} is not a valid format string ({e}); write a literal "
             f"brace as '{{{{' or '}}}}'"
         ) from None
-    if fields.count(("", "", None)) != 1 or len(fields) != 1:
+    # ``{:}`` parses like ``{}`` (an empty spec): the field must be written ``{}`` itself, braces ``{{ }}`` aside.
+    written = re.sub(r"\{\{|\}\}", "", template).count("{}")
+    if fields.count(("", "", None)) != 1 or len(fields) != 1 or written != 1:
         others = [
             f"{{{n}{'!' + c if c else ''}{':' + s if s else ''}}}" for n, s, c in fields if (n, s, c) != ("", "", None)
         ]
+        others += ["{:}"] * max(0, fields.count(("", "", None)) - written)
         found = f"; found {', '.join(others)}" if others else ""
         raise DataError(
             f"{where}: template {template!r} must contain exactly one '{{}}' where the class name goes "
