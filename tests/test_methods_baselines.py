@@ -28,6 +28,7 @@ FAST = {
     "prolip+tip-adapter-f": dict(steps=50, lr=1e-3),
     "prolip+taskres": dict(steps=50, lr=1e-3),
     "clip-adapter-prolip": dict(steps=50, lr=1e-2),
+    "proker": dict(beta_grid=(0.5, 3.0, 5), lam_grid=(0.001, 1.0, 4)),  # its search: 20 x 10 kernel solves by default
 }
 # Methods that train inside the image encoder need images, not the synthetic features: tests/test_finetune.py.
 ALL = [m for m in available() if not method_class(m).capabilities.encodes_images]
