@@ -52,7 +52,10 @@ def test_every_error_class_is_a_prolip_error(module, name):
 
 
 def test_the_base_class_imports_without_torch():
-    code = "import sys, prolip.errors, prolip.cli; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = (
+        "import sys, prolip.errors, prolip.cli; assert 'torch' not in sys.modules, 'torch was imported'; "
+        "assert 'prolip.data' not in sys.modules, 'the data readers (numpy, PIL) were imported at CLI start-up'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

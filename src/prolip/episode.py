@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 
 from prolip.backbones.base import Backbone
+from prolip.choices import SAMPLERS
 from prolip.data import NotEnoughImagesError, sample_few_shot
-from prolip.data.sampling import SAMPLERS, FewShotSplit
+from prolip.data.sampling import FewShotSplit
 from prolip.data.types import DatasetSplits, ImageItem, LabeledImages
 from prolip.errors import ProlipError
 from prolip.features.cache import CachedViews

@@ -57,8 +57,7 @@ def experiment_schema() -> Schema:
     hyperparameters are checked in), and each registered protocol's section under the name the protocol gives it."""
     from prolip.backbones.base import SITES
     from prolip.bench.protocols import available, protocol_class  # the registry, filled by importing it
-    from prolip.data.images import ON_BAD_IMAGE
-    from prolip.data.sampling import SAMPLERS
+    from prolip.choices import ON_BAD_IMAGE, SAMPLERS
 
     sections = (protocol_class(name) for name in available())
     sites = f"{', '.join(SITES)} or a list of them"

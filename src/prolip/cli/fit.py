@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from prolip.choices import SAMPLERS
 from prolip.cli.options import (
     backbone_from_options,
     backbone_options,
@@ -24,7 +25,6 @@ from prolip.cli.options import (
     reserve_out,
     resolve,
 )
-from prolip.data.sampling import SAMPLERS
 
 
 @click.command("fit")

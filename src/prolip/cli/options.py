@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from prolip.data.images import ON_BAD_IMAGE  # torch-free: the CLI stays light
+from prolip.choices import ON_BAD_IMAGE
 
 
 def init_from_env(device):

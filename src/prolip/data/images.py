@@ -21,8 +21,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from prolip.data.types import Member, member_of, member_reader
 from prolip.errors import ProlipError
 
-ON_BAD_IMAGE = ("error", "skip")  # what an unreadable image does: stop the run, or leave the image out
-
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 

@@ -17,10 +17,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from prolip.choices import SAMPLERS
 from prolip.errors import ProlipError
-
-# The few-shot sampling conventions (sample_few_shot): LP++/ProLIP's draw, or CoOp's.
-SAMPLERS = ("lpp", "coop")
 
 
 class NotEnoughImagesError(ProlipError, ValueError):

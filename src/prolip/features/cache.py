@@ -27,8 +27,9 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from prolip.choices import ON_BAD_IMAGE
 from prolip.data import listing
-from prolip.data.images import ON_BAD_IMAGE, BadImageError
+from prolip.data.images import BadImageError
 from prolip.distributed import rank_world
 from prolip.features import storage
 from prolip.features.engine import encoder_for, resolve_engine
